@@ -1,0 +1,257 @@
+"""The base wrapper every technique reuses: lmms-eval's ``llava_hf``, with a technique inside.
+
+``wrapper_classes(spec)`` returns the simple and chat classes for one model name. They
+subclass lmms-eval's own ``llava_hf`` classes and change only this:
+
+- ``--model_args`` are parsed and validated against the technique's declared parameters
+  (plus llava_hf's own), with presets; bad values fail at construction;
+- ``device_map`` defaults to the device (llava_hf's empty default fails on transformers 5),
+  and under ``accelerate launch`` each process takes its own device and its share of requests;
+- the checkpoint must be an interleaved LLaVA model and ``batch_size`` must be 1;
+- the model is switched to the hooked attention implementation (bit-identical while idle),
+  and ``self.model`` hands lmms-eval a thin view whose ``generate`` and ``__call__`` run the
+  technique; everything else is the real model;
+- an error inside the technique is raised as ``TechniqueError``, which lmms-eval's blanket
+  ``except Exception`` around generation cannot turn into a silent empty answer.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+from loguru import logger
+
+from methods import hooks
+from methods.technique import Request, Technique
+
+from .params import ModelArgsError, Param, parse_params
+
+# llava_hf's own constructor arguments, passed through untouched (except the defaults noted).
+LLAVA_HF_ARGS = (
+    "revision",
+    "device",
+    "dtype",
+    "batch_size",
+    "trust_remote_code",
+    "attn_implementation",
+    "device_map",
+    "chat_template",
+    "use_cache",
+    "max_frames_num",
+)
+
+COMMON_PARAMS = (
+    Param("save_visuals", str, "", "directory for PNG visuals of the first samples (empty: none)"),
+    Param("max_visuals", int, 8, "how many samples get saved visuals", low=0),
+)
+
+
+class TechniqueError(BaseException):
+    """A technique failed on a request. Derives from BaseException on purpose: lmms-eval's
+    llava_hf catches every Exception in generation and records an empty answer, which would
+    hide a broken technique inside the scores."""
+
+
+@dataclasses.dataclass(frozen=True)
+class TechniqueSpec:
+    """A registered model name: its parameters, presets, and how to build the technique."""
+
+    name: str
+    params: Sequence[Param]
+    build: Callable[[dict, Any], Technique]  # (params, model) -> Technique
+    presets: dict = dataclasses.field(default_factory=dict)
+    aliases: tuple = ()
+    doc: str = ""
+
+
+def resolve_pretrained(name: str) -> str:
+    """Map project-shipped checkpoint names (``shapeworld-tiny``) to their directory."""
+    try:
+        from .shapeworld import resolve_pretrained as resolve_shapeworld
+    except ImportError:  # the testbed package is optional at import time
+        return name
+    return str(resolve_shapeworld(name))
+
+
+def check_interleaved_llava(pretrained: str, revision: str | None = None, trust_remote_code: bool = False) -> None:
+    """Refuse, with a message, checkpoints that are not LLaVA-1.5-style interleaved models."""
+    from transformers import AutoConfig
+
+    if os.path.isdir(pretrained) and not (Path(pretrained) / "config.json").exists():
+        raise ModelArgsError(f"pretrained={pretrained} is a directory without config.json: not a transformers checkpoint")
+    try:
+        config = AutoConfig.from_pretrained(pretrained, revision=revision or "main", trust_remote_code=trust_remote_code)
+    except Exception as e:
+        raise ModelArgsError(f"pretrained={pretrained}: cannot read its config ({e})") from e
+    if getattr(config, "model_type", None) != "llava" or getattr(config, "image_token_id", None) is None:
+        raise ModelArgsError(
+            f"pretrained={pretrained} is a {getattr(config, 'model_type', 'unknown')!r} checkpoint; these techniques need "
+            "an interleaved LLaVA checkpoint (model_type 'llava', LlavaForConditionalGeneration with image_token_id), "
+            "e.g. llava-hf/llava-1.5-7b-hf or shapeworld-tiny"
+        )
+
+
+class RecordingProcessor:
+    """The processor as lmms-eval uses it, remembering the last call's images and text
+    (a technique such as the Perception Magnifier needs the original full-resolution image)."""
+
+    def __init__(self, processor):
+        self.__dict__["_processor"] = processor
+        self.__dict__["last_images"] = []
+        self.__dict__["last_text"] = None
+
+    def __call__(self, *args, **kwargs):
+        if "images" in kwargs:  # generation and the loglikelihood continuation call pass images
+            images = kwargs["images"] or []
+            self.__dict__["last_images"] = [im for group in images for im in (group if isinstance(group, list) else [group])]
+            text = kwargs.get("text")
+            self.__dict__["last_text"] = text[0] if isinstance(text, list) else text
+        elif self.last_images and _mentions_image(kwargs.get("text"), self._processor):
+            # lmms-eval 0.7.3's simple llava_hf tokenizes the loglikelihood context with its
+            # <image> but without the image, which transformers 5 refuses. The context is only
+            # used for its length (to mask labels), so hand the request's image back.
+            kwargs["images"] = self.last_images
+        return self._processor(*args, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self._processor, name)
+
+    def __setattr__(self, name, value):
+        setattr(self._processor, name, value)
+
+
+def _mentions_image(text, processor) -> bool:
+    token = getattr(processor, "image_token", "<image>")
+    texts = text if isinstance(text, list) else [text]
+    return any(isinstance(t, str) and token in t for t in texts)
+
+
+class TechniqueModel:
+    """What lmms-eval sees as ``self.model``: the real model, with generate/forward run by the technique."""
+
+    def __init__(self, model, technique: Technique, processor: RecordingProcessor, name: str):
+        self.__dict__.update(_model=model, _technique=technique, _processor=processor, _name=name)
+
+    def __getattr__(self, name):
+        return getattr(self._model, name)
+
+    def _request(self, input_ids, labels=None) -> Request:
+        if labels is not None:
+            answer = (labels[0] != -100).nonzero()
+            prompt_len = int(answer[0]) if answer.numel() else input_ids.shape[1]
+        else:
+            prompt_len = input_ids.shape[1]
+        return Request(
+            input_ids=input_ids,
+            image_token_id=self._model.config.image_token_id,
+            prompt_len=prompt_len,
+            images=list(self._processor.last_images),
+            text=self._processor.last_text,
+            processor=self._processor._processor,
+        )
+
+    def _run(self, what: str, kwargs):
+        try:
+            req = self._request(kwargs["input_ids"], kwargs.get("labels"))
+            fn = self._technique.generate if what == "generate" else self._technique.forward
+            return fn(self._model, req, **kwargs)
+        except TechniqueError:
+            raise
+        except Exception as e:
+            raise TechniqueError(f"{self._name}: {type(e).__name__}: {e}") from e
+
+    def generate(self, **kwargs):
+        return self._run("generate", kwargs)
+
+    def __call__(self, **kwargs):
+        return self._run("forward", kwargs)
+
+
+def _default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+class TechniqueMixin:
+    """Mixed in front of lmms-eval's LlavaHf (simple or chat). See the module docstring."""
+
+    spec: TechniqueSpec
+
+    def __init__(self, pretrained: str = "llava-hf/llava-1.5-7b-hf", **kwargs):
+        spec = self.spec
+        base = {k: kwargs.pop(k) for k in list(kwargs) if k in LLAVA_HF_ARGS}
+        all_params = (*spec.params, *COMMON_PARAMS)
+        try:
+            params = parse_params(all_params, kwargs, spec.presets, owner=spec.name)
+        except ModelArgsError as e:
+            raise ModelArgsError(f"{e}; llava_hf arguments also accepted: {', '.join(LLAVA_HF_ARGS)}") from None
+        batch_size = base.get("batch_size", 1)
+        if int(float(batch_size)) != 1:
+            raise ModelArgsError(
+                f"{spec.name}: batch_size={batch_size} is not supported: techniques edit one request's attention at a "
+                "time. Use --batch_size 1 and scale out with `accelerate launch --num_processes N -m lmms_eval ...`"
+            )
+        pretrained = resolve_pretrained(str(pretrained))
+        check_interleaved_llava(pretrained, base.get("revision"), bool(base.get("trust_remote_code", False)))
+        base.update(_device_args(base))
+        super().__init__(pretrained=pretrained, **base)
+        _shard_requests(self)
+        hooks.install(self._model)
+        self.technique_params = params
+        self.technique = spec.build(params, self._model)
+        self._image_processor = RecordingProcessor(self._image_processor)
+        logger.info(f"{spec.name} recipe: {json.dumps(self.technique.describe(), default=str)}")
+
+    def loglikelihood(self, requests):
+        # lmms-eval 0.7.3's evaluator passes each response through unwrap_generation_output,
+        # which stringifies a bare (loglikelihood, is_greedy) pair; inside a GenerationResult
+        # the pair reaches the task's process_results intact.
+        from lmms_eval.api.instance import GenerationResult
+
+        return [GenerationResult(text=r) for r in super().loglikelihood(requests)]
+
+    @property
+    def model(self):
+        model = super().model
+        technique = self.__dict__.get("technique")
+        if technique is None:  # still inside llava_hf's constructor
+            return model
+        return TechniqueModel(model, technique, self._image_processor, self.spec.name)
+
+
+def _device_args(base: dict) -> dict:
+    """Default device/device_map, one device per process under accelerate."""
+    from accelerate import PartialState
+
+    state = PartialState()
+    device = str(base.get("device") or _default_device())
+    if state.num_processes > 1 and device.startswith("cuda") and ":" not in device:
+        device = f"cuda:{state.local_process_index}"
+    device_map = base.get("device_map")
+    if device_map in (None, ""):
+        device_map = device
+    return {"device": device, "device_map": device_map}
+
+
+def _shard_requests(lm) -> None:
+    """llava_hf only shards requests for GPU distributed types; do it for any backend (CPU/gloo too)."""
+    acc = lm.accelerator
+    if acc.num_processes > 1:
+        lm._rank = acc.process_index
+        lm._world_size = acc.num_processes
+
+
+def wrapper_classes(spec: TechniqueSpec, module: str):
+    """The (simple, chat) lmms-eval classes for one technique, defined in ``module``."""
+    from lmms_eval.models.chat.llava_hf import LlavaHf as LlavaHfChat
+    from lmms_eval.models.simple.llava_hf import LlavaHf as LlavaHfSimple
+
+    camel = "".join(part.capitalize() for part in spec.name.split("_"))
+    doc = spec.doc or f"lmms-eval model `{spec.name}`"
+    simple = type(camel, (TechniqueMixin, LlavaHfSimple), {"spec": spec, "is_simple": True, "__doc__": doc, "__module__": module})
+    chat = type(camel + "Chat", (TechniqueMixin, LlavaHfChat), {"spec": spec, "is_simple": False, "__doc__": doc, "__module__": module})
+    return simple, chat

@@ -1,0 +1,145 @@
+"""Random LLaVA checkpoints built locally, for tests and benchmarks (no download).
+
+``build_tiny_llava(dir)`` writes a complete interleaved LLaVA checkpoint directory
+(weights, config, word-level tokenizer, processor with a LLaVA-1.5 chat template) that
+loads through the same ``from_pretrained`` path as ``llava-hf/llava-1.5-7b-hf``.
+``llava15_shaped`` gives the geometry of LLaVA-1.5 (336 px, 14 px patches, a 24x24 grid
+of 576 image tokens) with a few small layers, for the benchmark.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+CHAT_TEMPLATE = (
+    "{% for message in messages %}{% if message['role'] == 'user' %}USER: "
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
+    "{% for item in message['content'] %}{% if item['type'] == 'image' %}<image>\n{% elif item['type'] == 'text' %}"
+    "{{ item['text'] }}{% endif %}{% endfor %}{% endif %} {% else %}ASSISTANT: "
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}{% for item in message['content'] %}"
+    "{{ item['text'] }}{% endfor %}{% endif %}</s>{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}ASSISTANT:{% endif %}"
+)
+
+WORDS = (
+    "USER ASSISTANT : ? . , ! yes no is there a an the in of image picture photo answer question using single word "
+    "phrase please describe this what color shape how many left right above below red green blue yellow circle "
+    "square triangle star small large and to on with one two three four five six seven eight nine zero 0 1 2 3 4 5 "
+    "6 7 8 9 [ ] A B C D option letter select from following choices"
+).split()
+
+
+def build_tokenizer(words=WORDS):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<s>", "</s>", "<unk>", "<image>"]
+    vocab = {w: i for i, w in enumerate(dict.fromkeys([*specials, *words, "\n"]))}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
+    tok.decoder = decoders.WordPiece(prefix="##", cleanup=False)  # joins words with spaces
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        pad_token="<pad>",
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        extra_special_tokens={"image_token": "<image>"},
+    )
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+def build_tiny_llava(
+    out_dir,
+    *,
+    image_size: int = 32,
+    patch_size: int = 8,
+    vision_hidden: int = 32,
+    vision_layers: int = 3,
+    vision_heads: int = 4,
+    text_hidden: int = 64,
+    text_layers: int = 4,
+    text_heads: int = 4,
+    kv_heads: int = 2,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+) -> Path:
+    """Write a random interleaved LLaVA checkpoint to ``out_dir`` and return its path."""
+    from transformers import (
+        CLIPImageProcessor,
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        LlavaProcessor,
+    )
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tok = build_tokenizer()
+    config = LlavaConfig(
+        vision_config=CLIPVisionConfig(
+            hidden_size=vision_hidden,
+            intermediate_size=2 * vision_hidden,
+            num_hidden_layers=vision_layers,
+            num_attention_heads=vision_heads,
+            image_size=image_size,
+            patch_size=patch_size,
+            projection_dim=vision_hidden,
+        ),
+        text_config=LlamaConfig(
+            vocab_size=len(tok),
+            hidden_size=text_hidden,
+            intermediate_size=2 * text_hidden,
+            num_hidden_layers=text_layers,
+            num_attention_heads=text_heads,
+            num_key_value_heads=kv_heads,
+            max_position_embeddings=4096,
+            bos_token_id=tok.bos_token_id,
+            eos_token_id=tok.eos_token_id,
+            pad_token_id=tok.pad_token_id,
+        ),
+        image_token_id=tok.convert_tokens_to_ids("<image>"),
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+        projector_hidden_act="gelu",
+    )
+    torch.manual_seed(seed)
+    model = LlavaForConditionalGeneration(config).to(dtype).eval()
+    model.generation_config.pad_token_id = tok.pad_token_id
+    model.save_pretrained(out)
+    image_processor = CLIPImageProcessor(
+        size={"shortest_edge": image_size},
+        crop_size={"height": image_size, "width": image_size},
+        do_center_crop=True,
+    )
+    processor = LlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=tok,
+        patch_size=patch_size,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+        chat_template=CHAT_TEMPLATE,
+    )
+    processor.save_pretrained(out)
+    return out
+
+
+def llava15_shaped(out_dir, text_layers: int = 4, seed: int = 0) -> Path:
+    """LLaVA-1.5 geometry (336 px, 14 px patches, 576 image tokens) with a few small layers."""
+    return build_tiny_llava(
+        out_dir,
+        image_size=336,
+        patch_size=14,
+        vision_hidden=64,
+        vision_layers=3,
+        vision_heads=4,
+        text_hidden=256,
+        text_layers=text_layers,
+        text_heads=8,
+        kv_heads=8,
+        seed=seed,
+    )
