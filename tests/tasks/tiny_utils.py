@@ -1,0 +1,23 @@
+"""A three-document yes/no task over solid-colour images, for end-to-end CLI tests."""
+
+from PIL import Image
+
+
+def doc_to_visual(doc):
+    return [Image.new("RGB", (48, 40), tuple(doc["rgb"]))]
+
+
+def no_visual(doc):
+    return []
+
+
+def doc_to_text(doc, lmms_eval_specific_kwargs=None):
+    return f"is there a {doc['color']} square in the image?"
+
+
+def doc_to_target_index(doc):
+    return 0 if doc["answer"] == "yes" else 1
+
+
+def process_results(doc, results):
+    return {"exact": float(results[0].strip().lower().startswith(doc["answer"]))}

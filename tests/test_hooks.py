@@ -1,0 +1,222 @@
+"""The shared hook layer: idle = bit-identical, captures = eager attention, edits = hand-made edits."""
+
+import pytest
+import torch
+from conftest import load, make_inputs
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import repeat_kv
+
+from methods import hooks
+
+
+def _image_pos(model, inputs):
+    return hooks.image_positions(inputs["input_ids"], model.config.image_token_id)
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_idle_hook_layer_is_bit_identical(tiny_ckpt, attn):
+    plain, processor = load(tiny_ckpt, attn)
+    hooked, _ = load(tiny_ckpt, attn)
+    assert hooks.install(hooked) == f"hooked_{attn}"
+    assert hooked.config.text_config._attn_implementation == f"hooked_{attn}"
+    assert hooked.config.vision_config._attn_implementation == f"hooked_{attn}"
+    inputs, _, _ = make_inputs(processor)
+    with torch.no_grad():
+        assert torch.equal(plain(**inputs).logits, hooked(**inputs).logits)
+        g_plain = plain.generate(**inputs, max_new_tokens=6, do_sample=False)
+        g_hooked = hooked.generate(**inputs, max_new_tokens=6, do_sample=False)
+        # an installed edit on rows the prompt never reaches is idle too
+        with hooks.edited(hooked, hooks.Boost(layers=[1], rows=hooks.Rows.span(10_000), alpha=1.0)):
+            g_far = hooked.generate(**inputs, max_new_tokens=6, do_sample=False)
+    assert torch.equal(g_plain, g_hooked) and torch.equal(g_plain, g_far)
+
+
+def _eager_reference(ckpt, inputs, **kw):
+    model, _ = load(ckpt, "eager")
+    with torch.no_grad():
+        return model(**inputs, output_attentions=True, **kw)
+
+
+@pytest.mark.parametrize("ckpt_name", ["tiny_ckpt", "tiny_mha_ckpt"])
+def test_capture_matches_eager_attention(request, ckpt_name):
+    ckpt = request.getfixturevalue(ckpt_name)
+    model, processor = load(ckpt)
+    inputs, _, _ = make_inputs(processor)
+    pos = _image_pos(model, inputs)
+    n = hooks.num_layers(model)
+    cap = hooks.Capture(layers=range(n), keys=pos)
+    with torch.no_grad(), hooks.edited(model, cap):
+        model(**inputs)
+    ref = _eager_reference(ckpt, inputs).attentions  # tuple over LM layers of (1, H, n, n)
+    assert len(ref) == n
+    for layer in range(n):
+        got = cap.maps[layer][0]
+        want = ref[layer][:, :, -1:, pos]
+        assert got.shape == want.shape
+        torch.testing.assert_close(got, want.float(), atol=1e-5, rtol=0)
+
+
+def test_capture_decode_steps_match_full_forward(tiny_ckpt):
+    model, processor = load(tiny_ckpt)
+    inputs, _, _ = make_inputs(processor)
+    pos = _image_pos(model, inputs)
+    cap = hooks.Capture(layers=[0, 3], keys=pos)
+    with torch.no_grad(), hooks.edited(model, cap):
+        seq = model.generate(**inputs, max_new_tokens=4, do_sample=False, min_new_tokens=4)
+    assert len(cap.maps[0]) == 4  # prefill + 3 decode steps (the 4th token needs no forward)
+    full = {k: v for k, v in inputs.items()}
+    full["input_ids"] = seq[:, :-1]
+    full["attention_mask"] = torch.ones_like(full["input_ids"])
+    ref = _eager_reference(tiny_ckpt, full).attentions
+    prompt_len = inputs["input_ids"].shape[1]
+    for layer in (0, 3):
+        for step in range(4):
+            row = prompt_len - 1 + step
+            torch.testing.assert_close(cap.maps[layer][step], ref[layer][:, :, row : row + 1, pos].float(), atol=1e-5, rtol=0)
+
+
+def test_capture_vision_tower_cls_row(tiny_ckpt):
+    model, processor = load(tiny_ckpt)
+    inputs, _, _ = make_inputs(processor)
+    cap = hooks.Capture(tower="vision", layers=[0, 1], rows=hooks.Rows.span(0, 1), keys=slice(1, None))
+    with torch.no_grad(), hooks.edited(model, cap):
+        model(**inputs)
+    eager, _ = load(tiny_ckpt, "eager")
+    with torch.no_grad():
+        ref = eager.model.vision_tower(inputs["pixel_values"], output_attentions=True).attentions
+    for layer in (0, 1):
+        torch.testing.assert_close(cap.maps[layer][0], ref[layer][:, :, 0:1, 1:].float(), atol=1e-5, rtol=0)
+
+
+# --- edits against an independent eager implementation that edits the full score matrix by hand ---
+
+_REFERENCE_EDIT = {}
+
+
+def _reference_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """Plain eager attention over all rows; the edit is applied to the full score matrix."""
+    n_rep = query.shape[1] // key.shape[1]
+    k, v = repeat_kv(key, n_rep), repeat_kv(value, n_rep)
+    scores = query @ k.transpose(2, 3) * scaling
+    q_len, k_len = query.shape[2], key.shape[2]
+    if getattr(module, "is_causal", False):
+        q_pos = torch.arange(k_len - q_len, k_len)[:, None]
+        scores = scores.masked_fill(torch.arange(k_len)[None, :] > q_pos, float("-inf"))
+    spec = _REFERENCE_EDIT.get(getattr(module, "layer_idx", None)) if getattr(module, "is_causal", False) else None
+    if spec is not None:
+        kind, rows_from, keys, heads, alpha = spec
+        for r in range(q_len):
+            if k_len - q_len + r < rows_from:
+                continue
+            for h in heads if heads is not None else range(scores.shape[1]):
+                a = scores[0, h, r, keys]
+                a_h = alpha[h] if isinstance(alpha, list) else alpha
+                scores[0, h, r, keys] = a + a_h * a.abs() if kind == "boost" else torch.full_like(a, float("-inf"))
+    probs = torch.softmax(scores.float(), dim=-1).to(query.dtype)
+    return (probs @ v).transpose(1, 2).contiguous(), probs
+
+
+AttentionInterface.register("test_reference", _reference_attention)
+
+
+def _reference_logits(ckpt, inputs, edits_by_layer):
+    from transformers import AttentionMaskInterface
+    from transformers.masking_utils import sdpa_mask
+
+    AttentionMaskInterface.register("test_reference", sdpa_mask)
+    model, _ = load(ckpt, "test_reference")
+    _REFERENCE_EDIT.clear()
+    _REFERENCE_EDIT.update(edits_by_layer)
+    try:
+        with torch.no_grad():
+            return model(**inputs).logits
+    finally:
+        _REFERENCE_EDIT.clear()
+
+
+@pytest.mark.parametrize(
+    "edit_kind,heads,alpha",
+    [("boost", None, 0.7), ("boost", [1, 2], 0.5), ("boost", [0, 1, 2, 3], [0.1, 0.9, 0.0, 2.0]), ("block", None, None)],
+)
+def test_logit_edits_match_hand_edit(tiny_ckpt, edit_kind, heads, alpha):
+    model, processor = load(tiny_ckpt)
+    inputs, _, _ = make_inputs(processor)
+    pos = _image_pos(model, inputs)
+    prompt_len = inputs["input_ids"].shape[1]
+    rows_from = prompt_len - 5
+    keys = pos[::3] if edit_kind == "block" else pos
+    layers = [1, 3]
+    rows = hooks.Rows.span(rows_from)
+    if edit_kind == "boost":
+        a = torch.tensor(alpha) if isinstance(alpha, list) else alpha
+        edit = hooks.Boost(layers=layers, rows=rows, keys=keys, heads=heads, alpha=a)
+    else:
+        edit = hooks.Block(layers=layers, rows=rows, keys=keys)
+    with torch.no_grad(), hooks.edited(model, edit):
+        got = model(**inputs).logits
+    ref = _reference_logits(tiny_ckpt, inputs, {l: (edit_kind, rows_from, keys, heads, alpha) for l in layers})
+    with torch.no_grad():
+        base = model(**inputs).logits
+    assert (got - base).abs().max() > 1e-4  # the edit does something
+    torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_block_and_capture_compose(tiny_ckpt):
+    """A capture sees the probabilities after the block: blocked keys get exactly 0."""
+    model, processor = load(tiny_ckpt)
+    inputs, _, _ = make_inputs(processor)
+    pos = _image_pos(model, inputs)
+    cap = hooks.Capture(layers=[2], keys=pos)
+    with torch.no_grad(), hooks.edited(model, hooks.Block(layers=[2], keys=pos[:4]), cap):
+        model(**inputs)
+    got = cap.maps[2][0]
+    assert torch.all(got[..., :4] == 0) and torch.all(got[..., 4:] > 0)
+
+
+def test_no_leak_after_exception(tiny):
+    model, processor, inputs = tiny
+    with torch.no_grad():
+        base = model(**inputs).logits
+
+    class Boom(hooks.AttnEdit):
+        changes_scores = True
+
+        def edit_scores(self, scores, layer):
+            raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"), torch.no_grad():
+        with hooks.edited(model, hooks.Boost(layers=[0], alpha=3.0), Boom(layers=[2])):
+            model(**inputs)
+    assert not any(hooks.EDITS_ATTR in m.__dict__ for m in model.modules())
+    with torch.no_grad():
+        assert torch.equal(model(**inputs).logits, base)
+
+
+def test_nested_edits_and_without_edits(tiny):
+    model, processor, inputs = tiny
+    pos = _image_pos(model, inputs)
+    outer, inner = hooks.Capture(layers=[1], keys=pos), hooks.Capture(layers=[1], keys=pos)
+    with torch.no_grad(), hooks.edited(model, outer):
+        with hooks.edited(model, inner):
+            model(**inputs)
+        with hooks.without_edits(model):
+            model(**inputs)
+        model(**inputs)
+    assert len(inner.maps[1]) == 1 and len(outer.maps[1]) == 2
+
+
+def test_bad_layer_is_refused(tiny):
+    model, _, _ = tiny
+    with pytest.raises(ValueError, match="layers 0..3"):
+        with hooks.edited(model, hooks.Boost(layers=[7], alpha=1.0)):
+            pass
+
+
+def test_capture_memory_is_rows_times_keys(tiny):
+    """The capture holds (heads x rows x keys) per layer, never (heads x n x n)."""
+    model, _, inputs = tiny
+    pos = _image_pos(model, inputs)
+    cap = hooks.Capture(layers=range(4), keys=pos)
+    with torch.no_grad(), hooks.edited(model, cap):
+        model(**inputs)
+    assert all(m[0].shape == (1, 4, 1, pos.numel()) for m in cap.maps.values())
