@@ -1,0 +1,304 @@
+"""VIRAL (visual representation alignment): a training-time regulariser for LLaVA models.
+
+    L = L_LM + weight * L_VRA,   L_VRA = -mean_{image tokens} cos(P(h_l), y)
+
+h_l: the language model's hidden state at the image-token positions after decoder layer
+``layer`` (1-based over ``hidden_states``: hidden_states[0] is the embedding output,
+hidden_states[l] the output of decoder layer l; paper default 16 of 32);
+P: a small MLP d -> hidden -> hidden -> d_teacher with SiLU (``VraProjector``, 2048 wide
+in the paper); y: the frozen teacher's patch features, resampled to the LLM's visual grid.
+
+Teachers (all frozen, run under ``torch.no_grad``):
+- ``BackboneTeacher``: any transformers vision backbone loaded by path (DINOv2 for real
+  users, the ShapeWorld teacher here). It gets its *own* normalisation: we undo the LLaVA
+  processor's (CLIP) normalisation of ``pixel_values`` (an exact affine inverse), resize
+  that RGB image to the teacher's input size and normalise it with the teacher's mean/std.
+  Starting from the LLaVA pixels rather than re-processing the original image keeps the
+  teacher's field of view identical to the LLM's (the teacher's own processor would crop
+  differently: DINOv2 resizes to 256 and centre-crops 224), so patch (i, j) of both grids
+  covers the same part of the picture. (The reference implementation feeds the
+  CLIP-normalised pixels to DINOv2 as they are.)
+- ``EncoderTeacher``: the LLaVA model's own vision tower at ``vision_feature_layer``
+  (the paper's "align to the encoder's features" variant); its grid is the LLM's grid.
+
+Grid resampling: the teacher's patch features are laid out on their 2-D grid (h, w) and
+resized to the LLM's grid (H, W) by bilinear interpolation of the feature map
+(``align_corners=False``, antialiased when shrinking); identical grids pass through.
+
+Samples whose image-token count differs from the grid count (e.g. a different image
+layout) and text-only samples are left out of L_VRA (they still count in L_LM).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+DEFAULTS = {"layer": 16, "weight": 0.5, "proj_hidden": 2048}
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class VraProjector(nn.Module):
+    """P: d -> hidden -> hidden -> d_teacher, SiLU between the linear layers."""
+
+    def __init__(self, d_model: int, d_teacher: int, hidden: int = DEFAULTS["proj_hidden"]):
+        super().__init__()
+        self.d_model, self.d_teacher, self.hidden = d_model, d_teacher, hidden
+        self.net = nn.Sequential(
+            nn.Linear(d_model, hidden), nn.SiLU(), nn.Linear(hidden, hidden), nn.SiLU(), nn.Linear(hidden, d_teacher)
+        )
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.net(h)
+
+    def config(self) -> dict:
+        return {"d_model": self.d_model, "d_teacher": self.d_teacher, "hidden": self.hidden}
+
+
+# ---------------------------------------------------------------------------------------
+# Grids and targets
+# ---------------------------------------------------------------------------------------
+
+
+def square_grid(n_tokens: int) -> tuple[int, int]:
+    """(h, w) of a square token grid; a clear error for a non-square count."""
+    side = math.isqrt(n_tokens)
+    if side * side != n_tokens:
+        raise ValueError(f"{n_tokens} patch tokens do not form a square grid; pass the grid shape explicitly")
+    return side, side
+
+
+def resample_grid(features: torch.Tensor, src_hw: tuple[int, int], dst_hw: tuple[int, int]) -> torch.Tensor:
+    """(B, h*w, C) patch features on grid ``src_hw`` -> (B, H*W, C) on grid ``dst_hw``.
+
+    Bilinear on the 2-D feature map (align_corners=False), antialiased when shrinking."""
+    (h, w), (H, W) = tuple(src_hw), tuple(dst_hw)
+    b, n, c = features.shape
+    if n != h * w:
+        raise ValueError(f"features have {n} tokens, but the grid {h}x{w} has {h * w}")
+    if (h, w) == (H, W):
+        return features
+    fmap = features.transpose(1, 2).reshape(b, c, h, w)
+    out = F.interpolate(fmap.float(), size=(H, W), mode="bilinear", align_corners=False, antialias=H < h or W < w)
+    return out.to(features.dtype).reshape(b, c, H * W).transpose(1, 2)
+
+
+def image_token_features(hidden: torch.Tensor, input_ids: torch.Tensor, image_token_id: int, n_grid: int):
+    """The hidden states of the image tokens of each sample whose count equals ``n_grid``.
+
+    hidden: (B, L, d); returns (features (B', n_grid, d), kept sample indices (B',))."""
+    is_img = input_ids == image_token_id
+    counts = is_img.sum(1)
+    keep = (counts == n_grid).nonzero().flatten()
+    if keep.numel() == 0:
+        return hidden.new_zeros(0, n_grid, hidden.shape[-1]), keep
+    feats = hidden[keep][is_img[keep]].reshape(keep.numel(), n_grid, hidden.shape[-1])
+    return feats, keep
+
+
+def vra_loss(hidden_img: torch.Tensor, target: torch.Tensor, projector: nn.Module) -> torch.Tensor:
+    """-mean over image tokens of cos(P(h), y). hidden_img (B, N, d), target (B, N, d_teacher)."""
+    pred = projector(hidden_img)
+    return -F.cosine_similarity(pred.float(), target.float(), dim=-1).mean()
+
+
+# ---------------------------------------------------------------------------------------
+# Where h_l comes from: a forward hook on one decoder layer (cheaper than all hidden states)
+# ---------------------------------------------------------------------------------------
+
+
+def decoder_layers(model) -> nn.ModuleList:
+    """The language model's decoder layers (works on a peft-wrapped model too)."""
+    for name, mod in model.named_modules():
+        if isinstance(mod, nn.ModuleList) and name.endswith("language_model.layers"):
+            return mod
+    raise ValueError("cannot find the language model's decoder layers (expected a LLaVA model with `language_model.layers`)")
+
+
+def check_layer(layer: int, n_layers: int) -> None:
+    if not 1 <= layer <= n_layers:
+        raise ValueError(
+            f"VIRAL layer={layer} is outside 1..{n_layers} (1-based over hidden_states: layer l is the output of "
+            f"decoder layer l); this language model has {n_layers} layers, e.g. use layer={max(1, n_layers // 2)}"
+        )
+
+
+@contextlib.contextmanager
+def capture_layer_output(model, layer: int):
+    """Record hidden_states[layer] (the output of decoder layer ``layer``, 1-based) in ``box[0]``."""
+    layers = decoder_layers(model)
+    check_layer(layer, len(layers))
+    box = []
+
+    def hook(_module, _args, output):
+        box[:] = [output[0] if isinstance(output, tuple) else output]
+
+    handle = layers[layer - 1].register_forward_hook(hook)
+    try:
+        yield box
+    finally:
+        handle.remove()
+
+
+def grid_count(model) -> int:
+    """Image tokens per image in the LLM's sequence (LLaVA-1.5: (336/14)^2 = 576)."""
+    vc = _config(model).vision_config
+    return (vc.image_size // vc.patch_size) ** 2
+
+
+def viral_step(model, batch: dict, *, projector: nn.Module | None, targets: torch.Tensor | None, layer: int, weight: float) -> dict:
+    """One forward of L = L_LM + weight * L_VRA.
+
+    batch: input_ids, attention_mask, pixel_values, labels (what LlavaForConditionalGeneration takes);
+    targets: (B, n_grid, d_teacher) teacher features on the LLM grid for every sample of the batch.
+    Returns {"loss", "lm_loss", "vra_loss" (None when not computed), "n_aligned"}.
+    With weight == 0 (or no projector/targets) the loss is exactly the LM loss.
+    """
+    use_vra = weight != 0 and projector is not None and targets is not None
+    if not use_vra:
+        out = model(**batch)
+        return {"loss": out.loss, "lm_loss": out.loss, "vra_loss": None, "n_aligned": 0}
+    with capture_layer_output(model, layer) as box:
+        out = model(**batch)
+    image_token_id = _config(model).image_token_id
+    feats, keep = image_token_features(box[0], batch["input_ids"], image_token_id, targets.shape[1])
+    if keep.numel() == 0:  # nothing to align in this batch
+        return {"loss": out.loss, "lm_loss": out.loss, "vra_loss": None, "n_aligned": 0}
+    l_vra = vra_loss(feats, targets[keep].to(feats.device), projector)
+    return {"loss": out.loss + weight * l_vra, "lm_loss": out.loss, "vra_loss": l_vra, "n_aligned": int(keep.numel())}
+
+
+def _config(model):
+    return model.config  # a peft-wrapped model forwards .config to the LLaVA model
+
+
+# ---------------------------------------------------------------------------------------
+# Teachers
+# ---------------------------------------------------------------------------------------
+
+
+def unnormalise(pixel_values: torch.Tensor, mean, std) -> torch.Tensor:
+    """Undo a processor's (x - mean) / std: back to RGB in [0, 1]."""
+    m = torch.as_tensor(mean, dtype=pixel_values.dtype, device=pixel_values.device).view(1, -1, 1, 1)
+    s = torch.as_tensor(std, dtype=pixel_values.dtype, device=pixel_values.device).view(1, -1, 1, 1)
+    return pixel_values * s + m
+
+
+class BackboneTeacher(nn.Module):
+    """A frozen transformers vision backbone (DINOv2, ViT, the ShapeWorld teacher) loaded by path.
+
+    ``features(pixel_values, src_mean, src_std)`` takes the LLaVA processor's pixels and
+    returns (patch features (B, h*w, C), (h, w)) computed with the teacher's own
+    normalisation and input size (see the module docstring)."""
+
+    def __init__(self, backbone: nn.Module, mean, std, image_size: int, patch_size: int, name: str = "backbone"):
+        super().__init__()
+        self.backbone = backbone.eval().requires_grad_(False)
+        self.mean, self.std = tuple(mean), tuple(std)
+        self.image_size, self.patch_size, self.name = int(image_size), int(patch_size), name
+        if self.image_size % self.patch_size:
+            raise ValueError(f"teacher image size {image_size} is not a multiple of its patch size {patch_size}")
+        self.dim = int(getattr(backbone.config, "hidden_size"))
+
+    @classmethod
+    def from_pretrained(cls, path, image_size: int | None = None) -> "BackboneTeacher":
+        from transformers import AutoModel
+
+        path = Path(path)
+        if not (path / "config.json").exists():
+            raise FileNotFoundError(
+                f"teacher {path} is not a transformers checkpoint directory (no config.json); pass a local vision "
+                "backbone such as a saved facebook/dinov2-base, `self` for the model's own vision tower, or `none`"
+            )
+        backbone = AutoModel.from_pretrained(path, use_safetensors=True)
+        cfg = backbone.config
+        cfg = getattr(cfg, "vision_config", None) or cfg
+        proc = {}
+        if (path / "preprocessor_config.json").exists():
+            proc = json.loads((path / "preprocessor_config.json").read_text())
+        mean = proc.get("image_mean", IMAGENET_MEAN)
+        std = proc.get("image_std", IMAGENET_STD)
+        if image_size is None:  # the resolution the teacher was trained at
+            crop = proc.get("crop_size") or proc.get("size") or {}
+            image_size = crop.get("height") or crop.get("shortest_edge") if isinstance(crop, dict) else crop
+            image_size = int(image_size or cfg.image_size)
+        patch = cfg.patch_size if isinstance(cfg.patch_size, int) else cfg.patch_size[0]
+        backbone = getattr(backbone, "vision_model", backbone)
+        return cls(backbone, mean, std, image_size, patch, name=str(path))
+
+    @torch.no_grad()
+    def features(self, pixel_values: torch.Tensor, src_mean, src_std):
+        rgb = unnormalise(pixel_values.float(), src_mean, src_std).clamp(0, 1)
+        size = self.image_size
+        if rgb.shape[-2:] != (size, size):
+            rgb = F.interpolate(rgb, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+        x = (rgb - torch.tensor(self.mean).view(1, -1, 1, 1)) / torch.tensor(self.std).view(1, -1, 1, 1)
+        param = next(self.backbone.parameters())
+        out = self.backbone(pixel_values=x.to(param.device, param.dtype))
+        tokens = out.last_hidden_state
+        grid = (size // self.patch_size, size // self.patch_size)
+        n = grid[0] * grid[1]
+        return tokens[:, tokens.shape[1] - n :], grid  # drop CLS / register tokens in front
+
+    def describe(self) -> dict:
+        return {"teacher": self.name, "image_size": self.image_size, "patch_size": self.patch_size, "dim": self.dim}
+
+
+class EncoderTeacher(nn.Module):
+    """The LLaVA model's own vision tower at its ``vision_feature_layer`` (CLS dropped), frozen.
+
+    Keeps a reference to the tower (not a copy): train it frozen (LoRA on the LLM only)."""
+
+    def __init__(self, llava_model):
+        super().__init__()
+        base = llava_model
+        while not hasattr(base, "vision_tower") and hasattr(base, "model"):
+            base = base.model
+        self.__dict__["tower"] = base.vision_tower  # not registered: not a submodule to train/save
+        cfg = _config(llava_model)
+        self.feature_layer = cfg.vision_feature_layer
+        self.strategy = cfg.vision_feature_select_strategy
+        self.dim = cfg.vision_config.hidden_size
+        self.name = "self"
+
+    @torch.no_grad()
+    def features(self, pixel_values: torch.Tensor, src_mean=None, src_std=None):
+        param = next(self.tower.parameters())
+        out = self.tower(pixel_values.to(param.device, param.dtype), output_hidden_states=True)
+        layer = self.feature_layer if isinstance(self.feature_layer, int) else self.feature_layer[-1]
+        tokens = out.hidden_states[layer]
+        if self.strategy == "default":
+            tokens = tokens[:, 1:]
+        return tokens, square_grid(tokens.shape[1])
+
+    def describe(self) -> dict:
+        return {"teacher": "self", "vision_feature_layer": self.feature_layer, "dim": self.dim}
+
+
+def teacher_targets(teacher, pixel_values: torch.Tensor, src_mean, src_std, dst_grid: tuple[int, int]) -> torch.Tensor:
+    """Teacher patch features resampled to the LLM's grid: (B, H*W, d_teacher), no gradient."""
+    with torch.no_grad():
+        feats, grid = teacher.features(pixel_values, src_mean, src_std)
+        return resample_grid(feats.float(), grid, dst_grid)
+
+
+def load_teacher(spec: str, model, image_size: int | None = None):
+    """``self`` -> EncoderTeacher(model); a directory -> BackboneTeacher; ``none`` -> None."""
+    if spec in (None, "", "none"):
+        return None
+    if spec == "self":
+        return EncoderTeacher(model)
+    return BackboneTeacher.from_pretrained(spec, image_size=image_size)
+
+
+def llm_grid(model) -> tuple[int, int]:
+    vc = _config(model).vision_config
+    side = vc.image_size // vc.patch_size
+    return side, side
