@@ -111,6 +111,8 @@ class RecordingProcessor:
             self.__dict__["last_images"] = [im for group in images for im in (group if isinstance(group, list) else [group])]
             text = kwargs.get("text")
             self.__dict__["last_text"] = text[0] if isinstance(text, list) else text
+            if not images:  # transformers 5 fails on images=[]; the technique reports "no image" itself
+                kwargs["images"] = None
         elif self.last_images and _mentions_image(kwargs.get("text"), self._processor):
             # lmms-eval 0.7.3's simple llava_hf tokenizes the loglikelihood context with its
             # <image> but without the image, which transformers 5 refuses. The context is only

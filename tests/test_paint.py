@@ -1,0 +1,252 @@
+"""PAINT: selection arithmetic against numpy, edits against an eager reference, the CLI end to end."""
+
+import numpy as np
+import pytest
+import torch
+from conftest import REPO, TASKS, load, make_inputs
+from transformers import AttentionInterface, AttentionMaskInterface
+from transformers.integrations.sdpa_attention import repeat_kv
+from transformers.masking_utils import sdpa_mask
+
+from methods import hooks
+from methods.paint import (
+    Paint,
+    head_sensitivity_weights,
+    iqr_outliers,
+    select_local,
+    select_tokens,
+    spatial_grid,
+    token_margins,
+)
+from methods.technique import Request
+
+# --- selection arithmetic on hand-made maps ---
+
+
+def _maps(seed, batch=3, n=36):
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(batch, n, generator=g)  # distinct values almost surely: no ties in top-k
+
+
+def test_local_tokens_are_the_top_fraction():
+    attn = _maps(0)
+    for ratio in (0.25, 0.1, 1.0):
+        got = select_local(attn, ratio)
+        k = int(36 * ratio)
+        for b in range(attn.shape[0]):
+            want = set(np.argsort(-attn[b].numpy())[:k].tolist())
+            assert set(got[b].nonzero().flatten().tolist()) == want
+
+
+def test_summary_tokens_are_iqr_outliers():
+    attn = _maps(1, n=50) ** 4  # skewed: a few high values
+    attn[0, [3, 17]] = 5.0  # planted outliers
+    got = iqr_outliers(attn)
+    for b in range(attn.shape[0]):
+        x = attn[b].numpy().astype(np.float64)
+        q1, q3 = np.percentile(x, 25), np.percentile(x, 75)
+        want = {i for i, v in enumerate(x) if v > q3 + 1.5 * (q3 - q1)}
+        assert set(got[b].nonzero().flatten().tolist()) == want
+    assert {3, 17} <= set(got[0].nonzero().flatten().tolist())
+
+
+def test_selection_is_per_image_and_disjoint():
+    local_attn, summary_attn = _maps(2), _maps(3)
+    # plant outliers that are also top local patches in image 0 only
+    top0 = torch.argsort(local_attn[0], descending=True)[:2]
+    summary_attn[0, top0] = 10.0
+    sel = select_tokens(local_attn, summary_attn, (6, 6), top_ratio=0.25, spatial_ratio=0.12)
+    for b in range(3):
+        top = set(np.argsort(-local_attn[b].numpy())[:9].tolist())
+        x = summary_attn[b].numpy().astype(np.float64)
+        q1, q3 = np.percentile(x, 25), np.percentile(x, 75)
+        summary = {i for i, v in enumerate(x) if v > q3 + 1.5 * (q3 - q1)}
+        grid = set(spatial_grid(6, 6, 0.12).nonzero().flatten().tolist())
+        assert set(sel.summary[b].nonzero().flatten().tolist()) == summary
+        assert set(sel.local[b].nonzero().flatten().tolist()) == top - summary
+        assert set(sel.spatial[b].nonzero().flatten().tolist()) == grid - summary - top
+    assert not set(top0.tolist()) & set(sel.local[0].nonzero().flatten().tolist())
+    margins = token_margins(sel, 0.7, 0.4)
+    assert torch.all(margins[sel.summary] == 0.4) and torch.all(margins[sel.local | sel.spatial] == 0.7)
+    assert torch.all(margins[~(sel.summary | sel.local | sel.spatial)] == 0)
+
+
+@pytest.mark.parametrize("gh,gw,ratio,m", [(24, 24, 0.05, 5), (4, 4, 0.3, 2), (8, 8, 0.05, 2), (6, 10, 0.5, 5), (3, 3, 0.01, 1)])
+def test_spatial_tokens_cover_the_grid(gh, gw, ratio, m):
+    mask = spatial_grid(gh, gw, ratio).view(gh, gw)
+    mh, mw = min(m, gh), min(m, gw)
+    assert int(mask.sum()) == mh * mw
+    for i in range(mh):  # exactly one token in every cell of the m x m partition
+        for j in range(mw):
+            cell = mask[i * gh // mh : (i + 1) * gh // mh, j * gw // mw : (j + 1) * gw // mw]
+            assert int(cell.sum()) == 1
+    assert not spatial_grid(gh, gw, 0.0).any()
+
+
+def test_head_weights_are_sensitivity_over_mean_capped():
+    mass = torch.tensor([[[0.1], [0.3], [0.0], [0.8]]])  # (batch 1, heads 4, rows 1)
+    w = head_sensitivity_weights(mass, max_scale=1.5)
+    want = [min(m / 0.3, 1.5) for m in (0.1, 0.3, 0.0, 0.8)]
+    torch.testing.assert_close(w.flatten(), torch.tensor(want))
+
+
+# --- the technique on a tiny model ---
+
+
+def _request(model, inputs, image, processor, prompt_len=None):
+    ids = inputs["input_ids"]
+    return Request(
+        input_ids=ids,
+        image_token_id=model.config.image_token_id,
+        prompt_len=ids.shape[1] if prompt_len is None else prompt_len,
+        images=[image],
+        processor=processor,
+    )
+
+
+def test_zero_margins_equal_the_baseline(tiny_ckpt, tmp_path):
+    model, processor = load(tiny_ckpt)
+    plain, _ = load(tiny_ckpt)
+    inputs, image, _ = make_inputs(processor)
+    req = _request(model, inputs, image, processor)
+    gen = dict(max_new_tokens=6, do_sample=False)
+    with torch.no_grad():
+        want = plain.generate(**inputs, **gen)
+        want_logits = plain(**inputs).logits
+        for extra in ({}, {"save_visuals": str(tmp_path)}):  # with visuals the vision capture is installed
+            t = Paint.for_model(model, alpha=0.0, beta=0.0, spatial_ratio=0.2, **extra)
+            assert torch.equal(t.generate(model, req, **inputs, **gen), want)
+            assert torch.equal(t.forward(model, req, **inputs).logits, want_logits)
+    assert (tmp_path / "paint_0000.png").exists()
+
+
+_REF = {}
+
+
+def _reference_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """Eager attention over all rows; PAINT's edit applied to the full score matrix by hand."""
+    n_rep = query.shape[1] // key.shape[1]
+    k, v = repeat_kv(key, n_rep), repeat_kv(value, n_rep)
+    scores = query @ k.transpose(2, 3) * scaling
+    q_len, k_len = query.shape[2], key.shape[2]
+    causal = getattr(module, "is_causal", False)
+    if causal:
+        q_pos = torch.arange(k_len - q_len, k_len)[:, None]
+        scores = scores.masked_fill(torch.arange(k_len)[None, :] > q_pos, float("-inf"))
+    if causal and module.layer_idx in _REF.get("layers", ()):
+        img, margin = _REF["image_pos"], _REF["margin"]  # margin: per image token
+        for r in range(q_len):
+            if k_len - q_len + r < _REF["rows_from"]:
+                continue
+            pre = torch.softmax(scores[0, :, r].float(), dim=-1)
+            mass = pre[:, img].sum(-1)
+            for h in range(scores.shape[1]):
+                w = 1.0 if _REF["mod"] == "none" else min(float(mass[h] / mass.mean()), _REF["cap"])
+                for j, p in enumerate(img.tolist()):
+                    a = scores[0, h, r, p].clone()
+                    scores[0, h, r, p] = a + margin[j] * w * a.abs()
+    probs = torch.softmax(scores.float(), dim=-1).to(query.dtype)
+    return (probs @ v).transpose(1, 2).contiguous(), probs
+
+
+AttentionInterface.register("test_paint_reference", _reference_attention)
+AttentionMaskInterface.register("test_paint_reference", sdpa_mask)
+
+
+def _reference_margins(ckpt, pixel_values, grid, top_ratio, spatial_ratio, alpha, beta):
+    """Per-patch margins from the vision tower's own eager attentions, selected with numpy."""
+    eager, _ = load(ckpt, "eager")
+    with torch.no_grad():
+        att = eager.model.vision_tower(pixel_values, output_attentions=True).attentions
+    local = att[0][0, :, 0, 1:].sum(0).numpy()
+    summary = att[-2][0, :, 0, 1:].sum(0).numpy().astype(np.float64)
+    n = local.size
+    q1, q3 = np.percentile(summary, 25), np.percentile(summary, 75)
+    s_set = {i for i in range(n) if summary[i] > q3 + 1.5 * (q3 - q1)}
+    l_set = set(np.argsort(-local)[: int(n * top_ratio)].tolist()) - s_set
+    gh, gw = grid
+    sp_set = set()
+    if spatial_ratio:
+        m = max(1, round((spatial_ratio * n) ** 0.5))
+        centre = [(lo + hi - 1) // 2 for lo, hi in ((i * gh // m, (i + 1) * gh // m) for i in range(m))]
+        sp_set = {r * gw + c for r in centre for c in centre}  # square grids in these tests
+    margin = [beta if i in s_set else alpha if i in l_set | sp_set else 0.0 for i in range(n)]
+    return margin, (l_set, s_set, sp_set)
+
+
+@pytest.mark.parametrize(
+    "ckpt_name,mod,spatial", [("tiny_ckpt", "none", 0.0), ("tiny_ckpt", "sensitivity", 0.3), ("tiny_mha_ckpt", "sensitivity", 0.0)]
+)
+def test_edit_matches_eager_reference(request, ckpt_name, mod, spatial):
+    ckpt = request.getfixturevalue(ckpt_name)
+    model, processor = load(ckpt)
+    inputs, image, _ = make_inputs(processor)
+    prompt_len = inputs["input_ids"].shape[1]
+    # a loglikelihood-style forward: the prompt plus a 3-token continuation (every answer row is edited)
+    cont = torch.tensor([[9, 10, 11]])
+    full = dict(inputs, input_ids=torch.cat([inputs["input_ids"], cont], 1))
+    full["attention_mask"] = torch.ones_like(full["input_ids"])
+    req = _request(model, full, image, processor, prompt_len=prompt_len)
+    t = Paint.for_model(model, alpha=3.0, beta=1.5, head_modulation=mod, spatial_ratio=spatial, max_head_scale=1.7)
+    with torch.no_grad():
+        got = t.forward(model, req, **full).logits
+    sel = t.last_selector.selection
+    margin, (l_set, s_set, sp_set) = _reference_margins(ckpt, inputs["pixel_values"], t.grid, 0.25, spatial, 3.0, 1.5)
+    assert set(sel.local[0].nonzero().flatten().tolist()) == l_set
+    assert set(sel.summary[0].nonzero().flatten().tolist()) == s_set
+    assert set(sel.spatial[0].nonzero().flatten().tolist()) == sp_set - l_set - s_set
+    assert any(margin)
+    ref_model, _ = load(ckpt, "test_paint_reference")
+    _REF.update(layers=set(t.layers), image_pos=req.image_pos, margin=margin, rows_from=prompt_len - 1, mod=mod, cap=1.7)
+    try:
+        with torch.no_grad():
+            want = ref_model(**full).logits
+    finally:
+        _REF.clear()
+    plain, _ = load(ckpt)
+    with torch.no_grad():
+        base = plain(**full).logits
+    print("effect", (want - base).abs().max().item(), "mismatch", (got - want).abs().max().item())
+    assert (want - base).abs().max() > 1e-4  # the edit moves the (small, random-model) logits measurably
+    torch.testing.assert_close(got, want, atol=2e-6, rtol=0)
+
+
+def test_bad_settings_are_refused(tiny_ckpt):
+    from lmms_eval_plugins.models.paint import PARAMS, SPEC
+    from lmms_eval_plugins.params import ModelArgsError, parse_params
+
+    model, _ = load(tiny_ckpt)
+    with pytest.raises(ValueError, match="summary_layer=5 is outside the vision tower's 3 layers"):
+        Paint.for_model(model, summary_layer=5)
+    with pytest.raises(ValueError, match="layer range"):
+        Paint.for_model(model, start_layer=9)
+    with pytest.raises(ModelArgsError, match="not one of none, sensitivity"):
+        parse_params(PARAMS, {"head_modulation": "all"})
+    with pytest.raises(ModelArgsError, match="out of range"):
+        parse_params(PARAMS, {"top_ratio": 1.5})
+    assert parse_params(PARAMS, {"preset": "reference"}, SPEC.presets)["alpha"] == 0.9
+
+
+# --- end to end through the real lmms-eval CLI ---
+
+
+def test_cli_chat_and_simple(tiny_ckpt, tmp_path):
+    from lmms_eval_plugins.testing import read_samples, run_lmms_eval
+
+    vis = tmp_path / "vis"
+    args = f"pretrained={tiny_ckpt},head_modulation=sensitivity,spatial_ratio=0.3,save_visuals={vis},max_visuals=2"
+    res, log = run_lmms_eval("llava_fia", args, "tiny_yesno", tmp_path / "chat", include_path=TASKS, cwd=REPO)
+    assert res is not None, log[-3000:]
+    assert "exact,none" in res["results"]["tiny_yesno"], res["results"]
+    assert len(read_samples(tmp_path / "chat", "tiny_yesno")) == 3
+    assert sorted(p.name for p in vis.iterdir()) == ["paint_0000.png", "paint_0001.png"]
+    assert "llava_paint recipe" in log
+
+    res, log = run_lmms_eval(
+        "llava_paint", f"pretrained={tiny_ckpt},preset=reference", "tiny_yesno_ll,tiny_yesno", tmp_path / "simple",
+        include_path=TASKS, cwd=REPO, extra=["--force_simple"],
+    )
+    assert res is not None, log[-3000:]
+    assert "acc,none" in res["results"]["tiny_yesno_ll"], res["results"]
+    assert "exact,none" in res["results"]["tiny_yesno"], res["results"]
+    assert '"alpha": 0.9' in log

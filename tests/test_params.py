@@ -1,0 +1,43 @@
+"""--model_args parsing: lmms-eval hands over str/int/float; bad values fail with the valid set."""
+
+import pytest
+
+from lmms_eval_plugins.params import ModelArgsError, Param, parse_params
+
+PARAMS = (
+    Param("alpha", float, 0.2, "boost", low=0.0),
+    Param("start_layer", int, 2, "first layer"),
+    Param("end_layer", int, None, "end", optional=True),
+    Param("use_cfg", bool, False, "cfg"),
+    Param("mode", str, "once", "mode", choices=("once", "every_token")),
+)
+
+
+def test_lmms_eval_value_types_are_converted():
+    got = parse_params(PARAMS, {"alpha": "0.5", "start_layer": -2.0, "end_layer": "None", "use_cfg": "true", "mode": "every_token"})
+    assert got == {"alpha": 0.5, "start_layer": -2, "end_layer": None, "use_cfg": True, "mode": "every_token"}
+    assert isinstance(got["start_layer"], int)
+    assert parse_params(PARAMS, {"use_cfg": 1, "alpha": 3})["use_cfg"] is True
+
+
+def test_defaults_presets_and_explicit_values_in_that_order():
+    presets = {"strong": {"alpha": 0.9, "start_layer": 4}}
+    got = parse_params(PARAMS, {"preset": "strong", "start_layer": 5}, presets)
+    assert got["alpha"] == 0.9 and got["start_layer"] == 5 and got["mode"] == "once"
+
+
+@pytest.mark.parametrize(
+    "given,message",
+    [
+        ({"alhpa": 1}, "unknown model_args alhpa. Valid: alpha, end_layer, mode, start_layer, use_cfg"),
+        ({"alpha": -0.1}, "alpha=-0.1 is out of range"),
+        ({"start_layer": 2.5}, "start_layer=2.5 is not a valid int"),
+        ({"use_cfg": "maybe"}, "use_cfg='maybe' is not a valid bool"),
+        ({"mode": "sometimes"}, "mode='sometimes' is not one of once, every_token"),
+        ({"preset": "nope"}, "unknown preset 'nope'"),
+        ({"alpha": "none"}, "alpha needs a value"),
+    ],
+)
+def test_bad_values_fail_with_a_message(given, message):
+    with pytest.raises(ModelArgsError, match=message.replace("(", r"\(").replace(".", r"\.")):
+        parse_params(PARAMS, given, {"strong": {}})
