@@ -1,0 +1,391 @@
+"""PAINT ("Paying Attention to INformed Tokens", a.k.a. fixing imbalanced attention).
+
+Instead of boosting every image token like PAI, PAINT boosts chosen ones, with a margin
+per kind of token:
+
+- local tokens: the top ``top_ratio`` (0.25) of patches by the vision tower's layer-0
+  CLS->patch attention (summed over heads): patches carrying grounded object detail;
+- summary tokens: patches whose CLS attention in the penultimate vision layer (the layer
+  LLaVA reads its features from) is an IQR outlier (> Q3 + 1.5 IQR): the "register"-like
+  tokens that aggregate the whole image. They are removed from the local set;
+- spatial tokens (optional, ``spatial_ratio``; described in the paper, absent from its
+  code): a stratified grid. With N patches on a G_h x G_w grid, m = max(1, round(sqrt(
+  spatial_ratio * N))) and the grid is cut into m x m near-equal cells (row band i spans
+  rows [lo, hi) = [floor(i*G_h/m), floor((i+1)*G_h/m)), columns likewise); each cell
+  contributes its centre patch (row (lo + hi - 1) // 2, column likewise). Every cell holds exactly one
+  spatial token, so the set covers the grid evenly whatever the attention does; tokens
+  already local or summary keep their own role.
+
+On the query rows that predict answer tokens, pre-softmax, in language-model layers
+[start, end): a += alpha*|a| on local and spatial tokens, a += beta*|a| on summary tokens.
+
+Head-specific modulation (``head_modulation="sensitivity"``; described in the paper, absent
+from its code): per layer, per query row, each head's visual sensitivity s_h is its own
+attention mass on the image tokens before the edit (softmax over the full row). Its margin
+is scaled by w_h = min(s_h / mean_h(s_h), max_head_scale): heads that already read the
+image are boosted more, heads that look at text (whose attention to the image is mostly
+noise) are left nearly alone; dividing by the mean keeps the layer's average margin at
+alpha/beta, so the option redistributes the boost rather than strengthening it, and the cap
+keeps one dominant head from receiving H times the margin.
+
+Selection happens inside the same forward as the edit: the vision tower runs before the
+language model in LlavaForConditionalGeneration, so a vision-tower ``Capture`` records the
+CLS rows, and the language-model edit (``PaintBoost``) resolves its per-token margins
+lazily from that capture the first time a language-model layer runs. No second pass of the
+vision tower, no ``output_attentions``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from pathlib import Path
+
+import torch
+
+from . import hooks
+from .pai import GuidedTechnique
+from .technique import Request, RequestError, layer_range
+
+DEFAULTS = {
+    "alpha": 0.7,
+    "beta": 0.4,
+    "top_ratio": 0.25,
+    "spatial_ratio": 0.0,
+    "local_layer": 0,
+    "summary_layer": -2,
+    "head_modulation": "none",
+    "max_head_scale": 2.0,
+    "start_layer": 2,
+    "end_layer": None,
+    "use_cfg": False,
+    "gamma": 1.1,
+    "cutoff": 0.1,
+}
+HEAD_MODULATIONS = ("none", "sensitivity")
+
+# ---------------------------------------------------------------------------------------
+# Token selection (pure functions on (batch, patches) CLS-attention maps)
+# ---------------------------------------------------------------------------------------
+
+
+def cls_attention(probs: torch.Tensor) -> torch.Tensor:
+    """(batch, heads, 1, patches) CLS-row probabilities -> (batch, patches), summed over heads."""
+    return probs[:, :, 0].sum(dim=1)
+
+
+def select_local(attn: torch.Tensor, top_ratio: float) -> torch.Tensor:
+    """Bool (batch, N): the top int(N * top_ratio) patches of each row (at least one when ratio > 0)."""
+    n = attn.shape[-1]
+    k = min(n, int(n * top_ratio)) if top_ratio > 0 else 0
+    if top_ratio > 0:
+        k = max(k, 1)
+    mask = torch.zeros_like(attn, dtype=torch.bool)
+    if k:
+        mask.scatter_(-1, attn.topk(k, dim=-1).indices, True)
+    return mask
+
+
+def iqr_outliers(attn: torch.Tensor, whisker: float = 1.5) -> torch.Tensor:
+    """Bool (batch, N): values above Q3 + whisker * (Q3 - Q1) of their row (linear-interpolated quartiles)."""
+    q = torch.quantile(attn.float(), torch.tensor([0.25, 0.75], device=attn.device), dim=-1, keepdim=True)
+    q1, q3 = q[0], q[1]
+    return attn.float() > q3 + whisker * (q3 - q1)
+
+
+def spatial_grid(grid_h: int, grid_w: int, ratio: float) -> torch.Tensor:
+    """Bool (grid_h * grid_w,): the centre patch of each cell of an m x m partition of the grid,
+    m = max(1, round(sqrt(ratio * N))) clipped to the grid (see the module docstring); empty for ratio 0."""
+    mask = torch.zeros(grid_h * grid_w, dtype=torch.bool)
+    if ratio <= 0:
+        return mask
+    m = max(1, round(math.sqrt(ratio * grid_h * grid_w)))
+    m_h, m_w = min(m, grid_h), min(m, grid_w)
+    rows = [(i * grid_h // m_h + (i + 1) * grid_h // m_h - 1) // 2 for i in range(m_h)]
+    cols = [(j * grid_w // m_w + (j + 1) * grid_w // m_w - 1) // 2 for j in range(m_w)]
+    for r in rows:
+        for c in cols:
+            mask[r * grid_w + c] = True
+    return mask
+
+
+@dataclasses.dataclass
+class TokenSelection:
+    """Disjoint bool masks (batch, N) over the vision tower's patches, row-major on the grid."""
+
+    local: torch.Tensor
+    summary: torch.Tensor
+    spatial: torch.Tensor
+    grid: tuple[int, int]
+
+    def counts(self) -> dict:
+        return {k: getattr(self, k).sum(-1).tolist() for k in ("local", "summary", "spatial")}
+
+
+def select_tokens(
+    local_attn: torch.Tensor, summary_attn: torch.Tensor, grid: tuple[int, int], top_ratio: float, spatial_ratio: float
+) -> TokenSelection:
+    """PAINT's selection for every item of a batch: summary = IQR outliers of ``summary_attn``;
+    local = top ``top_ratio`` of ``local_attn`` minus summary; spatial = grid minus both."""
+    n = grid[0] * grid[1]
+    if local_attn.shape[-1] != n or summary_attn.shape[-1] != n:
+        raise ValueError(f"attention maps have {local_attn.shape[-1]} patches; the grid {grid} has {n}")
+    summary = iqr_outliers(summary_attn)
+    local = select_local(local_attn, top_ratio) & ~summary
+    spatial = spatial_grid(*grid, spatial_ratio).to(local.device).expand_as(local) & ~summary & ~local
+    return TokenSelection(local=local, summary=summary, spatial=spatial, grid=grid)
+
+
+def token_margins(sel: TokenSelection, alpha: float, beta: float) -> torch.Tensor:
+    """(batch, N) margin per patch: alpha on local and spatial tokens, beta on summary tokens, 0 elsewhere."""
+    out = torch.zeros(sel.local.shape, dtype=torch.float32, device=sel.local.device)
+    out[sel.local | sel.spatial] = alpha
+    out[sel.summary] = beta
+    return out
+
+
+def head_sensitivity_weights(image_mass: torch.Tensor, max_scale: float) -> torch.Tensor:
+    """w_h = min(s_h / mean_h s_h, max_scale) for image_mass s of shape (batch, heads, rows)."""
+    mean = image_mass.mean(dim=1, keepdim=True).clamp_min(torch.finfo(image_mass.dtype).tiny)
+    return (image_mass / mean).clamp(max=max_scale)
+
+
+def boost_scores(scores: torch.Tensor, margins: torch.Tensor, head_weights: torch.Tensor | None = None) -> torch.Tensor:
+    """a + c * |a| with c = margin[key] (x head weight[head, row]).
+
+    scores: (batch, heads, rows, keys); margins: (batch, keys); head_weights: (batch, heads, rows) or None.
+    """
+    c = margins[:, None, None, :].to(scores.dtype)
+    if head_weights is not None:
+        c = c * head_weights[..., None].to(scores.dtype)
+    return scores + c * scores.abs()
+
+
+# ---------------------------------------------------------------------------------------
+# The hook-layer edits: a vision-tower capture and a lazily-resolved language-model boost
+# ---------------------------------------------------------------------------------------
+
+
+class TokenSelector:
+    """Records the CLS rows of the vision tower and turns them into a ``TokenSelection``.
+
+    ``capture`` is the vision-tower edit to install; ``current()`` is called by the
+    language-model edit and recomputes the selection once per vision-tower pass.
+    """
+
+    def __init__(self, local_layer: int, summary_layer: int, grid: tuple[int, int], top_ratio: float, spatial_ratio: float):
+        self.local_layer, self.summary_layer = local_layer, summary_layer
+        self.grid, self.top_ratio, self.spatial_ratio = grid, top_ratio, spatial_ratio
+        self.capture = hooks.Capture(
+            tower="vision", layers=sorted({local_layer, summary_layer}), rows=hooks.Rows.span(0, 1), keys=slice(1, None)
+        )
+        self._done = 0  # vision-tower passes already turned into a selection
+        self.selection: TokenSelection | None = None
+
+    def current(self) -> TokenSelection:
+        passes = len(self.capture.maps.get(self.summary_layer, []))
+        if passes == 0:
+            raise RequestError(
+                "PAINT: the vision tower did not run before the language model in this request "
+                "(pass pixel_values, not inputs_embeds); the token selection needs its CLS attention"
+            )
+        if passes != self._done:
+            maps = self.capture.latest()
+            self.selection = select_tokens(
+                cls_attention(maps[self.local_layer]),
+                cls_attention(maps[self.summary_layer]),
+                self.grid,
+                self.top_ratio,
+                self.spatial_ratio,
+            )
+            self._done = passes
+        return self.selection
+
+
+@dataclasses.dataclass
+class PaintBoost(hooks.AttnEdit):
+    """a + c*|a| on the image tokens, c = the selection's per-token margin (x per-head weight).
+
+    ``image_keys``: absolute positions of the image tokens; patch i of the vision tower is
+    image token ``i + patch_offset`` (0 for LLaVA's "default" feature strategy, which drops
+    CLS; 1 for "full"). With head modulation the edit spans the full row (``keys`` = all), to
+    measure each head's attention mass on the image before editing.
+    """
+
+    selector: TokenSelector | None = None
+    image_keys: torch.Tensor | None = None
+    patch_offset: int = 0
+    alpha: float = 0.7
+    beta: float = 0.4
+    head_modulation: str = "none"
+    max_head_scale: float = 2.0
+    changes_scores = True
+
+    def margins(self) -> torch.Tensor:
+        sel = self.selector.current()
+        m = token_margins(sel, self.alpha, self.beta)
+        return torch.nn.functional.pad(m, (self.patch_offset, 0))  # "full" strategy: CLS is image token 0
+
+    def edit_scores(self, scores, layer):
+        margins = self.margins().to(scores.device)
+        if margins.shape[0] != scores.shape[0]:
+            raise RequestError(f"PAINT: {margins.shape[0]} images for a batch of {scores.shape[0]} prompts; one image per prompt")
+        if self.head_modulation == "none":
+            return boost_scores(scores, margins)
+        img = self.image_keys.to(scores.device)
+        probs = torch.softmax(scores.float(), dim=-1)
+        weights = head_sensitivity_weights(probs[..., img].sum(-1), self.max_head_scale)
+        out = scores.clone()
+        out[..., img] = boost_scores(scores[..., img], margins, weights)
+        return out
+
+    def describe(self):
+        d = super().describe()
+        d.pop("selector", None)
+        d.pop("image_keys", None)
+        return d
+
+
+# ---------------------------------------------------------------------------------------
+# The technique
+# ---------------------------------------------------------------------------------------
+
+
+def image_geometry(model) -> tuple[tuple[int, int], int]:
+    """(grid, patch_offset) of a LLaVA model: the vision tower's patch grid, and where patch 0
+    lands among the image tokens (LLaVA's "default" strategy drops CLS: offset 0)."""
+    vc = model.config.vision_config
+    side = vc.image_size // vc.patch_size
+    strategy = getattr(model.config, "vision_feature_select_strategy", "default")
+    if strategy not in ("default", "full"):
+        raise ValueError(f"PAINT: vision_feature_select_strategy={strategy!r} is not supported (default or full)")
+    return (side, side), 0 if strategy == "default" else 1
+
+
+class Paint(GuidedTechnique):
+    name = "paint"
+
+    def __init__(self, n_layers: int, n_vision_layers: int, grid: tuple[int, int], patch_offset: int = 0, **params):
+        save_dir = params.pop("save_visuals", "") or ""
+        max_visuals = params.pop("max_visuals", 8)
+        super().__init__(**{**DEFAULTS, **params})
+        p = self.params
+        if p["head_modulation"] not in HEAD_MODULATIONS:
+            raise ValueError(f"paint: head_modulation={p['head_modulation']!r}; use one of {', '.join(HEAD_MODULATIONS)}")
+        if not 0 < p["top_ratio"] <= 1 or not 0 <= p["spatial_ratio"] <= 1:
+            raise ValueError("paint: top_ratio must be in (0, 1] and spatial_ratio in [0, 1]")
+        self.layers = layer_range(p["start_layer"], p["end_layer"], n_layers, default_start=2, name=self.name)
+        self.vision_layers = tuple(self._vision_layer(p[k], n_vision_layers, k) for k in ("local_layer", "summary_layer"))
+        self.grid, self.patch_offset = tuple(grid), patch_offset
+        self.save_dir, self.max_visuals, self.saved = save_dir, max_visuals, 0
+        self.last_selector: TokenSelector | None = None
+
+    @staticmethod
+    def _vision_layer(layer: int, n: int, name: str) -> int:
+        idx = layer + n if layer < 0 else layer
+        if not 0 <= idx < n:
+            raise ValueError(f"paint: {name}={layer} is outside the vision tower's {n} layers; use 0..{n - 1} or -{n}..-1")
+        return idx
+
+    @classmethod
+    def for_model(cls, model, **params) -> "Paint":
+        grid, offset = image_geometry(model)
+        return cls(hooks.num_layers(model, "lm"), hooks.num_layers(model, "vision"), grid, offset, **params)
+
+    def recipe(self, model, req: Request):
+        p = self.params
+        editing = p["alpha"] != 0 or p["beta"] != 0
+        self.last_selector = None
+        if not editing and not self.save_dir:
+            return []  # nothing to edit: stay on the fast path, bit-identical to the baseline
+        n_img = req.image_pos.numel()
+        n_patches = self.grid[0] * self.grid[1]
+        if n_img != n_patches + self.patch_offset:
+            raise RequestError(
+                f"paint: the prompt has {n_img} image tokens but the vision tower gives {n_patches} patches "
+                f"(+{self.patch_offset}); only single-crop LLaVA-1.5-style models are supported"
+            )
+        selector = TokenSelector(*self.vision_layers, self.grid, p["top_ratio"], p["spatial_ratio"])
+        self.last_selector = selector
+        if not editing:
+            return [selector.capture]  # observation only: outputs stay the baseline's
+        sensitivity = p["head_modulation"] == "sensitivity"
+        boost = PaintBoost(
+            layers=self.layers,
+            rows=req.answer_rows,
+            keys=slice(None) if sensitivity else req.image_pos,
+            selector=selector,
+            image_keys=req.image_pos,
+            patch_offset=self.patch_offset,
+            alpha=p["alpha"],
+            beta=p["beta"],
+            head_modulation=p["head_modulation"],
+            max_head_scale=p["max_head_scale"],
+        )
+        return [selector.capture, boost]
+
+    def generate(self, model, req: Request, **kwargs):
+        out = super().generate(model, req, **kwargs)
+        self._save_visual(req)
+        return out
+
+    def forward(self, model, req: Request, **kwargs):
+        out = super().forward(model, req, **kwargs)
+        self._save_visual(req)
+        return out
+
+    def _save_visual(self, req: Request) -> None:
+        if not self.save_dir or self.saved >= self.max_visuals or self.last_selector is None:
+            return
+        sel = self.last_selector.current()
+        image = model_view(req.images[0], getattr(req.processor, "image_processor", None))
+        out = Path(self.save_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        draw_selection(image, sel).save(out / f"paint_{self.saved:04d}.png")
+        self.saved += 1
+
+    def describe(self):
+        return {
+            **super().describe(),
+            "layers": f"{self.layers.start}..{self.layers.stop - 1}",
+            "vision_layers": {"local": self.vision_layers[0], "summary": self.vision_layers[1]},
+            "grid": self.grid,
+        }
+
+
+# ---------------------------------------------------------------------------------------
+# Saved visuals
+# ---------------------------------------------------------------------------------------
+
+COLORS = {"local": (230, 60, 40), "summary": (40, 110, 240), "spatial": (40, 200, 90)}
+
+
+def model_view(image, image_processor=None):
+    """The part of the original image the model sees: CLIP-style resize of the shortest edge
+    then centre crop (the whole image when the processor does not crop)."""
+    image = image.convert("RGB")
+    crop = getattr(image_processor, "crop_size", None) if image_processor is not None else None
+    size = getattr(image_processor, "size", None) if image_processor is not None else None
+    if not getattr(image_processor, "do_center_crop", False) or not crop or not size or "shortest_edge" not in size:
+        return image
+    w, h = image.size
+    scale = size["shortest_edge"] / min(w, h)
+    cw, ch = min(w, crop["width"] / scale), min(h, crop["height"] / scale)
+    left, top = (w - cw) / 2, (h - ch) / 2
+    return image.crop((round(left), round(top), round(left + cw), round(top + ch)))
+
+
+def draw_selection(image, sel: TokenSelection, item: int = 0, size: int = 336):
+    """The image with its local (red), summary (blue) and spatial (green) patches shaded."""
+    from PIL import Image, ImageDraw
+
+    base = image.convert("RGBA").resize((size, size))
+    overlay = Image.new("RGBA", base.size, (0, 0, 0, 0))
+    draw = ImageDraw.Draw(overlay)
+    gh, gw = sel.grid
+    for kind, color in COLORS.items():
+        for idx in getattr(sel, kind)[item].nonzero().flatten().tolist():
+            r, c = divmod(idx, gw)
+            box = (c * size / gw, r * size / gh, (c + 1) * size / gw - 1, (r + 1) * size / gh - 1)
+            draw.rectangle(box, fill=(*color, 90), outline=(*color, 255), width=2)
+    return Image.alpha_composite(base, overlay).convert("RGB")
