@@ -357,7 +357,7 @@ class Paint(GuidedTechnique):
 # Saved visuals
 # ---------------------------------------------------------------------------------------
 
-COLORS = {"local": (230, 60, 40), "summary": (40, 110, 240), "spatial": (40, 200, 90)}
+COLORS = {"local": (255, 200, 0), "summary": (40, 110, 240), "spatial": (40, 200, 90)}
 
 
 def model_view(image, image_processor=None):
@@ -376,7 +376,7 @@ def model_view(image, image_processor=None):
 
 
 def draw_selection(image, sel: TokenSelection, item: int = 0, size: int = 336):
-    """The image with its local (red), summary (blue) and spatial (green) patches shaded."""
+    """The image with its local (yellow), summary (blue) and spatial (green) patches shaded."""
     from PIL import Image, ImageDraw
 
     base = image.convert("RGBA").resize((size, size))

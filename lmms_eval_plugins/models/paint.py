@@ -48,8 +48,8 @@ def bench_cases(ctx):
         return lambda: technique.generate(ctx.model, ctx.request, **ctx.inputs, **ctx.gen_kwargs)
 
     return {
-        "paint": run(),
-        "paint_spatial": run(spatial_ratio=0.05),
-        "paint_sensitivity": run(head_modulation="sensitivity"),
-        "paint_cfg": run(use_cfg=True),
+        "default (no CFG)": run(),
+        "spatial_ratio=0.05": run(spatial_ratio=0.05),
+        "head_modulation=sensitivity": run(head_modulation="sensitivity"),
+        "use_cfg=true": run(use_cfg=True),
     }
