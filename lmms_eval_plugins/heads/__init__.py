@@ -1,0 +1,200 @@
+"""Localization-heads files shipped with the package, and head discovery over an lmms-eval task.
+
+Heads files are JSON (``methods.lochead.write_heads_file``): model id, the model's
+layers x heads, where the heads came from, and the ranked heads (layer, head, 0-based,
+with their selection frequency). ``<model basename>.json`` in this directory is what
+``heads=shipped`` loads. Discovery reads any lmms-eval task's split through lmms-eval's
+own TaskManager (``doc_to_visual`` / ``doc_to_text``), so the same command runs on
+``shapeworld_rec`` here and on a RefCOCO split on a GPU machine; results are cached.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+from pathlib import Path
+
+from methods import lochead
+from methods.lochead_visuals import render_curve, render_located
+
+HEADS_DIR = Path(__file__).resolve().parent
+REPO_TASKS = HEADS_DIR.parents[1] / "task_configs"
+
+
+def shipped_heads_path(model_id: str) -> Path:
+    return HEADS_DIR / f"{Path(str(model_id).rstrip('/')).name}.json"
+
+
+def shipped_heads() -> list[str]:
+    return sorted(p.stem for p in HEADS_DIR.glob("*.json"))
+
+
+def default_include_path() -> list[str]:
+    """The project's task_configs/ (ShapeWorld tasks) when present next to the package."""
+    return [str(REPO_TASKS)] if REPO_TASKS.is_dir() else []
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("LMMS_PLUGINS_CACHE") or Path.home() / ".cache" / "lmms_eval_plugins"
+    return Path(root) / "heads"
+
+
+class DiscoveryError(ValueError):
+    pass
+
+
+def load_task(task: str, include_path=None):
+    """An lmms-eval task object by name (its dataset loaded), via lmms-eval's TaskManager."""
+    from lmms_eval.tasks import TaskManager
+
+    paths = [p for p in (include_path or []) if p] or None
+    manager = TaskManager(include_path=paths)
+    if task not in manager.all_tasks:
+        raise DiscoveryError(f"unknown lmms-eval task {task!r}; add its directory with include_path (searched: {paths or 'lmms-eval defaults'})")
+    loaded = manager.load_task_or_group([task])
+    obj = loaded.get(task)
+    if obj is None or isinstance(obj, dict):
+        raise DiscoveryError(f"{task!r} is a group; name one task with a grounding split (e.g. shapeworld_rec)")
+    return obj
+
+
+def resolve_split(task_obj, split: str | None) -> str:
+    available = list(task_obj.dataset.keys()) if task_obj.dataset is not None else []
+    if not split:
+        split = getattr(task_obj.config, "training_split", None)
+        if not split:
+            raise DiscoveryError(
+                f"task {task_obj.config.task!r} declares no training split; pass a split explicitly "
+                f"(available: {', '.join(available)}) and do not evaluate on the split you discover on"
+            )
+    if split not in available:
+        raise DiscoveryError(f"task {task_obj.config.task!r} has no split {split!r}; available: {', '.join(available)}")
+    return split
+
+
+def task_samples(task_obj, split: str, n: int, seed: int, repeats: int = 1) -> list[tuple]:
+    """(image, prompt text) pairs: ``repeats`` seeded draws of ``n`` documents of the split."""
+    docs = task_obj.dataset[split]
+    samples = []
+    for r in range(repeats):
+        rng = random.Random(seed + r)
+        for i in sorted(rng.sample(range(len(docs)), min(n, len(docs)))):
+            doc = docs[i]
+            visuals = task_obj.doc_to_visual(doc)
+            if not visuals:
+                raise DiscoveryError(f"document {i} of {task_obj.config.task}/{split} has no image")
+            samples.append((visuals[0].convert("RGB"), task_obj.doc_to_text(doc)))
+    return samples
+
+
+def _fingerprint(model) -> str:
+    """Model id, config and a few weights: a retrained checkpoint under the same name gets a new cache entry."""
+    h = hashlib.sha256()
+    h.update(lochead.model_id(model).encode())
+    h.update(model.config.to_json_string(use_diff=False).encode())
+    for name, p in sorted(model.named_parameters())[:: max(1, len(list(model.parameters())) // 16)]:
+        h.update(name.encode())
+        h.update(p.detach().flatten()[:64].float().cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def cache_path(model, task: str, split: str, n: int, seed: int, repeats: int, per_sample: int, connectivity: int) -> Path:
+    key = json.dumps([_fingerprint(model), task, split, n, seed, repeats, per_sample, connectivity])
+    digest = hashlib.sha256(key.encode()).hexdigest()[:12]
+    name = Path(lochead.model_id(model).rstrip("/")).name
+    return cache_dir() / f"{name}-{task}-{split}-n{n}-s{seed}-{digest}.json"
+
+
+def discover_for_task(
+    model,
+    processor,
+    task: str,
+    *,
+    split: str | None = None,
+    n: int = 200,
+    seed: int = 0,
+    repeats: int = 1,
+    include_path=None,
+    per_sample: int = 10,
+    connectivity: int = 8,
+    use_cache: bool = True,
+    output: str | Path | None = None,
+    save_visuals: str | Path | None = None,
+    max_visuals: int = 8,
+    progress: bool = True,
+) -> tuple[Path, dict, lochead.DiscoveryResult | None]:
+    """Discover the localization heads of ``model`` on ``task``; returns (heads file, its contents, result).
+
+    A cached result for the same model, task, split, n, seed and settings is reused
+    (result None) unless ``use_cache`` is false; ``output`` also receives a copy.
+    """
+    include_path = list(include_path or []) or default_include_path()
+    task_obj = load_task(task, include_path)
+    split = resolve_split(task_obj, split)
+    cached = cache_path(model, task, split, n, seed, repeats, per_sample, connectivity)
+    result = None
+    if use_cache and cached.is_file():
+        doc = lochead.read_heads_file(cached)
+    else:
+        samples = task_samples(task_obj, split, n, seed, repeats)
+        bar = None
+        if progress:
+            from tqdm import tqdm
+
+            bar = tqdm(total=len(samples), desc=f"discover-heads {task}/{split}")
+        on_sample = _visual_writer(save_visuals, max_visuals, processor) if save_visuals else None
+        try:
+            result = lochead.discover_heads(model, processor, samples, per_sample=per_sample, connectivity=connectivity, progress=bar, on_sample=on_sample)
+        finally:
+            if bar is not None:
+                bar.close()
+        if save_visuals:
+            _save_mean_curve(result, save_visuals)
+        source = (
+            f"discovered by `lmms-plugins discover-heads` on {task}/{split}: {result.n_samples} samples "
+            f"(n={n} x repeats={repeats}, seed={seed}), lowest-entropy top-{per_sample} per sample among the heads above "
+            f"the S_img knee, {connectivity}-connected components, ranked by selection frequency"
+        )
+        doc = lochead.write_heads_file(
+            cached,
+            result.ranked(),
+            model_id=lochead.model_id(model),
+            num_layers=result.num_layers,
+            num_heads=result.num_heads,
+            source=source,
+            extra={"task": task, "split": split, "n_samples": result.n_samples, "seed": seed, "mean_knee_size": sum(result.knee_sizes) / max(1, len(result.knee_sizes))},
+        )
+    if output:
+        Path(output).parent.mkdir(parents=True, exist_ok=True)
+        Path(output).write_text(json.dumps(doc, indent=1) + "\n")
+    return cached, doc, result
+
+
+def _visual_writer(directory, max_visuals: int, processor):
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+
+    def write(i, image, maps, s_img, candidates, selected):
+        if i >= max_visuals:
+            return
+        flat = s_img.flatten()
+        values = flat.sort(descending=True).values.tolist()
+        render_curve(values, lochead.knee_index(values), title=f"sample {i}: S_img").save(out / f"sample{i:03d}_s_img.png")
+        if selected:
+            side = int(round(maps.shape[-1] ** 0.5))
+            head_maps = maps[[l for l, _ in selected], [h for _, h in selected]].reshape(-1, side, side)
+            combined = lochead.combine_head_maps(head_maps[:3])
+            box = lochead.box_from_grid(combined)
+            geometry = lochead.processor_geometry(getattr(processor, "image_processor", processor), image.size)
+            located = lochead.Located(geometry.to_original(box), box, list(selected), head_maps, combined, geometry)
+            render_located(image, located).save(out / f"sample{i:03d}_heads.png")
+
+    return write
+
+
+def _save_mean_curve(result: lochead.DiscoveryResult, directory) -> None:
+    mean = (result.s_img_sum / max(result.n_samples, 1)).flatten()
+    values = mean.sort(descending=True).values.tolist()
+    render_curve(values, lochead.knee_index(values), title="mean S_img over samples").save(Path(directory) / "s_img_curve.png")

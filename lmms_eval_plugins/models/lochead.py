@@ -1,0 +1,126 @@
+"""`llava_lochead`: grounding from localization heads (methods/lochead.py) inside lmms-eval's llava_hf.
+
+The answer of a REC request is the box ``[x1, y1, x2, y2]`` (0..1 of the original image)
+computed from one prefill; ``generate`` returns prompt ids + the box's token ids, which
+llava_hf decodes like any generated answer (see docs/lochead.md for why this path).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from methods import lochead
+from methods.lochead import DEFAULTS, LocHead
+
+from ..base import TechniqueSpec, wrapper_classes
+from ..params import ModelArgsError, Param
+
+PARAMS = (
+    Param("heads", str, "shipped", "shipped (heads/<model>.json) | auto (discover on discover_task) | all (mean of all heads) | random | <path.json>"),
+    Param("top_k", int, DEFAULTS["top_k"], "how many of the ranked heads are summed", low=1),
+    Param("sigma", float, DEFAULTS["sigma"], "Gaussian smoothing of each head map (grid cells)", low=0.0),
+    Param("box_mode", str, DEFAULTS["box_mode"], "box of the largest component, or min/max box of all cells above the mean", choices=lochead.BOX_MODES),
+    Param("connectivity", int, DEFAULTS["connectivity"], "connected components: 4- or 8-neighbourhood", choices=(4, 8)),
+    Param("decimals", int, DEFAULTS["decimals"], "decimals of the box coordinates in the answer", low=1, high=6),
+    Param("check_model_id", bool, True, "refuse a heads file made for another model id"),
+    Param("random_seed", int, 0, "seed of heads=random"),
+    Param("discover_task", str, "", "heads=auto: lmms-eval task whose split is searched (e.g. shapeworld_rec)"),
+    Param("discover_split", str, "", "heads=auto: split (default: the task's training split)"),
+    Param("discover_n", int, 200, "heads=auto: samples", low=1),
+    Param("discover_seed", int, 0, "heads=auto: sampling seed"),
+    Param("include_path", str, "", "heads=auto: extra lmms-eval task directory (default: the project's task_configs)"),
+    Param("sam", str, "", "optional local SAM checkpoint directory (transformers SamModel): mask from the box + peak point"),
+    Param("sam_box", bool, False, "answer with the SAM mask's box instead of the attention box (needs sam)"),
+)
+
+
+def resolve_heads(p: dict, model):
+    """The ranked (layer, head) list (or "all") named by the heads parameter, validated against the model."""
+    from ..heads import discover_for_task, shipped_heads, shipped_heads_path
+
+    choice = p["heads"]
+    geo = lochead.model_geometry(model)
+    if choice == "all":
+        return "all"
+    if choice == "random":
+        return lochead.random_heads(geo["num_layers"], geo["num_heads"], p["top_k"], p["random_seed"])
+    if choice == "auto":
+        if not p["discover_task"]:
+            raise ModelArgsError("heads=auto needs discover_task=<an lmms-eval task with a grounding train split>, e.g. discover_task=shapeworld_rec")
+        from transformers import AutoProcessor
+
+        processor = AutoProcessor.from_pretrained(lochead.model_id(model))
+        path, _, _ = discover_for_task(
+            model,
+            processor,
+            p["discover_task"],
+            split=p["discover_split"] or None,
+            n=p["discover_n"],
+            seed=p["discover_seed"],
+            include_path=[p["include_path"]] if p["include_path"] else None,
+        )
+        return lochead.load_heads(path, model)
+    if choice == "shipped":
+        path = shipped_heads_path(lochead.model_id(model))
+        if not path.is_file():
+            raise ModelArgsError(
+                f"no shipped heads file for {lochead.model_id(model)!r} (shipped: {', '.join(shipped_heads())}); "
+                "use heads=auto with discover_task=..., heads=<path.json> from `lmms-plugins discover-heads`, or heads=all"
+            )
+        return lochead.load_heads(path, model, check_model_id=p["check_model_id"])
+    return lochead.load_heads(choice, model, check_model_id=p["check_model_id"])
+
+
+def build(p: dict, model) -> LocHead:
+    if p["sam_box"] and not p["sam"]:
+        raise ModelArgsError("sam_box=true needs sam=<local SAM checkpoint directory>")
+    technique = LocHead(resolve_heads(p, model), **{k: p[k] for k in DEFAULTS})
+    sam = lochead.SamRefiner(p["sam"], use_box=p["sam_box"]) if p["sam"] else None
+    technique.refiner = sam
+    if p["save_visuals"]:
+        technique.on_located = visual_saver(Path(p["save_visuals"]), p["max_visuals"])
+    return technique
+
+
+def visual_saver(directory: Path, max_visuals: int):
+    from methods.lochead_visuals import render_located
+
+    count = {"n": 0}
+
+    def save(req, located):
+        if count["n"] >= max_visuals:
+            return
+        directory.mkdir(parents=True, exist_ok=True)
+        render_located(req.images[0], located, mask=located.mask).save(directory / f"lochead_{count['n']:04d}.png")
+        count["n"] += 1
+
+    return save
+
+
+SPEC = TechniqueSpec(
+    name="llava_lochead",
+    params=PARAMS,
+    build=build,
+    presets={
+        "paper": {"top_k": 3, "sigma": 1.0, "box_mode": "minmax"},
+        "all_heads": {"heads": "all"},
+        "random_head": {"heads": "random", "top_k": 1},
+    },
+    doc="Localization heads: a REC box from a few attention heads' maps in one prefill (no decoding).",
+)
+
+LlavaLochead, LlavaLocheadChat = wrapper_classes(SPEC, __name__)
+
+
+def bench_cases(ctx) -> dict:
+    """One REC sample: the prefill up to the deepest head + the box (what generate does besides tokenizing the box text)."""
+    geo = lochead.model_geometry(ctx.model)
+    heads = lochead.random_heads(geo["num_layers"], geo["num_heads"], 3, seed=0)
+    top3 = LocHead(heads)
+    deep = LocHead([(geo["num_layers"] - 1, 0)], top_k=1)  # worst case: every layer runs
+    every = LocHead("all")
+    return {
+        "rec_top3_heads": lambda: top3.locate(ctx.model, ctx.request, **ctx.inputs),
+        "rec_last_layer_head": lambda: deep.locate(ctx.model, ctx.request, **ctx.inputs),
+        "rec_all_heads": lambda: every.locate(ctx.model, ctx.request, **ctx.inputs),
+    }

@@ -1,0 +1,683 @@
+"""Localization heads: training-free visual grounding from a few attention heads.
+
+Kang et al., "Your Large Vision-Language Model Only Needs A Few Attention Heads For
+Visual Grounding" (CVPR 2025). The last prompt token's attention over the image grid,
+read from a handful of language-model heads, already points at the referred object.
+
+Head discovery (per sample, over a grounding train split):
+1. one prefill; for every (layer, head) the last prompt token's attention over the
+   image tokens (a map over the patch grid) and its sum S_img;
+2. keep the heads whose S_img lies above the knee of the descending S_img curve (the
+   point with the largest distance to the chord joining the curve's ends);
+3. of those, the ``per_sample`` (10) heads with the lowest spatial entropy: the map is
+   thresholded at its mean, split into connected components, and the entropy of the
+   components' shares is taken. The share of a component is its attention mass (not its
+   cell count): a large faint blob and a small sharp one are told apart by what the head
+   actually attends to;
+then heads are ranked by how often they are selected over all samples.
+
+Grounding (per request, one prefill, no decoding): the top-k heads' maps are smoothed
+(Gaussian, sigma 1), summed, the cells above the mean kept, and the box of the largest
+connected component (or the min/max box of all kept cells) is mapped back through the
+processor's geometry (pad-to-square or resize+center-crop) to the original image and
+written as ``[x1, y1, x2, y2]`` in 0..1, the format lmms-eval's ``refcoco*_bbox_rec``
+tasks parse.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import random
+from collections import deque
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import torch
+
+from . import hooks
+from .technique import Request, RequestError, Technique
+
+DEFAULTS = {"top_k": 3, "sigma": 1.0, "box_mode": "component", "connectivity": 8, "decimals": 2}
+BOX_MODES = ("component", "minmax")
+# The reference code's heads for llava-1.5-7b (0-based layer, head); shipped in heads/llava-1.5-7b-hf.json.
+REFERENCE_HEADS_7B = ((14, 24), (14, 13), (14, 26))
+
+# ---------------------------------------------------------------------------------------
+# Head selection arithmetic
+# ---------------------------------------------------------------------------------------
+
+
+def image_attention_sum(maps: torch.Tensor) -> torch.Tensor:
+    """S_img: (layers, heads, image tokens) -> (layers, heads), the attention mass on the image."""
+    return maps.sum(-1)
+
+
+def knee_index(values: Sequence[float]) -> int:
+    """Index of the knee of a curve: the point with the largest distance to its chord.
+
+    ``values`` is the curve in the order given (for head selection: S_img sorted in
+    descending order). The chord joins the first and the last point; ties keep the first.
+    """
+    y = torch.as_tensor(values, dtype=torch.float64).flatten()
+    n = y.numel()
+    if n < 3:
+        return 0
+    x = torch.arange(n, dtype=torch.float64)
+    dx, dy = x[-1] - x[0], y[-1] - y[0]
+    # distance of (x_i, y_i) to the line through the first and last point
+    dist = (dy * (x - x[0]) - dx * (y - y[0])).abs() / torch.sqrt(dx * dx + dy * dy)
+    return int(torch.argmax(dist))
+
+
+def heads_above_knee(s_img: torch.Tensor) -> list[tuple[int, int]]:
+    """(layer, head) pairs whose S_img is at or above the knee of the descending curve, best first."""
+    flat = s_img.flatten()
+    order = torch.argsort(flat, descending=True, stable=True)
+    k = knee_index(flat[order].tolist())
+    n_heads = s_img.shape[1]
+    return [(int(i) // n_heads, int(i) % n_heads) for i in order[: k + 1]]
+
+
+def _reflect_index(n: int, radius: int) -> torch.Tensor:
+    """Indices of a length-n axis padded by ``radius`` with scipy.ndimage's 'reflect' rule (d c b a | a b c d | d c b a)."""
+    i = torch.arange(-radius, n + radius) % (2 * n)
+    return torch.where(i >= n, 2 * n - 1 - i, i)
+
+
+def gaussian_smooth(grid: torch.Tensor, sigma: float = 1.0, truncate: float = 4.0) -> torch.Tensor:
+    """Separable Gaussian filter of a 2-D map (or a stack (..., h, w)), borders reflected.
+
+    Same kernel and borders as scipy.ndimage.gaussian_filter (truncate 4 sigma, 'reflect').
+    sigma <= 0 returns the map unchanged.
+    """
+    if sigma <= 0:
+        return grid.clone()
+    radius = int(truncate * sigma + 0.5)
+    t = torch.arange(-radius, radius + 1, dtype=torch.float64)
+    kernel = torch.exp(-0.5 * (t / sigma) ** 2)
+    kernel = (kernel / kernel.sum()).to(grid.dtype if grid.is_floating_point() else torch.float32)
+    out = grid.float() if not grid.is_floating_point() else grid
+    for dim in (-2, -1):
+        n = out.shape[dim]
+        padded = out.index_select(dim, _reflect_index(n, radius).to(out.device))
+        windows = padded.unfold(dim, 2 * radius + 1, 1)  # (..., n, ..., 2r+1)
+        out = (windows * kernel.to(out.device)).sum(-1)
+    return out
+
+
+def connected_components(mask: torch.Tensor, connectivity: int = 4) -> tuple[torch.Tensor, int]:
+    """Label the connected True regions of a 2-D boolean mask.
+
+    Returns (labels, n): labels is 0 on background and 1..n on components, numbered in
+    raster order of their first cell (as scipy.ndimage.label does). connectivity: 4 or 8.
+    """
+    if connectivity not in (4, 8):
+        raise ValueError(f"connectivity must be 4 or 8, not {connectivity}")
+    m = mask.bool().cpu()
+    h, w = m.shape
+    cells = m.tolist()
+    labels = [[0] * w for _ in range(h)]
+    steps = [(-1, 0), (1, 0), (0, -1), (0, 1)]
+    if connectivity == 8:
+        steps += [(-1, -1), (-1, 1), (1, -1), (1, 1)]
+    n = 0
+    for r in range(h):
+        for c in range(w):
+            if not cells[r][c] or labels[r][c]:
+                continue
+            n += 1
+            labels[r][c] = n
+            queue = deque([(r, c)])
+            while queue:
+                y, x = queue.popleft()
+                for dy, dx in steps:
+                    yy, xx = y + dy, x + dx
+                    if 0 <= yy < h and 0 <= xx < w and cells[yy][xx] and not labels[yy][xx]:
+                        labels[yy][xx] = n
+                        queue.append((yy, xx))
+    return torch.tensor(labels, dtype=torch.long).reshape(h, w), n
+
+
+def above_mean(grid: torch.Tensor) -> torch.Tensor:
+    """Cells strictly above the map's mean (a uniform map keeps nothing)."""
+    return grid > grid.mean()
+
+
+def spatial_entropy(grid: torch.Tensor, connectivity: int = 8) -> float:
+    """Entropy of the connected components of the map thresholded at its mean.
+
+    Each component's share is its attention mass over the total mass of all components;
+    one compact blob gives 0, scattered attention a high value, and a map with no cell
+    above its mean (uniform) gives +inf: it does not localise anything.
+    """
+    labels, n = connected_components(above_mean(grid), connectivity)
+    if n == 0:
+        return math.inf
+    mass = torch.zeros(n + 1, dtype=torch.float64).index_add_(0, labels.flatten(), grid.detach().double().cpu().flatten())[1:]
+    p = mass / mass.sum()
+    p = p[p > 0]
+    return float(-(p * p.log()).sum())
+
+
+def select_sample_heads(maps: torch.Tensor, grid_hw: tuple[int, int], per_sample: int = 10, connectivity: int = 8):
+    """One sample's selection: heads above the S_img knee, then the ``per_sample`` lowest-entropy ones.
+
+    maps: (layers, heads, image tokens). Returns (selected [(layer, head)], s_img (layers, heads),
+    candidates [(layer, head)] above the knee, entropies {(layer, head): float}).
+    """
+    s_img = image_attention_sum(maps)
+    candidates = heads_above_knee(s_img)
+    h, w = grid_hw
+    entropy = {(l, hd): spatial_entropy(maps[l, hd].reshape(h, w), connectivity) for l, hd in candidates}
+    ranked = sorted(candidates, key=lambda lh: (entropy[lh], lh))  # stable tie-break by (layer, head)
+    selected = [lh for lh in ranked if math.isfinite(entropy[lh])][:per_sample]
+    return selected, s_img, candidates, entropy
+
+
+# ---------------------------------------------------------------------------------------
+# Box extraction
+# ---------------------------------------------------------------------------------------
+
+
+def box_from_grid(grid: torch.Tensor, mode: str = "component", connectivity: int = 8) -> list[float]:
+    """Box (x1, y1, x2, y2) as fractions of the grid, from the cells above the map's mean.
+
+    mode "component": the box of the largest connected component (cells; ties: larger mass);
+    mode "minmax": the min/max box of all cells above the mean. A map with nothing above
+    its mean (uniform) yields the whole grid.
+    """
+    if mode not in BOX_MODES:
+        raise ValueError(f"box_mode must be one of {BOX_MODES}, not {mode!r}")
+    h, w = grid.shape
+    keep = above_mean(grid)
+    if not keep.any():
+        return [0.0, 0.0, 1.0, 1.0]
+    if mode == "component":
+        labels, n = connected_components(keep, connectivity)
+        flat = labels.flatten()
+        size = torch.bincount(flat, minlength=n + 1)[1:].double()
+        mass = torch.zeros(n + 1, dtype=torch.float64).index_add_(0, flat, grid.detach().double().cpu().flatten())[1:]
+        best = max(range(n), key=lambda i: (size[i].item(), mass[i].item())) + 1
+        keep = labels == best
+    rows = keep.any(1).nonzero().flatten()
+    cols = keep.any(0).nonzero().flatten()
+    return [cols[0].item() / w, rows[0].item() / h, (cols[-1].item() + 1) / w, (rows[-1].item() + 1) / h]
+
+
+def combine_head_maps(maps: torch.Tensor, sigma: float = 1.0) -> torch.Tensor:
+    """(k, h, w) head maps -> (h, w): each smoothed, then summed."""
+    return gaussian_smooth(maps.float(), sigma).sum(0)
+
+
+# ---------------------------------------------------------------------------------------
+# Undoing the processor's geometry
+# ---------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Geometry:
+    """Where the original image lands in the processed (model input) image, per axis:
+    processed = original * scale + offset, inside an out_w x out_h canvas. Built by
+    ``processor_geometry`` from the processor's own settings (pad, resize, center crop)."""
+
+    scale_x: float
+    scale_y: float
+    offset_x: float
+    offset_y: float
+    out_w: int
+    out_h: int
+    orig_w: int
+    orig_h: int
+
+    def to_original(self, box: Sequence[float]) -> list[float]:
+        """A box in fractions of the processed image -> fractions of the original image, clipped to 0..1."""
+        x1, y1, x2, y2 = box
+        xs = [(v * self.out_w - self.offset_x) / self.scale_x / self.orig_w for v in (x1, x2)]
+        ys = [(v * self.out_h - self.offset_y) / self.scale_y / self.orig_h for v in (y1, y2)]
+        clip = lambda v: min(1.0, max(0.0, v))  # noqa: E731
+        return [clip(xs[0]), clip(ys[0]), clip(xs[1]), clip(ys[1])]
+
+    def to_processed(self, box: Sequence[float]) -> list[float]:
+        """A box in fractions of the original image -> fractions of the processed image (unclipped)."""
+        x1, y1, x2, y2 = box
+        fx = lambda v: (v * self.orig_w * self.scale_x + self.offset_x) / self.out_w  # noqa: E731
+        fy = lambda v: (v * self.orig_h * self.scale_y + self.offset_y) / self.out_h  # noqa: E731
+        return [fx(x1), fy(y1), fx(x2), fy(y2)]
+
+
+def _size_get(size, key):
+    if size is None:
+        return None
+    return size.get(key) if isinstance(size, dict) else getattr(size, key, None)
+
+
+def processor_geometry(image_processor, image_size: tuple[int, int]) -> Geometry:
+    """The affine map original -> processed image of a transformers image processor.
+
+    Follows the processor's own steps: pad to a square (``do_pad``, LLaVA's expand2square,
+    image centred), resize (``shortest_edge`` keeping the aspect ratio, or an exact
+    height x width), center crop (``do_center_crop``, padding first if the crop is larger).
+    The HF port of llava-1.5 uses CLIPImageProcessor: shortest-edge resize + center crop.
+    """
+    w, h = image_size
+    sx = sy = 1.0
+    ox = oy = 0.0
+    cw, ch = w, h
+    if getattr(image_processor, "do_pad", False):
+        side = max(cw, ch)
+        ox += (side - cw) // 2
+        oy += (side - ch) // 2
+        cw = ch = side
+    if getattr(image_processor, "do_resize", True):
+        size = image_processor.size
+        short_edge = _size_get(size, "shortest_edge")
+        if _size_get(size, "height") and _size_get(size, "width"):
+            nh, nw = int(_size_get(size, "height")), int(_size_get(size, "width"))
+        elif short_edge:
+            short, long = (cw, ch) if cw <= ch else (ch, cw)
+            new_short, new_long = int(short_edge), int(int(short_edge) * long / short)
+            nw, nh = (new_short, new_long) if cw <= ch else (new_long, new_short)
+        else:
+            raise ValueError(f"unsupported image processor size {size!r}: need shortest_edge or height/width")
+        fx, fy = nw / cw, nh / ch
+        sx, sy, ox, oy = sx * fx, sy * fy, ox * fx, oy * fy
+        cw, ch = nw, nh
+    if getattr(image_processor, "do_center_crop", False):
+        crop = image_processor.crop_size
+        tw, th = int(_size_get(crop, "width")), int(_size_get(crop, "height"))
+        if tw > cw or th > ch:  # the processor pads before cropping
+            px, py = ((tw - cw) // 2 if tw > cw else 0), ((th - ch) // 2 if th > ch else 0)
+            ox, oy = ox + px, oy + py
+            cw, ch = max(cw, tw), max(ch, th)
+        top, left = int((ch - th) / 2.0), int((cw - tw) / 2.0)
+        ox, oy = ox - left, oy - top
+        cw, ch = tw, th
+    return Geometry(sx, sy, ox, oy, cw, ch, w, h)
+
+
+def format_box(box: Sequence[float], decimals: int = 2) -> str:
+    """``[x1, y1, x2, y2]`` as LLaVA-1.5 writes it and lmms-eval's REC parser reads it."""
+    return "[" + ", ".join(f"{v:.{decimals}f}" for v in box) + "]"
+
+
+class AnswerEncodingError(RequestError):
+    """The checkpoint's tokenizer cannot write the box text so that it decodes back unchanged."""
+
+
+def answer_ids(tokenizer, text: str) -> list[int]:
+    """Token ids that decode (skip_special_tokens, as lmms-eval's llava_hf does) to exactly ``text``."""
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    back = tokenizer.decode(ids, skip_special_tokens=True).strip()
+    if back != text:
+        raise AnswerEncodingError(
+            f"this checkpoint's tokenizer cannot write the box {text!r}: it decodes back as {back!r}. "
+            "llava_lochead answers through the tokenizer, as llava_hf's decoding does, so the tokenizer "
+            "must represent digits, '.', ',' and brackets without inserting spaces (LLaMA/SentencePiece "
+            "and byte-level BPE tokenizers do; a space-joining word-level tokenizer does not)"
+        )
+    return ids
+
+
+# ---------------------------------------------------------------------------------------
+# Capturing maps (one prefill)
+# ---------------------------------------------------------------------------------------
+
+
+class _PrefillDone(Exception):
+    """Raised by ``StopAfter`` once the deepest needed layer has been captured."""
+
+
+@dataclasses.dataclass
+class StopAfter(hooks.AttnEdit):
+    """Ends the forward after ``layers[0]``: layers beyond the deepest captured head are never run."""
+
+    def observe(self, probs, layer):
+        raise _PrefillDone()
+
+
+FORWARD_KEYS = ("input_ids", "attention_mask", "pixel_values", "image_sizes", "position_ids")
+
+
+def image_grid(model, n_tokens: int) -> tuple[int, int]:
+    """(rows, cols) of the image-token grid, from the vision config; checked against the prompt."""
+    vc = model.config.vision_config
+    side = vc.image_size // vc.patch_size
+    if side * side != n_tokens:
+        raise RequestError(
+            f"the prompt has {n_tokens} image tokens but the vision tower gives a {side}x{side} grid; "
+            "llava_lochead supports LLaVA-1.5-style single-image prompts (one square grid per image)"
+        )
+    return side, side
+
+
+@torch.no_grad()
+def capture_image_maps(model, inputs: dict, image_pos: torch.Tensor, layers: Sequence[int] | None = None) -> torch.Tensor:
+    """One prefill; the last prompt token's attention over the image tokens.
+
+    Returns (len(layers), heads, image tokens) float32, layers in ascending order (all LM
+    layers when ``layers`` is None). The forward stops after the deepest requested layer.
+    """
+    n_layers = hooks.num_layers(model, "lm")
+    layers = sorted(set(range(n_layers) if layers is None else layers))
+    capture = hooks.Capture(layers=layers, rows=hooks.Rows.last(), keys=image_pos)
+    edits = [capture]
+    if layers[-1] < n_layers - 1:
+        edits.append(StopAfter(layers=[layers[-1]], rows=hooks.Rows.last(), keys=image_pos[:1]))
+    fwd = {k: v for k, v in inputs.items() if k in FORWARD_KEYS and v is not None}
+    with hooks.edited(model, *edits):
+        try:
+            model(**fwd, use_cache=False, logits_to_keep=1)
+        except _PrefillDone:
+            pass
+    return capture.stacked(0)[:, 0, :, 0, :]  # (layers, heads, keys)
+
+
+# ---------------------------------------------------------------------------------------
+# Heads files
+# ---------------------------------------------------------------------------------------
+
+
+class HeadsFileError(ValueError):
+    pass
+
+
+def model_geometry(model) -> dict:
+    tc = model.config.text_config
+    return {"num_layers": hooks.num_layers(model, "lm"), "num_heads": int(tc.num_attention_heads)}
+
+
+def model_id(model) -> str:
+    return str(getattr(model.config, "_name_or_path", "") or getattr(model, "name_or_path", "") or "unknown")
+
+
+def same_model_id(a: str, b: str) -> bool:
+    """Model ids match on their last path component (a hub id and a local copy of it agree)."""
+    norm = lambda s: Path(str(s).rstrip("/")).name.lower()  # noqa: E731
+    return norm(a) == norm(b)
+
+
+def write_heads_file(path, heads: Sequence[dict], *, model_id: str, num_layers: int, num_heads: int, source: str, extra: dict | None = None):
+    """Write a heads file: JSON with the model id, its geometry, where the heads came from, and the ranked heads."""
+    doc = {
+        "model_id": model_id,
+        "num_layers": num_layers,
+        "num_heads": num_heads,
+        "source": source,
+        **(extra or {}),
+        "heads": [{"layer": int(h["layer"]), "head": int(h["head"]), **{k: v for k, v in h.items() if k not in ("layer", "head")}} for h in heads],
+    }
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(doc, indent=1) + "\n")
+    return doc
+
+
+def read_heads_file(path) -> dict:
+    """Parse and structurally check a heads file (no model needed)."""
+    path = Path(path)
+    if not path.is_file():
+        raise HeadsFileError(f"heads file {path} does not exist; run `lmms-plugins discover-heads` or use heads=auto")
+    try:
+        doc = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise HeadsFileError(f"heads file {path} is not valid JSON ({e}); regenerate it with `lmms-plugins discover-heads`") from None
+    if not isinstance(doc, dict) or not isinstance(doc.get("heads"), list) or not doc["heads"]:
+        raise HeadsFileError(f"heads file {path} has no 'heads' list; expected {{'model_id': ..., 'heads': [{{'layer': L, 'head': H}}, ...]}}")
+    for i, h in enumerate(doc["heads"]):
+        ok = isinstance(h, dict) and all(isinstance(h.get(k), int) and not isinstance(h.get(k), bool) for k in ("layer", "head"))
+        if not ok:
+            raise HeadsFileError(f"heads file {path}: entry {i} ({h!r}) needs integer 'layer' and 'head' (0-based)")
+    if "model_id" not in doc:
+        raise HeadsFileError(f"heads file {path} has no 'model_id'")
+    return doc
+
+
+def load_heads(path, model, *, check_model_id: bool = True) -> list[tuple[int, int]]:
+    """The ranked (layer, head) list of a heads file, validated against ``model``."""
+    doc = read_heads_file(path)
+    geo = model_geometry(model)
+    mid = model_id(model)
+    if check_model_id and not same_model_id(doc["model_id"], mid):
+        raise HeadsFileError(
+            f"heads file {path} was made for model {doc['model_id']!r}, but the loaded model is {mid!r}. Heads do not "
+            "transfer between models: discover them for this model (`lmms-plugins discover-heads` or heads=auto), or, "
+            "if this is the same checkpoint under another name, pass check_model_id=false"
+        )
+    for key in ("num_layers", "num_heads"):
+        if key in doc and int(doc[key]) != geo[key]:
+            raise HeadsFileError(f"heads file {path} is for a model with {key}={doc[key]}, but the loaded model has {geo[key]}")
+    for h in doc["heads"]:
+        if not (0 <= h["layer"] < geo["num_layers"] and 0 <= h["head"] < geo["num_heads"]):
+            raise HeadsFileError(
+                f"heads file {path} names layer {h['layer']} head {h['head']} (0-based), outside this model's "
+                f"{geo['num_layers']} layers x {geo['num_heads']} heads: it was made for another model"
+            )
+    return [(h["layer"], h["head"]) for h in doc["heads"]]
+
+
+# ---------------------------------------------------------------------------------------
+# Discovery
+# ---------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class DiscoveryResult:
+    """Selection counts over samples; ``ranked()`` gives the heads file entries."""
+
+    num_layers: int
+    num_heads: int
+    n_samples: int = 0
+    counts: dict = dataclasses.field(default_factory=dict)  # (l, h) -> times selected
+    entropy_sum: dict = dataclasses.field(default_factory=dict)  # (l, h) -> sum of entropy when selected
+    s_img_sum: torch.Tensor | None = None  # (layers, heads) summed over samples
+    knee_sizes: list = dataclasses.field(default_factory=list)
+
+    def add(self, selected, s_img, entropy, n_candidates):
+        self.n_samples += 1
+        self.s_img_sum = s_img.clone() if self.s_img_sum is None else self.s_img_sum + s_img
+        self.knee_sizes.append(n_candidates)
+        for lh in selected:
+            self.counts[lh] = self.counts.get(lh, 0) + 1
+            self.entropy_sum[lh] = self.entropy_sum.get(lh, 0.0) + entropy[lh]
+
+    def ranked(self) -> list[dict]:
+        order = sorted(self.counts, key=lambda lh: (-self.counts[lh], self.entropy_sum[lh] / self.counts[lh], lh))
+        mean_s = self.s_img_sum / max(self.n_samples, 1)
+        return [
+            {
+                "layer": l,
+                "head": h,
+                "frequency": round(self.counts[(l, h)] / self.n_samples, 4),
+                "count": self.counts[(l, h)],
+                "mean_entropy": round(self.entropy_sum[(l, h)] / self.counts[(l, h)], 4),
+                "mean_s_img": round(float(mean_s[l, h]), 4),
+            }
+            for l, h in order
+        ]
+
+    def table(self, top: int = 20) -> str:
+        rows = ["rank  layer  head  frequency  mean_entropy  mean_S_img"]
+        for i, r in enumerate(self.ranked()[:top], 1):
+            rows.append(f"{i:>4}  {r['layer']:>5}  {r['head']:>4}  {r['frequency']:>9.3f}  {r['mean_entropy']:>12.3f}  {r['mean_s_img']:>10.3f}")
+        return "\n".join(rows)
+
+
+def prompt_inputs(processor, image, text: str) -> dict:
+    """Processor inputs for one image + text, with the processor's chat template (as lmms-eval's chat llava_hf builds them)."""
+    token = getattr(processor, "image_token", "<image>")
+    text = text.replace(token, "").strip()
+    msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
+    prompt = processor.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
+    return processor(images=[image], text=prompt, return_tensors="pt")
+
+
+def discover_heads(
+    model,
+    processor,
+    samples: Iterable[tuple],
+    *,
+    per_sample: int = 10,
+    connectivity: int = 8,
+    progress=None,
+    on_sample=None,
+) -> DiscoveryResult:
+    """Run the selection over ``samples`` ((PIL image, prompt text) pairs), one prefill each."""
+    geo = model_geometry(model)
+    result = DiscoveryResult(**geo)
+    image_token_id = model.config.image_token_id
+    device = next(model.parameters()).device
+    for image, text in samples:
+        inputs = prompt_inputs(processor, image, text).to(device)
+        inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
+        pos = hooks.image_positions(inputs["input_ids"], image_token_id)
+        maps = capture_image_maps(model, inputs, pos)
+        grid = image_grid(model, pos.numel())
+        selected, s_img, candidates, entropy = select_sample_heads(maps, grid, per_sample, connectivity)
+        result.add(selected, s_img, entropy, len(candidates))
+        if on_sample is not None:
+            on_sample(result.n_samples - 1, image, maps, s_img, candidates, selected)
+        if progress is not None:
+            progress.update(1)
+    return result
+
+
+# ---------------------------------------------------------------------------------------
+# The technique
+# ---------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Located:
+    """One request's grounding: the box in original-image fractions and what produced it."""
+
+    box: list
+    box_processed: list
+    heads: list
+    head_maps: torch.Tensor  # (k, h, w)
+    combined: torch.Tensor  # (h, w)
+    geometry: Geometry | None
+    mask: torch.Tensor | None = None  # optional SAM mask (original image size)
+
+
+class LocHead(Technique):
+    """Grounding from localization heads: one prefill, no decoding; the answer is the box text.
+
+    heads: ranked (layer, head) list; top_k of them are used. ``heads="all"`` averages every
+    head of every layer (the all-heads baseline).
+    """
+
+    name = "lochead"
+
+    def __init__(self, heads, **params):
+        super().__init__(**{**DEFAULTS, **params})
+        p = self.params
+        if p["box_mode"] not in BOX_MODES:
+            raise ValueError(f"box_mode must be one of {BOX_MODES}, not {p['box_mode']!r}")
+        if heads == "all":
+            self.heads = "all"
+        else:
+            heads = [tuple(map(int, h)) for h in heads]
+            if not heads:
+                raise ValueError("lochead needs at least one (layer, head)")
+            self.heads = heads[: p["top_k"]]
+        self.on_located = None  # optional callback(req, located) for saved visuals
+        self.refiner = None  # optional SamRefiner
+
+    def describe(self):
+        heads = self.heads if self.heads == "all" else [f"L{l}H{h}" for l, h in self.heads]
+        return {**super().describe(), "heads_used": heads}
+
+    def locate(self, model, req: Request, **kwargs) -> Located:
+        req.require_one_image(self.name)
+        pos = req.image_pos
+        inputs = {**kwargs, "input_ids": req.input_ids}
+        if self.heads == "all":
+            maps = capture_image_maps(model, inputs, pos)  # (L, H, N)
+            heads = "all"
+            flat = maps.flatten(0, 1)
+        else:
+            layers = sorted({l for l, _ in self.heads})
+            maps = capture_image_maps(model, inputs, pos, layers)
+            row = {l: i for i, l in enumerate(layers)}
+            flat = torch.stack([maps[row[l], h] for l, h in self.heads])
+            heads = list(self.heads)
+        gh, gw = image_grid(model, pos.numel())
+        head_maps = flat.reshape(-1, gh, gw)
+        combined = combine_head_maps(head_maps, self.params["sigma"])
+        box_p = box_from_grid(combined, self.params["box_mode"], self.params["connectivity"])
+        geometry = None
+        if req.images and req.processor is not None:
+            ip = getattr(req.processor, "image_processor", req.processor)
+            geometry = processor_geometry(ip, req.images[0].size)
+            box = geometry.to_original(box_p)
+        else:
+            box = list(box_p)
+        located = Located(box, box_p, heads, head_maps, combined, geometry)
+        if self.refiner is not None and req.images:
+            peak = int(torch.argmax(combined))
+            cell = [(peak % gw + 0.5) / gw, (peak // gw + 0.5) / gh]
+            point = (geometry.to_original(cell * 2) if geometry else cell * 2)[:2]
+            located.mask, mask_box = self.refiner(req.images[0], box, point)
+            if self.refiner.use_box and mask_box is not None:
+                located.box = mask_box
+        if self.on_located is not None:
+            self.on_located(req, located)
+        return located
+
+    def answer_text(self, located: Located) -> str:
+        return format_box(located.box, self.params["decimals"])
+
+    def generate(self, model, req: Request, **kwargs):
+        """Prompt ids + the ids of the box text (what llava_hf decodes after the prompt)."""
+        located = self.locate(model, req, **kwargs)
+        tokenizer = getattr(req.processor, "tokenizer", req.processor)
+        ids = answer_ids(tokenizer, self.answer_text(located))
+        eos = getattr(tokenizer, "eos_token_id", None)
+        tail = torch.tensor([ids + ([eos] if eos is not None else [])], dtype=req.input_ids.dtype, device=req.input_ids.device)
+        return torch.cat([req.input_ids, tail], dim=1)
+
+    def forward(self, model, req: Request, **kwargs):
+        raise RequestError(
+            "llava_lochead answers grounding (generate_until) tasks with a box; it has no loglikelihood. "
+            "Use llava_hf for multiple-choice/loglikelihood tasks"
+        )
+
+
+class SamRefiner:
+    """Optional masks: a local SAM checkpoint (transformers ``SamModel``) prompted with the
+    box and the peak point of the combined map. Never downloads: the path must be a local directory."""
+
+    def __init__(self, path, use_box: bool = False):
+        from transformers import SamModel, SamProcessor
+
+        if not Path(path).is_dir():
+            raise FileNotFoundError(f"sam={path} is not a local directory with a transformers SamModel checkpoint (SAM is optional; leave sam empty to skip masks)")
+        self.model = SamModel.from_pretrained(path, local_files_only=True).eval()
+        self.processor = SamProcessor.from_pretrained(path, local_files_only=True)
+        self.use_box = use_box
+
+    @torch.no_grad()
+    def __call__(self, image, box, point):
+        """(mask (h, w) bool of the original image, its box in fractions or None if empty)."""
+        w, h = image.size
+        inputs = self.processor(
+            images=image,
+            input_boxes=[[[box[0] * w, box[1] * h, box[2] * w, box[3] * h]]],
+            input_points=[[[[point[0] * w, point[1] * h]]]],
+            return_tensors="pt",
+        ).to(self.model.device)
+        out = self.model(**inputs, multimask_output=False)
+        masks = self.processor.image_processor.post_process_masks(out.pred_masks.cpu(), inputs["original_sizes"].cpu(), inputs["reshaped_input_sizes"].cpu())
+        mask = masks[0].reshape(-1, h, w)[0].bool()
+        if not mask.any():
+            return mask, None
+        rows, cols = mask.any(1).nonzero().flatten(), mask.any(0).nonzero().flatten()
+        return mask, [cols[0].item() / w, rows[0].item() / h, (cols[-1].item() + 1) / w, (rows[-1].item() + 1) / h]
+
+
+def random_heads(num_layers: int, num_heads: int, k: int, seed: int) -> list[tuple[int, int]]:
+    """k distinct (layer, head) pairs drawn uniformly with ``seed`` (the random-head baseline)."""
+    rng = random.Random(seed)
+    pairs = [(l, h) for l in range(num_layers) for h in range(num_heads)]
+    return rng.sample(pairs, min(k, len(pairs)))
