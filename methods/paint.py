@@ -38,6 +38,7 @@ vision tower, no ``output_attentions``.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 from pathlib import Path
 
@@ -341,7 +342,10 @@ class Paint(GuidedTechnique):
         image = model_view(req.images[0], getattr(req.processor, "image_processor", None))
         out = Path(self.save_dir)
         out.mkdir(parents=True, exist_ok=True)
-        draw_selection(image, sel).save(out / f"paint_{self.saved:04d}.png")
+        stem = out / f"paint_{self.saved:04d}"
+        draw_selection(image, sel).save(stem.with_suffix(".png"))
+        tokens = {k: getattr(sel, k)[0].nonzero().flatten().tolist() for k in COLORS}
+        stem.with_suffix(".json").write_text(json.dumps({"grid": sel.grid, "prompt": req.text, **tokens}))
         self.saved += 1
 
     def describe(self):

@@ -1,5 +1,7 @@
 """PAINT: selection arithmetic against numpy, edits against an eager reference, the CLI end to end."""
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -239,7 +241,9 @@ def test_cli_chat_and_simple(tiny_ckpt, tmp_path):
     assert res is not None, log[-3000:]
     assert "exact,none" in res["results"]["tiny_yesno"], res["results"]
     assert len(read_samples(tmp_path / "chat", "tiny_yesno")) == 3
-    assert sorted(p.name for p in vis.iterdir()) == ["paint_0000.png", "paint_0001.png"]
+    assert sorted(p.name for p in vis.iterdir()) == ["paint_0000.json", "paint_0000.png", "paint_0001.json", "paint_0001.png"]
+    saved = json.loads((vis / "paint_0000.json").read_text())
+    assert saved["grid"] == [4, 4] and len(saved["local"]) + len(saved["summary"]) >= 1
     assert "llava_paint recipe" in log
 
     res, log = run_lmms_eval(
