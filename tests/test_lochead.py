@@ -357,3 +357,49 @@ def test_discovery_is_deterministic_and_counts_selections(byte_model):
         for lh in sel:
             counts[lh] = counts.get(lh, 0) + 1
     assert {(r["layer"], r["head"]): r["count"] for r in first.ranked()} == counts
+
+
+# ------------------------------------------------------------------ optional SAM masks
+
+
+def _tiny_sam(directory):
+    """A random SamModel small enough for CPU tests (no download)."""
+    from transformers import SamConfig, SamImageProcessor, SamModel, SamProcessor
+    from transformers.models.sam.configuration_sam import SamMaskDecoderConfig, SamPromptEncoderConfig, SamVisionConfig
+
+    vision = SamVisionConfig(hidden_size=32, output_channels=16, num_hidden_layers=1, num_attention_heads=2, image_size=64,
+                             patch_size=8, mlp_dim=64, global_attn_indexes=[0], window_size=4, num_pos_feats=8)
+    prompt = SamPromptEncoderConfig(hidden_size=16, image_size=64, patch_size=8, mask_input_channels=4)
+    decoder = SamMaskDecoderConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, mlp_dim=32, iou_head_hidden_dim=16)
+    torch.manual_seed(0)
+    config = SamConfig(vision_config=vision.to_dict(), prompt_encoder_config=prompt.to_dict(), mask_decoder_config=decoder.to_dict())
+    SamModel(config).eval().save_pretrained(directory)
+    SamProcessor(image_processor=SamImageProcessor(size={"longest_edge": 64}, pad_size={"height": 64, "width": 64})).save_pretrained(directory)
+    return directory
+
+
+def test_sam_masks_are_optional(byte_model, tmp_path):
+    model, _, inputs, req = byte_model
+    tech = L.LocHead([(1, 0), (2, 3)])
+    plain = tech.locate(model, req, **inputs)
+    assert tech.refiner is None and plain.mask is None  # no SAM path: skipped, nothing loaded
+    with pytest.raises(FileNotFoundError, match="not a local directory"):
+        L.SamRefiner(tmp_path / "no-sam-here")
+    tech.refiner = L.SamRefiner(_tiny_sam(tmp_path / "sam"), use_box=True)
+    refined = tech.locate(model, req, **inputs)
+    assert refined.mask.shape == (32, 48) and refined.mask.dtype == torch.bool
+    rows, cols = refined.mask.any(1).nonzero().flatten(), refined.mask.any(0).nonzero().flatten()
+    assert refined.box == pytest.approx([cols[0] / 48, rows[0] / 32, (cols[-1] + 1) / 48, (rows[-1] + 1) / 32])
+    assert refined.box_processed == plain.box_processed  # SAM refines the answer, not the attention box
+
+
+def test_wrapper_param_checks(byte_ckpt):
+    from lmms_eval_plugins.models.lochead import LlavaLocheadChat
+    from lmms_eval_plugins.params import ModelArgsError
+
+    with pytest.raises(ModelArgsError, match="sam_box=true needs sam"):
+        LlavaLocheadChat(pretrained=str(byte_ckpt), heads="all", sam_box=True)
+    with pytest.raises(ModelArgsError, match="heads=auto needs discover_task"):
+        LlavaLocheadChat(pretrained=str(byte_ckpt), heads="auto")
+    with pytest.raises(ModelArgsError, match="box_mode"):
+        LlavaLocheadChat(pretrained=str(byte_ckpt), box_mode="largest")
