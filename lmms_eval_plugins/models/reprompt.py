@@ -1,0 +1,76 @@
+"""`llava_reprompt`: attention-based image-token pruning (mode=prune) and answers from a compressed
+image context reused across questions on the same image (mode=compressed); methods/reprompt.py."""
+
+import sys
+from pathlib import Path
+
+from loguru import logger
+
+from methods.hooks import num_layers
+from methods.reprompt import DEFAULTS, MODES, SCORE_ROWS, SELECTIONS, Reprompt
+
+from ..base import TechniqueSpec, wrapper_classes
+from ..params import Param
+
+PARAMS = (
+    Param("mode", str, DEFAULTS["mode"], "prune: mask unkept image keys; compressed: answer later questions from a compressed cache", choices=MODES),
+    Param("keep_ratio", float, DEFAULTS["keep_ratio"], "fraction of image tokens kept (at least one)", low=1e-6, high=1.0),
+    Param("score_from_layer", int, DEFAULTS["score_from_layer"], "first layer whose attention scores the image tokens (pooled)"),
+    Param("score_to_layer", int, None, "one past the last scoring layer (default: the model's depth)", optional=True),
+    Param("score_rows", str, DEFAULTS["score_rows"], "rows whose attention scores: query (all prompt rows after the image) | last", choices=SCORE_ROWS),
+    Param("selection", str, DEFAULTS["selection"], "pooled: one kept set from layer-averaged scores; per_layer (prune only)", choices=SELECTIONS),
+    Param("keep_query", bool, DEFAULTS["keep_query"], "compressed: keep the first question's query tokens in the cache"),
+    Param("primer", str, DEFAULTS["primer"], "compressed: build each image's cache from this text (e.g. 'describe the image') and answer every question from it"),
+    Param("cache_size", int, DEFAULTS["cache_size"], "compressed: images whose compressed context is kept (LRU)", low=1),
+    Param("stats_file", str, "auto", "JSON report of KV entries and time to first token; auto: <--output_path>/reprompt_stats.json, empty: log only"),
+)
+
+
+def _stats_path(value: str):
+    """`auto`: next to lmms-eval's output (the CLI's --output_path), one file per process."""
+    if value != "auto":
+        return Path(value) if value else None
+    argv = sys.argv
+    out = next((a.split("=", 1)[1] for a in argv if a.startswith("--output_path=")), None)
+    if out is None and "--output_path" in argv and argv.index("--output_path") + 1 < len(argv):
+        out = argv[argv.index("--output_path") + 1]
+    if out is None:
+        return None
+    from accelerate import PartialState
+
+    rank = PartialState().process_index
+    return Path(out) / (f"reprompt_stats_rank{rank}.json" if PartialState().num_processes > 1 else "reprompt_stats.json")
+
+
+def build(p, model):
+    technique = Reprompt(num_layers(model), **{k: p[k] for k in DEFAULTS})
+    technique.stats_path = _stats_path(p["stats_file"])
+    technique.log = logger.info
+    return technique
+
+
+SPEC = TechniqueSpec(
+    name="llava_reprompt",
+    params=PARAMS,
+    build=build,
+    presets={
+        "prune_5pct": {"mode": "prune", "keep_ratio": 0.05},
+        "compressed_5pct": {"mode": "compressed", "keep_ratio": 0.05},
+        "describe_primer": {"mode": "compressed", "keep_ratio": 0.05, "primer": "describe the image ."},
+    },
+    doc="Image-token pruning by attention (mode=prune) and re-prompting from a compressed image context (mode=compressed).",
+)
+
+LlavaReprompt, LlavaRepromptChat = wrapper_classes(SPEC, __name__)
+
+
+def bench_cases(ctx):
+    """Pruning at 5%, and a compressed follow-up at 5% (the image's context is compressed once, here)."""
+    n = num_layers(ctx.model)
+    prune = Reprompt(n, mode="prune", keep_ratio=0.05)
+    followup = Reprompt(n, mode="compressed", keep_ratio=0.05)
+    followup.generate(ctx.model, ctx.request, **ctx.inputs, **ctx.gen_kwargs)  # the first question: builds the context
+    return {
+        "prune_5pct": lambda: prune.generate(ctx.model, ctx.request, **ctx.inputs, **ctx.gen_kwargs),
+        "compressed_followup_5pct": lambda: followup.generate(ctx.model, ctx.request, **ctx.inputs, **ctx.gen_kwargs),
+    }

@@ -1,0 +1,103 @@
+"""Attention knockout ("What's in the image?", Kaduri et al., CVPR 2025).
+
+Block the attention from the image keys to a chosen set of query rows, in a window of
+language-model layers, and see how the answers change. The prompt of one request is
+
+    [prefix text][image tokens][query text ............ last prompt token][generated ...]
+     0            img_start     img_end                  prompt_len - 1    prompt_len
+
+and the query sets are (rows = absolute positions, the same in the prefill and in every
+KV-cache decode step):
+
+- ``generated``: the rows that produce the answer. By default (``last_row="generated"``)
+  this is ``prompt_len - 1`` onwards: the row of the last prompt token is the one that
+  predicts the first answer token, so for a one-word answer (POPE's yes/no) it is where the
+  whole answer is computed. With ``last_row="query"`` the split follows token identity as in
+  the paper: ``generated`` = rows >= prompt_len (the generated tokens themselves), and a
+  one-token answer can then not be affected by a ``generated`` knockout at all.
+- ``query``: the prompt text after the image, up to the boundary above;
+- ``both``: query + generated = every row after the image;
+- ``all``: every row from the first image token on, i.e. also the image tokens' attention
+  to each other (the image tokens then attend to the text prefix only).
+
+Layers: a window [from_layer, to_layer) of 0-based language-model layers, or everything
+outside it (``outside=True``). An empty window installs nothing: the baseline exactly.
+"""
+
+from __future__ import annotations
+
+from . import hooks
+from .technique import Request, RequestError, Technique
+
+QUERY_SETS = ("generated", "query", "both", "all")
+LAST_ROW = ("generated", "query")
+DEFAULTS = {"mode": "query", "from_layer": 0, "to_layer": None, "outside": False, "last_row": "generated"}
+
+
+def knockout_layers(from_layer: int, to_layer: int | None, n_layers: int, outside: bool = False) -> list[int]:
+    """The blocked layers: [from_layer, to_layer) (or its complement), clipped to the model.
+
+    Negative values count from the end; to_layer=None is the model's depth. An empty window
+    (from_layer == to_layer) is allowed and blocks nothing (or everything, with outside=True).
+    """
+    start = from_layer + n_layers if from_layer < 0 else from_layer
+    stop = n_layers if to_layer is None else (to_layer + n_layers if to_layer < 0 else to_layer)
+    if not (0 <= start <= stop <= n_layers):
+        raise ValueError(
+            f"knockout: layer window [{from_layer}, {to_layer}) is outside the model's {n_layers} language-model "
+            f"layers; choose 0 <= from_layer <= to_layer <= {n_layers}"
+        )
+    window = range(start, stop)
+    return [l for l in range(n_layers) if l not in window] if outside else list(window)
+
+
+def query_rows(mode: str, img_start: int, img_end: int, prompt_len: int, last_row: str = "generated") -> hooks.Rows:
+    """The query rows of one knockout mode, as absolute positions (see the module docstring)."""
+    if mode not in QUERY_SETS:
+        raise ValueError(f"knockout: mode={mode!r} is not one of {', '.join(QUERY_SETS)}")
+    if last_row not in LAST_ROW:
+        raise ValueError(f"knockout: last_row={last_row!r} is not one of {', '.join(LAST_ROW)}")
+    boundary = prompt_len - 1 if last_row == "generated" else prompt_len  # first "generated" row
+    if mode == "generated":
+        return hooks.Rows.span(boundary)
+    if mode == "query":
+        return hooks.Rows.span(img_end, boundary)
+    if mode == "both":
+        return hooks.Rows.span(img_end)
+    return hooks.Rows.span(img_start)
+
+
+def blocked_pairs(mode, img_start, img_end, prompt_len, seq_len, last_row="generated") -> set[tuple[int, int]]:
+    """Every (query row, image key) pair a knockout blocks, by plain enumeration (for checks and docs)."""
+    rows = query_rows(mode, img_start, img_end, prompt_len, last_row)
+    stop = seq_len if rows.stop is None else rows.stop
+    return {(r, k) for r in range(rows.start, stop) for k in range(img_start, img_end) if k <= r}
+
+
+class Knockout(Technique):
+    """Block image keys for one query set in a layer window."""
+
+    name = "knockout"
+
+    def __init__(self, n_layers: int, **params):
+        super().__init__(**{**DEFAULTS, **params})
+        p = self.params
+        if p["mode"] not in QUERY_SETS:
+            raise ValueError(f"knockout: mode={p['mode']!r} is not one of {', '.join(QUERY_SETS)}")
+        self.layers = knockout_layers(p["from_layer"], p["to_layer"], n_layers, p["outside"])
+
+    def recipe(self, model, req: Request) -> list[hooks.AttnEdit]:
+        if not self.layers:
+            return []  # empty window: the baseline, bit for bit
+        pos = req.image_pos
+        img_start, img_end = int(pos[0]), int(pos[-1]) + 1
+        if self.params["mode"] == "all" and img_start == 0:
+            raise RequestError(
+                "knockout mode=all needs at least one text token before the image (the image rows would have no key "
+                "left to attend to); use mode=both"
+            )
+        rows = query_rows(self.params["mode"], img_start, img_end, req.prompt_len, self.params["last_row"])
+        return [hooks.Block(layers=self.layers, rows=rows, keys=pos)]
+
+    def describe(self):
+        return {**super().describe(), "layers": hooks._compact(self.layers) if self.layers else "none"}

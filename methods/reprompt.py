@@ -1,0 +1,382 @@
+"""Attention-based image-token pruning and re-prompting from a compressed context
+(the "efficient visual processing" application of "What's in the image?", Kaduri et al. 2025).
+
+A prompt is ``[prefix][image tokens][query text]`` (positions ``0..img_start``,
+``img_start..img_end``, ``img_end..prompt_len``). Image tokens are scored by the attention
+they receive from the query rows (``score_rows="query"``: every prompt row after the image;
+``"last"``: the last prompt row only), averaged over heads and those rows, then either
+averaged over a layer range (``selection="pooled"``, one kept set for all layers) or kept
+per layer (``"per_layer"``, prune mode only). The top ``keep_ratio`` of the image tokens are
+kept (at least one).
+
+- ``mode=prune``: one scoring prefill, then the answer with the dropped image tokens masked as
+  keys (``hooks.Block``) for every row after the image, in every layer. The image tokens'
+  own rows are untouched: the kept tokens are the same vectors as in the full forward.
+- ``mode=compressed``: the KV cache of a first pass over the image is cut down to the prefix,
+  the kept image tokens and (``keep_query``) the query tokens of that pass, and stored under
+  the image's content hash. Later requests on the same image are answered from that cache,
+  without the image: only their own query text is prefilled.
+
+Positions: every kept entry keeps the rotary position it was computed at (its keys carry
+it already), and appended tokens continue after the original context (``next_position``:
+the first pass's prompt length with ``keep_query``, else ``img_end``, which is exactly where
+a fresh prompt's query starts). The causal mask is built over cache slots, and RoPE over
+these explicit ``position_ids``, so the model sees the same relative distances as in the
+full context. Hence: keep_ratio=1 reproduces the full-context answer, and the compressed
+answer equals a full forward of the same token sequence with the dropped image keys blocked
+for the appended rows (both are tested).
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import hashlib
+import json
+import time
+from pathlib import Path
+
+import torch
+from transformers import DynamicCache, LogitsProcessor, LogitsProcessorList
+
+from . import hooks
+from .technique import Request, RequestError, Technique, layer_range
+
+MODES = ("prune", "compressed")
+SELECTIONS = ("pooled", "per_layer")
+SCORE_ROWS = ("query", "last")
+DEFAULTS = {
+    "mode": "prune",
+    "keep_ratio": 0.05,
+    "score_from_layer": 0,
+    "score_to_layer": None,
+    "score_rows": "query",
+    "selection": "pooled",
+    "keep_query": True,
+    "primer": "",
+    "cache_size": 32,
+}
+FORWARD_KEYS = ("input_ids", "attention_mask", "pixel_values")  # what a prefill needs of lmms-eval's inputs
+
+# ---------------------------------------------------------------------------------------
+# Scoring and selection (pure)
+# ---------------------------------------------------------------------------------------
+
+
+def n_keep(n_image: int, keep_ratio: float) -> int:
+    """How many image tokens survive: round(keep_ratio * n), at least one."""
+    return min(n_image, max(1, round(keep_ratio * n_image)))
+
+
+def attention_scores(maps: dict[int, torch.Tensor]) -> torch.Tensor:
+    """(layers, keys): each layer's (batch, heads, rows, keys) map averaged over batch, heads and rows,
+    layers in ascending order."""
+    return torch.stack([maps[layer].float().mean(dim=(0, 1, 2)) for layer in sorted(maps)])
+
+
+def top_tokens(scores: torch.Tensor, keep_ratio: float) -> torch.Tensor:
+    """Indices (ascending) of the top keep_ratio of a 1-D score vector; ties go to the earlier token."""
+    k = n_keep(scores.numel(), keep_ratio)
+    order = sorted(range(scores.numel()), key=lambda i: (-float(scores[i]), i))
+    return torch.tensor(sorted(order[:k]), dtype=torch.long)
+
+
+def select(maps: dict[int, torch.Tensor], keep_ratio: float, selection: str = "pooled") -> dict[int | None, torch.Tensor]:
+    """Kept image-token indices: {None: indices} pooled over the captured layers, or {layer: indices}."""
+    scores = attention_scores(maps)
+    if selection == "pooled":
+        return {None: top_tokens(scores.mean(0), keep_ratio)}
+    return {layer: top_tokens(scores[i], keep_ratio) for i, layer in enumerate(sorted(maps))}
+
+
+def image_hash(images) -> str:
+    """Content hash of the request's original images (mode, size and pixels)."""
+    h = hashlib.sha1()
+    for im in images:
+        h.update(f"{im.mode}{im.size}".encode())
+        h.update(im.tobytes())
+    return h.hexdigest()
+
+
+# ---------------------------------------------------------------------------------------
+# The compressed context
+# ---------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class CompressedContext:
+    """Kept KV entries of one context, with the positions they were computed at."""
+
+    keys: list[torch.Tensor]  # per LM layer: (batch, kv_heads, kept, head_dim)
+    values: list[torch.Tensor]
+    positions: torch.Tensor  # (kept,) original positions
+    next_position: int  # position of the first appended token
+    full_entries: int  # entries of the same context uncompressed
+    image_kept: int
+    image_total: int
+
+    @property
+    def entries(self) -> int:
+        return int(self.positions.numel())
+
+    def cache(self) -> DynamicCache:
+        """A fresh DynamicCache holding copies of the kept entries (generation appends to it)."""
+        cache = DynamicCache()
+        for layer, (k, v) in enumerate(zip(self.keys, self.values)):
+            cache.update(k.clone(), v.clone(), layer)
+        return cache
+
+
+def compress(cache, keep_positions: torch.Tensor, next_position: int, full_entries: int, image_kept: int, image_total: int):
+    """Keep the cache entries at ``keep_positions`` (ascending absolute positions)."""
+    keep = keep_positions.to(torch.long)
+    keys, values = [], []
+    for layer in cache.layers:
+        idx = keep.to(layer.keys.device)
+        keys.append(layer.keys.index_select(-2, idx).clone())
+        values.append(layer.values.index_select(-2, idx).clone())
+    return CompressedContext(keys, values, keep.cpu(), next_position, full_entries, image_kept, image_total)
+
+
+def generate_from(model, ctx: CompressedContext, suffix_ids: torch.Tensor, **gen_kwargs) -> torch.Tensor:
+    """Generate after ``suffix_ids`` appended to the compressed context; returns the new tokens only.
+
+    The cached slots are represented in ``input_ids`` by placeholders that are never embedded
+    (generate prefills only the uncached tail); ``position_ids`` carry the original positions.
+    """
+    n, s = ctx.entries, suffix_ids.shape[1]
+    device = suffix_ids.device
+    pad = model.generation_config.pad_token_id or 0
+    ids = torch.cat([torch.full((1, n), pad, dtype=suffix_ids.dtype, device=device), suffix_ids], dim=1)
+    positions = torch.cat([ctx.positions.to(device), ctx.next_position + torch.arange(s, device=device)])[None]
+    for k in FORWARD_KEYS:
+        gen_kwargs.pop(k, None)
+    gen_kwargs["use_cache"] = True  # the compressed context IS a cache
+    out = model.generate(
+        input_ids=ids,
+        attention_mask=torch.ones_like(ids),
+        position_ids=positions,
+        past_key_values=ctx.cache(),
+        **gen_kwargs,
+    )
+    return out[:, n + s :]
+
+
+def forward_from(model, ctx: CompressedContext, suffix_ids: torch.Tensor):
+    """One forward of ``suffix_ids`` after the compressed context (logits of the suffix rows)."""
+    positions = ctx.next_position + torch.arange(suffix_ids.shape[1], device=suffix_ids.device)
+    return model(input_ids=suffix_ids, position_ids=positions[None], past_key_values=ctx.cache(), use_cache=True)
+
+
+class FirstTokenClock(LogitsProcessor):
+    """Records when the first logits arrive (time to first token), changes nothing."""
+
+    def __init__(self):
+        self.start = time.perf_counter()
+        self.first = None
+
+    def __call__(self, input_ids, scores):
+        if self.first is None:
+            self.first = time.perf_counter() - self.start
+        return scores
+
+
+def _with_clock(kwargs) -> FirstTokenClock:
+    clock = FirstTokenClock()
+    kwargs["logits_processor"] = LogitsProcessorList([*kwargs.get("logits_processor", []), clock])
+    return clock
+
+
+# ---------------------------------------------------------------------------------------
+# The technique
+# ---------------------------------------------------------------------------------------
+
+
+class Reprompt(Technique):
+    """mode=prune or mode=compressed (see the module docstring)."""
+
+    name = "reprompt"
+
+    def __init__(self, n_layers: int, **params):
+        super().__init__(**{**DEFAULTS, **params})
+        p = self.params
+        if p["mode"] not in MODES:
+            raise ValueError(f"reprompt: mode={p['mode']!r} is not one of {', '.join(MODES)}")
+        if not 0 < p["keep_ratio"] <= 1:
+            raise ValueError(f"reprompt: keep_ratio={p['keep_ratio']} must be in (0, 1] (the paper keeps 0.02-0.05)")
+        if p["selection"] == "per_layer" and p["mode"] == "compressed":
+            raise ValueError("reprompt: selection=per_layer needs mode=prune (a compressed cache keeps one token set for all layers)")
+        self.n_layers = n_layers
+        self.score_layers = layer_range(p["score_from_layer"], p["score_to_layer"], n_layers, default_start=0, name="reprompt scoring")
+        self.contexts: collections.OrderedDict[tuple, CompressedContext] = collections.OrderedDict()
+        self.records: list[dict] = []
+        self.stats_path: Path | None = None  # JSON summary (+ .jsonl per request), written after every request
+        self.log = None  # optional callable(str): a summary line every `log_every` requests
+        self.log_every = 50
+
+    # --- scoring ---
+
+    def _score_rows(self, img_end: int, prompt_len: int) -> hooks.Rows:
+        if self.params["score_rows"] == "last" or img_end >= prompt_len:
+            return hooks.Rows.span(prompt_len - 1, prompt_len)
+        return hooks.Rows.span(img_end, prompt_len)
+
+    def _capture(self, req: Request, prompt_len: int) -> hooks.Capture:
+        layers = range(self.n_layers) if self.params["selection"] == "per_layer" else self.score_layers
+        pos = req.image_pos
+        return hooks.Capture(layers=layers, rows=self._score_rows(int(pos[-1]) + 1, prompt_len), keys=pos)
+
+    def kept_image_tokens(self, model, req: Request, inputs: dict) -> dict[int | None, torch.Tensor]:
+        """One scoring prefill of the prompt; kept image-token indices (pooled: key None)."""
+        p = req.prompt_len
+        prefill = {k: (v[:, :p] if k != "pixel_values" else v) for k, v in inputs.items() if k in FORWARD_KEYS}
+        cap = self._capture(req, p)
+        with torch.no_grad(), hooks.edited(model, cap):
+            model(**prefill, use_cache=False)
+        return select(cap.latest(), self.params["keep_ratio"], self.params["selection"])
+
+    # --- prune ---
+
+    def prune_edits(self, req: Request, kept: dict) -> list[hooks.AttnEdit]:
+        pos = req.image_pos
+        rows = hooks.Rows.span(int(pos[-1]) + 1)
+        edits = []
+        for layer, idx in kept.items():
+            dropped = torch.ones(pos.numel(), dtype=torch.bool)
+            dropped[idx] = False
+            if not dropped.any():
+                continue  # keep_ratio=1: nothing to mask
+            layers = range(self.n_layers) if layer is None else [layer]
+            edits.append(hooks.Block(layers=layers, rows=rows, keys=pos[dropped]))
+        return edits
+
+    def _prune(self, model, req: Request, run, kwargs):
+        kept = self.kept_image_tokens(model, req, kwargs)
+        with hooks.edited(model, *self.prune_edits(req, kept)):
+            return run(**kwargs)
+
+    # --- compressed ---
+
+    def context_key(self, req: Request) -> tuple:
+        img_start = int(req.image_pos[0])
+        return image_hash(req.images), tuple(req.input_ids[0, :img_start].tolist())
+
+    def build_context(self, model, req: Request, cache, kept: torch.Tensor, query_end: int) -> CompressedContext:
+        """Compress a cache over [prefix, image, query up to query_end)."""
+        pos = req.image_pos
+        img_start, img_end = int(pos[0]), int(pos[-1]) + 1
+        parts = [torch.arange(img_start), pos[kept].cpu()]
+        if self.params["keep_query"]:
+            parts.append(torch.arange(img_end, query_end))
+        next_position = query_end if self.params["keep_query"] else img_end
+        full = query_end if self.params["keep_query"] else img_end
+        return compress(cache, torch.cat(parts), next_position, full, int(kept.numel()), int(pos.numel()))
+
+    def _remember(self, key, ctx: CompressedContext):
+        self.contexts[key] = ctx
+        self.contexts.move_to_end(key)
+        while len(self.contexts) > self.params["cache_size"]:
+            self.contexts.popitem(last=False)
+
+    def _primer_context(self, model, req: Request, kwargs) -> CompressedContext:
+        """Prefill [prefix, image, primer] with the image, score on the primer rows, compress."""
+        tok = req.processor.tokenizer if req.processor is not None else None
+        if tok is None:
+            raise RequestError("reprompt: primer needs the request's processor (tokenizer)")
+        img_end = int(req.image_pos[-1]) + 1
+        primer = tok(self.params["primer"], add_special_tokens=False, return_tensors="pt")["input_ids"].to(req.input_ids.device)
+        ids = torch.cat([req.input_ids[:, :img_end], primer], dim=1)
+        primed = Request(input_ids=ids, image_token_id=req.image_token_id, prompt_len=ids.shape[1], images=req.images)
+        cap = self._capture(primed, ids.shape[1])
+        with torch.no_grad(), hooks.edited(model, cap):
+            out = model(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=kwargs["pixel_values"], use_cache=True)
+        kept = select(cap.latest(), self.params["keep_ratio"])[None]
+        return self.build_context(model, primed, out.past_key_values, kept, ids.shape[1])
+
+    def _compressed_generate(self, model, req: Request, kwargs):
+        key = self.context_key(req)
+        img_end = int(req.image_pos[-1]) + 1
+        ctx = self.contexts.get(key)
+        record = {"image": key[0][:12], "compressed": ctx is not None or bool(self.params["primer"])}
+        t0 = time.perf_counter()
+        if ctx is None and self.params["primer"]:
+            ctx = self._primer_context(model, req, kwargs)
+            self._remember(key, ctx)
+            record["primer_s"] = time.perf_counter() - t0
+        if ctx is not None:  # answer from the compressed context, without the image
+            self.contexts.move_to_end(key)
+            clock = _with_clock(kwargs)
+            new = generate_from(model, ctx, req.input_ids[:, img_end : req.prompt_len], **kwargs)
+            record.update(kv_entries=ctx.entries, kv_full=ctx.full_entries, image_kept=ctx.image_kept, ttft_s=clock.first)
+            self._log(record)
+            return torch.cat([req.input_ids, new.to(req.input_ids.device)], dim=1)
+        # first question on this image: the full-context answer, and its cache compressed for the next ones
+        cap = self._capture(req, req.prompt_len)
+        clock = _with_clock(kwargs)
+        with hooks.edited(model, cap):
+            out = model.generate(**{**kwargs, "use_cache": True}, return_dict_in_generate=True)
+        kept = select({layer: maps[0] for layer, maps in cap.maps.items()}, self.params["keep_ratio"])[None]
+        self._remember(key, self.build_context(model, req, out.past_key_values, kept, req.prompt_len))
+        record.update(kv_entries=req.prompt_len, kv_full=req.prompt_len, image_kept=int(req.image_pos.numel()), ttft_s=clock.first)
+        self._log(record)
+        return out.sequences
+
+    # --- bookkeeping ---
+
+    def _log(self, record: dict) -> None:
+        self.records.append(record)
+        if self.stats_path is not None:
+            self.stats_path.parent.mkdir(parents=True, exist_ok=True)
+            with open(self.stats_path.with_suffix(".jsonl"), "a") as f:
+                f.write(json.dumps(record) + "\n")
+            self.stats_path.write_text(json.dumps({"config": self.describe(), **self.summary()}, indent=1))
+        if self.log is not None and len(self.records) % self.log_every == 1:
+            self.log(f"reprompt after {len(self.records)} requests: {json.dumps(self.summary())}")
+
+    def summary(self) -> dict:
+        """KV entries kept vs full and time to first token, compressed answers vs full-context ones."""
+        comp = [r for r in self.records if r["compressed"]]
+        full = [r for r in self.records if not r["compressed"]]
+
+        def mean(rs, k):
+            vals = [r[k] for r in rs if r.get(k) is not None]
+            return sum(vals) / len(vals) if vals else None
+
+        out = {"requests": len(self.records), "compressed_answers": len(comp), "full_answers": len(full)}
+        out["kv_entries_compressed"] = mean(comp, "kv_entries")
+        out["kv_entries_full"] = mean(comp, "kv_full")
+        if out["kv_entries_compressed"]:
+            out["kv_reduction"] = out["kv_entries_full"] / out["kv_entries_compressed"]
+        out["ttft_compressed_s"] = mean(comp, "ttft_s")
+        out["ttft_full_s"] = mean(full, "ttft_s")
+        if out["ttft_compressed_s"] and out["ttft_full_s"]:
+            out["ttft_ratio"] = out["ttft_compressed_s"] / out["ttft_full_s"]
+        return out
+
+    # --- entry points ---
+
+    def generate(self, model, req: Request, **kwargs):
+        req.require_one_image(self.name)
+        if self.params["mode"] == "prune":
+            return self._prune(model, req, model.generate, kwargs)
+        return self._compressed_generate(model, req, kwargs)
+
+    def forward(self, model, req: Request, **kwargs):
+        req.require_one_image(self.name)
+        if self.params["mode"] == "compressed":
+            raise RequestError(
+                "reprompt mode=compressed answers generate_until tasks (it reuses one cache across questions); "
+                "for loglikelihood / multiple_choice tasks use mode=prune"
+            )
+        return self._prune(model, req, model, kwargs)
+
+    def describe(self):
+        d = {**super().describe(), "score_layers": f"{self.score_layers.start}..{self.score_layers.stop - 1}"}
+        if self.params["mode"] == "prune":
+            d.pop("keep_query"), d.pop("primer"), d.pop("cache_size")
+        return d
+
+
+def kv_bytes(ctx: CompressedContext) -> int:
+    return sum(t.numel() * t.element_size() for t in (*ctx.keys, *ctx.values))
+
