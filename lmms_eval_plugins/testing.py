@@ -128,7 +128,7 @@ def build_tiny_llava(
     return out
 
 
-def llava15_shaped(out_dir, text_layers: int = 4, seed: int = 0) -> Path:
+def llava15_shaped(out_dir, text_layers: int = 4, text_hidden: int = 256, seed: int = 0) -> Path:
     """LLaVA-1.5 geometry (336 px, 14 px patches, 576 image tokens) with a few small layers."""
     return build_tiny_llava(
         out_dir,
@@ -137,9 +137,44 @@ def llava15_shaped(out_dir, text_layers: int = 4, seed: int = 0) -> Path:
         vision_hidden=64,
         vision_layers=3,
         vision_heads=4,
-        text_hidden=256,
+        text_hidden=text_hidden,
         text_layers=text_layers,
-        text_heads=8,
-        kv_heads=8,
+        text_heads=max(text_hidden // 64, 1),
+        kv_heads=max(text_hidden // 64, 1),
         seed=seed,
     )
+
+
+def run_lmms_eval(model: str, model_args: str, tasks: str, output_path, *, include_path=None, extra=(), cwd=None, timeout=900):
+    """Run the real lmms-eval CLI offline and return (results dict or None, combined output).
+
+    The CLI exits 0 even when evaluation fails, so callers check the returned results.
+    """
+    import glob
+    import json
+    import os
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "lmms_eval", "--model", model, "--model_args", model_args, "--tasks", tasks]
+    cmd += ["--batch_size", "1", "--output_path", str(output_path), "--log_samples", *extra]
+    if include_path:
+        cmd += ["--include_path", str(include_path)]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=cwd, timeout=timeout)
+    files = sorted(glob.glob(os.path.join(str(output_path), "**", "*_results.json"), recursive=True))
+    results = json.load(open(files[-1])) if files else None
+    return results, proc.stdout + proc.stderr
+
+
+def read_samples(output_path, task: str) -> list[dict]:
+    """The per-sample log (``--log_samples``) of one task, in doc order."""
+    import glob
+    import json
+    import os
+
+    files = sorted(glob.glob(os.path.join(str(output_path), "**", f"*_samples_{task}.jsonl"), recursive=True))
+    if not files:
+        return []
+    rows = [json.loads(line) for line in open(files[-1])]
+    return sorted(rows, key=lambda r: r["doc_id"])

@@ -30,7 +30,7 @@ from typing import Iterable, Sequence
 
 import torch
 from transformers import AttentionInterface
-from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, eager_mask, sdpa_mask
 
 HOOKED_PREFIX = "hooked_"
@@ -209,31 +209,43 @@ def _additive_mask(attention_mask, module, rows, q_len, k_len, dtype, device):
     return m.to(dtype)
 
 
+def _grouped(x: torch.Tensor, kv_heads: int) -> torch.Tensor:
+    """(B, H, R, X) -> (B, kv_heads, H/kv_heads * R, X): query heads grouped by their kv head,
+    so grouped-query attention needs no repeat_kv copy of the whole K and V."""
+    b, h, r, d = x.shape
+    return x.reshape(b, kv_heads, (h // kv_heads) * r, d)
+
+
 def _edited_attention(module, query, key, value, attention_mask, scaling, edits, layer, base_out):
     """Recompute the rows that the edits touch; return the (possibly) edited output."""
     q_len, k_len = query.shape[2], key.shape[2]
+    dev = query.device
     # Rows and keys per edit, in this forward's coordinates.
     sites = []
     for e in edits:
-        rows = e.rows.local(q_len, k_len).to(query.device)
+        rows = e.rows.local(q_len, k_len).to(dev)
         if rows.numel() == 0:
             continue
-        keys = key_index(e.keys, k_len, query.device)
-        heads = None if e.heads is None else torch.as_tensor(e.heads, device=query.device)
+        keys = key_index(e.keys, k_len, dev)
+        heads = None if e.heads is None else torch.as_tensor(e.heads, device=dev)
         sites.append((e, rows, keys, heads))
     if not sites:
         return base_out
-    rows = torch.unique(torch.cat([r for _, r, _, _ in sites]))  # sorted union
-    pos_in_rows = torch.full((q_len,), -1, dtype=torch.long, device=query.device)
-    pos_in_rows[rows] = torch.arange(rows.numel(), device=query.device)
+    if len(sites) == 1:
+        rows = sites[0][1]
+    else:
+        rows = torch.unique(torch.cat([r for _, r, _, _ in sites]))  # sorted union
+    pos_in_rows = torch.full((q_len,), -1, dtype=torch.long, device=dev)
+    pos_in_rows[rows] = torch.arange(rows.numel(), device=dev)
 
-    n_rep = query.shape[1] // key.shape[1]
-    k = repeat_kv(key, n_rep)
-    scores = torch.matmul(query[:, :, rows], k.transpose(2, 3)) * scaling
+    b, h, kv = query.shape[0], query.shape[1], key.shape[1]
+    q_rows = query[:, :, rows]
+    scores = (_grouped(q_rows, kv) @ key.transpose(2, 3)).view(b, h, rows.numel(), k_len) * scaling
     mask = _additive_mask(attention_mask, module, rows, q_len, k_len, scores.dtype, scores.device)
     if mask is not None:
         scores = scores + mask
-    changed = torch.zeros(rows.numel(), dtype=torch.bool, device=query.device)
+    changed = torch.zeros(rows.numel(), dtype=torch.bool, device=dev)
+    any_change = False
     for e, r, keys, heads in sites:
         if not e.changes_scores:
             continue
@@ -247,16 +259,18 @@ def _edited_attention(module, query, key, value, attention_mask, scaling, edits,
         else:
             scores[:, heads[:, None, None], ri[None, :, None], keys[None, None, :]] = new
         changed[ri] = True
+        any_change = True
     probs = torch.softmax(scores, dim=-1, dtype=torch.float32)
     for e, r, keys, heads in sites:
         if type(e).observe is AttnEdit.observe:
             continue
         sub = probs[:, :, pos_in_rows[r]][:, :, :, keys]
         e.observe(sub if heads is None else sub[:, heads], layer)
-    if not changed.any():
+    if not any_change:
         return base_out  # observation only: the output stays the base implementation's
     out, weights = base_out
-    new_rows = torch.matmul(probs[:, :, changed].to(value.dtype), repeat_kv(value, n_rep))
+    p = probs[:, :, changed].to(value.dtype)
+    new_rows = (_grouped(p, kv) @ value).view(b, h, p.shape[2], value.shape[-1])
     out = out.clone()
     out[:, rows[changed]] = new_rows.transpose(1, 2).to(out.dtype)
     return out, weights

@@ -1,0 +1,256 @@
+"""`lmms-plugins bench`: each technique against greedy llava_hf, same process, same model.
+
+The model has LLaVA-1.5's geometry (336 px, 14 px patches, a 24x24 grid of 576 image tokens,
+a POPE-style prompt of ~40 text tokens) with a few small random layers, so the ratios measure
+the techniques' overheads, not a particular checkpoint. For each case it reports:
+
+- latency: median wall time of one sample over --repeats runs, as a ratio to the baseline;
+- forward passes: language-model forward calls per sample (prefill + decode steps + extras);
+- peak memory: extra resident memory during one sample, measured in a fresh process per case
+  (peak RSS reset after loading via /proc/self/clear_refs), as a ratio to the baseline.
+
+Cases come from ``bench_cases(ctx)`` in each registered wrapper module, plus the hook layer's own.
+Each case is (callable, baseline) with baseline "generate" (greedy generate) or "forward" (one
+plain forward), or just a callable (baseline "generate").
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+from PIL import Image, ImageDraw
+
+from methods import hooks
+from methods.pai import Pai
+from methods.technique import Request
+
+PROMPT = "Is there a red circle in the image ? Answer the question using a single word or phrase ."
+
+
+@dataclasses.dataclass
+class BenchContext:
+    model: object  # hooked model
+    plain: object  # the same weights, plain sdpa (the llava_hf baseline)
+    processor: object
+    image: Image.Image
+    inputs: dict
+    request: Request
+    gen_kwargs: dict
+
+
+def bench_model_dir(layers: int, hidden: int = 256) -> Path:
+    from ..testing import llava15_shaped
+
+    cache = Path(os.environ.get("LMMS_PLUGINS_CACHE", Path.home() / ".cache" / "lmms_plugins"))
+    d = cache / f"bench_llava15_{layers}l_{hidden}d"
+    if not (d / "model.safetensors").exists():
+        llava15_shaped(d, text_layers=layers, text_hidden=hidden)
+    return d
+
+
+def bench_image(size: int = 336) -> Image.Image:
+    img = Image.new("RGB", (size * 4 // 3, size), (235, 235, 225))
+    draw = ImageDraw.Draw(img)
+    for i, color in enumerate([(200, 30, 30), (30, 160, 40), (40, 60, 200)]):
+        x = 40 + 140 * i
+        draw.ellipse([x, 80 + 30 * i, x + 60 + 20 * i, 140 + 50 * i], fill=color)
+    return img
+
+
+def make_context(layers: int, new_tokens: int, hidden: int = 256) -> BenchContext:
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    d = bench_model_dir(layers, hidden)
+    processor = AutoProcessor.from_pretrained(d)
+    plain = LlavaForConditionalGeneration.from_pretrained(d).eval()
+    model = LlavaForConditionalGeneration.from_pretrained(d).eval()
+    hooks.install(model)
+    image = bench_image()
+    msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": PROMPT}]}]
+    text = processor.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
+    inputs = dict(processor(images=[image], text=text, return_tensors="pt"))
+    req = Request(inputs["input_ids"], model.config.image_token_id, inputs["input_ids"].shape[1], [image], text, processor)
+    gen = {"max_new_tokens": new_tokens, "min_new_tokens": new_tokens, "do_sample": False}
+    return BenchContext(model, plain, processor, image, inputs, req, gen)
+
+
+def core_cases(ctx: BenchContext) -> dict:
+    m, n = ctx.model, hooks.num_layers(ctx.model)
+    deep = range(n // 3, n)  # the deepest 2/3 of the layers
+    pai = Pai(n)
+
+    def capture():
+        cap = hooks.Capture(layers=deep, keys=ctx.request.image_pos)
+        with hooks.edited(m, cap):
+            m(**ctx.inputs)
+        return cap
+
+    eager = {}
+
+    def output_attentions_eager():
+        if "model" not in eager:  # loaded once, outside the timed region after the warm-up
+            from transformers import LlavaForConditionalGeneration
+
+            eager["model"] = LlavaForConditionalGeneration.from_pretrained(
+                ctx.model.name_or_path, attn_implementation="eager"
+            ).eval()
+        return eager["model"](**ctx.inputs, output_attentions=True)
+
+    return {
+        "hooks idle (generate)": (lambda: m.generate(**ctx.inputs, **ctx.gen_kwargs), "generate"),
+        "capture last row, deepest 2/3 layers": (capture, "forward"),
+        "output_attentions=True (eager)": (output_attentions_eager, "forward"),
+        "llava_pai (no CFG)": (lambda: pai.generate(m, ctx.request, **ctx.inputs, **ctx.gen_kwargs), "generate"),
+    }
+
+
+def all_cases(ctx: BenchContext) -> dict:
+    from ..registry import MODELS
+
+    cases = dict(core_cases(ctx))
+    for name, (module, _, _) in MODELS.items():
+        try:
+            mod = importlib.import_module(f"lmms_eval_plugins.models.{module}")
+        except ModuleNotFoundError:
+            continue
+        if hasattr(mod, "bench_cases"):
+            for case, fn in mod.bench_cases(ctx).items():
+                cases[case if case.startswith(name) else f"{name}: {case}"] = fn
+    return {k: (v if isinstance(v, tuple) else (v, "generate")) for k, v in cases.items()}
+
+
+def baselines(ctx: BenchContext) -> dict:
+    return {
+        "generate": lambda: ctx.plain.generate(**ctx.inputs, **ctx.gen_kwargs),
+        "forward": lambda: ctx.plain(**ctx.inputs),
+    }
+
+
+class ForwardCounter:
+    """Counts language-model forward calls (one per prefill, decode step, or extra pass)."""
+
+    def __init__(self, *models):
+        self.n = 0
+        self.handles = [m.model.language_model.register_forward_pre_hook(self._hit) for m in models]
+
+    def _hit(self, *_):
+        self.n += 1
+
+    def remove(self):
+        for h in self.handles:
+            h.remove()
+
+
+def time_case(fn, repeats: int, counter: ForwardCounter) -> tuple[float, int]:
+    with torch.no_grad():
+        fn()  # warm-up
+        counter.n = 0
+        fn()
+        passes = counter.n
+        times = []
+        for _ in range(repeats):
+            t = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t)
+    return statistics.median(times), passes
+
+
+def _rss_kb(field: str) -> int:
+    for line in open("/proc/self/status"):
+        if line.startswith(field):
+            return int(line.split()[1])
+    return 0
+
+
+def peak_memory_one(case: str, layers: int, new_tokens: int, hidden: int) -> int:
+    """Extra peak RSS (KiB) of one sample of ``case``, in this (fresh) process."""
+    ctx = make_context(layers, new_tokens, hidden)
+    cases = {**{f"baseline:{k}": (v, k) for k, v in baselines(ctx).items()}, **all_cases(ctx)}
+    fn = cases[case][0]
+    with torch.no_grad():
+        if case.startswith("output_attentions"):
+            fn()  # load the eager model first: its loading is not the case's cost
+        before = _rss_kb("VmRSS")
+        Path("/proc/self/clear_refs").write_text("5")  # reset the peak to the current RSS
+        fn()
+        return max(_rss_kb("VmHWM") - before, 0)
+
+
+def peak_memory(case: str, layers: int, new_tokens: int, hidden: int) -> int | None:
+    if not Path("/proc/self/clear_refs").exists():
+        return None
+    cmd = [sys.executable, "-m", "lmms_eval_plugins.commands.bench", case, str(layers), str(new_tokens), str(hidden)]
+    out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    try:
+        return int(out.stdout.strip().splitlines()[-1])
+    except (ValueError, IndexError):
+        print(f"  (memory of {case!r} not measured: {out.stderr[-300:]})", file=sys.stderr)
+        return None
+
+
+def main(args) -> int:
+    torch.manual_seed(0)
+    ctx = make_context(args.layers, args.new_tokens, args.hidden)
+    cases = all_cases(ctx)
+    if args.only:
+        cases = {k: v for k, v in cases.items() if any(s in k for s in args.only.split(","))}
+    counter = ForwardCounter(ctx.model, ctx.plain)
+    base = {}
+    for kind, fn in baselines(ctx).items():
+        base[kind] = time_case(fn, args.repeats, counter)
+    rows = []
+    for name, (fn, kind) in cases.items():
+        t, passes = time_case(fn, args.repeats, counter)
+        rows.append({"case": name, "baseline": kind, "latency_s": t, "latency_ratio": t / base[kind][0], "passes": passes, "baseline_passes": base[kind][1]})
+        print(f"{name}: {t * 1000:.1f} ms ({t / base[kind][0]:.2f}x {kind}), {passes} passes", flush=True)
+    counter.remove()
+    if args.memory:
+        base_mem = {kind: peak_memory(f"baseline:{kind}", args.layers, args.new_tokens, args.hidden) for kind in base}
+        for row in rows:
+            mem = peak_memory(row["case"], args.layers, args.new_tokens, args.hidden)
+            ref = base_mem[row["baseline"]]
+            row["peak_mib"] = None if mem is None else mem / 1024
+            row["memory_ratio"] = None if not (mem is not None and ref) else mem / ref
+    text = render(rows, args, base)
+    print(text)
+    if args.markdown:
+        Path(args.markdown).write_text(text + "\n")
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=1))
+    return 0
+
+
+def render(rows, args, base) -> str:
+    head = f"LLaVA-1.5-shaped random model ({args.layers} LM layers of width {args.hidden}, 576 image tokens), {args.new_tokens} new tokens, median of {args.repeats}, {torch.get_num_threads()} threads\n"
+    head += f"baseline greedy generate: {base['generate'][0] * 1000:.1f} ms, {base['generate'][1]} passes; plain forward: {base['forward'][0] * 1000:.1f} ms\n\n"
+    lines = ["| case | vs | latency | forward passes | peak memory |", "|---|---|---|---|---|"]
+    for r in rows:
+        mem = "-" if r.get("memory_ratio") is None else f"{r['memory_ratio']:.2f}x ({r['peak_mib']:.0f} MiB)"
+        lines.append(f"| {r['case']} | {r['baseline']} | {r['latency_ratio']:.2f}x | {r['passes']} vs {r['baseline_passes']} | {mem} |")
+    return head + "\n".join(lines)
+
+
+def register(sub) -> None:
+    p = sub.add_parser("bench", help="latency / forward passes / peak memory of each technique vs greedy llava_hf")
+    p.add_argument("--layers", type=int, default=4, help="language-model layers of the LLaVA-1.5-shaped model")
+    p.add_argument("--hidden", type=int, default=256, help="its hidden size (heads of 64 dims); wider = closer to real per-token cost")
+    p.add_argument("--new-tokens", type=int, default=8)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--only", default="", help="comma-separated substrings of case names")
+    p.add_argument("--memory", action="store_true", help="also measure peak memory (one fresh process per case)")
+    p.add_argument("--markdown", default=None)
+    p.add_argument("--json", default=None)
+    p.set_defaults(func=main)
+
+
+if __name__ == "__main__":  # one memory measurement, in a fresh process
+    print(peak_memory_one(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])))
