@@ -29,6 +29,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import random
 from collections import deque
 from pathlib import Path
@@ -408,8 +409,11 @@ def write_heads_file(path, heads: Sequence[dict], *, model_id: str, num_layers: 
         **(extra or {}),
         "heads": [{"layer": int(h["layer"]), "head": int(h["head"]), **{k: v for k, v in h.items() if k not in ("layer", "head")}} for h in heads],
     }
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text(json.dumps(doc, indent=1) + "\n")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(doc, indent=1) + "\n")
+    os.replace(tmp, path)  # atomic: concurrent discoveries (one per accelerate rank) never leave a half file
     return doc
 
 
