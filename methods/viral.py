@@ -153,7 +153,8 @@ def grid_count(model) -> int:
     return (vc.image_size // vc.patch_size) ** 2
 
 
-def viral_step(model, batch: dict, *, projector: nn.Module | None, targets: torch.Tensor | None, layer: int, weight: float) -> dict:
+def viral_step(model, batch: dict, *, projector: nn.Module | None, targets: torch.Tensor | None, layer: int, weight: float,
+               image_token_id: int | None = None) -> dict:
     """One forward of L = L_LM + weight * L_VRA.
 
     batch: input_ids, attention_mask, pixel_values, labels (what LlavaForConditionalGeneration takes);
@@ -167,7 +168,8 @@ def viral_step(model, batch: dict, *, projector: nn.Module | None, targets: torc
         return {"loss": out.loss, "lm_loss": out.loss, "vra_loss": None, "n_aligned": 0}
     with capture_layer_output(model, layer) as box:
         out = model(**batch)
-    image_token_id = _config(model).image_token_id
+    if image_token_id is None:
+        image_token_id = _config(model).image_token_id
     feats, keep = image_token_features(box[0], batch["input_ids"], image_token_id, targets.shape[1])
     if keep.numel() == 0:  # nothing to align in this batch
         return {"loss": out.loss, "lm_loss": out.loss, "vra_loss": None, "n_aligned": 0}
@@ -302,3 +304,32 @@ def llm_grid(model) -> tuple[int, int]:
     vc = _config(model).vision_config
     side = vc.image_size // vc.patch_size
     return side, side
+
+
+# ---------------------------------------------------------------------------------------
+# Evaluation: the trained adapter merged into the base model
+# ---------------------------------------------------------------------------------------
+
+
+def adapter_dir(path) -> Path:
+    """A viral-train output directory (its ``adapter/``) or a peft adapter directory itself."""
+    p = Path(path)
+    for cand in (p / "adapter", p):
+        if (cand / "adapter_config.json").exists():
+            return cand
+    raise FileNotFoundError(
+        f"adapter={path}: no adapter_config.json there or in {p / 'adapter'}; pass the --output-dir of "
+        "`lmms-plugins viral-train` (or a peft LoRA adapter directory)"
+    )
+
+
+def merge_adapter(model, path) -> dict:
+    """Merge a peft LoRA adapter into ``model`` in place (weights W + B A * alpha/r); returns its config."""
+    from peft import PeftModel
+
+    folder = adapter_dir(path)
+    peft_model = PeftModel.from_pretrained(model, str(folder), is_trainable=False)
+    merged = peft_model.merge_and_unload()
+    if merged is not model:  # peft edits the modules of `model` itself; make sure the caller's object is the merged one
+        raise RuntimeError("peft returned a new model object when merging; cannot merge in place")
+    return json.loads((folder / "adapter_config.json").read_text())

@@ -1,0 +1,136 @@
+"""VIRAL training end to end on a tiny random LLaVA (CPU), resuming, merging, and the real lmms-eval CLI."""
+
+import json
+import shutil
+
+import pytest
+import torch
+from conftest import REPO, make_inputs
+from PIL import Image
+
+from lmms_eval_plugins.testing import read_samples, run_lmms_eval
+from methods import viral
+from methods.viral_train import TrainConfig, train
+
+COLOURS = {"red": (200, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 200), "yellow": (220, 200, 20)}
+
+
+def _data(root):
+    """Eight images; the assistant always answers "yes" to the tiny_yesno question."""
+    (root / "img").mkdir(parents=True)
+    records = []
+    for i, (name, rgb) in enumerate(list(COLOURS.items()) * 2):
+        Image.new("RGB", (40, 36), rgb).save(root / "img" / f"{i}.png")
+        q = f"<image>\nis there a {list(COLOURS)[(i + 1) % 4]} square in the image?"
+        records.append({"image": f"{i}.png", "conversations": [{"from": "human", "value": q}, {"from": "gpt", "value": "yes"}]})
+    (root / "data.jsonl").write_text("\n".join(json.dumps(r) for r in records))
+    return root / "data.jsonl"
+
+
+def _config(ckpt, data, out, **kw):
+    base = dict(pretrained=str(ckpt), data=str(data), image_folder=str(data.parent / "img"), output_dir=str(out),
+                layer=2, proj_hidden=32, lora_r=8, lora_alpha=16, lora_dropout=0.0, lr=1e-2, batch_size=4,
+                max_steps=12, log_every=1, progress=False, warmup_ratio=0.0)
+    return TrainConfig(**{**base, **kw})
+
+
+@pytest.fixture(scope="module")
+def base_ckpt(tmp_path_factory):
+    """The tiny random LLaVA with a 30x larger lm_head: a random model's tiny output layer (frozen
+    under LoRA) otherwise caps how confident a few LoRA steps can make it."""
+    from transformers import LlavaForConditionalGeneration
+
+    from lmms_eval_plugins.testing import build_tiny_llava
+
+    path = build_tiny_llava(tmp_path_factory.mktemp("viral_base"))
+    model = LlavaForConditionalGeneration.from_pretrained(path)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(30.0)
+    model.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def trained(base_ckpt, tmp_path_factory):
+    root = tmp_path_factory.mktemp("viral_train")
+    data = _data(root)
+    result = train(_config(base_ckpt, data, root / "run", save_every=6))
+    return root, data, result
+
+
+def test_training_loss_finite_and_decreasing_and_outputs_saved(trained):
+    root, _, result = trained
+    log = [json.loads(line) for line in (root / "run" / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == list(range(1, 13)) and result["step"] == 12
+    lm = [r["lm_loss"] for r in log]
+    vra = [r["vra_loss"] for r in log]
+    assert all(torch.isfinite(torch.tensor(lm + vra)))
+    assert lm[-1] < 0.3 * lm[0] and max(lm[-3:]) < min(lm[:3]), lm  # the LM term falls
+    assert min(vra[-3:]) < vra[0], vra  # the alignment term falls (cosine rises)
+    out = root / "run"
+    for f in ("adapter/adapter_model.safetensors", "adapter/adapter_config.json", "vra_projector.safetensors", "viral_config.json",
+              "checkpoints/step-000006/optimizer.safetensors"):
+        assert (out / f).exists(), f
+    settings = json.loads((out / "viral_config.json").read_text())
+    assert settings["teacher"] == "self" and settings["layer"] == 2 and settings["teacher_info"]["dim"] == 32
+    assert not list(out.rglob("*.bin")) and not list(out.rglob("*.pt"))  # nothing pickled
+
+
+def test_resume_from_checkpoint_reproduces_the_uninterrupted_run(trained, base_ckpt):
+    from safetensors.torch import load_file
+
+    root, data, _ = trained
+    other = root / "resumed"
+    shutil.copytree(root / "run" / "checkpoints" / "step-000006", other / "checkpoints" / "step-000006")
+    result = train(_config(base_ckpt, data, other, resume=True))
+    assert result["step"] == 12
+    a = load_file(str(root / "run" / "adapter" / "adapter_model.safetensors"))
+    b = load_file(str(other / "adapter" / "adapter_model.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-5), k
+    # and the resumed run did train: its adapter moved away from the checkpoint's
+    c = load_file(str(other / "checkpoints" / "step-000006" / "adapter" / "adapter_model.safetensors"))
+    assert any(not torch.allclose(b[k], c[k]) for k in b)
+
+
+def test_merge_adapter_equals_the_peft_model(trained, base_ckpt):
+    from peft import PeftModel
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    root, _, _ = trained
+    processor = AutoProcessor.from_pretrained(base_ckpt)
+    inputs, _, _ = make_inputs(processor, "is there a red square in the image?")
+    with torch.no_grad():
+        base = LlavaForConditionalGeneration.from_pretrained(base_ckpt).eval()
+        plain = base(**inputs).logits
+        peft_logits = PeftModel.from_pretrained(base, str(root / "run" / "adapter")).eval()(**inputs).logits
+        merged = LlavaForConditionalGeneration.from_pretrained(base_ckpt).eval()
+        viral.merge_adapter(merged, root / "run")
+        got = merged(**inputs).logits
+    assert torch.allclose(got, peft_logits, atol=1e-4)
+    assert not torch.allclose(got, plain, atol=1e-3)
+    with pytest.raises(FileNotFoundError, match="adapter_config.json"):
+        viral.merge_adapter(merged, root)
+
+
+def test_llava_viral_through_the_lmms_eval_cli(trained, base_ckpt, tmp_path):
+    root, _, _ = trained
+    results, log = run_lmms_eval("llava_viral", f"pretrained={base_ckpt},adapter={root / 'run'}", "tiny_yesno", tmp_path,
+                                 include_path="tests/tasks", cwd=REPO)
+    assert results is not None, log[-3000:]
+    assert results["config"]["model_backend"].endswith("LlavaViralChat (chat)")
+    answers = [s["filtered_resps"] for s in read_samples(tmp_path, "tiny_yesno")]
+    answers = [a[0] if isinstance(a, list) else a for a in answers]
+    assert len(answers) == 3 and all(a.strip().startswith("yes") for a in answers), answers  # what the adapter learnt
+    assert results["results"]["tiny_yesno"]["exact,none"] == pytest.approx(2 / 3)
+
+
+def test_llava_viral_without_adapter_says_what_to_pass(base_ckpt):
+    from lmms_eval_plugins.models.viral import LlavaViralChat
+    from lmms_eval_plugins.params import ModelArgsError
+
+    with pytest.raises(ModelArgsError, match="llava_viral needs adapter=DIR"):
+        LlavaViralChat(pretrained=str(base_ckpt))
+    with pytest.raises(FileNotFoundError, match="viral-train"):
+        LlavaViralChat(pretrained=str(base_ckpt), adapter=str(base_ckpt))
