@@ -12,6 +12,9 @@ kept (at least one).
 - ``mode=prune``: one scoring prefill, then the answer with the dropped image tokens masked as
   keys (``hooks.Block``) for every row after the image, in every layer. The image tokens'
   own rows are untouched: the kept tokens are the same vectors as in the full forward.
+  For generation (pooled selection) the masks are realised by cutting the scoring prefill's
+  cache down to [prefix, kept image tokens] and re-prefilling the query after it: the same
+  answer (tested against the masks), with decoding over the kept entries only.
 - ``mode=compressed``: the KV cache of a first pass over the image is cut down to the prefix,
   the kept image tokens and (``keep_query``) the query tokens of that pass, and stored under
   the image's content hash. Later requests on the same image are answered from that cache,
@@ -250,10 +253,33 @@ class Reprompt(Technique):
             edits.append(hooks.Block(layers=layers, rows=rows, keys=pos[dropped]))
         return edits
 
-    def _prune(self, model, req: Request, run, kwargs):
+    def _prune_forward(self, model, req: Request, kwargs):
         kept = self.kept_image_tokens(model, req, kwargs)
         with hooks.edited(model, *self.prune_edits(req, kept)):
-            return run(**kwargs)
+            return model(**kwargs)
+
+    def _prune_generate(self, model, req: Request, kwargs):
+        """Pooled selection: the scoring prefill's cache cut to [prefix, kept image tokens], and the query
+        re-prefilled after it, which equals masking the dropped keys (tested) but decodes over the kept
+        entries only. Per-layer selection: the key masks."""
+        if self.params["selection"] == "per_layer":
+            kept = self.kept_image_tokens(model, req, kwargs)
+            with hooks.edited(model, *self.prune_edits(req, kept)):
+                return model.generate(**kwargs)
+        clock = _with_clock(kwargs)
+        p = req.prompt_len
+        cap = self._capture(req, p)
+        prefill = {k: (v[:, :p] if k != "pixel_values" else v) for k, v in kwargs.items() if k in FORWARD_KEYS}
+        with torch.no_grad(), hooks.edited(model, cap):
+            out = model(**prefill, use_cache=True)
+        kept = select(cap.latest(), self.params["keep_ratio"])[None]
+        ctx = self.build_context(model, req, out.past_key_values, kept, p, keep_query=False)
+        img_end = int(req.image_pos[-1]) + 1
+        new = generate_from(model, ctx, req.input_ids[:, img_end:p], **kwargs)
+        suffix = p - img_end
+        self._log({"image": "", "compressed": True, "kv_entries": ctx.entries + suffix, "kv_full": p,
+                   "image_kept": ctx.image_kept, "ttft_s": clock.first})
+        return torch.cat([req.input_ids, new.to(req.input_ids.device)], dim=1)
 
     # --- compressed ---
 
@@ -261,15 +287,16 @@ class Reprompt(Technique):
         img_start = int(req.image_pos[0])
         return image_hash(req.images), tuple(req.input_ids[0, :img_start].tolist())
 
-    def build_context(self, model, req: Request, cache, kept: torch.Tensor, query_end: int) -> CompressedContext:
+    def build_context(self, model, req: Request, cache, kept: torch.Tensor, query_end: int, keep_query=None) -> CompressedContext:
         """Compress a cache over [prefix, image, query up to query_end)."""
+        keep_query = self.params["keep_query"] if keep_query is None else keep_query
         pos = req.image_pos
         img_start, img_end = int(pos[0]), int(pos[-1]) + 1
         parts = [torch.arange(img_start), pos[kept].cpu()]
-        if self.params["keep_query"]:
+        if keep_query:
             parts.append(torch.arange(img_end, query_end))
-        next_position = query_end if self.params["keep_query"] else img_end
-        full = query_end if self.params["keep_query"] else img_end
+        next_position = query_end if keep_query else img_end
+        full = query_end if keep_query else img_end
         return compress(cache, torch.cat(parts), next_position, full, int(kept.numel()), int(pos.numel()))
 
     def _remember(self, key, ctx: CompressedContext):
@@ -358,7 +385,7 @@ class Reprompt(Technique):
     def generate(self, model, req: Request, **kwargs):
         req.require_one_image(self.name)
         if self.params["mode"] == "prune":
-            return self._prune(model, req, model.generate, kwargs)
+            return self._prune_generate(model, req, kwargs)
         return self._compressed_generate(model, req, kwargs)
 
     def forward(self, model, req: Request, **kwargs):
@@ -368,7 +395,7 @@ class Reprompt(Technique):
                 "reprompt mode=compressed answers generate_until tasks (it reuses one cache across questions); "
                 "for loglikelihood / multiple_choice tasks use mode=prune"
             )
-        return self._prune(model, req, model, kwargs)
+        return self._prune_forward(model, req, kwargs)
 
     def describe(self):
         d = {**super().describe(), "score_layers": f"{self.score_layers.start}..{self.score_layers.stop - 1}"}

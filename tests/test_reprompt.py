@@ -106,6 +106,20 @@ def test_prune_masks_exactly_the_dropped_image_keys(two_questions, selection):
     assert torch.equal(got[:, :img_end], plain[:, :img_end]) and not torch.allclose(got[:, -1], plain[:, -1])
 
 
+def test_prune_generate_equals_generation_under_the_masks(two_questions):
+    """Generation prunes by cutting the cache; the tokens equal greedy generation under the Block masks."""
+    model, processor, image, in1, _ = two_questions
+    req = _request(model, processor, in1, image)
+    tech = Reprompt(4, mode="prune", keep_ratio=0.25)
+    with torch.no_grad():
+        got = tech.generate(model, req, **in1, **GREEDY)
+        with hooks.edited(model, *tech.prune_edits(req, tech.kept_image_tokens(model, req, in1))):
+            want = model.generate(**in1, **GREEDY)
+        plain = model.generate(**in1, **GREEDY)
+    assert torch.equal(got, want) and not torch.equal(got, plain)
+    assert tech.records[-1]["kv_entries"] == 2 + 4 + 11 and tech.records[-1]["kv_full"] == 29
+
+
 # --- compressed contexts ---
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 from loguru import logger
 
 from methods.hooks import num_layers
-from methods.reprompt import DEFAULTS, MODES, SCORE_ROWS, SELECTIONS, Reprompt
+from methods.reprompt import DEFAULTS, MODES, SCORE_ROWS, SELECTIONS, Reprompt, forward_from
 
 from ..base import TechniqueSpec, wrapper_classes
 from ..params import Param
@@ -65,12 +65,17 @@ LlavaReprompt, LlavaRepromptChat = wrapper_classes(SPEC, __name__)
 
 
 def bench_cases(ctx):
-    """Pruning at 5%, and a compressed follow-up at 5% (the image's context is compressed once, here)."""
+    """Pruning at 5%; a compressed follow-up at 5% (the image's context is built once, here): its whole
+    generate, and its prefill alone against a full prefill (= time to first token vs full prefill)."""
     n = num_layers(ctx.model)
     prune = Reprompt(n, mode="prune", keep_ratio=0.05)
     followup = Reprompt(n, mode="compressed", keep_ratio=0.05)
-    followup.generate(ctx.model, ctx.request, **ctx.inputs, **ctx.gen_kwargs)  # the first question: builds the context
+    followup.generate(ctx.model, ctx.request, **ctx.inputs, **ctx.gen_kwargs)  # the first question builds the context
+    context = next(iter(followup.contexts.values()))
+    suffix = ctx.request.input_ids[:, int(ctx.request.image_pos[-1]) + 1 :]
+    kv = f"KV {context.entries} of {context.full_entries} entries"
     return {
-        "prune_5pct": lambda: prune.generate(ctx.model, ctx.request, **ctx.inputs, **ctx.gen_kwargs),
-        "compressed_followup_5pct": lambda: followup.generate(ctx.model, ctx.request, **ctx.inputs, **ctx.gen_kwargs),
+        "prune 5%": lambda: prune.generate(ctx.model, ctx.request, **ctx.inputs, **ctx.gen_kwargs),
+        f"compressed follow-up 5% ({kv})": lambda: followup.generate(ctx.model, ctx.request, **ctx.inputs, **ctx.gen_kwargs),
+        f"compressed follow-up 5% prefill vs full prefill ({kv})": (lambda: forward_from(ctx.model, context, suffix), "forward"),
     }
