@@ -10,14 +10,18 @@ in the paper); y: the frozen teacher's patch features, resampled to the LLM's vi
 
 Teachers (all frozen, run under ``torch.no_grad``):
 - ``BackboneTeacher``: any transformers vision backbone loaded by path (DINOv2 for real
-  users, the ShapeWorld teacher here). It gets its *own* normalisation: we undo the LLaVA
-  processor's (CLIP) normalisation of ``pixel_values`` (an exact affine inverse), resize
-  that RGB image to the teacher's input size and normalise it with the teacher's mean/std.
-  Starting from the LLaVA pixels rather than re-processing the original image keeps the
-  teacher's field of view identical to the LLM's (the teacher's own processor would crop
+  users, the ShapeWorld teacher here), with its *own* normalisation and input size. The
+  reference implementation feeds the CLIP-normalised pixels to DINOv2 as they are; here
+  the teacher sees either
+  * the original image re-processed (``features_from_images``, the default in training):
+    resized and centre-cropped with the LLaVA processor's geometry (shortest edge, then the
+    same crop fraction) to the teacher's input size, normalised with the teacher's mean/std;
+    the teacher then sees the full-resolution image, not the LLM's downsampled pixels; or
+  * the LLaVA pixels converted (``features``): the processor's (x - mean)/std is undone
+    exactly, the RGB image resized to the teacher's size and normalised with its mean/std.
+  Either way the field of view is the LLM's (the teacher's own processor would crop
   differently: DINOv2 resizes to 256 and centre-crops 224), so patch (i, j) of both grids
-  covers the same part of the picture. (The reference implementation feeds the
-  CLIP-normalised pixels to DINOv2 as they are.)
+  covers the same part of the picture.
 - ``EncoderTeacher``: the LLaVA model's own vision tower at ``vision_feature_layer``
   (the paper's "align to the encoder's features" variant); its grid is the LLM's grid.
 
@@ -242,12 +246,22 @@ class BackboneTeacher(nn.Module):
         if rgb.shape[-2:] != (size, size):
             rgb = F.interpolate(rgb, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
         x = (rgb - torch.tensor(self.mean).view(1, -1, 1, 1)) / torch.tensor(self.std).view(1, -1, 1, 1)
+        return self._encode(x)
+
+    def _encode(self, x: torch.Tensor):
+        size = self.image_size
         param = next(self.backbone.parameters())
         out = self.backbone(pixel_values=x.to(param.device, param.dtype))
         tokens = out.last_hidden_state
         grid = (size // self.patch_size, size // self.patch_size)
         n = grid[0] * grid[1]
         return tokens[:, tokens.shape[1] - n :], grid  # drop CLS / register tokens in front
+
+    @torch.no_grad()
+    def features_from_images(self, images, crop_fraction: float = 1.0):
+        """The original PIL images, with the LLM's field of view, at the teacher's size and normalisation."""
+        x = teacher_pixels(images, self.image_size, self.mean, self.std, crop_fraction)
+        return self._encode(x)
 
     def describe(self) -> dict:
         return {"teacher": self.name, "image_size": self.image_size, "patch_size": self.patch_size, "dim": self.dim}
@@ -282,6 +296,44 @@ class EncoderTeacher(nn.Module):
 
     def describe(self) -> dict:
         return {"teacher": "self", "vision_feature_layer": self.feature_layer, "dim": self.dim}
+
+
+def teacher_pixels(images, size: int, mean, std, crop_fraction: float = 1.0) -> torch.Tensor:
+    """(B, 3, size, size): shortest edge resized to size / crop_fraction (bicubic), centre crop
+    of size x size (the geometry of CLIPImageProcessor's resize + centre crop), then (x - mean) / std."""
+    import numpy as np
+    from PIL import Image
+
+    out = []
+    for im in images:
+        im = im.convert("RGB")
+        short = round(size / crop_fraction)
+        w, h = im.size
+        nw, nh = (short, int(short * h / w)) if w <= h else (int(short * w / h), short)  # as transformers does
+        im = im.resize((nw, nh), Image.Resampling.BICUBIC)
+        left, top = (nw - size) // 2, (nh - size) // 2
+        im = im.crop((left, top, left + size, top + size))
+        out.append(torch.from_numpy(np.asarray(im, dtype=np.float32) / 255.0).permute(2, 0, 1))
+    x = torch.stack(out)
+    return (x - torch.tensor(mean).view(1, -1, 1, 1)) / torch.tensor(std).view(1, -1, 1, 1)
+
+
+def crop_fraction(image_processor) -> float:
+    """Which fraction of the resized shortest edge the LLaVA processor keeps (1.0 for LLaVA-1.5)."""
+    size = getattr(image_processor, "size", None) or {}
+    crop = getattr(image_processor, "crop_size", None) or {}
+    short = size.get("shortest_edge") if isinstance(size, dict) else None
+    keep = crop.get("height") if isinstance(crop, dict) else None
+    if not getattr(image_processor, "do_center_crop", False) or not short or not keep:
+        return 1.0
+    return min(1.0, keep / short)
+
+
+def teacher_targets_from_images(teacher, images, dst_grid: tuple[int, int], crop: float = 1.0) -> torch.Tensor:
+    """Like ``teacher_targets`` from the original images (BackboneTeacher only)."""
+    with torch.no_grad():
+        feats, grid = teacher.features_from_images(images, crop)
+        return resample_grid(feats.float(), grid, dst_grid)
 
 
 def teacher_targets(teacher, pixel_values: torch.Tensor, src_mean, src_std, dst_grid: tuple[int, int]) -> torch.Tensor:

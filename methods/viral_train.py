@@ -47,6 +47,7 @@ class TrainConfig:
     image_folder: str = ""
     teacher: str = "self"  # a vision backbone directory, "self" (the model's own vision tower) or "none"
     teacher_image_size: int | None = None
+    teacher_input: str = "image"  # "image": re-process the original image; "pixels": convert the LLaVA pixels
     layer: int = viral.DEFAULTS["layer"]
     weight: float = viral.DEFAULTS["weight"]
     proj_hidden: int = viral.DEFAULTS["proj_hidden"]
@@ -318,7 +319,11 @@ def train(cfg: TrainConfig) -> dict:
     base = accelerator.unwrap_model(model)
     image_token_id = base.config.image_token_id
     grid = viral.llm_grid(base)
-    mean, std = processor.image_processor.image_mean, processor.image_processor.image_std
+    if cfg.teacher_input not in ("image", "pixels"):
+        raise ValueError(f"teacher_input={cfg.teacher_input!r}: use 'image' (re-process the original) or 'pixels'")
+    ip = processor.image_processor
+    source = {"mean": ip.image_mean, "std": ip.image_std, "crop": viral.crop_fraction(ip),
+              "from_images": cfg.teacher_input == "image" and isinstance(teacher, viral.BackboneTeacher)}
 
     step = 0
     resume = latest_checkpoint(out) if cfg.resume is True else (Path(cfg.resume) if cfg.resume else None)
@@ -354,7 +359,7 @@ def train(cfg: TrainConfig) -> dict:
             index = batch.pop("index")
             targets = None
             if teacher is not None and "pixel_values" in batch:
-                targets = _targets(teacher, batch["pixel_values"], index, cache if cfg.cache_teacher else None, mean, std, grid)
+                targets = _targets(teacher, batch["pixel_values"], index, cache if cfg.cache_teacher else None, grid, data, source)
             with accelerator.accumulate(model, *( [projector] if projector is not None else [])):
                 res = viral.viral_step(model, batch, projector=projector, targets=targets, layer=cfg.layer,
                                        weight=cfg.weight, image_token_id=image_token_id)
@@ -396,12 +401,17 @@ def _mean(xs):
     return sum(xs) / len(xs) if xs else None
 
 
-def _targets(teacher, pixel_values, index, cache, mean, std, grid):
+def _targets(teacher, pixel_values, index, cache, grid, data, source):
+    def compute(rows):
+        if source["from_images"]:
+            return viral.teacher_targets_from_images(teacher, [data.image(int(index[b])) for b in rows], grid, source["crop"])
+        return viral.teacher_targets(teacher, pixel_values[rows], source["mean"], source["std"], grid)
+
     if cache is None:
-        return viral.teacher_targets(teacher, pixel_values, mean, std, grid)
+        return compute(list(range(len(index)))).to(pixel_values.device)
     missing = [b for b, i in enumerate(index.tolist()) if i not in cache]
     if missing:
-        fresh = viral.teacher_targets(teacher, pixel_values[missing], mean, std, grid).cpu()
+        fresh = compute(missing).cpu()
         for b, feats in zip(missing, fresh):
             cache[int(index[b])] = feats
     return torch.stack([cache[int(i)] for i in index.tolist()]).to(pixel_values.device)

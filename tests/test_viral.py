@@ -208,3 +208,16 @@ def test_encoder_teacher_is_the_towers_feature_layer(tiny):
         ref = model.model.vision_tower(inputs["pixel_values"], output_hidden_states=True).hidden_states[-2][:, 1:]
     assert grid == (4, 4) and torch.allclose(feats, ref) and teacher.dim == 32
     assert viral.load_teacher("none", model) is None
+
+
+def test_teacher_pixels_reproduce_the_llava_processor_geometry(tiny):
+    """Re-processing the original image with the teacher's path at the LLaVA size and CLIP
+    statistics gives the LLaVA processor's pixels: same resize, same crop, same field of view."""
+    _, processor, _ = tiny
+    rng = np.random.default_rng(1)
+    for size in ((40, 30), (30, 52)):
+        img = Image.fromarray(rng.integers(0, 256, size=(size[1], size[0], 3), dtype=np.uint8))
+        ip = processor.image_processor
+        want = ip(images=[img], return_tensors="pt")["pixel_values"]
+        got = viral.teacher_pixels([img], 32, ip.image_mean, ip.image_std, viral.crop_fraction(ip))
+        assert got.shape == want.shape and torch.allclose(got, want, atol=2e-2), (got - want).abs().max()  # <= one 8-bit grey level

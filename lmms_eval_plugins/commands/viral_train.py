@@ -24,6 +24,9 @@ def register(sub) -> None:
     p.add_argument("--teacher", default="self",
                    help="vision backbone directory (e.g. a saved facebook/dinov2-base), 'self' (the model's own vision tower) or 'none'")
     p.add_argument("--teacher-image-size", type=int, default=None, help="teacher input size (default: its preprocessor's crop size)")
+    p.add_argument("--teacher-input", default="image", choices=["image", "pixels"],
+                   help="what a backbone teacher sees: the original image re-processed with the LLM's field of view, "
+                   "or the LLaVA pixels with the CLIP normalisation undone")
     p.add_argument("--layer", type=int, default=viral.DEFAULTS["layer"], help="aligned LLM layer, 1-based over hidden_states")
     p.add_argument("--weight", type=float, default=viral.DEFAULTS["weight"], help="lambda of L_VRA (0: plain fine-tuning)")
     p.add_argument("--proj-hidden", type=int, default=viral.DEFAULTS["proj_hidden"], help="hidden width of the VRA projector")
