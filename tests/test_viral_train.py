@@ -134,3 +134,22 @@ def test_llava_viral_without_adapter_says_what_to_pass(base_ckpt):
         LlavaViralChat(pretrained=str(base_ckpt))
     with pytest.raises(FileNotFoundError, match="viral-train"):
         LlavaViralChat(pretrained=str(base_ckpt), adapter=str(base_ckpt))
+
+
+def test_alignment_command_writes_table_and_curve(trained, base_ckpt, tmp_path):
+    from PIL import Image
+
+    from lmms_eval_plugins.cli import main
+
+    root, _, _ = trained
+    code = main(["alignment", "--model", f"baseline={base_ckpt}", "--model", f"viral={base_ckpt},adapter={root / 'run'}",
+                 "--reference", "self", "--images", str(root / "img"), "--topk", "5", "--output-dir", str(tmp_path)])
+    assert code == 0
+    result = json.loads((tmp_path / "alignment.json").read_text())
+    assert set(result["tables"]) == {"baseline", "viral"}
+    for table in result["tables"].values():
+        assert [r["layer"] for r in table] == [0, 1, 2, 3, 4]  # embeddings + 4 decoder layers
+        assert all(-1.0 <= r["cknna"] <= 1.0 + 1e-9 and 0.0 <= r["cka"] <= 1.0 + 1e-9 for r in table)
+    assert result["tables"]["baseline"] != result["tables"]["viral"]  # the adapter changed the states
+    assert "| layer | baseline CKNNA | baseline CKA | viral CKNNA | viral CKA |" in (tmp_path / "alignment.md").read_text()
+    assert Image.open(tmp_path / "alignment.png").size == (900, 380)

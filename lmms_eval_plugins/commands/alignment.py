@@ -1,0 +1,164 @@
+"""`lmms-plugins alignment`: layer-wise CKNNA / linear CKA of the LLM's image tokens vs reference features.
+
+    lmms-plugins alignment --model baseline=shapeworld-tiny \\
+        --model viral=shapeworld-tiny,adapter=runs/viral --reference TEACHER_DIR|self \\
+        --shapeworld 64 --output-dir results/alignment
+
+For every entry l of ``hidden_states`` (0 = the projected image features entering the LLM,
+l = after decoder layer l), the image-token states of N images are compared with the
+reference features on the same grid (a teacher backbone's, resampled; or ``self``, the
+first model's own vision tower at its feature layer). Writes alignment.json, alignment.md
+(one table: layer x model x {CKNNA, CKA}) and alignment.png (the CKNNA curves, one per model,
+and the CKA curves).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+
+def register(sub) -> None:
+    p = sub.add_parser("alignment", help="layer-wise CKNNA/CKA of image-token hidden states vs a teacher (VIRAL analysis)",
+                       description=__doc__, formatter_class=__import__("argparse").RawDescriptionHelpFormatter)
+    p.add_argument("--model", action="append", required=True,
+                   help="NAME=CHECKPOINT[,adapter=DIR] (repeatable; the first is the baseline of the plot)")
+    p.add_argument("--reference", default="self", help="teacher backbone directory, or 'self' (the first model's vision tower)")
+    p.add_argument("--teacher-image-size", type=int, default=None)
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--images", help="a directory of images (png/jpg), the first --num are used")
+    src.add_argument("--shapeworld", type=int, metavar="N", help="N ShapeWorld test scenes")
+    p.add_argument("--num", type=int, default=64, help="images taken from --images")
+    p.add_argument("--prompt", default="describe this image .", help="the user text after the image")
+    p.add_argument("--topk", type=int, default=10, help="CKNNA's k")
+    p.add_argument("--max-rows", type=int, default=2048, help="image tokens (rows) subsampled for the kernels")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--output-dir", required=True)
+    p.set_defaults(func=run)
+
+
+def parse_model(spec: str) -> tuple[str, str, str | None]:
+    if "=" not in spec.split(",")[0]:
+        raise SystemExit(f"--model {spec!r}: use NAME=CHECKPOINT[,adapter=DIR]")
+    name, rest = spec.split("=", 1)
+    parts = rest.split(",")
+    adapter = None
+    for extra in parts[1:]:
+        key, _, value = extra.partition("=")
+        if key != "adapter":
+            raise SystemExit(f"--model {spec!r}: unknown option {key!r} (only adapter=DIR)")
+        adapter = value
+    return name, parts[0], adapter
+
+
+def load_images(args) -> list:
+    from PIL import Image
+
+    if args.shapeworld:
+        from ..shapeworld.scenes import derive_seed, scene_from_seed
+
+        return [scene_from_seed(derive_seed("viral-alignment", i), "test").render() for i in range(args.shapeworld)]
+    files = sorted(f for f in Path(args.images).iterdir() if f.suffix.lower() in (".png", ".jpg", ".jpeg"))[: args.num]
+    if not files:
+        raise SystemExit(f"--images {args.images}: no png/jpg files")
+    return [Image.open(f).convert("RGB") for f in files]
+
+
+def run(args) -> int:
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    from methods import alignment, viral
+
+    from ..base import resolve_pretrained
+
+    torch.manual_seed(args.seed)
+    images = load_images(args)
+    out = Path(args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    reference, states = None, {}
+    for spec in args.model:
+        name, ckpt, adapter = parse_model(spec)
+        ckpt = resolve_pretrained(ckpt)
+        model = LlavaForConditionalGeneration.from_pretrained(ckpt).eval()
+        processor = AutoProcessor.from_pretrained(ckpt)
+        if adapter:
+            viral.merge_adapter(model, adapter)
+        msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": args.prompt}]}]
+        prompt = processor.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
+        per_image, pixels = [], []
+        for im in images:
+            inputs = processor(images=[im], text=prompt, return_tensors="pt")
+            per_image.append(alignment.image_token_states(model, inputs, model.config.image_token_id))
+            pixels.append(inputs["pixel_values"])
+        states[name] = per_image
+        if reference is None:  # reference features on the first model's grid
+            grid = viral.llm_grid(model)
+            teacher = viral.load_teacher(args.reference, model, args.teacher_image_size)
+            ip = processor.image_processor
+            if isinstance(teacher, viral.BackboneTeacher):
+                reference = [viral.teacher_targets_from_images(teacher, [im], grid, viral.crop_fraction(ip))[0] for im in images]
+            else:
+                reference = [viral.teacher_targets(teacher, px, ip.image_mean, ip.image_std, grid)[0] for px in pixels]
+        print(f"alignment: {name}: {len(images)} images, {len(per_image[0])} hidden_states entries")
+    tables = {name: alignment.layerwise_alignment(s, reference, topk=args.topk, max_rows=args.max_rows, seed=args.seed)
+              for name, s in states.items()}
+    result = {"reference": args.reference, "models": args.model, "images": len(images), "topk": args.topk, "tables": tables}
+    (out / "alignment.json").write_text(json.dumps(result, indent=2))
+    (out / "alignment.md").write_text(markdown_table(tables))
+    plot_curves(tables, out / "alignment.png", title=f"image tokens vs {Path(args.reference).name}")
+    print(markdown_table(tables))
+    print(f"alignment: wrote {out / 'alignment.md'}, {out / 'alignment.png'}")
+    return 0
+
+
+def markdown_table(tables: dict) -> str:
+    names = list(tables)
+    head = "| layer | " + " | ".join(f"{n} CKNNA | {n} CKA" for n in names) + " |"
+    sep = "|---|" + "---|---|" * len(names)
+    rows = []
+    for i, row in enumerate(next(iter(tables.values()))):
+        cells = [f"{tables[n][i]['cknna']:.3f} | {tables[n][i]['cka']:.3f}" for n in names]
+        rows.append(f"| {row['layer']} | " + " | ".join(cells) + " |")
+    return "\n".join([head, sep, *rows]) + "\n"
+
+
+COLOURS = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189), (255, 127, 14), (23, 190, 207)]
+
+
+def plot_curves(tables: dict, path, title: str = "") -> None:
+    """Two panels (CKNNA, CKA) of one line per model over layers, drawn with Pillow."""
+    from PIL import Image, ImageDraw
+
+    W, H, pad = 900, 380, 50
+    img = Image.new("RGB", (W, H), "white")
+    d = ImageDraw.Draw(img)
+    d.text((pad, 8), title, fill="black")
+    panel_w = (W - 3 * pad) // 2
+    for p, metric in enumerate(("cknna", "cka")):
+        x0, y0, x1, y1 = pad + p * (panel_w + pad), 40, pad + p * (panel_w + pad) + panel_w, H - 60
+        values = [r[metric] for t in tables.values() for r in t]
+        lo, hi = min(0.0, min(values)), max(values + [1e-6])
+        hi = hi + 0.05 * (hi - lo)
+        n = len(next(iter(tables.values())))
+        d.rectangle([x0, y0, x1, y1], outline="black")
+        d.text((x0, y1 + 22), f"{metric.upper()} vs LLM layer (hidden_states index)", fill="black")
+        for frac in (0.0, 0.5, 1.0):
+            yy = y1 - frac * (y1 - y0)
+            d.text((x0 - 40, yy - 6), f"{lo + frac * (hi - lo):.2f}", fill="black")
+        for layer in range(n):
+            xx = x0 + (layer / max(1, n - 1)) * (x1 - x0)
+            d.text((xx - 3, y1 + 4), str(layer), fill="black")
+
+        def to_xy(layer, v):
+            return (x0 + (layer / max(1, n - 1)) * (x1 - x0), y1 - (v - lo) / (hi - lo) * (y1 - y0))
+
+        for k, (name, table) in enumerate(tables.items()):
+            col = COLOURS[k % len(COLOURS)]
+            pts = [to_xy(r["layer"], r[metric]) for r in table]
+            d.line(pts, fill=col, width=2)
+            for x, y in pts:
+                d.ellipse([x - 3, y - 3, x + 3, y + 3], fill=col)
+            d.text((x1 - 110, y1 - 16 - 14 * k), name, fill=col)  # legend, bottom right
+    img.save(path)
