@@ -72,6 +72,7 @@ def run(args) -> int:
     from methods import alignment, viral
 
     from ..base import resolve_pretrained
+    from ..viral_teacher import resolve_teacher
 
     torch.manual_seed(args.seed)
     images = load_images(args)
@@ -95,7 +96,7 @@ def run(args) -> int:
         states[name] = per_image
         if reference is None:  # reference features on the first model's grid
             grid = viral.llm_grid(model)
-            teacher = viral.load_teacher(args.reference, model, args.teacher_image_size)
+            teacher = viral.load_teacher(resolve_teacher(args.reference), model, args.teacher_image_size)
             ip = processor.image_processor
             if isinstance(teacher, viral.BackboneTeacher):
                 reference = [viral.teacher_targets_from_images(teacher, [im], grid, viral.crop_fraction(ip))[0] for im in images]

@@ -22,7 +22,8 @@ def register(sub) -> None:
     p.add_argument("--image-folder", default="", help="root of the records' image paths")
     p.add_argument("--output-dir", required=True)
     p.add_argument("--teacher", default="self",
-                   help="vision backbone directory (e.g. a saved facebook/dinov2-base), 'self' (the model's own vision tower) or 'none'")
+                   help="vision backbone directory (e.g. a saved facebook/dinov2-base), 'shapeworld-teacher' (shipped), "
+                   "'self' (the model's own vision tower) or 'none'")
     p.add_argument("--teacher-image-size", type=int, default=None, help="teacher input size (default: its preprocessor's crop size)")
     p.add_argument("--teacher-input", default="image", choices=["image", "pixels"],
                    help="what a backbone teacher sees: the original image re-processed with the LLM's field of view, "
@@ -67,10 +68,12 @@ def run(args) -> int:
     from methods.viral_train import TrainConfig, train
 
     from ..base import resolve_pretrained
+    from ..viral_teacher import resolve_teacher
 
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
     values = {k: v for k, v in vars(args).items() if k in fields}
     values["pretrained"] = resolve_pretrained(values["pretrained"])
+    values["teacher"] = resolve_teacher(values["teacher"])
     result = train(TrainConfig(**values))
     print(f"viral-train: done at step {result['step']}: lm_loss={result.get('lm_loss')} vra_loss={result.get('vra_loss')}; "
           f"adapter in {args.output_dir}/adapter")
