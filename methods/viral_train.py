@@ -289,7 +289,8 @@ def build(cfg: TrainConfig):
     return peft_model, processor, teacher, projector
 
 
-def train(cfg: TrainConfig) -> dict:
+def train(cfg: TrainConfig, records: list[dict] | None = None) -> dict:
+    """Run the training; ``records`` (LLaVA-format dicts, ``image`` may be a PIL image) replace ``cfg.data``."""
     from accelerate import Accelerator
     from accelerate.utils import set_seed
     from tqdm.auto import tqdm
@@ -298,7 +299,7 @@ def train(cfg: TrainConfig) -> dict:
     accelerator = Accelerator(gradient_accumulation_steps=cfg.grad_accum)
     set_seed(cfg.seed)
     model, processor, teacher, projector = build(cfg)
-    records = read_records(cfg.data)[: cfg.limit]
+    records = (read_records(cfg.data) if records is None else records)[: cfg.limit]
     data = ConversationDataset(records, processor, cfg.image_folder, cfg.max_length)
     sampler = EpochSampler(len(data), cfg.seed)
     pad_id = processor.tokenizer.pad_token_id
@@ -340,7 +341,7 @@ def train(cfg: TrainConfig) -> dict:
             scheduler.step()
         accelerator.print(f"resumed from {resume} at step {step}")
 
-    settings = {"base": cfg.pretrained, **dataclasses.asdict(cfg), "teacher_info": teacher.describe() if teacher is not None else None,
+    settings = {"base": cfg.pretrained, **dataclasses.asdict(cfg), "records": len(records), "teacher_info": teacher.describe() if teacher is not None else None,
                 "steps": total, "grid": list(grid), "image_token_id": image_token_id}
     cache: dict[int, torch.Tensor] = {}
     log_path = out / "log.jsonl"

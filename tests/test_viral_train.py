@@ -153,3 +153,19 @@ def test_alignment_command_writes_table_and_curve(trained, base_ckpt, tmp_path):
     assert result["tables"]["baseline"] != result["tables"]["viral"]  # the adapter changed the states
     assert "| layer | baseline CKNNA | baseline CKA | viral CKNNA | viral CKA |" in (tmp_path / "alignment.md").read_text()
     assert Image.open(tmp_path / "alignment.png").size == (900, 380)
+
+
+def test_training_records_from_an_lmms_eval_task_split(tmp_path):
+    from lmms_eval_plugins.viral_data import task_records
+
+    yaml = (REPO / "tests" / "tasks" / "tiny_ll.yaml").read_text()
+    yaml = yaml.replace("task: tiny_yesno_ll", "task: tiny_ll_train").replace("test_split: test", "test_split: test\ntraining_split: test")
+    yaml = yaml.replace("tests/tasks/tiny.jsonl", str(REPO / "tests" / "tasks" / "tiny.jsonl"))
+    (tmp_path / "tiny_ll_train.yaml").write_text(yaml)
+    shutil.copy(REPO / "tests" / "tasks" / "tiny_utils.py", tmp_path)
+    records = task_records(["tiny_ll_train"], str(tmp_path))
+    assert [r["conversations"][1]["value"] for r in records] == ["yes", "no", "yes"]  # multiple-choice index -> option
+    assert records[2]["conversations"][0]["value"] == "is there a blue square in the image?"
+    assert records[0]["image"].size == (48, 40)
+    with pytest.raises(ValueError, match="no validation split"):
+        task_records(["tiny_ll_train"], str(tmp_path), split="validation")

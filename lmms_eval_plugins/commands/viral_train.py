@@ -18,7 +18,12 @@ def register(sub) -> None:
     p = sub.add_parser("viral-train", help="fine-tune with VIRAL's visual representation alignment (peft LoRA + accelerate)",
                        description=__doc__, formatter_class=_Formatter)
     p.add_argument("--pretrained", required=True, help="base LLaVA checkpoint (directory, hub id, or shapeworld-tiny)")
-    p.add_argument("--data", required=True, help="LLaVA-format training data (JSON list or JSONL: image + conversations)")
+    p.add_argument("--data", required=True,
+                   help="LLaVA-format training data (JSON list or JSONL: image + conversations), or tasks:NAME[,NAME] for "
+                   "the training splits of lmms-eval tasks (their own prompts and targets)")
+    p.add_argument("--include-path", default=None, help="lmms-eval --include_path for --data tasks:... (e.g. task_configs)")
+    p.add_argument("--data-split", default="train", help="which split of the tasks, for --data tasks:...")
+    p.add_argument("--limit-per-task", type=int, default=None, help="documents per task, for --data tasks:...")
     p.add_argument("--image-folder", default="", help="root of the records' image paths")
     p.add_argument("--output-dir", required=True)
     p.add_argument("--teacher", default="self",
@@ -74,7 +79,13 @@ def run(args) -> int:
     values = {k: v for k, v in vars(args).items() if k in fields}
     values["pretrained"] = resolve_pretrained(values["pretrained"])
     values["teacher"] = resolve_teacher(values["teacher"])
-    result = train(TrainConfig(**values))
+    records = None
+    if args.data.startswith("tasks:"):
+        from ..viral_data import task_records
+
+        records = task_records(args.data[len("tasks:"):].split(","), args.include_path, args.data_split, args.limit_per_task)
+        print(f"viral-train: {len(records)} training records from {args.data}")
+    result = train(TrainConfig(**values), records)
     print(f"viral-train: done at step {result['step']}: lm_loss={result.get('lm_loss')} vra_loss={result.get('vra_loss')}; "
           f"adapter in {args.output_dir}/adapter")
     return 0
