@@ -31,6 +31,7 @@ import json
 import math
 import os
 import random
+import re
 from collections import deque
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -307,16 +308,27 @@ class AnswerEncodingError(RequestError):
     """The checkpoint's tokenizer cannot write the box text so that it decodes back unchanged."""
 
 
+# The box format lmms-eval's refcoco*_bbox_rec tasks read: the first "[a, b, c, d]" of four numbers.
+REC_BOX_PATTERN = re.compile(r"\[\s*(-?\d+(?:\.\d+)?),\s*(-?\d+(?:\.\d+)?),\s*(-?\d+(?:\.\d+)?),\s*(-?\d+(?:\.\d+)?)\s*\]")
+
+
+def parse_box(text: str) -> list[float] | None:
+    m = REC_BOX_PATTERN.search(text)
+    return [float(g) for g in m.groups()] if m else None
+
+
 def answer_ids(tokenizer, text: str) -> list[int]:
-    """Token ids that decode (skip_special_tokens, as lmms-eval's llava_hf does) to exactly ``text``."""
+    """Token ids whose decoding (skip_special_tokens, as lmms-eval's llava_hf does) is ``text``,
+    or reads as the same box in the REC format (a word-level tokenizer may decode
+    "[0.12, 0.34, 0.56, 0.78]" as "[ 0.12, 0.34, 0.56, 0.78 ]", which parses the same)."""
     ids = tokenizer.encode(text, add_special_tokens=False)
     back = tokenizer.decode(ids, skip_special_tokens=True).strip()
-    if back != text:
+    if back != text and (parse_box(back) is None or parse_box(back) != parse_box(text)):
         raise AnswerEncodingError(
-            f"this checkpoint's tokenizer cannot write the box {text!r}: it decodes back as {back!r}. "
-            "llava_lochead answers through the tokenizer, as llava_hf's decoding does, so the tokenizer "
-            "must represent digits, '.', ',' and brackets without inserting spaces (LLaMA/SentencePiece "
-            "and byte-level BPE tokenizers do; a space-joining word-level tokenizer does not)"
+            f"this checkpoint's tokenizer cannot write the box {text!r}: it decodes back as {back!r}, which "
+            "lmms-eval's REC parser does not read as the same box. llava_lochead answers through the tokenizer, "
+            "as llava_hf's decoding does, so the tokenizer must represent the digits, '.', ',' and brackets of the "
+            "box (LLaMA/SentencePiece and byte-level BPE tokenizers do; shapeworld-tiny's has number tokens)"
         )
     return ids
 
@@ -449,7 +461,9 @@ def load_heads(path, model, *, check_model_id: bool = True) -> list[tuple[int, i
             "if this is the same checkpoint under another name, pass check_model_id=false"
         )
     for key in ("num_layers", "num_heads"):
-        if key in doc and int(doc[key]) != geo[key]:
+        if key in doc and not isinstance(doc[key], int):
+            raise HeadsFileError(f"heads file {path}: {key} must be an integer, not {doc[key]!r}")
+        if key in doc and doc[key] != geo[key]:
             raise HeadsFileError(f"heads file {path} is for a model with {key}={doc[key]}, but the loaded model has {geo[key]}")
     for h in doc["heads"]:
         if not (0 <= h["layer"] < geo["num_layers"] and 0 <= h["head"] < geo["num_heads"]):

@@ -198,9 +198,19 @@ def test_answer_ids_round_trip_or_fail_clearly(tiny_ckpt):
     text = "[0.12, 0.34, 0.56, 0.78]"
     tok = byte_level_tokenizer()
     assert tok.decode(L.answer_ids(tok, text), skip_special_tokens=True) == text
-    word_level = AutoProcessor.from_pretrained(tiny_ckpt).tokenizer  # joins words with spaces
+    word_level = AutoProcessor.from_pretrained(tiny_ckpt).tokenizer  # joins words with spaces, no number tokens
     with pytest.raises(L.AnswerEncodingError, match="cannot write the box"):
         L.answer_ids(word_level, text)
+
+
+def test_box_pattern_reads_like_lmms_eval_parser():
+    from lmms_eval.tasks.refcoco.utils_rec import parse_float_sequence_within
+
+    cases = ["[0.12, 0.34, 0.56, 0.78]", "[ 0.12, 0.34, 0.56, 0.78 ]", "box: [1, 0.5,0.25, 0] and more", "[ 0 . 12 , 0 . 34 ]",
+             "[0.1 , 0.2, 0.3, 0.4]", "no box", "[0.1, 0.2, 0.3]", "[-0.5, 2, 3.25, 4] [0.1, 0.2, 0.3, 0.4]"]
+    for text in cases:
+        ours = L.parse_box(text)
+        assert (ours if ours is not None else [0, 0, 0, 0]) == parse_float_sequence_within(text), text
 
 
 # ------------------------------------------------------------------ capture and the technique
@@ -403,3 +413,14 @@ def test_wrapper_param_checks(byte_ckpt):
         LlavaLocheadChat(pretrained=str(byte_ckpt), heads="auto")
     with pytest.raises(ModelArgsError, match="box_mode"):
         LlavaLocheadChat(pretrained=str(byte_ckpt), box_mode="largest")
+
+
+def test_shapeworld_tokenizer_writes_parseable_boxes():
+    from lmms_eval.tasks.refcoco.utils_rec import parse_float_sequence_within
+
+    model_module = pytest.importorskip("lmms_eval_plugins.shapeworld.model")
+    tok = model_module.build_tokenizer()
+    for box in ([0.12, 0.34, 0.56, 0.78], [0.0, 0.0, 1.0, 1.0], [0.005, 0.5, 0.999, 0.25]):
+        text = L.format_box(box)
+        decoded = tok.decode(L.answer_ids(tok, text), skip_special_tokens=True)
+        assert parse_float_sequence_within(decoded) == [round(v, 2) for v in box]
