@@ -20,6 +20,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import sys
+import types
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -48,6 +50,7 @@ LLAVA_HF_ARGS = (
 COMMON_PARAMS = (
     Param("save_visuals", str, "", "directory for PNG visuals of the first samples (empty: none)"),
     Param("max_visuals", int, 8, "how many samples get saved visuals", low=0),
+    Param("cache_chunk", int, 16, "with --use_cache: answers are made durable every this many requests", low=1),
 )
 
 
@@ -174,6 +177,41 @@ class TechniqueModel:
         return self._run("forward", kwargs)
 
 
+def _calling_response_cache():
+    """The lmms-eval ResponseCache whose execute() is calling the model, if any.
+
+    lmms-eval hands the cache to its evaluator only; its execute() calls
+    ``getattr(lm, reqtype)(requests)``, so the caller's frame is the one place to find it.
+    """
+    frame = sys._getframe(1)
+    for _ in range(4):
+        frame = frame.f_back
+        if frame is None:
+            return None
+        owner = frame.f_locals.get("self")
+        if frame.f_code.co_name == "execute" and type(owner).__name__ == "ResponseCache":
+            return owner
+    return None
+
+
+def _with_copied_kwargs(request):
+    args = tuple(dict(a) if isinstance(a, dict) else a for a in request.arguments)
+    return dataclasses.replace(request, arguments=args)
+
+
+def _publish(cache) -> None:
+    """Merge this run's cached answers into <cache root>/cache.db now.
+
+    lmms-eval merges a run into cache.db only when the run finishes, and a new run reads only
+    cache.db: without this, the answers of a killed run would never be found again.
+    """
+    from lmms_eval.caching import response_cache as rc
+
+    root = cache._cache_root
+    with rc._merge_lock(os.path.join(root, rc._LAYERED_RUNS_DIRNAME, rc._LAYERED_LOCK_DIRNAME)):
+        rc.ResponseCache.merge_shards([cache.db_path], os.path.join(root, "cache.db"))
+
+
 def _default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -209,12 +247,40 @@ class TechniqueMixin:
         logger.info(f"{spec.name} recipe: {json.dumps(self.technique.describe(), default=str)}")
 
     def loglikelihood(self, requests):
+        if _calling_response_cache() is not None:
+            raise ModelArgsError(
+                f"{self.spec.name}: --use_cache cannot hold loglikelihood responses in lmms-eval 0.7.3 (its cache "
+                "turns (loglikelihood, is_greedy) pairs into text); run loglikelihood tasks without --use_cache"
+            )
         # lmms-eval 0.7.3's evaluator passes each response through unwrap_generation_output,
         # which stringifies a bare (loglikelihood, is_greedy) pair; inside a GenerationResult
         # the pair reaches the task's process_results intact.
         from lmms_eval.api.instance import GenerationResult
 
         return [GenerationResult(text=r) for r in super().loglikelihood(requests)]
+
+    def generate_until(self, requests):
+        """With --use_cache, answer in chunks through the cache, so a killed run loses at most one chunk.
+
+        lmms-eval 0.7.3's ResponseCache stores a request type's answers only once the whole
+        generate_until call returns; sending it chunk by chunk makes every chunk durable.
+        """
+        cache = _calling_response_cache()
+        chunk = self.technique_params["cache_chunk"]
+
+        def run(reqs):
+            # llava_hf adds image_sizes and defaults to each request's gen_kwargs in place, which
+            # changes the response cache's key between lookup and store (no hit, ever): give it copies.
+            return super(TechniqueMixin, self).generate_until([_with_copied_kwargs(r) for r in reqs])
+
+        if cache is None or len(requests) <= chunk:
+            return run(requests)
+        direct = types.SimpleNamespace(generate_until=run)
+        out = []
+        for i in range(0, len(requests), chunk):
+            out += cache.execute(direct, "generate_until", requests[i : i + chunk])
+            _publish(cache)
+        return out
 
     @property
     def model(self):

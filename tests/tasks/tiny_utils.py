@@ -1,9 +1,15 @@
 """A three-document yes/no task over solid-colour images, for end-to-end CLI tests."""
 
+import os
+import time
+
 from PIL import Image
 
 
 def doc_to_visual(doc):
+    # TINY_SLOW_DOC=k makes document k hang, so a test can kill a run part-way
+    if os.environ.get("TINY_SLOW_DOC") == str(doc["id"]):
+        time.sleep(300)
     return [Image.new("RGB", (48, 40), tuple(doc["rgb"]))]
 
 

@@ -1,0 +1,99 @@
+"""Scale-out and resume: accelerate multi-process, response-cache resume after a kill, split devices."""
+
+import glob
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+
+import torch
+from conftest import REPO, make_inputs
+
+from lmms_eval_plugins.testing import read_samples, run_lmms_eval
+from methods import hooks
+
+TASK_ARGS = ["--include_path", "tests/tasks", "--batch_size", "1", "--log_samples"]
+
+
+def _answers(out, task="tiny_yesno"):
+    return [s["filtered_resps"] for s in read_samples(out, task)]
+
+
+def test_two_processes_equal_one(tiny_ckpt, tmp_path):
+    args = f"pretrained={tiny_ckpt},alpha=0.5"
+    one, log1 = run_lmms_eval("llava_pai", args, "tiny_yesno", tmp_path / "one", include_path="tests/tasks", cwd=REPO)
+    assert one is not None, log1[-2000:]
+    # on a CPU machine, accelerate's multi-process launcher runs gloo ranks (`--cpu` alone is one process)
+    cmd = ["accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+           "--dynamo_backend", "no", "-m", "lmms_eval", "--model", "llava_pai", "--model_args", args, "--tasks", "tiny_yesno",
+           "--output_path", str(tmp_path / "two"), *TASK_ARGS]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=600)
+    log2 = proc.stdout + proc.stderr
+    assert "Running on rank 1" in log2, log2[-3000:]
+    assert "Building contexts for tiny_yesno on rank 1" in log2  # the second rank got its own share
+    two = glob.glob(str(tmp_path / "two" / "**" / "*_results.json"), recursive=True)
+    assert two, log2[-3000:]
+    assert _answers(tmp_path / "two") == _answers(tmp_path / "one")
+    assert len(_answers(tmp_path / "two")) == 3
+
+
+def _cache_lines(cache_dir):
+    return sum(1 for f in glob.glob(os.path.join(cache_dir, "**", "*.jsonl"), recursive=True) for _ in open(f))
+
+
+def test_killed_run_resumes_from_the_cache(tiny_ckpt, tmp_path):
+    args = f"pretrained={tiny_ckpt},alpha=0.5,cache_chunk=1"
+    full, log = run_lmms_eval("llava_pai", args, "tiny_yesno", tmp_path / "full", include_path="tests/tasks", cwd=REPO)
+    assert full is not None, log[-2000:]
+    cache = tmp_path / "cache"
+    cmd = [sys.executable, "-m", "lmms_eval", "--model", "llava_pai", "--model_args", args, "--tasks", "tiny_yesno",
+           "--output_path", str(tmp_path / "killed"), "--use_cache", str(cache), *TASK_ARGS]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TINY_SLOW_DOC": "2"}
+    with tempfile.TemporaryFile("w+") as log_file:
+        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.time() + 300
+        while _cache_lines(cache) < 2 and time.time() < deadline and proc.poll() is None:
+            time.sleep(1)
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        log_file.seek(0)
+        killed_log = log_file.read()
+    assert _cache_lines(cache) >= 2, killed_log[-3000:]  # docs 0 and 1 were durable before the kill
+    assert not glob.glob(str(tmp_path / "killed" / "**" / "*_results.json"), recursive=True)
+
+    resumed, log = run_lmms_eval("llava_pai", args, "tiny_yesno", tmp_path / "resumed", include_path="tests/tasks",
+                                 extra=["--use_cache", str(cache)], cwd=REPO)
+    assert resumed is not None, log[-3000:]
+    assert "2/3 cache hits" in log
+    assert _answers(tmp_path / "resumed") == _answers(tmp_path / "full")
+
+    # another technique parameter is another cache identity: nothing is reused
+    other, log = run_lmms_eval("llava_pai", f"pretrained={tiny_ckpt},alpha=0.6,cache_chunk=1", "tiny_yesno", tmp_path / "other",
+                               include_path="tests/tasks", extra=["--use_cache", str(cache)], cwd=REPO)
+    assert other is not None and "cache hits" not in log
+
+
+def test_layers_split_over_devices_give_the_same_edits(tiny_ckpt, tmp_path):
+    """Layers 2-3 offloaded (accelerate dispatch hooks move them in and out): same captures, same edited logits."""
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    processor = AutoProcessor.from_pretrained(tiny_ckpt)
+    inputs, _, _ = make_inputs(processor)
+    one = LlavaForConditionalGeneration.from_pretrained(tiny_ckpt).eval()
+    lm = "model.language_model."
+    device_map = {"model.vision_tower": "cpu", "model.multi_modal_projector": "cpu", lm + "embed_tokens": "cpu",
+                  lm + "layers.0": "cpu", lm + "layers.1": "cpu", lm + "layers.2": "disk", lm + "layers.3": "disk",
+                  lm + "norm": "cpu", lm + "rotary_emb": "cpu", "lm_head": "cpu"}
+    split = LlavaForConditionalGeneration.from_pretrained(tiny_ckpt, device_map=device_map, offload_folder=str(tmp_path)).eval()
+    assert hasattr(split.model.language_model.layers[2], "_hf_hook")
+    pos = hooks.image_positions(inputs["input_ids"], one.config.image_token_id)
+    results = []
+    for model in (one, split):
+        cap = hooks.Capture(layers=range(4), keys=pos)
+        with torch.no_grad(), hooks.edited(model, cap, hooks.Boost(layers=[1, 3], keys=pos, alpha=0.5)):
+            logits = model(**inputs).logits
+        results.append((logits, cap.stacked()))
+    assert torch.equal(results[0][0], results[1][0])
+    assert torch.equal(results[0][1], results[1][1])
