@@ -1,0 +1,20 @@
+"""ShapeWorld: the project's testbed (scenes with exact ground truth, lmms-eval tasks in
+task_configs/shapeworld, and a tiny LLaVA checkpoint shipped with the package)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+CHECKPOINT_NAME = "shapeworld-tiny"
+
+
+def checkpoint_path() -> Path:
+    """Directory of the shipped tiny LLaVA (loads with from_pretrained like any HF checkpoint)."""
+    return Path(__file__).resolve().parent / "checkpoints" / CHECKPOINT_NAME
+
+
+def resolve_pretrained(name):
+    """Map "shapeworld-tiny" to the shipped checkpoint's path; any other name unchanged."""
+    if isinstance(name, str) and name.strip() == CHECKPOINT_NAME:
+        return str(checkpoint_path())
+    return name
