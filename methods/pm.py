@@ -1,0 +1,565 @@
+"""Perception Magnifier (PM; Mao, Zhang and Cai, 2025): magnify what the model looks at, answer again.
+
+At the first decoding step the last query's attention over the image tokens, in the deep
+layers (l >= L, 1-based; L = 12 of 32), gives a token map: max over heads, sum over layers.
+Iterative refinement: split the current map with a 1-D 2-means, hide the high cluster from the
+model (a key mask), re-forward, and repeat until the remaining attention (map sum / number of
+deep layers) is at most ``beta`` or after ``max_iter`` passes. The perception map H* is the sum
+of the maps divided by the number of passes in which each token was visible. Post-processing
+(min-max, standardise, x alpha, sigmoid, k x k box filter), upsampling to the square view of
+the original image (padded with the mean colour, as LLaVA-1.5 preprocesses), and magnification
+by inverse-transform sampling of the row/column max marginals (bilinear) give a new image, on
+which the answer is generated again.
+
+This module holds the arithmetic (pure numpy/torch, tested on hand-made inputs) and
+``PerceptionMagnifier``, which runs it on a LLaVA model. It imports no lmms-eval.
+
+Where this differs from the reference code (github ShunqiM/PM), on purpose:
+- the exit test and H* divide the layer sum by the number of deep layers actually summed
+  (21 of 32); the reference divides by n_layers - L = 20;
+- the perception map stays float until sampling (the reference quantises it to 8 bits first);
+- inverse-CDF sampling works on pixel cells and samples at pixel centres, so a uniform map is
+  the identity (the reference's ``linspace(0, 1, N)`` over ``cumsum`` shifts by about a pixel
+  and zooms by N/(N-1), and samples outside the image as black);
+- 2-means iterates until the assignment is stable (the reference stops after 10 steps or a
+  1e-4 shift); a constant map has no high cluster, so nothing is blocked (the reference then
+  blocks every token).
+
+Cost per sample with ``refresh=once`` (the reference's QA path): one map pass on the original
+image, ``k`` refinement passes (1 <= k <= max_iter), then ordinary generation on the magnified
+image (one prefill plus one step per further token). Refinement passes reuse the pass-0 KV
+cache up to the first blocked image token and the image embeddings (no vision tower), and
+read only the captured rows (never ``output_attentions``); none computes logits.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from PIL import Image
+
+from . import hooks
+from .technique import Request, RequestError, Technique
+
+# Paper settings (Sec. 4 and the reference scripts): POPE alpha 15, k 5, beta 0.4; MME alpha 10, k 3, beta 0.3.
+PRESETS = {
+    "pope": {"alpha": 15.0, "kernel": 5, "beta": 0.4},
+    "mme": {"alpha": 10.0, "kernel": 3, "beta": 0.3},
+}
+DEFAULTS = {
+    "deep_layer": None,  # 1-based first deep layer; None: 12 of 32 scaled to the model's depth
+    **PRESETS["pope"],
+    "max_iter": 8,
+    "refresh": "once",  # once | every_token | every_n
+    "refresh_n": 8,
+    "block_rows": "auto",  # auto | all | text | last
+    "view": "pad",  # pad (LLaVA-1.5) | crop (what a centre-cropping processor shows)
+}
+REFRESH = ("once", "every_token", "every_n")
+BLOCK_ROWS = ("auto", "all", "text", "last")
+VIEWS = ("pad", "crop")
+PAPER_DEPTH, PAPER_DEEP_LAYER = 32, 12
+
+# ---------------------------------------------------------------------------------------
+# The arithmetic
+# ---------------------------------------------------------------------------------------
+
+
+def deep_layers(n_layers: int, deep_layer: int | None = None) -> range:
+    """0-based indices of the deep layers l >= L (L 1-based; default 12 of 32 scaled to the depth)."""
+    if deep_layer is None:
+        deep_layer = max(1, int(PAPER_DEEP_LAYER * n_layers / PAPER_DEPTH + 0.5))
+    if not 1 <= deep_layer <= n_layers:
+        raise ValueError(f"deep_layer={deep_layer} is outside the model's layers 1..{n_layers} (1-based)")
+    return range(deep_layer - 1, n_layers)
+
+
+def token_map(probs: torch.Tensor) -> np.ndarray:
+    """(layers, heads, tokens) attention of the last query -> (tokens,): max over heads, sum over layers."""
+    return probs.float().amax(dim=1).sum(dim=0).double().cpu().numpy()
+
+
+def two_means_high(values: np.ndarray) -> np.ndarray:
+    """The high cluster of a 1-D 2-means (Lloyd from the min and max), as a boolean mask.
+
+    Each value goes to the nearer centre (a tie goes to the low one); iterate until the
+    assignment no longer changes. A constant input has no high cluster.
+    """
+    v = np.asarray(values, dtype=np.float64).ravel()
+    lo, hi = v.min(), v.max()
+    if not hi > lo:
+        return np.zeros(v.shape, dtype=bool)
+    high = None
+    for _ in range(100):  # 1-D Lloyd converges in a few steps; the cap only guards against cycling
+        new = np.abs(v - hi) < np.abs(v - lo)
+        if high is not None and np.array_equal(new, high):
+            break
+        high = new
+        lo, hi = v[~high].mean(), v[high].mean()
+    return high.reshape(np.shape(values))
+
+
+@dataclasses.dataclass
+class Search:
+    """What the iterative refinement found. ``maps[i]``: the layer-averaged map of pass i (0: unmasked)."""
+
+    h_star: np.ndarray  # (tokens,)
+    iterations: int  # refinement passes (re-forwards) run
+    blocked: list  # cumulative blocked-token masks, one per refinement pass
+    maps: list
+
+    @property
+    def sums(self) -> list[float]:
+        """The exit statistic of each pass: map sum / number of deep layers."""
+        return [float(m.sum()) for m in self.maps]
+
+
+def refine(
+    first_map: np.ndarray,
+    forward_blocked: Callable[[np.ndarray], np.ndarray],
+    n_layers: int,
+    beta: float,
+    max_iter: int,
+) -> Search:
+    """PM's iterative search for the perceived tokens.
+
+    first_map: the layer-summed map of the unmasked pass; forward_blocked(blocked) returns the
+    same map with the ``blocked`` tokens hidden from the model. Each pass: average in the
+    current map over the tokens still visible, 2-means it, block its high cluster, re-forward,
+    and stop when the new map's sum / n_layers <= beta or after ``max_iter`` re-forwards.
+    H* = sum of maps / number of passes in which each token was visible (the last re-forward
+    only decides the stop, as in the reference).
+    """
+    current = np.asarray(first_map, dtype=np.float64) / n_layers
+    total = np.zeros_like(current)
+    seen = np.zeros_like(current)
+    visible = np.ones(current.shape, dtype=bool)
+    search = Search(h_star=current, iterations=0, blocked=[], maps=[current])
+    while search.iterations < max_iter:
+        seen += visible
+        total += current
+        search.h_star = total / np.maximum(seen, 1)
+        high = two_means_high(current)
+        if not high.any():  # a flat map: nothing stands out, nothing to block
+            break
+        visible &= ~high
+        search.blocked.append(~visible)
+        current = np.asarray(forward_blocked(~visible), dtype=np.float64) / n_layers
+        search.iterations += 1
+        search.maps.append(current)
+        if current.sum() <= beta:
+            break
+    return search
+
+
+def enhance(grid: np.ndarray, alpha: float, kernel: int) -> np.ndarray:
+    """min-max -> standardise (sample std, as torch's) -> x alpha -> sigmoid -> k x k box filter (edge-replicated)."""
+    g = np.asarray(grid, dtype=np.float64)
+    span = g.max() - g.min()
+    g = (g - g.min()) / span if span > 0 else np.zeros_like(g)
+    sd = g.std(ddof=1) if g.size > 1 else 0.0
+    z = (g - g.mean()) / sd if sd > 0 else np.zeros_like(g)
+    s = 1.0 / (1.0 + np.exp(-alpha * z))
+    if kernel > 1:
+        r = kernel // 2
+        p = np.pad(s, r, mode="edge")
+        c = np.cumsum(np.cumsum(np.pad(p, ((1, 0), (1, 0))), axis=0), axis=1)  # summed-area table
+        h, w = s.shape
+        s = (c[kernel:kernel + h, kernel:kernel + w] - c[:h, kernel:kernel + w] - c[kernel:kernel + h, :w] + c[:h, :w]) / kernel**2
+    return s
+
+
+def upsample(grid: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Bicubic upsampling of the grid map to ``size`` = (width, height), clipped at 0."""
+    img = Image.fromarray(np.asarray(grid, dtype=np.float32), mode="F").resize(size, Image.BICUBIC)
+    return np.clip(np.asarray(img, dtype=np.float64), 0.0, None)
+
+
+def inverse_cdf(marginal: np.ndarray, n_out: int) -> np.ndarray:
+    """Source pixel-centre coordinates for ``n_out`` output pixels: inverse-transform sampling.
+
+    The marginal is a density over pixel cells [i, i+1); output pixel j takes the source point
+    where the cumulative density reaches (j + 0.5) / n_out. A uniform density gives j*N/n_out
+    scaled centres, i.e. the identity when n_out == N. The mapping is monotone.
+    """
+    m = np.clip(np.nan_to_num(np.asarray(marginal, dtype=np.float64), nan=0.0), 0.0, None)
+    if not m.max() > 0:
+        m = np.ones_like(m)
+    m = np.maximum(m, m.max() * 1e-12)  # strictly increasing CDF: every row keeps a sliver
+    edges = np.concatenate([[0.0], np.cumsum(m)])
+    edges /= edges[-1]
+    u = (np.arange(n_out) + 0.5) / n_out
+    return np.interp(u, edges, np.arange(len(m) + 1, dtype=np.float64)) - 0.5
+
+
+def _bilinear_rows(a: np.ndarray, coords: np.ndarray, axis: int) -> np.ndarray:
+    n = a.shape[axis]
+    c = np.clip(coords, 0, n - 1)
+    i0 = np.floor(c).astype(np.int64)
+    i1 = np.minimum(i0 + 1, n - 1)
+    f = (c - i0).astype(np.float32)
+    shape = [1] * a.ndim
+    shape[axis] = -1
+    f = f.reshape(shape)
+    return np.take(a, i0, axis=axis) * (1 - f) + np.take(a, i1, axis=axis) * f
+
+
+def magnify(image: Image.Image | np.ndarray, density: np.ndarray, out_size: tuple[int, int] | None = None) -> Image.Image:
+    """Resample ``image`` so that rows/columns get output space in proportion to the density's
+    row/column maxima (separable inverse-CDF sampling, bilinear). out_size = (width, height)."""
+    arr = np.asarray(image)
+    squeeze = arr.ndim == 2
+    if squeeze:
+        arr = arr[:, :, None]
+    h, w = arr.shape[:2]
+    if density.shape != (h, w):
+        raise ValueError(f"density {density.shape} does not match the image {(h, w)}")
+    out_w, out_h = out_size or (w, h)
+    ys = inverse_cdf(density.max(axis=1), out_h)
+    xs = inverse_cdf(density.max(axis=0), out_w)
+    out = _bilinear_rows(_bilinear_rows(arr.astype(np.float32), ys, 0), xs, 1)
+    out = np.clip(np.rint(out), 0, 255).astype(np.uint8)
+    return Image.fromarray(out[:, :, 0] if squeeze else out)
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """RGB as the HF image processors see it (RGBA composited on white, grayscale repeated)."""
+    from transformers.image_transforms import convert_to_rgb
+
+    return convert_to_rgb(image) if image.mode != "RGB" else image
+
+
+def square_view(image: Image.Image, mode: str = "pad", fill=(0, 0, 0)) -> Image.Image:
+    """The square the model's image grid covers: the image padded to a centred square with
+    ``fill`` (LLaVA-1.5's expand2square), or its central square (a centre-cropping processor)."""
+    image = to_rgb(image)
+    w, h = image.size
+    if w == h:
+        return image
+    if mode == "pad":
+        s = max(w, h)
+        out = Image.new("RGB", (s, s), tuple(int(c) for c in fill))
+        out.paste(image, ((s - w) // 2, (s - h) // 2))
+        return out
+    if mode == "crop":
+        s = min(w, h)
+        left, top = (w - s) // 2, (h - s) // 2
+        return image.crop((left, top, left + s, top + s))
+    raise ValueError(f"view={mode!r}: use one of {VIEWS}")
+
+
+def perception_density(h_star: np.ndarray, grid: int, size: tuple[int, int], alpha: float, kernel: int):
+    """H* over the token grid -> (enhanced grid map, density at ``size`` = (width, height))."""
+    g = enhance(np.asarray(h_star).reshape(grid, grid), alpha, kernel)
+    return g, upsample(g, size)
+
+
+# ---------------------------------------------------------------------------------------
+# Running it on a LLaVA model
+# ---------------------------------------------------------------------------------------
+
+
+def image_grid(model) -> int:
+    vc = model.config.vision_config
+    return vc.image_size // vc.patch_size
+
+
+def embed(model, input_ids: torch.Tensor, pixel_values: torch.Tensor) -> torch.Tensor:
+    """Input embeddings with the image features scattered in, as LlavaModel.forward builds them."""
+    m, cfg = model.model, model.config
+    emb = m.get_input_embeddings()(input_ids)
+    out = m.get_image_features(
+        pixel_values=pixel_values.to(model.device, model.dtype),
+        vision_feature_layer=cfg.vision_feature_layer,
+        vision_feature_select_strategy=cfg.vision_feature_select_strategy,
+        return_dict=True,
+    )
+    feats = torch.cat(list(out.pooler_output), dim=0).to(emb.device, emb.dtype)
+    mask = m.get_placeholder_mask(input_ids, inputs_embeds=emb, image_features=feats)
+    return emb.masked_scatter(mask, feats)
+
+
+def _cache_prefix(kv: list, length: int, config):
+    """A fresh cache holding the first ``length`` positions of ``kv`` (one (keys, values) per layer)."""
+    from transformers import DynamicCache
+
+    return DynamicCache(ddp_cache_data=[(k[..., :length, :], v[..., :length, :]) for k, v in kv], config=config)
+
+
+def _cache_tensors(cache) -> list:
+    return [(layer.keys, layer.values) for layer in cache.layers]
+
+
+@dataclasses.dataclass
+class Magnified:
+    """One application of PM: the magnified view, its pixel values, and how it was found."""
+
+    view: Image.Image
+    image: Image.Image
+    pixel_values: torch.Tensor
+    search: Search
+    grid_map: np.ndarray  # enhanced map over the token grid
+    density: np.ndarray  # at the view's resolution
+    map_forwards: int  # language-model passes spent on the map (1 + refinement passes)
+
+
+class PerceptionMagnifier(Technique):
+    """PM on a LLaVA model: ``generate`` (lmms-eval's generation) and ``forward`` (loglikelihood)."""
+
+    name = "pm"
+
+    def __init__(self, n_layers: int, grid: int, visuals_dir: str | None = None, max_visuals: int = 8, visuals_prefix: str = "", **params):
+        super().__init__(**{**DEFAULTS, **params})
+        p = self.params
+        for key, choices in (("refresh", REFRESH), ("block_rows", BLOCK_ROWS), ("view", VIEWS)):
+            if p[key] not in choices:
+                raise ValueError(f"{key}={p[key]!r}: use one of {', '.join(choices)}")
+        if p["kernel"] < 1 or p["kernel"] % 2 == 0:
+            raise ValueError(f"kernel={p['kernel']} must be a positive odd number (a centred k x k box filter)")
+        self.layers = deep_layers(n_layers, p["deep_layer"])
+        self.n_layers, self.grid = n_layers, grid
+        self.visuals_dir = Path(visuals_dir) if visuals_dir else None
+        self.max_visuals, self.visuals_prefix = max_visuals, visuals_prefix
+        self.samples = 0  # requests served with an image
+        self.image_free = 0  # requests without an image (served as plain generation)
+        self.last: dict = {}  # the last request's trace: iterations, sums, forwards
+        self.last_magnified: Magnified | None = None
+
+    def describe(self):
+        return {**super().describe(), "deep_layers": f"{self.layers.start}..{self.layers.stop - 1}", "grid": self.grid}
+
+    # --- the map, the search, the magnified image -------------------------------------
+
+    def block_rows(self) -> str:
+        if self.params["block_rows"] != "auto":
+            return self.params["block_rows"]
+        return "all" if self.params["refresh"] == "once" else "last"  # the reference's QA / open-ended paths
+
+    def magnify_at(self, model, req: Request, view: Image.Image, emb: torch.Tensor, cache, run, start: int) -> Magnified:
+        """Run PM for the query at the end of ``emb``.
+
+        ``cache`` holds the unmasked original-image stream up to ``start``; ``run`` runs the
+        language model. Pass 0 forwards emb[start:] (capturing the last row), then each
+        refinement pass re-forwards from the first position the blocked tokens can change.
+        """
+        n = emb.shape[1]
+        pos = req.image_pos
+        img_end = int(pos[-1]) + 1
+        capture = hooks.Capture(layers=self.layers, keys=pos)
+        run(emb[:, start:], cache, capture=capture)
+        first = token_map(capture.stacked()[:, 0, :, 0])
+        kv = _cache_tensors(cache)
+        rows = self.block_rows()
+        forwards = [1]
+
+        def forward_blocked(blocked: np.ndarray) -> np.ndarray:
+            hidden = pos[torch.as_tensor(blocked, device=pos.device)]
+            if rows == "all":  # the blocked tokens change every position after the first of them
+                frm = int(hidden.min()) if hidden.numel() else n - 1
+            elif rows == "text":
+                frm = img_end if img_end < n else n - 1
+            else:
+                frm = n - 1
+            mask = torch.ones((1, n), dtype=torch.long, device=emb.device)
+            mask[0, hidden] = 0
+            cap = hooks.Capture(layers=self.layers, keys=pos)
+            run(emb[:, frm:], _cache_prefix(kv, frm, model.config.text_config), capture=cap, attention_mask=mask)
+            forwards[0] += 1
+            return token_map(cap.stacked()[:, 0, :, 0])
+
+        p = self.params
+        search = refine(first, forward_blocked, len(self.layers), p["beta"], p["max_iter"])
+        grid_map, density = perception_density(search.h_star, self.grid, view.size, p["alpha"], p["kernel"])
+        image = magnify(view, density)
+        pv = req.processor.image_processor(images=[image], return_tensors="pt")["pixel_values"]
+        return Magnified(view, image, pv, search, grid_map, density, forwards[0])
+
+    def _view(self, req: Request) -> Image.Image:
+        fill = (0, 0, 0)
+        if self.params["view"] == "pad":
+            mean = getattr(req.processor.image_processor, "image_mean", None) or (0.0, 0.0, 0.0)
+            fill = tuple(int(c * 255) for c in mean)
+        return square_view(req.images[0], self.params["view"], fill)
+
+    def _check(self, req: Request) -> None:
+        req.require_one_image(self.name)
+        if req.image_pos.numel() != self.grid**2:
+            raise RequestError(
+                f"{self.name}: {req.image_pos.numel()} image tokens, but the vision grid is {self.grid}x{self.grid}; "
+                "only LLaVA-1.5-style single-grid images are supported"
+            )
+
+    def _view_pixels(self, req: Request, view: Image.Image, given: torch.Tensor) -> torch.Tensor:
+        if view is req.images[0]:  # square RGB: exactly what lmms-eval already processed
+            return given
+        return req.processor.image_processor(images=[view], return_tensors="pt")["pixel_values"].to(given.device, given.dtype)
+
+    # --- lmms-eval entry points ---------------------------------------------------------
+
+    @torch.no_grad()
+    def generate(self, model, req: Request, **kwargs):
+        if not req.images and req.image_pos.numel() == 0:
+            self.image_free += 1  # nothing to magnify: the base model's answer
+            return model.generate(**kwargs)
+        self._check(req)
+        self.samples += 1
+        view = self._view(req)
+        pv_view = self._view_pixels(req, view, kwargs["pixel_values"])
+        if self.params["refresh"] == "once":
+            mag = self._magnify_prompt(model, req, view, pv_view, req.input_ids)
+            out = model.generate(**{**kwargs, "pixel_values": mag.pixel_values.to(pv_view.device, pv_view.dtype)})
+            self.last["generated"] = out.shape[1] - req.input_ids.shape[1]
+            return out
+        return self._generate_refreshing(model, req, view, pv_view, kwargs)
+
+    @torch.no_grad()
+    def forward(self, model, req: Request, **kwargs):
+        """Loglikelihood: the map at the first answer position (the last prompt token), then a
+        teacher-forced forward on the magnified image."""
+        if not req.images and req.image_pos.numel() == 0:
+            self.image_free += 1
+            return model(**kwargs)
+        self._check(req)
+        self.samples += 1
+        view = self._view(req)
+        pv_view = self._view_pixels(req, view, kwargs["pixel_values"])
+        mag = self._magnify_prompt(model, req, view, pv_view, req.input_ids[:, : req.prompt_len])
+        return model(**{**kwargs, "pixel_values": mag.pixel_values.to(pv_view.device, pv_view.dtype)})
+
+    def _magnify_prompt(self, model, req, view, pv_view, prompt_ids) -> Magnified:
+        from transformers import DynamicCache
+
+        emb = embed(model, prompt_ids, pv_view)
+        mag = self.magnify_at(model, req, view, emb, DynamicCache(config=model.config.text_config), _LanguageModel(model), 0)
+        self._record(mag, refreshes=1)
+        return mag
+
+    def _record(self, mag: Magnified, refreshes: int) -> None:
+        s = mag.search
+        self.last_magnified = mag
+        self.last = {"iterations": s.iterations, "sums": s.sums, "map_forwards": mag.map_forwards, "refreshes": refreshes}
+        if self.visuals_dir is not None and self.samples <= self.max_visuals and refreshes == 1:
+            save_visuals(self.visuals_dir, f"{self.visuals_prefix}{self.samples - 1:04d}", mag)
+
+    # --- open-ended generation with a refreshed map ---------------------------------------
+
+    def _generate_refreshing(self, model, req: Request, view, pv_view, kwargs):
+        """Decode token by token; every ``refresh_n`` tokens (1 for every_token) the map is recomputed
+        from the original-image stream at the newest query and the image magnified anew."""
+        from transformers import DynamicCache
+
+        if (kwargs.get("num_beams") or 1) != 1:
+            raise RequestError(f"{self.name}: refresh={self.params['refresh']} decodes greedily or by sampling; num_beams must be 1")
+        every = 1 if self.params["refresh"] == "every_token" else self.params["refresh_n"]
+        max_new = kwargs.get("max_new_tokens") or model.generation_config.max_new_tokens or 20
+        eos = kwargs.get("eos_token_id", model.generation_config.eos_token_id)
+        eos = set([eos] if isinstance(eos, int) else (eos or []))
+        pick = _token_picker(kwargs)
+        run = _LanguageModel(model)
+        embed_tokens = model.model.get_input_embeddings()
+        ids = req.input_ids
+        emb_orig = embed(model, ids, pv_view)
+        cache_orig, orig_len = DynamicCache(config=model.config.text_config), 0
+        cache_mag = None
+        forwards = refreshes = iterations = 0
+        for step in range(max_new):
+            if step % every == 0:
+                mag = self.magnify_at(model, req, view, emb_orig, cache_orig, run, orig_len)
+                orig_len = emb_orig.shape[1]
+                refreshes += 1
+                iterations += mag.search.iterations
+                forwards += mag.map_forwards
+                if refreshes == 1:
+                    self._record(mag, refreshes=1)
+                prompt = embed(model, req.input_ids, mag.pixel_values.to(pv_view.device, pv_view.dtype))
+                emb_mag = torch.cat([prompt, embed_tokens(ids[:, prompt.shape[1]:])], dim=1)  # answer tokens: plain embeddings
+                cache_mag = DynamicCache(config=model.config.text_config)
+                hidden = run(emb_mag, cache_mag)
+            else:
+                hidden = run(embed_tokens(ids[:, -1:]), cache_mag)
+            forwards += 1
+            token = pick(ids, model.lm_head(hidden[:, -1]).float())
+            ids = torch.cat([ids, token[:, None]], dim=1)
+            emb_orig = torch.cat([emb_orig, embed_tokens(token[:, None])], dim=1)
+            if int(token) in eos:
+                break
+        self.last.update(refreshes=refreshes, iterations_total=iterations, forwards=forwards, generated=ids.shape[1] - req.input_ids.shape[1])
+        return ids
+
+
+class _LanguageModel:
+    """The language model alone (no vision tower, no lm_head), filling a KV cache."""
+
+    def __init__(self, model):
+        self.model = model
+        self.lm = model.model.language_model
+        self.modules = hooks.attention_modules(model)
+
+    def __call__(self, embeds, cache, capture: hooks.Capture | None = None, attention_mask=None):
+        edits = [capture] if capture is not None else []
+        with hooks.edited(self.model, *edits, modules=self.modules):
+            out = self.lm(inputs_embeds=embeds, past_key_values=cache, use_cache=True, attention_mask=attention_mask)
+        return out.last_hidden_state
+
+
+def _token_picker(kwargs):
+    """Greedy, or sampling with temperature / top-k / top-p as generate would do it."""
+    if not kwargs.get("do_sample"):
+        return lambda ids, logits: logits.argmax(dim=-1)
+    from transformers.generation import LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+    warpers = LogitsProcessorList()
+    if kwargs.get("temperature") not in (None, 1.0):
+        warpers.append(TemperatureLogitsWarper(float(kwargs["temperature"])))
+    if kwargs.get("top_k"):
+        warpers.append(TopKLogitsWarper(int(kwargs["top_k"])))
+    if kwargs.get("top_p") not in (None, 1.0):
+        warpers.append(TopPLogitsWarper(float(kwargs["top_p"])))
+
+    def pick(ids, logits):
+        probs = torch.softmax(warpers(ids, logits), dim=-1)
+        return torch.multinomial(probs, 1)[:, 0]
+
+    return pick
+
+
+# ---------------------------------------------------------------------------------------
+# Saved visuals
+# ---------------------------------------------------------------------------------------
+
+
+def heat_overlay(image: Image.Image, density: np.ndarray, opacity: float = 0.55) -> Image.Image:
+    """The map in a black-red-yellow-white ramp, blended over the image."""
+    d = np.asarray(density, dtype=np.float64)
+    span = d.max() - d.min()
+    d = (d - d.min()) / span if span > 0 else np.zeros_like(d)
+    stops = np.array([0.0, 0.35, 0.7, 1.0])
+    ramp = [np.interp(d, stops, ch) for ch in ([0, 200, 255, 255], [0, 30, 200, 255], [0, 0, 40, 255])]
+    heat = np.stack(ramp, axis=-1)
+    base = np.asarray(to_rgb(image), dtype=np.float64)
+    return Image.fromarray(np.clip((1 - opacity) * base + opacity * heat, 0, 255).astype(np.uint8))
+
+
+def save_visuals(directory: Path, stem: str, mag: Magnified) -> list[Path]:
+    """original, perception-map overlay and magnified image as PNG; the search trace as JSON."""
+    import json
+
+    directory.mkdir(parents=True, exist_ok=True)
+    files = {
+        "original": mag.view,
+        "perception_map": heat_overlay(mag.view, mag.density),
+        "magnified": mag.image,
+    }
+    paths = []
+    for name, img in files.items():
+        path = directory / f"{stem}_{name}.png"
+        img.save(path, format="PNG")
+        paths.append(path)
+    trace = {"iterations": mag.search.iterations, "sums": mag.search.sums, "h_star": np.round(mag.search.h_star, 6).tolist()}
+    (directory / f"{stem}_search.json").write_text(json.dumps(trace))
+    return paths
+
