@@ -46,7 +46,8 @@ def test_heads_auto_discovers_caches_and_answers_through_the_chat_path(byte_ckpt
     doc = json.loads(cached[0].read_text())
     assert doc["task"] == "tiny_rec" and doc["split"] == "train" and doc["n_samples"] == 3
     assert '"heads_used": ["L%dH%d"' % (doc["heads"][0]["layer"], doc["heads"][0]["head"]) in log  # top heads from the file
-    assert sorted(p.name for p in (tmp_path / "vis").iterdir()) == ["lochead_0000.png", "lochead_0001.png"]
+    assert sorted(p.name for p in (tmp_path / "vis").iterdir()) == ["discovery", "lochead_0000.png", "lochead_0001.png"]
+    assert (tmp_path / "vis" / "discovery" / "s_img_curve.png").is_file()  # the S_img curve with its knee
 
 
 def test_heads_file_through_the_simple_path(byte_ckpt, tmp_path):

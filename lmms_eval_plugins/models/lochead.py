@@ -58,6 +58,8 @@ def resolve_heads(p: dict, model):
             n=p["discover_n"],
             seed=p["discover_seed"],
             include_path=[p["include_path"]] if p["include_path"] else None,
+            save_visuals=Path(p["save_visuals"]) / "discovery" if p["save_visuals"] else None,
+            max_visuals=p["max_visuals"],
         )
         return lochead.load_heads(path, model)
     if choice == "shipped":
