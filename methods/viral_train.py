@@ -28,6 +28,7 @@ import dataclasses
 import json
 import math
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -337,8 +338,10 @@ def train(cfg: TrainConfig, records: list[dict] | None = None) -> dict:
             accelerator.unwrap_model(projector).load_state_dict(load_file(str(resume / "vra_projector.safetensors")))
         _load_optimizer(optimizer, resume)
         step = json.loads((resume / "trainer_state.json").read_text())["step"]
-        for _ in range(step):
-            scheduler.step()
+        with warnings.catch_warnings():  # replaying the schedule before any optimizer step is intended
+            warnings.simplefilter("ignore", UserWarning)
+            for _ in range(step):
+                scheduler.step()
         accelerator.print(f"resumed from {resume} at step {step}")
 
     settings = {"base": cfg.pretrained, **dataclasses.asdict(cfg), "records": len(records), "teacher_info": teacher.describe() if teacher is not None else None,
