@@ -30,7 +30,7 @@ VARIANTS = {
     "vra_teacher": {"weight": 0.5, "teacher": "shapeworld-teacher"},
     "vra_self": {"weight": 0.5, "teacher": "self"},
 }
-TRAIN_TASKS = "shapeworld_count,shapeworld_spatial,shapeworld_pope_random"
+TRAIN_TASKS = "shapeworld_count,shapeworld_spatial,shapeworld_pope_random,shapeworld_pope_adversarial"
 EVAL_TASKS = "shapeworld_spatial,shapeworld_count,shapeworld_pope_random,shapeworld_pope_popular,shapeworld_pope_adversarial"
 
 
@@ -43,7 +43,10 @@ def main(argv=None) -> int:
     t = sub.add_parser("train")
     t.add_argument("--variant", choices=list(VARIANTS), required=True)
     t.add_argument("--train-tasks", default=TRAIN_TASKS)
-    t.add_argument("--per-task", type=int, default=800, help="training documents per task")
+    t.add_argument("--per-task", type=int, default=None, help="training documents per task (default: the whole train split)")
+    t.add_argument("--train-source", choices=["data", "tasks"], default="data",
+                   help="data: the ShapeWorld train-split docs with the answer formats the checkpoint was trained on "
+                   "(letter for spatial); tasks: the lmms-eval tasks' train splits via doc_to_text/doc_to_target")
     t.add_argument("--steps", type=int, default=300)
     t.add_argument("--batch-size", type=int, default=16)
     t.add_argument("--lr", type=float, default=5e-4)
@@ -81,7 +84,10 @@ def train_variant(args, out: Path) -> int:
     base = _pretrained(args.pretrained)
     n_layers = AutoConfig.from_pretrained(base).text_config.num_hidden_layers
     layer = args.layer or max(1, n_layers // 2)
-    records = task_records(args.train_tasks.split(","), args.include_path, "train", args.per_task)
+    if args.train_source == "tasks":
+        records = task_records(args.train_tasks.split(","), args.include_path, "train", args.per_task)
+    else:
+        records = shapeworld_records(args.train_tasks.split(","), args.per_task)
     v = VARIANTS[args.variant]
     cfg = TrainConfig(pretrained=base, data=f"tasks:{args.train_tasks}", output_dir=str(out / args.variant),
                       teacher=resolve_teacher(v["teacher"]), weight=v["weight"], layer=layer, proj_hidden=args.proj_hidden,
@@ -94,6 +100,25 @@ def train_variant(args, out: Path) -> int:
     (out / args.variant / "train_result.json").write_text(json.dumps(result, indent=2))
     print(json.dumps(result))
     return 0
+
+
+def shapeworld_records(tasks: list[str], per_task: int | None) -> list[dict]:
+    """Train-split docs of the ShapeWorld tasks as LLaVA records: the task's prompt text and the
+    answer in the format the shipped checkpoint was trained with (yes/no, a digit, a letter)."""
+    from lmms_eval_plugins.shapeworld import data
+    from lmms_eval_plugins.shapeworld.train import doc_text
+
+    makers = {"shapeworld_count": lambda: data.count_docs("train"), "shapeworld_spatial": lambda: data.spatial_docs("train")}
+    for rule in data.POPE_RULES:
+        makers[f"shapeworld_pope_{rule}"] = lambda rule=rule: data.pope_docs(rule, "train")
+    answers = {"shapeworld_count": lambda d: d["number"], "shapeworld_spatial": lambda d: d["answer"].strip("()")}
+    records = []
+    for task in tasks:
+        for doc in makers[task]()[:per_task]:
+            answer = answers.get(task, lambda d: d["answer"])(doc)
+            records.append({"image": data.render_doc(doc), "task": task,
+                            "conversations": [{"from": "human", "value": doc_text(task, doc)}, {"from": "gpt", "value": answer}]})
+    return records
 
 
 def _models(args, out: Path) -> dict:
