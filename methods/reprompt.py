@@ -184,6 +184,14 @@ class FirstTokenClock(LogitsProcessor):
         return scores
 
 
+def _query_text(req: Request) -> str:
+    """The prompt text after the image (to match a report line to its document)."""
+    if not req.text:
+        return ""
+    token = getattr(req.processor, "image_token", None) or "<image>"
+    return req.text.rsplit(token, 1)[-1][:300]
+
+
 def _with_clock(kwargs) -> FirstTokenClock:
     clock = FirstTokenClock()
     kwargs["logits_processor"] = LogitsProcessorList([*kwargs.get("logits_processor", []), clock])
@@ -277,7 +285,7 @@ class Reprompt(Technique):
         img_end = int(req.image_pos[-1]) + 1
         new = generate_from(model, ctx, req.input_ids[:, img_end:p], **kwargs)
         suffix = p - img_end
-        self._log({"image": "", "compressed": True, "kv_entries": ctx.entries + suffix, "kv_full": p,
+        self._log({"image": "", "compressed": True, "query": _query_text(req), "kv_entries": ctx.entries + suffix, "kv_full": p,
                    "image_kept": ctx.image_kept, "ttft_s": clock.first})
         return torch.cat([req.input_ids, new.to(req.input_ids.device)], dim=1)
 
@@ -324,7 +332,7 @@ class Reprompt(Technique):
         key = self.context_key(req)
         img_end = int(req.image_pos[-1]) + 1
         ctx = self.contexts.get(key)
-        record = {"image": key[0][:12], "compressed": ctx is not None or bool(self.params["primer"])}
+        record = {"image": key[0][:12], "compressed": ctx is not None or bool(self.params["primer"]), "query": _query_text(req)}
         t0 = time.perf_counter()
         if ctx is None and self.params["primer"]:
             ctx = self._primer_context(model, req, kwargs)
