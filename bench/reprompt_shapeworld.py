@@ -2,7 +2,8 @@
 several keep ratios against llava_hf (full context) on the same checkpoint.
 
     python bench/reprompt_shapeworld.py --out results/reprompt [--ratios 0.02,0.05,0.10,0.25] [--limit N]
-        [--tasks shapeworld_pope_adversarial,shapeworld_count] [--modes prune,compressed] [--extra_args primer=...]
+        [--tasks shapeworld_pope_adversarial,shapeworld_count] [--modes prune,compressed] [--extra_args preset=...]
+        [--baseline results/reprompt/llava_hf]
 
 Writes <out>/table.md: per task and metric, the full-context value and each run's value with its
 ratio to full, plus the KV entries the compressed answers attended to vs the full context and
@@ -73,6 +74,7 @@ def main():
     ap.add_argument("--modes", default="prune,compressed")
     ap.add_argument("--extra_args", default="", help="appended to every llava_reprompt model_args")
     ap.add_argument("--limit", type=int, default=0)
+    ap.add_argument("--baseline", default="", help="directory of an earlier llava_hf run to reuse")
     ap.add_argument("--followup_metric", default="pope_accuracy", help="per-sample metric for the follow-up-only comparison")
     ap.add_argument("--include_path", default=str(REPO / "task_configs"))
     a = ap.parse_args()
@@ -80,7 +82,13 @@ def main():
 
     out = Path(a.out)
     a.pretrained = resolve_pretrained(a.pretrained)  # plain llava_hf does not know the bundled checkpoint's name
-    base, _ = run("llava_hf", f"pretrained={a.pretrained},device=cpu,device_map=cpu", a.tasks, out / "llava_hf", a.limit, a.include_path)
+    from lmms_eval_plugins.commands.compare import latest_results
+
+    if a.baseline:  # reuse an earlier llava_hf run on the same tasks and limit
+        base = latest_results(a.baseline)
+    else:
+        base, _ = run("llava_hf", f"pretrained={a.pretrained},device=cpu,device_map=cpu", a.tasks, out / "llava_hf", a.limit, a.include_path)
+    base_dir = Path(a.baseline) if a.baseline else out / "llava_hf"
     runs, run_dirs = [], []
     for mode in a.modes.split(","):
         for r in a.ratios.split(","):
@@ -108,7 +116,7 @@ def main():
         lines += ["", f"Answers given from a compressed context only ({a.followup_metric}), vs llava_hf on the same documents:", "",
                   "| run | answers | compressed | llava_hf |", "|---|---|---|---|"]
         for (name, _, s), d in zip(runs, run_dirs):
-            fa = followup_accuracy(d, out / "llava_hf", tasks[0], a.followup_metric) if (d / "reprompt_stats.jsonl").exists() else None
+            fa = followup_accuracy(d, base_dir, tasks[0], a.followup_metric) if (d / "reprompt_stats.jsonl").exists() else None
             if fa:
                 lines.append(f"| {name} | {fa[0]} | {fa[1]:.4f} | {fa[2]:.4f} |")
     (out / "table.md").write_text("\n".join(lines) + "\n")

@@ -56,7 +56,7 @@ SPEC = TechniqueSpec(
     presets={
         "prune_5pct": {"mode": "prune", "keep_ratio": 0.05},
         "compressed_5pct": {"mode": "compressed", "keep_ratio": 0.05},
-        "describe_primer": {"mode": "compressed", "keep_ratio": 0.05, "primer": "describe the image ."},
+        "describe_primer": {"mode": "compressed", "keep_ratio": 0.05, "primer": "\nPlease describe this image in detail."},
     },
     doc="Image-token pruning by attention (mode=prune) and re-prompting from a compressed image context (mode=compressed).",
 )
