@@ -39,4 +39,5 @@ def test_shipped_teacher_loads_as_a_backbone():
     feats, grid = teacher.features_from_images([image])
     assert grid == (info["image_size"] // info["patch"],) * 2 and feats.shape == (1, grid[0] * grid[1], info["hidden"])
     assert torch.isfinite(feats).all()
-    assert info["held_out_accuracy"]["shape_object_patches"] > 0.5  # it learnt this world, it is not random
+    acc = info["held_out_accuracy"]  # it learnt this world, it is not random: far above chance on object patches
+    assert acc["shape_object_patches"] > 2 / len(sw.SHAPES) and acc["colour_object_patches"] > 0.9
