@@ -223,9 +223,14 @@ class PaintBoost(hooks.AttnEdit):
     changes_scores = True
 
     def margins(self) -> torch.Tensor:
+        """(batch, image tokens) margins of the current selection (computed once per selection)."""
         sel = self.selector.current()
-        m = token_margins(sel, self.alpha, self.beta)
-        return torch.nn.functional.pad(m, (self.patch_offset, 0))  # "full" strategy: CLS is image token 0
+        cached = self.__dict__.get("_margins")
+        if cached is None or cached[0] is not sel:
+            m = token_margins(sel, self.alpha, self.beta)
+            cached = (sel, torch.nn.functional.pad(m, (self.patch_offset, 0)))  # "full" strategy: CLS is token 0
+            self.__dict__["_margins"] = cached
+        return cached[1]
 
     def edit_scores(self, scores, layer):
         margins = self.margins().to(scores.device)
