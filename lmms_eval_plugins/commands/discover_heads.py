@@ -68,6 +68,7 @@ def run(args) -> int:
             output=args.output,
             save_visuals=args.save_visuals,
             max_visuals=args.max_visuals,
+            model_name=args.pretrained,  # "shapeworld-tiny", not the directory it resolves to
         )
     except (DiscoveryError, lochead.HeadsFileError) as e:
         print(f"error: {e}")

@@ -124,11 +124,13 @@ def discover_for_task(
     save_visuals: str | Path | None = None,
     max_visuals: int = 8,
     progress: bool = True,
+    model_name: str | None = None,
 ) -> tuple[Path, dict, lochead.DiscoveryResult | None]:
     """Discover the localization heads of ``model`` on ``task``; returns (heads file, its contents, result).
 
     A cached result for the same model, task, split, n, seed and settings is reused
-    (result None) unless ``use_cache`` is false; ``output`` also receives a copy.
+    (result None) unless ``use_cache`` is false; ``output`` also receives a copy. ``model_name``
+    is the id written to the file (default: the model's name_or_path).
     """
     include_path = list(include_path or []) or default_include_path()
     task_obj = load_task(task, include_path)
@@ -160,7 +162,7 @@ def discover_for_task(
         doc = lochead.write_heads_file(
             cached,
             result.ranked(),
-            model_id=lochead.model_id(model),
+            model_id=model_name or lochead.model_id(model),
             num_layers=result.num_layers,
             num_heads=result.num_heads,
             source=source,
