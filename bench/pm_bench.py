@@ -58,20 +58,29 @@ def peak_rss_rise(fn) -> int:
 
 
 class PassCounter:
-    """Counts forward calls of the language model and of the vision tower."""
+    """Counts forward calls of the language model and the vision tower, and the token positions
+    the language model computed (a load-independent measure of its work)."""
 
-    def __init__(self, model):
-        self.counts = {"lm": 0, "vision": 0}
-        self.handles = [
-            model.model.language_model.register_forward_pre_hook(lambda *a: self._hit("lm")),
-            model.model.vision_tower.register_forward_pre_hook(lambda *a: self._hit("vision")),
-        ]
+    def __init__(self, *models):
+        self.counts = {"lm": 0, "lm_tokens": 0, "vision": 0}
+        self.handles = []
+        for model in models:
+            self.handles += [
+                model.model.language_model.register_forward_pre_hook(self._lm, with_kwargs=True),
+                model.model.vision_tower.register_forward_pre_hook(lambda *a: self._hit("vision")),
+            ]
+
+    def _lm(self, module, args, kwargs):
+        x = kwargs.get("inputs_embeds")
+        x = kwargs.get("input_ids") if x is None else x
+        self.counts["lm"] += 1
+        self.counts["lm_tokens"] += int(x.shape[1]) if x is not None else 0
 
     def _hit(self, tower):
         self.counts[tower] += 1
 
     def take(self):
-        out, self.counts = dict(self.counts), {"lm": 0, "vision": 0}
+        out, self.counts = dict(self.counts), {k: 0 for k in self.counts}
         return out
 
     def close(self):
@@ -158,15 +167,15 @@ def build_cases(ckpt, model, inputs, req, new_tokens=2, long_tokens=8):
         cases[f"pm_once, k={k} passes"] = pm_case(pope, forced=True, beta=0.0, max_iter=k)
     cases["pm_once, k=8, block_rows=text"] = pm_case(pope, forced=True, beta=0.0, max_iter=8, block_rows="text")
     ref_k = 8
+    from transformers import LlavaForConditionalGeneration
+
+    eager = LlavaForConditionalGeneration.from_pretrained(ckpt, attn_implementation="eager").eval()
 
     def reference():
-        from transformers import LlavaForConditionalGeneration
+        reference_style(eager, inputs, 1 + ref_k)
+        return eager.generate(**inputs, **pope)
 
-        if not hasattr(reference, "eager"):
-            reference.eager = LlavaForConditionalGeneration.from_pretrained(ckpt, attn_implementation="eager").eval()
-        reference_style(reference.eager, inputs, 1 + ref_k)
-        return reference.eager.generate(**inputs, **pope)
-
+    reference.model = eager
     cases[f"reference-style, k={ref_k} passes"] = reference
     cases["greedy (long)"] = lambda: model.generate(**inputs, **long)
     cases["pm_once (long)"] = pm_case(long)
@@ -188,7 +197,7 @@ def memory_of(layers: int, name: str) -> int:
 def run(layers: int = 4, repeats: int = 5, new_tokens: int = 2, long_tokens: int = 8, memory: bool = True) -> dict:
     ckpt, model, inputs, req = setup(layers)
     cases = build_cases(ckpt, model, inputs, req, new_tokens, long_tokens)
-    counter = PassCounter(model)
+    counter = PassCounter(model, *[fn.model for fn in cases.values() if hasattr(fn, "model")])
     rows = {name: {"times": []} for name in cases}
     with torch.no_grad():
         for name, fn in cases.items():  # warm-up, and the pass count of one call
@@ -219,6 +228,7 @@ def run(layers: int = 4, repeats: int = 5, new_tokens: int = 2, long_tokens: int
     for name, r in rows.items():
         ref = base_long if "(long)" in name else base
         r["latency_x"] = r["latency_s"] / ref["latency_s"]
+        r["lm_tokens_x"] = r["lm_tokens"] / ref["lm_tokens"]
         if memory:
             r["peak_x"] = r["peak_mb"] / max(ref["peak_mb"], 1e-9)
     extra = (rows["pm_every_token (long)"]["latency_s"] - rows["pm_once (long)"]["latency_s"]) / (long_tokens - 1)
@@ -243,10 +253,11 @@ def run(layers: int = 4, repeats: int = 5, new_tokens: int = 2, long_tokens: int
 
 def markdown(result: dict) -> str:
     mem = "peak_mb" in next(iter(result["rows"].values()))
-    head = "| case | latency (s) | x greedy | LM passes | vision passes |" + (" peak mem (MB) | x greedy |" if mem else "")
-    lines = [head, "|---|---:|---:|---:|---:|" + ("---:|---:|" if mem else "")]
+    head = "| case | latency (s) | x greedy | LM passes | LM token positions | x greedy | vision passes |"
+    head += " peak mem (MB) | x greedy |" if mem else ""
+    lines = [head, "|---|---:|---:|---:|---:|---:|---:|" + ("---:|---:|" if mem else "")]
     for name, r in result["rows"].items():
-        row = f"| {name} | {r['latency_s']:.3f} | {r['latency_x']:.2f} | {r['lm']} | {r['vision']} |"
+        row = f"| {name} | {r['latency_s']:.3f} | {r['latency_x']:.2f} | {r['lm']} | {r['lm_tokens']} | {r['lm_tokens_x']:.2f} | {r['vision']} |"
         if mem:
             row += f" {r['peak_mb']:.1f} | {r['peak_x']:.2f} |"
         lines.append(row)
@@ -273,10 +284,6 @@ def main(argv=None):
     if args.memory_case:  # one first call in a fresh process: no allocator cache from earlier calls
         ckpt, model, inputs, req = setup(args.layers)
         fn = build_cases(ckpt, model, inputs, req)[args.memory_case]
-        if args.memory_case.startswith("reference"):
-            from transformers import LlavaForConditionalGeneration
-
-            fn.eager = LlavaForConditionalGeneration.from_pretrained(ckpt, attn_implementation="eager").eval()
         with torch.no_grad():
             print(peak_rss_rise(fn))
         return 0

@@ -1,14 +1,15 @@
 """llava_pm on ShapeWorld through the real lmms-eval CLI, against greedy llava_hf on the same checkpoint.
 
-    python bench/pm_shapeworld.py --out results/pm [--limit N] [--extra_args preset=mme]
+    python bench/pm_shapeworld.py --out results/pm [--limit N] [--every_limit N] [--extra_args preset=mme]
 
 Runs, one after the other: llava_hf and llava_pm (refresh=once) on the three POPE splits and on
 CHAIR, and llava_pm with refresh=every_token on CHAIR. Writes <out>/table.md with
 - the metric table (lmms-plugins compare);
-- POPE accuracy by the size of the object asked about (from the logged samples), where the
-  documents carry it, so small objects (what magnification should fix) are shown apart;
+- POPE accuracy by the size of the object asked about (from the logged samples), so small
+  objects (what magnification should fix) are shown apart;
 - PM's search statistics (refinement passes per sample) from the saved traces.
-Perception maps of the first samples are saved under <out>/llava_pm*/visuals/llava_pm.
+Perception maps of the first samples, and every sample's search trace, are saved under
+<out>/llava_pm*/visuals.
 """
 
 from __future__ import annotations
@@ -36,45 +37,28 @@ def run(model, args, tasks, out, limit, include_path):
     return results
 
 
-def yes_no(text: str) -> str | None:
-    """POPE's parsing: the first 'yes' or 'no' word of the answer."""
-    words = text.strip().lower().replace(".", " ").replace(",", " ").split()
-    for w in words:
-        if w in ("yes", "no"):
-            return w
-    return None
-
-
-def size_of(doc: dict, key: str | None):
-    if key and key in doc:
-        return doc[key]
-    for k, v in doc.items():  # first field that names a size
-        if "size" in k.lower() and isinstance(v, (str, int, float)):
-            return v
-    return None
-
-
-def by_size(out: Path, task: str, key: str | None) -> dict:
-    """accuracy per object size: {size: (correct, n)}; empty when the documents carry no size."""
+def by_size(out: Path, task: str, key: str) -> dict:
+    """POPE accuracy per object size: {size: (correct, n)}, from the per-sample metric records
+    (the ShapeWorld POPE tasks put the queried object's ``size_class`` and the ``score`` there)."""
     acc = defaultdict(lambda: [0, 0])
     for s in read_samples(out, task):
-        doc = s.get("doc", {})
-        size = size_of(doc, key)
-        target = str(s.get("target", doc.get("answer", ""))).strip().lower()
-        if size is None or target not in ("yes", "no"):
+        record = next((v for v in s.values() if isinstance(v, dict) and key in v and "score" in v), None)
+        if record is None:
             continue
-        pred = yes_no((s.get("filtered_resps") or [""])[0] if isinstance(s.get("filtered_resps"), list) else str(s.get("filtered_resps")))
-        acc[size][0] += int(pred == target)
-        acc[size][1] += 1
+        acc[record[key]][0] += float(record["score"])
+        acc[record[key]][1] += 1
     return dict(acc)
 
 
 def search_stats(out: Path) -> dict:
-    traces = [json.loads(p.read_text()) for p in sorted(out.rglob("*_search.json"))]
+    """Refinement passes per sample, from the per-sample trace PM writes next to its visuals."""
+    traces = [json.loads(line) for p in sorted(out.rglob("*pm_trace.jsonl")) for line in p.read_text().splitlines() if line]
     if not traces:
         return {}
     its = [t["iterations"] for t in traces]
-    return {"samples": len(its), "mean_passes": sum(its) / len(its), "max_passes": max(its), "first_sum": sum(t["sums"][0] for t in traces) / len(traces)}
+    hist = {k: its.count(k) for k in sorted(set(its))}
+    return {"samples": len(its), "mean_passes": round(sum(its) / len(its), 2), "passes_histogram": hist,
+            "mean_first_sum": round(sum(t["sums"][0] for t in traces) / len(traces), 3)}
 
 
 def main():
@@ -82,9 +66,10 @@ def main():
     ap.add_argument("--out", required=True)
     ap.add_argument("--pretrained", default="shapeworld-tiny")
     ap.add_argument("--limit", type=int, default=0)
+    ap.add_argument("--every_limit", type=int, default=0, help="--limit for the (slow) every_token CHAIR run (default: --limit)")
     ap.add_argument("--extra_args", default="", help="appended to every llava_pm model_args")
-    ap.add_argument("--size_key", default=None, help="document field with the queried object's size (default: first field named *size*)")
-    ap.add_argument("--visuals", type=int, default=1000, help="saved perception maps per run (traces give the pass statistics)")
+    ap.add_argument("--size_key", default="size_class", help="document field with the queried object's size")
+    ap.add_argument("--visuals", type=int, default=12, help="saved perception maps per run (every sample's search goes to pm_trace.jsonl)")
     ap.add_argument("--include_path", default=str(REPO / "task_configs"))
     a = ap.parse_args()
     from lmms_eval_plugins.base import resolve_pretrained
@@ -101,7 +86,7 @@ def main():
         ),
         "llava_pm every_token": run(
             "llava_pm", f"pretrained={ckpt},refresh=every_token,save_visuals={out / 'llava_pm_every' / 'visuals'},max_visuals={a.visuals}{extra}",
-            "shapeworld_chair", out / "llava_pm_every", a.limit, a.include_path,
+            "shapeworld_chair", out / "llava_pm_every", a.every_limit or a.limit, a.include_path,
         ),
     }
     lines = [table(list(runs.values())), ""]

@@ -35,6 +35,7 @@ read only the captured rows (never ``output_attentions``); none computes logits.
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 from typing import Callable
 
@@ -442,8 +443,12 @@ class PerceptionMagnifier(Technique):
         s = mag.search
         self.last_magnified = mag
         self.last = {"iterations": s.iterations, "sums": s.sums, "map_forwards": mag.map_forwards, "refreshes": refreshes}
-        if self.visuals_dir is not None and self.samples <= self.max_visuals and refreshes == 1:
-            save_visuals(self.visuals_dir, f"{self.visuals_prefix}{self.samples - 1:04d}", mag)
+        if self.visuals_dir is not None and refreshes == 1:
+            self.visuals_dir.mkdir(parents=True, exist_ok=True)
+            with open(self.visuals_dir / f"{self.visuals_prefix}pm_trace.jsonl", "a") as f:  # every sample, one line
+                f.write(json.dumps({"sample": self.samples - 1, "iterations": s.iterations, "sums": s.sums}) + "\n")
+            if self.samples <= self.max_visuals:
+                save_visuals(self.visuals_dir, f"{self.visuals_prefix}{self.samples - 1:04d}", mag)
 
     # --- open-ended generation with a refreshed map ---------------------------------------
 
@@ -546,8 +551,6 @@ def heat_overlay(image: Image.Image, density: np.ndarray, opacity: float = 0.55)
 
 def save_visuals(directory: Path, stem: str, mag: Magnified) -> list[Path]:
     """original, perception-map overlay and magnified image as PNG; the search trace as JSON."""
-    import json
-
     directory.mkdir(parents=True, exist_ok=True)
     files = {
         "original": mag.view,

@@ -347,7 +347,10 @@ def test_saved_visuals(square, tmp_path):
     for _ in range(3):
         t.generate(model, req, **inputs, max_new_tokens=1, do_sample=False)
     names = sorted(p.name for p in tmp_path.iterdir())
-    assert names == [f"{i:04d}_{kind}" for i in range(2) for kind in ("magnified.png", "original.png", "perception_map.png", "search.json")]
+    kinds = ("magnified.png", "original.png", "perception_map.png", "search.json")
+    assert names == [f"{i:04d}_{kind}" for i in range(2) for kind in kinds] + ["pm_trace.jsonl"]
+    lines = [json.loads(line) for line in (tmp_path / "pm_trace.jsonl").read_text().splitlines()]
+    assert [t["sample"] for t in lines] == [0, 1, 2]  # every sample's search, beyond max_visuals
     for kind in ("original", "perception_map", "magnified"):
         with Image.open(tmp_path / f"0000_{kind}.png") as im:
             assert im.format == "PNG" and im.size == image.size
