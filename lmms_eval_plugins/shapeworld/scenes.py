@@ -49,7 +49,10 @@ class WorldConfig:
     """Knobs of the world.  Training and test scenes differ only in these numbers."""
 
     canvas: int = 336
-    cooccurrence: float = 0.9  # P(partner present | shape present)
+    # P(partner present | shape present).  A partner group enters a scene as a pair with
+    # probability q = c / (2 - c), else as one of its two shapes alone; then P(B | A) = c.
+    # 18/19 is a pair rate of exactly 0.9.
+    cooccurrence: float = 18 / 19
     group_weights: tuple = (0.45, 0.35, 0.20)  # circle/square most frequent: POPE "popular"
     units_weights: tuple = (0.45, 0.55)  # 1 or 2 partner groups per scene
     multiplicity_weights: tuple = (0.75, 0.2, 0.05)  # 1, 2 or 3 copies of a shape
@@ -66,7 +69,7 @@ class WorldConfig:
 TRAIN_WORLD = WorldConfig()
 # Test scenes break the prior more often, so that "A without its partner" (the
 # situation POPE-adversarial and CHAIR probe) is common enough to measure.
-TEST_WORLD = WorldConfig(cooccurrence=0.5)
+TEST_WORLD = WorldConfig(cooccurrence=0.4)  # pair rate 0.25
 
 
 @dataclass
@@ -210,7 +213,7 @@ def sample_scene(seed: int, config: WorldConfig = TRAIN_WORLD) -> Scene:
         for g in groups:
             first = rng.choice(GROUPS[g])
             shapes.append(first)
-            if rng.random() < config.cooccurrence:
+            if rng.random() < config.cooccurrence / (2.0 - config.cooccurrence):
                 shapes.append(PARTNER[first])
         specs = []
         for s in shapes:
