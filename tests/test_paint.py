@@ -254,3 +254,29 @@ def test_cli_chat_and_simple(tiny_ckpt, tmp_path):
     assert "acc,none" in res["results"]["tiny_yesno_ll"], res["results"]
     assert "exact,none" in res["results"]["tiny_yesno"], res["results"]
     assert '"alpha": 0.9' in log
+
+
+def _shapeworld_ready():
+    from lmms_eval_plugins.shapeworld import checkpoint_path
+
+    return (checkpoint_path() / "model.safetensors").exists()
+
+
+@pytest.mark.skipif(not _shapeworld_ready(), reason="shapeworld-tiny checkpoint not built")
+def test_cli_on_shapeworld_tiny(tmp_path):
+    from lmms_eval_plugins.testing import run_lmms_eval
+
+    tasks = REPO / "task_configs"
+    res, log = run_lmms_eval(
+        "llava_paint", "pretrained=shapeworld-tiny,preset=full", "shapeworld_pope_adversarial,shapeworld_chair",
+        tmp_path / "chat", include_path=tasks, cwd=REPO, extra=["--limit", "2"],
+    )
+    assert res is not None, log[-3000:]
+    assert 0 <= res["results"]["shapeworld_pope_adversarial"]["pope_accuracy,none"] <= 1
+    assert 0 <= res["results"]["shapeworld_chair"]["coco_cap_chair_i,none"] <= 100
+    res, log = run_lmms_eval(
+        "llava_paint", "pretrained=shapeworld-tiny", "shapeworld_pope_random", tmp_path / "simple",
+        include_path=tasks, cwd=REPO, extra=["--limit", "2", "--force_simple"],
+    )
+    assert res is not None, log[-3000:]
+    assert 0 <= res["results"]["shapeworld_pope_random"]["pope_accuracy,none"] <= 1
