@@ -462,7 +462,8 @@ class PerceptionMagnifier(Technique):
         every = 1 if self.params["refresh"] == "every_token" else self.params["refresh_n"]
         max_new = kwargs.get("max_new_tokens") or model.generation_config.max_new_tokens or 20
         eos = kwargs.get("eos_token_id", model.generation_config.eos_token_id)
-        eos = set([eos] if isinstance(eos, int) else (eos or []))
+        eos = sorted(set([eos] if isinstance(eos, int) else (eos or [])))
+        min_new = kwargs.get("min_new_tokens") or 0
         pick = _token_picker(kwargs)
         run = _LanguageModel(model)
         embed_tokens = model.model.get_input_embeddings()
@@ -487,7 +488,10 @@ class PerceptionMagnifier(Technique):
             else:
                 hidden = run(embed_tokens(ids[:, -1:]), cache_mag)
             forwards += 1
-            token = pick(ids, model.lm_head(hidden[:, -1]).float())
+            logits = model.lm_head(hidden[:, -1]).float()
+            if step < min_new and eos:
+                logits[:, eos] = float("-inf")  # as generate's min_new_tokens
+            token = pick(ids, logits)
             ids = torch.cat([ids, token[:, None]], dim=1)
             emb_orig = torch.cat([emb_orig, embed_tokens(token[:, None])], dim=1)
             if int(token) in eos:
