@@ -57,7 +57,7 @@ def table(runs: list[dict]) -> str:
         cells = [task, metric, str(n), f"{b:.4g}"]
         for r in runs[1:]:
             v = metric_rows(r).get((task, metric))
-            cells += ["-", "-"] if v is None else [f"{v:.4g}", f"{v - b:+.4g}"]
+            cells += ["-", "-"] if v is None else [f"{v:.4g}", f"{v - b:+.4f}"]
         cells.append(paper_figure(model_label(runs[-1]).split("(")[0], task, metric) or "")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
