@@ -280,3 +280,14 @@ def test_cli_on_shapeworld_tiny(tmp_path):
     )
     assert res is not None, log[-3000:]
     assert 0 <= res["results"]["shapeworld_pope_random"]["pope_accuracy,none"] <= 1
+
+
+def test_object_patches_marks_covered_cells():
+    from lmms_eval_plugins.commands.paint_selection import object_patches
+
+    labels = np.zeros((40, 40), dtype=np.uint8)
+    labels[0:10, 0:10] = 1  # all of cell (0, 0)
+    labels[10:12, 30:40] = 2  # 20% of cell (1, 3)
+    labels[39, 39] = 3  # 1% of cell (3, 3)
+    got = object_patches(labels, (4, 4), cover=0.1)
+    assert set(np.flatnonzero(got).tolist()) == {0, 1 * 4 + 3}
