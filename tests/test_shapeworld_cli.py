@@ -26,7 +26,8 @@ PERCENT = {"coco_cap_chair_i", "coco_cap_chair_s", "coco_cap_recall"}
 
 
 def run_cli(tasks, out, extra=()):
-    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    # one torch thread: on a shared 2-core machine two threads are several times slower
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     cmd = [
         sys.executable, "-m", "lmms_eval",
         "--model", "llava_hf",
