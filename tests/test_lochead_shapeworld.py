@@ -27,14 +27,31 @@ def _centre_in(box, gt):
     return gt[0] <= cx <= gt[2] and gt[1] <= cy <= gt[3]
 
 
-def test_discovery_is_deterministic_and_its_heads_localise():
+@pytest.fixture(scope="module")
+def shapeworld():
     model, processor = load(checkpoint_path())
     hooks.install(model)
     calib = _train_samples(40, seed=0)
-    first = L.discover_heads(model, processor, [(im, t) for im, t, _ in calib])
+    result = L.discover_heads(model, processor, [(im, t) for im, t, _ in calib])
+    return model, processor, calib, result
+
+
+def test_discovery_is_deterministic(shapeworld):
+    model, processor, calib, result = shapeworld
     again = L.discover_heads(model, processor, [(im, t) for im, t, _ in calib])
-    assert first.ranked() == again.ranked()
-    top = [(r["layer"], r["head"]) for r in first.ranked()]
+    assert again.ranked() == result.ranked()
+    assert result.n_samples == 40 and result.ranked()[0]["frequency"] > 0.5
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="measured: on shapeworld-tiny the S_img-knee + spatial-entropy criteria rank heads with compact but off-target maps first "
+    "(L1H1: one spot, rarely on the referred object; L1H2: the top row), which localise worse than averaging all heads; "
+    "the best localiser (L1H3) ranks 6th. See docs/lochead.md. Strict: a checkpoint where the claim holds makes this fail.",
+)
+def test_selected_heads_beat_all_head_averaging_on_held_out_train_docs(shapeworld):
+    model, processor, calib, result = shapeworld
+    top = [(r["layer"], r["head"]) for r in result.ranked()]
     held_out = _train_samples(60, seed=1, skip={d["question_id"] for *_, d in calib})
     hits = {"top3": 0, "all": 0}
     techniques = {"top3": L.LocHead(top, top_k=3), "all": L.LocHead("all")}
@@ -43,5 +60,5 @@ def test_discovery_is_deterministic_and_its_heads_localise():
         req = Request(inputs["input_ids"], model.config.image_token_id, inputs["input_ids"].shape[1], [image], text, processor)
         for name, tech in techniques.items():
             hits[name] += _centre_in(tech.locate(model, req, **inputs).box, doc["bbox"])
-    # the paper's central claim, on held-out train documents: a few selected heads beat averaging all heads
+    # the paper's central claim, on train documents not used for discovery
     assert hits["top3"] > hits["all"], hits
