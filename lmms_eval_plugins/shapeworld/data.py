@@ -232,9 +232,9 @@ def count_docs(split: str = "test", n: int | None = None) -> list:
 
 
 def spatial_example(scene, rng: random.Random):
-    """(prompt, answer letter, relation, (i, j)) for a random separated pair with unique
-    referring expressions, or None if the scene has none."""
-    rels = [r for r in scene.relations()]
+    """(prompt, answer letter, relation, (i, j), choices) for a random separated pair with
+    unique referring expressions, or None if the scene has none."""
+    rels = list(scene.relations())
     rng.shuffle(rels)
     for i, rel, j in rels:
         ei, ej = unique_expressions(scene, i), unique_expressions(scene, j)
