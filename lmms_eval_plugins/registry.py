@@ -6,16 +6,7 @@ and generation, used with --force_simple) and a chat class (the default for the 
 
 from lmms_eval.models.registry_v2 import ModelManifest
 
-# model name -> (module, class name, aliases)
-MODELS = {
-    "llava_pai": ("pai", "LlavaPai", ()),
-    "llava_paint": ("paint", "LlavaPaint", ("llava_fia",)),
-    "llava_pm": ("pm", "LlavaPm", ()),
-    "llava_lochead": ("lochead", "LlavaLochead", ()),
-    "llava_knockout": ("knockout", "LlavaKnockout", ()),
-    "llava_reprompt": ("reprompt", "LlavaReprompt", ()),
-    "llava_viral": ("viral", "LlavaViral", ()),
-}
+from .models import MODELS
 
 
 def _manifest(name, module, cls, aliases):

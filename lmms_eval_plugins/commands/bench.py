@@ -114,7 +114,7 @@ def core_cases(ctx: BenchContext) -> dict:
 
 
 def all_cases(ctx: BenchContext) -> dict:
-    from ..registry import MODELS
+    from ..models import MODELS
 
     cases = dict(core_cases(ctx))
     for name, (module, _, _) in MODELS.items():
