@@ -1,6 +1,7 @@
 """Scale-out and resume: accelerate multi-process, response-cache resume after a kill, split devices."""
 
 import glob
+import json
 import os
 import signal
 import subprocess
@@ -8,6 +9,7 @@ import sys
 import tempfile
 import time
 
+import pytest
 import torch
 from conftest import REPO, make_inputs
 
@@ -21,22 +23,34 @@ def _answers(out, task="tiny_yesno"):
     return [s["filtered_resps"] for s in read_samples(out, task)]
 
 
-def test_two_processes_equal_one(tiny_ckpt, tmp_path):
-    args = f"pretrained={tiny_ckpt},alpha=0.5"
-    one, log1 = run_lmms_eval("llava_pai", args, "tiny_yesno", tmp_path / "one", include_path="tests/tasks", cwd=REPO)
+@pytest.mark.parametrize(
+    "model,extra_args,task,include",
+    [
+        ("llava_pai", "alpha=0.5", "tiny_yesno", "tests/tasks"),  # an attention edit, on a random model
+        ("llava_pm", "preset=pope", "shapeworld_pope_adversarial", "task_configs"),  # decoding-time, ShapeWorld
+        ("llava_knockout", "mode=query,from_layer=0,to_layer=2", "shapeworld_pope_adversarial", "task_configs"),  # analysis
+    ],
+)
+def test_two_processes_equal_one(tiny_ckpt, tmp_path, model, extra_args, task, include):
+    pretrained = tiny_ckpt if task == "tiny_yesno" else "shapeworld-tiny"
+    args = f"pretrained={pretrained},{extra_args}"
+    limit = [] if task == "tiny_yesno" else ["--limit", "6"]
+    one, log1 = run_lmms_eval(model, args, task, tmp_path / "one", include_path=include, extra=limit, cwd=REPO)
     assert one is not None, log1[-2000:]
     # on a CPU machine, accelerate's multi-process launcher runs gloo ranks (`--cpu` alone is one process)
     cmd = ["accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
-           "--dynamo_backend", "no", "-m", "lmms_eval", "--model", "llava_pai", "--model_args", args, "--tasks", "tiny_yesno",
-           "--output_path", str(tmp_path / "two"), *TASK_ARGS]
+           "--dynamo_backend", "no", "-m", "lmms_eval", "--model", model, "--model_args", args, "--tasks", task,
+           "--output_path", str(tmp_path / "two"), "--include_path", include, "--batch_size", "1", "--log_samples", *limit]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=600)
     log2 = proc.stdout + proc.stderr
     assert "Running on rank 1" in log2, log2[-3000:]
-    assert "Building contexts for tiny_yesno on rank 1" in log2  # the second rank got its own share
+    assert f"Building contexts for {task} on rank 1" in log2  # the second rank got its own share
     two = glob.glob(str(tmp_path / "two" / "**" / "*_results.json"), recursive=True)
     assert two, log2[-3000:]
-    assert _answers(tmp_path / "two") == _answers(tmp_path / "one")
-    assert len(_answers(tmp_path / "two")) == 3
+    assert _answers(tmp_path / "two", task) == _answers(tmp_path / "one", task)
+    assert len(_answers(tmp_path / "two", task)) == (3 if task == "tiny_yesno" else 6)
+    two_results = json.load(open(two[-1]))["results"][task]
+    assert {k: v for k, v in two_results.items() if "stderr" not in k} == {k: v for k, v in one["results"][task].items() if "stderr" not in k}
 
 
 def _cache_lines(cache_dir):
