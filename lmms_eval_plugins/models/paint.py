@@ -5,6 +5,7 @@ from methods.paint import DEFAULTS, HEAD_MODULATIONS, Paint
 
 from ..base import TechniqueSpec, wrapper_classes
 from ..params import Param
+from .pai import WINDOW_AND_CFG_PARAMS
 
 PARAMS = (
     Param("alpha", float, DEFAULTS["alpha"], "margin on local (and spatial) tokens: a + alpha*|a|", low=0.0),
@@ -15,11 +16,7 @@ PARAMS = (
     Param("summary_layer", int, DEFAULTS["summary_layer"], "vision-tower layer whose CLS-attention outliers are summary tokens (-2: penultimate)"),
     Param("head_modulation", str, DEFAULTS["head_modulation"], "scale margins per head by visual sensitivity", choices=HEAD_MODULATIONS),
     Param("max_head_scale", float, DEFAULTS["max_head_scale"], "cap on the per-head scale (sensitivity / mean sensitivity)", low=1.0),
-    Param("start_layer", int, DEFAULTS["start_layer"], "first edited language-model layer (0-based)"),
-    Param("end_layer", int, None, "one past the last edited layer (default: the model's depth)", optional=True),
-    Param("use_cfg", bool, DEFAULTS["use_cfg"], "classifier-free guidance against an image-free pass (as llava_pai)"),
-    Param("gamma", float, DEFAULTS["gamma"], "guidance strength", low=0.0),
-    Param("cutoff", float, DEFAULTS["cutoff"], "plausibility cutoff (fraction of the top token's probability)", low=0.0, high=1.0),
+    *WINDOW_AND_CFG_PARAMS,
 )
 
 SPEC = TechniqueSpec(
