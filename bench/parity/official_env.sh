@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Create the official stack's virtual environment (CPU, fp32) for the parity harness.
+#   bash bench/parity/official_env.sh /work/venvs/official
+# The versions are the ones LLaVA-1.5 (and PAI / PAINT, which bundle its `llava/` package)
+# were written against; torch is the project's own (a CPU build), which transformers 4.37
+# runs unchanged for these models. PAI and PAINT ship their own `llava/` package: the
+# harness puts the checkout on PYTHONPATH instead of installing llava-torch.
+set -euo pipefail
+VENV=${1:?usage: official_env.sh VENV_DIR}
+TORCH=${TORCH_VERSION:-2.14.1}
+if [ ! -x "$VENV/bin/python" ]; then
+  python3.11 -m venv "$VENV"
+fi
+"$VENV/bin/pip" install -q --upgrade pip
+"$VENV/bin/pip" install -q "torch==$TORCH" ${TORCH_INDEX:+--index-url "$TORCH_INDEX"}
+"$VENV/bin/pip" install -q \
+  "transformers==4.37.2" "tokenizers==0.15.2" "accelerate==0.21.0" "numpy<2" \
+  sentencepiece einops shortuuid safetensors protobuf pyyaml pillow
+"$VENV/bin/python" -c "import torch, transformers; print('official stack:', torch.__version__, transformers.__version__)"

@@ -1,0 +1,281 @@
+"""A LLaVA-1.5-shaped tiny random model, one set of weights in two layouts (PARITY.md step 1).
+
+The official PAI / PAINT code hard-codes LLaVA-1.5-7B geometry: 32 language-model layers of 32
+heads, a CLIP tower at 336 px with 14 px patches (576 image tokens on a 24x24 grid), the
+``mlp2x_gelu`` projector, features from the penultimate CLIP layer without CLS. This model has
+those *counts* with tiny *widths* (LM hidden 64, CLIP hidden 32), so the official code runs
+unchanged on CPU in seconds.
+
+``build(out_dir, seed)`` writes
+
+- ``out_dir/hf/``: the ``llava-hf`` layout (``LlavaForConditionalGeneration``), loaded by our
+  stack (transformers 5) with ``load_hf``;
+- ``out_dir/original/``: the original LLaVA layout (``LlavaLlamaForCausalLM``, model_type
+  ``llava_llama``) with ``mm_vision_tower`` pointing at ``out_dir/original/clip/``, a locally
+  saved ``CLIPVisionModel`` (the official loader calls ``get_vision_tower().load_model()``).
+
+Key mapping (the inverse of transformers' ``convert_llava_weights_to_hf.py``, whose output
+transformers 5 loads as ``model.language_model`` / ``lm_head``):
+``model.language_model.X`` <-> ``model.X``; ``lm_head`` <-> ``lm_head``;
+``model.multi_modal_projector.linear_1|2`` <-> ``model.mm_projector.0|2``;
+``model.vision_tower.vision_model.X`` <-> ``clip/vision_model.X`` (LLaVA-1.5 loads its tower
+from its own CLIP checkpoint).
+
+Vocabulary (a deliberate difference from llava-hf): llava-hf appends ``<image>`` as id 32000
+and pads the vocabulary to 32064. Extra logit rows would change every log-softmax (and PAI's
+guidance works on log-softmax values), so both layouts keep the original 32000 rows and the
+HF layout marks the image with an id inside the vocabulary, ``IMAGE_TOKEN_ID = 31999``, which
+the fixed prompts never use as text. The original layout uses LLaVA's ``IMAGE_TOKEN_INDEX``
+(-200), one id expanded to 576 positions by ``prepare_inputs_labels_for_multimodal``; the HF
+layout has 576 copies of 31999 at the same positions.
+
+Weights are drawn by our own rule (not transformers' initialisers), parameter by parameter in
+sorted-name order from one ``torch.Generator``, so the model depends only on the seed, the
+parameter names and shapes: ``fingerprint`` (sha256 of the float32 state dict) lets CI rebuild it
+and assert it is the model the fixtures came from.
+
+Run as a script to build: ``python bench/parity/tiny_llava15.py OUT_DIR [--seed 0]``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from pathlib import Path
+
+import torch
+
+SEED = 0
+VOCAB = 32000
+IMAGE_TOKEN_ID = 31999  # HF layout only; see the module docstring
+IMAGE_TOKEN_INDEX = -200  # the original layout's placeholder (llava/constants.py)
+N_IMAGE_TOKENS = 576
+TEXT = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32)
+VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2, image_size=336, patch_size=14)
+LLAMA_COMMON = dict(
+    vocab_size=VOCAB,
+    max_position_embeddings=4096,
+    rms_norm_eps=1e-5,
+    hidden_act="silu",
+    bos_token_id=1,
+    eos_token_id=2,
+    pad_token_id=0,
+    tie_word_embeddings=False,
+)
+ROPE_THETA = 10000.0
+CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
+CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
+
+
+def hf_config():
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
+
+    text = LlamaConfig(**TEXT, **LLAMA_COMMON, rope_parameters={"rope_type": "default", "rope_theta": ROPE_THETA})
+    vision = CLIPVisionConfig(**VISION, projection_dim=VISION["hidden_size"], hidden_act="quick_gelu", layer_norm_eps=1e-5)
+    return LlavaConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_id=IMAGE_TOKEN_ID,
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",  # = LLaVA's mm_vision_select_feature "patch" (drop CLS)
+        projector_hidden_act="gelu",
+        image_seq_length=N_IMAGE_TOKENS,
+        tie_word_embeddings=False,
+    )
+
+
+def init_weights(model, seed: int = SEED) -> None:
+    """Our own deterministic draw: norms 1 + 0.1 N, other 1-D params 0.02 N, matrices gain * N / sqrt(fan_in)."""
+    gen = torch.Generator().manual_seed(seed)
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name in sorted(params):
+            p = params[name]
+            noise = torch.randn(p.shape, generator=gen, dtype=torch.float32)
+            if p.ndim == 1 and "norm" in name and name.endswith("weight"):
+                value = 1 + 0.1 * noise
+            elif p.ndim == 1:
+                value = 0.02 * noise
+            else:
+                value = noise * _gain(name) / math.sqrt(math.prod(p.shape[1:]))
+            p.copy_(value)
+
+
+def _gain(name: str) -> float:
+    """Scales that keep a 32-layer random model from collapsing onto one repeated token: token
+    embeddings at unit scale (they dominate the residual stream), the residual branches' outputs
+    damped, and a peaked output distribution (so the guidance cutoff masks most tokens)."""
+    if "embed_tokens" in name:
+        return 8.0
+    if name.endswith(("o_proj.weight", "down_proj.weight")) and "language_model" in name:
+        return 0.3
+    if name.startswith("lm_head"):
+        return 3.0
+    return 1.0
+
+
+def fingerprint(model) -> str:
+    """sha256 over (name, shape, float32 bytes) of the state dict, names sorted."""
+    h = hashlib.sha256()
+    sd = model.state_dict()
+    for name in sorted(sd):
+        t = sd[name].detach().to(torch.float32).contiguous()
+        h.update(name.encode())
+        h.update(str(tuple(t.shape)).encode())
+        h.update(t.numpy().tobytes())
+    return h.hexdigest()
+
+
+def build_hf_model(seed: int = SEED):
+    from transformers import LlavaForConditionalGeneration
+
+    model = LlavaForConditionalGeneration(hf_config()).to(torch.float32).eval()
+    init_weights(model, seed)
+    model.generation_config.pad_token_id = LLAMA_COMMON["pad_token_id"]
+    return model
+
+
+def original_state_dicts(model) -> tuple[dict, dict]:
+    """(LLaVA checkpoint, CLIP checkpoint) state dicts in the original layout."""
+    llava, clip = {}, {}
+    renames = {
+        "model.multi_modal_projector.linear_1.": "model.mm_projector.0.",
+        "model.multi_modal_projector.linear_2.": "model.mm_projector.2.",
+        "model.language_model.": "model.",
+    }
+    for name, t in model.state_dict().items():
+        t = t.detach().to(torch.float32).contiguous().clone()
+        if name.startswith("model.vision_tower."):
+            clip[name.removeprefix("model.vision_tower.")] = t
+            continue
+        for old, new in renames.items():
+            if name.startswith(old):
+                name = new + name.removeprefix(old)
+                break
+        llava[name] = t
+    return llava, clip
+
+
+def original_configs(clip_dir: Path) -> tuple[dict, dict, dict]:
+    """(LLaVA config.json, CLIP config.json, CLIP preprocessor_config.json) for transformers 4.37."""
+    llava = {
+        "architectures": ["LlavaLlamaForCausalLM"],
+        "model_type": "llava_llama",
+        **TEXT,
+        **LLAMA_COMMON,
+        "rope_theta": ROPE_THETA,
+        "rope_scaling": None,
+        "attention_bias": False,
+        "torch_dtype": "float32",
+        "use_cache": True,
+        "mm_vision_tower": str(clip_dir),
+        "mm_hidden_size": VISION["hidden_size"],
+        "mm_projector_type": "mlp2x_gelu",
+        "mm_vision_select_layer": -2,
+        "mm_vision_select_feature": "patch",
+        "mm_use_im_start_end": False,
+        "mm_use_im_patch_token": False,
+        "mm_patch_merge_type": "flat",
+        "image_aspect_ratio": "pad",
+        "tune_mm_mlp_adapter": False,
+        "freeze_mm_mlp_adapter": False,
+    }
+    clip = {
+        "architectures": ["CLIPVisionModel"],
+        "model_type": "clip_vision_model",
+        **VISION,
+        "projection_dim": VISION["hidden_size"],
+        "num_channels": 3,
+        "hidden_act": "quick_gelu",
+        "layer_norm_eps": 1e-5,
+        "attention_dropout": 0.0,
+        "initializer_range": 0.02,
+        "initializer_factor": 1.0,
+        "torch_dtype": "float32",
+    }
+    size = VISION["image_size"]
+    preprocessor = {
+        "image_processor_type": "CLIPImageProcessor",
+        "do_resize": True,
+        "size": {"shortest_edge": size},
+        "do_center_crop": True,
+        "crop_size": {"height": size, "width": size},
+        "do_rescale": True,
+        "rescale_factor": 1 / 255,
+        "do_normalize": True,
+        "image_mean": CLIP_MEAN,
+        "image_std": CLIP_STD,
+        "do_convert_rgb": True,
+        "resample": 3,
+    }
+    return llava, clip, preprocessor
+
+
+def build(out_dir, seed: int = SEED) -> dict:
+    """Write out_dir/hf and out_dir/original (with original/clip); return {"fingerprint", "seed", ...}."""
+    from safetensors.torch import save_file
+
+    out = Path(out_dir).resolve()
+    model = build_hf_model(seed)
+    (out / "hf").mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out / "hf")
+    llava_sd, clip_sd = original_state_dicts(model)
+    clip_dir = out / "original" / "clip"
+    clip_dir.mkdir(parents=True, exist_ok=True)
+    llava_cfg, clip_cfg, pre_cfg = original_configs(clip_dir)
+    save_file(llava_sd, str(out / "original" / "model.safetensors"), metadata={"format": "pt"})
+    save_file(clip_sd, str(clip_dir / "model.safetensors"), metadata={"format": "pt"})
+    for path, cfg in (
+        (out / "original" / "config.json", llava_cfg),
+        (clip_dir / "config.json", clip_cfg),
+        (clip_dir / "preprocessor_config.json", pre_cfg),
+    ):
+        path.write_text(json.dumps(cfg, indent=2))
+    info = {"seed": seed, "fingerprint": fingerprint(model), "image_token_id_hf": IMAGE_TOKEN_ID, "vocab": VOCAB}
+    (out / "model_info.json").write_text(json.dumps(info, indent=2))
+    return info
+
+
+def load_hf(model_dir, attn_implementation: str = "sdpa"):
+    """The HF layout under our stack (``model_dir`` is build()'s out_dir or its hf/ subdirectory)."""
+    from transformers import LlavaForConditionalGeneration
+
+    path = Path(model_dir)
+    if (path / "hf").is_dir():
+        path = path / "hf"
+    return LlavaForConditionalGeneration.from_pretrained(path, attn_implementation=attn_implementation, dtype=torch.float32).eval()
+
+
+# ---------------------------------------------------------------------------------------
+# Fixed inputs shared by every parity harness (no tokenizer: Vicuna's is not available here)
+# ---------------------------------------------------------------------------------------
+
+
+def fixed_pixels(n: int = 1, seed: int = SEED) -> torch.Tensor:
+    """(n, 3, 336, 336) float32 pixel tensors, CLIP-normalised scale; fed to both layouts directly."""
+    gen = torch.Generator().manual_seed(10_000 + seed)
+    size = VISION["image_size"]
+    # smooth structure (a coarse grid upsampled) plus noise, so attention over patches is not uniform
+    coarse = torch.randn(n, 3, 12, 12, generator=gen)
+    smooth = torch.nn.functional.interpolate(coarse, size=(size, size), mode="bilinear", align_corners=False)
+    return (smooth + 0.3 * torch.randn(n, 3, size, size, generator=gen)).contiguous()
+
+
+def tensor_sha256(t: torch.Tensor) -> str:
+    return hashlib.sha256(t.detach().to(torch.float32).contiguous().numpy().tobytes()).hexdigest()
+
+
+def hf_ids(before: list[int], after: list[int], bos: int = LLAMA_COMMON["bos_token_id"]) -> torch.Tensor:
+    """(1, n) HF-layout ids: BOS + before + 576 image ids + after (the official order)."""
+    return torch.tensor([[bos, *before, *[IMAGE_TOKEN_ID] * N_IMAGE_TOKENS, *after]])
+
+
+if __name__ == "__main__":
+    import argparse
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("out_dir")
+    ap.add_argument("--seed", type=int, default=SEED)
+    args = ap.parse_args()
+    print(json.dumps(build(args.out_dir, args.seed), indent=2))
