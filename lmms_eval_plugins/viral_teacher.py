@@ -37,7 +37,9 @@ HEADS = {"shape": len(sw.SHAPES) + 1, "colour": len(sw.COLOUR_NAMES) + 1, "size"
 
 
 def teacher_path() -> Path:
-    return Path(__file__).resolve().parent / "checkpoints" / TEACHER_NAME
+    from .paths import CHECKPOINTS
+
+    return CHECKPOINTS[TEACHER_NAME]
 
 
 def resolve_teacher(spec: str) -> str:

@@ -398,7 +398,7 @@ def test_sam_masks_are_optional(byte_model, tmp_path):
     tech.refiner = L.SamRefiner(_tiny_sam(tmp_path / "sam"), use_box=True)
     refined = tech.locate(model, req, **inputs)
     assert refined.mask.shape == (32, 48) and refined.mask.dtype == torch.bool
-    rows, cols = refined.mask.any(1).nonzero().flatten(), refined.mask.any(0).nonzero().flatten()
+    rows, cols = refined.mask.any(1).nonzero().flatten().tolist(), refined.mask.any(0).nonzero().flatten().tolist()
     assert refined.box == pytest.approx([cols[0] / 48, rows[0] / 32, (cols[-1] + 1) / 48, (rows[-1] + 1) / 32])
     assert refined.box_processed == plain.box_processed  # SAM refines the answer, not the attention box
 

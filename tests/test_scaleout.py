@@ -38,7 +38,8 @@ def test_two_processes_equal_one(tiny_ckpt, tmp_path, model, extra_args, task, i
     one, log1 = run_lmms_eval(model, args, task, tmp_path / "one", include_path=include, extra=limit, cwd=REPO)
     assert one is not None, log1[-2000:]
     # on a CPU machine, accelerate's multi-process launcher runs gloo ranks (`--cpu` alone is one process)
-    cmd = ["accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+    # the launcher of this interpreter's environment, whether or not it is activated (PATH may have none)
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
            "--dynamo_backend", "no", "-m", "lmms_eval", "--model", model, "--model_args", args, "--tasks", task,
            "--output_path", str(tmp_path / "two"), "--include_path", include, "--batch_size", "1", "--log_samples", *limit]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=600)

@@ -12,9 +12,12 @@ from __future__ import annotations
 import glob
 import json
 import os
+import re
 from pathlib import Path
 
 from ..paper_figures import paper_figure
+from ..paths import tasks_dir
+from .env import check_or_exit
 
 
 def latest_results(path) -> dict:
@@ -63,15 +66,27 @@ def table(runs: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def first_error(log: str) -> str:
+    """The first error an lmms-eval log reports (the CLI exits 0 even then), colour codes removed:
+    a logged ERROR line, else the first exception line of a traceback."""
+    lines = [re.sub(r"\x1b\[[0-9;]*m", "", line).strip() for line in log.splitlines()]
+    for pattern in (r"\|\s*ERROR\s*\|", r"^[\w.]+(Error|Exception)\b.*:"):
+        hit = next((line for line in lines if re.search(pattern, line)), None)
+        if hit:
+            return hit
+    return "(no error line in the log)"
+
+
 def run_pair(model, model_args, tasks, pretrained, output, limit=None, include_path=None, device=None):
     from ..base import resolve_pretrained
     from ..testing import run_lmms_eval
 
     import torch
 
+    check_or_exit()
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     ckpt = resolve_pretrained(pretrained)
-    include_path = include_path or str(Path(__file__).resolve().parents[2] / "task_configs")
+    include_path = include_path or str(tasks_dir())
     extra = ["--limit", str(limit)] if limit else []
     runs = []
     for name, args in (("llava_hf", f"device_map={device}"), (model, model_args)):
@@ -80,7 +95,10 @@ def run_pair(model, model_args, tasks, pretrained, output, limit=None, include_p
         print(f"running {name} ({full_args}) on {tasks} ...", flush=True)
         results, log = run_lmms_eval(name, full_args, tasks, out, include_path=include_path, extra=extra, timeout=None)
         if results is None:
-            raise SystemExit(f"lmms-eval run of {name} produced no results:\n{log[-4000:]}")
+            raise SystemExit(
+                f"lmms-eval run of {name} produced no results; its first error:\n  {first_error(log)}\n"
+                f"(the run's last lines:)\n{log[-3000:]}"
+            )
         runs.append(results)
     return runs
 

@@ -20,7 +20,6 @@ from methods import lochead
 from methods.lochead_visuals import render_curve, render_located
 
 HEADS_DIR = Path(__file__).resolve().parent
-REPO_TASKS = HEADS_DIR.parents[1] / "task_configs"
 
 
 def shipped_heads_path(model_id: str) -> Path:
@@ -32,8 +31,10 @@ def shipped_heads() -> list[str]:
 
 
 def default_include_path() -> list[str]:
-    """The project's task_configs/ (ShapeWorld tasks) when present next to the package."""
-    return [str(REPO_TASKS)] if REPO_TASKS.is_dir() else []
+    """The package's task configs (ShapeWorld tasks), installed or in a source checkout."""
+    from ..paths import tasks_dir
+
+    return [str(tasks_dir())]
 
 
 def cache_dir() -> Path:

@@ -10,7 +10,9 @@ CHECKPOINT_NAME = "shapeworld-tiny"
 
 def checkpoint_path() -> Path:
     """Directory of the shipped tiny LLaVA (loads with from_pretrained like any HF checkpoint)."""
-    return Path(__file__).resolve().parent / "checkpoints" / CHECKPOINT_NAME
+    from ..paths import CHECKPOINTS
+
+    return CHECKPOINTS[CHECKPOINT_NAME]
 
 
 def resolve_pretrained(name):

@@ -1,0 +1,22 @@
+"""`lmms-plugins path NAME`: print a directory the installed package ships, for any loader.
+
+    lmms-eval --model llava_hf --model_args pretrained=$(lmms-plugins path shapeworld-tiny),device_map=cpu \\
+              --include_path $(lmms-plugins path tasks) --tasks shapeworld_pope_adversarial ...
+"""
+
+from __future__ import annotations
+
+from ..paths import CHECKPOINTS, named_paths
+
+NAMES = ("tasks", *CHECKPOINTS)
+
+
+def main(args) -> int:
+    print(named_paths()[args.name])
+    return 0
+
+
+def register(sub) -> None:
+    p = sub.add_parser("path", help="print the task directory (for --include_path) or a shipped checkpoint's directory")
+    p.add_argument("name", choices=NAMES, help="tasks: the lmms-eval task configs; otherwise a shipped checkpoint")
+    p.set_defaults(func=main)
