@@ -15,5 +15,8 @@ fi
 "$VENV/bin/pip" install -q "torch==$TORCH" ${TORCH_INDEX:+--index-url "$TORCH_INDEX"}
 "$VENV/bin/pip" install -q \
   "transformers==4.37.2" "tokenizers==0.15.2" "accelerate==0.21.0" "numpy<2" \
-  sentencepiece einops shortuuid safetensors protobuf pyyaml pillow
+  sentencepiece einops shortuuid safetensors protobuf pyyaml pillow timm
+# PAI's bundled llava/ imports peft at import time (its InternVL encoder); peft's own
+# dependencies would upgrade transformers/accelerate, so install it alone.
+"$VENV/bin/pip" install -q "peft==0.10.0" --no-deps
 "$VENV/bin/python" -c "import torch, transformers; print('official stack:', torch.__version__, transformers.__version__)"

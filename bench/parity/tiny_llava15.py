@@ -147,7 +147,9 @@ def original_state_dicts(model) -> tuple[dict, dict]:
     for name, t in model.state_dict().items():
         t = t.detach().to(torch.float32).contiguous().clone()
         if name.startswith("model.vision_tower."):
-            clip[name.removeprefix("model.vision_tower.")] = t
+            # transformers 5 keeps the CLIP transformer's keys without CLIPVisionModel's "vision_model." prefix
+            key = name.removeprefix("model.vision_tower.")
+            clip[key if key.startswith("vision_model.") else "vision_model." + key] = t
             continue
         for old, new in renames.items():
             if name.startswith(old):
