@@ -8,8 +8,9 @@ per kind of token:
 - summary tokens: patches whose CLS attention in the penultimate vision layer (the layer
   LLaVA reads its features from) is an IQR outlier (> Q3 + 1.5 IQR): the "register"-like
   tokens that aggregate the whole image. They are removed from the local set;
-- spatial tokens (optional, ``spatial_ratio``; described in the paper, absent from its
-  code): a stratified grid. With N patches on a G_h x G_w grid, m = max(1, round(sqrt(
+- spatial tokens (optional, ``spatial_ratio``), two variants (``spatial``):
+  ``"official"`` is what the official code computes (see ``spatial_official``);
+  ``"grid"`` (ours, the paper's description of evenly spread tokens) is a stratified grid. With N patches on a G_h x G_w grid, m = max(1, round(sqrt(
   spatial_ratio * N))) and the grid is cut into m x m near-equal cells (row band i spans
   rows [lo, hi) = [floor(i*G_h/m), floor((i+1)*G_h/m)), columns likewise); each cell
   contributes its centre patch (row (lo + hi - 1) // 2, column likewise). Every cell holds exactly one
@@ -33,6 +34,9 @@ language model in LlavaForConditionalGeneration, so a vision-tower ``Capture`` r
 CLS rows, and the language-model edit (``PaintBoost``) resolves its per-token margins
 lazily from that capture the first time a language-model layer runs. No second pass of the
 vision tower, no ``output_attentions``.
+
+Parity with the official code (hasanar1f/PAINT @ 2a9e8f8, ``modPAI/``): each step below
+cites the official file:line it reproduces; docs/paint.md has the table.
 """
 
 from __future__ import annotations
@@ -42,6 +46,7 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from . import hooks
@@ -55,6 +60,8 @@ DEFAULTS = {
     "spatial_ratio": 0.0,
     "local_layer": 0,
     "summary_layer": -2,
+    "spatial": "grid",
+    "selection_precision": "float32",
     "head_modulation": "none",
     "max_head_scale": 2.0,
     "start_layer": 2,
@@ -64,19 +71,31 @@ DEFAULTS = {
     "cutoff": 0.1,
 }
 HEAD_MODULATIONS = ("none", "sensitivity")
+SPATIAL_VARIANTS = ("grid", "official")
+# "float32": select from float32 attention; "model": round it to the vision tower's dtype
+# first and sum in that dtype, as the official code does (fp16 in its scripts).
+SELECTION_PRECISIONS = ("float32", "model")
 
 # ---------------------------------------------------------------------------------------
 # Token selection (pure functions on (batch, patches) CLS-attention maps)
 # ---------------------------------------------------------------------------------------
 
 
-def cls_attention(probs: torch.Tensor) -> torch.Tensor:
-    """(batch, heads, 1, patches) CLS-row probabilities -> (batch, patches), summed over heads."""
-    return probs[:, :, 0].sum(dim=1)
+def cls_attention(probs: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """(batch, heads, 1, patches) CLS-row probabilities -> (batch, patches), summed over heads in ``dtype``.
+
+    Official: ``vit_attn[layer][0, :, 0, -576:].sum(dim=0)`` on the fp16 attentions of the
+    fp16 model (clip_encoder.py:38-39); ``dtype=float16`` reproduces that rounding.
+    """
+    return probs[:, :, 0].to(dtype).sum(dim=1)
 
 
 def select_local(attn: torch.Tensor, top_ratio: float) -> torch.Tensor:
-    """Bool (batch, N): the top int(N * top_ratio) patches of each row (at least one when ratio > 0)."""
+    """Bool (batch, N): the top int(N * top_ratio) patches of each row (at least one when ratio > 0).
+
+    Official: ``torch.topk(top_attn, int(576 * 0.25))`` (clip_encoder.py:42); ties are broken
+    by ``torch.topk`` on both sides (on CUDA in the official runs, so fp16 ties may differ).
+    """
     n = attn.shape[-1]
     k = min(n, int(n * top_ratio)) if top_ratio > 0 else 0
     if top_ratio > 0:
@@ -88,10 +107,19 @@ def select_local(attn: torch.Tensor, top_ratio: float) -> torch.Tensor:
 
 
 def iqr_outliers(attn: torch.Tensor, whisker: float = 1.5) -> torch.Tensor:
-    """Bool (batch, N): values above Q3 + whisker * (Q3 - Q1) of their row (linear-interpolated quartiles)."""
-    q = torch.quantile(attn.float(), torch.tensor([0.25, 0.75], device=attn.device), dim=-1, keepdim=True)
-    q1, q3 = q[0], q[1]
-    return attn.float() > q3 + whisker * (q3 - q1)
+    """Bool (batch, N): values above Q3 + whisker * (Q3 - Q1) of their row.
+
+    Official: ``np.percentile`` (linear) of the map in its own dtype and ``attn > Q3 + 1.5 IQR``
+    (clip_encoder.py:16-29), then ``topk(bottom_attn, n_outliers)`` (clip_encoder.py:48), which
+    selects exactly those outliers (values above a bound are a top set). Same arithmetic here.
+    """
+    rows = attn.detach().cpu()
+    rows = (rows.float() if rows.dtype == torch.bfloat16 else rows).numpy()
+    out = np.zeros(rows.shape, dtype=bool)
+    for b, x in enumerate(rows):
+        q1, q3 = np.percentile(x, 25), np.percentile(x, 75)
+        out[b] = x > q3 + whisker * (q3 - q1)
+    return torch.from_numpy(out).to(attn.device)
 
 
 def spatial_grid(grid_h: int, grid_w: int, ratio: float) -> torch.Tensor:
@@ -110,9 +138,35 @@ def spatial_grid(grid_h: int, grid_w: int, ratio: float) -> torch.Tensor:
     return mask
 
 
+def spatial_official(layer_probs: torch.Tensor, n_patches: int, ratio: float, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Bool (batch, N+1): the official "spatial" tokens (clip_encoder.py:31-34, called at :41).
+
+    The official code averages the local layer's full attention (CLS + N patches, both ways)
+    over heads, sums each *row* and takes the top int(N * ratio) rows. A softmax row sums to 1,
+    so these scores differ only by rounding: the choice is effectively arbitrary. The row
+    index j (0 = CLS) is then used as a patch index (clip_encoder.py:46, attention.py:135), so
+    row j boosts image token j, and j = N boosts the token right after the image. The
+    committed call passes no ratio (0: no spatial tokens) and chair_eval.py's ``--spatial`` is
+    parsed but never used (chair_eval.py:56, only in the file name at :85); the repository's
+    ``*_spatial_0.05`` results therefore came from an edited ratio.
+
+    layer_probs: (batch, heads, N+1, N+1) probabilities of the local layer.
+    """
+    scores = layer_probs.to(dtype).mean(dim=1).sum(dim=-1)  # (batch, N+1)
+    mask = torch.zeros(scores.shape, dtype=torch.bool, device=scores.device)
+    k = int(n_patches * ratio)
+    if k:
+        mask.scatter_(-1, scores.topk(k, dim=-1).indices, True)
+    return mask
+
+
 @dataclasses.dataclass
 class TokenSelection:
-    """Disjoint bool masks (batch, N) over the vision tower's patches, row-major on the grid."""
+    """Disjoint bool masks (batch, K) over the vision tower's patches, row-major on the grid.
+
+    K = N patches; K = N+1 with the official spatial variant, whose index N is the token
+    right after the image (see ``spatial_official``).
+    """
 
     local: torch.Tensor
     summary: torch.Tensor
@@ -124,17 +178,32 @@ class TokenSelection:
 
 
 def select_tokens(
-    local_attn: torch.Tensor, summary_attn: torch.Tensor, grid: tuple[int, int], top_ratio: float, spatial_ratio: float
+    local_attn: torch.Tensor,
+    summary_attn: torch.Tensor,
+    grid: tuple[int, int],
+    top_ratio: float,
+    spatial_ratio: float,
+    official_spatial: torch.Tensor | None = None,
 ) -> TokenSelection:
     """PAINT's selection for every item of a batch: summary = IQR outliers of ``summary_attn``;
-    local = top ``top_ratio`` of ``local_attn`` minus summary; spatial = grid minus both."""
+    local = top ``top_ratio`` of ``local_attn`` minus summary; spatial = the grid lattice (or
+    ``official_spatial``, a (batch, N+1) mask from ``spatial_official``) minus both.
+
+    Official: local = (top 25% | spatial) - summary (clip_encoder.py:46-55); the margins are
+    the same as ours (alpha on local and spatial, beta on summary), so the split between local
+    and spatial is only bookkeeping.
+    """
     n = grid[0] * grid[1]
     if local_attn.shape[-1] != n or summary_attn.shape[-1] != n:
         raise ValueError(f"attention maps have {local_attn.shape[-1]} patches; the grid {grid} has {n}")
     summary = iqr_outliers(summary_attn)
     local = select_local(local_attn, top_ratio) & ~summary
-    spatial = spatial_grid(*grid, spatial_ratio).to(local.device).expand_as(local) & ~summary & ~local
-    return TokenSelection(local=local, summary=summary, spatial=spatial, grid=grid)
+    if official_spatial is None:
+        spatial = spatial_grid(*grid, spatial_ratio).to(local.device).expand_as(local)
+    else:
+        summary, local = (torch.nn.functional.pad(m, (0, 1)) for m in (summary, local))
+        spatial = official_spatial.to(local.device)
+    return TokenSelection(local=local, summary=summary, spatial=spatial & ~summary & ~local, grid=grid)
 
 
 def token_margins(sel: TokenSelection, alpha: float, beta: float) -> torch.Tensor:
@@ -170,18 +239,40 @@ def boost_scores(scores: torch.Tensor, margins: torch.Tensor, head_weights: torc
 class TokenSelector:
     """Records the CLS rows of the vision tower and turns them into a ``TokenSelection``.
 
-    ``capture`` is the vision-tower edit to install; ``current()`` is called by the
-    language-model edit and recomputes the selection once per vision-tower pass.
+    ``captures`` are the vision-tower edits to install (the CLS rows of the local and summary
+    layers; with the official spatial variant also every row of the local layer);
+    ``current()`` is called by the language-model edit and recomputes the selection once per
+    vision-tower pass. ``dtype``: the precision of the selection arithmetic (see
+    ``SELECTION_PRECISIONS``).
     """
 
-    def __init__(self, local_layer: int, summary_layer: int, grid: tuple[int, int], top_ratio: float, spatial_ratio: float):
+    def __init__(
+        self,
+        local_layer: int,
+        summary_layer: int,
+        grid: tuple[int, int],
+        top_ratio: float,
+        spatial_ratio: float,
+        spatial: str = "grid",
+        dtype: torch.dtype = torch.float32,
+    ):
         self.local_layer, self.summary_layer = local_layer, summary_layer
-        self.grid, self.top_ratio, self.spatial_ratio = grid, top_ratio, spatial_ratio
+        self.grid, self.top_ratio, self.spatial_ratio, self.dtype = grid, top_ratio, spatial_ratio, dtype
         self.capture = hooks.Capture(
             tower="vision", layers=sorted({local_layer, summary_layer}), rows=hooks.Rows.span(0, 1), keys=slice(1, None)
         )
+        self.captures = [self.capture]
+        self.full_capture = None  # every row of the local layer, for the official spatial variant
+        if spatial == "official" and official_spatial_count(grid, spatial_ratio):
+            self.full_capture = hooks.Capture(tower="vision", layers=[local_layer], rows=hooks.Rows.all())
+            self.captures.append(self.full_capture)
         self._done = 0  # vision-tower passes already turned into a selection
         self.selection: TokenSelection | None = None
+
+    @property
+    def width(self) -> int:
+        """How many key slots the selection covers: N patches (+1 with the official spatial variant)."""
+        return self.grid[0] * self.grid[1] + (self.full_capture is not None)
 
     def current(self) -> TokenSelection:
         passes = len(self.capture.maps.get(self.summary_layer, []))
@@ -192,25 +283,43 @@ class TokenSelector:
             )
         if passes != self._done:
             maps = self.capture.latest()
+            official_spatial = None
+            if self.full_capture is not None:
+                full = self.full_capture.latest()[self.local_layer]
+                official_spatial = spatial_official(full, self.grid[0] * self.grid[1], self.spatial_ratio, self.dtype)
             self.selection = select_tokens(
-                cls_attention(maps[self.local_layer]),
-                cls_attention(maps[self.summary_layer]),
+                cls_attention(maps[self.local_layer], self.dtype),
+                cls_attention(maps[self.summary_layer], self.dtype),
                 self.grid,
                 self.top_ratio,
                 self.spatial_ratio,
+                official_spatial,
             )
             self._done = passes
         return self.selection
+
+
+def official_spatial_count(grid: tuple[int, int], ratio: float) -> int:
+    """int(N * ratio): how many rows the official spatial variant picks (clip_encoder.py:33)."""
+    return int(grid[0] * grid[1] * ratio)
 
 
 @dataclasses.dataclass
 class PaintBoost(hooks.AttnEdit):
     """a + c*|a| on the image tokens, c = the selection's per-token margin (x per-head weight).
 
-    ``image_keys``: absolute positions of the image tokens; patch i of the vision tower is
-    image token ``i + patch_offset`` (0 for LLaVA's "default" feature strategy, which drops
-    CLS; 1 for "full"). With head modulation the edit spans the full row (``keys`` = all), to
-    measure each head's attention mass on the image before editing.
+    Official: ``a.abs() * alpha + a`` on the last query row of every forward (the last prompt
+    token in the prefill, the new token in each decode step), local tokens then summary
+    tokens, after the causal mask, pre-softmax, in layers [start, end) (attention.py:134-147,
+    :189); patch i is position ``img_start_idx + i`` (attention.py:135). Ours edits the same
+    rows in generation (``Request.answer_rows``) and every answer row of a loglikelihood
+    forward, which is what step-by-step decoding would do.
+
+    ``image_keys``: absolute positions of the edited keys: the image tokens (plus the token
+    after them with the official spatial variant); patch i of the vision tower is key
+    ``i + patch_offset`` (0 for LLaVA's "default" feature strategy, which drops CLS; 1 for
+    "full"). With head modulation the edit spans the full row (``keys`` = all), to measure
+    each head's attention mass on the image before editing.
     """
 
     selector: TokenSelector | None = None
@@ -271,15 +380,28 @@ def image_geometry(model) -> tuple[tuple[int, int], int]:
 class Paint(GuidedTechnique):
     name = "paint"
 
-    def __init__(self, n_layers: int, n_vision_layers: int, grid: tuple[int, int], patch_offset: int = 0, **params):
+    def __init__(
+        self,
+        n_layers: int,
+        n_vision_layers: int,
+        grid: tuple[int, int],
+        patch_offset: int = 0,
+        vision_dtype: torch.dtype = torch.float32,
+        **params,
+    ):
         save_dir = params.pop("save_visuals", "") or ""
         max_visuals = params.pop("max_visuals", 8)
         super().__init__(**{**DEFAULTS, **params})
         p = self.params
         if p["head_modulation"] not in HEAD_MODULATIONS:
             raise ValueError(f"paint: head_modulation={p['head_modulation']!r}; use one of {', '.join(HEAD_MODULATIONS)}")
+        if p["spatial"] not in SPATIAL_VARIANTS:
+            raise ValueError(f"paint: spatial={p['spatial']!r}; use one of {', '.join(SPATIAL_VARIANTS)}")
+        if p["selection_precision"] not in SELECTION_PRECISIONS:
+            raise ValueError(f"paint: selection_precision={p['selection_precision']!r}; use one of {', '.join(SELECTION_PRECISIONS)}")
         if not 0 < p["top_ratio"] <= 1 or not 0 <= p["spatial_ratio"] <= 1:
             raise ValueError("paint: top_ratio must be in (0, 1] and spatial_ratio in [0, 1]")
+        self.selection_dtype = vision_dtype if p["selection_precision"] == "model" else torch.float32
         self.layers = layer_range(p["start_layer"], p["end_layer"], n_layers, default_start=2, name=self.name)
         self.vision_layers = tuple(self._vision_layer(p[k], n_vision_layers, k) for k in ("local_layer", "summary_layer"))
         self.grid, self.patch_offset = tuple(grid), patch_offset
@@ -296,7 +418,8 @@ class Paint(GuidedTechnique):
     @classmethod
     def for_model(cls, model, **params) -> "Paint":
         grid, offset = image_geometry(model)
-        return cls(hooks.num_layers(model, "lm"), hooks.num_layers(model, "vision"), grid, offset, **params)
+        vision_dtype = next(hooks.attention_modules(model)["vision"][0].parameters()).dtype
+        return cls(hooks.num_layers(model, "lm"), hooks.num_layers(model, "vision"), grid, offset, vision_dtype, **params)
 
     def recipe(self, model, req: Request):
         p = self.params
@@ -311,24 +434,30 @@ class Paint(GuidedTechnique):
                 f"paint: the prompt has {n_img} image tokens but the vision tower gives {n_patches} patches "
                 f"(+{self.patch_offset}); only single-crop LLaVA-1.5-style models are supported"
             )
-        selector = TokenSelector(*self.vision_layers, self.grid, p["top_ratio"], p["spatial_ratio"])
+        selector = TokenSelector(
+            *self.vision_layers, self.grid, p["top_ratio"], p["spatial_ratio"], p["spatial"], self.selection_dtype
+        )
         self.last_selector = selector
         if not editing:
-            return [selector.capture]  # observation only: outputs stay the baseline's
+            return selector.captures  # observation only: outputs stay the baseline's
+        first = int(req.image_pos[0])
+        keys = torch.arange(first, first + self.patch_offset + selector.width)
+        if int(keys[-1]) >= req.input_ids.shape[1]:
+            raise RequestError("paint: spatial=official boosts the token after the image, but the prompt ends with the image")
         sensitivity = p["head_modulation"] == "sensitivity"
         boost = PaintBoost(
             layers=self.layers,
             rows=req.answer_rows,
-            keys=slice(None) if sensitivity else req.image_pos,
+            keys=slice(None) if sensitivity else keys,
             selector=selector,
-            image_keys=req.image_pos,
+            image_keys=keys,
             patch_offset=self.patch_offset,
             alpha=p["alpha"],
             beta=p["beta"],
             head_modulation=p["head_modulation"],
             max_head_scale=p["max_head_scale"],
         )
-        return [selector.capture, boost]
+        return [*selector.captures, boost]
 
     def generate(self, model, req: Request, **kwargs):
         out = super().generate(model, req, **kwargs)
@@ -394,6 +523,8 @@ def draw_selection(image, sel: TokenSelection, item: int = 0, size: int = 336):
     gh, gw = sel.grid
     for kind, color in COLORS.items():
         for idx in getattr(sel, kind)[item].nonzero().flatten().tolist():
+            if idx >= gh * gw:
+                continue  # the official spatial variant's slot after the image: not a patch
             r, c = divmod(idx, gw)
             box = (c * size / gw, r * size / gh, (c + 1) * size / gw - 1, (r + 1) * size / gh - 1)
             draw.rectangle(box, fill=(*color, 90), outline=(*color, 255), width=2)

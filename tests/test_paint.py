@@ -226,7 +226,10 @@ def test_bad_settings_are_refused(tiny_ckpt):
         parse_params(PARAMS, {"head_modulation": "all"})
     with pytest.raises(ModelArgsError, match="out of range"):
         parse_params(PARAMS, {"top_ratio": 1.5})
-    assert parse_params(PARAMS, {"preset": "reference"}, SPEC.presets)["alpha"] == 0.9
+    with pytest.raises(ModelArgsError, match="not one of grid, official"):
+        parse_params(PARAMS, {"spatial": "lattice"})
+    script = parse_params(PARAMS, {"preset": "script"}, SPEC.presets)
+    assert (script["alpha"], script["beta"], script["use_cfg"], script["gamma"]) == (0.9, 0.3, True, 1.1)
 
 
 # --- end to end through the real lmms-eval CLI ---
@@ -247,7 +250,7 @@ def test_cli_chat_and_simple(tiny_ckpt, tmp_path):
     assert "llava_paint recipe" in log
 
     res, log = run_lmms_eval(
-        "llava_paint", f"pretrained={tiny_ckpt},preset=reference", "tiny_yesno_ll,tiny_yesno", tmp_path / "simple",
+        "llava_paint", f"pretrained={tiny_ckpt},preset=script", "tiny_yesno_ll,tiny_yesno", tmp_path / "simple",
         include_path=TASKS, cwd=REPO, extra=["--force_simple"],
     )
     assert res is not None, log[-3000:]

@@ -1,0 +1,147 @@
+"""llava_paint preset=official against golden outputs of the official PAINT code.
+
+The fixtures (tests/fixtures/official/paint/, provenance.json says how they were made) come from
+running hasanar1f/PAINT @ 2a9e8f8 (modPAI/) on the LLaVA-1.5-shaped tiny model of
+bench/parity/tiny_llava15.py; regenerate them with the command in bench/parity/paint_official.py.
+Here the HF layout of the same model is rebuilt from its seed (fingerprint asserted) and our
+code runs on the same pixel tensors and token ids, without the official stack.
+
+Tolerances: token indices and generated ids exact; logits 1e-4 absolute (logits reach ~13 here;
+the measured difference is ~6e-6, float32 rounding in two attention implementations).
+"""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from methods import hooks
+from methods.paint import Paint, cls_attention, select_tokens, spatial_official
+from methods.technique import Request
+
+REPO = Path(__file__).resolve().parents[1]
+FIXTURES = REPO / "tests" / "fixtures" / "official" / "paint"
+sys.path.insert(0, str(REPO / "bench" / "parity"))
+import tiny_llava15 as tiny  # noqa: E402
+
+from lmms_eval_plugins.models.paint import OFFICIAL  # noqa: E402
+
+PROVENANCE = json.loads((FIXTURES / "provenance.json").read_text())
+SELECTION = json.loads((FIXTURES / "selection.json").read_text())
+GENERATION = json.loads((FIXTURES / "generation.json").read_text())
+GRID, N = (24, 24), 576
+ATOL = 1e-4
+
+
+@pytest.fixture(scope="module")
+def model():
+    m = tiny.build_hf_model(PROVENANCE["model"]["seed"])
+    assert tiny.fingerprint(m) == PROVENANCE["model"]["fingerprint"], "not the model the fixtures came from"
+    hooks.install(m)
+    return m
+
+
+@pytest.fixture(scope="module")
+def pixels():
+    n = len({c["image"] for c in SELECTION})
+    px = tiny.fixed_pixels(n, seed=PROVENANCE["model"]["seed"])
+    assert tiny.tensor_sha256(px) == PROVENANCE["pixels"]["sha256"]
+    return px
+
+
+def _ids(mask: torch.Tensor) -> list[int]:
+    return mask[0].nonzero().flatten().tolist()
+
+
+def _request(ids):
+    return Request(input_ids=ids, image_token_id=tiny.IMAGE_TOKEN_ID, prompt_len=ids.shape[1], images=[None])
+
+
+def _case_id(c):
+    return f"image{c['image']}-{c['dtype']}-spatial{c['spatial_ratio']}"
+
+
+# --- selection arithmetic on the official inputs (clip_encoder.py:16-55) ---
+
+
+@pytest.mark.parametrize("case", [c for c in SELECTION if not c["spatial_ratio"]], ids=_case_id)
+def test_selection_arithmetic_on_official_attention(case):
+    """Head sum in the official dtype (float16 included, with a tie at the top-k boundary for
+    image 2), top 25%, IQR outliers, local minus summary: exactly the official indices."""
+    dtype = getattr(torch, case["dtype"])
+    local_rows = torch.tensor(case["cls_layer0"], dtype=dtype)[None, :, None]  # (1, heads, 1, 576)
+    summary_rows = torch.tensor(case["cls_layer_m2"], dtype=dtype)[None, :, None]
+    sel = select_tokens(cls_attention(local_rows, dtype), cls_attention(summary_rows, dtype), GRID, 0.25, 0.0)
+    assert _ids(sel.summary) == case["summary_tokens"]
+    assert _ids(sel.local) == case["local_tokens"]
+    assert not sel.spatial.any()
+
+
+@pytest.mark.parametrize("case", [c for c in SELECTION if c["spatial_ratio"]], ids=_case_id)
+def test_official_spatial_rows_on_official_row_sums(case):
+    """clip_encoder.py:31-34: top int(576 * ratio) of 577 row sums (CLS row included); the row
+    sums are all 1 up to rounding, so exact ties are common and the top-k tie-break decides."""
+    sums = torch.tensor(case["spatial_row_sums"])
+    assert sums.numel() == N + 1 and (sums - 1).abs().max() < 1e-5
+    # a fake (1, 1, 577, 577) attention whose row sums are exactly the official ones
+    probs = torch.zeros(1, 1, N + 1, N + 1)
+    probs[0, 0, :, 0] = sums
+    got = spatial_official(probs, N, case["spatial_ratio"])
+    assert _ids(got) == case["spatial_tokens"]
+
+
+# --- end to end from pixels through our model (preset=official) ---
+
+
+@pytest.mark.parametrize("case", [c for c in SELECTION if c["dtype"] == "float32"], ids=_case_id)
+def test_selection_from_pixels_matches_official(model, pixels, case):
+    """The vision-tower capture + selection inside our forward gives the official local and
+    summary tokens; with spatial=official at ratio 0.05 (the authors' edited clip_encoder.py:41)
+    also the official spatial rows, which end up in the official local set (clip_encoder.py:46)."""
+    g = GENERATION[0]
+    ids = tiny.hf_ids(g["before"], g["after"])
+    t = Paint.for_model(model, **{**OFFICIAL, "use_cfg": False, "spatial_ratio": case["spatial_ratio"]})
+    with torch.no_grad():
+        t.forward(model, _request(ids), input_ids=ids, pixel_values=pixels[case["image"] : case["image"] + 1])
+    sel = t.last_selector.current()
+    assert _ids(sel.summary) == case["summary_tokens"]
+    assert sorted(_ids(sel.local) + _ids(sel.spatial)) == case["local_tokens"]
+    if case["spatial_ratio"]:
+        assert sel.local.shape[-1] == N + 1  # row index 576 would boost the token after the image
+
+
+# --- decoding, step by step (attention.py:134-147 and CFG.py as chair_eval.py:102-133 runs them) ---
+
+
+def _generate(model, pixels, case):
+    ids = tiny.hf_ids(case["before"], case["after"])
+    assert int((ids[0] == tiny.IMAGE_TOKEN_ID).nonzero()[0]) == case["img_start_idx"]
+    params = {**OFFICIAL, "alpha": case["alpha"], "beta": case["beta"], "use_cfg": case["use_cfg"]}
+    t = Paint.for_model(model, **params)
+    with torch.no_grad():
+        out = t.generate(
+            model,
+            _request(ids),
+            input_ids=ids,
+            pixel_values=pixels[case["image"] : case["image"] + 1],
+            max_new_tokens=len(case["new_ids"]),
+            do_sample=False,
+            output_logits=True,
+            output_scores=True,
+            return_dict_in_generate=True,
+            pad_token_id=0,
+        )
+    return out, ids.shape[1]
+
+
+@pytest.mark.parametrize("case", [c for c in GENERATION if not c["use_cfg"]], ids=lambda c: f"prompt{c['before'][0]}")
+def test_edit_alone_per_step(model, pixels, case):
+    out, n = _generate(model, pixels, case)
+    assert out.sequences[0, n:].tolist() == case["new_ids"]
+    for step, logits in zip(case["steps"], out.logits):
+        want = torch.tensor(step["raw_top"]["values"])
+        got = logits[0, torch.tensor(step["raw_top"]["ids"])]
+        torch.testing.assert_close(got, want, atol=ATOL, rtol=0)
+        assert abs(float(torch.logsumexp(logits[0], -1)) - step["raw_logsumexp"]) < ATOL
