@@ -1,12 +1,27 @@
 """Classifier-free guidance against an image-free pass (PAI's optional step, shared with PAINT).
 
-guided = (1 + gamma) * logits(with image) - gamma * logits(without image), restricted to the
-tokens whose probability with the image is at least ``cutoff`` times the top token's
-(the adaptive plausibility constraint): the image-free pass can only re-rank plausible
-tokens, never promote a token the image makes implausible.
+The arithmetic is the official one (LALBJ/PAI @ 9bbd8bd, ``CFG.py``), one function per step:
+
+- ``guide``: log-softmax both passes (CFG.py:29,51), return ``gamma*(c - u) + u`` (CFG.py:54-56),
+  with every token whose guided-pass log-probability is below ``log(cutoff) + max`` set to
+  ``-inf`` (CFG.py:53,57: the adaptive plausibility constraint, cutoff 0.1); at ``gamma == 1``
+  the official code returns ``log_softmax(cond)`` before any of this (CFG.py:30-31), unmasked.
+  At gamma 1.1 this is 1.1*c - 0.1*u on log-probabilities.
+- ``ImageFreeGuidance``: the image-free prompt (the prompt minus its image tokens,
+  model_loader.py:290) runs beside generation with its own KV cache (CFG.py:35-47), repeated once
+  per beam (model_loader.py:291), with every attention edit off (CFG.py:32-33,48-49 switch PAI's
+  boost off around this pass).
+- Beams: the official image-free cache never follows beam search's reordering (CFG.py:43-47 feeds
+  each row's newest token to the same cache row), so after a reorder a beam is guided by another
+  beam's image-free history. ``follow_beams=True`` (our default) reorders the cache with the
+  beams; ``False`` reproduces the official behaviour (preset=official).
+- ``guided_forward``: the same formula, teacher-forced, for lmms-eval's loglikelihood requests
+  (the official code has no such path; see docs/pai.md).
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 from transformers import LogitsProcessor
@@ -15,54 +30,92 @@ from . import hooks
 
 
 def guide(cond: torch.Tensor, uncond: torch.Tensor, gamma: float, cutoff: float) -> torch.Tensor:
-    """Combine logits over the last dimension (any leading shape)."""
-    probs = torch.softmax(cond.float(), dim=-1)
-    keep = probs >= cutoff * probs.max(dim=-1, keepdim=True).values
-    guided = (1 + gamma) * cond.float() - gamma * uncond.float()
-    return guided.masked_fill(~keep, float("-inf")).to(cond.dtype)
+    """Official CFG.py:28-58 on logits of any leading shape (last dim = vocabulary); float32 out."""
+    c = torch.log_softmax(cond.float(), dim=-1)  # CFG.py:29
+    if gamma == 1:
+        return c  # CFG.py:30-31: no guidance, no plausibility mask
+    u = torch.log_softmax(uncond.float(), dim=-1)  # CFG.py:51
+    threshold = math.log(cutoff) + c.max(dim=-1, keepdim=True).values if cutoff > 0 else None  # CFG.py:53
+    out = gamma * (c - u) + u  # CFG.py:54-56
+    if threshold is None:
+        return out
+    return out.masked_fill(c < threshold, float("-inf"))  # CFG.py:57
 
 
 def drop_image_tokens(input_ids: torch.Tensor, image_token_id: int) -> torch.Tensor:
+    """The image-free prompt: the same tokens without the image (model_loader.py:270-290)."""
     return input_ids[:, input_ids[0] != image_token_id]
+
+
+def parent_rows(previous: torch.Tensor, current: torch.Tensor) -> torch.Tensor | None:
+    """For each row of ``current`` (sequences one token longer), the row of ``previous`` it extends.
+
+    None when the rows are in the same order already (greedy, or beams that kept their slot)."""
+    prefix = current[:, :-1]
+    if prefix.shape != previous.shape:
+        return None
+    match = (prefix[:, None, :] == previous[None, :, :]).all(-1)  # (current rows, previous rows)
+    parents = match.float().argmax(-1)
+    if not bool(match.any(-1).all()):
+        raise RuntimeError("image-free guidance: a beam does not extend any previous beam")
+    if torch.equal(parents, torch.arange(len(parents), device=parents.device)):
+        return None
+    return parents
 
 
 class ImageFreeGuidance(LogitsProcessor):
     """A logits processor that runs the image-free prompt alongside generation, with its own KV cache.
 
-    The image-free pass runs with every hook-layer edit suspended: the edits' positions refer
-    to the sequence with the image.
+    With beam search the image-free prompt is repeated once per row (model_loader.py:291). The
+    image-free pass runs with every hook-layer edit suspended (the official boost is off during
+    it, CFG.py:32-33; our edits' positions refer to the sequence with the image anyway).
     """
 
-    def __init__(self, model, text_ids: torch.Tensor, gamma: float, cutoff: float):
+    def __init__(self, model, text_ids: torch.Tensor, gamma: float, cutoff: float, follow_beams: bool = True):
         self.model, self.text_ids, self.gamma, self.cutoff = model, text_ids, gamma, cutoff
+        self.follow_beams = follow_beams
         self.cache = None
+        self.previous = None  # the sequences seen by the last call (to follow beam reordering)
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        if self.gamma == 1:
+            return guide(scores, scores, 1, self.cutoff)  # CFG.py:30-31: the image-free pass never runs
         with hooks.without_edits(self.model), torch.no_grad():
             if self.cache is None:
-                out = self.model(input_ids=self.text_ids, use_cache=True)
+                text = self.text_ids.to(input_ids.device).repeat(input_ids.shape[0], 1)  # model_loader.py:291
+                out = self.model(input_ids=text, use_cache=True)
             else:
+                if self.follow_beams:
+                    parents = parent_rows(self.previous, input_ids)
+                    if parents is not None:
+                        self.cache.reorder_cache(parents.to(input_ids.device))
                 out = self.model(input_ids=input_ids[:, -1:], past_key_values=self.cache, use_cache=True)
         self.cache = out.past_key_values
+        self.previous = input_ids
         return guide(scores, out.logits[:, -1], self.gamma, self.cutoff)
 
 
 def guided_forward(model, input_ids, out, prompt_len: int, image_token_id: int, gamma: float, cutoff: float, labels=None):
-    """CFG for a full forward (loglikelihood): guide the answer rows, recompute the loss.
+    """CFG for a full forward (loglikelihood), the teacher-forced form of generation under CFG.
 
-    ``out`` is the forward with the image; the image-free forward sees the same tokens minus
-    the image tokens, so its answer rows are shifted left by the number of image tokens.
+    ``out`` is the forward with the image; rows >= prompt_len - 1 (those that predict answer
+    tokens) become ``guide(cond row, image-free row)``, exactly the scores generation would see
+    for the same tokens. The image-free forward sees the same tokens minus the image tokens, so
+    its rows are shifted left by the number of image tokens. The loss (and lmms-eval's
+    log-likelihood) is the cross-entropy of those scores, i.e. renormalised over the tokens that
+    pass the plausibility cutoff (a masked continuation token scores -inf).
     """
     text_ids = drop_image_tokens(input_ids, image_token_id)
-    with hooks.without_edits(model), torch.no_grad():
-        uncond = model(input_ids=text_ids).logits
     n_img = input_ids.shape[1] - text_ids.shape[1]
-    logits = out.logits.clone()
     start = prompt_len - 1
-    logits[:, start:] = guide(logits[:, start:], uncond[:, start - n_img :], gamma, cutoff)
+    with hooks.without_edits(model), torch.no_grad():
+        uncond = model(input_ids=text_ids).logits if gamma != 1 else None
+    logits = out.logits.float().clone()
+    rows = logits[:, start:]
+    logits[:, start:] = guide(rows, rows if uncond is None else uncond[:, start - n_img :], gamma, cutoff)
     out.logits = logits
     if labels is not None:
-        shift = logits[:, :-1].float().flatten(0, 1)
+        shift = logits[:, :-1].flatten(0, 1)
         target = labels[:, 1:].flatten()
         out.loss = torch.nn.functional.cross_entropy(shift, target, ignore_index=-100)
     return out

@@ -1,8 +1,17 @@
 """PAI ("Paying more attention to image"): boost every image token for the answer rows.
 
-On the query rows that predict answer tokens, in layers [start, end), the pre-softmax
-scores over the image tokens become a + alpha * |a| (alpha 0.2, layers 2..31 of 32 in the
-paper). Optional classifier-free guidance against an image-free pass (gamma 1.1).
+The official code is LALBJ/PAI @ 9bbd8bd; each step cites its file:line, docs/pai.md has the
+parity table.
+
+- Boost (attention.py:90-94): in layers [start, end) (2..31 of 32: README.md:65, pope_eval.py:54-55),
+  on the newest query row of each forward, the pre-softmax scores over the image tokens become
+  a + alpha * |a| (alpha 0.2: pope_eval.py:50), after the causal mask is added (attention.py:67-75).
+- Guidance (CFG.py, methods/guidance.py): gamma * (c - u) + u on log-probabilities against an
+  image-free pass, gamma 1.1 (README.md:65, 82; the argparse default is 2, pope_eval.py:53).
+- The two interact (``boost_rows``): ``llama_modify(use_cfg=True)`` sets ``use_cfg`` on every
+  edited layer (attention.py:125), which switches the boost off (attention.py:90), so the prefill
+  (the first answer token) is guided but not boosted; the first ``CFGLogits`` call sets it back
+  to False (CFG.py:48-49), so every later token is boosted and guided.
 """
 
 from __future__ import annotations
@@ -12,18 +21,48 @@ from transformers import LogitsProcessorList
 from . import guidance, hooks
 from .technique import Request, Technique, layer_range
 
-DEFAULTS = {"alpha": 0.2, "start_layer": 2, "end_layer": None, "use_cfg": False, "gamma": 1.1, "cutoff": 0.1}
+DEFAULTS = {
+    "alpha": 0.2,
+    "start_layer": 2,
+    "end_layer": None,
+    "use_cfg": True,
+    "gamma": 1.1,
+    "cutoff": 0.1,
+    "boost_first_token": False,
+    "official_quirks": False,
+}
 
 
 class GuidedTechnique(Technique):
-    """A technique whose recipe may be followed by image-free guidance (PAI, PAINT)."""
+    """A technique whose attention edit may be combined with image-free guidance (PAI, PAINT).
+
+    Parameters read here: use_cfg, gamma, cutoff, and (optional, defaults in brackets)
+    boost_first_token [False]: boost the first answer token under CFG too (official: no);
+    official_quirks [False]: reproduce two official behaviours we consider bugs: the image-free
+    KV cache does not follow beam reordering (CFG.py:43-47), and at gamma == 1 the boost never
+    turns on (CFG.py:30-31 returns before CFG.py:48-49).
+    """
+
+    def boost_rows(self, req: Request) -> hooks.Rows | None:
+        """The query rows that get the attention edit, or None for no edit."""
+        p = self.params
+        if not p.get("use_cfg"):
+            return req.answer_rows  # attention.py:90: the last row of every forward
+        if p.get("official_quirks") and p["gamma"] == 1:
+            return None  # CFG.py:30-31: the boost stays off for the whole answer
+        if p.get("boost_first_token"):
+            return req.answer_rows
+        return hooks.Rows.span(req.prompt_len)  # attention.py:125 + CFG.py:48-49: off for the prefill only
 
     def generate(self, model, req: Request, **kwargs):
         req.require_one_image(self.name)
-        if self.params.get("use_cfg"):
+        p = self.params
+        if p.get("use_cfg"):
             text_ids = guidance.drop_image_tokens(req.input_ids, req.image_token_id)
-            cfg = guidance.ImageFreeGuidance(model, text_ids, self.params["gamma"], self.params["cutoff"])
-            kwargs["logits_processor"] = LogitsProcessorList([*kwargs.get("logits_processor", []), cfg])
+            cfg = guidance.ImageFreeGuidance(
+                model, text_ids, p["gamma"], p["cutoff"], follow_beams=not p.get("official_quirks", False)
+            )
+            kwargs["logits_processor"] = LogitsProcessorList([*(kwargs.get("logits_processor") or []), cfg])
         with hooks.edited(model, *self.recipe(model, req)):
             return model.generate(**kwargs)
 
@@ -46,9 +85,10 @@ class Pai(GuidedTechnique):
         self.layers = layer_range(p["start_layer"], p["end_layer"], n_layers, default_start=2, name=self.name)
 
     def recipe(self, model, req: Request):
-        if self.params["alpha"] == 0:
+        rows = self.boost_rows(req)
+        if self.params["alpha"] == 0 or rows is None:
             return []  # nothing to edit: stay on the fast path, bit-identical to the baseline
-        return [hooks.Boost(layers=self.layers, rows=req.answer_rows, keys=req.image_pos, alpha=self.params["alpha"])]
+        return [hooks.Boost(layers=self.layers, rows=rows, keys=req.image_pos, alpha=self.params["alpha"])]
 
     def describe(self):
         return {**super().describe(), "layers": f"{self.layers.start}..{self.layers.stop - 1}"}

@@ -19,7 +19,7 @@ def baseline(tiny_ckpt, tmp_path_factory):
 
 
 def test_idle_llava_pai_answers_exactly_like_llava_hf(tiny_ckpt, baseline, tmp_path):
-    results, log = _run("llava_pai", f"pretrained={tiny_ckpt},alpha=0", "tiny_yesno", tmp_path)
+    results, log = _run("llava_pai", f"pretrained={tiny_ckpt},alpha=0,use_cfg=false", "tiny_yesno", tmp_path)
     assert results is not None, log[-3000:]
     assert results["config"]["model_backend"].endswith("LlavaPaiChat (chat)")
     got = [s["filtered_resps"] for s in read_samples(tmp_path, "tiny_yesno")]
@@ -41,6 +41,17 @@ def test_llava_pai_chat_and_simple_paths(tiny_ckpt, baseline, tmp_path):
     assert results["config"]["model_backend"].endswith("LlavaPai (simple)")
     assert 0.0 <= results["results"]["tiny_yesno_ll"]["acc,none"] <= 1.0
     assert results["n-samples"]["tiny_yesno_ll"]["effective"] == 3
+
+
+def test_llava_pai_preset_official(tiny_ckpt, tmp_path):
+    """preset=official (CFG gamma 1.1, unboosted first token, the official quirks) through the real CLI,
+    with beam search (the official code repeats the image-free prompt per beam)."""
+    results, log = _run(
+        "llava_pai", f"pretrained={tiny_ckpt},preset=official", "tiny_yesno", tmp_path, ["--gen_kwargs", "num_beams=2"]
+    )
+    assert results is not None, log[-3000:]
+    assert '"official_quirks": true' in log and '"gamma": 1.1' in log and '"use_cfg": true' in log
+    assert all(s["filtered_resps"] for s in read_samples(tmp_path, "tiny_yesno"))
 
 
 def test_no_image_task_fails_loudly(tiny_ckpt, tmp_path):

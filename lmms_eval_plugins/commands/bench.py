@@ -86,7 +86,7 @@ def make_context(layers: int, new_tokens: int, hidden: int = 256) -> BenchContex
 def core_cases(ctx: BenchContext) -> dict:
     m, n = ctx.model, hooks.num_layers(ctx.model)
     deep = range(n // 3, n)  # the deepest 2/3 of the layers
-    pai = Pai(n)
+    pai = Pai(n, use_cfg=False)
 
     def capture():
         cap = hooks.Capture(layers=deep, keys=ctx.request.image_pos)
