@@ -1,11 +1,15 @@
 """Figures the papers report on the real benchmarks, shown beside ShapeWorld numbers by `compare`.
 
-Data, not code: each entry names the model (our registered name), the real lmms-eval task
-and metric it was reported on, the value, and where it comes from. A ShapeWorld task maps
-to the real task it stands for. Only figures we could trace to a source are listed.
+Data, not code: each ``Figure`` names the model (our registered name, ``llava_hf`` for a
+paper's greedy baseline row), the paper's row, the real lmms-eval task and metric it
+corresponds to (``metric=None`` when lmms-eval has no such metric), the value, where it comes
+from, and how the paper's evaluation differs from the lmms-eval task. A ShapeWorld task maps to
+the real task it stands for. Only figures traced to a source are listed (all LLaVA-1.5-7B).
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 STANDS_FOR = {
     "shapeworld_pope_random": "pope_random",
@@ -15,10 +19,69 @@ STANDS_FOR = {
     "shapeworld_rec": "refcoco_bbox_rec",
 }
 
-# (model, real task, metric) -> (value, source)
-FIGURES: dict[tuple[str, str, str], tuple[str, str]] = {}
+
+@dataclasses.dataclass(frozen=True)
+class Figure:
+    model: str  # our registered model name
+    row: str  # the paper's row label
+    task: str  # the real lmms-eval task
+    metric: str | None  # its lmms-eval metric (None: lmms-eval reports no such metric)
+    value: float
+    source: str
+    preset: str | None = None  # our preset that runs this row's configuration, if any
+    differs: str = ""  # how the paper's evaluation differs from the lmms-eval task
+    primary: bool = True  # the one `compare` shows for (model, task, metric)
+
+
+# PAINT (arXiv 2501.12206), CHAIR on MSCOCO. The official evaluation (hasanar1f/PAINT @ 2a9e8f8,
+# modPAI/chair_eval.py and modPAI/chair.py) differs from lmms-eval's coco_cap_chair: prompt
+# "Please help me describe the image in detail." after the Vicuna system message
+# (chair_eval.py:89-100, constants.py:14,27) vs lmms-eval's "Please describe this image in detail.";
+# the first 500 images of COCO val2014 (chair_eval.py:94) vs the tsunghanwu/mscoco_chair test split;
+# max_new_tokens 512 (chair_eval.py:59) vs 2048; CHAIR by modPAI/chair.py's cached evaluator
+# (chair.pkl) vs lmms-eval's own implementation; every PAINT run with CFG gamma 1.1
+# (modpai_eval.sh:15). F1 (of CHAIR precision and recall) has no lmms-eval metric.
+_PAINT_CHAIR = (
+    "MSCOCO val2014, first 500 images, prompt 'Please help me describe the image in detail.' with the "
+    "Vicuna system message, max 512 new tokens, CHAIR by the repository's chair.py (lmms-eval: "
+    "tsunghanwu/mscoco_chair, 'Please describe this image in detail.', max 2048 tokens)"
+)
+_PAINT_MAIN = "PAINT (arXiv 2501.12206), CHAIR comparison on MSCOCO"
+_PAINT_ALPHA = "PAINT (arXiv 2501.12206), ablation of alpha (beta 0.3, 25% local tokens, no spatial tokens)"
+
+
+def _chair_rows(model, row, source, preset, s, i, f1, primary=True, differs=_PAINT_CHAIR):
+    common = dict(model=model, row=row, task="coco_cap_chair", source=source, preset=preset, differs=differs, primary=primary)
+    return [
+        Figure(metric="coco_cap_chair_s", value=s, **common),
+        Figure(metric="coco_cap_chair_i", value=i, **common),
+        Figure(metric=None, value=f1, **{**common, "row": f"{row} (F1)"}),
+    ]
+
+
+FIGURES: list[Figure] = [
+    *_chair_rows("llava_hf", "LLaVA-1.5 (original)", _PAINT_MAIN, None, 46.2, 13.8, 75.9),
+    # PAI as PAINT's table reports it (PAI's own settings in that run are not stated)
+    *_chair_rows("llava_pai", "PAI", _PAINT_MAIN, None, 24.6, 6.8, 74.7),
+    # margins not stated with the table; the spatial ablation's base is alpha 0.7, beta 0.4
+    *_chair_rows("llava_paint", "PAINT", _PAINT_MAIN, "paper", 17.6, 4.0, 71.8),
+    *_chair_rows("llava_paint", "PAINT with spatial tokens (alpha 0.7, beta 0.4)", _PAINT_MAIN, "paper_spatial",
+                 15.4, 4.8, 69.8, primary=False),
+    *_chair_rows("llava_paint", "alpha 0.7 (caption length 179.7)", _PAINT_ALPHA, "official", 18.0, 3.9, 72.0, primary=False),
+    *_chair_rows("llava_paint", "alpha 0.5", _PAINT_ALPHA, None, 49.4, 13.3, 77.0, primary=False),
+    *_chair_rows("llava_paint", "alpha 0.8", _PAINT_ALPHA, None, 4.6, 1.0, 51.1, primary=False),
+]
+
+
+def figures_for(model: str, task: str | None = None) -> list[Figure]:
+    """Every figure of ``model`` (on the real task ``task`` stands for, if given)."""
+    real = None if task is None else STANDS_FOR.get(task, task)
+    return [f for f in FIGURES if f.model == model and (real is None or f.task == real)]
 
 
 def paper_figure(model: str, task: str, metric: str) -> str | None:
-    hit = FIGURES.get((model, STANDS_FOR.get(task, task), metric))
-    return None if hit is None else f"{hit[0]} ({hit[1]})"
+    """The paper's headline figure for (model, task, metric) as `compare` prints it, or None."""
+    for f in figures_for(model, task):
+        if f.primary and f.metric == metric:
+            return f"{f.value:g} ({f.row}; {f.source})"
+    return None

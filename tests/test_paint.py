@@ -294,3 +294,15 @@ def test_object_patches_marks_covered_cells():
     labels[39, 39] = 3  # 1% of cell (3, 3)
     got = object_patches(labels, (4, 4), cover=0.1)
     assert set(np.flatnonzero(got).tolist()) == {0, 1 * 4 + 3}
+
+
+def test_paper_figures_map_to_lmms_eval_metrics():
+    from lmms_eval_plugins.paper_figures import figures_for, paper_figure
+
+    assert paper_figure("llava_paint", "shapeworld_chair", "coco_cap_chair_s").startswith("17.6 (PAINT;")
+    assert paper_figure("llava_hf", "coco_cap_chair", "coco_cap_chair_i").startswith("13.8 ")
+    assert paper_figure("llava_pai", "shapeworld_chair", "coco_cap_chair_s").startswith("24.6 ")
+    assert paper_figure("llava_paint", "shapeworld_pope_random", "pope_accuracy") is None
+    rows = figures_for("llava_paint", "shapeworld_chair")
+    assert {f.preset for f in rows} >= {"paper", "paper_spatial", "official"}
+    assert all(f.differs and f.source for f in rows)
