@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# Regenerate the golden fixtures of the official code (PARITY.md), in one command:
+#
+#   bash bench/parity/regenerate.sh --pai /work/official/PAI [--paint /work/official/PAINT]
+#        [--official-venv /work/venvs/official] [--python /work/venvs/fresh/bin/python]
+#
+# 1. builds the LLaVA-1.5-shaped tiny model in both layouts (tiny_llava15.py, our venv);
+# 2. creates the official stack's venv if missing (official_env.sh);
+# 3. per technique: runs the official code unmodified (with cpu_shim.py) in that venv and writes
+#    tests/fixtures/official/<technique>/, then compares our preset=official with it in our venv
+#    and writes provenance.json (with max abs diffs over the full vocabulary).
+# Checkouts: a git clone at the commit, or an exported tree (`git -C <mirror> archive HEAD | tar -x -C
+# /work/official/PAI`) with PAI_COMMIT=<full hash> in the environment (recorded in provenance.json).
+set -euo pipefail
+HERE=$(cd "$(dirname "$0")" && pwd)
+REPO=$(cd "$HERE/../.." && pwd)
+PAI="" PAINT="" OFFICIAL_VENV=/work/venvs/official OURS=${PYTHON:-python}
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --pai) PAI=$2; shift 2 ;;
+    --paint) PAINT=$2; shift 2 ;;
+    --official-venv) OFFICIAL_VENV=$2; shift 2 ;;
+    --python) OURS=$2; shift 2 ;;
+    *) echo "unknown argument $1" >&2; exit 2 ;;
+  esac
+done
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
+WORK=$(mktemp -d)
+trap 'rm -rf "$WORK"' EXIT
+[ -x "$OFFICIAL_VENV/bin/python" ] || bash "$HERE/official_env.sh" "$OFFICIAL_VENV"
+"$OURS" "$HERE/tiny_llava15.py" "$WORK/model"
+
+if [ -n "$PAI" ]; then
+  "$OFFICIAL_VENV/bin/python" "$HERE/pai_official.py" --pai "$PAI" --model "$WORK/model" \
+    --out "$REPO/tests/fixtures/official/pai" --scratch "$WORK/scratch"
+  "$OURS" "$HERE/pai_compare.py" --fixtures "$REPO/tests/fixtures/official/pai" --model "$WORK/model" \
+    --scratch "$WORK/scratch" --pai "$PAI" --official-python "$OFFICIAL_VENV/bin/python"
+fi
+
+if [ -n "$PAINT" ]; then
+  # hook for PAINT: paint_regenerate.sh CHECKOUT MODEL_DIR OFFICIAL_VENV OURS_PYTHON WORK_DIR
+  bash "$HERE/paint_regenerate.sh" "$PAINT" "$WORK/model" "$OFFICIAL_VENV" "$OURS" "$WORK"
+fi
