@@ -37,12 +37,13 @@ class Figure:
 # modPAI/chair_eval.py and modPAI/chair.py) differs from lmms-eval's coco_cap_chair: prompt
 # "Please help me describe the image in detail." after the Vicuna system message
 # (chair_eval.py:89-100, constants.py:14,27) vs lmms-eval's "Please describe this image in detail.";
-# the first 500 images of COCO val2014 (chair_eval.py:94) vs the tsunghanwu/mscoco_chair test split;
+# 500 images of COCO val2014 in a seeded shuffle of os.listdir (eval_data_loader.py:14-15, seed 927 at
+# chair_eval.py:19, the first 500 batches at :94) vs the tsunghanwu/mscoco_chair test split;
 # max_new_tokens 512 (chair_eval.py:59) vs 2048; CHAIR by modPAI/chair.py's cached evaluator
 # (chair.pkl) vs lmms-eval's own implementation; every PAINT run with CFG gamma 1.1
-# (modpai_eval.sh:15). F1 (of CHAIR precision and recall) has no lmms-eval metric.
+# (modpai_eval.sh:17). F1 (of CHAIR precision and recall) has no lmms-eval metric.
 _PAINT_CHAIR = (
-    "MSCOCO val2014, first 500 images, prompt 'Please help me describe the image in detail.' with the "
+    "MSCOCO val2014, 500 images (seeded shuffle), prompt 'Please help me describe the image in detail.' with the "
     "Vicuna system message, max 512 new tokens, CHAIR by the repository's chair.py (lmms-eval: "
     "tsunghanwu/mscoco_chair, 'Please describe this image in detail.', max 2048 tokens)"
 )

@@ -69,6 +69,8 @@ DEFAULTS = {
     "use_cfg": False,
     "gamma": 1.1,
     "cutoff": 0.1,
+    "boost_first_token": False,
+    "official_quirks": False,
 }
 HEAD_MODULATIONS = ("none", "sensitivity")
 SPATIAL_VARIANTS = ("grid", "official")
@@ -423,7 +425,8 @@ class Paint(GuidedTechnique):
 
     def recipe(self, model, req: Request):
         p = self.params
-        editing = p["alpha"] != 0 or p["beta"] != 0
+        rows = self.boost_rows(req)  # with CFG the first answer token is not boosted (GuidedTechnique)
+        editing = (p["alpha"] != 0 or p["beta"] != 0) and rows is not None
         self.last_selector = None
         if not editing and not self.save_dir:
             return []  # nothing to edit: stay on the fast path, bit-identical to the baseline
@@ -447,7 +450,7 @@ class Paint(GuidedTechnique):
         sensitivity = p["head_modulation"] == "sensitivity"
         boost = PaintBoost(
             layers=self.layers,
-            rows=req.answer_rows,
+            rows=rows,
             keys=slice(None) if sensitivity else keys,
             selector=selector,
             image_keys=keys,

@@ -6,8 +6,9 @@ bench/parity/tiny_llava15.py; regenerate them with the command in bench/parity/p
 Here the HF layout of the same model is rebuilt from its seed (fingerprint asserted) and our
 code runs on the same pixel tensors and token ids, without the official stack.
 
-Tolerances: token indices and generated ids exact; logits 1e-4 absolute (logits reach ~13 here;
-the measured difference is ~6e-6, float32 rounding in two attention implementations).
+Tolerances: token indices and generated ids exact; logits and guided scores 1e-4 absolute
+(logits reach ~13 here; the measured differences are <= 1e-5, float32 rounding in two attention
+implementations).
 """
 
 import json
@@ -145,3 +146,19 @@ def test_edit_alone_per_step(model, pixels, case):
         got = logits[0, torch.tensor(step["raw_top"]["ids"])]
         torch.testing.assert_close(got, want, atol=ATOL, rtol=0)
         assert abs(float(torch.logsumexp(logits[0], -1)) - step["raw_logsumexp"]) < ATOL
+
+
+@pytest.mark.parametrize("case", [c for c in GENERATION if c["use_cfg"]], ids=lambda c: f"prompt{c['before'][0]}")
+def test_edit_with_cfg_per_step(model, pixels, case):
+    """As the official scripts run PAINT (modpai_eval.sh:17 --use-cfg --gamma 1.1): the first
+    answer token guided but not boosted (attention.py:139 with llama_modify(use_cfg=True)), every
+    later one boosted and guided (CFG.py:48-49); guided scores are log-probabilities with -inf
+    below the cutoff (CFG.py:50-57)."""
+    out, n = _generate(model, pixels, case)
+    assert out.sequences[0, n:].tolist() == case["new_ids"]
+    for step, logits, scores in zip(case["steps"], out.logits, out.scores):
+        raw = logits[0, torch.tensor(step["raw_top"]["ids"])]
+        torch.testing.assert_close(raw, torch.tensor(step["raw_top"]["values"]), atol=ATOL, rtol=0)
+        finite = torch.isfinite(scores[0]).nonzero().flatten()
+        assert finite.tolist() == step["scores_finite_ids"]
+        torch.testing.assert_close(scores[0, finite].float(), torch.tensor(step["scores_finite_values"]), atol=ATOL, rtol=0)

@@ -23,14 +23,16 @@ PARAMS = (
 
 # What the official code (hasanar1f/PAINT @ 2a9e8f8, modPAI/) runs; docs/paint.md has the parity table.
 OFFICIAL = {
-    "alpha": 0.7,  # chair_eval.py:51 (argparse default; modpai_eval.sh:15 passes 0.9, see "script")
+    "alpha": 0.7,  # chair_eval.py:51 (argparse default; modpai_eval.sh:17 passes 0.9, see "script")
     "beta": 0.3,  # chair_eval.py:52
     "top_ratio": 0.25,  # clip_encoder.py:37 (chair_eval.py:50's --top_token_ratio is never passed on)
-    "start_layer": 2,  # chair_eval.py:57 and modpai_eval.sh:15
+    "start_layer": 2,  # chair_eval.py:57 and modpai_eval.sh:17
     "end_layer": None,  # chair_eval.py:58: 32, the depth of LLaVA-1.5-7B
-    "use_cfg": True,  # modpai_eval.sh:15 --use-cfg; every result file ends in _cfg_1.1
-    "gamma": 1.1,  # modpai_eval.sh:15 (the argparse default, chair_eval.py:55, is 2)
+    "use_cfg": True,  # modpai_eval.sh:17 --use-cfg; every result file ends in _cfg_1.1
+    "gamma": 1.1,  # modpai_eval.sh:17 (the argparse default, chair_eval.py:55, is 2)
     "cutoff": 0.1,  # CFG.py:53
+    "boost_first_token": False,  # attention.py:125,139: llama_modify(use_cfg=True) keeps the prefill unboosted
+    "official_quirks": True,  # CFG.py:43-47 (image-free cache ignores beam reordering), CFG.py:30-31 (gamma 1: no boost)
     "spatial": "official",  # clip_encoder.py:31-34
     "spatial_ratio": 0.0,  # clip_encoder.py:41 passes no ratio: 0
     "selection_precision": "model",  # the fp16 model's attentions, summed in fp16 (clip_encoder.py:38-39)
@@ -45,7 +47,7 @@ SPEC = TechniqueSpec(
     ),
     presets={
         "official": OFFICIAL,
-        # modpai_eval.sh:15 verbatim (its captions in the repository's results average 6 words)
+        # modpai_eval.sh:17 verbatim (its captions in the repository's results average 6 words)
         "script": {**OFFICIAL, "alpha": 0.9},
         # paper, spatial-token ablation: alpha 0.7, beta 0.4 (results/chair/llava-1.5/*_alpha_0.7_beta_0.4_cfg_1.1.jsonl)
         "paper": {**OFFICIAL, "beta": 0.4},
