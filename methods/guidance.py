@@ -21,6 +21,7 @@ The arithmetic is the official one (LALBJ/PAI @ 9bbd8bd, ``CFG.py``), one functi
 
 from __future__ import annotations
 
+import inspect
 import math
 
 import torch
@@ -63,6 +64,11 @@ def parent_rows(previous: torch.Tensor, current: torch.Tensor) -> torch.Tensor |
     return parents
 
 
+def _cache_arg(model) -> str:
+    """transformers renamed ``past_key_values`` to ``cache`` during 5.x; use whichever the model takes."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
 class ImageFreeGuidance(LogitsProcessor):
     """A logits processor that runs the image-free prompt alongside generation, with its own KV cache.
 
@@ -89,8 +95,8 @@ class ImageFreeGuidance(LogitsProcessor):
                     parents = parent_rows(self.previous, input_ids)
                     if parents is not None:
                         self.cache.reorder_cache(parents.to(input_ids.device))
-                out = self.model(input_ids=input_ids[:, -1:], past_key_values=self.cache, use_cache=True)
-        self.cache = out.past_key_values
+                out = self.model(input_ids=input_ids[:, -1:], use_cache=True, **{_cache_arg(self.model): self.cache})
+        self.cache = out.get("cache", out.get("past_key_values"))
         self.previous = input_ids
         return guide(scores, out.logits[:, -1], self.gamma, self.cutoff)
 
