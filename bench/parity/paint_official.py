@@ -3,9 +3,16 @@
 Runs the official code, unmodified, on the LLaVA-1.5-shaped tiny model (bench/parity/tiny_llava15.py,
 original layout) with fixed pixel tensors, in the official stack's venv (bench/parity/official_env.sh):
 
+    bash bench/parity/regenerate.sh --paint /work/official/PAINT       # everything (PAI with --pai)
+
+or by hand:
+
     python bench/parity/tiny_llava15.py /tmp/paint_parity/model                    # our venv
     /work/venvs/official/bin/python bench/parity/paint_official.py \\
         --official /work/official/PAINT --model /tmp/paint_parity/model --out tests/fixtures/official/paint
+
+The checkout is a git clone at 2a9e8f8 or an exported tree (then PAINT_COMMIT=<full hash>, as
+for the mirror export ``git -C <mirror> archive HEAD | tar -x -C /work/official/PAINT``).
 
 What is called, all from the checkout: the fork's ``llava`` package (``LlavaLlamaForCausalLM``, whose
 CLIP tower runs ``update_modpai_alpha`` inside its forward, clip_encoder.py:166-168),
@@ -221,6 +228,17 @@ def generation_case(model, pixels, before, after, alpha, beta, use_cfg, gamma=1.
     }
 
 
+def checkout_commit(checkout: Path) -> str:
+    """The checkout's commit: git's, else $PAINT_COMMIT (an exported tree); must be the audited one."""
+    import os
+
+    got = subprocess.run(["git", "-C", str(checkout), "rev-parse", "HEAD"], capture_output=True, text=True)
+    commit = got.stdout.strip() if got.returncode == 0 and (checkout / ".git").exists() else os.environ.get("PAINT_COMMIT", "")
+    if commit != OFFICIAL_COMMIT:
+        raise SystemExit(f"{checkout}: commit {commit or '(unknown: set PAINT_COMMIT)'} is not {OFFICIAL_COMMIT}")
+    return commit
+
+
 def pip_freeze() -> list[str]:
     out = subprocess.run([sys.executable, "-m", "pip", "freeze"], capture_output=True, text=True)
     return out.stdout.split()
@@ -232,6 +250,7 @@ def main():
     ap.add_argument("--model", type=Path, required=True, help="tiny_llava15.build() output directory")
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args()
+    commit = checkout_commit(args.official)
     torch.manual_seed(927)  # chair_eval.py:19 (greedy decoding does not draw)
 
     info = json.loads((args.model / "model_info.json").read_text())
@@ -258,7 +277,7 @@ def main():
     (args.out / "generation.json").write_text(json.dumps(generation))
     provenance = {
         "repository": "https://github.com/hasanar1f/PAINT",
-        "commit": OFFICIAL_COMMIT,
+        "commit": commit,
         "official_files": [
             "modPAI/llava/model/multimodal_encoder/clip_encoder.py",
             "modPAI/attention.py",
@@ -266,9 +285,9 @@ def main():
             "modPAI/model_loader.py (prompt construction only, re-done from ids)",
             "modPAI/chair_eval.py (call order)",
         ],
-        "command": "python bench/parity/tiny_llava15.py /tmp/paint_parity/model && "
-        "/work/venvs/official/bin/python bench/parity/paint_official.py --official /work/official/PAINT "
-        "--model /tmp/paint_parity/model --out tests/fixtures/official/paint",
+        "command": "PAINT_COMMIT=" + commit + " bash bench/parity/regenerate.sh --paint /work/official/PAINT "
+        "(= python bench/parity/tiny_llava15.py MODEL; /work/venvs/official/bin/python "
+        "bench/parity/paint_official.py --official /work/official/PAINT --model MODEL --out tests/fixtures/official/paint)",
         "model": {"builder": "bench/parity/tiny_llava15.py", **info},
         "pixels": {"fn": f"tiny_llava15.fixed_pixels({N_IMAGES}, seed={info['seed']})", "sha256": tiny.tensor_sha256(pixels)},
         "shim": {"source": SHIM, "sha256": hashlib.sha256(SHIM.encode()).hexdigest()},
