@@ -51,18 +51,33 @@ PRESETS = {
     "pope": {"alpha": 15.0, "kernel": 5, "beta": 0.4},
     "mme": {"alpha": 10.0, "kernel": 3, "beta": 0.3},
 }
+# The official code's arithmetic (ShunqiM/PM @ 58c2c0f), proven against its fixtures
+# (tests/test_parity_pm.py); each switch is one documented difference (docs/pm.md, parity table).
+OFFICIAL = {"layer_map": "official", "two_means": "official", "map_quant": "uint8", "sampler": "official", "block_rows": "first_all", "max_iter": 8}
+PRESETS["official_pope"] = {**PRESETS["pope"], **OFFICIAL}  # scripts/pope/run_llava_pm.sh
+PRESETS["official_mme"] = {**PRESETS["mme"], **OFFICIAL}  # scripts/mme/run_llava_pm.sh
 DEFAULTS = {
     "deep_layer": None,  # 1-based first deep layer; None: 12 of 32 scaled to the model's depth
     **PRESETS["pope"],
     "max_iter": 8,
     "refresh": "once",  # once | every_token | every_n
     "refresh_n": 8,
-    "block_rows": "auto",  # auto | all | text | last
+    "block_rows": "auto",  # auto | all | text | last | first_all
     "view": "pad",  # pad (LLaVA-1.5) | crop (what a centre-cropping processor shows)
+    "layer_map": "mean",  # mean (divide by the layers summed) | official (float32 sum / (n_layers - L))
+    "two_means": "stable",  # stable (until the assignment is stable) | official (10 steps or a 1e-4 shift)
+    "map_quant": "float",  # float | uint8 (the official x255 truncation, bicubic on the 8-bit map)
+    "sampler": "centres",  # centres (pixel centres, identity on a flat map) | official (linspace(0,1,N) over cumsum)
+    "single_layer": False,  # the official --single_layer: the map of layer L alone
+    "resample_cd": 0.0,  # the official --resample_cd: logits + cd * (logits - original-image logits)
 }
 REFRESH = ("once", "every_token", "every_n")
-BLOCK_ROWS = ("auto", "all", "text", "last")
+BLOCK_ROWS = ("auto", "all", "text", "last", "first_all")
 VIEWS = ("pad", "crop")
+LAYER_MAPS = ("mean", "official")
+TWO_MEANS = ("stable", "official")
+MAP_QUANT = ("float", "uint8")
+SAMPLERS = ("centres", "official")
 PAPER_DEPTH, PAPER_DEEP_LAYER = 32, 12
 
 # ---------------------------------------------------------------------------------------
@@ -104,6 +119,37 @@ def two_means_high(values: np.ndarray) -> np.ndarray:
     return high.reshape(np.shape(values))
 
 
+def official_two_means(values: np.ndarray) -> np.ndarray:
+    """The reference's highlight mask (attention_resampler.py:263-299), in its dtype.
+
+    Centres start at [min, max] (in the map's dtype); at most 10 Lloyd steps, each assigning
+    by ``argmin`` of the distances (a tie goes to the low centre), then updating a centre only
+    if its cluster is not empty, and stopping early once both centres moved < 1e-4. The high
+    cluster is the one with the larger centre by ``argmax`` (a tie picks cluster 0), read from
+    the assignment made before the last update. So a constant map whose mean equals its value
+    exactly (e.g. zeros) blocks every token, while float32 rounding of the mean can leave the
+    same map with nothing blocked.
+    """
+    flat = np.asarray(values).ravel()
+    centers = np.array([flat.min(), flat.max()])
+    for _ in range(10):
+        assign = np.argmin(np.abs(flat[:, None] - centers), axis=1)
+        previous = centers.copy()
+        for i in range(2):
+            if np.sum(assign == i) > 0:
+                centers[i] = flat[assign == i].mean()
+        if np.all(np.abs(centers - previous) < 1e-4):
+            break
+    return (assign == np.argmax(centers)).reshape(np.shape(values))
+
+
+def official_layer_sum(per_layer: list[np.ndarray]) -> np.ndarray:
+    """The reference's deep map (attention_resampler.py:186-246, map_constructor='original'):
+    each layer's max over heads as float32 (the attention dtype; fp16 on the authors' GPUs),
+    stacked and summed over layers by numpy in that dtype."""
+    return np.sum(np.stack([np.asarray(m, dtype=np.float32) for m in per_layer], axis=0), axis=0)
+
+
 @dataclasses.dataclass
 class Search:
     """What the iterative refinement found. ``maps[i]``: the layer-averaged map of pass i (0: unmasked)."""
@@ -112,6 +158,8 @@ class Search:
     iterations: int  # refinement passes (re-forwards) run
     blocked: list  # cumulative blocked-token masks, one per refinement pass
     maps: list
+    raw: list = dataclasses.field(default_factory=list)  # the layer sums as returned (before the division)
+    exit_sums: list = dataclasses.field(default_factory=list)  # the exit statistic after each re-forward
 
     @property
     def sums(self) -> list[float]:
@@ -125,8 +173,9 @@ def refine(
     n_layers: int,
     beta: float,
     max_iter: int,
+    official: bool = False,
 ) -> Search:
-    """PM's iterative search for the perceived tokens.
+    """PM's iterative search for the perceived tokens (model_generate.py:343-418, pm_sample.py:158-225).
 
     first_map: the layer-summed map of the unmasked pass; forward_blocked(blocked) returns the
     same map with the ``blocked`` tokens hidden from the model. Each pass: average in the
@@ -134,25 +183,37 @@ def refine(
     and stop when the new map's sum / n_layers <= beta or after ``max_iter`` re-forwards.
     H* = sum of maps / number of passes in which each token was visible (the last re-forward
     only decides the stop, as in the reference).
+
+    official=True: the maps keep the dtype they come in (float32 there), the split is
+    ``official_two_means`` and the exit statistic is float(map sum) / n_layers
+    (model_generate.py:385); a split with no high cluster does not stop the search (the
+    reference re-forwards the same mask until ``max_iter``).
     """
-    current = np.asarray(first_map, dtype=np.float64) / n_layers
-    total = np.zeros_like(current)
-    seen = np.zeros_like(current)
+    dtype = None if official else np.float64
+    split = official_two_means if official else two_means_high
+    raw = np.asarray(first_map, dtype=dtype)
+    current = raw / n_layers
+    total = np.zeros(current.shape, dtype=np.float64)
+    seen = np.zeros(current.shape, dtype=np.float64)
     visible = np.ones(current.shape, dtype=bool)
-    search = Search(h_star=current, iterations=0, blocked=[], maps=[current])
+    search = Search(h_star=current, iterations=0, blocked=[], maps=[current], raw=[raw])
     while search.iterations < max_iter:
         seen += visible
         total += current
         search.h_star = total / np.maximum(seen, 1)
-        high = two_means_high(current)
-        if not high.any():  # a flat map: nothing stands out, nothing to block
+        high = split(current)
+        if not high.any() and not official:  # a flat map: nothing stands out, nothing to block
             break
         visible &= ~high
         search.blocked.append(~visible)
-        current = np.asarray(forward_blocked(~visible), dtype=np.float64) / n_layers
+        raw = np.asarray(forward_blocked(~visible), dtype=dtype)
+        current = raw / n_layers
         search.iterations += 1
         search.maps.append(current)
-        if current.sum() <= beta:
+        search.raw.append(raw)
+        stat = float(raw.sum()) / n_layers if official else current.sum()
+        search.exit_sums.append(float(stat))
+        if stat <= beta:
             break
     return search
 
@@ -227,6 +288,63 @@ def magnify(image: Image.Image | np.ndarray, density: np.ndarray, out_size: tupl
     return Image.fromarray(out[:, :, 0] if squeeze else out)
 
 
+def official_enhance(grid: np.ndarray, alpha: float, kernel: int) -> torch.Tensor:
+    """revise_mask (API_LLaVA/main.py:55-70) in float32 torch: min-max (``normalize(.., "min")``,
+    :39-45), subtract the mean, divide by the unbiased std, x alpha, sigmoid, clamp to [0, 1]
+    (``enhance``, :47-53), then a k x k mean filter with replicate padding (Conv2d, :60-66).
+    A constant map gives NaN (0/0), as there."""
+    m = torch.Tensor(np.asarray(grid))  # torch.Tensor(...) as model_generate.py:403: float32
+    m = (m - m.min()) / (m.max() - m.min())
+    m = torch.sigmoid((m - m.mean()) / m.std() * alpha).clamp(0, 1)
+    r = (kernel - 1) // 2
+    weight = torch.ones(1, 1, kernel, kernel) / kernel**2
+    return torch.nn.functional.conv2d(torch.nn.functional.pad(m[None, None], (r, r, r, r), mode="replicate"), weight)[0, 0]
+
+
+def official_quantise(grid: torch.Tensor) -> np.ndarray:
+    """toImg (API_LLaVA/main.py:24-25): torchvision's ToPILImage on a float map multiplies by 255
+    and truncates with ``.byte()`` (NaN becomes 0 on this platform)."""
+    return grid.mul(255).byte().numpy()
+
+
+def official_upsample(grid8: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """invtrans (API_LLaVA/main.py:27-28): PIL bicubic resize of the 8-bit map to ``size`` = (width, height)."""
+    return np.asarray(Image.fromarray(np.asarray(grid8, dtype=np.uint8), mode="L").resize(size, Image.BICUBIC))
+
+
+def official_inverse_sampling(marginal: np.ndarray, n_out: int) -> np.ndarray:
+    """cumulative_distribution + inverse_sampling (attention_resampler.py:43-54): cdf = cumsum / last,
+    then source indices at ``linspace(0, 1, n_out)`` by linear interpolation of (cdf -> 0..N-1),
+    extrapolated outside. A flat marginal samples u * N - 1 for u in linspace(0, 1, n_out), i.e.
+    -1 .. N-1: about a pixel's shift, an N/(N-1) zoom, and a first row/column at -1, off the image."""
+    from scipy.interpolate import interp1d
+
+    cdf = np.cumsum(marginal)
+    cdf = cdf / cdf[-1]
+    return interp1d(cdf, np.arange(len(cdf)), bounds_error=False, fill_value="extrapolate")(np.linspace(0, 1, n_out))
+
+
+def official_magnify(image: Image.Image | np.ndarray, density: np.ndarray, out_size: tuple[int, int] | None = None) -> Image.Image:
+    """attention_sampling(method='bilinear') (attention_resampler.py:56-108) then ``astype(np.uint8)``
+    (model_generate.py:509-511): marginals are the row/column maxima, each channel is sampled by
+    ``scipy.ndimage.map_coordinates(order=1)`` (constant 0 outside; on a uint8 image it rounds to
+    uint8 itself, so the final truncation keeps integers). out_size = (width, height)."""
+    from scipy.ndimage import map_coordinates
+
+    arr = np.asarray(image)
+    h, w = arr.shape[:2]
+    if density.shape != (h, w):
+        raise ValueError(f"density {density.shape} does not match the image {(h, w)}")
+    out_w, out_h = out_size or (w, h)
+    xs = official_inverse_sampling(np.max(density, axis=0), out_w)
+    ys = official_inverse_sampling(np.max(density, axis=1), out_h)
+    gx, gy = np.meshgrid(xs, ys)
+    out = np.zeros((out_h, out_w, arr.shape[2]))
+    for c in range(arr.shape[2]):
+        out[:, :, c] = map_coordinates(arr[:, :, c], [gy, gx], order=1)
+    return Image.fromarray(out.astype(np.uint8), "RGB")
+
+
 def to_rgb(image: Image.Image) -> Image.Image:
     """RGB as the HF image processors see it (RGBA composited on white, grayscale repeated)."""
     from transformers.image_transforms import convert_to_rgb
@@ -284,6 +402,11 @@ def embed(model, input_ids: torch.Tensor, pixel_values: torch.Tensor) -> torch.T
     return emb.masked_scatter(mask, feats)
 
 
+def contrast(magnified: torch.Tensor, original: torch.Tensor, cd: float) -> torch.Tensor:
+    """resample_cd (model_generate.py:572-574): magnified + cd * (magnified - original)."""
+    return magnified + cd * (magnified - original)
+
+
 def _cache_prefix(kv: list, length: int, config):
     """A fresh cache holding the first ``length`` positions of ``kv`` (one (keys, values) per layer)."""
     from transformers import DynamicCache
@@ -316,12 +439,22 @@ class PerceptionMagnifier(Technique):
     def __init__(self, n_layers: int, grid: int, visuals_dir: str | None = None, max_visuals: int = 8, visuals_prefix: str = "", **params):
         super().__init__(**{**DEFAULTS, **params})
         p = self.params
-        for key, choices in (("refresh", REFRESH), ("block_rows", BLOCK_ROWS), ("view", VIEWS)):
+        for key, choices in (
+            ("refresh", REFRESH), ("block_rows", BLOCK_ROWS), ("view", VIEWS),
+            ("layer_map", LAYER_MAPS), ("two_means", TWO_MEANS), ("map_quant", MAP_QUANT), ("sampler", SAMPLERS),
+        ):
             if p[key] not in choices:
                 raise ValueError(f"{key}={p[key]!r}: use one of {', '.join(choices)}")
         if p["kernel"] < 1 or p["kernel"] % 2 == 0:
             raise ValueError(f"kernel={p['kernel']} must be a positive odd number (a centred k x k box filter)")
         self.layers = deep_layers(n_layers, p["deep_layer"])
+        # the exit test's divisor: the layers summed, or the reference's n_layers - L (model_generate.py:353,385)
+        self.divisor = n_layers - self.layers.start - 1 if p["layer_map"] == "official" else len(self.layers)
+        if p["single_layer"]:  # attention_resampler.py:226: the first deep layer alone (the divisor stays)
+            self.layers = range(self.layers.start, self.layers.start + 1)
+            self.divisor = self.divisor if p["layer_map"] == "official" else 1
+        if self.divisor < 1:
+            raise ValueError(f"layer_map=official needs deep_layer < n_layers ({n_layers}): n_layers - L would be {self.divisor}")
         self.n_layers, self.grid = n_layers, grid
         self.visuals_dir = Path(visuals_dir) if visuals_dir else None
         self.max_visuals, self.visuals_prefix = max_visuals, visuals_prefix
@@ -329,18 +462,43 @@ class PerceptionMagnifier(Technique):
         self.image_free = 0  # requests without an image (served as plain generation)
         self.last: dict = {}  # the last request's trace: iterations, sums, forwards
         self.last_magnified: Magnified | None = None
+        self.keep_steps = False  # tests: keep every refresh's Magnified in self.steps
+        self.steps: list[Magnified] = []
 
     def describe(self):
         return {**super().describe(), "deep_layers": f"{self.layers.start}..{self.layers.stop - 1}", "grid": self.grid}
 
     # --- the map, the search, the magnified image -------------------------------------
 
-    def block_rows(self) -> str:
-        if self.params["block_rows"] != "auto":
-            return self.params["block_rows"]
-        return "all" if self.params["refresh"] == "once" else "last"  # the reference's QA / open-ended paths
+    def block_rows(self, first: bool = True) -> str:
+        """Who cannot see the blocked tokens in a refinement pass. first_all: the reference's
+        per-token path, whose first step re-forwards the whole prompt with the mask on every row
+        and later steps only the newest token (pm_sample.py:180-194); its QA path masks every row."""
+        rows = self.params["block_rows"]
+        if rows == "first_all":
+            return "all" if first or self.params["refresh"] == "once" else "last"
+        if rows != "auto":
+            return rows
+        return "all" if self.params["refresh"] == "once" else "last"
 
-    def magnify_at(self, model, req: Request, view: Image.Image, emb: torch.Tensor, cache, run, start: int) -> Magnified:
+    def layer_map(self, probs: torch.Tensor) -> np.ndarray:
+        """(layers, heads, tokens) attention of the last query -> the layer-summed token map."""
+        if self.params["layer_map"] == "official":
+            return official_layer_sum([p.amax(dim=0).float().cpu().numpy() for p in probs])
+        return token_map(probs)
+
+    def perceive(self, search: Search, view: Image.Image):
+        """H* -> (grid map, density at the view's size, magnified view)."""
+        p = self.params
+        if p["map_quant"] == "uint8":  # model_generate.py:402-408
+            grid_map = official_enhance(search.h_star.reshape(self.grid, self.grid), p["alpha"], p["kernel"]).numpy()
+            density = official_upsample(official_quantise(torch.from_numpy(grid_map)), view.size)
+        else:
+            grid_map, density = perception_density(search.h_star, self.grid, view.size, p["alpha"], p["kernel"])
+        image = official_magnify(view, density) if p["sampler"] == "official" else magnify(view, density)
+        return grid_map, density, image
+
+    def magnify_at(self, model, req: Request, view: Image.Image, emb: torch.Tensor, cache, run, start: int, first: bool = True) -> Magnified:
         """Run PM for the query at the end of ``emb``.
 
         ``cache`` holds the unmasked original-image stream up to ``start``; ``run`` runs the
@@ -352,9 +510,9 @@ class PerceptionMagnifier(Technique):
         img_end = int(pos[-1]) + 1
         capture = hooks.Capture(layers=self.layers, keys=pos)
         run(emb[:, start:], cache, capture=capture)
-        first = token_map(capture.stacked()[:, 0, :, 0])
+        first_map = self.layer_map(capture.stacked()[:, 0, :, 0])
         kv = _cache_tensors(cache)
-        rows = self.block_rows()
+        rows = self.block_rows(first)
         forwards = [1]
 
         def forward_blocked(blocked: np.ndarray) -> np.ndarray:
@@ -370,14 +528,17 @@ class PerceptionMagnifier(Technique):
             cap = hooks.Capture(layers=self.layers, keys=pos)
             run(emb[:, frm:], _cache_prefix(kv, frm, model.config.text_config), capture=cap, attention_mask=mask)
             forwards[0] += 1
-            return token_map(cap.stacked()[:, 0, :, 0])
+            return self.layer_map(cap.stacked()[:, 0, :, 0])
 
         p = self.params
-        search = refine(first, forward_blocked, len(self.layers), p["beta"], p["max_iter"])
-        grid_map, density = perception_density(search.h_star, self.grid, view.size, p["alpha"], p["kernel"])
-        image = magnify(view, density)
+        official = p["two_means"] == "official"
+        search = refine(first_map, forward_blocked, self.divisor, p["beta"], p["max_iter"], official=official)
+        grid_map, density, image = self.perceive(search, view)
         pv = req.processor.image_processor(images=[image], return_tensors="pt")["pixel_values"]
-        return Magnified(view, image, pv, search, grid_map, density, forwards[0])
+        mag = Magnified(view, image, pv, search, grid_map, density, forwards[0])
+        if self.keep_steps:
+            self.steps.append(mag)
+        return mag
 
     def _view(self, req: Request) -> Image.Image:
         fill = (0, 0, 0)
@@ -429,7 +590,12 @@ class PerceptionMagnifier(Technique):
         view = self._view(req)
         pv_view = self._view_pixels(req, view, kwargs["pixel_values"])
         mag = self._magnify_prompt(model, req, view, pv_view, req.input_ids[:, : req.prompt_len])
-        return model(**{**kwargs, "pixel_values": mag.pixel_values.to(pv_view.device, pv_view.dtype)})
+        out = model(**{**kwargs, "pixel_values": mag.pixel_values.to(pv_view.device, pv_view.dtype)})
+        cd = self.params["resample_cd"]
+        if cd:  # model_generate.py:572-574: scores + cd * (scores - original_scores)
+            original = model(**{**kwargs, "pixel_values": pv_view}).logits
+            out.logits = contrast(out.logits, original, cd)
+        return out
 
     def _magnify_prompt(self, model, req, view, pv_view, prompt_ids) -> Magnified:
         from transformers import DynamicCache
@@ -474,7 +640,7 @@ class PerceptionMagnifier(Technique):
         forwards = refreshes = iterations = 0
         for step in range(max_new):
             if step % every == 0:
-                mag = self.magnify_at(model, req, view, emb_orig, cache_orig, run, orig_len)
+                mag = self.magnify_at(model, req, view, emb_orig, cache_orig, run, orig_len, first=refreshes == 0)
                 orig_len = emb_orig.shape[1]
                 refreshes += 1
                 iterations += mag.search.iterations

@@ -1,7 +1,19 @@
 """`llava_pm`: the Perception Magnifier (methods/pm.py) inside lmms-eval's llava_hf."""
 
 from methods.hooks import num_layers
-from methods.pm import BLOCK_ROWS, DEFAULTS, PRESETS, REFRESH, VIEWS, PerceptionMagnifier, image_grid
+from methods.pm import (
+    BLOCK_ROWS,
+    DEFAULTS,
+    LAYER_MAPS,
+    MAP_QUANT,
+    PRESETS,
+    REFRESH,
+    SAMPLERS,
+    TWO_MEANS,
+    VIEWS,
+    PerceptionMagnifier,
+    image_grid,
+)
 
 from ..base import TechniqueSpec, wrapper_classes
 from ..params import Param
@@ -20,10 +32,16 @@ PARAMS = (
         str,
         DEFAULTS["block_rows"],
         "who cannot see blocked tokens: all later tokens, text tokens, or the last query only "
-        "(auto: all for once, last otherwise, as the reference)",
+        "(auto: all for once, last otherwise; first_all: all at the first map, last after, as the reference's per-token path)",
         choices=BLOCK_ROWS,
     ),
     Param("view", str, DEFAULTS["view"], "image geometry: pad (LLaVA-1.5, the paper) or crop (a centre-cropping processor)", choices=VIEWS),
+    Param("layer_map", str, DEFAULTS["layer_map"], "map / exit divisor: mean (layers summed) or official (float32 sum / (n_layers - L))", choices=LAYER_MAPS),
+    Param("two_means", str, DEFAULTS["two_means"], "2-means split: stable (until no change) or official (10 steps / 1e-4 shift)", choices=TWO_MEANS),
+    Param("map_quant", str, DEFAULTS["map_quant"], "perception map: float, or uint8 (the official x255 truncation, bicubic on 8 bits)", choices=MAP_QUANT),
+    Param("sampler", str, DEFAULTS["sampler"], "inverse-CDF grid: centres (identity on a flat map) or official (linspace over cumsum)", choices=SAMPLERS),
+    Param("single_layer", bool, DEFAULTS["single_layer"], "map from the first deep layer alone (the official --single_layer)"),
+    Param("resample_cd", float, DEFAULTS["resample_cd"], "loglikelihood: magnified + cd * (magnified - original) logits (the official --resample_cd)", low=-10.0, high=10.0),
 )
 
 
