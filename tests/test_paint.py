@@ -18,6 +18,7 @@ from methods.paint import (
     select_local,
     select_tokens,
     spatial_grid,
+    spatial_official,
     token_margins,
 )
 from methods.technique import Request
@@ -83,6 +84,20 @@ def test_spatial_tokens_cover_the_grid(gh, gw, ratio, m):
             cell = mask[i * gh // mh : (i + 1) * gh // mh, j * gw // mw : (j + 1) * gw // mw]
             assert int(cell.sum()) == 1
     assert not spatial_grid(gh, gw, 0.0).any()
+
+
+def test_official_spatial_is_top_row_sums_including_cls():
+    g = torch.Generator().manual_seed(5)
+    probs = torch.rand(2, 3, 17, 17, generator=g)  # (batch, heads, CLS + 16 patches, keys): rows need not sum to 1
+    got = spatial_official(probs, n_patches=16, ratio=0.2)  # int(16 * 0.2) = 3 rows
+    assert got.shape == (2, 17)
+    for b in range(2):
+        sums = probs[b].numpy().astype(np.float64).mean(0).sum(-1)
+        assert set(got[b].nonzero().flatten().tolist()) == set(np.argsort(-sums)[:3].tolist())
+    assert not spatial_official(probs, 16, 0.05).any()  # int(16 * 0.05) = 0
+    sel = select_tokens(_maps(7, batch=2, n=16), _maps(8, batch=2, n=16), (4, 4), 0.25, 0.2, got)
+    assert sel.local.shape == sel.summary.shape == sel.spatial.shape == (2, 17)
+    assert not sel.local[:, 16].any() and not sel.summary[:, 16].any()  # slot 16 (after the image) is spatial only
 
 
 def test_head_weights_are_sensitivity_over_mean_capped():
@@ -155,8 +170,9 @@ AttentionInterface.register("test_paint_reference", _reference_attention)
 AttentionMaskInterface.register("test_paint_reference", sdpa_mask)
 
 
-def _reference_margins(ckpt, pixel_values, grid, top_ratio, spatial_ratio, alpha, beta):
-    """Per-patch margins from the vision tower's own eager attentions, selected with numpy."""
+def _reference_margins(ckpt, pixel_values, grid, top_ratio, spatial_ratio, alpha, beta, spatial="grid"):
+    """Per-patch margins from the vision tower's own eager attentions, selected with numpy (the
+    official spatial rows with torch in float32: their ranking is decided by float32 rounding)."""
     eager, _ = load(ckpt, "eager")
     with torch.no_grad():
         att = eager.model.vision_tower(pixel_values, output_attentions=True).attentions
@@ -172,14 +188,23 @@ def _reference_margins(ckpt, pixel_values, grid, top_ratio, spatial_ratio, alpha
         m = max(1, round((spatial_ratio * n) ** 0.5))
         centre = [(lo + hi - 1) // 2 for lo, hi in ((i * gh // m, (i + 1) * gh // m) for i in range(m))]
         sp_set = {r * gw + c for r in centre for c in centre}  # square grids in these tests
+    if spatial == "official":
+        sp_set = set(att[0][0].mean(0).sum(-1).topk(int(n * spatial_ratio)).indices.tolist())  # row N+1 = after the image
+        n += 1
     margin = [beta if i in s_set else alpha if i in l_set | sp_set else 0.0 for i in range(n)]
     return margin, (l_set, s_set, sp_set)
 
 
 @pytest.mark.parametrize(
-    "ckpt_name,mod,spatial", [("tiny_ckpt", "none", 0.0), ("tiny_ckpt", "sensitivity", 0.3), ("tiny_mha_ckpt", "sensitivity", 0.0)]
+    "ckpt_name,mod,spatial,variant",
+    [
+        ("tiny_ckpt", "none", 0.0, "grid"),
+        ("tiny_ckpt", "sensitivity", 0.3, "grid"),
+        ("tiny_mha_ckpt", "sensitivity", 0.0, "grid"),
+        ("tiny_ckpt", "none", 1.0, "official"),  # 16 rows of 17, incl. row 16: the token after the image
+    ],
 )
-def test_edit_matches_eager_reference(request, ckpt_name, mod, spatial):
+def test_edit_matches_eager_reference(request, ckpt_name, mod, spatial, variant):
     ckpt = request.getfixturevalue(ckpt_name)
     model, processor = load(ckpt)
     inputs, image, _ = make_inputs(processor)
@@ -189,17 +214,22 @@ def test_edit_matches_eager_reference(request, ckpt_name, mod, spatial):
     full = dict(inputs, input_ids=torch.cat([inputs["input_ids"], cont], 1))
     full["attention_mask"] = torch.ones_like(full["input_ids"])
     req = _request(model, full, image, processor, prompt_len=prompt_len)
-    t = Paint.for_model(model, alpha=3.0, beta=1.5, head_modulation=mod, spatial_ratio=spatial, max_head_scale=1.7)
+    t = Paint.for_model(
+        model, alpha=3.0, beta=1.5, head_modulation=mod, spatial_ratio=spatial, spatial=variant, max_head_scale=1.7
+    )
     with torch.no_grad():
         got = t.forward(model, req, **full).logits
     sel = t.last_selector.selection
-    margin, (l_set, s_set, sp_set) = _reference_margins(ckpt, inputs["pixel_values"], t.grid, 0.25, spatial, 3.0, 1.5)
+    margin, (l_set, s_set, sp_set) = _reference_margins(ckpt, inputs["pixel_values"], t.grid, 0.25, spatial, 3.0, 1.5, variant)
     assert set(sel.local[0].nonzero().flatten().tolist()) == l_set
     assert set(sel.summary[0].nonzero().flatten().tolist()) == s_set
     assert set(sel.spatial[0].nonzero().flatten().tolist()) == sp_set - l_set - s_set
     assert any(margin)
+    if variant == "official":
+        assert 16 in sp_set and margin[16] == 3.0  # the key after the image is boosted (official index mapping)
     ref_model, _ = load(ckpt, "test_paint_reference")
-    _REF.update(layers=set(t.layers), image_pos=req.image_pos, margin=margin, rows_from=prompt_len - 1, mod=mod, cap=1.7)
+    keys = req.image_pos if variant == "grid" else torch.cat([req.image_pos, req.image_pos[-1:] + 1])
+    _REF.update(layers=set(t.layers), image_pos=keys, margin=margin, rows_from=prompt_len - 1, mod=mod, cap=1.7)
     try:
         with torch.no_grad():
             want = ref_model(**full).logits
