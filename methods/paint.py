@@ -8,17 +8,20 @@ per kind of token:
 - summary tokens: patches whose CLS attention in the penultimate vision layer (the layer
   LLaVA reads its features from) is an IQR outlier (> Q3 + 1.5 IQR): the "register"-like
   tokens that aggregate the whole image. They are removed from the local set;
-- spatial tokens (optional, ``spatial_ratio``), two variants (``spatial``):
-  ``"official"`` is what the official code computes (see ``spatial_official``);
-  ``"grid"`` (ours, the paper's description of evenly spread tokens) is a stratified grid. With N patches on a G_h x G_w grid, m = max(1, round(sqrt(
-  spatial_ratio * N))) and the grid is cut into m x m near-equal cells (row band i spans
-  rows [lo, hi) = [floor(i*G_h/m), floor((i+1)*G_h/m)), columns likewise); each cell
-  contributes its centre patch (row (lo + hi - 1) // 2, column likewise). Every cell holds exactly one
-  spatial token, so the set covers the grid evenly whatever the attention does; tokens
-  already local or summary keep their own role.
+- spatial tokens (optional, ``spatial_ratio``), two variants (``spatial``): ``"official"``
+  is what the official code computes (see ``spatial_official``: effectively arbitrary rows);
+  ``"grid"`` (ours, the paper's evenly spread tokens) is a stratified grid. With N patches on
+  a G_h x G_w grid, m = max(1, round(sqrt(spatial_ratio * N))) and the grid is cut into
+  m x m near-equal cells (row band i spans rows [lo, hi) = [floor(i*G_h/m),
+  floor((i+1)*G_h/m)), columns likewise); each cell contributes its centre patch (row
+  (lo + hi - 1) // 2, column likewise). Every cell holds exactly one spatial token, so the
+  set covers the grid evenly whatever the attention does; tokens already local or summary
+  keep their own role.
 
 On the query rows that predict answer tokens, pre-softmax, in language-model layers
 [start, end): a += alpha*|a| on local and spatial tokens, a += beta*|a| on summary tokens.
+With image-free guidance (``use_cfg``, shared with PAI: ``GuidedTechnique``) the first
+answer token is guided but not boosted, as in the official code.
 
 Head-specific modulation (``head_modulation="sensitivity"``; described in the paper, absent
 from its code): per layer, per query row, each head's visual sensitivity s_h is its own
