@@ -162,3 +162,13 @@ def test_edit_with_cfg_per_step(model, pixels, case):
         finite = torch.isfinite(scores[0]).nonzero().flatten()
         assert finite.tolist() == step["scores_finite_ids"]
         torch.testing.assert_close(scores[0, finite].float(), torch.tensor(step["scores_finite_values"]), atol=ATOL, rtol=0)
+
+
+def test_fp16_head_sum_decides_a_boundary_tie():
+    """Why selection_precision=model exists: on image 2 the official fp16 head sums tie at the
+    top-25% boundary; summing the same fp16 probabilities in float32 picks another token there."""
+    case = next(c for c in SELECTION if c["image"] == 2 and c["dtype"] == "float16" and not c["spatial_ratio"])
+    rows = torch.tensor(case["cls_layer0"], dtype=torch.float16)[None, :, None]
+    summary = torch.tensor(case["cls_layer_m2"], dtype=torch.float16)[None, :, None]
+    wide = select_tokens(cls_attention(rows, torch.float32), cls_attention(summary, torch.float32), GRID, 0.25, 0.0)
+    assert len(set(_ids(wide.local)) ^ set(case["local_tokens"])) == 2
