@@ -94,3 +94,45 @@ def test_llava_pm_on_shapeworld_tiny(tmp_path):
     assert numeric and all(0.0 <= v <= 100.0 for v in numeric.values()), metrics
     assert all(s["filtered_resps"] for s in read_samples(tmp_path, "shapeworld_pope_adversarial"))
     assert (tmp_path / "visuals" / "llava_pm" / "0000_magnified.png").exists()
+
+
+def _pm_official_utils():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("pm_official_utils", REPO / "task_configs" / "pm_official" / "utils.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_paper_scoring_helpers():
+    """first-token answer from (loss, greedy) pairs (ties answer "no"), the 8 official MME subsets."""
+    u = _pm_official_utils()
+    assert u.first_token_answer([(0.1, True), (0.7, False)]) == "yes"
+    assert u.first_token_answer([(0.7, False), (0.1, True)]) == "no"
+    assert u.first_token_answer([0.5, 0.5]) == "no"
+    assert len(u.MME_SUBSETS) == 8 and "artwork" not in u.MME_SUBSETS
+    assert u.pope_doc_to_text({"question": "Is there a dog in the image? "}) == "Is there a dog in the image? Please answer this question with one word."
+
+
+@pytest.mark.skipif(_shapeworld_ready() is not None, reason=str(_shapeworld_ready()))
+def test_paper_evaluation_tasks_on_shapeworld_twins(tmp_path):
+    """First-token POPE and the 8-subset MME task (their ShapeWorld twins) through the real CLI,
+    with preset=official_pope on the simple (loglikelihood) path."""
+    tasks = "shapeworld_pope_adversarial_first_token,shapeworld_mme_first_token"
+    results, log = _run("llava_pm", "pretrained=shapeworld-tiny,preset=official_pope", tasks, tmp_path,
+                        extra=["--limit", "4", "--force_simple"], include_path="task_configs/pm_official")
+    assert results is not None, log[-3000:]
+    pope = results["results"]["shapeworld_pope_adversarial_first_token"]
+    assert 0.0 <= pope["pope_accuracy,none"] <= 1.0 and "pope_f1_score,none" in pope
+    assert 0.0 <= results["results"]["shapeworld_mme_first_token"]["mme_perception_score,none"] <= 200.0
+    import ast
+
+    def parsed(v):  # the sample log stores these as their Python repr
+        return ast.literal_eval(v) if isinstance(v, str) else v
+
+    samples = read_samples(tmp_path, "shapeworld_pope_adversarial_first_token")
+    assert len(samples) == 4
+    for s in samples:
+        (loss_yes, _), (loss_no, _) = parsed(s["filtered_resps"])
+        assert parsed(s["pope_accuracy"])["prediction"] == ("yes" if float(loss_yes) < float(loss_no) else "no")
