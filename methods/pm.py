@@ -407,6 +407,12 @@ def contrast(magnified: torch.Tensor, original: torch.Tensor, cd: float) -> torc
     return magnified + cd * (magnified - original)
 
 
+def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy over the labelled positions (-100 ignored), in float32."""
+    v = logits.shape[-1]
+    return torch.nn.functional.cross_entropy(logits[:, :-1].float().reshape(-1, v), labels[:, 1:].reshape(-1).to(logits.device), ignore_index=-100)
+
+
 def _cache_prefix(kv: list, length: int, config):
     """A fresh cache holding the first ``length`` positions of ``kv`` (one (keys, values) per layer)."""
     from transformers import DynamicCache
@@ -595,6 +601,8 @@ class PerceptionMagnifier(Technique):
         if cd:  # model_generate.py:572-574: scores + cd * (scores - original_scores)
             original = model(**{**kwargs, "pixel_values": pv_view}).logits
             out.logits = contrast(out.logits, original, cd)
+            if kwargs.get("labels") is not None:  # lmms-eval's loglikelihood reads the loss
+                out.loss = causal_lm_loss(out.logits, kwargs["labels"])
         return out
 
     def _magnify_prompt(self, model, req, view, pv_view, prompt_ids) -> Magnified:

@@ -389,3 +389,31 @@ def test_refreshing_survives_a_generated_image_token(square, monkeypatch):
     t = _technique(model, refresh="every_token")
     out = t.generate(model, _request(model, processor, inputs, image), **inputs, max_new_tokens=3, do_sample=False)
     assert out[0, -3:].tolist() == [image_id] * 3 and t.last["refreshes"] == 3
+
+
+def test_resample_cd_contrasts_magnified_and_original_logits(square):
+    """resample_cd: logits = magnified + cd * (magnified - original), and the loss follows them."""
+    model, processor, inputs, image = square
+    n = inputs["input_ids"].shape[1]
+    labels = inputs["input_ids"].clone()
+    labels[:, : n - 1] = -100
+    req = _request(model, processor, inputs, image)
+    req.prompt_len = n - 1
+    plain = _technique(model, alpha=15.0)
+    cd = _technique(model, alpha=15.0, resample_cd=0.5)
+    with torch.no_grad():
+        mag = plain.forward(model, req, **inputs, labels=labels)
+        orig = model(**inputs)
+        out = cd.forward(model, req, **inputs, labels=labels)
+    torch.testing.assert_close(out.logits, mag.logits + 0.5 * (mag.logits - orig.logits))
+    torch.testing.assert_close(out.loss, pm.causal_lm_loss(out.logits, labels))
+    torch.testing.assert_close(pm.causal_lm_loss(mag.logits, labels), mag.loss)
+
+
+def test_single_layer_and_official_divisor():
+    t = pm.PerceptionMagnifier(32, 24, single_layer=True, layer_map="official")
+    assert t.layers == range(11, 12) and t.divisor == 20  # layer 12 alone; the divisor stays n_layers - L
+    assert pm.PerceptionMagnifier(32, 24).divisor == 21 and pm.PerceptionMagnifier(32, 24, layer_map="official").divisor == 20
+    assert pm.PerceptionMagnifier(32, 24, single_layer=True).divisor == 1
+    t = pm.PerceptionMagnifier(32, 24, block_rows="first_all", refresh="every_token")
+    assert (t.block_rows(first=True), t.block_rows(first=False)) == ("all", "last")
