@@ -17,6 +17,11 @@ STANDS_FOR = {
     "shapeworld_pope_adversarial": "pope_adv",
     "shapeworld_chair": "coco_cap_chair",
     "shapeworld_rec": "refcoco_bbox_rec",
+    # the PM paper's evaluation (task_configs/pm_official) and its ShapeWorld twins
+    "shapeworld_pope_random_first_token": "pope_random_first_token",
+    "shapeworld_pope_popular_first_token": "pope_pop_first_token",
+    "shapeworld_pope_adversarial_first_token": "pope_adv_first_token",
+    "shapeworld_mme_first_token": "mme_official8_first_token",
 }
 
 
@@ -60,7 +65,29 @@ def _chair_rows(model, row, source, preset, s, i, f1, primary=True, differs=_PAI
     ]
 
 
+# Perception Magnifier ("Through the Magnifying Glass", Mao, Zhang and Cai, 2025), LLaVA-1.5-7B,
+# starred averages of the paper's main tables. Official evaluation (ShunqiM/PM @ 58c2c0f):
+# first answer token P(yes) vs P(no) (eval_pope_seeds.py:62-63, MME/convert_and_eval.py:74),
+# Vicuna system prompt, sampling at T=1 (model_generate.py:698) for the text only.
+_PM = "PM (Mao, Zhang and Cai, 2025), main tables, starred averages"
+_PM_MME = (
+    "'Total*' over the 8 hallucination subsets the official code keeps (existence, count, position, color, commonsense "
+    "reasoning, numerical calculation, text translation, code reasoning); first-token P(Yes) vs P(No); lmms-eval's mme "
+    "reports perception and cognition separately over all 14 subsets (their sum over these 8 is the paper's total)"
+)
+_PM_POPE = (
+    "'AVG*' accuracy over COCO, A-OKVQA and GQA x random / popular / adversarial; first-token P(yes) vs P(no) with the "
+    "prompt suffix ' Please answer this question with one word.'; lmms-eval ships the COCO POPE splits only"
+)
+_PM_FIGURES = [
+    Figure(model="llava_pm", row="PM", task="mme_official8_first_token", metric=None, value=683.33, source=_PM,
+           preset="official_mme", differs=_PM_MME),
+    Figure(model="llava_pm", row="PM", task="pope_adv_first_token", metric=None, value=86.70, source=_PM,
+           preset="official_pope", differs=_PM_POPE),
+]
+
 FIGURES: list[Figure] = [
+    *_PM_FIGURES,
     *_chair_rows("llava_hf", "LLaVA-1.5 (original)", _PAINT_MAIN, None, 46.2, 13.8, 75.9),
     # PAI as PAINT's table reports it (PAI's own settings in that run are not stated)
     *_chair_rows("llava_pai", "PAI", _PAINT_MAIN, None, 24.6, 6.8, 74.7),
