@@ -14,16 +14,22 @@ which the answer is generated again.
 This module holds the arithmetic (pure numpy/torch, tested on hand-made inputs) and
 ``PerceptionMagnifier``, which runs it on a LLaVA model. It imports no lmms-eval.
 
-Where this differs from the reference code (github ShunqiM/PM), on purpose:
-- the exit test and H* divide the layer sum by the number of deep layers actually summed
-  (21 of 32); the reference divides by n_layers - L = 20;
-- the perception map stays float until sampling (the reference quantises it to 8 bits first);
-- inverse-CDF sampling works on pixel cells and samples at pixel centres, so a uniform map is
-  the identity (the reference's ``linspace(0, 1, N)`` over ``cumsum`` shifts by about a pixel
-  and zooms by N/(N-1), and samples outside the image as black);
-- 2-means iterates until the assignment is stable (the reference stops after 10 steps or a
-  1e-4 shift); a constant map has no high cluster, so nothing is blocked (the reference then
-  blocks every token).
+Where the defaults differ from the reference code (github ShunqiM/PM @ 58c2c0f), on purpose;
+each difference is a named option, and ``preset=official_pope`` / ``official_mme`` (``OFFICIAL``)
+switch them all to the reference's arithmetic, proven against its fixtures
+(tests/test_parity_pm.py; the parity table is in docs/pm.md):
+- ``layer_map``: the exit test and H* divide the layer sum by the number of deep layers
+  actually summed (21 of 32); the reference divides by n_layers - L = 20 (``official``);
+- ``map_quant``: the perception map stays float until sampling (the reference quantises it to
+  8 bits by truncation first, then resizes the 8-bit map: ``uint8``);
+- ``sampler``: inverse-CDF sampling works on pixel cells and samples at pixel centres, so a
+  uniform map is the identity (the reference's ``linspace(0, 1, N)`` over ``cumsum`` shifts by
+  about a pixel, zooms by N/(N-1), and samples outside the image as black: ``official``);
+- ``two_means``: iterates until the assignment is stable; a constant map has no high cluster,
+  so nothing is blocked (the reference stops after 10 steps or a 1e-4 shift, and a constant
+  map whose mean is exact blocks every token: ``official``);
+- ``block_rows``: in the refreshing modes, later rows are not masked at the first step
+  (the reference masks every row at the first step: ``first_all``).
 
 Cost per sample with ``refresh=once`` (the reference's QA path): one map pass on the original
 image, ``k`` refinement passes (1 <= k <= max_iter), then ordinary generation on the magnified
@@ -70,6 +76,7 @@ DEFAULTS = {
     "sampler": "centres",  # centres (pixel centres, identity on a flat map) | official (linspace(0,1,N) over cumsum)
     "single_layer": False,  # the official --single_layer: the map of layer L alone
     "resample_cd": 0.0,  # the official --resample_cd: logits + cd * (logits - original-image logits)
+    "temperature": None,  # None: the task's decoding; a value: sample at it, top_k 50 (the official runs: 1.0)
 }
 REFRESH = ("once", "every_token", "every_n")
 BLOCK_ROWS = ("auto", "all", "text", "last", "first_all")
@@ -568,8 +575,17 @@ class PerceptionMagnifier(Technique):
 
     # --- lmms-eval entry points ---------------------------------------------------------
 
+    def decoding(self, kwargs: dict) -> dict:
+        """The official runs sample at T=1 (model_generate.py:698) with transformers 4.37's default
+        top_k=50 and no top_p; ``temperature`` set replaces the task's decoding with that."""
+        t = self.params["temperature"]
+        if t is None:
+            return kwargs
+        return {**kwargs, "do_sample": True, "temperature": float(t), "top_k": 50, "top_p": 1.0}
+
     @torch.no_grad()
     def generate(self, model, req: Request, **kwargs):
+        kwargs = self.decoding(kwargs)
         if not req.images and req.image_pos.numel() == 0:
             self.image_free += 1  # nothing to magnify: the base model's answer
             return model.generate(**kwargs)

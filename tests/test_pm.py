@@ -417,3 +417,14 @@ def test_single_layer_and_official_divisor():
     assert pm.PerceptionMagnifier(32, 24, single_layer=True).divisor == 1
     t = pm.PerceptionMagnifier(32, 24, block_rows="first_all", refresh="every_token")
     assert (t.block_rows(first=True), t.block_rows(first=False)) == ("all", "last")
+
+
+def test_official_sampling_option(square):
+    """temperature=1.0 samples as the official runs (T=1, top_k 50) whatever the task asks."""
+    model, processor, inputs, image = square
+    t = _technique(model, temperature=1.0)
+    assert t.decoding({"do_sample": False, "max_new_tokens": 2}) == {"do_sample": True, "temperature": 1.0, "top_k": 50, "top_p": 1.0, "max_new_tokens": 2}
+    assert _technique(model).decoding({"do_sample": False}) == {"do_sample": False}
+    torch.manual_seed(0)
+    out = t.generate(model, _request(model, processor, inputs, image), **inputs, max_new_tokens=2, do_sample=False)
+    assert out.shape[1] <= inputs["input_ids"].shape[1] + 2

@@ -3,6 +3,8 @@
 Runs in the official stack's venv (bench/parity/official_env.sh, plus ``scipy<1.14``, which
 attention_resampler.py imports), never in CI:
 
+    bash bench/parity/regenerate.sh --pm /work/official/PM      # the one command (with PAI / PAINT flags)
+    # or by hand:
     python bench/parity/tiny_llava15.py /tmp/pm_parity/model                      # our venv
     /work/venvs/official/bin/python bench/parity/pm_official.py \\
         --official /work/official/PM --model /tmp/pm_parity/model --out tests/fixtures/official/pm
@@ -46,6 +48,7 @@ import contextlib
 import hashlib
 import inspect
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -73,8 +76,12 @@ PROMPTS = [
 ]
 # scripts/pope/run_llava_pm.sh and scripts/mme/run_llava_pm.sh
 SETTINGS = {
-    "pope": dict(enhance_coe=15, kernel_size=5, exit_threshold=0.4),
-    "mme": dict(enhance_coe=10, kernel_size=3, exit_threshold=0.3),
+    "pope": dict(enhance_coe=15, kernel_size=5, exit_threshold=0.4, max_iteration=8),
+    "mme": dict(enhance_coe=10, kernel_size=3, exit_threshold=0.3, max_iteration=8),
+    # the other exits, with the official arguments: --max_iteration 1, and an exit threshold the
+    # tiny model's second map falls under (its maps keep ~4.7-5.0 of attention on the image)
+    "pope_iter1": dict(enhance_coe=15, kernel_size=5, exit_threshold=0.4, max_iteration=1),
+    "pope_exit": dict(enhance_coe=15, kernel_size=5, exit_threshold=4.9, max_iteration=8),
 }
 
 
@@ -219,7 +226,7 @@ def resample_args(settings: dict, image_pad_pil, pad_mask, image_processor, vis_
     ra.heatmap = "iterative"
     ra.exit_criteria = "sum_attention"
     ra.exit_threshold = settings["exit_threshold"]
-    ra.max_iteration = 8
+    ra.max_iteration = settings["max_iteration"]
     ra.pad_mask = pad_mask
     ra.iterative_search = "token_mask"
     return ra
@@ -290,7 +297,7 @@ def step_arrays(prefix: str, step: dict, arrays: dict, vis_start: int) -> dict:
     }
 
 
-def run_case(model, image_processor, pm_sample, trace, image, prompt, settings, out_dir, name, arrays) -> dict:
+def run_case(model, image_processor, pm_sample, trace, image, prompt, settings, out_dir, name, arrays, every: bool) -> dict:
     from experiments.utils.helper_functions import process_images_return_pad
     from llava.mm_utils import process_images
 
@@ -330,6 +337,8 @@ def run_case(model, image_processor, pm_sample, trace, image, prompt, settings, 
         model.generate(input_ids=input_ids, images=images, **gen_kwargs(1, rec))
     case["original_logits"] = logits_record(rec.rows)
 
+    if not every:
+        return case
     # every_token: pm_sample.py:136-264 at every step
     rec = LogitsRecorder()
     ra = resample_args(settings, image_pad_pil, pad_mask, image_processor, vis_start)
@@ -417,19 +426,22 @@ def main():
     for k, im in images.items():
         im.save(args.out / f"image_{k}.png")
     arrays, cases = {}, {}
-    plan = [("wide", 0, "pope"), ("square", 1, "mme"), ("tall", 0, "mme"), ("wide", 1, "pope")]
+    plan = [("wide", 0, "pope", True), ("square", 1, "mme", True), ("tall", 0, "mme", False), ("wide", 1, "pope", False),
+            ("square", 0, "pope_iter1", False), ("wide", 0, "pope_exit", False)]
     arrays["pixel_lut"] = pixel_lut(image_processor).numpy()
-    for img, p, setting in plan[:1] if args.quick else plan:
+    for img, p, setting, every in plan[:1] if args.quick else plan:
         name = f"{img}_p{p}_{setting}"
         cases[name] = {"image": img, "prompt_index": p, "settings": setting, **run_case(
-            model, image_processor, pm_sample, trace, images[img], PROMPTS[p], SETTINGS[setting], args.out, name, arrays)}
+            model, image_processor, pm_sample, trace, images[img], PROMPTS[p], SETTINGS[setting], args.out, name, arrays, every)}
         c = cases[name]
-        print(name, "once passes", c["once"]["passes"], "ids", c["once"]["new_ids"], "every", c["every_token"]["new_ids"],
-              [s["passes"] for s in c["every_token"]["steps"]], flush=True)
+        print(name, "once passes", c["once"]["passes"], "ids", c["once"]["new_ids"], "every",
+              c.get("every_token", {}).get("new_ids"), [s["passes"] for s in c.get("every_token", {}).get("steps", [])], flush=True)
     pure = pure_functions(pm_sample, arrays)
     np.savez_compressed(args.out / "arrays.npz", **arrays)
     info = json.loads((args.model / "model_info.json").read_text())
-    commit = subprocess.run(["git", "-C", "/work/.mirror/ShunqiM+PM/repo", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    commit = os.environ.get("PM_COMMIT") or next(
+        (c for c in (subprocess.run(["git", "-C", str(d), "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+                     for d in (args.official, Path("/work/.mirror/ShunqiM+PM/repo"))) if c.startswith(OFFICIAL_COMMIT)), "")
     (args.out / "pm_official.json").write_text(json.dumps({"cases": cases, "pure": pure, "settings": SETTINGS, "new_tokens": NEW_TOKENS}, separators=(",", ":")))
     shim_src = (HERE / "cpu_shim.py").read_text()
     provenance = {

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Regenerate the golden fixtures of the official code (PARITY.md), in one command:
 #
-#   bash bench/parity/regenerate.sh --pai /work/official/PAI [--paint /work/official/PAINT]
+#   bash bench/parity/regenerate.sh --pai /work/official/PAI [--paint /work/official/PAINT] [--pm /work/official/PM]
 #        [--official-venv /work/venvs/official] [--python /work/venvs/fresh/bin/python]
 #
 # 1. builds the LLaVA-1.5-shaped tiny model in both layouts (tiny_llava15.py, our venv);
@@ -14,11 +14,12 @@
 set -euo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
 REPO=$(cd "$HERE/../.." && pwd)
-PAI="" PAINT="" OFFICIAL_VENV=/work/venvs/official OURS=${PYTHON:-python}
+PAI="" PAINT="" PM="" OFFICIAL_VENV=/work/venvs/official OURS=${PYTHON:-python}
 while [ $# -gt 0 ]; do
   case "$1" in
     --pai) PAI=$2; shift 2 ;;
     --paint) PAINT=$2; shift 2 ;;
+    --pm) PM=$2; shift 2 ;;
     --official-venv) OFFICIAL_VENV=$2; shift 2 ;;
     --python) OURS=$2; shift 2 ;;
     *) echo "unknown argument $1" >&2; exit 2 ;;
@@ -40,4 +41,11 @@ fi
 if [ -n "$PAINT" ]; then
   # hook for PAINT: paint_regenerate.sh CHECKOUT MODEL_DIR OFFICIAL_VENV OURS_PYTHON WORK_DIR
   bash "$HERE/paint_regenerate.sh" "$PAINT" "$WORK/model" "$OFFICIAL_VENV" "$OURS" "$WORK"
+fi
+
+if [ -n "$PM" ]; then
+  # PM: attention_resampler.py imports scipy (not in official_env.sh); PM_COMMIT=<full hash> for an exported tree
+  "$OFFICIAL_VENV/bin/python" -c "import scipy" 2>/dev/null || "$OFFICIAL_VENV/bin/pip" install -q "scipy<1.14"
+  "$OFFICIAL_VENV/bin/python" "$HERE/pm_official.py" --official "$PM" --model "$WORK/model" --out "$REPO/tests/fixtures/official/pm"
+  "$OURS" -m pytest -q "$REPO/tests/test_parity_pm.py"
 fi

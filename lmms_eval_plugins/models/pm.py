@@ -41,6 +41,8 @@ PARAMS = (
     Param("map_quant", str, DEFAULTS["map_quant"], "perception map: float, or uint8 (the official x255 truncation, bicubic on 8 bits)", choices=MAP_QUANT),
     Param("sampler", str, DEFAULTS["sampler"], "inverse-CDF grid: centres (identity on a flat map) or official (linspace over cumsum)", choices=SAMPLERS),
     Param("single_layer", bool, DEFAULTS["single_layer"], "map from the first deep layer alone (the official --single_layer)"),
+    Param("temperature", float, None, "sample at this temperature with top_k 50, as the official runs (1.0); default: the task's decoding",
+          low=1e-3, high=10.0, optional=True),
     Param("resample_cd", float, DEFAULTS["resample_cd"], "loglikelihood: magnified + cd * (magnified - original) logits (the official --resample_cd)", low=-10.0, high=10.0),
 )
 
