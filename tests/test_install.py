@@ -1,6 +1,7 @@
 """A fresh install works: the wheel carries tasks and checkpoints, `lmms-plugins path` / `env`
 report them, known-broken environments are caught with their fix, and drift from the lock fails CI."""
 
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -26,8 +27,11 @@ def test_paths_name_the_tasks_and_every_shipped_checkpoint(capsys):
 
 
 def test_wheel_carries_the_task_configs_and_checkpoints(tmp_path):
+    # build from a copy: pip builds in-tree, and a stale build/ could hide a file missing from the source
+    src = tmp_path / "src"
+    shutil.copytree(REPO, src, ignore=shutil.ignore_patterns(".git", "build", "*.egg-info", "__pycache__", "results", ".pytest_cache"))
     proc = subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path), str(REPO)],
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path), str(src)],
         capture_output=True, text=True, timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
