@@ -152,6 +152,7 @@ def test_alignment_command_writes_table_and_curve(trained, base_ckpt, tmp_path):
         assert all(-1.0 <= r["cknna"] <= 1.0 + 1e-9 and 0.0 <= r["cka"] <= 1.0 + 1e-9 for r in table)
     assert result["tables"]["baseline"] != result["tables"]["viral"]  # the adapter changed the states
     assert "| layer | baseline CKNNA | baseline CKA | viral CKNNA | viral CKA |" in (tmp_path / "alignment.md").read_text()
+    assert result["estimator"] == "unbiased" and "CKNNA (unbiased HSIC, k=5" in (tmp_path / "alignment.md").read_text()
     assert Image.open(tmp_path / "alignment.png").size == (900, 380)
 
 

@@ -1,4 +1,4 @@
-"""`lmms-plugins alignment`: layer-wise CKNNA / linear CKA of the LLM's image tokens vs reference features.
+"""`lmms-plugins alignment`: layer-wise CKNNA / CKA of the LLM's image tokens vs reference features.
 
     lmms-plugins alignment --model baseline=shapeworld-tiny \\
         --model viral=shapeworld-tiny,adapter=runs/viral --reference TEACHER_DIR|self \\
@@ -7,7 +7,9 @@
 For every entry l of ``hidden_states`` (0 = the projected image features entering the LLM,
 l = after decoder layer l), the image-token states of N images are compared with the
 reference features on the same grid (a teacher backbone's, resampled; or ``self``, the
-first model's own vision tower at its feature layer). Writes alignment.json, alignment.md
+first model's own vision tower at its feature layer). The metrics are the Platonic reference's
+(methods/alignment.py); CKNNA's estimator is --estimator (default: the reference's unbiased one)
+and is named in every output. Writes alignment.json, alignment.md
 (one table: layer x model x {CKNNA, CKA}) and alignment.png (the CKNNA curves, one per model,
 and the CKA curves).
 """
@@ -33,6 +35,8 @@ def register(sub) -> None:
     p.add_argument("--num", type=int, default=64, help="images taken from --images")
     p.add_argument("--prompt", default="describe this image .", help="the user text after the image")
     p.add_argument("--topk", type=int, default=10, help="CKNNA's k")
+    p.add_argument("--estimator", choices=("unbiased", "biased"), default="unbiased",
+                   help="CKNNA's HSIC estimator (the Platonic reference's default: unbiased)")
     p.add_argument("--max-rows", type=int, default=2048, help="image tokens (rows) subsampled for the kernels")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--output-dir", required=True)
@@ -103,11 +107,15 @@ def run(args) -> int:
             else:
                 reference = [viral.teacher_targets(teacher, px, ip.image_mean, ip.image_std, grid)[0] for px in pixels]
         print(f"alignment: {name}: {len(images)} images, {len(per_image[0])} hidden_states entries")
-    tables = {name: alignment.layerwise_alignment(s, reference, topk=args.topk, max_rows=args.max_rows, seed=args.seed)
+    unbiased = args.estimator == "unbiased"
+    tables = {name: alignment.layerwise_alignment(s, reference, topk=args.topk, max_rows=args.max_rows, seed=args.seed, unbiased=unbiased)
               for name, s in states.items()}
-    result = {"reference": args.reference, "models": args.model, "images": len(images), "topk": args.topk, "tables": tables}
+    metric = f"CKNNA ({args.estimator} HSIC, k={args.topk}, platonic-rep metrics.py) and CKA (biased HSIC), rows L2-normalised"
+    result = {"reference": args.reference, "models": args.model, "images": len(images), "topk": args.topk,
+              "estimator": args.estimator, "metric": metric, "tables": tables}
     (out / "alignment.json").write_text(json.dumps(result, indent=2))
-    (out / "alignment.md").write_text(markdown_table(tables))
+    (out / "alignment.md").write_text(f"{metric}\n\n" + markdown_table(tables))
+    print(f"alignment: {metric}")
     plot_curves(tables, out / "alignment.png", title=f"image tokens vs {Path(args.reference).name}")
     print(markdown_table(tables))
     print(f"alignment: wrote {out / 'alignment.md'}, {out / 'alignment.png'}")
