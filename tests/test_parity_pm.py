@@ -41,9 +41,21 @@ def _tiny():
     return mod
 
 
+def load_fixtures():
+    return json.loads((FIX / "pm_official.json").read_text()), np.load(FIX / "arrays.npz"), json.loads((FIX / "provenance.json").read_text())
+
+
+def build_model(tiny, provenance):
+    torch.set_num_threads(1)
+    m = tiny.build_hf_model(provenance["model"]["seed"])
+    assert tiny.fingerprint(m) == provenance["model"]["fingerprint"], "not the model the fixtures came from"
+    hooks.install(m)
+    return m
+
+
 @pytest.fixture(scope="module")
 def fixtures():
-    return json.loads((FIX / "pm_official.json").read_text()), np.load(FIX / "arrays.npz"), json.loads((FIX / "provenance.json").read_text())
+    return load_fixtures()
 
 
 @pytest.fixture(scope="module")
@@ -53,11 +65,7 @@ def tiny():
 
 @pytest.fixture(scope="module")
 def model(tiny, fixtures):
-    torch.set_num_threads(1)
-    m = tiny.build_hf_model(fixtures[2]["model"]["seed"])
-    assert tiny.fingerprint(m) == fixtures[2]["model"]["fingerprint"], "not the model the fixtures came from"
-    hooks.install(m)
-    return m
+    return build_model(tiny, fixtures[2])
 
 
 class OfficialPixels:
@@ -79,10 +87,13 @@ class OfficialPixels:
         return {"pixel_values": torch.stack(out)}
 
 
+def official_processor(tiny, arrays):
+    return types.SimpleNamespace(image_processor=OfficialPixels(arrays["pixel_lut"], tiny.VISION["image_size"], tiny.CLIP_MEAN))
+
+
 @pytest.fixture(scope="module")
 def processor(tiny, fixtures):
-    ip = OfficialPixels(fixtures[1]["pixel_lut"], tiny.VISION["image_size"], tiny.CLIP_MEAN)
-    return types.SimpleNamespace(image_processor=ip)
+    return official_processor(tiny, fixtures[1])
 
 
 def _run(model, processor, tiny, fixtures, name, refresh):
@@ -91,7 +102,7 @@ def _run(model, processor, tiny, fixtures, name, refresh):
     image = Image.open(FIX / f"image_{case['image']}.png").convert("RGB")
     ids = tiny.hf_ids(case["prompt"]["before"], case["prompt"]["after"])
     req = Request(input_ids=ids, image_token_id=tiny.IMAGE_TOKEN_ID, prompt_len=ids.shape[1], images=[image], processor=processor)
-    t = pm.PerceptionMagnifier(hooks.num_layers(model), pm.image_grid(model), refresh=refresh, **pm.PRESETS[f"official_{case['settings']}"])
+    t = pm.PerceptionMagnifier(hooks.num_layers(model), pm.image_grid(model), refresh=refresh, **_params(data["settings"][case["settings"]]))
     t.keep_steps = True
     view = t._view(req)
     pv = processor.image_processor(images=[view], return_tensors="pt")["pixel_values"]
@@ -102,7 +113,7 @@ def _run(model, processor, tiny, fixtures, name, refresh):
     return case, t, pv, out[0, ids.shape[1]:].tolist()
 
 
-def _check_step(ours: pm.Magnified, ref: dict, arrays, prefix: str, tiny, processor) -> None:
+def _check_step(ours: pm.Magnified, ref: dict, arrays, prefix: str, tiny, processor, settings: dict) -> None:
     """One map + magnification: the search end to end, then each post-processing step exactly
     from the official value of the step before it."""
     s = ours.search
@@ -114,7 +125,7 @@ def _check_step(ours: pm.Magnified, ref: dict, arrays, prefix: str, tiny, proces
     np.testing.assert_allclose(s.h_star, h_star.ravel(), atol=MAP_ATOL / 20)
     np.testing.assert_allclose(ours.grid_map, arrays[f"{prefix}enhanced"], atol=1e-5)
     # each step exactly, from the official input of that step
-    enhanced = pm.official_enhance(h_star, *_alpha_kernel(prefix))
+    enhanced = pm.official_enhance(h_star, settings["enhance_coe"], settings["kernel_size"])
     np.testing.assert_allclose(enhanced.numpy(), arrays[f"{prefix}enhanced"], atol=1e-6)
     grid8 = arrays[f"{prefix}grid_uint8"]
     np.testing.assert_array_equal(pm.official_quantise(torch.from_numpy(arrays[f"{prefix}enhanced"])), grid8)
@@ -132,12 +143,18 @@ def _check_step(ours: pm.Magnified, ref: dict, arrays, prefix: str, tiny, proces
         np.testing.assert_array_equal(np.asarray(ours.image), arrays[f"{prefix}magnified"])
 
 
-def _alpha_kernel(prefix: str):
-    preset = pm.PRESETS["official_pope" if "_pope/" in prefix else "official_mme"]
-    return preset["alpha"], preset["kernel"]
+def _params(settings: dict) -> dict:
+    """Our parameters for the official arguments a fixture ran with (run_llava_pm.sh flags)."""
+    return {**pm.OFFICIAL, "alpha": float(settings["enhance_coe"]), "kernel": settings["kernel_size"],
+            "beta": settings["exit_threshold"], "max_iter": settings["max_iteration"]}
 
 
-CASES = ["wide_p0_pope", "square_p1_mme", "tall_p0_mme", "wide_p1_pope"]
+def test_presets_are_the_official_scripts(fixtures):
+    for name in ("pope", "mme"):
+        assert pm.PRESETS[f"official_{name}"] == _params(fixtures[0]["settings"][name])
+
+
+CASES = ["wide_p0_pope", "square_p1_mme", "tall_p0_mme", "wide_p1_pope", "square_p0_pope_iter1", "wide_p0_pope_exit"]
 
 
 @pytest.mark.parametrize("name", CASES)
@@ -147,20 +164,20 @@ def test_once_matches_official(model, processor, tiny, fixtures, name):
         pytest.skip("case not in the fixtures")
     case, t, pv, new_ids = _run(model, processor, tiny, fixtures, name, "once")
     assert tiny.tensor_sha256(pv) == case["pixels_sha256"], "the padded view's pixels (official process_images_return_pad)"
-    _check_step(t.steps[0], case["once"], fixtures[1], f"{name}/once/", tiny, processor)
+    _check_step(t.steps[0], case["once"], fixtures[1], f"{name}/once/", tiny, processor, fixtures[0]["settings"][case["settings"]])
     assert new_ids == case["once"]["new_ids"]
 
 
 @pytest.mark.parametrize("name", CASES[:2])
 def test_every_token_matches_official(model, processor, tiny, fixtures, name):
     """refresh=every_token (the official --resample_during_sampling): every step's map, image and the ids."""
-    if name not in fixtures[0]["cases"]:
+    if "every_token" not in fixtures[0]["cases"].get(name, {}):
         pytest.skip("case not in the fixtures")
     case, t, _, new_ids = _run(model, processor, tiny, fixtures, name, "every_token")
     ref = case["every_token"]
     assert len(t.steps) == len(ref["steps"])
     for i, (ours, r) in enumerate(zip(t.steps, ref["steps"])):
-        _check_step(ours, r, fixtures[1], f"{name}/every/{i}/", tiny, processor)
+        _check_step(ours, r, fixtures[1], f"{name}/every/{i}/", tiny, processor, fixtures[0]["settings"][case["settings"]])
     assert new_ids == ref["new_ids"]
 
 

@@ -1,0 +1,63 @@
+"""Measured differences between llava_pm preset=official and the official PM fixtures.
+
+    python bench/parity/pm_compare.py [--fixtures tests/fixtures/official/pm]
+
+Runs the same cases as tests/test_parity_pm.py (our venv, no official stack) and prints, per
+case and step, the max abs differences of the maps, H* and the enhanced map, how many cells of
+the 8-bit map differ, whether the magnified image and the ids are equal. docs/pm.md quotes it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--fixtures", default=str(ROOT / "tests" / "fixtures" / "official" / "pm"))
+    args = ap.parse_args()
+    import test_parity_pm as t
+
+    from methods import pm
+
+    t.FIX = Path(args.fixtures)
+    data, arrays, prov = fixtures = t.load_fixtures()
+    tiny = t._tiny()
+    model = t.build_model(tiny, prov)
+    processor = t.official_processor(tiny, arrays)
+    worst = {"map": 0.0, "h_star": 0.0, "enhanced": 0.0, "cells": 0}
+    rows = []
+    for name, case in data["cases"].items():
+        for refresh in ("once", "every_token") if "every_token" in case else ("once",):
+            _, tech, _, ids = t._run(model, processor, tiny, fixtures, name, refresh)
+            refs = [case["once"]] if refresh == "once" else case["every_token"]["steps"]
+            prefixes = [f"{name}/once/"] if refresh == "once" else [f"{name}/every/{i}/" for i in range(len(refs))]
+            want_ids = case["once"]["new_ids"] if refresh == "once" else case["every_token"]["new_ids"]
+            for ours, ref, prefix in zip(tech.steps, refs, prefixes):
+                s = ours.search
+                d_map = max(float(np.abs(r - arrays[f"{prefix}map{i}"].ravel()).max()) for i, r in enumerate(s.raw)) if len(s.raw) == ref["passes"] else float("nan")
+                d_h = float(np.abs(s.h_star - arrays[f"{prefix}h_star"].ravel()).max())
+                d_e = float(np.abs(ours.grid_map - arrays[f"{prefix}enhanced"]).max())
+                cells = int((pm.official_quantise(torch.from_numpy(ours.grid_map)) != arrays[f"{prefix}grid_uint8"]).sum())
+                same_img = bool(np.array_equal(np.asarray(ours.image), arrays[f"{prefix}magnified"]))
+                blocked = [np.flatnonzero(b).tolist() for b in s.blocked] == ref["blocked"]
+                rows.append(f"{prefix:32s} passes {len(s.raw)}/{ref['passes']} blocked_equal {blocked} map {d_map:.1e} "
+                            f"h* {d_h:.1e} enhanced {d_e:.1e} 8bit_cells {cells} image_equal {same_img}")
+                worst = {"map": max(worst["map"], d_map), "h_star": max(worst["h_star"], d_h), "enhanced": max(worst["enhanced"], d_e),
+                         "cells": max(worst["cells"], cells)}
+            rows.append(f"{name} {refresh}: ids equal {ids == want_ids}")
+    print("\n".join(rows))
+    print("worst:", worst)
+
+
+if __name__ == "__main__":
+    main()
