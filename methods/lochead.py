@@ -41,8 +41,10 @@ import torch
 from . import hooks
 from .technique import Request, RequestError, Technique
 
-DEFAULTS = {"top_k": 3, "sigma": 1.0, "box_mode": "component", "connectivity": 8, "decimals": 2}
+DEFAULTS = {"top_k": 3, "sigma": 1.0, "box_mode": "component", "connectivity": 8, "decimals": 2, "selection": "ours", "box_scaling": "geometry", "prompt": "task"}
 BOX_MODES = ("component", "minmax")
+BOX_SCALINGS = ("geometry", "stretch")  # undo the processor's pad/resize/crop | 9ffe219's stretch of the grid onto W x H
+PROMPTS = ("task", "official")  # the lmms-eval task's prompt | the official referseg prompt (official_prompt_ids)
 # The reference code's heads for llava-1.5-7b (0-based layer, head); shipped in heads/llava-1.5-7b-hf.json.
 REFERENCE_HEADS_7B = ((14, 24), (14, 13), (14, 26))
 
@@ -176,6 +178,144 @@ def select_sample_heads(maps: torch.Tensor, grid_hw: tuple[int, int], per_sample
     ranked = sorted(candidates, key=lambda lh: (entropy[lh], lh))  # stable tie-break by (layer, head)
     selected = [lh for lh in ranked if math.isfinite(entropy[lh])][:per_sample]
     return selected, s_img, candidates, entropy
+
+
+# ---------------------------------------------------------------------------------------
+# The official steps, one function each (preset=official: seilk/LocalizationHeads @ 8ce33b0,
+# "HEAD"; preset=official_v2: the authors' rewrite 9ffe219, "v2"). docs/lochead.md has the table.
+# ---------------------------------------------------------------------------------------
+
+SELECTIONS = ("ours", "official", "official_v2")
+OFFICIAL_BINARIZE = 0.001  # HEAD localization_heads_finder.py:195; v2 conf/logic/selection_v1.yaml entropy.binarize_threshold
+V2_BOTTOM_ROW = 0.05  # v2 analyze.py:98
+V2_FIRST_LAYER = 2  # v2 analyze.py:112 keeps layer > 1
+V2_MIN_KEEP = 1  # v2 selection_v1.yaml threshold.min_keep
+
+
+def official_spatial_entropy(grid: torch.Tensor, mean_factor: float = 1.0, threshold: float = OFFICIAL_BINARIZE) -> tuple[float, torch.Tensor, int]:
+    """(entropy, labels, n components): HEAD localization_heads_finder.py:195-247 (mean_factor 1),
+    v2 analyze.py:20-42 (mean_factor 2).
+
+    B = relu(S - mean_factor * mean(S)); components of B > threshold, 8-connected; a component's
+    share is its B mass over the total B mass (cells at or below the threshold included, so the
+    shares need not sum to 1). Total B mass 0 gives +inf; B mass but no component gives 0, which
+    ranks such a head first (an official quirk both presets keep).
+    """
+    g = grid.detach().float().cpu()
+    b = torch.relu(g - g.mean() * mean_factor)
+    labels, n = connected_components(b > threshold, 8)
+    total = float(b.sum())
+    if total <= 0:
+        return math.inf, labels, 0
+    mass = torch.zeros(n + 1, dtype=torch.float32).index_add_(0, labels.flatten(), b.flatten())[1:]
+    p = [float(m) / total for m in mass if m > 0]
+    return float(-sum(q * math.log(q) for q in p if q > 0)) if p else 0.0, labels, n
+
+
+def _chord_argmax(y_sorted: "np.ndarray") -> int:
+    """Index of the point farthest from the chord of (i, y_i): HEAD localization_heads_finder.py:270-289, v2 analyze.py:52-62."""
+    import numpy as np
+
+    pts = np.stack([np.arange(len(y_sorted), dtype=np.float64), y_sorted], 1)
+    line = pts[-1] - pts[0]
+    norm = np.linalg.norm(line)
+    if norm == 0:
+        return 0
+    unit = line / norm
+    vec = pts - pts[0]
+    return int(np.argmax(np.linalg.norm(vec - np.outer(vec @ unit, unit), axis=1)))
+
+
+def official_elbow_head_index(sums: Sequence[float]) -> int:
+    """HEAD localization_heads_finder.py:249-293: sums sorted ascending, the chord's farthest point, and
+    the *flattened head index* (layer * heads + head) of that head. HEAD then keeps the heads whose
+    flattened index is >= it (:392), not those whose sum is: an official bug preset=official keeps."""
+    import numpy as np
+
+    y = np.asarray(sums, dtype=np.float64)
+    order = np.argsort(y)
+    return int(order[_chord_argmax(y[order])])
+
+
+def official_elbow_value(sums: Sequence[float]) -> float:
+    """v2 analyze.py:45-63: the sum at the chord's farthest point; heads with a sum >= it are kept (:91)."""
+    import numpy as np
+
+    y = np.sort(np.asarray(sums, dtype=np.float64))
+    if len(y) <= 2:
+        return float(y.min()) if len(y) else 0.0
+    return float(y[_chord_argmax(y)])
+
+
+def _head_sums(maps: torch.Tensor) -> list[float]:
+    """Per-head image-attention sums in flattened (layer, head) order, float32 as the official `.sum().item()`."""
+    return [float(v) for v in maps.float().sum(-1).flatten()]
+
+
+def rank_heads_official(maps: torch.Tensor, grid_hw: tuple[int, int]) -> list[dict]:
+    """HEAD analyze_attention_file (localization_heads_finder.py:311-430): every head, entropy computed for
+    flattened index >= the elbow head's index (+inf otherwise), stably sorted by entropy (:422)."""
+    n_layers, n_heads = maps.shape[:2]
+    threshold = official_elbow_head_index(_head_sums(maps))
+    rows = []
+    for l in range(n_layers):
+        for h in range(n_heads):
+            idx = l * n_heads + h
+            se = official_spatial_entropy(maps[l, h].reshape(grid_hw))[0] if idx >= threshold else math.inf
+            rows.append({"layer": l, "head": h, "spatial_entropy": se})
+    return sorted(rows, key=lambda r: r["spatial_entropy"])
+
+
+def rank_heads_official_v2(maps: torch.Tensor, grid_hw: tuple[int, int], min_keep: int = V2_MIN_KEEP) -> list[dict]:
+    """v2 analyze_heads (analyze.py:66-119): sums >= the elbow value, entropy at 2x the mean, drop layers
+    0-1 and heads with a bottom-row cell > 0.05; fewer than ``min_keep`` left: the top sums instead."""
+    n_layers, n_heads = maps.shape[:2]
+    sums = _head_sums(maps)
+    thr = official_elbow_value(sums)
+    rows = []
+    for i, s in enumerate(sums):
+        l, h = divmod(i, n_heads)
+        if s < thr:
+            rows.append({"layer": l, "head": h, "attn_sum": s, "spatial_entropy": math.inf, "bottom_row_focus": False})
+            continue
+        grid = maps[l, h].reshape(grid_hw)
+        se = official_spatial_entropy(grid, mean_factor=2.0)[0]
+        rows.append({"layer": l, "head": h, "attn_sum": s, "spatial_entropy": se, "bottom_row_focus": bool((grid[-1] > V2_BOTTOM_ROW).any())})
+    kept = [r for r in rows if math.isfinite(r["spatial_entropy"]) and not r["bottom_row_focus"] and r["layer"] >= V2_FIRST_LAYER]
+    if len(kept) < min_keep:
+        kept = [r for r in sorted(rows, key=lambda r: r["attn_sum"], reverse=True) if not r["bottom_row_focus"]][:min_keep]
+    return sorted(kept, key=lambda r: r["spatial_entropy"])
+
+
+def official_box_grid(combined: torch.Tensor) -> tuple[int, int, int, int]:
+    """v2 bbox.py:148-160: cells with relu(M - mean) > 0, their inclusive min/max (x0, y0, x1, y1); none: (0, 0, 0, 0)."""
+    keep = combined > combined.mean()
+    if not keep.any():
+        return 0, 0, 0, 0
+    rows, cols = keep.any(1).nonzero().flatten(), keep.any(0).nonzero().flatten()
+    return int(cols[0]), int(rows[0]), int(cols[-1]), int(rows[-1])
+
+
+def official_box_pixels(box_grid: Sequence[int], image_size: tuple[int, int], side: int) -> tuple[int, int, int, int]:
+    """v2 bbox.py:172-181: the grid box stretched onto the original W x H (inclusive pixels). The grid
+    covers the *padded square* image, so on a non-square image this box is off (an official bug)."""
+    x0, y0, x1, y1 = box_grid
+    w, h = image_size
+    sx, sy = w / side, h / side
+    return int(x0 * sx), int(y0 * sy), int(min(w - 1, (x1 + 1) * sx - 1)), int(min(h - 1, (y1 + 1) * sy - 1))
+
+
+def select_heads(maps: torch.Tensor, grid_hw: tuple[int, int], selection: str = "ours", per_sample: int = 10, connectivity: int = 8) -> list[tuple[int, int]]:
+    """One sample's best heads under ``selection`` (ours | official | official_v2), best first."""
+    if selection == "ours":
+        return select_sample_heads(maps, grid_hw, per_sample, connectivity)[0]
+    if selection == "official":
+        ranked = rank_heads_official(maps, grid_hw)
+    elif selection == "official_v2":  # its fallback heads may have no entropy: pipeline.py:70 uses them all the same
+        return [(r["layer"], r["head"]) for r in rank_heads_official_v2(maps, grid_hw)][:per_sample]
+    else:
+        raise ValueError(f"selection must be one of {SELECTIONS}, not {selection!r}")
+    return [(r["layer"], r["head"]) for r in ranked if math.isfinite(r["spatial_entropy"])][:per_sample]
 
 
 # ---------------------------------------------------------------------------------------
@@ -521,13 +661,20 @@ class DiscoveryResult:
         return "\n".join(rows)
 
 
-def prompt_inputs(processor, image, text: str) -> dict:
-    """Processor inputs for one image + text, with the processor's chat template (as lmms-eval's chat llava_hf builds them)."""
+def prompt_inputs(processor, image, text: str, prompt: str = "task") -> dict:
+    """Processor inputs for one image + text: the processor's chat template (as lmms-eval's chat llava_hf
+    builds them), or (prompt="official") the official referseg prompt (official_prompt_ids)."""
     token = getattr(processor, "image_token", "<image>")
     text = text.replace(token, "").strip()
     msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
-    prompt = processor.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
-    return processor(images=[image], text=prompt, return_tensors="pt")
+    chat = processor.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
+    inputs = processor(images=[image], text=chat, return_tensors="pt")
+    if prompt == "official":
+        image_token_id = processor.tokenizer.convert_tokens_to_ids(token)
+        n_image = int((inputs["input_ids"] == image_token_id).sum())
+        ids = torch.tensor([official_prompt_ids(processor.tokenizer, text, image_token_id, n_image)])
+        inputs["input_ids"], inputs["attention_mask"] = ids, torch.ones_like(ids)
+    return inputs
 
 
 def discover_heads(
@@ -537,21 +684,37 @@ def discover_heads(
     *,
     per_sample: int = 10,
     connectivity: int = 8,
+    selection: str = "ours",
+    prompt: str = "task",
     progress=None,
     on_sample=None,
+    result: "DiscoveryResult | None" = None,
 ) -> DiscoveryResult:
-    """Run the selection over ``samples`` ((PIL image, prompt text) pairs), one prefill each."""
+    """Run the selection over ``samples`` ((PIL image, prompt text) pairs), one prefill each.
+
+    ``selection``: ours | official (HEAD) | official_v2 (9ffe219); ``prompt``: task | official.
+    ``result``: a partial result to continue (its first ``n_samples`` samples are skipped).
+    """
     geo = model_geometry(model)
-    result = DiscoveryResult(**geo)
+    result = result or DiscoveryResult(**geo)
     image_token_id = model.config.image_token_id
     device = next(model.parameters()).device
-    for image, text in samples:
-        inputs = prompt_inputs(processor, image, text).to(device)
+    for i, (image, text) in enumerate(samples):
+        if i < result.n_samples:
+            continue
+        inputs = prompt_inputs(processor, image, text, prompt).to(device)
         inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
         pos = hooks.image_positions(inputs["input_ids"], image_token_id)
         maps = capture_image_maps(model, inputs, pos)
         grid = image_grid(model, pos.numel())
-        selected, s_img, candidates, entropy = select_sample_heads(maps, grid, per_sample, connectivity)
+        s_img = image_attention_sum(maps)
+        if selection == "ours":
+            selected, s_img, candidates, entropy = select_sample_heads(maps, grid, per_sample, connectivity)
+        else:
+            ranked = rank_heads_official(maps, grid) if selection == "official" else rank_heads_official_v2(maps, grid)
+            entropy = {(r["layer"], r["head"]): r["spatial_entropy"] for r in ranked}
+            candidates = [lh for lh, e in entropy.items() if math.isfinite(e)]
+            selected = select_heads(maps, grid, selection, per_sample, connectivity)
         result.add(selected, s_img, entropy, len(candidates))
         if on_sample is not None:
             on_sample(result.n_samples - 1, image, maps, s_img, candidates, selected)
@@ -590,10 +753,11 @@ class LocHead(Technique):
     def __init__(self, heads, **params):
         super().__init__(**{**DEFAULTS, **params})
         p = self.params
-        if p["box_mode"] not in BOX_MODES:
-            raise ValueError(f"box_mode must be one of {BOX_MODES}, not {p['box_mode']!r}")
-        if heads == "all":
-            self.heads = "all"
+        for key, allowed in (("box_mode", BOX_MODES), ("selection", SELECTIONS), ("box_scaling", BOX_SCALINGS), ("prompt", PROMPTS)):
+            if p[key] not in allowed:
+                raise ValueError(f"{key} must be one of {allowed}, not {p[key]!r}")
+        if heads in ("all", "self"):
+            self.heads = heads
         else:
             heads = [tuple(map(int, h)) for h in heads]
             if not heads:
@@ -603,17 +767,21 @@ class LocHead(Technique):
         self.refiner = None  # optional SamRefiner
 
     def describe(self):
-        heads = self.heads if self.heads == "all" else [f"L{l}H{h}" for l, h in self.heads]
+        heads = self.heads if isinstance(self.heads, str) else [f"L{l}H{h}" for l, h in self.heads]
         return {**super().describe(), "heads_used": heads}
 
     def locate(self, model, req: Request, **kwargs) -> Located:
         req.require_one_image(self.name)
-        pos = req.image_pos
-        inputs = {**kwargs, "input_ids": req.input_ids}
+        inputs = self.prompt_inputs(req, kwargs)
+        pos = hooks.image_positions(inputs["input_ids"], req.image_token_id)
         if self.heads == "all":
             maps = capture_image_maps(model, inputs, pos)  # (L, H, N)
             heads = "all"
             flat = maps.flatten(0, 1)
+        elif self.heads == "self":  # this request's own best heads (9ffe219 pipeline.py:57-70)
+            maps = capture_image_maps(model, inputs, pos)
+            heads = select_heads(maps, image_grid(model, pos.numel()), self.params["selection"], self.params["top_k"], self.params["connectivity"])
+            flat = torch.stack([maps[l, h] for l, h in heads])
         else:
             layers = sorted({l for l, _ in self.heads})
             maps = capture_image_maps(model, inputs, pos, layers)
@@ -625,7 +793,11 @@ class LocHead(Technique):
         combined = combine_head_maps(head_maps, self.params["sigma"])
         box_p = box_from_grid(combined, self.params["box_mode"], self.params["connectivity"])
         geometry = None
-        if req.images and req.processor is not None:
+        if self.params["box_scaling"] == "stretch":  # 9ffe219 bbox.py:148-181: grid cells onto W x H, padding not undone
+            x0, y0, x1, y1 = official_box_grid(combined)
+            box_p = [x0 / gw, y0 / gh, (x1 + 1) / gw, (y1 + 1) / gh]
+            box = list(box_p)
+        elif req.images and req.processor is not None:
             ip = getattr(req.processor, "image_processor", req.processor)
             geometry = processor_geometry(ip, req.images[0].size)
             box = geometry.to_original(box_p)
@@ -642,6 +814,16 @@ class LocHead(Technique):
         if self.on_located is not None:
             self.on_located(req, located)
         return located
+
+    def prompt_inputs(self, req: Request, kwargs: dict) -> dict:
+        """The forward's inputs: the request's own, or (prompt=official) the official prompt's ids around the same image."""
+        if self.params["prompt"] == "task":
+            return {**kwargs, "input_ids": req.input_ids}
+        tokenizer = getattr(req.processor, "tokenizer", req.processor)
+        token = getattr(req.processor, "image_token", "<image>")
+        ids = official_prompt_ids(tokenizer, official_query(req.text, token), req.image_token_id, req.image_pos.numel())
+        input_ids = torch.tensor([ids], dtype=req.input_ids.dtype, device=req.input_ids.device)
+        return {**kwargs, "input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}
 
     def answer_text(self, located: Located) -> str:
         return format_box(located.box, self.params["decimals"])

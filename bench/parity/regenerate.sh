@@ -14,12 +14,13 @@
 set -euo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
 REPO=$(cd "$HERE/../.." && pwd)
-PAI="" PAINT="" PM="" OFFICIAL_VENV=/work/venvs/official OURS=${PYTHON:-python}
+PAI="" PAINT="" PM="" LOCHEAD="" OFFICIAL_VENV=/work/venvs/official OURS=${PYTHON:-python}
 while [ $# -gt 0 ]; do
   case "$1" in
     --pai) PAI=$2; shift 2 ;;
     --paint) PAINT=$2; shift 2 ;;
     --pm) PM=$2; shift 2 ;;
+    --lochead) LOCHEAD=$2; shift 2 ;;  # HEAD_CHECKOUT:V2_CHECKOUT (8ce33b0 and 9ffe219); needs --pai (LLaVA-1.5's llava/)
     --official-venv) OFFICIAL_VENV=$2; shift 2 ;;
     --python) OURS=$2; shift 2 ;;
     *) echo "unknown argument $1" >&2; exit 2 ;;
@@ -48,4 +49,14 @@ if [ -n "$PM" ]; then
   "$OFFICIAL_VENV/bin/python" -c "import scipy" 2>/dev/null || "$OFFICIAL_VENV/bin/pip" install -q "scipy<1.14"
   "$OFFICIAL_VENV/bin/python" "$HERE/pm_official.py" --official "$PM" --model "$WORK/model" --out "$REPO/tests/fixtures/official/pm"
   "$OURS" -m pytest -q "$REPO/tests/test_parity_pm.py"
+fi
+
+if [ -n "$LOCHEAD" ]; then
+  # localization heads: LLaVA-1.5's forward (PAI's bundled llava/), then both official analyses; scipy, pyyaml
+  "$OFFICIAL_VENV/bin/python" -c "import scipy, yaml" 2>/dev/null || "$OFFICIAL_VENV/bin/pip" install -q "scipy<1.14" pyyaml
+  "$OFFICIAL_VENV/bin/python" "$HERE/lochead_official.py" collect --llava "${PAI:?--lochead needs --pai}" --model "$WORK/model" --scratch "$WORK/lochead"
+  "$OFFICIAL_VENV/bin/python" "$HERE/lochead_official.py" analyze --head "${LOCHEAD%%:*}" --v2 "${LOCHEAD##*:}" \
+    --scratch "$WORK/lochead" --out "$REPO/tests/fixtures/official/lochead"
+  "$OURS" "$HERE/lochead_compare.py" --scratch "$WORK/lochead" --model "$WORK/model" --fixtures "$REPO/tests/fixtures/official/lochead"
+  "$OURS" -m pytest -q "$REPO/tests/test_parity_lochead.py"
 fi
