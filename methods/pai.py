@@ -28,7 +28,7 @@ DEFAULTS = {
     "use_cfg": True,
     "gamma": 1.1,
     "cutoff": 0.1,
-    "boost_first_token": False,
+    "boost_first_step": False,
     "official_quirks": False,
 }
 
@@ -37,7 +37,7 @@ class GuidedTechnique(Technique):
     """A technique whose attention edit may be combined with image-free guidance (PAI, PAINT).
 
     Parameters read here: use_cfg, gamma, cutoff, and (optional, defaults in brackets)
-    boost_first_token [False]: boost the first answer token under CFG too (official: no);
+    boost_first_step [False]: boost the first answer token under CFG too (official: no);
     official_quirks [False]: reproduce two official behaviours we consider bugs: the image-free
     KV cache does not follow beam reordering (CFG.py:43-47), and at gamma == 1 the boost never
     turns on (CFG.py:30-31 returns before CFG.py:48-49).
@@ -50,7 +50,7 @@ class GuidedTechnique(Technique):
             return req.answer_rows  # attention.py:90: the last row of every forward
         if p.get("official_quirks") and p["gamma"] == 1:
             return None  # CFG.py:30-31: the boost stays off for the whole answer
-        if p.get("boost_first_token"):
+        if p.get("boost_first_step"):
             return req.answer_rows
         return hooks.Rows.span(req.prompt_len)  # attention.py:125 + CFG.py:48-49: off for the prefill only
 

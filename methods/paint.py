@@ -72,7 +72,7 @@ DEFAULTS = {
     "use_cfg": False,
     "gamma": 1.1,
     "cutoff": 0.1,
-    "boost_first_token": False,
+    "boost_first_step": False,
     "official_quirks": False,
 }
 HEAD_MODULATIONS = ("none", "sensitivity")

@@ -138,7 +138,7 @@ def test_cfg_first_token_is_guided_not_boosted(tiny):
     plain = _first_step_scores(model, Pai(n, alpha=0.0, use_cfg=True, gamma=3.0, cutoff=0.0), req, inputs)
     boosted = _first_step_scores(model, Pai(n, alpha=2.0, start_layer=0, use_cfg=True, gamma=3.0, cutoff=0.0), req, inputs)
     first = _first_step_scores(
-        model, Pai(n, alpha=2.0, start_layer=0, use_cfg=True, gamma=3.0, cutoff=0.0, boost_first_token=True), req, inputs
+        model, Pai(n, alpha=2.0, start_layer=0, use_cfg=True, gamma=3.0, cutoff=0.0, boost_first_step=True), req, inputs
     )
     with torch.no_grad():
         cond = model(**inputs).logits[:, -1]
@@ -147,7 +147,7 @@ def test_cfg_first_token_is_guided_not_boosted(tiny):
     want = 3.0 * torch.log_softmax(cond, -1) - 2.0 * torch.log_softmax(uncond, -1)
     torch.testing.assert_close(plain[0], want, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(boosted[0], plain[0], atol=0, rtol=0)  # first token: no boost
-    assert (first[0] - plain[0]).abs().max() > 1e-3  # boost_first_token: boosted
+    assert (first[0] - plain[0]).abs().max() > 1e-3  # boost_first_step: boosted
     if torch.equal(plain[0].argmax(-1), boosted[0].argmax(-1)):
         assert (boosted[1] - plain[1]).abs().max() > 1e-3  # second token: boosted
 

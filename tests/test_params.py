@@ -41,3 +41,20 @@ def test_defaults_presets_and_explicit_values_in_that_order():
 def test_bad_values_fail_with_a_message(given, message):
     with pytest.raises(ModelArgsError, match=message.replace("(", r"\(").replace(".", r"\.")):
         parse_params(PARAMS, given, {"strong": {}})
+
+
+def test_no_parameter_name_is_redacted_by_lmms_eval():
+    """lmms-eval 0.7 writes model_args into the results with anything named like a secret
+    (`*token=`, `*_secret=`, ...) replaced by [REDACTED]: a parameter so named would vanish
+    from the recorded recipe."""
+    import importlib
+
+    from lmms_eval.evaluator import _redact_eval_config_secrets
+
+    from lmms_eval_plugins.models import MODELS
+
+    for module, _, _ in MODELS.values():
+        spec = importlib.import_module(f"lmms_eval_plugins.models.{module}").SPEC
+        for param in spec.params:
+            arg = f"{param.name}=1"
+            assert _redact_eval_config_secrets(arg) == arg, f"{spec.name}: {param.name} would be redacted"

@@ -15,7 +15,7 @@ WINDOW_AND_CFG_PARAMS = (
     Param("use_cfg", bool, False, "classifier-free guidance against an image-free pass"),
     Param("gamma", float, DEFAULTS["gamma"], "guidance strength: gamma*(c-u)+u on log-probabilities (1: no guidance)", low=0.0),
     Param("cutoff", float, DEFAULTS["cutoff"], "plausibility cutoff (fraction of the top token's probability)", low=0.0, high=1.0),
-    Param("boost_first_token", bool, DEFAULTS["boost_first_token"], "with CFG, boost the first answer token too (official: no)"),
+    Param("boost_first_step", bool, DEFAULTS["boost_first_step"], "with CFG, boost the first answer token too (official: no)"),
     Param(
         "official_quirks",
         bool,
@@ -38,7 +38,7 @@ OFFICIAL = {
     "use_cfg": True,  # README.md:65,68,82 --use-cfg
     "gamma": 1.1,  # README.md:65,82 --gamma 1.1 (the argparse default, pope_eval.py:53, is 2)
     "cutoff": 0.1,  # CFG.py:53
-    "boost_first_token": False,  # attention.py:90,125: llama_modify(use_cfg=True) turns the boost off for the prefill
+    "boost_first_step": False,  # attention.py:90,125: llama_modify(use_cfg=True) turns the boost off for the prefill
     "official_quirks": True,  # CFG.py:43-47 (beam cache) and CFG.py:30-31 (gamma 1)
 }
 

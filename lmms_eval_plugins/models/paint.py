@@ -31,7 +31,7 @@ OFFICIAL = {
     "use_cfg": True,  # modpai_eval.sh:17 --use-cfg; every result file ends in _cfg_1.1
     "gamma": 1.1,  # modpai_eval.sh:17 (the argparse default, chair_eval.py:55, is 2)
     "cutoff": 0.1,  # CFG.py:53
-    "boost_first_token": False,  # attention.py:125,139: llama_modify(use_cfg=True) keeps the prefill unboosted
+    "boost_first_step": False,  # attention.py:125,139: llama_modify(use_cfg=True) keeps the prefill unboosted
     "official_quirks": True,  # CFG.py:43-47 (image-free cache ignores beam reordering), CFG.py:30-31 (gamma 1: no boost)
     "spatial": "official",  # clip_encoder.py:31-34
     "spatial_ratio": 0.0,  # clip_encoder.py:41 passes no ratio: 0
