@@ -18,10 +18,18 @@ KV-cache decode step):
 - ``query``: the prompt text after the image, up to the boundary above;
 - ``both``: query + generated = every row after the image;
 - ``all``: every row from the first image token on, i.e. also the image tokens' attention
-  to each other (the image tokens then attend to the text prefix only).
+  to each other (the image tokens then attend to the text prefix only);
+- ``block_query``: the official bidirectional knockout (vlm-interp ``modified_llava_files/modeling_llama.py``, ``LlamaAttention.forward``, the ``to_block_query`` branch):
+  in the prompt, the text rows lose the image keys *and* the image rows lose every text key
+  (the prefix before the image); decode rows keep everything (the image's cached K/V were
+  still computed without the text).
 
 Layers: a window [from_layer, to_layer) of 0-based language-model layers, or everything
 outside it (``outside=True``). An empty window installs nothing: the baseline exactly.
+Named windows (``window=``) are the official layer flags: ``after:L`` is
+``layer_idx > L`` (``max_layer_for_i2t_attn=L``, the condition of every branch in ``LlamaAttention.forward``; ``after:-1``
+is every layer, ``after:<depth>`` none) and ``not_4_to_20`` is ``layer_idx < 4 or > 20``
+(the ``block_vis_to_*_not_between_layers_4_to_20`` branches).
 """
 
 from __future__ import annotations
@@ -29,9 +37,40 @@ from __future__ import annotations
 from . import hooks
 from .technique import Request, RequestError, Technique
 
-QUERY_SETS = ("generated", "query", "both", "all")
+QUERY_SETS = ("generated", "query", "both", "all", "block_query")
 LAST_ROW = ("generated", "query")
-DEFAULTS = {"mode": "query", "from_layer": 0, "to_layer": None, "outside": False, "last_row": "generated"}
+DEFAULTS = {"mode": "query", "from_layer": 0, "to_layer": None, "outside": False, "last_row": "generated", "window": None}
+
+# The official run_on_coco.py flags as (mode, last_row, window); min_token_for_i2t_attn_masking=1
+# (run_on_coco.py argparse default 1) blocks decode steps only (``query_states.shape[-2] == 1``),
+# i.e. last_row=query's "generated" rows. Branch names: LlamaAttention.forward in modeling_llama.py.
+OFFICIAL_FLAGS = {
+    "official": ("generated", "query", "after:-1"),  # run_on_coco.py max_layers_for_i2t_attn = [32, -1]: the -1 run
+    "official_no_encoding": ("all", "query", "after:-1"),  # -min_token_for_i2t_attn_masking 0: the final else branch
+    "official_block_query": ("block_query", "query", "after:-1"),  # -block_query: to_block_query
+    "official_block_query_unidirection": ("query", "query", "after:-1"),  # to_block_query_unidirection
+    "official_block_vis_to_all_from_layer": ("both", "query", "after:-1"),  # block_vis_to_all_from_layer
+    "official_gen_not_4_to_20": ("generated", "query", "not_4_to_20"),  # block_vis_to_gen_not_between_layers_4_to_20
+    "official_query_not_4_to_20": ("query", "query", "not_4_to_20"),  # block_vis_to_query_not_between_layers_4_to_20
+    "official_all_not_4_to_20": ("both", "query", "not_4_to_20"),  # block_vis_to_all_not_between_layers_4_to_20
+}
+
+
+def named_window(window: str, n_layers: int) -> list[int]:
+    """An official layer flag as 0-based layers: ``after:L`` = layer_idx > L; ``not_4_to_20`` = < 4 or > 20.
+
+    modeling_llama.py LlamaAttention.forward: ``layer_idx > max_layer_for_i2t_attn`` and ``(layer_idx<4 or layer_idx>20)``.
+    """
+    if window == "not_4_to_20":
+        return [l for l in range(n_layers) if l < 4 or l > 20]
+    if window.startswith("after:"):
+        try:
+            last_free = int(window.split(":", 1)[1])
+        except ValueError:
+            last_free = None
+        if last_free is not None:
+            return [l for l in range(n_layers) if l > last_free]
+    raise ValueError(f"knockout: window={window!r} is not 'after:L' (blocks layers > L) or 'not_4_to_20'")
 
 
 def knockout_layers(from_layer: int, to_layer: int | None, n_layers: int, outside: bool = False) -> list[int]:
@@ -58,6 +97,8 @@ def query_rows(mode: str, img_start: int, img_end: int, prompt_len: int, last_ro
     if last_row not in LAST_ROW:
         raise ValueError(f"knockout: last_row={last_row!r} is not one of {', '.join(LAST_ROW)}")
     boundary = prompt_len - 1 if last_row == "generated" else prompt_len  # first "generated" row
+    if mode == "block_query":
+        return hooks.Rows.span(img_end, prompt_len)  # prompt rows only (``query_states.shape[-2] != 1``)
     if mode == "generated":
         return hooks.Rows.span(boundary)
     if mode == "query":
@@ -84,7 +125,10 @@ class Knockout(Technique):
         p = self.params
         if p["mode"] not in QUERY_SETS:
             raise ValueError(f"knockout: mode={p['mode']!r} is not one of {', '.join(QUERY_SETS)}")
-        self.layers = knockout_layers(p["from_layer"], p["to_layer"], n_layers, p["outside"])
+        if p["window"]:
+            self.layers = named_window(p["window"], n_layers)
+        else:
+            self.layers = knockout_layers(p["from_layer"], p["to_layer"], n_layers, p["outside"])
 
     def recipe(self, model, req: Request) -> list[hooks.AttnEdit]:
         if not self.layers:
@@ -97,7 +141,11 @@ class Knockout(Technique):
                 "left to attend to); use mode=both"
             )
         rows = query_rows(self.params["mode"], img_start, img_end, req.prompt_len, self.params["last_row"])
-        return [hooks.Block(layers=self.layers, rows=rows, keys=pos)]
+        edits = [hooks.Block(layers=self.layers, rows=rows, keys=pos)]
+        if self.params["mode"] == "block_query" and img_start > 0:
+            # the other direction (``attn_weights[..., image_tokens_indices, blocked_query_index]``): image rows lose the text keys before them (later ones are causal)
+            edits.append(hooks.Block(layers=self.layers, rows=hooks.Rows.span(img_start, img_end), keys=slice(0, img_start)))
+        return edits
 
     def describe(self):
         return {**super().describe(), "layers": hooks._compact(self.layers) if self.layers else "none"}

@@ -14,12 +14,13 @@
 set -euo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
 REPO=$(cd "$HERE/../.." && pwd)
-PAI="" PAINT="" PM="" LOCHEAD="" OFFICIAL_VENV=/work/venvs/official OURS=${PYTHON:-python}
+PAI="" PAINT="" PM="" LOCHEAD="" VLMINTERP="" OFFICIAL_VENV=/work/venvs/official OURS=${PYTHON:-python}
 while [ $# -gt 0 ]; do
   case "$1" in
     --pai) PAI=$2; shift 2 ;;
     --paint) PAINT=$2; shift 2 ;;
     --pm) PM=$2; shift 2 ;;
+    --vlminterp) VLMINTERP=1; shift ;;
     --lochead) LOCHEAD=$2; shift 2 ;;  # HEAD_CHECKOUT:V2_CHECKOUT (8ce33b0 and 9ffe219); needs --pai (LLaVA-1.5's llava/)
     --official-venv) OFFICIAL_VENV=$2; shift 2 ;;
     --python) OURS=$2; shift 2 ;;
@@ -59,4 +60,11 @@ if [ -n "$LOCHEAD" ]; then
     --scratch "$WORK/lochead" --out "$REPO/tests/fixtures/official/lochead"
   "$OURS" "$HERE/lochead_compare.py" --scratch "$WORK/lochead" --model "$WORK/model" --fixtures "$REPO/tests/fixtures/official/lochead"
   "$OURS" -m pytest -q "$REPO/tests/test_parity_lochead.py"
+fi
+
+if [ -n "$VLMINTERP" ]; then
+  # knockout (OmriKaduri/vlm-interp @ 8f38051): oracle of its masking rules in the official stack (needs llava-torch)
+  "$OFFICIAL_VENV/bin/python" -c "import llava" 2>/dev/null || "$OFFICIAL_VENV/bin/pip" install -q --no-deps llava-torch==1.2.2.post1
+  "$OFFICIAL_VENV/bin/python" "$HERE/vlminterp_knockout.py" --model "$WORK/model" --out "$REPO/tests/fixtures/official/knockout" --scratch "$WORK/vlminterp"
+  "$OURS" "$HERE/vlminterp_compare.py" --fixtures "$REPO/tests/fixtures/official/knockout" --scratch "$WORK/vlminterp" --official-python "$OFFICIAL_VENV/bin/python"
 fi

@@ -1,18 +1,22 @@
 """`llava_knockout`: attention knockout (methods/knockout.py) inside lmms-eval's llava_hf."""
 
 from methods.hooks import num_layers
-from methods.knockout import DEFAULTS, LAST_ROW, QUERY_SETS, Knockout
+from methods.knockout import DEFAULTS, LAST_ROW, OFFICIAL_FLAGS, QUERY_SETS, Knockout
 
 from ..base import TechniqueSpec, wrapper_classes
 from ..params import Param
 
 PARAMS = (
-    Param("mode", str, DEFAULTS["mode"], "query rows that lose the image: generated|query|both|all", choices=QUERY_SETS),
+    Param("mode", str, DEFAULTS["mode"], "query rows that lose the image: generated|query|both|all|block_query", choices=QUERY_SETS),
     Param("from_layer", int, DEFAULTS["from_layer"], "first blocked language-model layer (0-based; negative: from the end)"),
     Param("to_layer", int, None, "one past the last blocked layer (default: the model's depth); = from_layer: none", optional=True),
     Param("outside", bool, DEFAULTS["outside"], "block every layer OUTSIDE [from_layer, to_layer) instead"),
     Param("last_row", str, DEFAULTS["last_row"], "the last prompt row (it predicts the first answer token) counts as", choices=LAST_ROW),
+    Param("window", str, None, "official layer flag instead of from/to: after:L (layers > L) or not_4_to_20", optional=True),
 )
+
+# preset=official and the other run_on_coco.py flags (methods/knockout.py OFFICIAL_FLAGS)
+OFFICIAL_PRESETS = {name: {"mode": m, "last_row": r, "window": w} for name, (m, r, w) in OFFICIAL_FLAGS.items()}
 
 SPEC = TechniqueSpec(
     name="llava_knockout",
@@ -22,6 +26,7 @@ SPEC = TechniqueSpec(
         "image_to_query": {"mode": "query"},
         "image_to_generated": {"mode": "generated"},
         "image_to_both": {"mode": "both"},
+        **OFFICIAL_PRESETS,
     },
     doc="Attention knockout: block image keys for the generated/query/both/all rows in a layer window.",
 )

@@ -1,0 +1,73 @@
+"""Knockout against golden fixtures of OmriKaduri/vlm-interp @ 8f38051 (tests/fixtures/official/knockout).
+
+bench/parity/vlminterp_knockout.py ran llava-torch's LLaVA-1.5 (original layout, transformers
+4.37.2, eager, fp32) on the tiny LLaVA-1.5-shaped model with the official masking rules of
+``modified_llava_files/modeling_llama.py`` written out as an oracle (the patched file needs the
+official patched generation utils, which are not available here: see provenance.json), for every
+run_on_coco.py flag and two layer windows. Here the same model is rebuilt from its seed in the
+llava-hf layout and ``llava_knockout`` runs the matching official preset. Ids must be equal and
+the top-16 scores of every step within ATOL (summation order differs between the stacks).
+"""
+
+import json
+import sys
+
+import pytest
+import torch
+from conftest import REPO
+
+FIXTURES = REPO / "tests" / "fixtures" / "official" / "knockout"
+ATOL = 2e-4
+
+sys.path.insert(0, str(REPO / "bench" / "parity"))
+tiny = pytest.importorskip("tiny_llava15")
+import vlminterp_ours  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def golden():
+    return json.loads((FIXTURES / "knockout_official.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def model():
+    prov = json.loads((FIXTURES / "provenance.json").read_text())
+    torch.manual_seed(0)
+    m = tiny.build_hf_model(prov["model"]["seed"])
+    assert tiny.fingerprint(m) == prov["model"]["fingerprint"], "not the model the fixtures came from"
+    return m
+
+
+@pytest.fixture(scope="module")
+def pixels(golden):
+    px = tiny.fixed_pixels(1)
+    assert tiny.tensor_sha256(px) == golden["pixels_sha256"]
+    return px
+
+
+def run_names():
+    return [r["name"] for r in json.loads((FIXTURES / "knockout_official.json").read_text())["runs"]]
+
+
+@pytest.mark.parametrize("name", run_names())
+def test_official_flag_matches_the_official_masking(model, pixels, golden, name):
+    run = next(r for r in golden["runs"] if r["name"] == name)
+    out, n = vlminterp_ours.run_ours(model, pixels, golden, run)
+    assert out.sequences[0, n:].tolist() == run["new_ids"]
+    for got, want in zip(out.scores, run["steps"]):
+        idx = torch.tensor(want["topk_indices"])
+        diff = (got.float().gather(-1, idx) - torch.tensor(want["topk_values"])).abs().max().item()
+        assert diff <= ATOL, f"top-k scores differ by {diff}"
+        assert torch.equal(got.float().topk(idx.shape[-1], dim=-1).indices, idx)
+        torch.testing.assert_close(got.float().sum(-1), torch.tensor(want["sum"]), atol=0.5, rtol=1e-5)
+
+
+def test_named_windows():
+    from methods.knockout import named_window
+
+    assert named_window("after:-1", 32) == list(range(32))
+    assert named_window("after:15", 32) == list(range(16, 32))
+    assert named_window("after:32", 32) == []
+    assert named_window("not_4_to_20", 32) == [0, 1, 2, 3, *range(21, 32)]
+    with pytest.raises(ValueError, match="after:L"):
+        named_window("middle", 32)
