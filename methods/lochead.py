@@ -614,6 +614,34 @@ def load_heads(path, model, *, check_model_id: bool = True) -> list[tuple[int, i
     return [(h["layer"], h["head"]) for h in doc["heads"]]
 
 
+# The official prompt: conv "referseg" (HEAD llava/conversation.py:373-380, SeparatorStyle.PLAIN :98-110)
+REFERSEG_SYSTEM = (
+    "You are a helpful language and vision assistant. You are able to understand the visual content that the "
+    "user provides, and assist the user with a variety of tasks using natural language."
+)
+
+
+def official_query(prompt_text: str, image_token: str = "<image>") -> str:
+    """The request's question without the chat template: the text after the image token, a trailing
+    assistant turn marker removed (the official finder is given the bare expression)."""
+    text = (prompt_text or "").rsplit(image_token, 1)[-1]
+    text = re.sub(r"\s*(ASSISTANT|Assistant|assistant)\s*:?\s*$", "", text)
+    return text.strip()
+
+
+def official_prompt_ids(tokenizer, query: str, image_token_id: int, n_image_tokens: int, system: str = REFERSEG_SYSTEM) -> list[int]:
+    """The official prompt's ids: system + "\\n" + "<image>\\n" + query (PLAIN: no roles, no assistant turn,
+    so the last prompt token is the query's last token), tokenized in two chunks around the image as
+    tokenizer_image_token does (HEAD llava/mm_utils.py:185-199), and the lone word-boundary piece "▁"
+    (id 29871 in LLaMA's vocabulary) dropped everywhere (HEAD lab/stations.py:316-324). The image
+    placeholder is expanded to the model's ``n_image_tokens`` copies of ``image_token_id`` (llava-hf layout)."""
+    first = tokenizer(system + "\n").input_ids
+    second = tokenizer("\n" + query, add_special_tokens=False).input_ids
+    space = tokenizer.get_vocab().get("\u2581") if hasattr(tokenizer, "get_vocab") else None
+    ids = [*first, *[image_token_id] * n_image_tokens, *second]
+    return [i for i in ids if space is None or i != space]
+
+
 # ---------------------------------------------------------------------------------------
 # Discovery
 # ---------------------------------------------------------------------------------------
@@ -638,6 +666,29 @@ class DiscoveryResult:
         for lh in selected:
             self.counts[lh] = self.counts.get(lh, 0) + 1
             self.entropy_sum[lh] = self.entropy_sum.get(lh, 0.0) + entropy[lh]
+
+    def state(self) -> dict:
+        """JSON-able state (partial results of a long discovery; ``from_state`` resumes it)."""
+        key = lambda lh: f"{lh[0]},{lh[1]}"  # noqa: E731
+        return {
+            "num_layers": self.num_layers,
+            "num_heads": self.num_heads,
+            "n_samples": self.n_samples,
+            "counts": {key(k): v for k, v in self.counts.items()},
+            "entropy_sum": {key(k): v for k, v in self.entropy_sum.items()},
+            "s_img_sum": None if self.s_img_sum is None else self.s_img_sum.tolist(),
+            "knee_sizes": self.knee_sizes,
+        }
+
+    @classmethod
+    def from_state(cls, doc: dict) -> "DiscoveryResult":
+        lh = lambda k: tuple(int(v) for v in k.split(","))  # noqa: E731
+        s_img = doc.get("s_img_sum")
+        return cls(
+            doc["num_layers"], doc["num_heads"], doc["n_samples"],
+            {lh(k): v for k, v in doc["counts"].items()}, {lh(k): v for k, v in doc["entropy_sum"].items()},
+            None if s_img is None else torch.tensor(s_img), list(doc["knee_sizes"]),
+        )
 
     def ranked(self) -> list[dict]:
         order = sorted(self.counts, key=lambda lh: (-self.counts[lh], self.entropy_sum[lh] / self.counts[lh], lh))

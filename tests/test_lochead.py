@@ -424,3 +424,63 @@ def test_shapeworld_tokenizer_writes_parseable_boxes():
         text = L.format_box(box)
         decoded = tok.decode(L.answer_ids(tok, text), skip_special_tokens=True)
         assert parse_float_sequence_within(decoded) == [round(v, 2) for v in box]
+
+
+# ------------------------------------------------------------------ official presets, prompt, resume
+
+
+def test_discovery_resumes_from_partial_counts(byte_model):
+    """A discovery killed after k samples and resumed from its saved state counts exactly as one run."""
+    model, processor, *_ = byte_model
+    samples = [(Image.new("RGB", (40, 32 + 4 * i), (30 * i, 90, 160)), f"the thing {i}") for i in range(4)]
+    whole = L.discover_heads(model, processor, samples, per_sample=3, selection="official_v2")
+    part = L.discover_heads(model, processor, samples[:2], per_sample=3, selection="official_v2")
+    resumed = L.discover_heads(model, processor, samples, per_sample=3, selection="official_v2", result=L.DiscoveryResult.from_state(json.loads(json.dumps(part.state()))))
+    assert resumed.n_samples == 4 and resumed.ranked() == whole.ranked()
+
+
+class _PieceTokenizer:
+    """SentencePiece-like: words become '▁word' pieces, '\\n' its own id, a leading '▁' before a newline (as LLaMA's)."""
+
+    vocab = {"<s>": 1, "\u2581": 29871, "\n": 13}
+
+    def get_vocab(self):
+        return self.vocab
+
+    def _id(self, piece):
+        return self.vocab.setdefault(piece, 100 + len(self.vocab))
+
+    def __call__(self, text, add_special_tokens=True):
+        ids = [1] if add_special_tokens else []
+        if text.startswith("\n"):
+            ids.append(29871)  # LLaMA's lone prefix space before a leading newline
+        for i, line in enumerate(text.split("\n")):
+            if i:
+                ids.append(13)
+            ids += [self._id("\u2581" + w) for w in line.split()]
+        return type("Enc", (), {"input_ids": ids})()
+
+
+def test_official_prompt_ids_are_the_referseg_form():
+    """system + '\\n' + image + '\\n' + query; the query's last token ends the prompt; '▁' (29871) dropped."""
+    tok = _PieceTokenizer()
+    ids = L.official_prompt_ids(tok, "a red dog.", image_token_id=7, n_image_tokens=4)
+    assert 29871 not in ids
+    assert ids[0] == 1 and ids.count(7) == 4
+    after = ids[ids.index(7) + 4 :]
+    assert after[0] == 13 and after[-1] == tok.vocab["\u2581dog."]
+    before = ids[1 : ids.index(7)]
+    assert before[-1] == 13 and before[0] == tok.vocab["\u2581You"]
+    assert L.official_query("USER: <image>\nthe red dog ASSISTANT:") == "the red dog"
+    assert L.official_query("<image>\nthe red dog") == "the red dog"
+
+
+def test_official_presets_parse(byte_ckpt):
+    from lmms_eval_plugins.models.lochead import SPEC
+    from lmms_eval_plugins.params import parse_params
+    from lmms_eval_plugins.base import COMMON_PARAMS
+
+    v2 = parse_params((*SPEC.params, *COMMON_PARAMS), {"preset": "official_v2"}, SPEC.presets, owner=SPEC.name)
+    assert (v2["heads"], v2["selection"], v2["box_scaling"], v2["prompt"], v2["top_k"]) == ("self", "official_v2", "stretch", "official", 5)
+    head = parse_params((*SPEC.params, *COMMON_PARAMS), {"preset": "official"}, SPEC.presets, owner=SPEC.name)
+    assert (head["selection"], head["prompt"], head["box_scaling"]) == ("official", "official", "geometry")

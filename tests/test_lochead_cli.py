@@ -36,7 +36,7 @@ def _check_rec_results(results, out):
 
 def test_heads_auto_discovers_caches_and_answers_through_the_chat_path(byte_ckpt, tmp_path, monkeypatch):
     monkeypatch.setenv("LMMS_PLUGINS_CACHE", str(tmp_path / "cache"))
-    args = f"pretrained={byte_ckpt},heads=auto,discover_task=tiny_rec,discover_n=3,include_path=tests/tasks,save_visuals={tmp_path / 'vis'},max_visuals=2"
+    args = f"pretrained={byte_ckpt},heads=auto,discover_task=tiny_rec,discover_n=3,discover_repeats=1,include_path=tests/tasks,save_visuals={tmp_path / 'vis'},max_visuals=2"
     results, log = run_lmms_eval("llava_lochead", args, "tiny_rec", tmp_path / "out", include_path="tests/tasks", cwd=REPO)
     assert results is not None, log[-3000:]
     assert results["config"]["model_backend"].endswith("LlavaLocheadChat (chat)")
@@ -68,7 +68,7 @@ def test_discover_heads_command(byte_ckpt, tmp_path, monkeypatch, capsys):
 
     monkeypatch.setenv("LMMS_PLUGINS_CACHE", str(tmp_path / "cache"))
     monkeypatch.chdir(REPO)  # the tiny task's data_files are relative to the repository
-    argv = ["discover-heads", "--pretrained", str(byte_ckpt), "--task", "tiny_rec", "--include-path", "tests/tasks", "--n", "4"]
+    argv = ["discover-heads", "--pretrained", str(byte_ckpt), "--task", "tiny_rec", "--include-path", "tests/tasks", "--n", "4", "--repeats", "1"]
     out_file = tmp_path / "heads.json"
     assert main([*argv, "--output", str(out_file), "--save-visuals", str(tmp_path / "vis"), "--max-visuals", "1"]) == 0
     printed = capsys.readouterr().out
@@ -85,3 +85,12 @@ def test_discover_heads_command(byte_ckpt, tmp_path, monkeypatch, capsys):
     # a task without a training split needs an explicit split
     assert main(["discover-heads", "--pretrained", str(byte_ckpt), "--task", "tiny_yesno", "--include-path", "tests/tasks"]) == 2
     assert "declares no training split" in capsys.readouterr().out
+
+
+def test_preset_official_v2_through_the_chat_path(byte_ckpt, tmp_path):
+    """preset=official_v2: the official prompt, each request's own top heads (9ffe219's selection), its stretched box."""
+    args = f"pretrained={byte_ckpt},preset=official_v2"
+    results, log = run_lmms_eval("llava_lochead", args, "tiny_rec", tmp_path / "out", include_path="tests/tasks", cwd=REPO)
+    assert results is not None, log[-3000:]
+    assert '"heads_used": "self"' in log and '"selection": "official_v2"' in log and '"prompt": "official"' in log
+    _check_rec_results(results, tmp_path / "out")

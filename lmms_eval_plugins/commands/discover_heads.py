@@ -18,8 +18,11 @@ def register(subparsers) -> None:
     p.add_argument("--pretrained", required=True, help="checkpoint (hub id, local directory, or shapeworld-tiny)")
     p.add_argument("--task", required=True, help="lmms-eval task with images and referring prompts (e.g. shapeworld_rec)")
     p.add_argument("--split", default=None, help="split to search (default: the task's training split)")
-    p.add_argument("--n", type=int, default=200, help="samples per repeat (the paper uses 1000)")
-    p.add_argument("--repeats", type=int, default=1, help="independent seeded draws of n samples; frequencies over all")
+    p.add_argument("--n", type=int, default=1000, help="samples per repeat (the paper's 1000)")
+    p.add_argument("--repeats", type=int, default=5, help="independent seeded draws of n samples, frequencies over all (the paper's 5)")
+    p.add_argument("--selection", default="ours", choices=("ours", "official", "official_v2"), help="per-sample head selection (docs/lochead.md)")
+    p.add_argument("--prompt", default="task", choices=("task", "official"), help="the task's prompt, or the official referseg prompt")
+    p.add_argument("--checkpoint-every", type=int, default=50, help="save partial counts every this many samples (a rerun resumes)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--per-sample", type=int, default=10, help="lowest-entropy heads kept per sample")
     p.add_argument("--connectivity", type=int, default=8, choices=(4, 8))
@@ -61,6 +64,9 @@ def run(args) -> int:
             n=args.n,
             seed=args.seed,
             repeats=args.repeats,
+            selection=args.selection,
+            prompt=args.prompt,
+            checkpoint_every=max(1, args.checkpoint_every),
             include_path=args.include_path,
             per_sample=args.per_sample,
             connectivity=args.connectivity,

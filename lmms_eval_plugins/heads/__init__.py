@@ -101,8 +101,9 @@ def _fingerprint(model) -> str:
     return h.hexdigest()[:16]
 
 
-def cache_path(model, task: str, split: str, n: int, seed: int, repeats: int, per_sample: int, connectivity: int) -> Path:
-    key = json.dumps([_fingerprint(model), task, split, n, seed, repeats, per_sample, connectivity])
+def cache_path(model, task: str, split: str, n: int, seed: int, repeats: int, per_sample: int, connectivity: int, selection: str = "ours", prompt: str = "task") -> Path:
+    settings = [_fingerprint(model), task, split, n, seed, repeats, per_sample, connectivity]
+    key = json.dumps(settings if (selection, prompt) == ("ours", "task") else [*settings, selection, prompt])
     digest = hashlib.sha256(key.encode()).hexdigest()[:12]
     name = Path(lochead.model_id(model).rstrip("/")).name
     return cache_dir() / f"{name}-{task}-{split}-n{n}-s{seed}-{digest}.json"
@@ -114,9 +115,12 @@ def discover_for_task(
     task: str,
     *,
     split: str | None = None,
-    n: int = 200,
+    n: int = 1000,
     seed: int = 0,
-    repeats: int = 1,
+    repeats: int = 5,
+    selection: str = "ours",
+    prompt: str = "task",
+    checkpoint_every: int = 50,
     include_path=None,
     per_sample: int = 10,
     connectivity: int = 8,
@@ -131,12 +135,16 @@ def discover_for_task(
 
     A cached result for the same model, task, split, n, seed and settings is reused
     (result None) unless ``use_cache`` is false; ``output`` also receives a copy. ``model_name``
-    is the id written to the file (default: the model's name_or_path).
+    is the id written to the file (default: the model's name_or_path). Defaults are the paper's scale
+    (1000 samples x 5 repeats); the counts are saved every ``checkpoint_every`` samples next to the
+    cache entry (``*.partial.json``) and a rerun with the same settings resumes from them.
+    ``selection``/``prompt``: ours | official | official_v2, task | official (docs/lochead.md).
     """
     include_path = list(include_path or []) or default_include_path()
     task_obj = load_task(task, include_path)
     split = resolve_split(task_obj, split)
-    cached = cache_path(model, task, split, n, seed, repeats, per_sample, connectivity)
+    cached = cache_path(model, task, split, n, seed, repeats, per_sample, connectivity, selection, prompt)
+    partial = cached.with_name(cached.stem + ".partial.json")
     result = None
     if use_cache and cached.is_file():
         doc = lochead.read_heads_file(cached)
@@ -147,18 +155,37 @@ def discover_for_task(
             from tqdm import tqdm
 
             bar = tqdm(total=len(samples), desc=f"discover-heads {task}/{split}")
-        on_sample = _visual_writer(save_visuals, max_visuals, processor) if save_visuals else None
+        visuals = _visual_writer(save_visuals, max_visuals, processor) if save_visuals else None
+        resumed = lochead.DiscoveryResult.from_state(json.loads(partial.read_text())) if use_cache and partial.is_file() else None
+        if bar is not None and resumed is not None:
+            bar.update(resumed.n_samples)
+
+        def on_sample(i, *rest):
+            if visuals is not None:
+                visuals(i, *rest)
+            if (i + 1) % checkpoint_every == 0:
+                _write_partial(partial, state_of["result"])
+
+        state_of = {}
         try:
-            result = lochead.discover_heads(model, processor, samples, per_sample=per_sample, connectivity=connectivity, progress=bar, on_sample=on_sample)
+            state_of["result"] = resumed or lochead.DiscoveryResult(**lochead.model_geometry(model))
+            result = lochead.discover_heads(
+                model, processor, samples, per_sample=per_sample, connectivity=connectivity, selection=selection,
+                prompt=prompt, progress=bar, on_sample=on_sample, result=state_of["result"],
+            )
         finally:
             if bar is not None:
                 bar.close()
         if save_visuals:
             _save_mean_curve(result, save_visuals)
+        rule = {
+            "ours": f"lowest-entropy top-{per_sample} per sample among the heads above the S_img knee, {connectivity}-connected components",
+            "official": f"top-{per_sample} per sample of seilk/LocalizationHeads@8ce33b0's per-sample ranking (selection=official)",
+            "official_v2": f"top-{per_sample} per sample of the 9ffe219 rewrite's analyze_heads (selection=official_v2)",
+        }[selection]
         source = (
             f"discovered by `lmms-plugins discover-heads` on {task}/{split}: {result.n_samples} samples "
-            f"(n={n} x repeats={repeats}, seed={seed}), lowest-entropy top-{per_sample} per sample among the heads above "
-            f"the S_img knee, {connectivity}-connected components, ranked by selection frequency"
+            f"(n={n} x repeats={repeats}, seeds {seed}..{seed + repeats - 1}), {rule}, prompt={prompt}, ranked by selection frequency"
         )
         doc = lochead.write_heads_file(
             cached,
@@ -167,12 +194,25 @@ def discover_for_task(
             num_layers=result.num_layers,
             num_heads=result.num_heads,
             source=source,
-            extra={"task": task, "split": split, "n_samples": result.n_samples, "seed": seed, "mean_knee_size": sum(result.knee_sizes) / max(1, len(result.knee_sizes))},
+            extra={
+                "task": task, "split": split, "n_samples": result.n_samples, "n": n, "repeats": repeats, "seed": seed,
+                "selection": selection, "prompt": prompt, "per_sample": per_sample,
+                "mean_knee_size": sum(result.knee_sizes) / max(1, len(result.knee_sizes)),
+            },
         )
+        partial.unlink(missing_ok=True)
     if output:
         Path(output).parent.mkdir(parents=True, exist_ok=True)
         Path(output).write_text(json.dumps(doc, indent=1) + "\n")
     return cached, doc, result
+
+
+def _write_partial(path: Path, result: lochead.DiscoveryResult) -> None:
+    """Atomically save the counts so far (a killed discovery resumes from them)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(result.state()))
+    os.replace(tmp, path)
 
 
 def _visual_writer(directory, max_visuals: int, processor):

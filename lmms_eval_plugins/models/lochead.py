@@ -16,17 +16,21 @@ from ..base import TechniqueSpec, wrapper_classes
 from ..params import ModelArgsError, Param
 
 PARAMS = (
-    Param("heads", str, "shipped", "shipped (heads/<model>.json) | auto (discover on discover_task) | all (mean of all heads) | random | <path.json>"),
+    Param("heads", str, "shipped", "shipped (heads/<model>.json) | auto (discover on discover_task) | self (each request's own best heads, as 9ffe219's pipeline) | all (mean of all heads) | random | <path.json>"),
     Param("top_k", int, DEFAULTS["top_k"], "how many of the ranked heads are summed", low=1),
     Param("sigma", float, DEFAULTS["sigma"], "Gaussian smoothing of each head map (grid cells)", low=0.0),
     Param("box_mode", str, DEFAULTS["box_mode"], "box of the largest component, or min/max box of all cells above the mean", choices=lochead.BOX_MODES),
     Param("connectivity", int, DEFAULTS["connectivity"], "connected components: 4- or 8-neighbourhood", choices=(4, 8)),
     Param("decimals", int, DEFAULTS["decimals"], "decimals of the box coordinates in the answer", low=1, high=6),
+    Param("selection", str, DEFAULTS["selection"], "head selection: ours | official (8ce33b0) | official_v2 (9ffe219); see docs/lochead.md", choices=lochead.SELECTIONS),
+    Param("box_scaling", str, DEFAULTS["box_scaling"], "geometry: undo the processor's pad/crop | stretch: 9ffe219's grid box stretched onto the image", choices=lochead.BOX_SCALINGS),
+    Param("prompt", str, DEFAULTS["prompt"], "task: the lmms-eval task's prompt | official: the official referseg prompt (query row = the expression's last token)", choices=lochead.PROMPTS),
     Param("check_model_id", bool, True, "refuse a heads file made for another model id"),
     Param("random_seed", int, 0, "seed of heads=random"),
     Param("discover_task", str, "", "heads=auto: lmms-eval task whose split is searched (e.g. shapeworld_rec)"),
     Param("discover_split", str, "", "heads=auto: split (default: the task's training split)"),
-    Param("discover_n", int, 200, "heads=auto: samples", low=1),
+    Param("discover_n", int, 1000, "heads=auto: samples per repeat (the paper: 1000)", low=1),
+    Param("discover_repeats", int, 5, "heads=auto: repeats with seeds seed..seed+repeats-1 (the paper: 5)", low=1),
     Param("discover_seed", int, 0, "heads=auto: sampling seed"),
     Param("include_path", str, "", "heads=auto: extra lmms-eval task directory (default: the project's task_configs)"),
     Param("sam", str, "", "optional local SAM checkpoint directory (transformers SamModel): mask from the box + peak point"),
@@ -40,8 +44,8 @@ def resolve_heads(p: dict, model):
 
     choice = p["heads"]
     geo = lochead.model_geometry(model)
-    if choice == "all":
-        return "all"
+    if choice in ("all", "self"):
+        return choice
     if choice == "random":
         return lochead.random_heads(geo["num_layers"], geo["num_heads"], p["top_k"], p["random_seed"])
     if choice == "auto":
@@ -56,7 +60,10 @@ def resolve_heads(p: dict, model):
             p["discover_task"],
             split=p["discover_split"] or None,
             n=p["discover_n"],
+            repeats=p["discover_repeats"],
             seed=p["discover_seed"],
+            selection=p["selection"],
+            prompt=p["prompt"],
             include_path=[p["include_path"]] if p["include_path"] else None,
             save_visuals=Path(p["save_visuals"]) / "discovery" if p["save_visuals"] else None,
             max_visuals=p["max_visuals"],
@@ -105,6 +112,10 @@ SPEC = TechniqueSpec(
     build=build,
     presets={
         "paper": {"top_k": 3, "sigma": 1.0, "box_mode": "minmax"},
+        # 8ce33b0 (HEAD): its prompt and head selection (discovery only; HEAD has no box code: the paper's box)
+        "official": {"prompt": "official", "selection": "official", "top_k": 3, "sigma": 1.0, "box_mode": "minmax"},
+        # 9ffe219: each request's own top-5 heads, its selection, its min/max box stretched onto the image
+        "official_v2": {"prompt": "official", "selection": "official_v2", "heads": "self", "top_k": 5, "sigma": 1.0, "box_mode": "minmax", "box_scaling": "stretch"},
         "all_heads": {"heads": "all"},
         "random_head": {"heads": "random", "top_k": 1},
     },
