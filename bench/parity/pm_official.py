@@ -453,7 +453,14 @@ def main():
         "model": {"builder": "bench/parity/tiny_llava15.py", **info},
         "shim": {"cpu_shim_sha256": hashlib.sha256(shim_src.encode()).hexdigest(), "stubs": STUBS,
                  "stubs_sha256": hashlib.sha256(STUBS.encode()).hexdigest()},
+        "harness_sha256": hashlib.sha256(Path(__file__).read_bytes()).hexdigest(),
         "decoding": "do_sample=True, temperature=1.0 (model_generate.py:698) with top_k=1 (deterministic)",
+        "changes_to_official_behaviour": [
+            "accept_resample_args: transformers' _validate_model_kwargs skipped for the generate calls that pass "
+            "resample_args (the per-token path cannot start otherwise under transformers 4.37.2: an official bug)",
+            "cpu_shim: cuda -> cpu, half() keeps float32; stubs: cv2, matplotlib, experiments.API.DatasetManager (never called)",
+        ],
+        "once_path": "model_generate.py:319-418's map = step 0 of pm_sample.sample (same calls), then model_generate.py:557-561",
         "official_stack": {"python": sys.version.split()[0], "pip_freeze": pip_freeze()},
     }
     (args.out / "provenance.json").write_text(json.dumps(provenance, indent=1))
