@@ -45,8 +45,9 @@ DEFAULTS = {"top_k": 3, "sigma": 1.0, "box_mode": "component", "connectivity": 8
 BOX_MODES = ("component", "minmax")
 BOX_SCALINGS = ("geometry", "stretch")  # undo the processor's pad/resize/crop | 9ffe219's stretch of the grid onto W x H
 PROMPTS = ("task", "official")  # the lmms-eval task's prompt | the official referseg prompt (official_prompt_ids)
-# The reference code's heads for llava-1.5-7b (0-based layer, head); shipped in heads/llava-1.5-7b-hf.json.
-REFERENCE_HEADS_7B = ((14, 24), (14, 13), (14, 26))
+# The heads shipped in heads/llava-1.5-7b-hf.json (0-based layer, head): a third-party fork's hand-set
+# list (liu-hanyu-97/LocalizationHeads conf/logic/selection_best.yaml), not the paper's or the official code's.
+FORK_HEADS_7B = ((14, 24), (14, 13), (14, 26))
 
 # ---------------------------------------------------------------------------------------
 # Head selection arithmetic

@@ -313,8 +313,9 @@ def test_heads_files_validate_against_the_model(byte_model, tmp_path):
 
     seven_b = shipped_heads_path("llava-hf/llava-1.5-7b-hf")
     doc = json.loads(seven_b.read_text())
-    assert [(h["layer"], h["head"]) for h in doc["heads"]] == list(L.REFERENCE_HEADS_7B)
-    assert "2503.06287" in doc["source"]
+    assert [(h["layer"], h["head"]) for h in doc["heads"]] == list(L.FORK_HEADS_7B)
+    assert doc["source"].startswith("NOT the paper's") and "selection_best.yaml" in doc["source"]
+    assert doc["provenance"]["official"] is False and doc["provenance"]["discovered_here"] is False
     with pytest.raises(L.HeadsFileError, match="made for model 'llava-hf/llava-1.5-7b-hf'"):
         L.load_heads(seven_b, model)
     with pytest.raises(L.HeadsFileError, match="num_layers=32"):

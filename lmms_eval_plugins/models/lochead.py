@@ -76,6 +76,10 @@ def resolve_heads(p: dict, model):
                 f"no shipped heads file for {lochead.model_id(model)!r} (shipped: {', '.join(shipped_heads())}); "
                 "use heads=auto with discover_task=..., heads=<path.json> from `lmms-plugins discover-heads`, or heads=all"
             )
+        if lochead.read_heads_file(path).get("provenance", {}).get("official") is False:
+            from loguru import logger
+
+            logger.warning(f"heads=shipped: {path.name} holds a third-party fork's hand-set heads, not the paper's (see its 'source')")
         return lochead.load_heads(path, model, check_model_id=p["check_model_id"])
     return lochead.load_heads(choice, model, check_model_id=p["check_model_id"])
 
