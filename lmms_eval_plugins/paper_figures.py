@@ -16,7 +16,7 @@ STANDS_FOR = {
     "shapeworld_pope_popular": "pope_pop",
     "shapeworld_pope_adversarial": "pope_adv",
     "shapeworld_chair": "coco_cap_chair",
-    "shapeworld_rec": "refcoco_bbox_rec",
+    "shapeworld_rec": "refcoco_bbox_rec_val",  # the localization-heads paper's first REC column
     # the PM paper's evaluation (task_configs/pm_official) and its ShapeWorld twins
     "shapeworld_pope_random_first_token": "pope_random_first_token",
     "shapeworld_pope_popular_first_token": "pope_pop_first_token",
@@ -86,8 +86,37 @@ _PM_FIGURES = [
            preset="official_pope", differs=_PM_POPE),
 ]
 
+# Localization heads (Kang et al., CVPR 2025, arXiv 2503.06287), LLaVA-1.5-7B with its own heads (no training).
+# REC accuracy at IoU 0.5 (percent; lmms-eval's refcoco_ACC@0.5 is a fraction) and RES mIoU with SAM.
+_LOCHEAD = "Localization heads (Kang et al., CVPR 2025), REC / RES tables, LLaVA-1.5-7B"
+_LOCHEAD_REC = (
+    "heads discovered by the paper on RefCOCO train (1000 samples x 5; not the heads we ship for llava-1.5-7b-hf, "
+    "a third-party fork's list), prompt = the bare expression, the original LLaVA-1.5 with pad-to-square; lmms-eval's "
+    "refcoco_bbox_rec tasks prompt with an instruction through the chat template and llava-hf's processor centre-crops"
+)
+_LOCHEAD_RES = (
+    "mask mIoU with SAM prompted by the heads' box and point; lmms-eval has no mask-scored RES task (its refcoco_seg "
+    "tasks score captions)"
+)
+_LOCHEAD_SPLITS = [
+    ("refcoco", "val", 86.5, 74.2), ("refcoco", "testA", 89.8, 76.5), ("refcoco", "testB", 80.2, 70.4),
+    ("refcoco+", "val", 80.1, 62.5), ("refcoco+", "testA", 86.3, 65.2), ("refcoco+", "testB", 71.9, 56.0),
+    ("refcocog", "val", 82.3, 64.2), ("refcocog", "test", 83.0, 68.1),
+]
+_LOCHEAD_FIGURES = [
+    figure
+    for ds, split, rec, res in _LOCHEAD_SPLITS
+    for figure in (
+        Figure(model="llava_lochead", row=f"LLaVA-1.5-7B, {ds} {split}, REC Acc@0.5", task=f"{ds}_bbox_rec_{split}",
+               metric="refcoco_ACC@0.5", value=rec, source=_LOCHEAD, preset="paper", differs=_LOCHEAD_REC),
+        Figure(model="llava_lochead", row=f"LLaVA-1.5-7B, {ds} {split}, RES mIoU (SAM)", task=f"{ds}_bbox_rec_{split}",
+               metric=None, value=res, source=_LOCHEAD, preset=None, differs=_LOCHEAD_RES, primary=False),
+    )
+]
+
 FIGURES: list[Figure] = [
     *_PM_FIGURES,
+    *_LOCHEAD_FIGURES,
     *_chair_rows("llava_hf", "LLaVA-1.5 (original)", _PAINT_MAIN, None, 46.2, 13.8, 75.9),
     # PAI as PAINT's table reports it (PAI's own settings in that run are not stated)
     *_chair_rows("llava_pai", "PAI", _PAINT_MAIN, None, 24.6, 6.8, 74.7),

@@ -485,3 +485,25 @@ def test_official_presets_parse(byte_ckpt):
     assert (v2["heads"], v2["selection"], v2["box_scaling"], v2["prompt"], v2["top_k"]) == ("self", "official_v2", "stretch", "official", 5)
     head = parse_params((*SPEC.params, *COMMON_PARAMS), {"preset": "official"}, SPEC.presets, owner=SPEC.name)
     assert (head["selection"], head["prompt"], head["box_scaling"]) == ("official", "official", "geometry")
+
+
+def test_paper_figures_map_to_lmms_eval_rec_tasks_and_metrics():
+    """The paper's REC/RES figures name real lmms-eval tasks; REC rows carry the metric those tasks report."""
+    from pathlib import Path
+
+    import lmms_eval
+    import yaml
+
+    from lmms_eval_plugins.paper_figures import figures_for, paper_figure
+
+    assert paper_figure("llava_lochead", "shapeworld_rec", "refcoco_ACC@0.5").startswith("86.5 ")
+    rows = figures_for("llava_lochead")
+    assert len(rows) == 16 and all(f.source and f.differs for f in rows)
+    tasks = Path(lmms_eval.__file__).parent / "tasks"
+    for f in rows:
+        ds = f.task.split("_bbox_rec_")[0]
+        assert (tasks / ds / f"{f.task}.yaml").is_file(), f.task
+        if f.metric is not None:
+            template = (tasks / ds / "_default_template_bbox_rec_yaml").read_text()
+            metrics = [m["metric"] for m in yaml.safe_load("\n".join(l for l in template.splitlines() if "!function" not in l))["metric_list"]]
+            assert f.metric in metrics
