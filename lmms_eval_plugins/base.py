@@ -29,7 +29,7 @@ import torch
 from loguru import logger
 
 from methods import hooks
-from methods.technique import Request, Technique
+from methods.technique import Request, Technique, mean_colour, pad_to_square
 
 from .params import ModelArgsError, Param, parse_params
 
@@ -51,6 +51,7 @@ COMMON_PARAMS = (
     Param("save_visuals", str, "", "directory for PNG visuals of the first samples (empty: none)"),
     Param("max_visuals", int, 8, "how many samples get saved visuals", low=0),
     Param("cache_chunk", int, 16, "with --use_cache: answers are made durable every this many requests", low=1),
+    Param("pad_to_square", bool, False, "pad each image to a centred square of the processor's mean colour before the processor (original LLaVA-1.5's expand2square; llava-hf's processor alone centre-crops)"),
 )
 
 
@@ -103,15 +104,33 @@ class RecordingProcessor:
     """The processor as lmms-eval uses it, remembering the last call's images and text
     (a technique such as the Perception Magnifier needs the original full-resolution image)."""
 
-    def __init__(self, processor):
+    def __init__(self, processor, pad_to_square: bool = False):
         self.__dict__["_processor"] = processor
         self.__dict__["last_images"] = []
+        self.__dict__["last_pads"] = []
         self.__dict__["last_text"] = None
+        self.__dict__["_pad_fill"] = mean_colour(processor) if pad_to_square else None
+
+    def _pad(self, images):
+        """pad_to_square: every image on its mean-colour square (one place for every wrapper); records the pads."""
+        flat = [im for group in images for im in (group if isinstance(group, list) else [group])]
+        if self._pad_fill is None:
+            self.__dict__["last_pads"] = []
+            return images, flat
+        padded = [pad_to_square(im, self._pad_fill) for im in flat]
+        self.__dict__["last_pads"] = [p for _, p in padded]
+        squares = iter([im for im, _ in padded])
+        regrouped = [[next(squares) for _ in g] if isinstance(g, list) else next(squares) for g in images]
+        return regrouped, [im for im, _ in padded]
 
     def __call__(self, *args, **kwargs):
         if "images" in kwargs:  # generation and the loglikelihood continuation call pass images
             images = kwargs["images"] or []
-            self.__dict__["last_images"] = [im for group in images for im in (group if isinstance(group, list) else [group])]
+            if images:
+                kwargs["images"], flat = self._pad(images)
+            else:
+                flat = []
+            self.__dict__["last_images"] = flat
             text = kwargs.get("text")
             self.__dict__["last_text"] = text[0] if isinstance(text, list) else text
             if not images:  # transformers 5 fails on images=[]; the technique reports "no image" itself
@@ -120,7 +139,7 @@ class RecordingProcessor:
             # lmms-eval 0.7.3's simple llava_hf tokenizes the loglikelihood context with its
             # <image> but without the image, which transformers 5 refuses. The context is only
             # used for its length (to mask labels), so hand the request's image back.
-            kwargs["images"] = self.last_images
+            kwargs["images"] = self.last_images  # already padded
         return self._processor(*args, **kwargs)
 
     def __getattr__(self, name):
@@ -158,6 +177,7 @@ class TechniqueModel:
             images=list(self._processor.last_images),
             text=self._processor.last_text,
             processor=self._processor._processor,
+            pads=list(self._processor.last_pads),
         )
 
     def _run(self, what: str, kwargs):
@@ -243,7 +263,7 @@ class TechniqueMixin:
         hooks.install(self._model)
         self.technique_params = params
         self.technique = spec.build(params, self._model)
-        self._image_processor = RecordingProcessor(self._image_processor)
+        self._image_processor = RecordingProcessor(self._image_processor, pad_to_square=params["pad_to_square"])
         logger.info(f"{spec.name} recipe: {json.dumps(self.technique.describe(), default=str)}")
 
     def loglikelihood(self, requests):

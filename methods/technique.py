@@ -20,13 +20,66 @@ class RequestError(ValueError):
     """The request cannot be served by the technique (no image, several images, ...)."""
 
 
+@dataclasses.dataclass(frozen=True)
+class SquarePad:
+    """Where an image sits in its pad-to-square canvas (LLaVA-1.5's ``expand2square``: the image
+    centred on a max(w, h) square of the processor's mean colour, llava/mm_utils.py). Boxes and maps
+    in fractions of the square map back to fractions of the original with ``to_original``."""
+
+    orig_w: int
+    orig_h: int
+
+    @property
+    def side(self) -> int:
+        return max(self.orig_w, self.orig_h)
+
+    @property
+    def offset(self) -> tuple[int, int]:
+        return (self.side - self.orig_w) // 2, (self.side - self.orig_h) // 2
+
+    def to_original(self, box) -> list[float]:
+        """(x1, y1, x2, y2) in fractions of the square -> fractions of the original image, clipped to 0..1."""
+        ox, oy = self.offset
+        clip = lambda v: min(1.0, max(0.0, v))  # noqa: E731
+        x1, y1, x2, y2 = box
+        return [clip((x1 * self.side - ox) / self.orig_w), clip((y1 * self.side - oy) / self.orig_h),
+                clip((x2 * self.side - ox) / self.orig_w), clip((y2 * self.side - oy) / self.orig_h)]
+
+    def to_square(self, box) -> list[float]:
+        """(x1, y1, x2, y2) in fractions of the original image -> fractions of the square."""
+        ox, oy = self.offset
+        x1, y1, x2, y2 = box
+        return [(x1 * self.orig_w + ox) / self.side, (y1 * self.orig_h + oy) / self.side,
+                (x2 * self.orig_w + ox) / self.side, (y2 * self.orig_h + oy) / self.side]
+
+
+def pad_to_square(image, fill) -> tuple[Any, SquarePad]:
+    """(the image on its centred square canvas of colour ``fill``, its SquarePad); square images unchanged."""
+    from PIL import Image
+
+    image = image.convert("RGB") if image.mode != "RGB" else image
+    pad = SquarePad(*image.size)
+    if pad.orig_w == pad.orig_h:
+        return image, pad
+    canvas = Image.new("RGB", (pad.side, pad.side), tuple(int(c) for c in fill))
+    canvas.paste(image, pad.offset)
+    return canvas, pad
+
+
+def mean_colour(processor) -> tuple[int, int, int]:
+    """The image processor's mean as 0..255 RGB (what expand2square fills with: int(x * 255))."""
+    ip = getattr(processor, "image_processor", processor)
+    return tuple(int(x * 255) for x in getattr(ip, "image_mean", (0.5, 0.5, 0.5)))
+
+
 @dataclasses.dataclass
 class Request:
     """One lmms-eval request as a technique sees it (batch size 1).
 
     input_ids: (1, n) prompt ids (with the continuation, for a loglikelihood forward);
     prompt_len: number of prompt tokens; rows >= prompt_len - 1 predict answer tokens;
-    images: the original visuals given to the processor (PIL images, full resolution);
+    images: the visuals given to the processor (PIL images, full resolution; with
+    pad_to_square, the padded squares, and ``pads`` maps them back to the originals);
     text: the prompt text given to the processor; processor: to re-process an image.
     """
 
@@ -37,6 +90,7 @@ class Request:
     text: str | None = None
     processor: Any = None
     doc_key: str | None = None  # optional stable id of the document (for saved visuals)
+    pads: list = dataclasses.field(default_factory=list)  # SquarePad per image when pad_to_square is on (images are then the squares)
 
     def __post_init__(self):
         if self.input_ids.shape[0] != 1:
