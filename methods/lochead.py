@@ -382,6 +382,12 @@ class Geometry:
         clip = lambda v: min(1.0, max(0.0, v))  # noqa: E731
         return [clip(xs[0]), clip(ys[0]), clip(xs[1]), clip(ys[1])]
 
+    def after_pad(self, pad) -> "Geometry":
+        """This geometry (of a pad-to-square canvas) composed with the pad: original -> square -> processed."""
+        ox, oy = pad.offset
+        return Geometry(self.scale_x, self.scale_y, self.offset_x + ox * self.scale_x, self.offset_y + oy * self.scale_y,
+                        self.out_w, self.out_h, pad.orig_w, pad.orig_h)
+
     def to_processed(self, box: Sequence[float]) -> list[float]:
         """A box in fractions of the original image -> fractions of the processed image (unclipped)."""
         x1, y1, x2, y2 = box
@@ -791,6 +797,18 @@ class Located:
     combined: torch.Tensor  # (h, w)
     geometry: Geometry | None
     mask: torch.Tensor | None = None  # optional SAM mask (original image size)
+    image: object = None  # the original image (without the pad_to_square canvas)
+
+
+def original_image(req: Request):
+    """The request's first image as the user gave it: pad_to_square's canvas cropped away."""
+    if not req.images:
+        return None
+    if not req.pads:
+        return req.images[0]
+    pad = req.pads[0]
+    ox, oy = pad.offset
+    return req.images[0].crop((ox, oy, ox + pad.orig_w, oy + pad.orig_h))
 
 
 class LocHead(Technique):
@@ -852,15 +870,17 @@ class LocHead(Technique):
         elif req.images and req.processor is not None:
             ip = getattr(req.processor, "image_processor", req.processor)
             geometry = processor_geometry(ip, req.images[0].size)
+            if req.pads:  # pad_to_square: the processor saw the square; map through the pad too
+                geometry = geometry.after_pad(req.pads[0])
             box = geometry.to_original(box_p)
         else:
             box = list(box_p)
-        located = Located(box, box_p, heads, head_maps, combined, geometry)
+        located = Located(box, box_p, heads, head_maps, combined, geometry, image=original_image(req))
         if self.refiner is not None and req.images:
             peak = int(torch.argmax(combined))
             cell = [(peak % gw + 0.5) / gw, (peak // gw + 0.5) / gh]
             point = (geometry.to_original(cell * 2) if geometry else cell * 2)[:2]
-            located.mask, mask_box = self.refiner(req.images[0], box, point)
+            located.mask, mask_box = self.refiner(located.image, box, point)
             if self.refiner.use_box and mask_box is not None:
                 located.box = mask_box
         if self.on_located is not None:

@@ -94,3 +94,15 @@ def test_preset_official_v2_through_the_chat_path(byte_ckpt, tmp_path):
     assert results is not None, log[-3000:]
     assert '"heads_used": "self"' in log and '"selection": "official_v2"' in log and '"prompt": "official"' in log
     _check_rec_results(results, tmp_path / "out")
+
+
+def test_pad_to_square_through_the_cli(byte_ckpt, tmp_path):
+    """pad_to_square=true (the base wrapper's option): the processor gets squares, the box comes back in original fractions."""
+    from methods.lochead import write_heads_file
+
+    heads = tmp_path / "heads.json"
+    write_heads_file(heads, [{"layer": 2, "head": 1}], model_id=str(byte_ckpt), num_layers=4, num_heads=4, source="test")
+    args = f"pretrained={byte_ckpt},heads={heads},top_k=1,pad_to_square=true"
+    results, log = run_lmms_eval("llava_lochead", args, "tiny_rec", tmp_path / "out", include_path="tests/tasks", cwd=REPO)
+    assert results is not None, log[-3000:]
+    _check_rec_results(results, tmp_path / "out")

@@ -104,7 +104,7 @@ def visual_saver(directory: Path, max_visuals: int):
         if count["n"] >= max_visuals:
             return
         directory.mkdir(parents=True, exist_ok=True)
-        render_located(req.images[0], located, mask=located.mask).save(directory / f"lochead_{count['n']:04d}.png")
+        render_located(located.image or req.images[0], located, mask=located.mask).save(directory / f"lochead_{count['n']:04d}.png")
         count["n"] += 1
 
     return save
