@@ -654,6 +654,10 @@ def official_prompt_ids(tokenizer, query: str, image_token_id: int, n_image_toke
 # ---------------------------------------------------------------------------------------
 
 
+def _finite_or_none(x: float):
+    return x if math.isfinite(x) else None
+
+
 @dataclasses.dataclass
 class DiscoveryResult:
     """Selection counts over samples; ``ranked()`` gives the heads file entries."""
@@ -706,7 +710,7 @@ class DiscoveryResult:
                 "head": h,
                 "frequency": round(self.counts[(l, h)] / self.n_samples, 4),
                 "count": self.counts[(l, h)],
-                "mean_entropy": round(self.entropy_sum[(l, h)] / self.counts[(l, h)], 4),
+                "mean_entropy": _finite_or_none(round(self.entropy_sum[(l, h)] / self.counts[(l, h)], 4)),  # None: 9ffe219's fallback heads have no entropy
                 "mean_s_img": round(float(mean_s[l, h]), 4),
             }
             for l, h in order
@@ -715,7 +719,7 @@ class DiscoveryResult:
     def table(self, top: int = 20) -> str:
         rows = ["rank  layer  head  frequency  mean_entropy  mean_S_img"]
         for i, r in enumerate(self.ranked()[:top], 1):
-            rows.append(f"{i:>4}  {r['layer']:>5}  {r['head']:>4}  {r['frequency']:>9.3f}  {r['mean_entropy']:>12.3f}  {r['mean_s_img']:>10.3f}")
+            rows.append(f"{i:>4}  {r['layer']:>5}  {r['head']:>4}  {r['frequency']:>9.3f}  {r['mean_entropy'] if r['mean_entropy'] is not None else math.inf:>12.3f}  {r['mean_s_img']:>10.3f}")
         return "\n".join(rows)
 
 

@@ -92,6 +92,6 @@ def _table(heads, top: int) -> str:
     for i, h in enumerate(heads[:top], 1):
         rows.append(
             f"{i:>4}  {h['layer']:>5}  {h['head']:>4}  {h.get('frequency', float('nan')):>9.3f}  "
-            f"{h.get('mean_entropy', float('nan')):>12.3f}  {h.get('mean_s_img', float('nan')):>10.3f}"
+            f"{h.get('mean_entropy') if h.get('mean_entropy') is not None else float('inf'):>12.3f}  {h.get('mean_s_img', float('nan')):>10.3f}"
         )
     return "\n".join(rows)
