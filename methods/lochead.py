@@ -22,6 +22,11 @@ connected component (or the min/max box of all kept cells) is mapped back throug
 processor's geometry (pad-to-square or resize+center-crop) to the original image and
 written as ``[x1, y1, x2, y2]`` in 0..1, the format lmms-eval's ``refcoco*_bbox_rec``
 tasks parse.
+
+The official code's rules (seilk/LocalizationHeads @ 8ce33b0 and the authors' 9ffe219 rewrite)
+differ in the prompt, the entropy, the elbow, the filters and the box; they are here one function
+per official step (``official_*``, ``rank_heads_official*``), selected by ``selection``, ``prompt``,
+``box_scaling`` and ``heads="self"``, and proven against golden fixtures (docs/lochead.md).
 """
 
 from __future__ import annotations

@@ -507,3 +507,20 @@ def test_paper_figures_map_to_lmms_eval_rec_tasks_and_metrics():
             template = (tasks / ds / "_default_template_bbox_rec_yaml").read_text()
             metrics = [m["metric"] for m in yaml.safe_load("\n".join(l for l in template.splitlines() if "!function" not in l))["metric_list"]]
             assert f.metric in metrics
+
+
+def test_no_attention_carried_over_between_samples(byte_model):
+    """8ce33b0's batch bug (attention stored only on the first forward of the process, modeling_llama.py:202-204)
+    is not ours: each sample's maps are its own, whatever came before."""
+    model, processor, *_ = byte_model
+
+    def maps(image, text):
+        inputs = L.prompt_inputs(processor, image, text)
+        return L.capture_image_maps(model, inputs, hooks.image_positions(inputs["input_ids"], model.config.image_token_id))
+
+    a = (Image.new("RGB", (40, 32), (200, 30, 30)), "the red one")
+    b = (Image.new("RGB", (32, 40), (30, 30, 200)), "the blue one")
+    alone = maps(*b)
+    maps(*a)
+    after = maps(*b)
+    assert torch.equal(alone, after) and not torch.equal(maps(*a), after)
