@@ -214,3 +214,23 @@ def test_provenance_is_complete(fixtures):
     assert prov["repositories"]["v2"]["commit"].startswith("9ffe219")
     assert len(prov["shim"]["cpu_shim_sha256"]) == 64 and len(prov["shim"]["stubs_sha256"]) == 64
     assert prov["model"]["fingerprint"] and prov["official_stack"]["pip_freeze"]
+
+
+@pytest.mark.parametrize("name", ["v2_fallback", "mixed"])
+def test_whole_analyses_on_synthetic_stacks(fixtures, name):
+    """Both analyses end to end on small stacks: 9ffe219's fallback when nothing is kept (layers 0-1 dropped,
+    bottom-row heads dropped: the top sum), HEAD's elbow bug and its entropy-0 heads ranked first."""
+    fx, arrays, _ = fixtures
+    ref = fx["synthetic_stacks"][name]
+    stack = torch.from_numpy(arrays[f"stack_{name}"])
+    fin = lambda e: e if math.isfinite(e) else None  # noqa: E731
+    kept = lochead.rank_heads_official_v2(stack, GRID)
+    assert [[r["layer"], r["head"]] for r in kept] == [k[:2] for k in ref["v2_kept"]]
+    for r, k in zip(kept, ref["v2_kept"]):
+        assert (fin(r["spatial_entropy"]) is None) == (k[2] is None)
+        if k[2] is not None:
+            assert r["spatial_entropy"] == pytest.approx(k[2], abs=ENTROPY_ATOL)
+    ranked = lochead.rank_heads_official(stack, GRID)
+    assert [[r["layer"], r["head"]] for r in ranked] == [k[:2] for k in ref["head_ranking"]]
+    for r, k in zip(ranked, ref["head_ranking"]):
+        assert (fin(r["spatial_entropy"]) is None) == (k[2] is None)

@@ -175,6 +175,25 @@ def synthetic_maps() -> dict:
     return maps
 
 
+def synthetic_stacks() -> dict:
+    """Small [L, H, 1, 576] attention stacks built from the synthetic maps."""
+    m = {k: torch.from_numpy(v).flatten() for k, v in synthetic_maps().items()}
+    scaled = lambda t, f: t * f  # noqa: E731
+    # layers 0-1 hold the strong heads (dropped by 9ffe219), layer 2 only bottom-row heads: nothing is kept
+    fallback = torch.stack([
+        torch.stack([scaled(m["one_blob"], 3.0), scaled(m["two_blobs_and_a_speck"], 3.0)]),
+        torch.stack([scaled(m["random"], 1.5), scaled(m["one_blob"], 2.5)]),
+        torch.stack([scaled(m["bottom_row"], 2.0), scaled(m["bottom_row"], 1.0)]),
+    ])[:, :, None, :]
+    mixed = torch.stack([
+        torch.stack([m["uniform"], m["faint"], scaled(m["random"], 0.5)]),
+        torch.stack([scaled(m["one_blob"], 0.2), m["two_blobs_and_a_speck"], m["uniform"]]),
+        torch.stack([m["random"], scaled(m["one_blob"], 1.2), m["faint"]]),
+        torch.stack([scaled(m["two_blobs_and_a_speck"], 1.1), m["bottom_row"], scaled(m["random"], 0.8)]),
+    ])[:, :, None, :]
+    return {"v2_fallback": fallback.float().contiguous(), "mixed": mixed.float().contiguous()}
+
+
 def analyze(args) -> None:
     scratch, out = Path(args.scratch), Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -245,6 +264,20 @@ def analyze(args) -> None:
         grid = v2_bbox.bbox_from_mask(v2_bbox.binarize_mean_relu(combo))
         fixture["synthetic"][name]["v2"]["bbox_grid"] = list(map(int, grid))
         fixture["synthetic"][name]["v2"]["bbox_img"] = list(map(int, v2_bbox.scale_bbox_to_image(grid, (640, 480), 24)))
+    # whole analyses on small synthetic stacks [L, H, 1, 576]: 9ffe219's fallback (nothing kept: the top sums
+    # without bottom-row focus, analyze.py:113-116) and HEAD's ranking with its elbow bug on 4 x 3 heads
+    fixture["synthetic_stacks"] = {}
+    for name, stack in synthetic_stacks().items():
+        arrays[f"stack_{name}"] = stack[:, :, 0].numpy()
+        path = Path(args.scratch) / f"stack_{name}.pkl"
+        with open(path, "wb") as f:
+            pickle.dump(stack, f)
+        kept = v2_analyze.analyze_heads(cfg, stack, {"patch_size": 24})
+        head_results = finder.analyze_attention_file(str(path))
+        fixture["synthetic_stacks"][name] = {
+            "v2_kept": [[r["layer"], r["head"], _finite(r["spatial_entropy"])] for r in kept],
+            "head_ranking": [[r["layer"], r["head"], _finite(r["spatial_entropy"])] for r in head_results],
+        }
     curves = {"convex": [0.01 * k * k for k in range(40)], "plateau": [1.0] * 5 + [0.1 * k for k in range(20)], "shuffled": list(np.random.default_rng(5).permutation(np.linspace(0, 1, 30) ** 3))}
     fixture["elbow"] = {
         name: {"values": [float(v) for v in c], "head_index": int(finder.find_elbow_point(list(range(len(c))), list(c))), "v2_value": float(v2_analyze.elbow_chord(list(c)))}
