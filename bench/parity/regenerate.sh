@@ -21,7 +21,7 @@ while [ $# -gt 0 ]; do
     --paint) PAINT=$2; shift 2 ;;
     --pm) PM=$2; shift 2 ;;
     --vlminterp) VLMINTERP=1; shift ;;
-    --lochead) LOCHEAD=$2; shift 2 ;;  # HEAD_CHECKOUT:V2_CHECKOUT (8ce33b0 and 9ffe219); needs --pai (LLaVA-1.5's llava/)
+    --lochead) LOCHEAD=$2; shift 2 ;;  # HEAD_CHECKOUT:V2_CHECKOUT (8ce33b0 and 9ffe219); LLaVA-1.5's llava/ from LOCHEAD_LLAVA=DIR or --pai
     --official-venv) OFFICIAL_VENV=$2; shift 2 ;;
     --python) OURS=$2; shift 2 ;;
     *) echo "unknown argument $1" >&2; exit 2 ;;
@@ -55,7 +55,7 @@ fi
 if [ -n "$LOCHEAD" ]; then
   # localization heads: LLaVA-1.5's forward (PAI's bundled llava/), then both official analyses; scipy, pyyaml
   "$OFFICIAL_VENV/bin/python" -c "import scipy, yaml" 2>/dev/null || "$OFFICIAL_VENV/bin/pip" install -q "scipy<1.14" pyyaml
-  "$OFFICIAL_VENV/bin/python" "$HERE/lochead_official.py" collect --llava "${PAI:?--lochead needs --pai}" --model "$WORK/model" --scratch "$WORK/lochead"
+  "$OFFICIAL_VENV/bin/python" "$HERE/lochead_official.py" collect --llava "${LOCHEAD_LLAVA:-${PAI:?--lochead needs the LLaVA-1.5 llava package: --pai DIR or LOCHEAD_LLAVA=DIR}}" --model "$WORK/model" --scratch "$WORK/lochead"
   "$OFFICIAL_VENV/bin/python" "$HERE/lochead_official.py" analyze --head "${LOCHEAD%%:*}" --v2 "${LOCHEAD##*:}" \
     --scratch "$WORK/lochead" --out "$REPO/tests/fixtures/official/lochead"
   "$OURS" "$HERE/lochead_compare.py" --scratch "$WORK/lochead" --model "$WORK/model" --fixtures "$REPO/tests/fixtures/official/lochead"
