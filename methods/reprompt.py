@@ -46,8 +46,10 @@ from . import hooks
 from .technique import Request, RequestError, Technique, layer_range
 
 MODES = ("prune", "compressed")
-SELECTIONS = ("pooled", "per_layer")
+SELECTIONS = ("pooled", "per_layer", "describe")
 SCORE_ROWS = ("query", "last")
+DESCRIBE_SCORES = ("attn_over_gen", "attn_over_query", "norm", "random")  # run_on_coco.py -k_selection_method
+PRUNE_ROWS = ("after_image", "decode", "all")
 DEFAULTS = {
     "mode": "prune",
     "keep_ratio": 0.05,
@@ -58,6 +60,11 @@ DEFAULTS = {
     "keep_query": True,
     "primer": "",
     "cache_size": 32,
+    "describe_score": "attn_over_gen",
+    "describe": "\n describe the image ASSISTANT:",
+    "describe_tokens": 300,
+    "prune_rows": "after_image",
+    "seed": 0,
 }
 FORWARD_KEYS = ("input_ids", "attention_mask", "pixel_values")  # what a prefill needs of lmms-eval's inputs
 
@@ -92,10 +99,72 @@ def select(maps: dict[int, torch.Tensor], keep_ratio: float, selection: str = "p
     return {layer: top_tokens(scores[i], keep_ratio) for i, layer in enumerate(sorted(maps))}
 
 
+# ---------------------------------------------------------------------------------------
+# The official selection (OmriKaduri/vlm-interp @ 8f38051, run_on_coco.py with -k):
+# a describe-the-image generation, then per-layer top-k (mllm/utils/attention_store.py)
+# ---------------------------------------------------------------------------------------
+
+
+def official_count(k: float, n_image: int) -> int:
+    """Tokens kept: ``int(k * n)`` for a fraction (``*_percentage`` methods and ``random``), ``int(k)`` for a count.
+
+    attention_store.py get_top_k_indices_attn_over_gen / get_top_k_indices_norm / get_k_random_indices.
+    """
+    return int(k * n_image) if k < 1 else int(k)
+
+
+def describe_pass(model, ids, pixel_values, image_pos, n_tokens: int):
+    """attention_store.py ``__call__`` over run_on_coco.py's describe generation: per layer, the newest
+    query row of every forward call over the image keys, stacked (steps, heads, image tokens); and the
+    prefill's hidden states (``set_hidden_states``: the first call's, embeddings first)."""
+    n_layers = hooks.num_layers(model)
+    cap = hooks.Capture(layers=range(n_layers), rows=hooks.Rows.last(), keys=image_pos)
+    with torch.no_grad(), hooks.edited(model, cap):
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=pixel_values,
+                             do_sample=False, num_beams=1, max_new_tokens=n_tokens, min_new_tokens=n_tokens,
+                             output_hidden_states=True, return_dict_in_generate=True)
+    rows = {l: torch.cat([m[0, :, -1:, :] for m in cap.maps[l]], dim=1).transpose(0, 1) for l in cap.maps}
+    hidden = out.hidden_states[0]
+    return rows, hidden, out.sequences[:, ids.shape[1]:]
+
+
+def rank_per_layer(scores: torch.Tensor, count: int) -> list[torch.Tensor]:
+    """Per layer ``argsort(descending=True)[:count]`` (image-relative indices, ranked), attention_store.py."""
+    return [scores[l].argsort(descending=True)[:count] for l in range(scores.shape[0])]
+
+
+def attn_over_gen(rows: dict, count: int) -> list[torch.Tensor]:
+    """get_top_k_indices_attn_over_gen: mean over the generation steps, then over heads; top-k per layer."""
+    mean = torch.stack([rows[l].float().mean(dim=0).mean(dim=0) for l in sorted(rows)])
+    return rank_per_layer(mean, count)
+
+
+def attn_over_query(rows: dict, count: int) -> list[torch.Tensor]:
+    """get_top_k_indices_attn_over_query: the first call's row only (the last prompt row), mean over heads."""
+    return rank_per_layer(torch.stack([rows[l][0].float().mean(dim=0) for l in sorted(rows)]), count)
+
+
+def hidden_norm(hidden, image_pos, n_layers: int, count: int) -> list[torch.Tensor]:
+    """get_top_k_indices_norm: L2 norm of the prefill's image hidden states; layer l reads hidden_states[l]
+    (the input of layer l: embeddings for layer 0), as LlamaModel indexes ``topk_indices[layer_idx]``."""
+    norms = torch.stack([hidden[l][0, image_pos].float().norm(dim=-1) for l in range(n_layers)])
+    return rank_per_layer(norms, count)
+
+
+def random_tokens(n_image: int, n_layers: int, count: int, seed: int) -> list[torch.Tensor]:
+    """get_k_random_indices: an independent ``randperm(n)[:count]`` per layer (ours from a seeded generator)."""
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randperm(n_image, generator=g)[:count] for _ in range(n_layers)]
+
+
 def image_hash(images) -> str:
     """Content hash of the request's original images (mode, size and pixels)."""
     h = hashlib.sha1()
     for im in images:
+        if isinstance(im, torch.Tensor):  # pixel tensors (tests, harness)
+            h.update(f"{tuple(im.shape)}".encode())
+            h.update(im.detach().cpu().contiguous().numpy().tobytes())
+            continue
         h.update(f"{im.mode}{im.size}".encode())
         h.update(im.tobytes())
     return h.hexdigest()
@@ -213,10 +282,16 @@ class Reprompt(Technique):
         p = self.params
         if p["mode"] not in MODES:
             raise ValueError(f"reprompt: mode={p['mode']!r} is not one of {', '.join(MODES)}")
-        if not 0 < p["keep_ratio"] <= 1:
+        count = p["selection"] == "describe" and p["keep_ratio"] >= 1 and float(p["keep_ratio"]).is_integer()
+        if not (0 < p["keep_ratio"] <= 1 or count):  # describe: a whole number is a count (official -k 28)
             raise ValueError(f"reprompt: keep_ratio={p['keep_ratio']} must be in (0, 1] (the paper keeps 0.02-0.05)")
-        if p["selection"] == "per_layer" and p["mode"] == "compressed":
-            raise ValueError("reprompt: selection=per_layer needs mode=prune (a compressed cache keeps one token set for all layers)")
+        if p["selection"] in ("per_layer", "describe") and p["mode"] == "compressed":
+            raise ValueError(f"reprompt: selection={p['selection']} needs mode=prune (a compressed cache keeps one token set for all layers)")
+        if p["describe_score"] not in DESCRIBE_SCORES:
+            raise ValueError(f"reprompt: describe_score={p['describe_score']!r} is not one of {', '.join(DESCRIBE_SCORES)}")
+        if p["prune_rows"] not in PRUNE_ROWS:
+            raise ValueError(f"reprompt: prune_rows={p['prune_rows']!r} is not one of {', '.join(PRUNE_ROWS)}")
+        self.selections: collections.OrderedDict[str, dict] = collections.OrderedDict()  # image hash -> per-layer kept
         self.n_layers = n_layers
         self.score_layers = layer_range(p["score_from_layer"], p["score_to_layer"], n_layers, default_start=0, name="reprompt scoring")
         self.contexts: collections.OrderedDict[tuple, CompressedContext] = collections.OrderedDict()
@@ -246,11 +321,52 @@ class Reprompt(Technique):
             model(**prefill, use_cache=False)
         return select(cap.latest(), self.params["keep_ratio"], self.params["selection"])
 
+    # --- the official selection: a describe pass per image, reused for every question on it ---
+
+    def describe_ids(self, req: Request) -> torch.Tensor:
+        """[prefix, image] + the describe text (run_on_coco.py: "<image>\\n describe the image" in the chat)."""
+        tok = req.processor.tokenizer if req.processor is not None else None
+        if tok is None:
+            raise RequestError("reprompt selection=describe needs the request's processor (tokenizer)")
+        img_end = int(req.image_pos[-1]) + 1
+        text = tok(self.params["describe"], add_special_tokens=False, return_tensors="pt")["input_ids"].to(req.input_ids.device)
+        return torch.cat([req.input_ids[:, :img_end], text], dim=1)
+
+    def official_selection(self, model, ids, pixel_values, image_pos) -> dict[int, torch.Tensor]:
+        """{layer: kept image-relative indices} from one describe pass (attention_store.get_top_k_indices)."""
+        p, n_layers, n = self.params, self.n_layers, image_pos.numel()
+        count = official_count(p["keep_ratio"], n)
+        if p["describe_score"] == "random":
+            return dict(enumerate(random_tokens(n, n_layers, count, p["seed"])))
+        rows, hidden, _ = describe_pass(model, ids, pixel_values, image_pos, p["describe_tokens"])
+        if p["describe_score"] == "attn_over_gen":
+            kept = attn_over_gen(rows, count)
+        elif p["describe_score"] == "attn_over_query":
+            kept = attn_over_query(rows, count)
+        else:
+            kept = hidden_norm(hidden, image_pos, n_layers, count)
+        return dict(enumerate(kept))
+
+    def describe_selection(self, model, req: Request, inputs: dict) -> dict[int, torch.Tensor]:
+        key = image_hash(req.images)
+        if key not in self.selections:
+            self.selections[key] = self.official_selection(model, self.describe_ids(req), inputs["pixel_values"], req.image_pos)
+            while len(self.selections) > self.params["cache_size"]:
+                self.selections.popitem(last=False)
+        return self.selections[key]
+
     # --- prune ---
+
+    def _prune_rows(self, req: Request) -> hooks.Rows:
+        """after_image: every row after the image (ours); decode: rows >= prompt_len, i.e. decode steps only
+        (official default min_token_for_i2t_attn_masking=1); all: every row from the image on (official 0)."""
+        pos = req.image_pos
+        return {"after_image": hooks.Rows.span(int(pos[-1]) + 1), "decode": hooks.Rows.span(req.prompt_len),
+                "all": hooks.Rows.span(int(pos[0]))}[self.params["prune_rows"]]
 
     def prune_edits(self, req: Request, kept: dict) -> list[hooks.AttnEdit]:
         pos = req.image_pos
-        rows = hooks.Rows.span(int(pos[-1]) + 1)
+        rows = self._prune_rows(req)
         edits = []
         for layer, idx in kept.items():
             dropped = torch.ones(pos.numel(), dtype=torch.bool)
@@ -261,8 +377,13 @@ class Reprompt(Technique):
             edits.append(hooks.Block(layers=layers, rows=rows, keys=pos[dropped]))
         return edits
 
+    def _kept(self, model, req: Request, kwargs) -> dict:
+        if self.params["selection"] == "describe":
+            return self.describe_selection(model, req, kwargs)
+        return self.kept_image_tokens(model, req, kwargs)
+
     def _prune_forward(self, model, req: Request, kwargs):
-        kept = self.kept_image_tokens(model, req, kwargs)
+        kept = self._kept(model, req, kwargs)
         with hooks.edited(model, *self.prune_edits(req, kept)):
             return model(**kwargs)
 
@@ -270,8 +391,8 @@ class Reprompt(Technique):
         """Pooled selection: the scoring prefill's cache cut to [prefix, kept image tokens], and the query
         re-prefilled after it, which equals masking the dropped keys (tested) but decodes over the kept
         entries only. Per-layer selection: the key masks."""
-        if self.params["selection"] == "per_layer":
-            kept = self.kept_image_tokens(model, req, kwargs)
+        if self.params["selection"] in ("per_layer", "describe") or self.params["prune_rows"] != "after_image":
+            kept = self._kept(model, req, kwargs)
             with hooks.edited(model, *self.prune_edits(req, kept)):
                 return model.generate(**kwargs)
         clock = _with_clock(kwargs)

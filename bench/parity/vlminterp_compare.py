@@ -27,12 +27,60 @@ def sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+def official_versions(python: str) -> dict:
+    v = subprocess.run(
+        [python, "-c", "import torch, transformers, importlib.metadata as m; "
+         "print(torch.__version__, transformers.__version__, m.version('llava-torch'))"],
+        capture_output=True, text=True, check=True).stdout.split()
+    return {"torch": v[0], "transformers": v[1], "llava-torch": v[2], "attn_implementation": "eager",
+            "dtype": "float32", "device": "cpu"}
+
+
+def compare_prune(args):
+    fx = Path(args.fixtures)
+    golden = json.loads((fx / "prune_official.json").read_text())
+    full = torch.load(Path(args.scratch) / "prune_official_full.pt")
+    model = tiny.build_hf_model(tiny.SEED)
+    pixels = tiny.fixed_pixels(1)
+    report = {"selections": {}, "runs": {}}
+    for sel, want in golden["selections"].items():
+        kept, new = vlminterp_ours.selection_ours(model, pixels, golden, sel)
+        same = sum(set(kept[l].tolist()) == set(want[l]) for l in kept)  # norm: official 33 entries, 32 used
+        report["selections"][sel] = {"layers_equal": f"{same}/{len(kept)}", "describe_ids_equal": new == golden["describe"]["new_ids"]}
+        print(sel, report["selections"][sel], flush=True)
+    for run in golden["runs"]:
+        out, n = vlminterp_ours.run_prune_ours(model, pixels, golden, run)
+        ours = torch.stack([s[0].float() for s in out.scores])
+        key = f"{run['selection']}/{run['name']}"
+        report["runs"][key] = {"ids_equal": out.sequences[0, n:].tolist() == run["new_ids"],
+                               "max_abs_diff_full_vocab": float((ours - full[key]).abs().max())}
+        print(key, report["runs"][key], flush=True)
+    prov = {
+        "repository": "OmriKaduri/vlm-interp",
+        "commit": golden["commit"],
+        "kind": "oracle (as tests/fixtures/official/knockout): official stack, run_on_coco.py's describe pass and "
+                "attention_store.get_top_k_indices written out in bench/parity/vlminterp_prune.py, the "
+                "leave_k_highest_indices masking in vlminterp_knockout.official_mask",
+        "command": "bash bench/parity/regenerate.sh --vlminterp --python /work/venvs/fresh/bin/python",
+        "official_stack": official_versions(args.official_python),
+        "harness_sha256": {p: sha256(HERE / p) for p in ("vlminterp_prune.py", "vlminterp_knockout.py", "cpu_shim.py", "tiny_llava15.py")},
+        "model": {"seed": tiny.SEED, "fingerprint": tiny.fingerprint(model)},
+        "fixture": "prune_official.json: describe-pass ids, per-layer kept positions per selection method, "
+                   "pruned generations (6 greedy steps: top-16 scores + row sum)",
+        "measured": report,
+    }
+    (fx / "provenance.json").write_text(json.dumps(prov, indent=2))
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--fixtures", required=True)
     ap.add_argument("--scratch", required=True, help="vlminterp_knockout.py --scratch output")
     ap.add_argument("--official-python", required=True)
+    ap.add_argument("--prune", action="store_true", help="the pruning fixtures (vlminterp_prune.py)")
     args = ap.parse_args()
+    if args.prune:
+        return compare_prune(args)
     fx = Path(args.fixtures)
     golden = json.loads((fx / "knockout_official.json").read_text())
     full = torch.load(Path(args.scratch) / "knockout_official_full.pt")
@@ -48,10 +96,6 @@ def main():
             "max_abs_diff_full_vocab": float((ours - full[run["name"]]).abs().max()),
         }
         print(run["name"], report[run["name"]], flush=True)
-    versions = subprocess.run(
-        [args.official_python, "-c", "import torch, transformers, importlib.metadata as m; "
-         "print(torch.__version__, transformers.__version__, m.version('llava-torch'))"],
-        capture_output=True, text=True, check=True).stdout.split()
     prov = {
         "repository": "OmriKaduri/vlm-interp",
         "commit": golden["commit"],
@@ -60,8 +104,7 @@ def main():
                 "harness; the patched file itself needs the patched generation utils (modified_llava_files/utils.py, "
                 "252k chars) to receive its kwargs, and neither could be checked out (no snapshot of the repository)",
         "command": "bash bench/parity/regenerate.sh --vlminterp --python /work/venvs/fresh/bin/python",
-        "official_stack": {"torch": versions[0], "transformers": versions[1], "llava-torch": versions[2],
-                           "attn_implementation": "eager", "dtype": "float32", "device": "cpu"},
+        "official_stack": official_versions(args.official_python),
         "harness_sha256": {p: sha256(HERE / p) for p in ("vlminterp_knockout.py", "cpu_shim.py", "tiny_llava15.py")},
         "model": {"seed": tiny.SEED, "fingerprint": tiny.fingerprint(model)},
         "fixture": "knockout_official.json: per run the flags, the 6 greedy ids, per step top-16 scores + row sum",

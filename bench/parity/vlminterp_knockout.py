@@ -21,7 +21,8 @@ plus the masking rules of ``modeling_llama.py`` ``LlamaAttention.forward`` (the 
 - ``block_query_unidirection``: prefill only, non-image rows -> image keys;
 - ``block_vis_to_all_from_layer``: prefill non-image rows -> image keys, decode: image keys;
 - ``block_vis_to_{gen,query,all}_not_between_layers_4_to_20``: decode / prefill / both;
-- otherwise (the final ``else``, without ``leave_k_highest_indices``): every row -> image keys, in every
+- otherwise (the final ``else``; with ``leave_k_highest_indices`` the kept keys' scores are restored,
+  used by vlminterp_prune.py): every row -> image keys, in every
   forward when ``min_token_for_i2t_attn_masking == 0``, in decode steps only when it is 1
   (run_on_coco.py argparse default 1).
 The -inf edits come before the causal mask is added (``attn_weights + attention_mask``), as there.
@@ -72,7 +73,7 @@ RUNS = [
     ("all_not_4_to_20", dict(max_layer=32, min_token=0, block_vis_to_all_not_between_layers_4_to_20=True)),
 ]
 
-STATE = {"flags": None, "image": None}  # the active run's flags and image positions
+STATE = {"flags": None, "image": None, "topk": None}  # the active run's flags, image positions, kept tokens
 
 
 def word_id(word: str) -> int:
@@ -117,7 +118,11 @@ def official_mask(scores: torch.Tensor, layer_idx: int, q_len: int) -> torch.Ten
     else:
         perform = True if f["min_token"] == 0 else q_len == 1
         if perform and after:
+            keep = STATE.get("topk")  # leave_k_highest_indices: LlamaModel passes topk_indices[layer_idx]
+            kept = scores[..., keep[layer_idx]].clone() if keep is not None else None
             scores[..., img] = inf
+            if keep is not None:  # the gather / scatter of the kept scores
+                scores[..., keep[layer_idx]] = kept
     return scores
 
 
@@ -153,15 +158,27 @@ def step_record(scores: torch.Tensor) -> dict:
     return {"topk_values": vals.tolist(), "topk_indices": idx.tolist(), "sum": s.sum(-1).tolist()}
 
 
-def prompt_ids():
+def prompt_ids(question: str = QUESTION):
     """conv_templates['llava_v1'] prompt (llava_wrapper.py chat_step_by_step), words hashed around <image>."""
     from llava.conversation import conv_templates
 
     conv = conv_templates["llava_v1"].copy()
-    conv.append_message(conv.roles[0], "<image>\n" + QUESTION)
+    conv.append_message(conv.roles[0], "<image>\n" + question)
     conv.append_message(conv.roles[1], None)
     before, after = conv.get_prompt().split("<image>")
     return [word_id(w) for w in before.split()], [word_id(w) for w in after.split()]
+
+
+def load_official(model_dir):
+    """llava-torch's LlavaLlamaForCausalLM (original layout), fp32, eager, with the oracle attention."""
+    from llava.model import LlavaLlamaForCausalLM
+    from transformers.models.llama import modeling_llama
+
+    modeling_llama.LlamaAttention.forward = eager_forward
+    model = LlavaLlamaForCausalLM.from_pretrained(str(Path(model_dir) / "original"), torch_dtype=torch.float32,
+                                                  attn_implementation="eager")
+    model.get_vision_tower().load_model()
+    return model.eval()
 
 
 def main():
@@ -170,14 +187,7 @@ def main():
     ap.add_argument("--out", required=True)
     ap.add_argument("--scratch", help="also save full-vocabulary scores here (for max-diff reports)")
     args = ap.parse_args()
-    from llava.model import LlavaLlamaForCausalLM
-    from transformers.models.llama import modeling_llama
-
-    modeling_llama.LlamaAttention.forward = eager_forward
-    model = LlavaLlamaForCausalLM.from_pretrained(str(Path(args.model) / "original"), torch_dtype=torch.float32,
-                                                  attn_implementation="eager")
-    model.get_vision_tower().load_model()
-    model.eval()
+    model = load_official(args.model)
     before, after = prompt_ids()
     ids = torch.tensor([[1, *before, tiny.IMAGE_TOKEN_INDEX, *after]])
     pixels = tiny.fixed_pixels(1)

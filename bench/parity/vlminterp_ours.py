@@ -44,3 +44,47 @@ def run_ours(model, pixels: torch.Tensor, golden: dict, run: dict):
                             do_sample=False, max_new_tokens=len(run["steps"]), num_beams=1,
                             output_scores=True, return_dict_in_generate=True)
     return out, ids.shape[1]
+
+
+# --- pruning (vlminterp_prune.py fixtures) ---
+
+def prune_technique(model, golden: dict, selection: str, prune_rows: str = "decode"):
+    """Reprompt with the official selection for one fixture selection method (keep count as the fixture's)."""
+    from methods.reprompt import Reprompt
+
+    score = {"attn_over_gen_percentage": "attn_over_gen", "attn_over_gen": "attn_over_gen",
+             "attn_over_query": "attn_over_query", "norm": "norm"}[selection]
+    k = golden["k_fraction"] if selection == "attn_over_gen_percentage" else golden["k_count"]
+    return Reprompt(len(model.model.language_model.layers), mode="prune", selection="describe", keep_ratio=k,
+                    describe_score=score, describe_tokens=len(golden["describe"]["new_ids"]), prune_rows=prune_rows)
+
+
+def selection_ours(model, pixels, golden: dict, selection: str):
+    """(per-layer kept absolute positions in ranked order, describe-pass new ids)."""
+    from methods import reprompt
+
+    tech = prune_technique(model, golden, selection)
+    d = golden["describe"]
+    ids = tiny.hf_ids(d["ids_before_image"], d["ids_after_image"])
+    pos = (ids[0] == tiny.IMAGE_TOKEN_ID).nonzero().flatten()
+    rows, hidden, new = reprompt.describe_pass(model, ids, pixels, pos, tech.params["describe_tokens"])
+    kept = tech.official_selection(model, ids, pixels, pos)
+    return {l: pos[idx] for l, idx in kept.items()}, new[0].tolist()
+
+
+def run_prune_ours(model, pixels, golden: dict, run: dict):
+    """Generate the fixture question through Reprompt.generate with the describe selection."""
+    from methods.technique import Request
+
+    prune_rows = "decode" if run["flags"]["min_token"] == 1 else "all"
+    tech = prune_technique(model, golden, run["selection"], prune_rows)
+    d, q = golden["describe"], golden["question"]
+    d_ids = tiny.hf_ids(d["ids_before_image"], d["ids_after_image"])
+    tech.describe_ids = lambda req: d_ids  # the fixture's describe prompt (no tokenizer here)
+    ids = tiny.hf_ids(q["ids_before_image"], q["ids_after_image"])
+    req = Request(ids, tiny.IMAGE_TOKEN_ID, ids.shape[1], images=[pixels])
+    with torch.no_grad():
+        out = tech.generate(model, req, input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=pixels,
+                            do_sample=False, max_new_tokens=len(run["steps"]), num_beams=1,
+                            output_scores=True, return_dict_in_generate=True)
+    return out, ids.shape[1]

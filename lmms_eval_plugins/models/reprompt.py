@@ -7,7 +7,7 @@ from pathlib import Path
 from loguru import logger
 
 from methods.hooks import num_layers
-from methods.reprompt import DEFAULTS, MODES, SCORE_ROWS, SELECTIONS, Reprompt, forward_from
+from methods.reprompt import DEFAULTS, DESCRIBE_SCORES, MODES, PRUNE_ROWS, SCORE_ROWS, SELECTIONS, Reprompt, forward_from
 
 from ..base import TechniqueSpec, wrapper_classes
 from ..params import Param
@@ -18,7 +18,12 @@ PARAMS = (
     Param("score_from_layer", int, DEFAULTS["score_from_layer"], "first layer whose attention scores the image tokens (pooled)"),
     Param("score_to_layer", int, None, "one past the last scoring layer (default: the model's depth)", optional=True),
     Param("score_rows", str, DEFAULTS["score_rows"], "rows whose attention scores: query (all prompt rows after the image) | last", choices=SCORE_ROWS),
-    Param("selection", str, DEFAULTS["selection"], "pooled: one kept set from layer-averaged scores; per_layer (prune only)", choices=SELECTIONS),
+    Param("selection", str, DEFAULTS["selection"], "pooled: one kept set from layer-averaged scores; per_layer (prune only); describe: the official per-layer top-k from a describe-the-image pass per image (prune only)", choices=SELECTIONS),
+    Param("describe_score", str, DEFAULTS["describe_score"], "selection=describe: the official k_selection_method", choices=DESCRIBE_SCORES),
+    Param("describe", str, DEFAULTS["describe"], "selection=describe: text after the image in the describe pass"),
+    Param("describe_tokens", int, DEFAULTS["describe_tokens"], "selection=describe: tokens generated in the describe pass (official 300)", low=1),
+    Param("prune_rows", str, DEFAULTS["prune_rows"], "rows that lose the unkept image keys: after_image | decode (official) | all (official min_token 0)", choices=PRUNE_ROWS),
+    Param("seed", int, DEFAULTS["seed"], "describe_score=random: seed of the per-layer permutations"),
     Param("keep_query", bool, DEFAULTS["keep_query"], "compressed: keep the first question's query tokens in the cache"),
     Param("primer", str, DEFAULTS["primer"], "compressed: build each image's cache from this text (e.g. 'describe the image') and answer every question from it"),
     Param("cache_size", int, DEFAULTS["cache_size"], "compressed: images whose compressed context is kept (LRU)", low=1),
@@ -55,6 +60,9 @@ SPEC = TechniqueSpec(
     build=build,
     presets={
         "prune_5pct": {"mode": "prune", "keep_ratio": 0.05},
+        # OmriKaduri/vlm-interp run_on_coco.py -k 0.05 -k_selection_method attn_over_gen_percentage (default flags)
+        "official": {"mode": "prune", "keep_ratio": 0.05, "selection": "describe", "describe_score": "attn_over_gen", "prune_rows": "decode"},
+        "official_no_encoding": {"mode": "prune", "keep_ratio": 0.05, "selection": "describe", "describe_score": "attn_over_gen", "prune_rows": "all"},
         "compressed_5pct": {"mode": "compressed", "keep_ratio": 0.05},
         "describe_primer": {"mode": "compressed", "keep_ratio": 0.05, "primer": "\nPlease describe this image in detail."},
     },

@@ -1,0 +1,81 @@
+"""Pruning against golden fixtures of OmriKaduri/vlm-interp @ 8f38051 (tests/fixtures/official/reprompt).
+
+bench/parity/vlminterp_prune.py ran the official pipeline as an oracle on the official stack (see its
+docstring and provenance.json): a describe-the-image pass, the per-layer top-k of
+attention_store.get_top_k_indices (attn_over_gen with int(k*576), attn_over_gen with a count,
+attn_over_query, norm), then the question generated with the unkept image keys removed in decode steps
+only (min_token_for_i2t_attn_masking=1) or in every row (0). Here ``llava_reprompt`` with
+``selection=describe`` runs on the llava-hf layout of the same tiny model.
+"""
+
+import json
+import os
+import sys
+
+import pytest
+import torch
+from conftest import REPO
+
+FIXTURES = REPO / "tests" / "fixtures" / "official" / "reprompt"
+ATOL = 2e-4
+
+sys.path.insert(0, str(REPO / "bench" / "parity"))
+tiny = pytest.importorskip("tiny_llava15")
+import vlminterp_ours  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def golden():
+    return json.loads((FIXTURES / "prune_official.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def model():
+    prov = json.loads((FIXTURES / "provenance.json").read_text())
+    torch.manual_seed(0)
+    m = tiny.build_hf_model(prov["model"]["seed"])
+    assert tiny.fingerprint(m) == prov["model"]["fingerprint"], "not the model the fixtures came from"
+    return m
+
+
+@pytest.fixture(scope="module")
+def pixels():
+    return tiny.fixed_pixels(1)
+
+
+@pytest.mark.parametrize("selection", ["attn_over_gen_percentage", "attn_over_gen", "attn_over_query", "norm"])
+def test_per_layer_selection_is_the_official_one(model, pixels, golden, selection):
+    kept, describe_ids = vlminterp_ours.selection_ours(model, pixels, golden, selection)
+    assert describe_ids == golden["describe"]["new_ids"]
+    want = golden["selections"][selection]
+    assert len(kept) == 32
+    for layer, idx in kept.items():
+        assert len(idx) == len(want[layer]) == 28
+        assert set(idx.tolist()) == set(want[layer]), f"layer {layer}"
+
+
+def test_official_count():
+    from methods.reprompt import official_count
+
+    assert official_count(0.05, 576) == 28  # int(), not round(): 28.8 -> 28
+    assert official_count(28, 576) == 28
+    assert official_count(0.02, 576) == 11
+
+
+def run_ids():
+    """The preset=official selection's runs in CI; every selection with PARITY_FULL=1 (each run repeats a describe pass)."""
+    runs = json.loads((FIXTURES / "prune_official.json").read_text())["runs"]
+    return [f"{r['selection']}/{r['name']}" for r in runs
+            if r["selection"] == "attn_over_gen_percentage" or os.environ.get("PARITY_FULL")]
+
+
+@pytest.mark.parametrize("run_id", run_ids())
+def test_pruned_generation_matches_the_official_code(model, pixels, golden, run_id):
+    run = next(r for r in golden["runs"] if f"{r['selection']}/{r['name']}" == run_id)
+    out, n = vlminterp_ours.run_prune_ours(model, pixels, golden, run)
+    assert out.sequences[0, n:].tolist() == run["new_ids"]
+    for got, want in zip(out.scores, run["steps"]):
+        idx = torch.tensor(want["topk_indices"])
+        diff = (got.float().gather(-1, idx) - torch.tensor(want["topk_values"])).abs().max().item()
+        assert diff <= ATOL, f"top-k scores differ by {diff}"
+        assert torch.equal(got.float().topk(idx.shape[-1], dim=-1).indices, idx)
