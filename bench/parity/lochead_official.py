@@ -302,7 +302,7 @@ def provenance(args, collected, out: Path) -> None:
         "collection": "LLaVA-1.5 forward (original layout, eager, output_attentions=True) with the llava package of "
         f"{Path(collected['llava']).name}; slice of 9ffe219 collector.py:300; the LocalizationHeads checkouts' own llava "
         "package needs transformers 4.52.3 (dependency_pip.txt), not the LLaVA-1.5 stack of this venv",
-        "harness": "bash bench/parity/regenerate.sh --lochead /work/official/lochead_head:/work/official/lochead_v2 --pai /work/official/PAI",
+        "harness": "LOCHEAD_LLAVA=/work/official/PAI bash bench/parity/regenerate.sh --lochead /work/official/lochead_head:/work/official/lochead_v2",
         "model": {"builder": "bench/parity/tiny_llava15.py", **collected["model"]},
         "shim": {
             "cpu_shim_sha256": _sha(HERE / "cpu_shim.py"),

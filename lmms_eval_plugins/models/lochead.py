@@ -3,6 +3,9 @@
 The answer of a REC request is the box ``[x1, y1, x2, y2]`` (0..1 of the original image)
 computed from one prefill; ``generate`` returns prompt ids + the box's token ids, which
 llava_hf decodes like any generated answer (see docs/lochead.md for why this path).
+Presets ``official`` (seilk/LocalizationHeads @ 8ce33b0: its prompt and selection) and
+``official_v2`` (the 9ffe219 rewrite: each request's own top-5 heads and its box) reproduce the
+official code on golden fixtures (tests/test_parity_lochead.py).
 """
 
 from __future__ import annotations
