@@ -45,7 +45,7 @@ from transformers import DynamicCache, LogitsProcessor, LogitsProcessorList
 from . import hooks
 from .technique import Request, RequestError, Technique, layer_range
 
-MODES = ("prune", "compressed")
+MODES = ("prune", "compressed", "fastv")
 SELECTIONS = ("pooled", "per_layer", "describe")
 SCORE_ROWS = ("query", "last")
 DESCRIBE_SCORES = ("attn_over_gen", "attn_over_query", "norm", "random")  # run_on_coco.py -k_selection_method
@@ -65,6 +65,8 @@ DEFAULTS = {
     "describe_tokens": 300,
     "prune_rows": "after_image",
     "seed": 0,
+    "fastv_layer": 2,
+    "fastv_ratio": 0.5,
 }
 FORWARD_KEYS = ("input_ids", "attention_mask", "pixel_values")  # what a prefill needs of lmms-eval's inputs
 
@@ -155,6 +157,16 @@ def random_tokens(n_image: int, n_layers: int, count: int, seed: int) -> list[to
     """get_k_random_indices: an independent ``randperm(n)[:count]`` per layer (ours from a seeded generator)."""
     g = torch.Generator().manual_seed(seed)
     return [torch.randperm(n_image, generator=g)[:count] for _ in range(n_layers)]
+
+
+def fastv_kept(last_row: torch.Tensor, ratio: float) -> torch.Tensor:
+    """FastV as vlm-interp's LlamaModel.forward selects (``fastv_ratio``/``fastv_layer`` block): layer K-1's
+    last prompt row over the image, mean over heads, ``topk(int(n * ratio))``; the last image token is
+    always kept too (``arange(img_max, seq_len)`` starts at it). last_row: (heads, n_image).
+    Image-relative indices, ascending, each once (the official keeps a duplicate when the last token ranks too)."""
+    n = last_row.shape[-1]
+    top = last_row.float().mean(dim=0).topk(int(n * ratio)).indices
+    return torch.unique(torch.cat([top, torch.tensor([n - 1])]))
 
 
 def image_hash(images) -> str:
@@ -355,6 +367,26 @@ class Reprompt(Technique):
                 self.selections.popitem(last=False)
         return self.selections[key]
 
+    # --- FastV ---
+
+    def fastv_edits(self, model, req: Request, kwargs) -> list[hooks.AttnEdit]:
+        """One scoring prefill (layer K-1, last prompt row), then the dropped image tokens removed from
+        layer K on for every row from the image on: their keys are gone, so their own rows are never read,
+        which equals cutting them out of the sequence with the kept tokens' positions unchanged."""
+        K, pos, p = self.params["fastv_layer"], req.image_pos, req.prompt_len
+        if not 1 <= K < self.n_layers:
+            raise ValueError(f"reprompt: fastv_layer={K} must be in [1, {self.n_layers - 1}]")
+        cap = hooks.Capture(layers=[K - 1], rows=hooks.Rows.span(p - 1, p), keys=pos)
+        prefill = {k: (v[:, :p] if k != "pixel_values" else v) for k, v in kwargs.items() if k in FORWARD_KEYS}
+        with torch.no_grad(), hooks.edited(model, cap):
+            model(**prefill, use_cache=False)
+        kept = fastv_kept(cap.latest()[K - 1][0, :, -1], self.params["fastv_ratio"])
+        dropped = torch.ones(pos.numel(), dtype=torch.bool)
+        dropped[kept] = False
+        if not dropped.any():
+            return []
+        return [hooks.Block(layers=range(K, self.n_layers), rows=hooks.Rows.span(int(pos[0])), keys=pos[dropped])]
+
     # --- prune ---
 
     def _prune_rows(self, req: Request) -> hooks.Rows:
@@ -513,6 +545,9 @@ class Reprompt(Technique):
 
     def generate(self, model, req: Request, **kwargs):
         req.require_one_image(self.name)
+        if self.params["mode"] == "fastv":
+            with hooks.edited(model, *self.fastv_edits(model, req, kwargs)):
+                return model.generate(**kwargs)
         if self.params["mode"] == "prune":
             return self._prune_generate(model, req, kwargs)
         return self._compressed_generate(model, req, kwargs)
@@ -524,6 +559,9 @@ class Reprompt(Technique):
                 "reprompt mode=compressed answers generate_until tasks (it reuses one cache across questions); "
                 "for loglikelihood / multiple_choice tasks use mode=prune"
             )
+        if self.params["mode"] == "fastv":
+            with hooks.edited(model, *self.fastv_edits(model, req, kwargs)):
+                return model(**kwargs)
         return self._prune_forward(model, req, kwargs)
 
     def describe(self):

@@ -55,6 +55,15 @@ def compare_prune(args):
         report["runs"][key] = {"ids_equal": out.sequences[0, n:].tolist() == run["new_ids"],
                                "max_abs_diff_full_vocab": float((ours - full[key]).abs().max())}
         print(key, report["runs"][key], flush=True)
+    fastv = json.loads((fx / "fastv_official.json").read_text())
+    full_fastv = torch.load(Path(args.scratch) / "fastv_official_full.pt")
+    for run in fastv["runs"]:
+        out, n = vlminterp_ours.run_fastv_ours(model, pixels, fastv, run)
+        ours = torch.stack([s[0].float() for s in out.scores])
+        report["runs"][run["name"]] = {"ids_equal": out.sequences[0, n:].tolist() == run["new_ids"],
+                                       "last_image_token_in_topk": run["last_image_token_in_topk"],
+                                       "max_abs_diff_full_vocab": float((ours - full_fastv[run["name"]]).abs().max())}
+        print(run["name"], report["runs"][run["name"]], flush=True)
     prov = {
         "repository": "OmriKaduri/vlm-interp",
         "commit": golden["commit"],
@@ -63,10 +72,12 @@ def compare_prune(args):
                 "leave_k_highest_indices masking in vlminterp_knockout.official_mask",
         "command": "bash bench/parity/regenerate.sh --vlminterp --python /work/venvs/fresh/bin/python",
         "official_stack": official_versions(args.official_python),
-        "harness_sha256": {p: sha256(HERE / p) for p in ("vlminterp_prune.py", "vlminterp_knockout.py", "cpu_shim.py", "tiny_llava15.py")},
+        "harness_sha256": {p: sha256(HERE / p) for p in ("vlminterp_prune.py", "vlminterp_fastv.py", "vlminterp_knockout.py", "cpu_shim.py", "tiny_llava15.py")},
         "model": {"seed": tiny.SEED, "fingerprint": tiny.fingerprint(model)},
         "fixture": "prune_official.json: describe-pass ids, per-layer kept positions per selection method, "
-                   "pruned generations (6 greedy steps: top-16 scores + row sum)",
+                   "pruned generations (6 greedy steps: top-16 scores + row sum); fastv_official.json: FastV "
+                   "(LlamaModel.forward's fastv block, written out in bench/parity/vlminterp_fastv.py) at K=2 R=0.5 and "
+                   "K=16 R=0.05, kept positions and 6 greedy steps",
         "measured": report,
     }
     (fx / "provenance.json").write_text(json.dumps(prov, indent=2))
@@ -77,7 +88,7 @@ def main():
     ap.add_argument("--fixtures", required=True)
     ap.add_argument("--scratch", required=True, help="vlminterp_knockout.py --scratch output")
     ap.add_argument("--official-python", required=True)
-    ap.add_argument("--prune", action="store_true", help="the pruning fixtures (vlminterp_prune.py)")
+    ap.add_argument("--prune", action="store_true", help="the pruning fixtures (vlminterp_prune.py, vlminterp_fastv.py)")
     args = ap.parse_args()
     if args.prune:
         return compare_prune(args)

@@ -128,8 +128,9 @@ def official_mask(scores: torch.Tensor, layer_idx: int, q_len: int) -> torch.Ten
 
 def eager_forward(self, hidden_states, attention_mask=None, position_ids=None, past_key_value=None,
                   output_attentions=False, use_cache=False, **kwargs):
-    """transformers 4.37.2 LlamaAttention.forward (eager, pretraining_tp=1) with official_mask inserted."""
-    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, repeat_kv
+    """transformers 4.37.2 LlamaAttention.forward (eager, pretraining_tp=1) with official_mask inserted, RoPE
+    at explicit positions and the mask cut to the key length, as the patched file does."""
+    from transformers.models.llama.modeling_llama import repeat_kv, rotate_half
 
     bsz, q_len, _ = hidden_states.size()
     q = self.q_proj(hidden_states).view(bsz, q_len, self.num_heads, self.head_dim).transpose(1, 2)
@@ -138,15 +139,20 @@ def eager_forward(self, hidden_states, attention_mask=None, position_ids=None, p
     kv_seq_len = k.shape[-2]
     if past_key_value is not None:
         kv_seq_len += past_key_value.get_usable_length(kv_seq_len, self.layer_idx)
-    cos, sin = self.rotary_emb(v, seq_len=kv_seq_len)
-    q, k = apply_rotary_pos_emb(q, k, cos, sin, position_ids)
+    # the patched file's forward_from_position: cos/sin looked up at position_ids (FastV's kept positions
+    # exceed the cut sequence's length), then applied without a second lookup
+    rope = self.rotary_emb
+    if int(position_ids.max()) + 1 > rope.max_seq_len_cached:
+        rope._set_cos_sin_cache(seq_len=int(position_ids.max()) + 1, device=v.device, dtype=v.dtype)
+    cos, sin = rope.cos_cached[position_ids].to(v.dtype), rope.sin_cached[position_ids].to(v.dtype)
+    q, k = (q * cos[:, None] + rotate_half(q) * sin[:, None]), (k * cos[:, None] + rotate_half(k) * sin[:, None])
     if past_key_value is not None:
         k, v = past_key_value.update(k, v, self.layer_idx, {"sin": sin, "cos": cos})
     k, v = repeat_kv(k, self.num_key_value_groups), repeat_kv(v, self.num_key_value_groups)
     w = torch.matmul(q, k.transpose(2, 3)) / math.sqrt(self.head_dim)
     w = official_mask(w, self.layer_idx, q_len)
     if attention_mask is not None:
-        w = w + attention_mask
+        w = w + attention_mask[:, :, :, :kv_seq_len]  # the official slice (FastV layers hold fewer keys)
     w = nn.functional.softmax(w, dim=-1, dtype=torch.float32).to(q.dtype)
     out = torch.matmul(w, v).transpose(1, 2).contiguous().reshape(bsz, q_len, self.hidden_size)
     return self.o_proj(out), (w if output_attentions else None), past_key_value

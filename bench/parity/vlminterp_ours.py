@@ -88,3 +88,19 @@ def run_prune_ours(model, pixels, golden: dict, run: dict):
                             do_sample=False, max_new_tokens=len(run["steps"]), num_beams=1,
                             output_scores=True, return_dict_in_generate=True)
     return out, ids.shape[1]
+
+
+def run_fastv_ours(model, pixels, golden: dict, run: dict):
+    """``llava_reprompt mode=fastv`` on the fixture question (vlminterp_fastv.py)."""
+    from methods.reprompt import Reprompt
+    from methods.technique import Request
+
+    ids = tiny.hf_ids(golden["ids_before_image"], golden["ids_after_image"])
+    tech = Reprompt(len(model.model.language_model.layers), mode="fastv", fastv_layer=run["fastv_layer"],
+                    fastv_ratio=run["fastv_ratio"])
+    req = Request(ids, tiny.IMAGE_TOKEN_ID, ids.shape[1], images=[pixels])
+    with torch.no_grad():
+        out = tech.generate(model, req, input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=pixels,
+                            do_sample=False, max_new_tokens=len(run["steps"]), num_beams=1,
+                            output_scores=True, return_dict_in_generate=True)
+    return out, ids.shape[1]

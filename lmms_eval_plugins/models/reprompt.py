@@ -13,7 +13,7 @@ from ..base import TechniqueSpec, wrapper_classes
 from ..params import Param
 
 PARAMS = (
-    Param("mode", str, DEFAULTS["mode"], "prune: mask unkept image keys; compressed: answer later questions from a compressed cache", choices=MODES),
+    Param("mode", str, DEFAULTS["mode"], "prune: mask unkept image keys; compressed: answer later questions from a compressed cache; fastv: the FastV baseline", choices=MODES),
     Param("keep_ratio", float, DEFAULTS["keep_ratio"], "fraction of image tokens kept (at least one)", low=1e-6, high=1.0),
     Param("score_from_layer", int, DEFAULTS["score_from_layer"], "first layer whose attention scores the image tokens (pooled)"),
     Param("score_to_layer", int, None, "one past the last scoring layer (default: the model's depth)", optional=True),
@@ -24,6 +24,8 @@ PARAMS = (
     Param("describe_tokens", int, DEFAULTS["describe_tokens"], "selection=describe: tokens generated in the describe pass (official 300)", low=1),
     Param("prune_rows", str, DEFAULTS["prune_rows"], "rows that lose the unkept image keys: after_image | decode (official) | all (official min_token 0)", choices=PRUNE_ROWS),
     Param("seed", int, DEFAULTS["seed"], "describe_score=random: seed of the per-layer permutations"),
+    Param("fastv_layer", int, DEFAULTS["fastv_layer"], "mode=fastv: first layer without the dropped image tokens (FastV's K)", low=1),
+    Param("fastv_ratio", float, DEFAULTS["fastv_ratio"], "mode=fastv: fraction of image tokens kept (int(n*R), plus the last one)", low=1e-6, high=1.0),
     Param("keep_query", bool, DEFAULTS["keep_query"], "compressed: keep the first question's query tokens in the cache"),
     Param("primer", str, DEFAULTS["primer"], "compressed: build each image's cache from this text (e.g. 'describe the image') and answer every question from it"),
     Param("cache_size", int, DEFAULTS["cache_size"], "compressed: images whose compressed context is kept (LRU)", low=1),
@@ -62,6 +64,7 @@ SPEC = TechniqueSpec(
         "prune_5pct": {"mode": "prune", "keep_ratio": 0.05},
         # OmriKaduri/vlm-interp run_on_coco.py -k 0.05 -k_selection_method attn_over_gen_percentage (default flags)
         "official": {"mode": "prune", "keep_ratio": 0.05, "selection": "describe", "describe_score": "attn_over_gen", "prune_rows": "decode"},
+        "fastv": {"mode": "fastv", "fastv_layer": 2, "fastv_ratio": 0.5},  # FastV's K=2, R=50% (run_on_coco.py -fastv_*)
         "official_no_encoding": {"mode": "prune", "keep_ratio": 0.05, "selection": "describe", "describe_score": "attn_over_gen", "prune_rows": "all"},
         "compressed_5pct": {"mode": "compressed", "keep_ratio": 0.05},
         "describe_primer": {"mode": "compressed", "keep_ratio": 0.05, "primer": "\nPlease describe this image in detail."},
