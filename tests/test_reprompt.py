@@ -256,3 +256,42 @@ def test_bad_settings_are_refused(two_questions):
         Reprompt(4, mode="compressed").forward(model, _request(model, processor, in1, image), **in1)
     with pytest.raises(RequestError, match="exactly one image"):
         Reprompt(4).generate(model, _request(model, processor, in1, image).__class__(input_ids=in1["input_ids"], image_token_id=4, prompt_len=29), **in1)
+
+
+# --- the official selection (selection=describe) and FastV ---
+
+
+def test_describe_selection_is_cached_per_image_and_decode_only(two_questions):
+    """One describe pass per image (reused for a second question); prune_rows=decode leaves the prefill
+    untouched: the first answer token's logits equal the baseline's."""
+    model, processor, image, in1, in2 = two_questions
+    n = hooks.num_layers(model)
+    tech = Reprompt(n, mode="prune", selection="describe", keep_ratio=0.25, describe="describe the image",
+                    describe_tokens=3, prune_rows="decode")
+    req1, req2 = _request(model, processor, in1, image), _request(model, processor, in2, image)
+    with torch.no_grad():
+        out = tech.generate(model, req1, **in1, **GREEDY, output_scores=True, return_dict_in_generate=True)
+        base = model.generate(**in1, **GREEDY, output_scores=True, return_dict_in_generate=True)
+        tech.generate(model, req2, **in2, **GREEDY)
+    assert len(tech.selections) == 1
+    kept = next(iter(tech.selections.values()))
+    assert sorted(kept) == list(range(n)) and all(len(k) == int(0.25 * req1.image_pos.numel()) for k in kept.values())
+    assert torch.equal(out.scores[0], base.scores[0])
+
+
+def test_fastv_keep_all_is_the_baseline_and_bad_layers_refused(two_questions):
+    model, processor, image, in1, _ = two_questions
+    n = hooks.num_layers(model)
+    req = _request(model, processor, in1, image)
+    with torch.no_grad():
+        got = Reprompt(n, mode="fastv", fastv_layer=1, fastv_ratio=1.0).generate(model, req, **in1, **GREEDY)
+        want = model.generate(**in1, **GREEDY)
+        pruned = Reprompt(n, mode="fastv", fastv_layer=1, fastv_ratio=0.1).forward(model, req, **in1).logits
+        plain = model(**in1).logits
+    assert torch.equal(got, want)
+    first = int(req.image_pos[0])
+    assert torch.equal(pruned[:, :first], plain[:, :first])  # nothing before the image changes
+    with pytest.raises(ValueError, match="fastv_layer"):
+        Reprompt(n, mode="fastv", fastv_layer=n).fastv_edits(model, req, dict(in1))
+    with pytest.raises(ValueError, match="needs mode=prune"):
+        Reprompt(n, mode="compressed", selection="describe")
