@@ -143,6 +143,9 @@ def discover_for_task(
     include_path = list(include_path or []) or default_include_path()
     task_obj = load_task(task, include_path)
     split = resolve_split(task_obj, split)
+    n_docs = len(task_obj.dataset[split])
+    if n >= n_docs:  # every repeat would draw the whole split: one pass over it
+        n, repeats = n_docs, 1
     cached = cache_path(model, task, split, n, seed, repeats, per_sample, connectivity, selection, prompt)
     partial = cached.with_name(cached.stem + ".partial.json")
     result = None
