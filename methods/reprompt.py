@@ -117,8 +117,9 @@ def official_count(k: float, n_image: int) -> int:
 
 def describe_pass(model, ids, pixel_values, image_pos, n_tokens: int):
     """attention_store.py ``__call__`` over run_on_coco.py's describe generation: per layer, the newest
-    query row of every forward call over the image keys, stacked (steps, heads, image tokens); and the
-    prefill's hidden states (``set_hidden_states``: the first call's, embeddings first)."""
+    query row of every forward call over the image keys, stacked (steps, heads, image tokens); the
+    prefill's hidden states (``set_hidden_states``: the first call's, embeddings first); the new ids; and
+    the cache after the last call (``set_kv``, what run_on_coco_from_cache.py compresses)."""
     n_layers = hooks.num_layers(model)
     cap = hooks.Capture(layers=range(n_layers), rows=hooks.Rows.last(), keys=image_pos)
     with torch.no_grad(), hooks.edited(model, cap):
@@ -127,7 +128,7 @@ def describe_pass(model, ids, pixel_values, image_pos, n_tokens: int):
                              output_hidden_states=True, return_dict_in_generate=True)
     rows = {l: torch.cat([m[0, :, -1:, :] for m in cap.maps[l]], dim=1).transpose(0, 1) for l in cap.maps}
     hidden = out.hidden_states[0]
-    return rows, hidden, out.sequences[:, ids.shape[1]:]
+    return rows, hidden, out.sequences[:, ids.shape[1]:], out.past_key_values
 
 
 def rank_per_layer(scores: torch.Tensor, count: int) -> list[torch.Tensor]:
@@ -220,6 +221,31 @@ def compress(cache, keep_positions: torch.Tensor, next_position: int, full_entri
         keys.append(layer.keys.index_select(-2, idx).clone())
         values.append(layer.values.index_select(-2, idx).clone())
     return CompressedContext(keys, values, keep.cpu(), next_position, full_entries, image_kept, image_total)
+
+
+CACHE_STRATEGIES = ("qs", "q", "s")
+
+
+def official_context(cache, query_positions: torch.Tensor, kept: dict, strategy: str, image_total: int) -> CompressedContext:
+    """llava_wrapper.py ``chat_step_by_step_from_cache``: per layer, the describe pass's cache cut to
+    ``qs`` = [system prompt, that layer's kept image entries (ascending), user prompt], ``q`` = the query
+    entries only, ``s`` = the kept image entries only. The system prompt is the query positions before
+    the first gap (the image). New tokens continue at ``max(query) + 1`` (q, qs) or ``max(kept) + 1`` (s).
+    kept: {layer: absolute positions}; query_positions: ascending non-image prompt positions."""
+    q = query_positions.to(torch.long).cpu()
+    gap = int(((q[1:] - q[:-1]) != 1).nonzero()[0][0])
+    system, user = q[: gap + 1], q[gap + 1 :]
+    keys, values = [], []
+    for layer, entry in enumerate(cache.layers):
+        image = torch.sort(kept[layer].to(torch.long).cpu()).values
+        idx = {"qs": torch.cat([system, image, user]), "q": q, "s": image}[strategy].to(entry.keys.device)
+        keys.append(entry.keys.index_select(-2, idx).clone())
+        values.append(entry.values.index_select(-2, idx).clone())
+    nxt = int(q.max()) + 1 if strategy != "s" else max(int(k.max()) for k in kept.values()) + 1
+    n = keys[0].shape[-2]
+    # per-layer entries differ in position (image part); ``positions`` only sizes the placeholders
+    return CompressedContext(keys, values, torch.arange(n), nxt, int(cache.layers[0].keys.shape[-2]),
+                             0 if strategy == "q" else int(next(iter(kept.values())).numel()), image_total)
 
 
 def generate_from(model, ctx: CompressedContext, suffix_ids: torch.Tensor, **gen_kwargs) -> torch.Tensor:
@@ -350,7 +376,7 @@ class Reprompt(Technique):
         count = official_count(p["keep_ratio"], n)
         if p["describe_score"] == "random":
             return dict(enumerate(random_tokens(n, n_layers, count, p["seed"])))
-        rows, hidden, _ = describe_pass(model, ids, pixel_values, image_pos, p["describe_tokens"])
+        rows, hidden, _, _ = describe_pass(model, ids, pixel_values, image_pos, p["describe_tokens"])
         if p["describe_score"] == "attn_over_gen":
             kept = attn_over_gen(rows, count)
         elif p["describe_score"] == "attn_over_query":

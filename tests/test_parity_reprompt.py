@@ -107,3 +107,23 @@ def test_fastv_keeps_the_official_tokens():
     row = torch.zeros(2, 10)
     row[:, 3], row[:, 7] = 1.0, 0.5
     assert fastv_kept(row, 0.2).tolist() == [3, 7, 9]  # int(10 * 0.2) = 2 by attention, plus the last image token
+
+
+def cache_runs():
+    path = FIXTURES / "cache_official.json"
+    return json.loads(path.read_text())["runs"] if path.exists() else []
+
+
+@pytest.mark.parametrize("strategy", [r["strategy"] for r in cache_runs()])
+def test_compressed_context_matches_the_official_cache_strategies(model, pixels, golden, strategy):
+    """chat_step_by_step_from_cache's qs / q / s caches from the describe pass, answered greedily."""
+    cache_golden = json.loads((FIXTURES / "cache_official.json").read_text())
+    run = next(r for r in cache_golden["runs"] if r["strategy"] == strategy)
+    out, ctx = vlminterp_ours.run_cache_ours(model, pixels, golden, cache_golden, run)
+    assert (ctx.entries, ctx.next_position) == (run["entries"], run["position_offset"])
+    n = out.sequences.shape[1] - len(out.scores)
+    assert out.sequences[0, n:].tolist() == run["new_ids"]
+    for got, want in zip(out.scores, run["steps"]):
+        idx = torch.tensor(want["topk_indices"])
+        diff = (got.float().gather(-1, idx) - torch.tensor(want["topk_values"])).abs().max().item()
+        assert diff <= ATOL, f"top-k scores differ by {diff}"

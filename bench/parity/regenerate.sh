@@ -69,5 +69,6 @@ if [ -n "$VLMINTERP" ]; then
   "$OURS" "$HERE/vlminterp_compare.py" --fixtures "$REPO/tests/fixtures/official/knockout" --scratch "$WORK/vlminterp" --official-python "$OFFICIAL_VENV/bin/python"
   "$OFFICIAL_VENV/bin/python" "$HERE/vlminterp_prune.py" --model "$WORK/model" --out "$REPO/tests/fixtures/official/reprompt" --scratch "$WORK/vlminterp"
   "$OFFICIAL_VENV/bin/python" "$HERE/vlminterp_fastv.py" --model "$WORK/model" --out "$REPO/tests/fixtures/official/reprompt" --scratch "$WORK/vlminterp"
+  "$OFFICIAL_VENV/bin/python" "$HERE/vlminterp_cache.py" --model "$WORK/model" --out "$REPO/tests/fixtures/official/reprompt" --scratch "$WORK/vlminterp"
   "$OURS" "$HERE/vlminterp_compare.py" --prune --fixtures "$REPO/tests/fixtures/official/reprompt" --scratch "$WORK/vlminterp" --official-python "$OFFICIAL_VENV/bin/python"
 fi

@@ -67,7 +67,7 @@ def selection_ours(model, pixels, golden: dict, selection: str):
     d = golden["describe"]
     ids = tiny.hf_ids(d["ids_before_image"], d["ids_after_image"])
     pos = (ids[0] == tiny.IMAGE_TOKEN_ID).nonzero().flatten()
-    rows, hidden, new = reprompt.describe_pass(model, ids, pixels, pos, tech.params["describe_tokens"])
+    rows, hidden, new, _ = reprompt.describe_pass(model, ids, pixels, pos, tech.params["describe_tokens"])
     kept = tech.official_selection(model, ids, pixels, pos)
     return {l: pos[idx] for l, idx in kept.items()}, new[0].tolist()
 
@@ -104,3 +104,30 @@ def run_fastv_ours(model, pixels, golden: dict, run: dict):
                             do_sample=False, max_new_tokens=len(run["steps"]), num_beams=1,
                             output_scores=True, return_dict_in_generate=True)
     return out, ids.shape[1]
+
+
+def run_cache_ours(model, pixels, prune_golden: dict, golden: dict, run: dict):
+    """The official compressed context from our describe pass (HF layout), then greedy answers (scores per step)."""
+    from methods import reprompt
+
+    d = prune_golden["describe"]
+    ids = tiny.hf_ids(d["ids_before_image"], d["ids_after_image"])
+    pos = (ids[0] == tiny.IMAGE_TOKEN_ID).nonzero().flatten()
+    rows, _, _, cache = reprompt.describe_pass(model, ids, pixels, pos, len(d["new_ids"]))
+    kept = dict(enumerate(reprompt.attn_over_gen(rows, reprompt.official_count(prune_golden["k_fraction"], pos.numel()))))
+    kept = {l: pos[i] for l, i in kept.items()}
+    query = torch.tensor(golden["query_positions"])
+    ctx = reprompt.official_context(cache, query, kept, run["strategy"], pos.numel())
+    suffix = torch.tensor([golden["followup_ids"]])
+    with torch.no_grad():
+        out = model.generate(**_from_cache_inputs(model, ctx, suffix), do_sample=False, max_new_tokens=len(run["steps"]),
+                             output_scores=True, return_dict_in_generate=True)
+    return out, ctx
+
+
+def _from_cache_inputs(model, ctx, suffix):
+    """generate() inputs for a compressed context (as methods.reprompt.generate_from builds them)."""
+    n, s = ctx.entries, suffix.shape[1]
+    ids = torch.cat([torch.zeros((1, n), dtype=suffix.dtype), suffix], dim=1)
+    positions = torch.cat([ctx.positions, ctx.next_position + torch.arange(s)])[None]
+    return dict(input_ids=ids, attention_mask=torch.ones_like(ids), position_ids=positions, past_key_values=ctx.cache(), use_cache=True)
