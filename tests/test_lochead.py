@@ -524,3 +524,41 @@ def test_no_attention_carried_over_between_samples(byte_model):
     maps(*a)
     after = maps(*b)
     assert torch.equal(alone, after) and not torch.equal(maps(*a), after)
+
+
+def test_discovery_killed_midway_resumes_from_the_partial_file(byte_model, tmp_path, monkeypatch):
+    """discover_for_task saves the counts every checkpoint_every samples; a rerun after a crash resumes there
+    (fewer prefills) and writes the same heads file as an uninterrupted run."""
+    import os
+    from pathlib import Path
+
+    from lmms_eval_plugins import heads as H
+
+    model, processor, *_ = byte_model
+    repo = Path(__file__).resolve().parents[1]
+    monkeypatch.chdir(repo)  # the task's data_files are relative to the repository
+    kw = dict(include_path=[str(repo / "tests" / "tasks")], n=4, repeats=1, checkpoint_every=1, progress=False, selection="official")
+    monkeypatch.setenv("LMMS_PLUGINS_CACHE", str(tmp_path / "whole"))
+    _, whole, _ = H.discover_for_task(model, processor, "tiny_rec", **kw)
+
+    monkeypatch.setenv("LMMS_PLUGINS_CACHE", str(tmp_path / "killed"))
+    real = L.capture_image_maps
+    calls = {"n": 0}
+
+    def dies_on_third(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt("killed")
+        return real(*a, **k)
+
+    monkeypatch.setattr(L, "capture_image_maps", dies_on_third)
+    with pytest.raises(KeyboardInterrupt):
+        H.discover_for_task(model, processor, "tiny_rec", **kw)
+    partial = list((tmp_path / "killed" / "heads").glob("*.partial.json"))
+    assert len(partial) == 1 and json.loads(partial[0].read_text())["n_samples"] == 2
+    calls["n"] = -100  # no more kills
+    _, resumed, _ = H.discover_for_task(model, processor, "tiny_rec", **kw)
+    assert calls["n"] == -100 + 2  # only the two missing samples were prefilled
+    assert resumed["heads"] == whole["heads"] and resumed["n_samples"] == whole["n_samples"]
+    assert not list((tmp_path / "killed" / "heads").glob("*.partial.json"))
+    assert resumed["selection"] == "official" and resumed["n"] == min(4, resumed["n_samples"])
