@@ -67,6 +67,7 @@ DEFAULTS = {
     "seed": 0,
     "fastv_layer": 2,
     "fastv_ratio": 0.5,
+    "cache_strategy": "",
 }
 FORWARD_KEYS = ("input_ids", "attention_mask", "pixel_values")  # what a prefill needs of lmms-eval's inputs
 
@@ -323,7 +324,9 @@ class Reprompt(Technique):
         count = p["selection"] == "describe" and p["keep_ratio"] >= 1 and float(p["keep_ratio"]).is_integer()
         if not (0 < p["keep_ratio"] <= 1 or count):  # describe: a whole number is a count (official -k 28)
             raise ValueError(f"reprompt: keep_ratio={p['keep_ratio']} must be in (0, 1] (the paper keeps 0.02-0.05)")
-        if p["selection"] in ("per_layer", "describe") and p["mode"] == "compressed":
+        if p["cache_strategy"] and (p["cache_strategy"] not in CACHE_STRATEGIES or p["mode"] != "compressed"):
+            raise ValueError(f"reprompt: cache_strategy={p['cache_strategy']!r} needs mode=compressed and one of {', '.join(CACHE_STRATEGIES)}")
+        if p["selection"] in ("per_layer", "describe") and p["mode"] == "compressed" and not p["cache_strategy"]:
             raise ValueError(f"reprompt: selection={p['selection']} needs mode=prune (a compressed cache keeps one token set for all layers)")
         if p["describe_score"] not in DESCRIBE_SCORES:
             raise ValueError(f"reprompt: describe_score={p['describe_score']!r} is not one of {', '.join(DESCRIBE_SCORES)}")
@@ -507,7 +510,43 @@ class Reprompt(Technique):
         kept = select(cap.latest(), self.params["keep_ratio"])[None]
         return self.build_context(model, primed, out.past_key_values, kept, ids.shape[1])
 
+    def _official_compressed_generate(self, model, req: Request, kwargs):
+        """run_on_coco.py + run_on_coco_from_cache.py: one describe pass per image (per-layer top-k of
+        ``describe_score``, its cache compressed by ``cache_strategy``); EVERY question, the first included,
+        is answered from that context without the image: [BOS] + the request's text after the image."""
+        key = self.context_key(req)
+        record = {"image": key[0][:12], "compressed": True, "query": _query_text(req)}
+        ctx = self.contexts.get(key)
+        if ctx is None:
+            t0 = time.perf_counter()
+            ids, pos = self.describe_ids(req), req.image_pos
+            rows, hidden, _, cache = describe_pass(model, ids, kwargs["pixel_values"], pos, self.params["describe_tokens"])
+            count = official_count(self.params["keep_ratio"], pos.numel())
+            kept = {"attn_over_gen": lambda: attn_over_gen(rows, count), "attn_over_query": lambda: attn_over_query(rows, count),
+                    "norm": lambda: hidden_norm(hidden, pos, self.n_layers, count),
+                    "random": lambda: random_tokens(pos.numel(), self.n_layers, count, self.params["seed"])}[self.params["describe_score"]]()
+            in_image = torch.zeros(ids.shape[1], dtype=torch.bool)
+            in_image[pos.cpu()] = True
+            query = (~in_image).nonzero().flatten()
+            ctx = official_context(cache, query, {l: pos[i].cpu() for l, i in enumerate(kept)}, self.params["cache_strategy"], pos.numel())
+            self._remember(key, ctx)
+            record["describe_s"] = time.perf_counter() - t0
+        self.contexts.move_to_end(key)
+        img_end = int(req.image_pos[-1]) + 1
+        bos = getattr(model.config, "bos_token_id", None)
+        bos = model.generation_config.bos_token_id if bos is None else bos
+        suffix = req.input_ids[:, img_end : req.prompt_len]
+        if bos is not None:  # tokenizer_image_token puts BOS before f"{question} ASSISTANT:"
+            suffix = torch.cat([torch.full((1, 1), bos, dtype=suffix.dtype, device=suffix.device), suffix], dim=1)
+        clock = _with_clock(kwargs)
+        new = generate_from(model, ctx, suffix, **kwargs)
+        record.update(kv_entries=ctx.entries, kv_full=ctx.full_entries, image_kept=ctx.image_kept, ttft_s=clock.first)
+        self._log(record)
+        return torch.cat([req.input_ids, new.to(req.input_ids.device)], dim=1)
+
     def _compressed_generate(self, model, req: Request, kwargs):
+        if self.params["cache_strategy"]:
+            return self._official_compressed_generate(model, req, kwargs)
         key = self.context_key(req)
         img_end = int(req.image_pos[-1]) + 1
         ctx = self.contexts.get(key)

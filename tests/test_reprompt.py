@@ -295,3 +295,24 @@ def test_fastv_keep_all_is_the_baseline_and_bad_layers_refused(two_questions):
         Reprompt(n, mode="fastv", fastv_layer=n).fastv_edits(model, req, dict(in1))
     with pytest.raises(ValueError, match="needs mode=prune"):
         Reprompt(n, mode="compressed", selection="describe")
+
+
+@pytest.mark.parametrize("strategy", ["qs", "q", "s"])
+def test_official_compressed_context_answers_every_question(two_questions, strategy):
+    """cache_strategy: one describe pass per image; both questions (the first too) answered from its context."""
+    model, processor, image, in1, in2 = two_questions
+    n = hooks.num_layers(model)
+    tech = Reprompt(n, mode="compressed", keep_ratio=0.25, cache_strategy=strategy, describe="describe the image", describe_tokens=3)
+    req1, req2 = _request(model, processor, in1, image), _request(model, processor, in2, image)
+    with torch.no_grad():
+        out1 = tech.generate(model, req1, **in1, **GREEDY)
+        out2 = tech.generate(model, req2, **in2, **GREEDY)
+    assert out1.shape[1] == in1["input_ids"].shape[1] + 6 and out2.shape[1] == in2["input_ids"].shape[1] + 6
+    ctx = next(iter(tech.contexts.values()))
+    n_img, k = req1.image_pos.numel(), int(0.25 * req1.image_pos.numel())
+    describe_len = tech.describe_ids(req1).shape[1]
+    want = {"qs": describe_len - n_img + k, "q": describe_len - n_img, "s": k}[strategy]
+    assert len(tech.contexts) == 1 and ctx.entries == want
+    assert [r["compressed"] for r in tech.records] == [True, True]
+    with pytest.raises(ValueError, match="cache_strategy"):
+        Reprompt(n, mode="prune", cache_strategy=strategy)

@@ -7,7 +7,7 @@ from pathlib import Path
 from loguru import logger
 
 from methods.hooks import num_layers
-from methods.reprompt import DEFAULTS, DESCRIBE_SCORES, MODES, PRUNE_ROWS, SCORE_ROWS, SELECTIONS, Reprompt, forward_from
+from methods.reprompt import CACHE_STRATEGIES, DEFAULTS, DESCRIBE_SCORES, MODES, PRUNE_ROWS, SCORE_ROWS, SELECTIONS, Reprompt, forward_from
 
 from ..base import TechniqueSpec, wrapper_classes
 from ..params import Param
@@ -24,6 +24,7 @@ PARAMS = (
     Param("describe_tokens", int, DEFAULTS["describe_tokens"], "selection=describe: tokens generated in the describe pass (official 300)", low=1),
     Param("prune_rows", str, DEFAULTS["prune_rows"], "rows that lose the unkept image keys: after_image | decode (official) | all (official min_token 0)", choices=PRUNE_ROWS),
     Param("seed", int, DEFAULTS["seed"], "describe_score=random: seed of the per-layer permutations"),
+    Param("cache_strategy", str, "", "compressed: the official context from a describe pass (qs: system prompt + per-layer kept image entries + describe prompt; q; s); empty: ours", choices=("",) + CACHE_STRATEGIES),
     Param("fastv_layer", int, DEFAULTS["fastv_layer"], "mode=fastv: first layer without the dropped image tokens (FastV's K)", low=1),
     Param("fastv_ratio", float, DEFAULTS["fastv_ratio"], "mode=fastv: fraction of image tokens kept (int(n*R), plus the last one)", low=1e-6, high=1.0),
     Param("keep_query", bool, DEFAULTS["keep_query"], "compressed: keep the first question's query tokens in the cache"),
@@ -65,6 +66,8 @@ SPEC = TechniqueSpec(
         # OmriKaduri/vlm-interp run_on_coco.py -k 0.05 -k_selection_method attn_over_gen_percentage (default flags)
         "official": {"mode": "prune", "keep_ratio": 0.05, "selection": "describe", "describe_score": "attn_over_gen", "prune_rows": "decode"},
         "fastv": {"mode": "fastv", "fastv_layer": 2, "fastv_ratio": 0.5},  # FastV's K=2, R=50% (run_on_coco.py -fastv_*)
+        # run_on_coco.py -k 0.05 then run_on_coco_from_cache.py -cache_strategy qs (its default)
+        "official_reprompt": {"mode": "compressed", "keep_ratio": 0.05, "cache_strategy": "qs", "describe_score": "attn_over_gen"},
         "official_no_encoding": {"mode": "prune", "keep_ratio": 0.05, "selection": "describe", "describe_score": "attn_over_gen", "prune_rows": "all"},
         "compressed_5pct": {"mode": "compressed", "keep_ratio": 0.05},
         "describe_primer": {"mode": "compressed", "keep_ratio": 0.05, "primer": "\nPlease describe this image in detail."},
