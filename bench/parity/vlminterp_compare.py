@@ -64,6 +64,17 @@ def compare_prune(args):
                                        "last_image_token_in_topk": run["last_image_token_in_topk"],
                                        "max_abs_diff_full_vocab": float((ours - full_fastv[run["name"]]).abs().max())}
         print(run["name"], report["runs"][run["name"]], flush=True)
+    cache_golden = json.loads((fx / "cache_official.json").read_text())
+    full_cache = torch.load(Path(args.scratch) / "cache_official_full.pt")
+    for run in cache_golden["runs"]:
+        out, ctx = vlminterp_ours.run_cache_ours(model, pixels, golden, cache_golden, run)
+        ours = torch.stack([s[0].float() for s in out.scores])
+        n = out.sequences.shape[1] - len(out.scores)
+        report["runs"][f"cache_{run['strategy']}"] = {
+            "entries": [ctx.entries, run["entries"]], "position_offset": [ctx.next_position, run["position_offset"]],
+            "ids_equal": out.sequences[0, n:].tolist() == run["new_ids"],
+            "max_abs_diff_full_vocab": float((ours - full_cache[run["strategy"]]).abs().max())}
+        print(run["strategy"], report["runs"][f"cache_{run['strategy']}"], flush=True)
     prov = {
         "repository": "OmriKaduri/vlm-interp",
         "commit": golden["commit"],
@@ -72,12 +83,13 @@ def compare_prune(args):
                 "leave_k_highest_indices masking in vlminterp_knockout.official_mask",
         "command": "bash bench/parity/regenerate.sh --vlminterp --python /work/venvs/fresh/bin/python",
         "official_stack": official_versions(args.official_python),
-        "harness_sha256": {p: sha256(HERE / p) for p in ("vlminterp_prune.py", "vlminterp_fastv.py", "vlminterp_knockout.py", "cpu_shim.py", "tiny_llava15.py")},
+        "harness_sha256": {p: sha256(HERE / p) for p in ("vlminterp_prune.py", "vlminterp_fastv.py", "vlminterp_cache.py", "vlminterp_knockout.py", "cpu_shim.py", "tiny_llava15.py")},
         "model": {"seed": tiny.SEED, "fingerprint": tiny.fingerprint(model)},
         "fixture": "prune_official.json: describe-pass ids, per-layer kept positions per selection method, "
                    "pruned generations (6 greedy steps: top-16 scores + row sum); fastv_official.json: FastV "
                    "(LlamaModel.forward's fastv block, written out in bench/parity/vlminterp_fastv.py) at K=2 R=0.5 and "
-                   "K=16 R=0.05, kept positions and 6 greedy steps",
+                   "K=16 R=0.05, kept positions and 6 greedy steps; cache_official.json: chat_step_by_step_from_cache "
+                   "(written out in bench/parity/vlminterp_cache.py) for qs, q, s: entries, position offset, 6 greedy steps",
         "measured": report,
     }
     (fx / "provenance.json").write_text(json.dumps(prov, indent=2))
