@@ -218,7 +218,7 @@ def official_spatial_entropy(grid: torch.Tensor, mean_factor: float = 1.0, thres
     return float(-sum(q * math.log(q) for q in p if q > 0)) if p else 0.0, labels, n
 
 
-def _chord_argmax(y_sorted: "np.ndarray") -> int:
+def _chord_argmax(y_sorted) -> int:
     """Index of the point farthest from the chord of (i, y_i): HEAD localization_heads_finder.py:270-289, v2 analyze.py:52-62."""
     import numpy as np
 
@@ -275,7 +275,7 @@ def rank_heads_official(maps: torch.Tensor, grid_hw: tuple[int, int]) -> list[di
 def rank_heads_official_v2(maps: torch.Tensor, grid_hw: tuple[int, int], min_keep: int = V2_MIN_KEEP) -> list[dict]:
     """v2 analyze_heads (analyze.py:66-119): sums >= the elbow value, entropy at 2x the mean, drop layers
     0-1 and heads with a bottom-row cell > 0.05; fewer than ``min_keep`` left: the top sums instead."""
-    n_layers, n_heads = maps.shape[:2]
+    n_heads = maps.shape[1]
     sums = _head_sums(maps)
     thr = official_elbow_value(sums)
     rows = []

@@ -529,7 +529,6 @@ def test_no_attention_carried_over_between_samples(byte_model):
 def test_discovery_killed_midway_resumes_from_the_partial_file(byte_model, tmp_path, monkeypatch):
     """discover_for_task saves the counts every checkpoint_every samples; a rerun after a crash resumes there
     (fewer prefills) and writes the same heads file as an uninterrupted run."""
-    import os
     from pathlib import Path
 
     from lmms_eval_plugins import heads as H
