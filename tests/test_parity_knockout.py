@@ -71,3 +71,20 @@ def test_named_windows():
     assert named_window("not_4_to_20", 32) == [0, 1, 2, 3, *range(21, 32)]
     with pytest.raises(ValueError, match="after:L"):
         named_window("middle", 32)
+
+
+def test_official_presets_parse_and_build():
+    """Every official preset of llava_knockout / llava_reprompt resolves and builds its technique."""
+    from lmms_eval_plugins.models.knockout import PARAMS as KO, SPEC as KO_SPEC
+    from lmms_eval_plugins.models.reprompt import PARAMS as RP, SPEC as RP_SPEC
+    from lmms_eval_plugins.params import parse_params
+    from methods.knockout import OFFICIAL_FLAGS, Knockout
+    from methods.reprompt import DEFAULTS, Reprompt
+
+    for name, (mode, last_row, window) in OFFICIAL_FLAGS.items():
+        p = parse_params(KO, {"preset": name}, KO_SPEC.presets)
+        assert (p["mode"], p["last_row"], p["window"]) == (mode, last_row, window)
+        Knockout(32, **{k: p[k] for k in ("mode", "from_layer", "to_layer", "outside", "last_row", "window")})
+    for name in ("official", "official_no_encoding", "official_reprompt", "fastv"):
+        p = parse_params(RP, {"preset": name}, RP_SPEC.presets)
+        Reprompt(32, **{k: p[k] for k in DEFAULTS})
