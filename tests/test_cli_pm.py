@@ -136,3 +136,17 @@ def test_paper_evaluation_tasks_on_shapeworld_twins(tmp_path):
     for s in samples:
         (loss_yes, _), (loss_no, _) = parsed(s["filtered_resps"])
         assert parsed(s["pope_accuracy"])["prediction"] == ("yes" if float(loss_yes) < float(loss_no) else "no")
+
+
+@pytest.mark.skipif(_shapeworld_ready() is not None, reason=str(_shapeworld_ready()))
+@pytest.mark.parametrize("model", ["llava_pai", "llava_paint", "llava_knockout", "llava_reprompt"])
+def test_first_token_pope_twin_runs_on_the_other_wrappers(model, tmp_path):
+    """The paper's first-token scoring is a task, not a PM feature: every wrapper with a
+    loglikelihood path runs it (llava_lochead answers with boxes and refuses, llava_viral needs
+    an adapter; stock llava_hf's loglikelihood is broken on transformers 5, see the README)."""
+    task = "shapeworld_pope_adversarial_first_token"
+    results, log = _run(model, "pretrained=shapeworld-tiny", task, tmp_path,
+                        extra=["--limit", "2", "--force_simple"], include_path="task_configs/pm_official")
+    assert results is not None, log[-3000:]
+    assert 0.0 <= results["results"][task]["pope_accuracy,none"] <= 1.0
+    assert len(read_samples(tmp_path, task)) == 2
