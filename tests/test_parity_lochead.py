@@ -57,8 +57,7 @@ def tiny():
 @pytest.fixture(scope="module")
 def model(tiny, fixtures):
     torch.set_num_threads(1)
-    m = tiny.build_hf_model(fixtures[2]["model"]["seed"])
-    assert tiny.fingerprint(m) == fixtures[2]["model"]["fingerprint"], "not the model the fixtures came from"
+    m = tiny.model_of(fixtures[2])
     hooks.install(m)
     return m
 

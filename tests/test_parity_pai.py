@@ -40,10 +40,7 @@ def provenance():
 
 @pytest.fixture(scope="module")
 def model(provenance):
-    torch.manual_seed(0)
-    m = tiny.build_hf_model(provenance["model"]["seed"])
-    assert tiny.fingerprint(m) == provenance["model"]["fingerprint"], "not the model the fixtures came from"
-    return m
+    return tiny.model_of(provenance)
 
 
 @pytest.fixture(scope="module")

@@ -38,8 +38,7 @@ ATOL = 1e-4
 
 @pytest.fixture(scope="module")
 def model():
-    m = tiny.build_hf_model(PROVENANCE["model"]["seed"])
-    assert tiny.fingerprint(m) == PROVENANCE["model"]["fingerprint"], "not the model the fixtures came from"
+    m = tiny.model_of(PROVENANCE)
     hooks.install(m)
     return m
 

@@ -47,8 +47,7 @@ def load_fixtures():
 
 def build_model(tiny, provenance):
     torch.set_num_threads(1)
-    m = tiny.build_hf_model(provenance["model"]["seed"])
-    assert tiny.fingerprint(m) == provenance["model"]["fingerprint"], "not the model the fixtures came from"
+    m = tiny.model_of(provenance)
     hooks.install(m)
     return m
 

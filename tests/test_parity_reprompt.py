@@ -31,11 +31,7 @@ def golden():
 
 @pytest.fixture(scope="module")
 def model():
-    prov = json.loads((FIXTURES / "provenance.json").read_text())
-    torch.manual_seed(0)
-    m = tiny.build_hf_model(prov["model"]["seed"])
-    assert tiny.fingerprint(m) == prov["model"]["fingerprint"], "not the model the fixtures came from"
-    return m
+    return tiny.model_of(json.loads((FIXTURES / "provenance.json").read_text()))
 
 
 @pytest.fixture(scope="module")

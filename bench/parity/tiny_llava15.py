@@ -136,6 +136,15 @@ def build_hf_model(seed: int = SEED):
     return model
 
 
+
+def model_of(provenance: dict):
+    """The HF-layout model a fixture's provenance names, rebuilt from its seed; fails unless it is
+    exactly the model the fixture came from (same fingerprint)."""
+    model = build_hf_model(provenance["model"]["seed"])
+    if fingerprint(model) != provenance["model"]["fingerprint"]:
+        raise AssertionError("the rebuilt tiny model is not the one the fixtures came from (fingerprint differs)")
+    return model
+
 def original_state_dicts(model) -> tuple[dict, dict]:
     """(LLaVA checkpoint, CLIP checkpoint) state dicts in the original layout."""
     llava, clip = {}, {}
