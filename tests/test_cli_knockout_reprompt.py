@@ -42,17 +42,24 @@ def test_knockout_sweep_writes_table_and_plot(tiny_ckpt, tmp_path, monkeypatch):
     monkeypatch.chdir(REPO)
     out = tmp_path / "sweep"
     code = main(
-        ["knockout-sweep", "--model_args", f"pretrained={tiny_ckpt}", "--tasks", "tiny_yesno", "--windows", "0:2,2:4",
+        ["knockout-sweep", "--model_args", f"pretrained={tiny_ckpt}", "--tasks", "tiny_yesno", "--windows", "0:2,2:4,after:1",
          "--modes", "query,generated", "--include_path", "tests/tasks", "--output_dir", str(out), "--limit", "2"]
     )
     assert code == 0
     rows = list(csv.DictReader(open(out / "sweep.csv")))
-    assert [(r["mode"], r["window"]) for r in rows] == [("query", "0:2"), ("query", "2:4"), ("generated", "0:2"), ("generated", "2:4")]
+    assert [(r["mode"], r["window"]) for r in rows] == [
+        ("query", "0:2"), ("query", "2:4"), ("query", "after:1"), ("generated", "0:2"), ("generated", "2:4"), ("generated", "after:1")
+    ]
+    by = {(r["mode"], r["window"]): r["value"] for r in rows}
+    # the official named window after:1 (layers > 1) is layers 2..3 of this 4-layer model
+    assert all(by[(m, "after:1")] == by[(m, "2:4")] for m in ("query", "generated"))
     assert all(r["metric"] == "exact" and 0 <= float(r["value"]) <= 1 for r in rows)
     assert "| 0:2 |" in (out / "sweep.md").read_text()
     png = Image.open(out / "sweep_tiny_yesno_exact.png")
     assert png.size == (720, 440) and len(png.getcolors(10_000)) > 3  # lines were drawn
     assert main(["knockout-sweep", "--model_args", f"pretrained={tiny_ckpt}", "--tasks", "tiny_yesno", "--windows", "0:9",
+                 "--output_dir", str(out)]) == 2
+    assert main(["knockout-sweep", "--model_args", f"pretrained={tiny_ckpt}", "--tasks", "tiny_yesno", "--windows", "after:x",
                  "--output_dir", str(out)]) == 2
 
 

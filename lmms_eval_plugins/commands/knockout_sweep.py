@@ -22,7 +22,8 @@ def register(subparsers):
     p.add_argument("--model_args", required=True, help="llava_knockout model_args, e.g. pretrained=shapeworld-tiny")
     p.add_argument("--tasks", required=True, help="comma-separated lmms-eval tasks")
     p.add_argument("--modes", default="generated,query,both", help=f"comma-separated query sets ({'|'.join(MODES)})")
-    p.add_argument("--windows", default="", help="comma-separated layer windows start:stop (stop exclusive), e.g. 0:2,2:4")
+    p.add_argument("--windows", default="", help="comma-separated layer windows start:stop (stop exclusive), e.g. 0:2,2:4, "
+                   "or the official named windows after:L (layers > L) and not_4_to_20")
     p.add_argument("--window_size", type=int, default=0, help="instead of --windows: sliding windows of this many layers")
     p.add_argument("--stride", type=int, default=1, help="stride of the sliding windows")
     p.add_argument("--outside", action="store_true", help="block every layer outside each window instead")
@@ -34,14 +35,21 @@ def register(subparsers):
     p.set_defaults(func=main)
 
 
-def parse_windows(spec: str, n_layers: int, window_size: int = 0, stride: int = 1) -> list[tuple[int, int]]:
-    """'0:2,2:4' -> [(0, 2), (2, 4)]; or sliding windows of window_size layers over the model's depth."""
+def parse_windows(spec: str, n_layers: int, window_size: int = 0, stride: int = 1) -> list[tuple[int, int] | str]:
+    """'0:2,2:4' -> [(0, 2), (2, 4)]; the official named windows ('after:15', 'not_4_to_20') stay names;
+    or sliding windows of window_size layers over the model's depth."""
+    from methods.knockout import named_window
+
     if window_size:
         if not 1 <= window_size <= n_layers or stride < 1:
             raise ValueError(f"--window_size must be in 1..{n_layers} and --stride >= 1")
         return [(s, s + window_size) for s in range(0, n_layers - window_size + 1, stride)]
     windows = []
     for part in filter(None, (s.strip() for s in spec.split(","))):
+        if part == "not_4_to_20" or part.startswith("after:"):
+            named_window(part, n_layers)  # a clear error for a malformed name
+            windows.append(part)
+            continue
         try:
             a, b = (int(x) for x in part.split(":"))
         except ValueError:
@@ -65,6 +73,10 @@ def numeric_metrics(task_results: dict) -> dict[str, float]:
     return out
 
 
+def window_label(window) -> str:
+    return window if isinstance(window, str) else f"{window[0]}:{window[1]}"
+
+
 def run_sweep(model_args, tasks, windows, modes, *, outside=False, limit=None, include_path=None, force_simple=False, log=print):
     """Evaluate the empty window, then every (mode, window). Returns one row per (task, metric, mode, window)."""
     from lmms_eval.evaluator import simple_evaluate
@@ -83,13 +95,15 @@ def run_sweep(model_args, tasks, windows, modes, *, outside=False, limit=None, i
     model = lm._model  # lmms-eval's evaluate() ends with lm.clean(), which deletes it from the instance
 
     def evaluate(mode, window):
-        a, b = window
         lm._model = model
-        lm.technique = Knockout(n_layers, mode=mode, from_layer=a, to_layer=b, outside=outside, last_row=last_row)
+        if isinstance(window, str):  # an official named window: its own layer set, never inverted
+            lm.technique = Knockout(n_layers, mode=mode, window=window, last_row=last_row)
+        else:
+            lm.technique = Knockout(n_layers, mode=mode, from_layer=window[0], to_layer=window[1], outside=outside, last_row=last_row)
         t0 = time.time()
         res = simple_evaluate(model=lm, tasks=list(tasks), limit=limit, task_manager=manager, log_samples=False, bootstrap_iters=0, verbosity="WARNING")
         metrics = {task: numeric_metrics(res["results"][task]) for task in tasks}
-        log(f"knockout-sweep: mode={mode} window={a}:{b}{' (outside)' if outside else ''}: {metrics} ({time.time() - t0:.0f}s)")
+        log(f"knockout-sweep: mode={mode} window={window_label(window)}{' (outside)' if outside else ''}: {metrics} ({time.time() - t0:.0f}s)")
         return metrics
 
     baseline = evaluate("both", (0, 0))  # empty window: no edit at all
@@ -105,7 +119,7 @@ def run_sweep(model_args, tasks, windows, modes, *, outside=False, limit=None, i
                             "task": task,
                             "metric": metric,
                             "mode": mode,
-                            "window": f"{window[0]}:{window[1]}",
+                            "window": window_label(window),
                             "outside": outside,
                             "value": value,
                             "baseline": base,
