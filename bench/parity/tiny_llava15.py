@@ -136,7 +136,6 @@ def build_hf_model(seed: int = SEED):
     return model
 
 
-
 def model_of(provenance: dict):
     """The HF-layout model a fixture's provenance names, rebuilt from its seed; fails unless it is
     exactly the model the fixture came from (same fingerprint)."""
@@ -144,6 +143,7 @@ def model_of(provenance: dict):
     if fingerprint(model) != provenance["model"]["fingerprint"]:
         raise AssertionError("the rebuilt tiny model is not the one the fixtures came from (fingerprint differs)")
     return model
+
 
 def original_state_dicts(model) -> tuple[dict, dict]:
     """(LLaVA checkpoint, CLIP checkpoint) state dicts in the original layout."""
@@ -269,7 +269,12 @@ def fixed_pixels(n: int = 1, seed: int = SEED) -> torch.Tensor:
     size = VISION["image_size"]
     # smooth structure (a coarse grid upsampled) plus noise, so attention over patches is not uniform
     coarse = torch.randn(n, 3, 12, 12, generator=gen)
-    smooth = torch.nn.functional.interpolate(coarse, size=(size, size), mode="bilinear", align_corners=False)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # bilinear upsampling's last bits depend on the thread count; the fixtures' pixels must not
+    try:
+        smooth = torch.nn.functional.interpolate(coarse, size=(size, size), mode="bilinear", align_corners=False)
+    finally:
+        torch.set_num_threads(threads)
     return (smooth + 0.3 * torch.randn(n, 3, size, size, generator=gen)).contiguous()
 
 
