@@ -37,6 +37,31 @@ def pope_scores(items) -> dict:
     return {"pope_accuracy": accuracy, "pope_precision": precision, "pope_recall": recall, "pope_f1_score": f1, "pope_yes_ratio": yes_ratio}
 
 
+# lmms-eval aggregations (the task utils re-export them for their YAMLs)
+def _pope(results, key):
+    return pope_scores([(r["prediction"], r["ground_truth"]) for r in results])[key]
+
+
+def pope_aggregate_accuracy(results):
+    return _pope(results, "pope_accuracy")
+
+
+def pope_aggregate_precision(results):
+    return _pope(results, "pope_precision")
+
+
+def pope_aggregate_recall(results):
+    return _pope(results, "pope_recall")
+
+
+def pope_aggregate_f1_score(results):
+    return _pope(results, "pope_f1_score")
+
+
+def pope_aggregate_yes_ratio(results):
+    return _pope(results, "pope_yes_ratio")
+
+
 # ------------------------------------------------------------------------------ CHAIR
 # The closed vocabulary: every word that names a ShapeWorld shape, with synonyms and
 # plurals (COCO-CHAIR's synonym table, for this world).

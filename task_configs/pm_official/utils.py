@@ -27,6 +27,15 @@ except ImportError:  # running from a source checkout that is not pip-installed
 
 from datasets import Dataset
 
+# lmms-eval's aggregations over per-doc records {"prediction", "ground_truth"} (YAML: !function utils.pope_aggregate_*)
+from lmms_eval_plugins.shapeworld.metrics import (  # noqa: E402,F401
+    pope_aggregate_accuracy,
+    pope_aggregate_f1_score,
+    pope_aggregate_precision,
+    pope_aggregate_recall,
+    pope_aggregate_yes_ratio,
+)
+
 POPE_POSTFIX = " Please answer this question with one word."  # model_generate.py:66-67
 MME_POST_PROMPT = "\nAnswer the question using a single word or phrase."  # eval/MME/llava_mme.jsonl
 MME_SUBSETS = (  # model_generate.py:147
@@ -110,30 +119,6 @@ def shapeworld_pope_process_results(doc, results):
     record = {"question_id": doc["question_id"], "score": float(pred == gt), "prediction": pred, "ground_truth": gt,
               "size_class": doc["size_class"], "category": doc["category"]}
     return {m: record for m in POPE_METRICS}
-
-
-def _pope(results, key):
-    return metrics.pope_scores([(r["prediction"], r["ground_truth"]) for r in results])[key]
-
-
-def pope_aggregate_accuracy(results):
-    return _pope(results, "pope_accuracy")
-
-
-def pope_aggregate_precision(results):
-    return _pope(results, "pope_precision")
-
-
-def pope_aggregate_recall(results):
-    return _pope(results, "pope_recall")
-
-
-def pope_aggregate_f1_score(results):
-    return _pope(results, "pope_f1_score")
-
-
-def pope_aggregate_yes_ratio(results):
-    return _pope(results, "pope_yes_ratio")
 
 
 def shapeworld_mme_docs(dataset):

@@ -18,6 +18,15 @@ except ImportError:  # running from a source checkout that is not pip-installed
 
 from datasets import Dataset
 
+# lmms-eval's aggregations over per-doc records {"prediction", "ground_truth"} (YAML: !function utils.pope_aggregate_*)
+from lmms_eval_plugins.shapeworld.metrics import (  # noqa: E402,F401
+    pope_aggregate_accuracy,
+    pope_aggregate_f1_score,
+    pope_aggregate_precision,
+    pope_aggregate_recall,
+    pope_aggregate_yes_ratio,
+)
+
 
 def _expand(dataset, make_docs):
     split = dataset[0]["split"]
@@ -79,30 +88,6 @@ def pope_process_results(doc, results):
         "category": doc["category"],
     }
     return {m: record for m in POPE_METRICS}
-
-
-def _pope(results, key):
-    return metrics.pope_scores([(r["prediction"], r["ground_truth"]) for r in results])[key]
-
-
-def pope_aggregate_accuracy(results):
-    return _pope(results, "pope_accuracy")
-
-
-def pope_aggregate_precision(results):
-    return _pope(results, "pope_precision")
-
-
-def pope_aggregate_recall(results):
-    return _pope(results, "pope_recall")
-
-
-def pope_aggregate_f1_score(results):
-    return _pope(results, "pope_f1_score")
-
-
-def pope_aggregate_yes_ratio(results):
-    return _pope(results, "pope_yes_ratio")
 
 
 # ---------------------------------------------------------------------------- CHAIR
