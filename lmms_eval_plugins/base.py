@@ -155,34 +155,47 @@ def _mentions_image(text, processor) -> bool:
     return any(isinstance(t, str) and token in t for t in texts)
 
 
-class TechniqueModel:
-    """What lmms-eval sees as ``self.model``: the real model, with generate/forward run by the technique."""
+def prompt_length(input_ids, labels=None) -> int:
+    """Prompt tokens of a request: all of them, or (loglikelihood) those before the first label."""
+    if labels is not None:
+        answer = (labels[0] != -100).nonzero()
+        return int(answer[0]) if answer.numel() else input_ids.shape[1]
+    return input_ids.shape[1]
 
-    def __init__(self, model, technique: Technique, processor: RecordingProcessor, name: str):
-        self.__dict__.update(_model=model, _technique=technique, _processor=processor, _name=name)
+
+def llava_request(model, processor: RecordingProcessor, model_kwargs: dict) -> Request:
+    """The ``Request`` of one llava_hf generate/forward call (the LLaVA family's adapter)."""
+    input_ids = model_kwargs["input_ids"]
+    return Request(
+        input_ids=input_ids,
+        image_token_id=model.config.image_token_id,
+        prompt_len=prompt_length(input_ids, model_kwargs.get("labels")),
+        images=list(processor.last_images),
+        text=processor.last_text,
+        processor=processor._processor,
+        pads=list(processor.last_pads),
+    )
+
+
+class TechniqueModel:
+    """What lmms-eval sees as ``self.model``: the real model, with generate/forward run by the technique.
+
+    ``make_request(model, processor, model_kwargs) -> Request`` is the family's adapter
+    (``llava_request`` by default; see ``TechniqueMixin.build_request``)."""
+
+    def __init__(self, model, technique: Technique, processor: RecordingProcessor, name: str, make_request=None):
+        self.__dict__.update(_model=model, _technique=technique, _processor=processor, _name=name,
+                             _make_request=make_request or llava_request)
 
     def __getattr__(self, name):
         return getattr(self._model, name)
 
-    def _request(self, input_ids, labels=None) -> Request:
-        if labels is not None:
-            answer = (labels[0] != -100).nonzero()
-            prompt_len = int(answer[0]) if answer.numel() else input_ids.shape[1]
-        else:
-            prompt_len = input_ids.shape[1]
-        return Request(
-            input_ids=input_ids,
-            image_token_id=self._model.config.image_token_id,
-            prompt_len=prompt_len,
-            images=list(self._processor.last_images),
-            text=self._processor.last_text,
-            processor=self._processor._processor,
-            pads=list(self._processor.last_pads),
-        )
+    def _request(self, input_ids, labels=None, **model_kwargs) -> Request:
+        return self._make_request(self._model, self._processor, {"input_ids": input_ids, "labels": labels, **model_kwargs})
 
     def _run(self, what: str, kwargs):
         try:
-            req = self._request(kwargs["input_ids"], kwargs.get("labels"))
+            req = self._make_request(self._model, self._processor, kwargs)
             fn = self._technique.generate if what == "generate" else self._technique.forward
             return fn(self._model, req, **kwargs)
         except TechniqueError:
@@ -237,34 +250,66 @@ def _default_device() -> str:
 
 
 class TechniqueMixin:
-    """Mixed in front of lmms-eval's LlavaHf (simple or chat). See the module docstring."""
+    """Mixed in front of lmms-eval's LlavaHf (simple or chat). See the module docstring.
+
+    Everything family-independent lives here (parameters, presets, recipe logging,
+    TechniqueError, cache/resume, accelerate sharding). A second model family (e.g. a
+    ``qwen2_5_vl`` wrapper base) subclasses this mixin and overrides only the family seams:
+    ``family``, ``family_args``, ``default_pretrained``, ``processor_attr``, ``max_batch_size``,
+    ``check_checkpoint``, ``device_args`` and ``build_request``.
+    """
 
     spec: TechniqueSpec
+    family = "llava_hf"  # the lmms-eval class this mixin sits in front of (named in messages)
+    family_args: tuple = LLAVA_HF_ARGS  # that class's own constructor arguments, passed through
+    default_pretrained = "llava-hf/llava-1.5-7b-hf"
+    processor_attr = "_image_processor"  # where that class keeps the processor it calls on every request
+    max_batch_size = 1  # techniques edit one request's attention at a time
 
-    def __init__(self, pretrained: str = "llava-hf/llava-1.5-7b-hf", **kwargs):
+    def __init__(self, pretrained: str | None = None, **kwargs):
         spec = self.spec
-        base = {k: kwargs.pop(k) for k in list(kwargs) if k in LLAVA_HF_ARGS}
+        base = {k: kwargs.pop(k) for k in list(kwargs) if k in self.family_args}
         all_params = (*spec.params, *COMMON_PARAMS)
         try:
             params = parse_params(all_params, kwargs, spec.presets, owner=spec.name)
         except ModelArgsError as e:
-            raise ModelArgsError(f"{e}; llava_hf arguments also accepted: {', '.join(LLAVA_HF_ARGS)}") from None
-        batch_size = base.get("batch_size", 1)
-        if int(float(batch_size)) != 1:
-            raise ModelArgsError(
-                f"{spec.name}: batch_size={batch_size} is not supported: techniques edit one request's attention at a "
-                "time. Use --batch_size 1 and scale out with `accelerate launch --num_processes N -m lmms_eval ...`"
-            )
-        pretrained = resolve_pretrained(str(pretrained))
-        check_interleaved_llava(pretrained, base.get("revision"), bool(base.get("trust_remote_code", False)))
-        base.update(_device_args(base))
+            raise ModelArgsError(f"{e}; {self.family} arguments also accepted: {', '.join(self.family_args)}") from None
+        self.check_batch_size(base.get("batch_size", 1))
+        pretrained = resolve_pretrained(str(pretrained or self.default_pretrained))
+        self.check_checkpoint(pretrained, base.get("revision"), bool(base.get("trust_remote_code", False)))
+        base.update(self.device_args(base))
         super().__init__(pretrained=pretrained, **base)
         _shard_requests(self)
         hooks.install(self._model)
         self.technique_params = params
         self.technique = spec.build(params, self._model)
-        self._image_processor = RecordingProcessor(self._image_processor, pad_to_square=params["pad_to_square"])
+        processor = getattr(self, self.processor_attr)
+        setattr(self, self.processor_attr, RecordingProcessor(processor, pad_to_square=params["pad_to_square"]))
         logger.info(f"{spec.name} recipe: {json.dumps(self.technique.describe(), default=str)}")
+
+    # -- family seams ------------------------------------------------------------------
+
+    def check_batch_size(self, batch_size) -> None:
+        """Refuse batch sizes the techniques cannot serve (ModelArgsError)."""
+        if not 1 <= int(float(batch_size)) <= self.max_batch_size:
+            raise ModelArgsError(
+                f"{self.spec.name}: batch_size={batch_size} is not supported: techniques edit one request's attention at a "
+                f"time. Use --batch_size {self.max_batch_size} and scale out with "
+                "`accelerate launch --num_processes N -m lmms_eval ...`"
+            )
+
+    def check_checkpoint(self, pretrained: str, revision: str | None, trust_remote_code: bool) -> None:
+        """Refuse, with a ModelArgsError naming why, checkpoints of another family."""
+        check_interleaved_llava(pretrained, revision, trust_remote_code)
+
+    def device_args(self, base: dict) -> dict:
+        """The device arguments handed to the family's constructor (defaults and accelerate)."""
+        return _device_args(base)
+
+    def build_request(self, model, processor: RecordingProcessor, model_kwargs: dict) -> Request:
+        """The ``Request`` a technique sees for one generate/forward call of the family's class
+        (``model_kwargs``: what the class passed to ``model.generate`` / ``model(...)``)."""
+        return llava_request(model, processor, model_kwargs)
 
     def loglikelihood(self, requests):
         if _calling_response_cache() is not None:
@@ -308,7 +353,7 @@ class TechniqueMixin:
         technique = self.__dict__.get("technique")
         if technique is None:  # still inside llava_hf's constructor
             return model
-        return TechniqueModel(model, technique, self._image_processor, self.spec.name)
+        return TechniqueModel(model, technique, getattr(self, self.processor_attr), self.spec.name, self.build_request)
 
 
 def _device_args(base: dict) -> dict:
@@ -333,13 +378,19 @@ def _shard_requests(lm) -> None:
         lm._world_size = acc.num_processes
 
 
-def wrapper_classes(spec: TechniqueSpec, module: str):
-    """The (simple, chat) lmms-eval classes for one technique, defined in ``module``."""
-    from lmms_eval.models.chat.llava_hf import LlavaHf as LlavaHfChat
-    from lmms_eval.models.simple.llava_hf import LlavaHf as LlavaHfSimple
+def wrapper_classes(spec: TechniqueSpec, module: str, mixin: type = TechniqueMixin, bases: tuple | None = None):
+    """The (simple, chat) lmms-eval classes for one technique, defined in ``module``.
 
+    mixin: the family's TechniqueMixin subclass; bases: the family's (simple, chat) lmms-eval
+    classes (default: llava_hf's)."""
+    if bases is None:
+        from lmms_eval.models.chat.llava_hf import LlavaHf as LlavaHfChat
+        from lmms_eval.models.simple.llava_hf import LlavaHf as LlavaHfSimple
+
+        bases = (LlavaHfSimple, LlavaHfChat)
+    simple_base, chat_base = bases
     camel = "".join(part.capitalize() for part in spec.name.split("_"))
     doc = spec.doc or f"lmms-eval model `{spec.name}`"
-    simple = type(camel, (TechniqueMixin, LlavaHfSimple), {"spec": spec, "is_simple": True, "__doc__": doc, "__module__": module})
-    chat = type(camel + "Chat", (TechniqueMixin, LlavaHfChat), {"spec": spec, "is_simple": False, "__doc__": doc, "__module__": module})
+    simple = type(camel, (mixin, simple_base), {"spec": spec, "is_simple": True, "__doc__": doc, "__module__": module})
+    chat = type(camel + "Chat", (mixin, chat_base), {"spec": spec, "is_simple": False, "__doc__": doc, "__module__": module})
     return simple, chat
