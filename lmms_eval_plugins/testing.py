@@ -31,11 +31,11 @@ WORDS = (
 ).split()
 
 
-def build_tokenizer(words=WORDS):
+def build_tokenizer(words=WORDS, extra_specials=()):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    specials = ["<pad>", "<s>", "</s>", "<unk>", "<image>"]
+    specials = ["<pad>", "<s>", "</s>", "<unk>", "<image>", *extra_specials]
     vocab = {w: i for i, w in enumerate(dict.fromkeys([*specials, *words, "\n"]))}
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
@@ -46,7 +46,7 @@ def build_tokenizer(words=WORDS):
         bos_token="<s>",
         eos_token="</s>",
         unk_token="<unk>",
-        extra_special_tokens={"image_token": "<image>"},
+        extra_special_tokens={"image_token": "<image>", **{t.strip("<>") + "_token": t for t in extra_specials}},
     )
     fast.chat_template = CHAT_TEMPLATE
     return fast
@@ -123,6 +123,139 @@ def build_tiny_llava(
         vision_feature_select_strategy="default",
         num_additional_image_tokens=1,
         chat_template=CHAT_TEMPLATE,
+    )
+    processor.save_pretrained(out)
+    return out
+
+
+# A few anyres pinpoints for tiny towers: a non-square image picks a 1x2, 2x1, 1x3 or 3x1 tiling.
+def tiny_pinpoints(side: int) -> list[list[int]]:
+    return [[side, 2 * side], [2 * side, side], [2 * side, 2 * side], [side, 3 * side], [3 * side, side]]
+
+
+def build_tiny_llava_next(
+    out_dir,
+    *,
+    image_size: int = 32,
+    patch_size: int = 8,
+    vision_hidden: int = 32,
+    vision_layers: int = 3,
+    vision_heads: int = 4,
+    text_hidden: int = 64,
+    text_layers: int = 4,
+    text_heads: int = 4,
+    kv_heads: int = 2,
+    pinpoints: list | None = None,
+    seed: int = 0,
+) -> Path:
+    """A random LLaVA-NeXT (anyres) checkpoint: CLIP tower with CLS, Llama LM, base crop + tiles + newlines."""
+    from transformers import (
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaNextConfig,
+        LlavaNextForConditionalGeneration,
+        LlavaNextImageProcessor,
+        LlavaNextProcessor,
+    )
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tok = build_tokenizer()
+    pinpoints = pinpoints or tiny_pinpoints(image_size)
+    config = LlavaNextConfig(
+        vision_config=CLIPVisionConfig(
+            hidden_size=vision_hidden, intermediate_size=2 * vision_hidden, num_hidden_layers=vision_layers,
+            num_attention_heads=vision_heads, image_size=image_size, patch_size=patch_size, projection_dim=vision_hidden,
+        ),
+        text_config=LlamaConfig(
+            vocab_size=len(tok), hidden_size=text_hidden, intermediate_size=2 * text_hidden, num_hidden_layers=text_layers,
+            num_attention_heads=text_heads, num_key_value_heads=kv_heads, max_position_embeddings=4096,
+            bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+        ),
+        image_token_id=tok.convert_tokens_to_ids("<image>"),
+        image_grid_pinpoints=pinpoints,
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+        projector_hidden_act="gelu",
+    )
+    torch.manual_seed(seed)
+    model = LlavaNextForConditionalGeneration(config).eval()
+    model.generation_config.pad_token_id = tok.pad_token_id
+    model.save_pretrained(out)
+    image_processor = LlavaNextImageProcessor(
+        size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size},
+        image_grid_pinpoints=pinpoints,
+    )
+    processor = LlavaNextProcessor(
+        image_processor=image_processor, tokenizer=tok, patch_size=patch_size,
+        vision_feature_select_strategy="default", num_additional_image_tokens=1, chat_template=CHAT_TEMPLATE,
+    )
+    processor.save_pretrained(out)
+    return out
+
+
+def build_tiny_llava_onevision(
+    out_dir,
+    *,
+    image_size: int = 32,
+    patch_size: int = 8,
+    vision_hidden: int = 32,
+    vision_layers: int = 3,
+    vision_heads: int = 4,
+    text_hidden: int = 64,
+    text_layers: int = 4,
+    text_heads: int = 4,
+    kv_heads: int = 2,
+    pinpoints: list | None = None,
+    max_tiles: int = 2,
+    seed: int = 0,
+) -> Path:
+    """A random LLaVA-OneVision checkpoint: SigLIP tower (no CLS), Qwen2 LM, base crop + tiles + newlines;
+    ``max_tiles`` small (``anyres_max_2``) so large tilings are shrunk by interpolation, as in the real model."""
+    from transformers import (
+        LlavaOnevisionConfig,
+        LlavaOnevisionForConditionalGeneration,
+        LlavaOnevisionImageProcessor,
+        LlavaOnevisionProcessor,
+        LlavaOnevisionVideoProcessor,
+        Qwen2Config,
+        SiglipVisionConfig,
+    )
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tok = build_tokenizer(extra_specials=("<video>",))
+    pinpoints = pinpoints or tiny_pinpoints(image_size)
+    config = LlavaOnevisionConfig(
+        vision_config=SiglipVisionConfig(
+            hidden_size=vision_hidden, intermediate_size=2 * vision_hidden, num_hidden_layers=vision_layers,
+            num_attention_heads=vision_heads, image_size=image_size, patch_size=patch_size,
+        ),
+        text_config=Qwen2Config(
+            vocab_size=len(tok), hidden_size=text_hidden, intermediate_size=2 * text_hidden, num_hidden_layers=text_layers,
+            num_attention_heads=text_heads, num_key_value_heads=kv_heads, max_position_embeddings=4096,
+            bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+        ),
+        image_token_id=tok.convert_tokens_to_ids("<image>"),
+        video_token_id=tok.convert_tokens_to_ids("<video>"),
+        image_grid_pinpoints=pinpoints,
+        vision_feature_layer=-1,
+        vision_feature_select_strategy="full",
+        vision_aspect_ratio=f"anyres_max_{max_tiles}",
+        projector_hidden_act="gelu",
+    )
+    torch.manual_seed(seed)
+    model = LlavaOnevisionForConditionalGeneration(config).eval()
+    model.generation_config.pad_token_id = tok.pad_token_id
+    model.save_pretrained(out)
+    image_processor = LlavaOnevisionImageProcessor(
+        size={"height": image_size, "width": image_size}, image_grid_pinpoints=pinpoints,
+    )
+    processor = LlavaOnevisionProcessor(
+        image_processor=image_processor, tokenizer=tok,
+        video_processor=LlavaOnevisionVideoProcessor(size={"height": image_size, "width": image_size}),
+        num_image_tokens=(image_size // patch_size) ** 2,
+        vision_feature_select_strategy="full", vision_aspect_ratio=f"anyres_max_{max_tiles}", chat_template=CHAT_TEMPLATE,
     )
     processor.save_pretrained(out)
     return out

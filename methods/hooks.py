@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
+import inspect
 import sys
 from typing import Iterable, Sequence
 
@@ -150,7 +152,8 @@ class Boost(AttnEdit):
         alpha = self.alpha
         if isinstance(alpha, torch.Tensor):
             alpha = alpha.to(scores.device, scores.dtype).view(1, -1, 1, 1)
-        return scores + alpha * scores.abs()
+        # a masked key (-inf: causal, padding, sliding window) stays masked: -inf + alpha*inf would be NaN
+        return torch.where(torch.isinf(scores), scores, scores + alpha * scores.abs())
 
 
 @dataclasses.dataclass
@@ -319,14 +322,53 @@ def install(model) -> str:
     return HOOKED_PREFIX + current
 
 
+@functools.lru_cache(maxsize=None)
+def calls_attention_interface(cls: type) -> bool:
+    """Whether ``cls.forward`` dispatches through transformers' attention registry
+    (``ALL_ATTENTION_FUNCTIONS``, i.e. ``AttentionInterface``): exactly the modules our hooked
+    function sees. Pooling heads built on ``nn.MultiheadAttention`` (SigLIP's) do not."""
+    forward = getattr(cls, "forward", None)
+    try:
+        source = inspect.getsource(forward)
+    except (OSError, TypeError):
+        return False
+    return "ALL_ATTENTION_FUNCTIONS" in source
+
+
+def _sub_configs(model) -> dict[str, list]:
+    """The model's language and vision sub-configs (a plain LM: its own config is the language one)."""
+    config = model.config
+    text = [c for c in (getattr(config, "text_config", None), getattr(config, "get_text_config", lambda: None)()) if c is not None]
+    vision = [c for c in (getattr(config, "vision_config", None),) if c is not None]
+    return {"lm": text or [config], "vision": vision}
+
+
+def _tower_of(mod_config, sub: dict) -> str | None:
+    for tower, configs in sub.items():
+        if any(mod_config is c for c in configs):
+            return tower
+    for tower, configs in sub.items():  # a copied config: same sub-model type
+        if any(type(mod_config) is type(c) for c in configs):
+            return tower
+    return None
+
+
 def attention_modules(model) -> dict[str, list[torch.nn.Module]]:
-    """The self-attention modules of the language model ("lm") and vision tower ("vision"), in layer order."""
+    """The attention modules of the language model ("lm") and vision tower ("vision"), in layer order.
+
+    No per-family name patterns: an attention module is one whose forward calls the
+    ``AttentionInterface`` registry (``calls_attention_interface``), and its tower is the
+    sub-config it was built from (``config.text_config`` or ``config.vision_config``).
+    This finds LLaVA-1.5/NeXT (CLIP + Llama), OneVision (SigLIP + Qwen2) and Qwen2.5-VL (fused-qkv
+    windowed vision attention + Qwen2 LM) alike."""
     found = {t: [] for t in TOWERS}
-    for name, mod in model.named_modules():
-        if not (hasattr(mod, "q_proj") and hasattr(mod, "k_proj") and name.endswith("self_attn")):
+    sub = _sub_configs(model)
+    for mod in model.modules():
+        if not calls_attention_interface(type(mod)):
             continue
-        tower = "vision" if "vision" in name else "lm"
-        found[tower].append(mod)
+        tower = _tower_of(getattr(mod, "config", None), sub)
+        if tower is not None:
+            found[tower].append(mod)
     return found
 
 

@@ -220,3 +220,75 @@ def test_capture_memory_is_rows_times_keys(tiny):
     with torch.no_grad(), hooks.edited(model, cap):
         model(**inputs)
     assert all(m[0].shape == (1, 4, 1, pos.numel()) for m in cap.maps.values())
+
+
+# ---------------------------------------------------------------------------------------
+# Any transformers VLM whose attention goes through AttentionInterface
+# ---------------------------------------------------------------------------------------
+
+
+def test_boost_keeps_masked_keys_masked(tiny):
+    """Boosting every key of every row reaches the causally masked ones: -inf must stay -inf (no NaN)."""
+    model, _, inputs = tiny
+    scores = torch.tensor([[[[1.0, -2.0, float("-inf")]]]])
+    edited = hooks.Boost(layers=[0], alpha=0.5).edit_scores(scores, 0)
+    assert torch.equal(edited, torch.tensor([[[[1.5, -1.0, float("-inf")]]]]))
+    with torch.no_grad(), hooks.edited(model, hooks.Boost(layers=range(hooks.num_layers(model)), rows=hooks.Rows.all(), alpha=0.5)):
+        logits = model(**inputs).logits
+    assert torch.isfinite(logits).all()
+
+
+def _tiny_qwen2_5_vl():
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    cfg = Qwen2_5_VLConfig(
+        text_config=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         vocab_size=200, rope_parameters={"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 10000.0}),
+        vision_config=dict(depth=3, hidden_size=32, intermediate_size=64, num_heads=4, out_hidden_size=64, fullatt_block_indexes=[2],
+                           window_size=32, patch_size=8, spatial_merge_size=2, temporal_patch_size=2),
+    )
+    return Qwen2_5_VLForConditionalGeneration(cfg)
+
+
+@pytest.mark.parametrize("family", ["llava_next", "llava_onevision", "qwen2_5_vl"])
+def test_attention_modules_found_without_name_patterns(tmp_path, family):
+    """LM and vision attention of every family: found by 'calls AttentionInterface' + its sub-config,
+    in layer order; SigLIP's nn.MultiheadAttention pooling head is not one of them."""
+    from transformers import AutoModelForImageTextToText
+
+    from lmms_eval_plugins import testing
+
+    if family == "qwen2_5_vl":
+        model = _tiny_qwen2_5_vl()
+        expected = {"lm": model.model.language_model.layers, "vision": model.model.visual.blocks}
+        found = hooks.attention_modules(model)
+        assert [type(m).__name__ for m in found["vision"]] == ["Qwen2_5_VLVisionAttention"] * 3
+        assert found["lm"] == [layer.self_attn for layer in expected["lm"]]
+        assert found["vision"] == [block.attn for block in expected["vision"]]
+        return
+    build = testing.build_tiny_llava_next if family == "llava_next" else testing.build_tiny_llava_onevision
+    model = AutoModelForImageTextToText.from_pretrained(build(tmp_path / family))
+    found = hooks.attention_modules(model)
+    assert found["lm"] == [layer.self_attn for layer in model.model.language_model.layers]
+    assert found["vision"] == [layer.self_attn for layer in model.model.vision_tower.encoder.layers]
+
+
+@pytest.mark.parametrize("family", ["llava_next", "llava_onevision"])
+def test_idle_hook_layer_is_bit_identical_on_anyres_families(tmp_path, family):
+    from PIL import Image
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from lmms_eval_plugins import testing
+
+    build = testing.build_tiny_llava_next if family == "llava_next" else testing.build_tiny_llava_onevision
+    ckpt = build(tmp_path / family)
+    plain = AutoModelForImageTextToText.from_pretrained(ckpt).eval()
+    hooked = AutoModelForImageTextToText.from_pretrained(ckpt).eval()
+    hooks.install(hooked)
+    processor = AutoProcessor.from_pretrained(ckpt)
+    inputs, _, _ = make_inputs(processor, size=(100, 37))  # several tiles + interpolation on OneVision
+    with torch.no_grad():
+        assert torch.equal(plain(**inputs).logits, hooked(**inputs).logits)
+        # and an edit does reach both towers
+        with hooks.edited(hooked, hooks.Boost(layers=[0], tower="vision", rows=hooks.Rows.all(), alpha=1.0)):
+            assert not torch.equal(plain(**inputs).logits, hooked(**inputs).logits)
