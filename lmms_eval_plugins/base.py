@@ -174,6 +174,8 @@ def llava_request(model, processor: RecordingProcessor, model_kwargs: dict) -> R
         text=processor.last_text,
         processor=processor._processor,
         pads=list(processor.last_pads),
+        config=model.config,
+        inputs={k: model_kwargs[k] for k in ("image_sizes",) if k in model_kwargs},
     )
 
 

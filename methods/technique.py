@@ -9,11 +9,14 @@ This module imports no lmms-eval: the lmms-eval wrappers build a ``Request`` and
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from . import hooks
+
+if TYPE_CHECKING:
+    from .geometry import ImageGeometry
 
 
 class RequestError(ValueError):
@@ -91,6 +94,8 @@ class Request:
     processor: Any = None
     doc_key: str | None = None  # optional stable id of the document (for saved visuals)
     pads: list = dataclasses.field(default_factory=list)  # SquarePad per image when pad_to_square is on (images are then the squares)
+    config: Any = None  # the model config (the family and its grids); None: a single square block is assumed
+    inputs: dict = dataclasses.field(default_factory=dict)  # processor outputs a family's geometry needs (image_grid_thw)
 
     def __post_init__(self):
         if self.input_ids.shape[0] != 1:
@@ -98,8 +103,37 @@ class Request:
 
     @property
     def image_pos(self) -> torch.Tensor:
-        """Absolute positions of the image tokens, from config.image_token_id."""
+        """Absolute positions of every image token (grid cells and, for anyres models, newlines), from config.image_token_id."""
         return hooks.image_positions(self.input_ids, self.image_token_id)
+
+    @property
+    def family(self) -> str:
+        return getattr(self.config, "model_type", "llava")
+
+    @property
+    def geometry(self) -> "ImageGeometry":
+        """The image's geometry (blocks, grids, newlines, regions), computed once from the config,
+        processor and image size (methods/geometry.py); call after ``require_one_image``."""
+        cached = self.__dict__.get("_geometry")
+        if cached is None:
+            cached = self.__dict__["_geometry"] = self._build_geometry()
+        return cached
+
+    def _build_geometry(self):
+        from .geometry import GeometryError, image_geometry, single_block
+
+        if self.config is None:  # a hand-built request (tests, scripts): one contiguous square block
+            return single_block(self.image_pos, self.images[0].size if self.images else None)
+        try:
+            size = self.images[0].size if self.images else None
+            return image_geometry(self.config, self.processor, size, self.input_ids, self.inputs)
+        except GeometryError as e:
+            raise RequestError(str(e)) from e
+
+    def refuse_family(self, technique: str, supported: tuple[str, ...], why: str) -> None:
+        """A RequestError naming the family when a technique does not (yet) support it."""
+        if self.family not in supported:
+            raise RequestError(f"{technique} does not support {self.family} checkpoints: {why}")
 
     @property
     def answer_rows(self) -> hooks.Rows:
