@@ -69,7 +69,7 @@ DEFAULTS = {
     "fastv_ratio": 0.5,
     "cache_strategy": "",
 }
-FORWARD_KEYS = ("input_ids", "attention_mask", "pixel_values")  # what a prefill needs of lmms-eval's inputs
+FORWARD_KEYS = ("input_ids", "attention_mask", "pixel_values", "image_sizes")  # what a prefill needs of lmms-eval's inputs (image_sizes: LLaVA-NeXT/OneVision tiling)
 
 # ---------------------------------------------------------------------------------------
 # Scoring and selection (pure)

@@ -14,13 +14,14 @@
 set -euo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
 REPO=$(cd "$HERE/../.." && pwd)
-PAI="" PAINT="" PM="" LOCHEAD="" VLMINTERP="" OFFICIAL_VENV=/work/venvs/official OURS=${PYTHON:-python}
+PAI="" PAINT="" PM="" LOCHEAD="" VLMINTERP="" VIRAL="" OFFICIAL_VENV=/work/venvs/official OURS=${PYTHON:-python}
 while [ $# -gt 0 ]; do
   case "$1" in
     --pai) PAI=$2; shift 2 ;;
     --paint) PAINT=$2; shift 2 ;;
     --pm) PM=$2; shift 2 ;;
     --vlminterp) VLMINTERP=1; shift ;;
+    --viral) VIRAL=$2; shift 2 ;;  # VIRAL_CHECKOUT:DINOV2_CHECKOUT (cvlab-kaist/VIRAL @ adc0791, facebookresearch/dinov2)
     --lochead) LOCHEAD=$2; shift 2 ;;  # HEAD_CHECKOUT:V2_CHECKOUT (8ce33b0 and 9ffe219); LLaVA-1.5's llava/ from LOCHEAD_LLAVA=DIR or --pai
     --official-venv) OFFICIAL_VENV=$2; shift 2 ;;
     --python) OURS=$2; shift 2 ;;
@@ -71,4 +72,12 @@ if [ -n "$VLMINTERP" ]; then
   "$OFFICIAL_VENV/bin/python" "$HERE/vlminterp_fastv.py" --model "$WORK/model" --out "$REPO/tests/fixtures/official/reprompt" --scratch "$WORK/vlminterp"
   "$OFFICIAL_VENV/bin/python" "$HERE/vlminterp_cache.py" --model "$WORK/model" --out "$REPO/tests/fixtures/official/reprompt" --scratch "$WORK/vlminterp"
   "$OURS" "$HERE/vlminterp_compare.py" --prune --fixtures "$REPO/tests/fixtures/official/reprompt" --scratch "$WORK/vlminterp" --official-python "$OFFICIAL_VENV/bin/python"
+fi
+
+if [ -n "$VIRAL" ]; then
+  # VIRAL (cvlab-kaist/VIRAL @ adc0791): its own llava/ package (not llava-torch), timm for the position table, peft
+  "$OFFICIAL_VENV/bin/python" -c "import timm, peft" 2>/dev/null || { "$OFFICIAL_VENV/bin/pip" install -q timm; "$OFFICIAL_VENV/bin/pip" install -q --no-deps "peft==0.10.0"; }
+  "$OFFICIAL_VENV/bin/python" "$HERE/viral_official.py" --viral "${VIRAL%%:*}" --dinov2 "${VIRAL##*:}" --model "$WORK/model" \
+    --out "$REPO/tests/fixtures/official/viral" --scratch "$WORK/viral"
+  "$OURS" -m pytest -q "$REPO/tests/test_parity_viral.py"
 fi
