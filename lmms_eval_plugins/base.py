@@ -71,6 +71,7 @@ class TechniqueSpec:
     presets: dict = dataclasses.field(default_factory=dict)
     aliases: tuple = ()
     doc: str = ""
+    refused: dict = dataclasses.field(default_factory=dict)  # model_type -> why this technique refuses that family
 
 
 def resolve_pretrained(name: str) -> str:
@@ -82,8 +83,14 @@ def resolve_pretrained(name: str) -> str:
     return str(resolve_shapeworld(name))
 
 
-def check_interleaved_llava(pretrained: str, revision: str | None = None, trust_remote_code: bool = False) -> None:
-    """Refuse, with a message, checkpoints that are not LLaVA-1.5-style interleaved models."""
+# The model types lmms-eval's llava_hf loads whose image tokens are interleaved with the text
+# (one image_token_id per token; methods/geometry.py knows their layouts).
+LLAVA_FAMILIES = ("llava", "llava_next", "llava_onevision")
+
+
+def check_interleaved_llava(pretrained: str, revision: str | None = None, trust_remote_code: bool = False):
+    """The checkpoint's config; refuse, with a message, checkpoints that are not interleaved LLaVA models
+    (LLaVA-1.5, LLaVA-NeXT, LLaVA-OneVision HF ports)."""
     from transformers import AutoConfig
 
     if os.path.isdir(pretrained) and not (Path(pretrained) / "config.json").exists():
@@ -92,12 +99,21 @@ def check_interleaved_llava(pretrained: str, revision: str | None = None, trust_
         config = AutoConfig.from_pretrained(pretrained, revision=revision or "main", trust_remote_code=trust_remote_code)
     except Exception as e:
         raise ModelArgsError(f"pretrained={pretrained}: cannot read its config ({e})") from e
-    if getattr(config, "model_type", None) != "llava" or getattr(config, "image_token_id", None) is None:
+    if getattr(config, "model_type", None) not in LLAVA_FAMILIES or getattr(config, "image_token_id", None) is None:
         raise ModelArgsError(
             f"pretrained={pretrained} is a {getattr(config, 'model_type', 'unknown')!r} checkpoint; these techniques need "
-            "an interleaved LLaVA checkpoint (model_type 'llava', LlavaForConditionalGeneration with image_token_id), "
-            "e.g. llava-hf/llava-1.5-7b-hf or shapeworld-tiny"
+            f"an interleaved LLaVA checkpoint (model_type {' / '.join(LLAVA_FAMILIES)} with image_token_id), "
+            "e.g. llava-hf/llava-1.5-7b-hf, llava-hf/llava-v1.6-mistral-7b-hf, "
+            "llava-hf/llava-onevision-qwen2-7b-ov-hf or shapeworld-tiny"
         )
+    return config
+
+
+def refuse_family(spec: TechniqueSpec, model_type: str | None, pretrained: str) -> None:
+    """ModelArgsError when ``spec`` refuses checkpoints of ``model_type`` (the README support matrix's reasons)."""
+    why = spec.refused.get(model_type)
+    if why:
+        raise ModelArgsError(f"{spec.name} does not support {model_type} checkpoints (pretrained={pretrained}): {why}")
 
 
 class RecordingProcessor:
@@ -301,8 +317,10 @@ class TechniqueMixin:
             )
 
     def check_checkpoint(self, pretrained: str, revision: str | None, trust_remote_code: bool) -> None:
-        """Refuse, with a ModelArgsError naming why, checkpoints of another family."""
-        check_interleaved_llava(pretrained, revision, trust_remote_code)
+        """Refuse, with a ModelArgsError naming why, checkpoints of another family (or of a family
+        this technique refuses: ``TechniqueSpec.refused``)."""
+        config = check_interleaved_llava(pretrained, revision, trust_remote_code)
+        refuse_family(self.spec, getattr(config, "model_type", None), pretrained)
 
     def device_args(self, base: dict) -> dict:
         """The device arguments handed to the family's constructor (defaults and accelerate)."""

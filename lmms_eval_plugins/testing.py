@@ -147,8 +147,10 @@ def build_tiny_llava_next(
     kv_heads: int = 2,
     pinpoints: list | None = None,
     seed: int = 0,
+    tokenizer=None,
 ) -> Path:
-    """A random LLaVA-NeXT (anyres) checkpoint: CLIP tower with CLS, Llama LM, base crop + tiles + newlines."""
+    """A random LLaVA-NeXT (anyres) checkpoint: CLIP tower with CLS, Llama LM, base crop + tiles + newlines.
+    tokenizer: another tokenizer with an ``<image>`` token (default: the word-level test tokenizer)."""
     from transformers import (
         CLIPVisionConfig,
         LlamaConfig,
@@ -160,7 +162,7 @@ def build_tiny_llava_next(
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    tok = build_tokenizer()
+    tok = tokenizer or build_tokenizer()
     pinpoints = pinpoints or tiny_pinpoints(image_size)
     config = LlavaNextConfig(
         vision_config=CLIPVisionConfig(
@@ -209,6 +211,7 @@ def build_tiny_llava_onevision(
     pinpoints: list | None = None,
     max_tiles: int = 2,
     seed: int = 0,
+    tokenizer=None,
 ) -> Path:
     """A random LLaVA-OneVision checkpoint: SigLIP tower (no CLS), Qwen2 LM, base crop + tiles + newlines;
     ``max_tiles`` small (``anyres_max_2``) so large tilings are shrunk by interpolation, as in the real model."""
@@ -224,7 +227,7 @@ def build_tiny_llava_onevision(
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    tok = build_tokenizer(extra_specials=("<video>",))
+    tok = tokenizer or build_tokenizer(extra_specials=("<video>",))
     pinpoints = pinpoints or tiny_pinpoints(image_size)
     config = LlavaOnevisionConfig(
         vision_config=SiglipVisionConfig(

@@ -46,7 +46,8 @@ import torch
 from . import hooks
 from .technique import Request, RequestError, Technique
 
-DEFAULTS = {"top_k": 3, "sigma": 1.0, "box_mode": "component", "connectivity": 8, "decimals": 2, "selection": "ours", "box_scaling": "geometry", "prompt": "task"}
+DEFAULTS = {"top_k": 3, "sigma": 1.0, "box_mode": "component", "connectivity": 8, "decimals": 2, "selection": "ours", "box_scaling": "geometry", "prompt": "task", "block": "base"}
+BLOCKS = ("base", "highres")  # anyres (LLaVA-NeXT/OneVision): which block's grid the maps and box come from
 BOX_MODES = ("component", "minmax")
 BOX_SCALINGS = ("geometry", "stretch")  # undo the processor's pad/resize/crop | 9ffe219's stretch of the grid onto W x H
 PROMPTS = ("task", "official")  # the lmms-eval task's prompt | the official referseg prompt (official_prompt_ids)
@@ -852,14 +853,19 @@ class LocHead(Technique):
     def locate(self, model, req: Request, **kwargs) -> Located:
         req.require_one_image(self.name)
         inputs = self.prompt_inputs(req, kwargs)
-        pos = hooks.image_positions(inputs["input_ids"], req.image_token_id)
+        block = self.anyres_block(req)
+        if block is None:  # LLaVA-1.5: the single square grid
+            pos = hooks.image_positions(inputs["input_ids"], req.image_token_id)
+            grid = image_grid(model, pos.numel())
+        else:
+            pos, grid = block.positions.to(inputs["input_ids"].device), block.grid_hw
         if self.heads == "all":
             maps = capture_image_maps(model, inputs, pos)  # (L, H, N)
             heads = "all"
             flat = maps.flatten(0, 1)
         elif self.heads == "self":  # this request's own best heads (9ffe219 pipeline.py:57-70)
             maps = capture_image_maps(model, inputs, pos)
-            heads = select_heads(maps, image_grid(model, pos.numel()), self.params["selection"], self.params["top_k"], self.params["connectivity"])
+            heads = select_heads(maps, grid, self.params["selection"], self.params["top_k"], self.params["connectivity"])
             flat = torch.stack([maps[l, h] for l, h in heads])
         else:
             layers = sorted({l for l, _ in self.heads})
@@ -867,7 +873,7 @@ class LocHead(Technique):
             row = {l: i for i, l in enumerate(layers)}
             flat = torch.stack([maps[row[l], h] for l, h in self.heads])
             heads = list(self.heads)
-        gh, gw = image_grid(model, pos.numel())
+        gh, gw = grid
         head_maps = flat.reshape(-1, gh, gw)
         combined = combine_head_maps(head_maps, self.params["sigma"])
         box_p = box_from_grid(combined, self.params["box_mode"], self.params["connectivity"])
@@ -876,6 +882,10 @@ class LocHead(Technique):
             x0, y0, x1, y1 = official_box_grid(combined)
             box_p = [x0 / gw, y0 / gh, (x1 + 1) / gw, (y1 + 1) / gh]
             box = list(box_p)
+        elif block is not None:  # the block's region of the image (undoes the anyres squash / tiling and padding)
+            box = [min(1.0, max(0.0, v)) for v in block.to_image(box_p)]
+            if req.pads:
+                box = req.pads[0].to_original(box)
         elif req.images and req.processor is not None:
             ip = getattr(req.processor, "image_processor", req.processor)
             geometry = processor_geometry(ip, req.images[0].size)
@@ -895,6 +905,17 @@ class LocHead(Technique):
         if self.on_located is not None:
             self.on_located(req, located)
         return located
+
+    def anyres_block(self, req: Request):
+        """The geometry block the maps are read from on anyres models (None: LLaVA-1.5's single grid)."""
+        if req.config is None or req.family == "llava":
+            return None
+        if self.params["prompt"] != "task":
+            raise RequestError(f"lochead: prompt={self.params['prompt']} is LLaVA-1.5 only; use prompt=task on {req.family}")
+        block = req.geometry.block(self.params.get("block", "base"))
+        if block.rows * block.cols == 0:
+            raise RequestError(f"lochead: the {block.name} block of this {req.images[0].size} image is empty; use block=base")
+        return block
 
     def prompt_inputs(self, req: Request, kwargs: dict) -> dict:
         """The forward's inputs: the request's own, or (prompt=official) the official prompt's ids around the same image."""

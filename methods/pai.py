@@ -16,6 +16,7 @@ parity table.
 
 from __future__ import annotations
 
+import torch
 from transformers import LogitsProcessorList
 
 from . import guidance, hooks
@@ -30,6 +31,7 @@ DEFAULTS = {
     "cutoff": 0.1,
     "boost_first_step": False,
     "official_quirks": False,
+    "newlines": False,  # anyres models (LLaVA-NeXT/OneVision): boost the row-newline tokens too
 }
 
 
@@ -88,7 +90,14 @@ class Pai(GuidedTechnique):
         rows = self.boost_rows(req)
         if self.params["alpha"] == 0 or rows is None:
             return []  # nothing to edit: stay on the fast path, bit-identical to the baseline
-        return [hooks.Boost(layers=self.layers, rows=rows, keys=req.image_pos, alpha=self.params["alpha"])]
+        return [hooks.Boost(layers=self.layers, rows=rows, keys=self.boosted_keys(req), alpha=self.params["alpha"])]
+
+    def boosted_keys(self, req: Request) -> torch.Tensor:
+        """Every image token of every block (base crop and high-res tiles); the row-newline tokens of
+        anyres models only with newlines=True: they carry no pixels of their own (a learned separator)."""
+        if self.params["newlines"] or req.config is None:
+            return req.image_pos
+        return req.geometry.positions(newlines=False).to(req.input_ids.device)
 
     def describe(self):
         return {**super().describe(), "layers": f"{self.layers.start}..{self.layers.stop - 1}"}

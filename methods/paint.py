@@ -56,6 +56,14 @@ from . import hooks
 from .pai import GuidedTechnique
 from .technique import Request, RequestError, layer_range
 
+# Anyres families whose vision tower has a CLS token (the selection reads CLS attention of the base crop).
+ANYRES_WITH_CLS = ("llava_next",)
+# Why PAINT refuses the other families (README support matrix).
+REFUSED = {
+    "llava_onevision": "its SigLIP vision tower has no CLS token, and PAINT's local/summary selection is CLS attention "
+    "(clip_encoder.py); no substitute is validated",
+}
+
 DEFAULTS = {
     "alpha": 0.7,
     "beta": 0.4,
@@ -273,6 +281,7 @@ class TokenSelector:
             self.captures.append(self.full_capture)
         self._done = 0  # vision-tower passes already turned into a selection
         self.selection: TokenSelection | None = None
+        self.crop: int | None = None  # anyres: the tower runs on base + tiles as a batch; select from this crop
 
     @property
     def width(self) -> int:
@@ -288,6 +297,8 @@ class TokenSelector:
             )
         if passes != self._done:
             maps = self.capture.latest()
+            if self.crop is not None:
+                maps = {layer: m[self.crop : self.crop + 1] for layer, m in maps.items()}
             official_spatial = None
             if self.full_capture is not None:
                 full = self.full_capture.latest()[self.local_layer]
@@ -433,20 +444,14 @@ class Paint(GuidedTechnique):
         self.last_selector = None
         if not editing and not self.save_dir:
             return []  # nothing to edit: stay on the fast path, bit-identical to the baseline
-        n_img = req.image_pos.numel()
-        n_patches = self.grid[0] * self.grid[1]
-        if n_img != n_patches + self.patch_offset:
-            raise RequestError(
-                f"paint: the prompt has {n_img} image tokens but the vision tower gives {n_patches} patches "
-                f"(+{self.patch_offset}); only single-crop LLaVA-1.5-style models are supported"
-            )
+        first, crop = self._base_block(req)
         selector = TokenSelector(
             *self.vision_layers, self.grid, p["top_ratio"], p["spatial_ratio"], p["spatial"], self.selection_dtype
         )
+        selector.crop = crop
         self.last_selector = selector
         if not editing:
             return selector.captures  # observation only: outputs stay the baseline's
-        first = int(req.image_pos[0])
         keys = torch.arange(first, first + self.patch_offset + selector.width)
         if int(keys[-1]) >= req.input_ids.shape[1]:
             raise RequestError("paint: spatial=official boosts the token after the image, but the prompt ends with the image")
@@ -464,6 +469,32 @@ class Paint(GuidedTechnique):
             max_head_scale=p["max_head_scale"],
         )
         return [*selector.captures, boost]
+
+    def _base_block(self, req: Request) -> tuple[int, int | None]:
+        """(position of the first edited image token, the vision-tower crop the CLS attention comes from).
+
+        LLaVA-1.5: the image's single grid, the tower's only crop. LLaVA-NeXT (anyres): the base
+        block and crop 0, the whole image at the tower's resolution, where CLS attention means
+        what it means for LLaVA-1.5; the high-res tiles' tokens are left unedited (each tile's CLS
+        only sees its tile: a selection per tile would be a different method)."""
+        n_patches = self.grid[0] * self.grid[1]
+        if req.family in ANYRES_WITH_CLS:
+            if self.params["spatial"] == "official" and official_spatial_count(self.grid, self.params["spatial_ratio"]):
+                raise RequestError("paint: spatial=official boosts the token after the image grid, which on "
+                                   f"{req.family} is a high-res token; use spatial=grid")
+            base = req.geometry.base
+            if base.rows * base.cols != n_patches:
+                raise RequestError(f"paint: the base block is {base.rows}x{base.cols} but the vision tower gives {self.grid}")
+            return int(base.positions[0]), 0
+        if req.config is not None and req.family != "llava":
+            raise RequestError(f"paint does not support {req.family}: its selection needs the vision tower's CLS attention")
+        n_img = req.image_pos.numel()
+        if n_img != n_patches + self.patch_offset:
+            raise RequestError(
+                f"paint: the prompt has {n_img} image tokens but the vision tower gives {n_patches} patches "
+                f"(+{self.patch_offset}); only single-crop LLaVA-1.5-style models are supported"
+            )
+        return int(req.image_pos[0]), None
 
     def generate(self, model, req: Request, **kwargs):
         out = super().generate(model, req, **kwargs)

@@ -28,6 +28,7 @@ PARAMS = (
     Param("selection", str, DEFAULTS["selection"], "head selection: ours | official (8ce33b0) | official_v2 (9ffe219); see docs/lochead.md", choices=lochead.SELECTIONS),
     Param("box_scaling", str, DEFAULTS["box_scaling"], "geometry: undo the processor's pad/crop | stretch: 9ffe219's grid box stretched onto the image", choices=lochead.BOX_SCALINGS),
     Param("prompt", str, DEFAULTS["prompt"], "task: the lmms-eval task's prompt | official: the official referseg prompt (query row = the expression's last token)", choices=lochead.PROMPTS),
+    Param("block", str, "base", "LLaVA-NeXT/OneVision: read maps and box from the base crop's grid or the high-res (tiled) grid", choices=lochead.BLOCKS),
     Param("check_model_id", bool, True, "refuse a heads file made for another model id"),
     Param("random_seed", int, 0, "seed of heads=random"),
     Param("discover_task", str, "", "heads=auto: lmms-eval task whose split is searched (e.g. shapeworld_rec)"),

@@ -26,6 +26,7 @@ WINDOW_AND_CFG_PARAMS = (
 
 PARAMS = (
     Param("alpha", float, DEFAULTS["alpha"], "boost: a + alpha*|a| on image-token scores", low=0.0),
+    Param("newlines", bool, DEFAULTS["newlines"], "LLaVA-NeXT/OneVision: boost the high-res row-newline tokens too (default: grid tokens of every block only)"),
     # PAI's own default follows the official scripts: CFG on (README.md:65,82 --use-cfg)
     *(dataclasses.replace(p, default=DEFAULTS["use_cfg"]) if p.name == "use_cfg" else p for p in WINDOW_AND_CFG_PARAMS),
 )

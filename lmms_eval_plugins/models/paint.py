@@ -1,7 +1,7 @@
 """`llava_paint` (alias `llava_fia`): PAINT's selective image-token boost (methods/paint.py)
 inside lmms-eval's llava_hf."""
 
-from methods.paint import DEFAULTS, HEAD_MODULATIONS, SELECTION_PRECISIONS, SPATIAL_VARIANTS, Paint
+from methods.paint import DEFAULTS, HEAD_MODULATIONS, REFUSED, SELECTION_PRECISIONS, SPATIAL_VARIANTS, Paint
 
 from ..base import TechniqueSpec, wrapper_classes
 from ..params import Param
@@ -57,6 +57,7 @@ SPEC = TechniqueSpec(
         "full": {"alpha": 0.7, "beta": 0.4, "spatial": "grid", "spatial_ratio": 0.05, "head_modulation": "sensitivity"},
     },
     aliases=("llava_fia",),
+    refused=REFUSED,
     doc="PAINT: boost local/summary (and spatial) image tokens chosen from the vision tower's CLS attention.",
 )
 
