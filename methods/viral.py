@@ -107,10 +107,25 @@ def image_token_features(hidden: torch.Tensor, input_ids: torch.Tensor, image_to
     return feats, keep
 
 
-def vra_loss(hidden_img: torch.Tensor, target: torch.Tensor, projector: nn.Module) -> torch.Tensor:
-    """-mean over image tokens of cos(P(h), y). hidden_img (B, N, d), target (B, N, d_teacher)."""
-    pred = projector(hidden_img)
-    return -F.cosine_similarity(pred.float(), target.float(), dim=-1).mean()
+LOSSES = ("direct", "similarity")
+
+
+def vra_loss(hidden_img: torch.Tensor, target: torch.Tensor, projector: nn.Module | None, kind: str = "direct") -> torch.Tensor:
+    """L_VRA of one aligned layer, mean over samples. hidden_img (B, N, d), target (B, N, d_teacher).
+
+    - ``direct`` (VIRAL's default, llava_llama.py:586-590): -mean over image tokens of cos(P(h), y);
+    - ``similarity`` (llava_llama.py:591-600): per sample, MSE between the N x N cosine-similarity
+      (Gram) matrices of P(h) and of y; with ``projector=None`` the hidden states themselves
+      (the official ``use_projector=False``).
+    """
+    pred = projector(hidden_img) if projector is not None else hidden_img
+    if kind == "direct":
+        return -F.cosine_similarity(pred.float(), target.float(), dim=-1).mean()
+    if kind == "similarity":
+        p, y = F.normalize(pred.float(), dim=-1), F.normalize(target.float(), dim=-1)
+        gram_p, gram_y = p @ p.transpose(-2, -1), y @ y.transpose(-2, -1)
+        return ((gram_p - gram_y) ** 2).mean(dim=(-2, -1)).mean()
+    raise ValueError(f"VRA loss {kind!r}: use one of {', '.join(LOSSES)}")
 
 
 # ---------------------------------------------------------------------------------------
@@ -151,33 +166,63 @@ def capture_layer_output(model, layer: int):
         handle.remove()
 
 
+@contextlib.contextmanager
+def capture_layer_outputs(model, layers):
+    """Record hidden_states[l] for each l of ``layers`` (1-based) in ``box[l]``."""
+    decoder = decoder_layers(model)
+    box, handles = {}, []
+    for layer in layers:
+        check_layer(layer, len(decoder))
+
+        def hook(_module, _args, output, layer=layer):
+            box[layer] = output[0] if isinstance(output, tuple) else output
+
+        handles.append(decoder[layer - 1].register_forward_hook(hook))
+    try:
+        yield box
+    finally:
+        for h in handles:
+            h.remove()
+
+
 def grid_count(model) -> int:
     """Image tokens per image in the LLM's sequence (LLaVA-1.5: (336/14)^2 = 576)."""
     vc = _config(model).vision_config
     return (vc.image_size // vc.patch_size) ** 2
 
 
-def viral_step(model, batch: dict, *, projector: nn.Module | None, targets: torch.Tensor | None, layer: int, weight: float,
-               image_token_id: int | None = None) -> dict:
+def viral_step(model, batch: dict, *, projector, targets: torch.Tensor | None, layer, weight: float,
+               image_token_id: int | None = None, loss: str = "direct") -> dict:
     """One forward of L = L_LM + weight * L_VRA.
 
     batch: input_ids, attention_mask, pixel_values, labels (what LlavaForConditionalGeneration takes);
-    targets: (B, n_grid, d_teacher) teacher features on the LLM grid for every sample of the batch.
-    Returns {"loss", "lm_loss", "vra_loss" (None when not computed), "n_aligned"}.
-    With weight == 0 (or no projector/targets) the loss is exactly the LM loss.
+    targets: (B, n_grid, d_teacher) teacher features on the LLM grid for every sample of the batch;
+    layer: one layer or a list (1-based); projector: one module shared by the layers (the official
+    default), one per layer (a list / ModuleList, the official ``use_multiple_projectors``), or None
+    for ``loss="similarity"`` on the hidden states themselves. L_VRA is the mean over the layers
+    (llava_llama.py:603-604). Returns {"loss", "lm_loss", "vra_loss" (None when not computed),
+    "n_aligned"}.
+    With weight == 0 (or no targets) the loss is exactly the LM loss.
     """
-    use_vra = weight != 0 and projector is not None and targets is not None
+    layers = [layer] if isinstance(layer, int) else list(layer)
+    use_vra = weight != 0 and targets is not None and (projector is not None or loss == "similarity")
     if not use_vra:
         out = model(**batch)
         return {"loss": out.loss, "lm_loss": out.loss, "vra_loss": None, "n_aligned": 0}
-    with capture_layer_output(model, layer) as box:
+    projectors = list(projector) if isinstance(projector, (list, tuple, nn.ModuleList)) else [projector] * len(layers)
+    if len(projectors) != len(layers):
+        raise ValueError(f"{len(projectors)} projectors for {len(layers)} target layers")
+    with capture_layer_outputs(model, layers) as box:
         out = model(**batch)
     if image_token_id is None:
         image_token_id = _config(model).image_token_id
-    feats, keep = image_token_features(box[0], batch["input_ids"], image_token_id, targets.shape[1])
-    if keep.numel() == 0:  # nothing to align in this batch
-        return {"loss": out.loss, "lm_loss": out.loss, "vra_loss": None, "n_aligned": 0}
-    l_vra = vra_loss(feats, targets[keep].to(feats.device), projector)
+    terms, projected, keep = [], {}, None
+    for l, proj in zip(layers, projectors):
+        feats, keep = image_token_features(box[l], batch["input_ids"], image_token_id, targets.shape[1])
+        if keep.numel() == 0:  # nothing to align in this batch
+            return {"loss": out.loss, "lm_loss": out.loss, "vra_loss": None, "n_aligned": 0}
+        terms.append(vra_loss(feats, targets[keep].to(feats.device), proj, loss))
+    l_vra = torch.stack(terms).mean()
     return {"loss": out.loss + weight * l_vra, "lm_loss": out.loss, "vra_loss": l_vra, "n_aligned": int(keep.numel())}
 
 
@@ -296,6 +341,78 @@ class EncoderTeacher(nn.Module):
 
     def describe(self) -> dict:
         return {"teacher": "self", "vision_feature_layer": self.feature_layer, "dim": self.dim}
+
+
+def resample_pos_embed(pos: torch.Tensor, new_hw: tuple[int, int], num_prefix: int = 1) -> torch.Tensor:
+    """(1, prefix + h*w, C) absolute position table -> (1, prefix + H*W, C): the patch part resized
+    bicubic with antialiasing in float32, prefix tokens kept (the rule of timm's
+    ``resample_abs_pos_embed``, which llava_llama.py:303-305 applies to DINOv2's 37x37 table)."""
+    n = pos.shape[1] - num_prefix
+    side = math.isqrt(n)
+    if side * side != n:
+        raise ValueError(f"position table of {n} patches is not square")
+    if (side, side) == tuple(new_hw):
+        return pos
+    prefix, grid = pos[:, :num_prefix], pos[:, num_prefix:]
+    fmap = grid.float().reshape(1, side, side, -1).permute(0, 3, 1, 2)
+    fmap = F.interpolate(fmap, size=tuple(new_hw), mode="bicubic", antialias=True)
+    grid = fmap.permute(0, 2, 3, 1).reshape(1, -1, pos.shape[-1]).to(pos.dtype)
+    return torch.cat([prefix, grid], dim=1)
+
+
+class OfficialTeacher(nn.Module):
+    """The teacher as cvlab-kaist/VIRAL computes it (llava_llama.py:294-306, 497-502), on a local
+    transformers DINOv2 (e.g. a saved ``facebook/dinov2-base``):
+
+    - the position table resampled once to the LLM's grid (24x24 for LLaVA-1.5) with
+      ``resample_pos_embed``, so the model runs at the LLM's resolution without interpolating;
+    - input: the LLaVA pixels exactly as the LLM gets them (padded to square, CLIP-normalised,
+      336 px), bilinearly resized to grid x patch (a no-op at 336 = 24 x 14); no re-normalisation;
+    - output: the final-LayerNorm patch tokens (``x_norm_patchtokens``), one per LLM image token,
+      no feature resampling.
+    """
+
+    def __init__(self, backbone: nn.Module, grid: tuple[int, int], name: str = "backbone"):
+        super().__init__()
+        cfg = backbone.config
+        self.patch_size = cfg.patch_size if isinstance(cfg.patch_size, int) else cfg.patch_size[0]
+        self.n_prefix = 1 + int(getattr(cfg, "num_register_tokens", 0) or 0)
+        self.grid, self.name, self.dim = tuple(grid), name, int(cfg.hidden_size)
+        emb = backbone.embeddings
+        with torch.no_grad():
+            table = resample_pos_embed(emb.position_embeddings.detach(), self.grid)
+        emb.position_embeddings = nn.Parameter(table, requires_grad=False)
+        self.backbone = backbone.eval().requires_grad_(False)
+
+    @classmethod
+    def from_pretrained(cls, path, grid: tuple[int, int]) -> "OfficialTeacher":
+        from transformers import AutoModel
+
+        path = Path(path)
+        if not (path / "config.json").exists():
+            raise FileNotFoundError(
+                f"teacher {path} is not a local transformers checkpoint (no config.json). The official VIRAL teacher is "
+                "DINOv2 ViT-B/14: on a machine with network, `huggingface-cli download facebook/dinov2-base --local-dir "
+                f"{path}` (or `AutoModel.from_pretrained('facebook/dinov2-base').save_pretrained('{path}')`), then pass that directory"
+            )
+        backbone = AutoModel.from_pretrained(path, use_safetensors=True)
+        if not hasattr(backbone, "embeddings") or not hasattr(backbone.embeddings, "position_embeddings"):
+            raise ValueError(f"teacher {path}: the official input path needs a ViT with an absolute position table (DINOv2); "
+                             "use --teacher-input image|pixels for other backbones")
+        return cls(backbone, grid, name=str(path))
+
+    @torch.no_grad()
+    def features(self, pixel_values: torch.Tensor, src_mean=None, src_std=None):
+        size = (self.grid[0] * self.patch_size, self.grid[1] * self.patch_size)
+        param = next(self.backbone.parameters())
+        x = pixel_values.to(param.device, param.dtype)
+        if tuple(x.shape[-2:]) != size:
+            x = F.interpolate(x, size=size, mode="bilinear")
+        tokens = self.backbone(pixel_values=x).last_hidden_state
+        return tokens[:, self.n_prefix :], self.grid
+
+    def describe(self) -> dict:
+        return {"teacher": self.name, "input": "official (LLaVA pixels, position table resampled)", "grid": list(self.grid), "dim": self.dim}
 
 
 def teacher_pixels(images, size: int, mean, std, crop_fraction: float = 1.0) -> torch.Tensor:

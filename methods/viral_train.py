@@ -48,9 +48,17 @@ class TrainConfig:
     image_folder: str = ""
     teacher: str = "self"  # a vision backbone directory, "self" (the model's own vision tower) or "none"
     teacher_image_size: int | None = None
-    teacher_input: str = "image"  # "image": re-process the original image; "pixels": convert the LLaVA pixels
-    layer: int = viral.DEFAULTS["layer"]
+    teacher_input: str = "image"  # "image": re-process the original image; "pixels": convert the LLaVA pixels;
+    # "official": the LLaVA pixels as they are into DINOv2 with its position table resampled (viral.OfficialTeacher)
+    preset: str | None = None  # "official": PRESETS["official"] fills every field the caller left at its default
+    layer: Any = viral.DEFAULTS["layer"]  # one layer or a list (1-based over hidden_states)
     weight: float = viral.DEFAULTS["weight"]
+    loss: str = "direct"  # "direct" (cosine) or "similarity" (Gram-matrix MSE)
+    use_projector: bool = True  # False: "similarity" on the hidden states themselves
+    multiple_projectors: bool = False  # one projector per target layer (default: one shared)
+    train_vra_projector: bool = True
+    projector_init: str = "torch"  # "official": N(0, 0.02) weights, zero biases
+    teacher_reinit: bool = False  # official bug reproduction: the teacher's Linear layers re-drawn N(0, 0.02)
     proj_hidden: int = viral.DEFAULTS["proj_hidden"]
     lora_r: int = 128
     lora_alpha: int = 256
@@ -58,16 +66,23 @@ class TrainConfig:
     train_mm_projector: bool = True
     lr: float = 2e-4
     proj_lr: float | None = None  # default: lr
+    mm_projector_lr: float | None = None  # the multimodal projector's learning rate (default: lr)
     weight_decay: float = 0.0
     warmup_ratio: float = 0.03
+    schedule: str = "ours"  # "ours": warm-up (step+1)/warmup; "official": transformers' cosine with warm-up
     batch_size: int = 4
     grad_accum: int = 1
+    effective_batch: int | None = None  # sets grad_accum = effective_batch / (batch_size * processes)
+    pad_to_square: bool = False  # LLaVA-1.5's image_aspect_ratio=pad (expand2square with the mean colour)
+    base_llm: str | None = None  # start from a base LLM + vision tower + stage-1 projector instead of `pretrained`
+    vision_tower: str | None = None
+    mm_projector: str | None = None
     epochs: float = 1.0
     max_steps: int | None = None  # optimizer steps; overrides epochs
     max_length: int = 2048
     max_grad_norm: float = 1.0
     seed: int = 0
-    dtype: str = "float32"
+    dtype: str = "float32"  # or "auto": bfloat16 where the device supports it, else float32
     cache_teacher: bool = True  # teacher features computed once per sample (no augmentation here)
     save_every: int = 0  # optimizer steps between checkpoints (0: only at the end)
     keep_checkpoints: int = 2
@@ -75,6 +90,92 @@ class TrainConfig:
     resume: Any = False  # True: latest checkpoint in output_dir; or a checkpoint directory
     limit: int | None = None  # use only the first N records
     progress: bool = True
+
+
+# The official recipe (cvlab-kaist/VIRAL @ adc0791: scripts/v1_5/finetune_lora.sh, config.json,
+# llava_llama.py, train.py, llava_trainer.py) as data; see docs/viral.md's parity table.
+PRESETS = {
+    "official": {
+        "teacher": "facebook/dinov2-base",  # a local directory of it (the official code loads dinov2_vitb14 from torch.hub)
+        "teacher_input": "official",
+        "layer": 16,
+        "weight": 0.5,
+        "loss": "direct",
+        "proj_hidden": 2048,
+        "lora_r": 128,
+        "lora_alpha": 256,
+        "lora_dropout": 0.05,
+        "train_mm_projector": True,
+        "lr": 2e-4,
+        "mm_projector_lr": 2e-5,
+        "weight_decay": 0.0,
+        "warmup_ratio": 0.03,
+        "schedule": "official",
+        "batch_size": 8,
+        "effective_batch": 32,  # 8 per device x 2 accumulation x 2 GPUs
+        "epochs": 1.0,
+        "max_grad_norm": 1.0,
+        "max_length": 2048,
+        "dtype": "auto",
+        "pad_to_square": True,
+        # two behaviours of the official code reproduced (docs/viral.md, "official bugs"):
+        "train_vra_projector": False,  # peft freezes it (train.py:1107) and nothing re-enables it
+        "projector_init": "official",
+        "teacher_reinit": True,  # from_pretrained re-initialises the hub DINOv2's Linear layers
+    }
+}
+
+
+def apply_preset(cfg: "TrainConfig") -> "TrainConfig":
+    """Fill every field still at its dataclass default with the preset's value."""
+    if not cfg.preset:
+        return cfg
+    if cfg.preset not in PRESETS:
+        raise ValueError(f"preset={cfg.preset!r}: use one of {', '.join(PRESETS)}")
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+    for key, value in PRESETS[cfg.preset].items():
+        if getattr(cfg, key) == defaults[key]:
+            setattr(cfg, key, value)
+    return cfg
+
+
+def resolve_dtype(name: str) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float32
+    return getattr(torch, name)
+
+
+def layers_of(cfg) -> list[int]:
+    if isinstance(cfg.layer, (list, tuple)):
+        return [int(x) for x in cfg.layer]
+    if isinstance(cfg.layer, str):
+        return [int(x) for x in cfg.layer.split(",") if x.strip()]
+    return [int(cfg.layer)]
+
+
+def recipe(cfg) -> dict:
+    """What this run does, in the terms of the official recipe (printed and saved with the adapter)."""
+    out = {
+        "preset": cfg.preset, "teacher": cfg.teacher, "teacher_input": cfg.teacher_input, "layers": layers_of(cfg),
+        "weight": cfg.weight, "loss": cfg.loss, "use_projector": cfg.use_projector, "multiple_projectors": cfg.multiple_projectors,
+        "projector": f"d -> {cfg.proj_hidden} -> {cfg.proj_hidden} -> d_teacher (SiLU), init {cfg.projector_init}, "
+                     + ("trained" if cfg.train_vra_projector else "frozen"),
+        "lora": {"r": cfg.lora_r, "alpha": cfg.lora_alpha, "dropout": cfg.lora_dropout, "lr": cfg.lr},
+        "mm_projector": {"trained": cfg.train_mm_projector, "lr": cfg.mm_projector_lr if cfg.mm_projector_lr is not None else cfg.lr},
+        "weight_decay": cfg.weight_decay, "warmup_ratio": cfg.warmup_ratio, "schedule": cfg.schedule,
+        "batch": {"per_device": cfg.batch_size, "grad_accum": cfg.grad_accum, "effective": cfg.effective_batch},
+        "dtype": str(resolve_dtype(cfg.dtype)).removeprefix("torch."), "pad_to_square": cfg.pad_to_square,
+        "start": ({"base_llm": cfg.base_llm, "vision_tower": cfg.vision_tower, "mm_projector": cfg.mm_projector}
+                  if cfg.base_llm else {"pretrained": cfg.pretrained}),
+    }
+    notes = []
+    if not cfg.train_vra_projector:
+        notes.append("VRA projector frozen at its initialisation (official LoRA recipe: peft freezes it); --train-vra-projector to train it")
+    if cfg.teacher_reinit:
+        notes.append("teacher Linear layers re-drawn N(0, 0.02) (official: from_pretrained re-initialises the hub DINOv2); "
+                     "--no-teacher-reinit for the intended DINOv2")
+    out["reproduced_official_bugs"] = notes
+    return out
 
 
 # ---------------------------------------------------------------------------------------
@@ -107,9 +208,23 @@ def _turns(conversations: list[dict]) -> list[tuple[str, str]]:
     return turns
 
 
-def encode_conversation(processor, image, conversations: list[dict], max_length: int) -> dict:
+def expand2square(image, background):
+    """LLaVA-1.5's pad-to-square (llava/mm_utils.py expand2square): the image centred on a square of
+    ``background`` (the processor's mean colour, 0-255)."""
+    w, h = image.size
+    if w == h:
+        return image
+    side = max(w, h)
+    out = Image.new(image.mode, (side, side), background)
+    out.paste(image, ((side - w) // 2, (side - h) // 2))
+    return out
+
+
+def encode_conversation(processor, image, conversations: list[dict], max_length: int, pad_to_square: bool = False) -> dict:
     """input_ids, labels (assistant tokens only), pixel_values for one record."""
     image_token = getattr(processor, "image_token", "<image>")
+    if pad_to_square and image is not None:
+        image = expand2square(image, tuple(int(x * 255) for x in processor.image_processor.image_mean))
     messages = []
     for k, (user, answer) in enumerate(_turns(conversations)):
         text = user.replace(image_token, "").strip()
@@ -140,8 +255,9 @@ def encode_conversation(processor, image, conversations: list[dict], max_length:
 class ConversationDataset(torch.utils.data.Dataset):
     """LLaVA-format records, encoded lazily (and remembered) per index."""
 
-    def __init__(self, records: list[dict], processor, image_folder: str = "", max_length: int = 2048):
+    def __init__(self, records: list[dict], processor, image_folder: str = "", max_length: int = 2048, pad_to_square: bool = False):
         self.records, self.processor, self.folder, self.max_length = records, processor, Path(image_folder or "."), max_length
+        self.pad_to_square = pad_to_square
         self._cache: dict[int, dict] = {}
 
     def __len__(self):
@@ -157,7 +273,8 @@ class ConversationDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int) -> dict:
         if i not in self._cache:
-            self._cache[i] = encode_conversation(self.processor, self.image(i), self.records[i]["conversations"], self.max_length)
+            self._cache[i] = encode_conversation(self.processor, self.image(i), self.records[i]["conversations"], self.max_length,
+                                                 self.pad_to_square)
         return {**self._cache[i], "index": i}
 
 
@@ -251,6 +368,53 @@ def latest_checkpoint(output_dir: Path) -> Path | None:
 # ---------------------------------------------------------------------------------------
 
 
+def official_lr_lambda(total: int, warmup_ratio: float):
+    """The official schedule: transformers' ``get_cosine_schedule_with_warmup`` as LLaVATrainer builds it
+    (warm-up steps = ceil(ratio * total); factor step / warmup, so the first optimizer step runs at lr 0,
+    then 0.5 * (1 + cos(pi * progress)))."""
+    warmup = math.ceil(total * warmup_ratio)
+
+    def f(step: int) -> float:
+        if step < warmup:
+            return step / max(1, warmup)
+        progress = (step - warmup) / max(1, total - warmup)
+        return max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
+
+    return f
+
+
+def param_groups(model, projector, cfg) -> list[dict]:
+    """AdamW groups. The official ones (llava/train/llava_trainer.py:160-194, with finetune_lora.sh's
+    --learning_rate 2e-4 --mm_projector_lr 2e-5 --weight_decay 0): every trainable parameter outside the
+    multimodal projector at ``lr`` (LoRA, and the VRA projector when it is trained), the multimodal
+    projector at ``mm_projector_lr``; weight decay only on non-bias, non-norm weights."""
+    mm_lr = cfg.mm_projector_lr if cfg.mm_projector_lr is not None else cfg.lr
+    groups = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        is_mm = "multi_modal_projector" in name or "mm_projector" in name
+        decay = cfg.weight_decay if (p.ndim > 1 and "norm" not in name) else 0.0
+        key = ("mm" if is_mm else "main", decay)
+        groups.setdefault(key, {"params": [], "lr": mm_lr if is_mm else cfg.lr, "weight_decay": decay, "name": key[0]})["params"].append(p)
+    if projector is not None and any(p.requires_grad for p in projector.parameters()):
+        groups[("vra", 0)] = {"params": [p for p in projector.parameters() if p.requires_grad],
+                              "lr": cfg.proj_lr or cfg.lr, "weight_decay": cfg.weight_decay, "name": "vra_projector"}
+    return list(groups.values())
+
+
+def init_projector_official(projector, std: float = 0.02) -> None:
+    """The VRA projector as the official code leaves it: transformers 4.37's ``_init_weights`` of the
+    Llama model (weights N(0, initializer_range=0.02), biases 0), applied by ``from_pretrained`` to every
+    module missing from the checkpoint."""
+    with torch.no_grad():
+        for m in projector.modules():
+            if isinstance(m, torch.nn.Linear):
+                m.weight.normal_(0.0, std)
+                if m.bias is not None:
+                    m.bias.zero_()
+
+
 def lr_lambda(total: int, warmup: int):
     def f(step: int) -> float:
         if step < warmup:
@@ -261,18 +425,11 @@ def lr_lambda(total: int, warmup: int):
     return f
 
 
-def build(cfg: TrainConfig):
-    """Model (peft), processor, teacher, projector: everything but the loop."""
+def wrap_lora(model, cfg):
+    """Freeze the model, LoRA on the language model's linear layers (train.py:169-182 targets the same
+    q/k/v/o/gate/up/down projections), the multimodal projector trained fully (saved with the adapter)."""
     from peft import LoraConfig, get_peft_model
-    from transformers import AutoProcessor, LlavaForConditionalGeneration
 
-    dtype = getattr(torch, cfg.dtype)
-    model = LlavaForConditionalGeneration.from_pretrained(cfg.pretrained, dtype=dtype)
-    processor = AutoProcessor.from_pretrained(cfg.pretrained)
-    if model.config.vision_feature_select_strategy != "default":
-        raise ValueError("VIRAL needs vision_feature_select_strategy='default' (one image token per patch, no CLS)")
-    if cfg.weight:
-        viral.check_layer(cfg.layer, len(viral.decoder_layers(model)))
     model.requires_grad_(False)
     lora = LoraConfig(
         r=cfg.lora_r,
@@ -281,13 +438,150 @@ def build(cfg: TrainConfig):
         target_modules=LM_TARGETS,
         modules_to_save=["multi_modal_projector"] if cfg.train_mm_projector else None,
     )
-    peft_model = get_peft_model(model, lora)
-    teacher = viral.load_teacher(cfg.teacher, peft_model, cfg.teacher_image_size) if cfg.weight else None
+    return get_peft_model(model, lora)
+
+
+def make_projector(cfg, d_model: int, d_teacher: int):
+    """The VRA projector(s): one shared by the target layers, or one per layer; None without a projector."""
+    if not cfg.use_projector:
+        if cfg.loss != "similarity":
+            raise ValueError("use_projector=False needs loss='similarity' (the direct loss compares P(h) with the teacher's width)")
+        return None
+    n = len(layers_of(cfg)) if cfg.multiple_projectors else 1
+    torch.manual_seed(cfg.seed)
+    projs = [viral.VraProjector(d_model, d_teacher, cfg.proj_hidden) for _ in range(n)]
+    for p in projs:
+        if cfg.projector_init == "official":
+            init_projector_official(p)
+        p.requires_grad_(cfg.train_vra_projector)
+    return projs[0] if n == 1 else torch.nn.ModuleList(projs)
+
+
+def load_base(cfg):
+    """(LLaVA model, processor): ``pretrained`` or, with ``base_llm``, assembled from a base LLM, a vision
+    tower and a stage-1 projector (the official starting point: vicuna-7b-v1.5 + the pretrain projector)."""
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    dtype = resolve_dtype(cfg.dtype)
+    if cfg.base_llm:
+        return assemble_llava(cfg.base_llm, cfg.vision_tower, cfg.mm_projector, dtype=dtype)
+    model = LlavaForConditionalGeneration.from_pretrained(cfg.pretrained, dtype=dtype)
+    return model, AutoProcessor.from_pretrained(cfg.pretrained)
+
+
+# LLaVA-1.5's conversation template "v1" (llava/conversation.py conv_vicuna_v1: system, " USER: ", " ASSISTANT: ",
+# answers closed by </s>), images first in the user turn as "<image>\n".
+VICUNA_V1_TEMPLATE = (
+    "{{ bos_token }}A chat between a curious human and an artificial intelligence assistant. The assistant gives helpful, "
+    "detailed, and polite answers to the human's questions."
+    "{% for message in messages %}{% if message['role'] == 'user' %} USER: "
+    "{% for c in message['content'] %}{% if c['type'] == 'image' %}<image>\n{% endif %}{% endfor %}"
+    "{% for c in message['content'] %}{% if c['type'] == 'text' %}{{ c['text'] }}{% endif %}{% endfor %}"
+    "{% else %} ASSISTANT: {% for c in message['content'] %}{% if c['type'] == 'text' %}{{ c['text'] }}{% endif %}{% endfor %}"
+    "{{ eos_token }}{% endif %}{% endfor %}{% if add_generation_prompt %} ASSISTANT:{% endif %}"
+)
+OFFICIAL_PARTS = {
+    "base_llm": "lmsys/vicuna-7b-v1.5",
+    "vision_tower": "openai/clip-vit-large-patch14-336",
+    "mm_projector": "liuhaotian/llava-v1.5-mlp2x-336px-pretrain-vicuna-7b-v1.5 (mm_projector.bin)",
+}
+
+
+def assemble_llava(base_llm, vision_tower, mm_projector, dtype=torch.float32, image_token: str = "<image>"):
+    """(LlavaForConditionalGeneration, LlavaProcessor) from the official starting point's parts: a causal LM
+    directory (Vicuna-7B-v1.5), a CLIP vision directory (ViT-L/14-336) and the stage-1 projector
+    (LLaVA's ``mm_projector.bin`` or a safetensors file, keys ``...mm_projector.0|2.weight|bias``).
+    Features from the penultimate CLIP layer without CLS, ``mlp2x_gelu`` (LLaVA-1.5's settings); the
+    tokenizer gains ``<image>`` if it lacks it; the chat template is LLaVA-1.5's "v1"."""
+    from transformers import (AutoModelForCausalLM, AutoTokenizer, CLIPImageProcessor, CLIPVisionModel, LlavaConfig,
+                              LlavaForConditionalGeneration, LlavaProcessor)
+
+    for key, path in (("base_llm", base_llm), ("vision_tower", vision_tower), ("mm_projector", mm_projector)):
+        if not path or not Path(path).exists():
+            raise FileNotFoundError(f"--{key.replace('_', '-')} {path!r} not found: the official starting point needs a local "
+                                    f"copy of {OFFICIAL_PARTS[key]}")
+    llm = AutoModelForCausalLM.from_pretrained(base_llm, dtype=dtype)
+    tokenizer = AutoTokenizer.from_pretrained(base_llm)
+    clip = CLIPVisionModel.from_pretrained(vision_tower, dtype=dtype)
+    image_processor = CLIPImageProcessor.from_pretrained(vision_tower)
+    if image_token not in tokenizer.get_vocab():
+        tokenizer.add_tokens([image_token], special_tokens=True)
+    if tokenizer.pad_token is None:  # LLaVA's v1 recipe pads with unk
+        tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token
+    vc = clip.config
+    config = LlavaConfig(vision_config=vc.to_dict(), text_config=llm.config.to_dict(), image_token_id=tokenizer.convert_tokens_to_ids(image_token),
+                         vision_feature_layer=-2, vision_feature_select_strategy="default", projector_hidden_act="gelu",
+                         image_seq_length=(vc.image_size // vc.patch_size) ** 2, tie_word_embeddings=llm.config.tie_word_embeddings)
+    config.vision_config.model_type, config.text_config.model_type = vc.model_type, llm.config.model_type
+    model = LlavaForConditionalGeneration(config).to(dtype)
+    model.model.language_model.load_state_dict(llm.model.state_dict())
+    model.lm_head.load_state_dict(llm.lm_head.state_dict())
+    model.model.vision_tower.load_state_dict(clip.state_dict())
+    weights = _load_tensors(mm_projector)
+    mapping = {"linear_1": "mm_projector.0.", "linear_2": "mm_projector.2."}
+    state = {}
+    for ours, theirs in mapping.items():
+        for part in ("weight", "bias"):
+            hits = [v for k, v in weights.items() if k.endswith(theirs + part)]
+            if len(hits) != 1:
+                raise ValueError(f"{mm_projector}: expected one '*{theirs}{part}' tensor (LLaVA's stage-1 mm_projector), found {len(hits)}")
+            state[f"{ours}.{part}"] = hits[0].to(dtype)
+    model.model.multi_modal_projector.load_state_dict(state)
+    if len(tokenizer) > model.config.text_config.vocab_size:
+        model.resize_token_embeddings(len(tokenizer))
+    processor = LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=vc.patch_size,
+                               vision_feature_select_strategy="default", num_additional_image_tokens=1,
+                               chat_template=VICUNA_V1_TEMPLATE, image_token=image_token)
+    return model.eval(), processor
+
+
+def _load_tensors(path) -> dict:
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    return torch.load(str(path), map_location="cpu", weights_only=True)  # tensors only: no code is unpickled
+
+
+def build(cfg: TrainConfig):
+    """Model (peft), processor, teacher, projector: everything but the loop."""
+    cfg = apply_preset(cfg)
+    model, processor = load_base(cfg)
+    if model.config.vision_feature_select_strategy != "default":
+        raise ValueError("VIRAL needs vision_feature_select_strategy='default' (one image token per patch, no CLS)")
+    if cfg.weight:
+        for layer in layers_of(cfg):
+            viral.check_layer(layer, len(viral.decoder_layers(model)))
+    peft_model = wrap_lora(model, cfg)
+    teacher = None
+    if cfg.weight:
+        if cfg.teacher_input == "official":
+            teacher = viral.OfficialTeacher.from_pretrained(cfg.teacher, viral.llm_grid(model))
+        else:
+            teacher = viral.load_teacher(cfg.teacher, peft_model, cfg.teacher_image_size)
+        if teacher is not None and cfg.teacher_reinit:
+            reinit_linear(teacher, cfg.seed)
     projector = None
     if teacher is not None:
-        torch.manual_seed(cfg.seed)
-        projector = viral.VraProjector(model.config.text_config.hidden_size, teacher.dim, cfg.proj_hidden)
+        projector = make_projector(cfg, model.config.text_config.hidden_size, teacher.dim)
     return peft_model, processor, teacher, projector
+
+
+def reinit_linear(teacher, seed: int, std: float = 0.02) -> int:
+    """The official load path's effect on the teacher: every Linear layer of the backbone re-drawn
+    N(0, std) with zero bias (transformers 4.37 ``from_pretrained`` initialises modules missing from the
+    LLM checkpoint with LlamaPreTrainedModel._init_weights). Returns how many layers."""
+    gen = torch.Generator().manual_seed(seed + 7919)
+    n = 0
+    with torch.no_grad():
+        for m in teacher.modules():
+            if isinstance(m, torch.nn.Linear):
+                m.weight.copy_(torch.randn(m.weight.shape, generator=gen) * std)
+                if m.bias is not None:
+                    m.bias.zero_()
+                n += 1
+    return n
 
 
 def train(cfg: TrainConfig, records: list[dict] | None = None) -> dict:
@@ -297,32 +591,44 @@ def train(cfg: TrainConfig, records: list[dict] | None = None) -> dict:
     from tqdm.auto import tqdm
 
     out = Path(cfg.output_dir)
+    cfg = apply_preset(dataclasses.replace(cfg))
+    if cfg.teacher_input not in ("image", "pixels", "official"):
+        raise ValueError(f"teacher_input={cfg.teacher_input!r}: use 'image' (re-process the original), 'pixels' or 'official'")
+    if cfg.effective_batch:
+        import os
+
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        per_step = cfg.batch_size * world
+        if cfg.effective_batch % per_step:
+            raise ValueError(f"effective batch {cfg.effective_batch} is not a multiple of batch_size x processes = {per_step}")
+        cfg.grad_accum = cfg.effective_batch // per_step
     accelerator = Accelerator(gradient_accumulation_steps=cfg.grad_accum)
     set_seed(cfg.seed)
     model, processor, teacher, projector = build(cfg)
+    accelerator.print("viral-train recipe: " + json.dumps(recipe(cfg), indent=2))
     records = (read_records(cfg.data) if records is None else records)[: cfg.limit]
-    data = ConversationDataset(records, processor, cfg.image_folder, cfg.max_length)
+    data = ConversationDataset(records, processor, cfg.image_folder, cfg.max_length, cfg.pad_to_square)
     sampler = EpochSampler(len(data), cfg.seed)
     pad_id = processor.tokenizer.pad_token_id
     loader = torch.utils.data.DataLoader(data, batch_size=cfg.batch_size, sampler=sampler, collate_fn=lambda b: collate(b, pad_id))
     steps_per_epoch = max(1, len(loader) // cfg.grad_accum)
     total = cfg.max_steps or max(1, int(round(cfg.epochs * steps_per_epoch)))
-    groups = [{"params": [p for p in model.parameters() if p.requires_grad], "lr": cfg.lr}]
-    if projector is not None:
-        groups.append({"params": list(projector.parameters()), "lr": cfg.proj_lr or cfg.lr})
+    groups = param_groups(model, projector, cfg)
+    group_names = [g.pop("name") for g in groups]
     optimizer = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(total, int(cfg.warmup_ratio * total)))
-    if projector is not None:
+    factor = official_lr_lambda(total, cfg.warmup_ratio) if cfg.schedule == "official" else lr_lambda(total, int(cfg.warmup_ratio * total))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    if projector is not None and any(p.requires_grad for p in projector.parameters()):
         model, projector, optimizer, loader = accelerator.prepare(model, projector, optimizer, loader)
-    else:
+    else:  # a frozen projector (preset=official) is not a module to distribute
         model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+        if projector is not None:
+            projector.to(accelerator.device)
     if teacher is not None and not isinstance(teacher, viral.EncoderTeacher):
         teacher.to(accelerator.device)
     base = accelerator.unwrap_model(model)
     image_token_id = base.config.image_token_id
     grid = viral.llm_grid(base)
-    if cfg.teacher_input not in ("image", "pixels"):
-        raise ValueError(f"teacher_input={cfg.teacher_input!r}: use 'image' (re-process the original) or 'pixels'")
     ip = processor.image_processor
     source = {"mean": ip.image_mean, "std": ip.image_std, "crop": viral.crop_fraction(ip),
               "from_images": cfg.teacher_input == "image" and isinstance(teacher, viral.BackboneTeacher)}
@@ -345,7 +651,7 @@ def train(cfg: TrainConfig, records: list[dict] | None = None) -> dict:
         accelerator.print(f"resumed from {resume} at step {step}")
 
     settings = {"base": cfg.pretrained, **dataclasses.asdict(cfg), "records": len(records), "teacher_info": teacher.describe() if teacher is not None else None,
-                "steps": total, "grid": list(grid), "image_token_id": image_token_id}
+                "steps": total, "grid": list(grid), "image_token_id": image_token_id, "recipe": recipe(cfg)}
     cache: dict[int, torch.Tensor] = {}
     log_path = out / "log.jsonl"
     if accelerator.is_main_process:
@@ -365,8 +671,8 @@ def train(cfg: TrainConfig, records: list[dict] | None = None) -> dict:
             if teacher is not None and "pixel_values" in batch:
                 targets = _targets(teacher, batch["pixel_values"], index, cache if cfg.cache_teacher else None, grid, data, source)
             with accelerator.accumulate(model, *( [projector] if projector is not None else [])):
-                res = viral.viral_step(model, batch, projector=projector, targets=targets, layer=cfg.layer,
-                                       weight=cfg.weight, image_token_id=image_token_id)
+                res = viral.viral_step(model, batch, projector=projector, targets=targets, layer=layers_of(cfg),
+                                       weight=cfg.weight, image_token_id=image_token_id, loss=cfg.loss)
                 accelerator.backward(res["loss"])
                 if accelerator.sync_gradients and cfg.max_grad_norm:
                     params = [p for g in optimizer.param_groups for p in g["params"]]
@@ -386,7 +692,8 @@ def train(cfg: TrainConfig, records: list[dict] | None = None) -> dict:
             bar.update(1)
             bar.set_postfix({k: f"{v:.4f}" for k, v in last.items() if v is not None})
             if accelerator.is_main_process and (step % cfg.log_every == 0 or step == total):
-                row = {"step": step, **last, "lr": scheduler.get_last_lr()[0], "sec_per_step": _mean(running["t"])}
+                row = {"step": step, **last, "lr": scheduler.get_last_lr()[group_names.index("main") if "main" in group_names else 0],
+                       "lrs": dict(zip(group_names, scheduler.get_last_lr())), "sec_per_step": _mean(running["t"])}
                 with open(log_path, "a") as f:
                     f.write(json.dumps(row) + "\n")
                 running = {"lm": [], "vra": [], "t": []}

@@ -170,3 +170,89 @@ def test_training_records_from_an_lmms_eval_task_split(tmp_path):
     assert records[0]["image"].size == (48, 40)
     with pytest.raises(ValueError, match="no validation split"):
         task_records(["tiny_ll_train"], str(tmp_path), split="validation")
+
+
+@pytest.fixture(scope="module")
+def parts(base_ckpt, tmp_path_factory):
+    """The tiny LLaVA taken apart as the official recipe starts: a base LLM (+ tokenizer), a CLIP
+    vision tower (+ image processor) and a stage-1 projector file in LLaVA's key layout."""
+    from transformers import AutoProcessor, CLIPVisionModel, LlamaForCausalLM, LlavaForConditionalGeneration
+
+    root = tmp_path_factory.mktemp("viral_parts")
+    model = LlavaForConditionalGeneration.from_pretrained(base_ckpt)
+    proc = AutoProcessor.from_pretrained(base_ckpt)
+    llm = LlamaForCausalLM(model.config.text_config)
+    llm.model.load_state_dict(model.model.language_model.state_dict())
+    llm.lm_head.load_state_dict(model.lm_head.state_dict())
+    llm.save_pretrained(root / "llm")
+    proc.tokenizer.save_pretrained(root / "llm")
+    clip = CLIPVisionModel(model.config.vision_config)
+    clip.load_state_dict(model.model.vision_tower.state_dict())
+    clip.save_pretrained(root / "clip")
+    proc.image_processor.save_pretrained(root / "clip")
+    mm = model.model.multi_modal_projector
+    torch.save({"model.mm_projector.0.weight": mm.linear_1.weight, "model.mm_projector.0.bias": mm.linear_1.bias,
+                "model.mm_projector.2.weight": mm.linear_2.weight, "model.mm_projector.2.bias": mm.linear_2.bias},
+               root / "mm_projector.bin")
+    return root, model, proc
+
+
+def test_assembled_llava_from_parts_equals_the_checkpoint(parts):
+    from methods.viral_train import assemble_llava
+
+    root, model, proc = parts
+    assembled, aproc = assemble_llava(root / "llm", root / "clip", root / "mm_projector.bin")
+    inputs, _, _ = make_inputs(proc)
+    with torch.no_grad():
+        want = model.eval()(**inputs).logits
+        got = assembled(**inputs).logits
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    assert aproc.tokenizer.convert_tokens_to_ids("<image>") == assembled.config.image_token_id
+    with pytest.raises(FileNotFoundError, match="vicuna-7b-v1.5"):
+        assemble_llava(root / "missing", root / "clip", root / "mm_projector.bin")
+
+
+@pytest.fixture(scope="module")
+def dinov2_dir(tmp_path_factory):
+    import sys
+
+    sys.path.insert(0, str(REPO / "bench" / "parity"))
+    import viral_tiny
+
+    path = tmp_path_factory.mktemp("dinov2")
+    viral_tiny.save_teacher(path)
+    return path
+
+
+def test_preset_official_end_to_end_from_base_llm_and_stage1_projector(parts, dinov2_dir, tmp_path, capsys):
+    """preset=official (DINOv2 through the official input path, official groups and schedule, effective
+    batch through accumulation, frozen N(0, 0.02) projector, teacher Linear layers re-drawn) runs and
+    saves the recipe with the adapter; sizes scaled down so it takes seconds."""
+    from methods.viral_train import PRESETS
+
+    root, _, _ = parts
+    data = _data(tmp_path / "data")
+    cfg = TrainConfig(pretrained="", base_llm=str(root / "llm"), vision_tower=str(root / "clip"), mm_projector=str(root / "mm_projector.bin"),
+                      data=str(data), image_folder=str(data.parent / "img"), output_dir=str(tmp_path / "run"), preset="official",
+                      teacher=str(dinov2_dir), layer=2, proj_hidden=32, lora_r=8, lora_alpha=16, batch_size=2, effective_batch=4,
+                      max_steps=2, log_every=1, progress=False)
+    result = train(cfg)
+    assert result["step"] == 2 and result["vra_loss"] is not None
+    saved = json.loads((tmp_path / "run" / "viral_config.json").read_text())
+    r = saved["recipe"]
+    assert r["preset"] == "official" and r["teacher_input"] == "official" and r["schedule"] == "official"
+    assert r["mm_projector"]["lr"] == PRESETS["official"]["mm_projector_lr"] and r["lora"]["lr"] == PRESETS["official"]["lr"]
+    assert r["batch"] == {"per_device": 2, "grad_accum": 2, "effective": 4} and r["pad_to_square"] is True
+    assert "frozen" in r["projector"] and len(r["reproduced_official_bugs"]) == 2
+    assert (tmp_path / "run" / "adapter" / "adapter_config.json").exists()
+    assert "viral-train recipe" in capsys.readouterr().out
+    log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    # warm-up ceil(0.03 * 2) = 1 step: factor 0 for the first optimizer step, then the cosine from 1
+    assert log[0]["lrs"] == pytest.approx({"main": PRESETS["official"]["lr"], "mm": PRESETS["official"]["mm_projector_lr"]})
+
+
+def test_preset_official_names_the_teacher_to_download(base_ckpt, tmp_path):
+    data = _data(tmp_path / "data")
+    cfg = _config(base_ckpt, data, tmp_path / "run", preset="official", teacher=str(tmp_path / "nowhere"), max_steps=1)
+    with pytest.raises(FileNotFoundError, match="facebook/dinov2-base"):
+        train(cfg)
