@@ -116,7 +116,12 @@ def official_count(k: float, n_image: int) -> int:
     return int(k * n_image) if k < 1 else int(k)
 
 
-def describe_pass(model, ids, pixel_values, image_pos, n_tokens: int):
+def image_extras(kwargs: dict) -> dict:
+    """The processor outputs besides pixel_values that a forward over the image needs (image_sizes: anyres tiling)."""
+    return {k: kwargs[k] for k in ("image_sizes",) if kwargs.get(k) is not None}
+
+
+def describe_pass(model, ids, pixel_values, image_pos, n_tokens: int, **image_kwargs):
     """attention_store.py ``__call__`` over run_on_coco.py's describe generation: per layer, the newest
     query row of every forward call over the image keys, stacked (steps, heads, image tokens); the
     prefill's hidden states (``set_hidden_states``: the first call's, embeddings first); the new ids; and
@@ -124,7 +129,7 @@ def describe_pass(model, ids, pixel_values, image_pos, n_tokens: int):
     n_layers = hooks.num_layers(model)
     cap = hooks.Capture(layers=range(n_layers), rows=hooks.Rows.last(), keys=image_pos)
     with torch.no_grad(), hooks.edited(model, cap):
-        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=pixel_values,
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=pixel_values, **image_kwargs,
                              do_sample=False, num_beams=1, max_new_tokens=n_tokens, min_new_tokens=n_tokens,
                              output_hidden_states=True, return_dict_in_generate=True)
     rows = {l: torch.cat([m[0, :, -1:, :] for m in cap.maps[l]], dim=1).transpose(0, 1) for l in cap.maps}
@@ -373,13 +378,13 @@ class Reprompt(Technique):
         text = tok(self.params["describe"], add_special_tokens=False, return_tensors="pt")["input_ids"].to(req.input_ids.device)
         return torch.cat([req.input_ids[:, :img_end], text], dim=1)
 
-    def official_selection(self, model, ids, pixel_values, image_pos) -> dict[int, torch.Tensor]:
+    def official_selection(self, model, ids, pixel_values, image_pos, image_kwargs: dict | None = None) -> dict[int, torch.Tensor]:
         """{layer: kept image-relative indices} from one describe pass (attention_store.get_top_k_indices)."""
         p, n_layers, n = self.params, self.n_layers, image_pos.numel()
         count = official_count(p["keep_ratio"], n)
         if p["describe_score"] == "random":
             return dict(enumerate(random_tokens(n, n_layers, count, p["seed"])))
-        rows, hidden, _, _ = describe_pass(model, ids, pixel_values, image_pos, p["describe_tokens"])
+        rows, hidden, _, _ = describe_pass(model, ids, pixel_values, image_pos, p["describe_tokens"], **(image_kwargs or {}))
         if p["describe_score"] == "attn_over_gen":
             kept = attn_over_gen(rows, count)
         elif p["describe_score"] == "attn_over_query":
@@ -391,7 +396,7 @@ class Reprompt(Technique):
     def describe_selection(self, model, req: Request, inputs: dict) -> dict[int, torch.Tensor]:
         key = image_hash(req.images)
         if key not in self.selections:
-            self.selections[key] = self.official_selection(model, self.describe_ids(req), inputs["pixel_values"], req.image_pos)
+            self.selections[key] = self.official_selection(model, self.describe_ids(req), inputs["pixel_values"], req.image_pos, image_extras(inputs))
             while len(self.selections) > self.params["cache_size"]:
                 self.selections.popitem(last=False)
         return self.selections[key]
@@ -506,7 +511,7 @@ class Reprompt(Technique):
         primed = Request(input_ids=ids, image_token_id=req.image_token_id, prompt_len=ids.shape[1], images=req.images)
         cap = self._capture(primed, ids.shape[1])
         with torch.no_grad(), hooks.edited(model, cap):
-            out = model(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=kwargs["pixel_values"], use_cache=True)
+            out = model(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=kwargs["pixel_values"], use_cache=True, **image_extras(kwargs))
         kept = select(cap.latest(), self.params["keep_ratio"])[None]
         return self.build_context(model, primed, out.past_key_values, kept, ids.shape[1])
 
@@ -520,7 +525,7 @@ class Reprompt(Technique):
         if ctx is None:
             t0 = time.perf_counter()
             ids, pos = self.describe_ids(req), req.image_pos
-            rows, hidden, _, cache = describe_pass(model, ids, kwargs["pixel_values"], pos, self.params["describe_tokens"])
+            rows, hidden, _, cache = describe_pass(model, ids, kwargs["pixel_values"], pos, self.params["describe_tokens"], **image_extras(kwargs))
             count = official_count(self.params["keep_ratio"], pos.numel())
             kept = {"attn_over_gen": lambda: attn_over_gen(rows, count), "attn_over_query": lambda: attn_over_query(rows, count),
                     "norm": lambda: hidden_norm(hidden, pos, self.n_layers, count),
