@@ -212,3 +212,23 @@ def test_lochead_through_the_cli(byte_anyres, tmp_path, family):
     assert 0.0 <= results["results"]["tiny_rec"]["refcoco_IoU,none"] <= 1.0
     samples = testing.read_samples(tmp_path, "tiny_rec")
     assert samples and all(s["filtered_resps"] for s in samples)
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {"mode": "compressed", "keep_ratio": 0.25},
+        {"selection": "describe", "describe_tokens": 3, "keep_ratio": 0.25},
+        {"mode": "compressed", "cache_strategy": "qs", "describe_tokens": 3, "keep_ratio": 0.25},
+        {"mode": "fastv", "fastv_layer": 1},
+        {"primer": "describe the image", "keep_ratio": 0.25},
+    ],
+)
+def test_reprompt_modes_run_on_anyres(anyres, kw):
+    """Every re-prompting path forwards image_sizes with pixel_values (NeXT/OneVision cannot tile without it)."""
+    family, ckpt = anyres
+    lm = _wrapper("reprompt", ckpt, **kw)
+    inputs = _request(lm)
+    with torch.no_grad():
+        out = lm.model.generate(**inputs, max_new_tokens=3, do_sample=False)
+    assert out.shape[1] > inputs["input_ids"].shape[1]  # lmms-eval slices the answer after the prompt
