@@ -50,7 +50,8 @@ class TrainConfig:
     teacher_image_size: int | None = None
     teacher_input: str = "image"  # "image": re-process the original image; "pixels": convert the LLaVA pixels;
     # "official": the LLaVA pixels as they are into DINOv2 with its position table resampled (viral.OfficialTeacher)
-    preset: str | None = None  # "official": PRESETS["official"] fills every field the caller left at its default
+    preset: str | None = None  # "official": PRESETS["official"] fills every field the caller did not set
+    explicit: tuple = ()  # fields the caller set (the CLI's given flags); without it, "not set" means "at its default"
     layer: Any = viral.DEFAULTS["layer"]  # one layer or a list (1-based over hidden_states)
     weight: float = viral.DEFAULTS["weight"]
     loss: str = "direct"  # "direct" (cosine) or "similarity" (Gram-matrix MSE)
@@ -127,14 +128,16 @@ PRESETS = {
 
 
 def apply_preset(cfg: "TrainConfig") -> "TrainConfig":
-    """Fill every field still at its dataclass default with the preset's value."""
+    """Fill every field the caller did not set (``cfg.explicit``, else: still at its dataclass default)
+    with the preset's value."""
     if not cfg.preset:
         return cfg
     if cfg.preset not in PRESETS:
         raise ValueError(f"preset={cfg.preset!r}: use one of {', '.join(PRESETS)}")
     defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
     for key, value in PRESETS[cfg.preset].items():
-        if getattr(cfg, key) == defaults[key]:
+        unset = key not in cfg.explicit if cfg.explicit else getattr(cfg, key) == defaults[key]
+        if unset:
             setattr(cfg, key, value)
     return cfg
 

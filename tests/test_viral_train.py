@@ -256,3 +256,23 @@ def test_preset_official_names_the_teacher_to_download(base_ckpt, tmp_path):
     cfg = _config(base_ckpt, data, tmp_path / "run", preset="official", teacher=str(tmp_path / "nowhere"), max_steps=1)
     with pytest.raises(FileNotFoundError, match="facebook/dinov2-base"):
         train(cfg)
+
+
+def test_cli_preset_official_prints_and_saves_the_recipe(base_ckpt, dinov2_dir, tmp_path, capsys):
+    """`lmms-plugins viral-train --preset official` with explicit flags overriding the preset (sizes for CPU)."""
+    from lmms_eval_plugins.cli import main
+
+    data = _data(tmp_path / "data")
+    out = tmp_path / "run"
+    rc = main(["viral-train", "--preset", "official", "--pretrained", str(base_ckpt), "--data", str(data), "--image-folder",
+               str(data.parent / "img"), "--output-dir", str(out), "--teacher", str(dinov2_dir), "--layer", "1,2",
+               "--multiple-projectors", "--loss", "similarity", "--proj-hidden", "16", "--lora-r", "4", "--lora-alpha", "8",
+               "--batch-size", "4", "--effective-batch", "8", "--max-steps", "1", "--no-progress"])
+    assert rc == 0
+    recipe = json.loads((out / "viral_config.json").read_text())["recipe"]
+    assert recipe["layers"] == [1, 2] and recipe["multiple_projectors"] and recipe["loss"] == "similarity"
+    assert recipe["teacher_input"] == "official" and recipe["batch"]["grad_accum"] == 2
+    from safetensors.torch import load_file
+
+    assert {k.split(".")[0] for k in load_file(str(out / "vra_projector.safetensors"))} == {"0", "1"}  # one projector per layer
+    assert '"preset": "official"' in capsys.readouterr().out
