@@ -366,6 +366,11 @@ def score_task(model, processor, task: str, limit: int | None = None) -> dict:
     texts = [doc_text(task, d) for d in docs]
     max_new = {"shapeworld_chair": 48, "shapeworld_rec": 12}.get(task, 4)
     answers = generate_answers(model, processor, images, texts, max_new)
+    return score_answers(task, docs, answers)
+
+
+def score_answers(task: str, docs, answers) -> dict:
+    """The task's metrics over greedy answers (the tasks' own parsers, in metrics.py)."""
     if task.startswith("shapeworld_pope"):
         return metrics.pope_scores([(a, d["answer"]) for a, d in zip(answers, docs)])
     if task == "shapeworld_chair":
@@ -402,8 +407,13 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=2, help="torch threads (1 is faster when the 2 cores are shared)")
     ap.add_argument("--eval-limit", type=int, default=None, help="docs per task for the final scores (default: full test splits)")
     ap.add_argument("--score-only", action="store_true", help="only score an existing checkpoint at --out")
+    ap.add_argument("--arch", default="llava", choices=["llava", "qwen2_5_vl"], help="qwen2_5_vl: train shapeworld-tiny-qwen (train_qwen.py)")
     args = ap.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if args.arch == "qwen2_5_vl":
+        from . import train_qwen
+
+        return train_qwen.main(argv)
 
     def log(msg):
         print(msg, flush=True)
