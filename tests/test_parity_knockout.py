@@ -1,12 +1,12 @@
 """Knockout against golden fixtures of OmriKaduri/vlm-interp @ 8f38051 (tests/fixtures/official/knockout).
 
-bench/parity/vlminterp_knockout.py ran llava-torch's LLaVA-1.5 (original layout, transformers
-4.37.2, eager, fp32) on the tiny LLaVA-1.5-shaped model with the official masking rules of
-``modified_llava_files/modeling_llama.py`` written out as an oracle (the patched file needs the
-official patched generation utils, which are not available here: see provenance.json), for every
-run_on_coco.py flag and two layer windows. Here the same model is rebuilt from its seed in the
-llava-hf layout and ``llava_knockout`` runs the matching official preset. Ids must be equal and
-the top-16 scores of every step within ATOL (summation order differs between the stacks).
+bench/parity/vlminterp_official.py ran the official code unmodified on the official stack (transformers
+4.37.2 with the repository's patched ``modeling_llama.py`` and generation ``utils.py`` copied in, its LLaVA
+fork over llava-torch 1.2.2.post1, ``LlavaWrapper.chat_step_by_step``; CPU, fp32, eager) on the tiny
+LLaVA-1.5-shaped model, for every run_on_coco.py flag and two layer windows. Here the same model is rebuilt
+from its seed in the llava-hf layout and ``llava_knockout`` runs the matching official preset for the
+fixture's first 6 greedy steps. Ids must be equal and the top-16 scores of every step within ATOL
+(summation order differs between the stacks).
 """
 
 import json

@@ -20,8 +20,7 @@ while [ $# -gt 0 ]; do
     --pai) PAI=$2; shift 2 ;;
     --paint) PAINT=$2; shift 2 ;;
     --pm) PM=$2; shift 2 ;;
-    --vlminterp) VLMINTERP=1; shift ;;
-    --viral) VIRAL=$2; shift 2 ;;  # VIRAL_CHECKOUT:DINOV2_CHECKOUT (cvlab-kaist/VIRAL @ adc0791, facebookresearch/dinov2)
+    --vlminterp) VLMINTERP=$2; shift 2 ;;  # vlm-interp @ 8f38051 (modified_llava_files/, mllm/); its LLaVA fork from VLMINTERP_LLAVA=DIR
     --lochead) LOCHEAD=$2; shift 2 ;;  # HEAD_CHECKOUT:V2_CHECKOUT (8ce33b0 and 9ffe219); LLaVA-1.5's llava/ from LOCHEAD_LLAVA=DIR or --pai
     --official-venv) OFFICIAL_VENV=$2; shift 2 ;;
     --python) OURS=$2; shift 2 ;;
@@ -64,13 +63,13 @@ if [ -n "$LOCHEAD" ]; then
 fi
 
 if [ -n "$VLMINTERP" ]; then
-  # knockout (OmriKaduri/vlm-interp @ 8f38051): oracle of its masking rules in the official stack (needs llava-torch)
+  # knockout, pruning, FastV, compressed context (OmriKaduri/vlm-interp @ 8f38051) run unmodified: its patched
+  # transformers files over a scratch copy of 4.37.2, the LLaVA fork (OmriKaduri/LLaVA @ 9a20030) over llava-torch
   "$OFFICIAL_VENV/bin/python" -c "import llava" 2>/dev/null || "$OFFICIAL_VENV/bin/pip" install -q --no-deps llava-torch==1.2.2.post1
-  "$OFFICIAL_VENV/bin/python" "$HERE/vlminterp_knockout.py" --model "$WORK/model" --out "$REPO/tests/fixtures/official/knockout" --scratch "$WORK/vlminterp"
+  "$OFFICIAL_VENV/bin/python" "$HERE/vlminterp_official.py" --official "$VLMINTERP" \
+    --llava-fork "${VLMINTERP_LLAVA:?--vlminterp needs the LLaVA fork: VLMINTERP_LLAVA=DIR holding llava/model/...}" \
+    --model "$WORK/model" --out "$REPO/tests/fixtures/official" --scratch "$WORK/vlminterp"
   "$OURS" "$HERE/vlminterp_compare.py" --fixtures "$REPO/tests/fixtures/official/knockout" --scratch "$WORK/vlminterp" --official-python "$OFFICIAL_VENV/bin/python"
-  "$OFFICIAL_VENV/bin/python" "$HERE/vlminterp_prune.py" --model "$WORK/model" --out "$REPO/tests/fixtures/official/reprompt" --scratch "$WORK/vlminterp"
-  "$OFFICIAL_VENV/bin/python" "$HERE/vlminterp_fastv.py" --model "$WORK/model" --out "$REPO/tests/fixtures/official/reprompt" --scratch "$WORK/vlminterp"
-  "$OFFICIAL_VENV/bin/python" "$HERE/vlminterp_cache.py" --model "$WORK/model" --out "$REPO/tests/fixtures/official/reprompt" --scratch "$WORK/vlminterp"
   "$OURS" "$HERE/vlminterp_compare.py" --prune --fixtures "$REPO/tests/fixtures/official/reprompt" --scratch "$WORK/vlminterp" --official-python "$OFFICIAL_VENV/bin/python"
 fi
 

@@ -1,4 +1,4 @@
-"""Max abs diffs of our knockout presets against the vlm-interp oracle run; writes provenance.json.
+"""Max abs diffs of our knockout / pruning presets against the official vlm-interp run; writes provenance.json.
 
     python bench/parity/vlminterp_compare.py --fixtures tests/fixtures/official/knockout --scratch DIR \
         --official-python /work/venvs/official/bin/python
@@ -7,7 +7,6 @@
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import subprocess
 import sys
@@ -23,10 +22,6 @@ import tiny_llava15 as tiny  # noqa: E402
 import vlminterp_ours  # noqa: E402
 
 
-def sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 def official_versions(python: str) -> dict:
     v = subprocess.run(
         [python, "-c", "import torch, transformers, importlib.metadata as m; "
@@ -34,6 +29,21 @@ def official_versions(python: str) -> dict:
         capture_output=True, text=True, check=True).stdout.split()
     return {"torch": v[0], "transformers": v[1], "llava-torch": v[2], "attn_implementation": "eager",
             "dtype": "float32", "device": "cpu"}
+
+
+KIND = {
+    "kind": "official code run unmodified: modified_llava_files/{modeling_llama,utils}.py copied over transformers "
+            "4.37.2 (update_local_env_llava.sh), the LLaVA fork's llava_arch.py / llava_llama.py over llava-torch "
+            "1.2.2.post1, LlavaWrapper.chat_step_by_step / predict_from_cache and TokenAttentionStore from mllm/; "
+            "driven by bench/parity/vlminterp_official.py (its docstring lists what is driven by hand)",
+    "command": "VLMINTERP_LLAVA=/work/official/vlm-interp/llava_fork_files bash bench/parity/regenerate.sh "
+               "--vlminterp /work/official/vlm-interp --python /work/venvs/fresh/bin/python",
+}
+
+
+def official_meta(scratch) -> dict:
+    """Hashes of the official files and of the harness, written by vlminterp_official.py."""
+    return json.loads((Path(scratch) / "official_meta.json").read_text())
 
 
 def compare_prune(args):
@@ -78,18 +88,17 @@ def compare_prune(args):
     prov = {
         "repository": "OmriKaduri/vlm-interp",
         "commit": golden["commit"],
-        "kind": "oracle (as tests/fixtures/official/knockout): official stack, run_on_coco.py's describe pass and "
-                "attention_store.get_top_k_indices written out in bench/parity/vlminterp_prune.py, the "
-                "leave_k_highest_indices masking in vlminterp_knockout.official_mask",
-        "command": "bash bench/parity/regenerate.sh --vlminterp --python /work/venvs/fresh/bin/python",
+        **KIND,
         "official_stack": official_versions(args.official_python),
-        "harness_sha256": {p: sha256(HERE / p) for p in ("vlminterp_prune.py", "vlminterp_fastv.py", "vlminterp_cache.py", "vlminterp_knockout.py", "cpu_shim.py", "tiny_llava15.py")},
+        **official_meta(args.scratch),
         "model": {"seed": tiny.SEED, "fingerprint": tiny.fingerprint(model)},
-        "fixture": "prune_official.json: describe-pass ids, per-layer kept positions per selection method, "
-                   "pruned generations (6 greedy steps: top-16 scores + row sum); fastv_official.json: FastV "
-                   "(LlamaModel.forward's fastv block, written out in bench/parity/vlminterp_fastv.py) at K=2 R=0.5 and "
-                   "K=16 R=0.05, kept positions and 6 greedy steps; cache_official.json: chat_step_by_step_from_cache "
-                   "(written out in bench/parity/vlminterp_cache.py) for qs, q, s: entries, position offset, 6 greedy steps",
+        "fixture": "prune_official.json: the describe pass's greedy ids (chat_step_by_step, max_new_tokens=300), "
+                   "TokenAttentionStore.get_top_k_indices per method (-k 0.05 and -k 28), the question with "
+                   "topk_indices for max_layer_for_i2t_attn=-1 and min_token_for_i2t_attn_masking 1 / 0; "
+                   "fastv_official.json: -fastv_layer/-fastv_ratio 2/0.5 and 16/0.05 with layer K's kept positions; "
+                   "cache_official.json: predict_from_cache for -cache_strategy qs, q, s from the describe pass's kv "
+                   "cache and attn_over_gen_percentage indices (entries, first position). Every greedy id is kept "
+                   "(official_new_ids); the first 6 steps as ids and top-16 scores + row sum",
         "measured": report,
     }
     (fx / "provenance.json").write_text(json.dumps(prov, indent=2))
@@ -98,9 +107,9 @@ def compare_prune(args):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--fixtures", required=True)
-    ap.add_argument("--scratch", required=True, help="vlminterp_knockout.py --scratch output")
+    ap.add_argument("--scratch", required=True, help="vlminterp_official.py --scratch output")
     ap.add_argument("--official-python", required=True)
-    ap.add_argument("--prune", action="store_true", help="the pruning fixtures (vlminterp_prune.py, vlminterp_fastv.py)")
+    ap.add_argument("--prune", action="store_true", help="the pruning, FastV and compressed-context fixtures")
     args = ap.parse_args()
     if args.prune:
         return compare_prune(args)
@@ -122,15 +131,13 @@ def main():
     prov = {
         "repository": "OmriKaduri/vlm-interp",
         "commit": golden["commit"],
-        "kind": "oracle: official stack (llava-torch LLaVA-1.5, transformers 4.37.2 eager generate) with the "
-                "masking rules of modified_llava_files/modeling_llama.py LlamaAttention.forward written out in the "
-                "harness; the patched file itself needs the patched generation utils (modified_llava_files/utils.py, "
-                "252k chars) to receive its kwargs, and neither could be checked out (no snapshot of the repository)",
-        "command": "bash bench/parity/regenerate.sh --vlminterp --python /work/venvs/fresh/bin/python",
+        **KIND,
         "official_stack": official_versions(args.official_python),
-        "harness_sha256": {p: sha256(HERE / p) for p in ("vlminterp_knockout.py", "cpu_shim.py", "tiny_llava15.py")},
+        **official_meta(args.scratch),
         "model": {"seed": tiny.SEED, "fingerprint": tiny.fingerprint(model)},
-        "fixture": "knockout_official.json: per run the flags, the 6 greedy ids, per step top-16 scores + row sum",
+        "fixture": "knockout_official.json: per run the run_on_coco.py flags, every greedy id of chat_step_by_step "
+                   "(official_new_ids, max_new_tokens=300), and for the first 6 steps the ids (new_ids) and top-16 "
+                   "scores + row sum",
         "measured": report,
     }
     (fx / "provenance.json").write_text(json.dumps(prov, indent=2))
