@@ -95,7 +95,7 @@ class Pai(GuidedTechnique):
     def boosted_keys(self, req: Request) -> torch.Tensor:
         """Every image token of every block (base crop and high-res tiles); the row-newline tokens of
         anyres models only with newlines=True: they carry no pixels of their own (a learned separator)."""
-        if self.params["newlines"] or req.config is None:
+        if self.params["newlines"] or req.family == "llava":  # LLaVA-1.5: one block, no newlines
             return req.image_pos
         return req.geometry.positions(newlines=False).to(req.input_ids.device)
 
