@@ -249,14 +249,15 @@ class BackboneTeacher(nn.Module):
     returns (patch features (B, h*w, C), (h, w)) computed with the teacher's own
     normalisation and input size (see the module docstring)."""
 
-    def __init__(self, backbone: nn.Module, mean, std, image_size: int, patch_size: int, name: str = "backbone"):
+    def __init__(self, backbone: nn.Module, mean, std, image_size: int, patch_size: int, name: str = "backbone",
+                 dim: int | None = None):
         super().__init__()
         self.backbone = backbone.eval().requires_grad_(False)
         self.mean, self.std = tuple(mean), tuple(std)
         self.image_size, self.patch_size, self.name = int(image_size), int(patch_size), name
         if self.image_size % self.patch_size:
             raise ValueError(f"teacher image size {image_size} is not a multiple of its patch size {patch_size}")
-        self.dim = int(getattr(backbone.config, "hidden_size"))
+        self.dim = int(dim or getattr(backbone.config, "hidden_size"))
 
     @classmethod
     def from_pretrained(cls, path, image_size: int | None = None) -> "BackboneTeacher":
@@ -268,9 +269,14 @@ class BackboneTeacher(nn.Module):
                 f"teacher {path} is not a transformers checkpoint directory (no config.json); pass a local vision "
                 "backbone such as a saved facebook/dinov2-base, `self` for the model's own vision tower, or `none`"
             )
-        backbone = AutoModel.from_pretrained(path, use_safetensors=True)
+        try:
+            backbone = AutoModel.from_pretrained(path, use_safetensors=True)
+        except ValueError:  # task-only architectures (Depth Anything): their vision backbone
+            from transformers import AutoModelForDepthEstimation
+
+            backbone = AutoModelForDepthEstimation.from_pretrained(path, use_safetensors=True).backbone
         cfg = backbone.config
-        cfg = getattr(cfg, "vision_config", None) or cfg
+        cfg = getattr(cfg, "vision_config", None) or getattr(cfg, "backbone_config", None) or cfg
         proc = {}
         if (path / "preprocessor_config.json").exists():
             proc = json.loads((path / "preprocessor_config.json").read_text())
@@ -281,8 +287,10 @@ class BackboneTeacher(nn.Module):
             image_size = crop.get("height") or crop.get("shortest_edge") if isinstance(crop, dict) else crop
             image_size = int(image_size or cfg.image_size)
         patch = cfg.patch_size if isinstance(cfg.patch_size, int) else cfg.patch_size[0]
-        backbone = getattr(backbone, "vision_model", backbone)
-        return cls(backbone, mean, std, image_size, patch, name=str(path))
+        # CLIP/SigLIP: vision_model; SAM: vision_encoder (a feature map after its neck, output_channels wide)
+        backbone = getattr(backbone, "vision_model", None) or getattr(backbone, "vision_encoder", None) or backbone
+        dim = getattr(cfg, "output_channels", None) or cfg.hidden_size
+        return cls(backbone, mean, std, image_size, patch, name=str(path), dim=dim)
 
     @torch.no_grad()
     def features(self, pixel_values: torch.Tensor, src_mean, src_std):
@@ -297,7 +305,11 @@ class BackboneTeacher(nn.Module):
         size = self.image_size
         param = next(self.backbone.parameters())
         out = self.backbone(pixel_values=x.to(param.device, param.dtype))
-        tokens = out.last_hidden_state
+        # backbones (Depth Anything's DINOv2) give feature maps of their out stages: the last one
+        tokens = out.feature_maps[-1] if getattr(out, "feature_maps", None) is not None else out.last_hidden_state
+        if tokens.ndim == 4:  # (B, C, h, w) maps (SAM's neck, reshaped backbone stages) -> tokens on their grid
+            b, c, h, w = tokens.shape
+            return tokens.flatten(2).transpose(1, 2), (h, w)
         grid = (size // self.patch_size, size // self.patch_size)
         n = grid[0] * grid[1]
         return tokens[:, tokens.shape[1] - n :], grid  # drop CLS / register tokens in front

@@ -221,3 +221,30 @@ def test_teacher_pixels_reproduce_the_llava_processor_geometry(tiny):
         want = ip(images=[img], return_tensors="pt")["pixel_values"]
         got = viral.teacher_pixels([img], 32, ip.image_mean, ip.image_std, viral.crop_fraction(ip))
         assert got.shape == want.shape and torch.allclose(got, want, atol=2e-2), (got - want).abs().max()  # <= one 8-bit grey level
+
+
+@pytest.mark.parametrize("kind", ["sam", "depth_anything"])
+def test_other_local_teachers_load_and_give_patch_features(kind, tmp_path):
+    """Tiny random SAM (vision encoder: a feature map after its neck) and Depth Anything (its DINOv2
+    backbone's last stage) saved locally load as backbone teachers and give one feature per patch."""
+    from PIL import Image
+    from transformers import DepthAnythingConfig, DepthAnythingForDepthEstimation, Dinov2Config, SamConfig, SamModel, SamVisionConfig
+
+    if kind == "sam":
+        vc = SamVisionConfig(hidden_size=16, num_hidden_layers=2, num_attention_heads=2, output_channels=8, image_size=64,
+                             patch_size=16, mlp_dim=32, global_attn_indexes=[1], window_size=2)
+        SamModel(SamConfig(vision_config=vc.to_dict())).save_pretrained(tmp_path)
+        want_grid, want_dim = (4, 4), 8
+    else:
+        bb = Dinov2Config(hidden_size=16, num_hidden_layers=2, num_attention_heads=2, image_size=56, patch_size=14,
+                          out_indices=[2], reshape_hidden_states=False)
+        cfg = DepthAnythingConfig(backbone_config=bb.to_dict(), neck_hidden_sizes=[8], fusion_hidden_size=8, reassemble_factors=[1],
+                                  head_hidden_size=8)
+        DepthAnythingForDepthEstimation(cfg).save_pretrained(tmp_path)
+        want_grid, want_dim = (4, 4), 16
+    teacher = viral.BackboneTeacher.from_pretrained(tmp_path)
+    feats, grid = teacher.features_from_images([Image.new("RGB", (50, 40), (200, 30, 30))])
+    assert grid == want_grid and feats.shape == (1, want_grid[0] * want_grid[1], want_dim) and teacher.dim == want_dim
+    assert torch.isfinite(feats).all()
+    targets = viral.teacher_targets_from_images(teacher, [Image.new("RGB", (50, 40))], (3, 3))
+    assert targets.shape == (1, 9, want_dim)
