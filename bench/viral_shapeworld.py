@@ -29,6 +29,13 @@ VARIANTS = {
     "lm": {"weight": 0.0, "teacher": "none"},
     "vra_teacher": {"weight": 0.5, "teacher": "shapeworld-teacher"},
     "vra_self": {"weight": 0.5, "teacher": "self"},
+    # preset=official scaled to the testbed (docs/viral.md): the official recipe's optimiser, schedule, effective
+    # batch 32 (16 x 2 accumulation), teacher input path (LLaVA pixels into the teacher, its position table
+    # resampled 16x16 -> 8x8); the ShapeWorld teacher stands in for DINOv2
+    "official_lm": {"weight": 0.0, "teacher": "none", "preset": "official"},
+    "official": {"weight": 0.5, "teacher": "shapeworld-teacher", "preset": "official"},  # the official code's bugs reproduced
+    "official_intended": {"weight": 0.5, "teacher": "shapeworld-teacher", "preset": "official",
+                          "train_vra_projector": True, "teacher_reinit": False},  # what the paper describes
 }
 TRAIN_TASKS = "shapeworld_count,shapeworld_spatial,shapeworld_pope_random,shapeworld_pope_adversarial"
 EVAL_TASKS = "shapeworld_spatial,shapeworld_count,shapeworld_pope_random,shapeworld_pope_popular,shapeworld_pope_adversarial"
@@ -88,11 +95,15 @@ def train_variant(args, out: Path) -> int:
         records = task_records(args.train_tasks.split(","), args.include_path, "train", args.per_task)
     else:
         records = shapeworld_records(args.train_tasks.split(","), args.per_task)
-    v = VARIANTS[args.variant]
-    cfg = TrainConfig(pretrained=base, data=f"tasks:{args.train_tasks}", output_dir=str(out / args.variant),
-                      teacher=resolve_teacher(v["teacher"]), weight=v["weight"], layer=layer, proj_hidden=args.proj_hidden,
-                      lora_r=args.lora_r, lora_alpha=args.lora_alpha, lr=args.lr, batch_size=args.batch_size,
-                      max_steps=args.steps, seed=args.seed, log_every=10, save_every=100, resume=(out / args.variant / "checkpoints").exists())
+    v = dict(VARIANTS[args.variant])
+    common = dict(pretrained=base, data=f"tasks:{args.train_tasks}", output_dir=str(out / args.variant),
+                  teacher=resolve_teacher(v.pop("teacher")), weight=v.pop("weight"), layer=layer, proj_hidden=args.proj_hidden,
+                  lora_r=args.lora_r, lora_alpha=args.lora_alpha, batch_size=args.batch_size, max_steps=args.steps, seed=args.seed,
+                  log_every=10, save_every=50, resume=(out / args.variant / "checkpoints").exists())
+    if v.get("preset"):  # the preset's lr, groups, schedule, accumulation and teacher path; sizes scaled as above
+        cfg = TrainConfig(**common, **v, explicit=tuple(common) + tuple(v))
+    else:
+        cfg = TrainConfig(**common, lr=args.lr)
     t0 = time.time()
     result = train(cfg, records)
     result["seconds"] = round(time.time() - t0)
