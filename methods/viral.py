@@ -22,12 +22,18 @@ Teachers (all frozen, run under ``torch.no_grad``):
   Either way the field of view is the LLM's (the teacher's own processor would crop
   differently: DINOv2 resizes to 256 and centre-crops 224), so patch (i, j) of both grids
   covers the same part of the picture.
+- ``OfficialTeacher``: the reference implementation's path exactly (cvlab-kaist/VIRAL): a DINOv2
+  whose position table is resampled to the LLM's grid, fed the LLaVA pixels as they are, its
+  final-LayerNorm patch tokens matched 1:1 (``viral-train --preset official``).
 - ``EncoderTeacher``: the LLaVA model's own vision tower at ``vision_feature_layer``
   (the paper's "align to the encoder's features" variant); its grid is the LLM's grid.
 
 Grid resampling: the teacher's patch features are laid out on their 2-D grid (h, w) and
 resized to the LLM's grid (H, W) by bilinear interpolation of the feature map
 (``align_corners=False``, antialiased when shrinking); identical grids pass through.
+
+Losses (``vra_loss``): ``direct`` (the cosine above) or ``similarity`` (MSE between the
+token-token cosine matrices); several layers, with one shared projector or one each, average.
 
 Samples whose image-token count differs from the grid count (e.g. a different image
 layout) and text-only samples are left out of L_VRA (they still count in L_LM).
