@@ -125,12 +125,14 @@ def describe_pass(model, ids, pixel_values, image_pos, n_tokens: int, **image_kw
     """attention_store.py ``__call__`` over run_on_coco.py's describe generation: per layer, the newest
     query row of every forward call over the image keys, stacked (steps, heads, image tokens); the
     prefill's hidden states (``set_hidden_states``: the first call's, embeddings first); the new ids; and
-    the cache after the last call (``set_kv``, what run_on_coco_from_cache.py compresses)."""
+    the cache after the last call (``set_kv``, what run_on_coco_from_cache.py compresses).
+    Greedy, at most ``n_tokens`` steps, stopping at EOS as chat_step_by_step's ``generate`` does
+    (``max_new_tokens=300``): the mean over steps is over the description only."""
     n_layers = hooks.num_layers(model)
     cap = hooks.Capture(layers=range(n_layers), rows=hooks.Rows.last(), keys=image_pos)
     with torch.no_grad(), hooks.edited(model, cap):
         out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=pixel_values, **image_kwargs,
-                             do_sample=False, num_beams=1, max_new_tokens=n_tokens, min_new_tokens=n_tokens,
+                             do_sample=False, num_beams=1, max_new_tokens=n_tokens,
                              output_hidden_states=True, return_dict_in_generate=True)
     rows = {l: torch.cat([m[0, :, -1:, :] for m in cap.maps[l]], dim=1).transpose(0, 1) for l in cap.maps}
     hidden = out.hidden_states[0]

@@ -1,11 +1,12 @@
-"""Pruning against golden fixtures of OmriKaduri/vlm-interp @ 8f38051 (tests/fixtures/official/reprompt).
+"""Pruning, FastV and the compressed context against golden fixtures of OmriKaduri/vlm-interp @ 8f38051
+(tests/fixtures/official/reprompt).
 
-bench/parity/vlminterp_prune.py ran the official pipeline as an oracle on the official stack (see its
-docstring and provenance.json): a describe-the-image pass, the per-layer top-k of
-attention_store.get_top_k_indices (attn_over_gen with int(k*576), attn_over_gen with a count,
-attn_over_query, norm), then the question generated with the unkept image keys removed in decode steps
-only (min_token_for_i2t_attn_masking=1) or in every row (0). Here ``llava_reprompt`` with
-``selection=describe`` runs on the llava-hf layout of the same tiny model.
+bench/parity/vlminterp_official.py ran the official code unmodified (see its docstring and provenance.json):
+run_on_coco.py's describe pass (``chat_step_by_step``, 300 greedy steps), ``TokenAttentionStore.get_top_k_indices``
+(attn_over_gen with int(k*576) and with a count, attn_over_query, norm, norm with int(k*576)), then the question
+with the unkept image keys removed in decode steps only (min_token_for_i2t_attn_masking=1) or in every row (0);
+FastV (``-fastv_layer``/``-fastv_ratio``); and ``predict_from_cache`` for the three cache strategies. Here
+``llava_reprompt`` runs on the llava-hf layout of the same tiny model (the describe pass once, memoized).
 """
 
 import json
@@ -39,7 +40,7 @@ def pixels():
     return tiny.fixed_pixels(1)
 
 
-@pytest.mark.parametrize("selection", ["attn_over_gen_percentage", "attn_over_gen", "attn_over_query", "norm"])
+@pytest.mark.parametrize("selection", ["attn_over_gen_percentage", "attn_over_gen", "attn_over_query", "norm", "norm_percentage"])
 def test_per_layer_selection_is_the_official_one(model, pixels, golden, selection):
     kept, describe_ids = vlminterp_ours.selection_ours(model, pixels, golden, selection)
     assert describe_ids == golden["describe"]["new_ids"]
@@ -123,3 +124,22 @@ def test_compressed_context_matches_the_official_cache_strategies(model, pixels,
         idx = torch.tensor(want["topk_indices"])
         diff = (got.float().gather(-1, idx) - torch.tensor(want["topk_values"])).abs().max().item()
         assert diff <= ATOL, f"top-k scores differ by {diff}"
+
+
+def test_describe_pass_stops_at_eos(model, pixels, golden):
+    """chat_step_by_step's generate stops at EOS (max_new_tokens=300 is a cap): the describe rows are the
+    description's steps only, not a forced continuation past EOS."""
+    from methods import reprompt
+
+    d = golden["describe"]
+    ids = tiny.hf_ids(d["ids_before_image"], d["ids_after_image"])
+    pos = (ids[0] == tiny.IMAGE_TOKEN_ID).nonzero().flatten()
+    eos = model.generation_config.eos_token_id
+    model.generation_config.eos_token_id = d["new_ids"][2]  # the official pass's third token, as if it were EOS
+    describe_pass = getattr(reprompt.describe_pass, "original", reprompt.describe_pass)  # not the memoized one
+    try:
+        rows, _, new, _ = describe_pass(model, ids, pixels, pos, 10)
+    finally:
+        model.generation_config.eos_token_id = eos
+    assert new[0].tolist() == d["new_ids"][:3]
+    assert all(r.shape[0] == 3 for r in rows.values())  # one row per forward call, as the official store keeps
