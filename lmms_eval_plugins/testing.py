@@ -314,3 +314,25 @@ def read_samples(output_path, task: str) -> list[dict]:
         return []
     rows = [json.loads(line) for line in open(files[-1])]
     return sorted(rows, key=lambda r: r["doc_id"])
+
+
+def llava_next_shaped(out_dir, text_layers: int = 4, text_hidden: int = 256, seed: int = 0) -> Path:
+    """LLaVA-NeXT geometry (336 px tiles of 14 px patches: a 24x24 base grid + anyres tiles on the
+    llava-v1.6 pinpoints + newlines) with a few small layers."""
+    return build_tiny_llava_next(
+        out_dir, image_size=336, patch_size=14, vision_hidden=64, vision_layers=3, vision_heads=4,
+        text_hidden=text_hidden, text_layers=text_layers, text_heads=max(text_hidden // 64, 1),
+        kv_heads=max(text_hidden // 64, 1), pinpoints=[[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]], seed=seed,
+    )
+
+
+def llava_onevision_shaped(out_dir, text_layers: int = 4, text_hidden: int = 256, seed: int = 0) -> Path:
+    """LLaVA-OneVision geometry (384 px SigLIP crops of 14 px patches: a 27x27 base grid, anyres_max_9
+    tiles on 384-multiples up to 6x6, shrunk by interpolation past 9 tiles) with a few small layers."""
+    pinpoints = [[384 * i, 384 * j] for i in range(1, 7) for j in range(1, 7)]
+    return build_tiny_llava_onevision(
+        out_dir, image_size=384, patch_size=14, vision_hidden=64, vision_layers=3, vision_heads=4,
+        text_hidden=text_hidden, text_layers=text_layers, text_heads=max(text_hidden // 64, 1),
+        kv_heads=max(text_hidden // 64, 1), pinpoints=pinpoints, max_tiles=9, seed=seed,
+    )
+

@@ -47,13 +47,19 @@ class BenchContext:
     gen_kwargs: dict
 
 
-def bench_model_dir(layers: int, hidden: int = 256) -> Path:
-    from ..testing import llava15_shaped
+# --family: which real model's image geometry the random bench model has (testing.py builders)
+FAMILIES = {"llava": ("llava15", "llava15_shaped"), "llava_next": ("llava_next", "llava_next_shaped"),
+            "llava_onevision": ("llava_onevision", "llava_onevision_shaped")}
 
+
+def bench_model_dir(layers: int, hidden: int = 256, family: str = "llava") -> Path:
+    from .. import testing
+
+    stem, builder = FAMILIES[family]
     cache = Path(os.environ.get("LMMS_PLUGINS_CACHE", Path.home() / ".cache" / "lmms_plugins"))
-    d = cache / f"bench_llava15_{layers}l_{hidden}d"
+    d = cache / f"bench_{stem}_{layers}l_{hidden}d"
     if not (d / "model.safetensors").exists():
-        llava15_shaped(d, text_layers=layers, text_hidden=hidden)
+        getattr(testing, builder)(d, text_layers=layers, text_hidden=hidden)
     return d
 
 
@@ -66,19 +72,20 @@ def bench_image(size: int = 336) -> Image.Image:
     return img
 
 
-def make_context(layers: int, new_tokens: int, hidden: int = 256) -> BenchContext:
-    from transformers import AutoProcessor, LlavaForConditionalGeneration
+def make_context(layers: int, new_tokens: int, hidden: int = 256, family: str = "llava") -> BenchContext:
+    from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    d = bench_model_dir(layers, hidden)
+    d = bench_model_dir(layers, hidden, family)
     processor = AutoProcessor.from_pretrained(d)
-    plain = LlavaForConditionalGeneration.from_pretrained(d).eval()
-    model = LlavaForConditionalGeneration.from_pretrained(d).eval()
+    plain = AutoModelForImageTextToText.from_pretrained(d).eval()
+    model = AutoModelForImageTextToText.from_pretrained(d).eval()
     hooks.install(model)
     image = bench_image()
     msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": PROMPT}]}]
     text = processor.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
     inputs = dict(processor(images=[image], text=text, return_tensors="pt"))
-    req = Request(inputs["input_ids"], model.config.image_token_id, inputs["input_ids"].shape[1], [image], text, processor)
+    req = Request(inputs["input_ids"], model.config.image_token_id, inputs["input_ids"].shape[1], [image], text, processor,
+                  config=model.config, inputs={k: inputs[k] for k in ("image_sizes",) if k in inputs})
     gen = {"max_new_tokens": new_tokens, "min_new_tokens": new_tokens, "do_sample": False}
     return BenchContext(model, plain, processor, image, inputs, req, gen)
 
@@ -98,9 +105,9 @@ def core_cases(ctx: BenchContext) -> dict:
 
     def output_attentions_eager():
         if "model" not in eager:  # loaded once, outside the timed region after the warm-up
-            from transformers import LlavaForConditionalGeneration
+            from transformers import AutoModelForImageTextToText
 
-            eager["model"] = LlavaForConditionalGeneration.from_pretrained(
+            eager["model"] = AutoModelForImageTextToText.from_pretrained(
                 ctx.model.name_or_path, attn_implementation="eager"
             ).eval()
         return eager["model"](**ctx.inputs, output_attentions=True)
@@ -122,6 +129,9 @@ def all_cases(ctx: BenchContext) -> dict:
             mod = importlib.import_module(f"lmms_eval_plugins.models.{module}")
         except ModuleNotFoundError:
             continue
+        spec = getattr(mod, "SPEC", None)
+        if spec is not None and ctx.model.config.model_type in spec.refused:
+            continue  # the technique refuses this family (README support matrix)
         if hasattr(mod, "bench_cases"):
             for case, fn in mod.bench_cases(ctx).items():
                 cases[case if case.startswith(name) else f"{name}: {case}"] = fn
@@ -171,9 +181,9 @@ def _rss_kb(field: str) -> int:
     return 0
 
 
-def peak_memory_one(case: str, layers: int, new_tokens: int, hidden: int) -> int:
+def peak_memory_one(case: str, layers: int, new_tokens: int, hidden: int, family: str = "llava") -> int:
     """Extra peak RSS (KiB) of one sample of ``case``, in this (fresh) process."""
-    ctx = make_context(layers, new_tokens, hidden)
+    ctx = make_context(layers, new_tokens, hidden, family)
     cases = {**{f"baseline:{k}": (v, k) for k, v in baselines(ctx).items()}, **all_cases(ctx)}
     fn = cases[case][0]
     with torch.no_grad():
@@ -185,10 +195,10 @@ def peak_memory_one(case: str, layers: int, new_tokens: int, hidden: int) -> int
         return max(_rss_kb("VmHWM") - before, 0)
 
 
-def peak_memory(case: str, layers: int, new_tokens: int, hidden: int) -> int | None:
+def peak_memory(case: str, layers: int, new_tokens: int, hidden: int, family: str = "llava") -> int | None:
     if not Path("/proc/self/clear_refs").exists():
         return None
-    cmd = [sys.executable, "-m", "lmms_eval_plugins.commands.bench", case, str(layers), str(new_tokens), str(hidden)]
+    cmd = [sys.executable, "-m", "lmms_eval_plugins.commands.bench", case, str(layers), str(new_tokens), str(hidden), family]
     out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     try:
         return int(out.stdout.strip().splitlines()[-1])
@@ -199,7 +209,7 @@ def peak_memory(case: str, layers: int, new_tokens: int, hidden: int) -> int | N
 
 def main(args) -> int:
     torch.manual_seed(0)
-    ctx = make_context(args.layers, args.new_tokens, args.hidden)
+    ctx = make_context(args.layers, args.new_tokens, args.hidden, args.family)
     cases = all_cases(ctx)
     if args.only:
         cases = {k: v for k, v in cases.items() if any(s in k for s in args.only.split(","))}
@@ -214,13 +224,13 @@ def main(args) -> int:
         print(f"{name}: {t * 1000:.1f} ms ({t / base[kind][0]:.2f}x {kind}), {passes} passes", flush=True)
     counter.remove()
     if args.memory:
-        base_mem = {kind: peak_memory(f"baseline:{kind}", args.layers, args.new_tokens, args.hidden) for kind in base}
+        base_mem = {kind: peak_memory(f"baseline:{kind}", args.layers, args.new_tokens, args.hidden, args.family) for kind in base}
         for row in rows:
-            mem = peak_memory(row["case"], args.layers, args.new_tokens, args.hidden)
+            mem = peak_memory(row["case"], args.layers, args.new_tokens, args.hidden, args.family)
             ref = base_mem[row["baseline"]]
             row["peak_mib"] = None if mem is None else mem / 1024
             row["memory_ratio"] = None if not (mem is not None and ref) else mem / ref
-    text = render(rows, args, base)
+    text = render(rows, args, base, ctx)
     print(text)
     if args.markdown:
         Path(args.markdown).write_text(text + "\n")
@@ -229,8 +239,12 @@ def main(args) -> int:
     return 0
 
 
-def render(rows, args, base) -> str:
-    head = f"LLaVA-1.5-shaped random model ({args.layers} LM layers of width {args.hidden}, 576 image tokens), {args.new_tokens} new tokens, median of {args.repeats}, {torch.get_num_threads()} threads\n"
+def render(rows, args, base, ctx) -> str:
+    geo = ctx.request.geometry
+    blocks = " + ".join(f"{b.name} {b.rows}x{b.cols}" + (f" + {b.newlines.numel()} newlines" if b.newlines.numel() else "") for b in geo.blocks)
+    shape = {"llava": "LLaVA-1.5", "llava_next": "LLaVA-NeXT", "llava_onevision": "LLaVA-OneVision"}[args.family]
+    head = (f"{shape}-shaped random model ({args.layers} LM layers of width {args.hidden}; a {ctx.image.size[0]}x{ctx.image.size[1]} image = "
+            f"{geo.all_positions().numel()} image tokens: {blocks}), {args.new_tokens} new tokens, median of {args.repeats}, {torch.get_num_threads()} threads\n")
     head += f"baseline greedy generate: {base['generate'][0] * 1000:.1f} ms, {base['generate'][1]} passes; plain forward: {base['forward'][0] * 1000:.1f} ms\n\n"
     lines = ["| case | vs | latency | forward passes | peak memory |", "|---|---|---|---|---|"]
     for r in rows:
@@ -241,7 +255,8 @@ def render(rows, args, base) -> str:
 
 def register(sub) -> None:
     p = sub.add_parser("bench", help="latency / forward passes / peak memory of each technique vs greedy llava_hf")
-    p.add_argument("--layers", type=int, default=4, help="language-model layers of the LLaVA-1.5-shaped model")
+    p.add_argument("--family", default="llava", choices=sorted(FAMILIES), help="image geometry of the random model: LLaVA-1.5, LLaVA-NeXT or LLaVA-OneVision (anyres)")
+    p.add_argument("--layers", type=int, default=4, help="language-model layers of the random model")
     p.add_argument("--hidden", type=int, default=256, help="its hidden size (heads of 64 dims); wider = closer to real per-token cost")
     p.add_argument("--new-tokens", type=int, default=8)
     p.add_argument("--repeats", type=int, default=5)
@@ -253,4 +268,4 @@ def register(sub) -> None:
 
 
 if __name__ == "__main__":  # one memory measurement, in a fresh process
-    print(peak_memory_one(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])))
+    print(peak_memory_one(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), *sys.argv[5:6]))
