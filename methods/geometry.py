@@ -13,7 +13,7 @@ An image is one or more **blocks**, each a ``rows x cols`` grid of tokens in row
   ``_get_unpadded_features`` does, and for OneVision shrunk by interpolation when larger than
   ``anyres_max_N`` tiles), with one newline token after each high-res row; newlines share the
   image token id;
-- Qwen2.5-VL (``qwen2_5_vl``, builder to come): one non-square block,
+- Qwen2.5-VL (``qwen2_5_vl``): one non-square block,
   ``image_grid_thw[1:] / spatial_merge_size``.
 
 Each block also knows the region of the image given to the processor it covers
@@ -271,3 +271,35 @@ def single_block(image_pos: torch.Tensor, image_size=None) -> ImageGeometry:
         raise GeometryError(f"{n} image tokens are not one contiguous square grid; pass the model config to the Request")
     block = Block("image", side, side, image_pos.cpu(), torch.empty(0, dtype=torch.long), (0.0, 0.0, 1.0, 1.0))
     return ImageGeometry("llava", tuple(image_size or (0, 0)), (block,))
+
+
+# -- Qwen2.5-VL ------------------------------------------------------------------------
+
+
+@builder("qwen2_5_vl")
+def qwen2_5_vl_geometry(config, processor, image_size, start, inputs) -> list[Block]:
+    """One contiguous non-square block: the merged grid ``image_grid_thw[1:] / spatial_merge_size``,
+    row-major (the merger keeps raster order), covering the whole image given to the processor
+    (Qwen resizes to multiples of patch x merge without cropping or padding). Without
+    ``image_grid_thw`` the grid is the processor's own ``smart_resize`` of ``image_size``."""
+    merge = config.vision_config.spatial_merge_size
+    thw = inputs.get("image_grid_thw")
+    if thw is not None:
+        if len(thw) != 1:
+            raise GeometryError(f"qwen2_5_vl: {len(thw)} images in the prompt; one image per prompt is supported")
+        t, h, w = (int(v) for v in thw[0])
+    else:
+        from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
+
+        ip = _image_processor(processor)
+        size = ip.size
+        get = (lambda k: size.get(k)) if isinstance(size, dict) else (lambda k: getattr(size, k, None))
+        factor = ip.patch_size * ip.merge_size
+        rh, rw = smart_resize(image_size[1], image_size[0], factor=factor, min_pixels=get("shortest_edge"), max_pixels=get("longest_edge"))
+        t, h, w = 1, rh // ip.patch_size, rw // ip.patch_size
+    if t != 1:
+        raise GeometryError(f"qwen2_5_vl: image_grid_thw has t={t}; images only (videos are not supported)")
+    # named "base": the one block that sees the whole image at the tower's resolution (what
+    # techniques with a block choice, e.g. lochead's block=base, read)
+    block, _ = _grid_block("base", h // merge, w // merge, start, (0.0, 0.0, 1.0, 1.0))
+    return [block]
