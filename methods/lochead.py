@@ -503,7 +503,7 @@ class StopAfter(hooks.AttnEdit):
         raise _PrefillDone()
 
 
-FORWARD_KEYS = ("input_ids", "attention_mask", "pixel_values", "image_sizes", "position_ids")
+FORWARD_KEYS = ("input_ids", "attention_mask", "pixel_values", "image_sizes", "position_ids", "image_grid_thw", "mm_token_type_ids")  # image_grid_thw, mm_token_type_ids: Qwen2.5-VL (the model derives its M-RoPE positions from them)
 
 
 def image_grid(model, n_tokens: int) -> tuple[int, int]:
