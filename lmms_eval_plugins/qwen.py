@@ -1,0 +1,172 @@
+"""The Qwen2.5-VL family adapter: the techniques inside lmms-eval's own ``qwen2_5_vl`` classes.
+
+Everything family-independent (parameters, presets, recipe logging, TechniqueError,
+cache/resume, accelerate sharding) is ``base.TechniqueMixin``'s; this module fills in its
+family seams only:
+
+- the classes: lmms-eval 0.7.3's ``qwen2_5_vl`` (simple) and ``qwen2_5_vl_chat`` (chat), which
+  resize every image with ``qwen_vl_utils`` at their ``min_pixels``/``max_pixels`` (defaults
+  200704 / 1605632, *not* the checkpoint's saved ones) and call ``self.processor``;
+- the checkpoint check: ``model_type == "qwen2_5_vl"``;
+- the request: ``image_grid_thw`` travels with it, so the geometry (methods/geometry.py) is one
+  non-square merged grid; the image a technique sees is the one the processor got (already
+  resized by qwen_vl_utils), and every map or box is in fractions of it (= of the original:
+  Qwen resizes without cropping or padding);
+- ``dtype``: lmms-eval's class always loads bfloat16 (also on CPU); ``dtype=float32`` (or
+  ``float16``, ``auto``) loads the weights in that dtype instead. The default stays bfloat16,
+  so an idle wrapper equals stock ``qwen2_5_vl`` with the same ``--model_args``.
+
+Which technique runs on this family and which refuses (and why) is in ``QWEN_SUPPORT``,
+the README's support matrix and docs/qwen.md.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import sys
+from pathlib import Path
+
+from loguru import logger
+
+from methods.technique import Request
+
+from .base import RecordingProcessor, TechniqueMixin, TechniqueSpec, _device_args, prompt_length, refuse_family, wrapper_classes
+from .params import ModelArgsError
+
+FAMILY = "qwen2_5_vl"
+
+# lmms-eval 0.7.3 qwen2_5_vl's own constructor arguments, passed through untouched.
+QWEN_ARGS = (
+    "device",
+    "device_map",
+    "batch_size",
+    "use_cache",
+    "attn_implementation",
+    "min_pixels",
+    "max_pixels",
+    "max_num_frames",
+    "fps",
+    "system_prompt",
+    "interleave_visuals",
+    "reasoning_prompt",
+)
+DTYPES = ("bfloat16", "float32", "float16", "auto")
+
+
+def check_qwen(pretrained: str):
+    """The checkpoint's config; a ModelArgsError for anything but a Qwen2.5-VL checkpoint."""
+    from transformers import AutoConfig
+
+    if os.path.isdir(pretrained) and not (Path(pretrained) / "config.json").exists():
+        raise ModelArgsError(f"pretrained={pretrained} is a directory without config.json: not a transformers checkpoint")
+    try:
+        config = AutoConfig.from_pretrained(pretrained)
+    except Exception as e:
+        raise ModelArgsError(f"pretrained={pretrained}: cannot read its config ({e})") from e
+    if getattr(config, "model_type", None) != FAMILY:
+        raise ModelArgsError(
+            f"pretrained={pretrained} is a {getattr(config, 'model_type', 'unknown')!r} checkpoint; the qwen2_5_vl_* "
+            "wrappers need a Qwen2.5-VL checkpoint (model_type qwen2_5_vl), e.g. Qwen/Qwen2.5-VL-7B-Instruct or "
+            "shapeworld-tiny-qwen; LLaVA checkpoints go to the llava_* names"
+        )
+    return config
+
+
+def saved_pixels(pretrained: str) -> tuple[int, int] | None:
+    """(min_pixels, max_pixels) saved with a local checkpoint's image processor, if any."""
+    for name in ("preprocessor_config.json", "processor_config.json"):
+        path = Path(pretrained) / name
+        if path.is_file():
+            cfg = json.loads(path.read_text())
+            cfg = cfg.get("image_processor", cfg)
+            size = cfg.get("size") or {}
+            lo, hi = size.get("shortest_edge", cfg.get("min_pixels")), size.get("longest_edge", cfg.get("max_pixels"))
+            if lo and hi:
+                return int(lo), int(hi)
+    return None
+
+
+def qwen_request(model, processor: RecordingProcessor, model_kwargs: dict) -> Request:
+    """The ``Request`` of one qwen2_5_vl generate/forward call."""
+    input_ids = model_kwargs["input_ids"]
+    return Request(
+        input_ids=input_ids,
+        image_token_id=model.config.image_token_id,
+        prompt_len=prompt_length(input_ids, model_kwargs.get("labels")),
+        images=list(processor.last_images),
+        text=processor.last_text,
+        processor=processor._processor,
+        pads=list(processor.last_pads),
+        config=model.config,
+        inputs={k: model_kwargs[k] for k in ("image_grid_thw",) if model_kwargs.get(k) is not None},
+    )
+
+
+@contextlib.contextmanager
+def loading_dtype(dtype: str):
+    """lmms-eval's qwen2_5_vl hard-codes ``torch_dtype="bfloat16"``; load in ``dtype`` instead
+    (only for the duration of its constructor)."""
+    module = sys.modules["lmms_eval.models.simple.qwen2_5_vl"]
+    real = module.Qwen2_5_VLForConditionalGeneration
+    if dtype == "bfloat16":
+        yield
+        return
+
+    class _Loader:
+        @staticmethod
+        def from_pretrained(name, **kwargs):
+            kwargs.pop("torch_dtype", None)
+            return real.from_pretrained(name, dtype=dtype, **kwargs)
+
+    module.Qwen2_5_VLForConditionalGeneration = _Loader
+    try:
+        yield
+    finally:
+        module.Qwen2_5_VLForConditionalGeneration = real
+
+
+class QwenTechniqueMixin(TechniqueMixin):
+    """TechniqueMixin in front of lmms-eval's qwen2_5_vl (simple or chat); only the family seams differ."""
+
+    family = FAMILY
+    family_args = QWEN_ARGS
+    default_pretrained = "Qwen/Qwen2.5-VL-3B-Instruct"  # lmms-eval's own default
+    processor_attr = "processor"
+
+    def __init__(self, pretrained: str | None = None, dtype: str = "bfloat16", **kwargs):
+        if str(dtype) not in DTYPES:
+            raise ModelArgsError(f"{self.spec.name}: dtype={dtype!r}; valid: {', '.join(DTYPES)}")
+        with loading_dtype(str(dtype)):
+            super().__init__(pretrained=pretrained, **kwargs)
+        self._warn_pixels()
+
+    def _warn_pixels(self) -> None:
+        saved = saved_pixels(self._pretrained_path)
+        using = (int(self.min_pixels), int(self.max_pixels))
+        if saved and saved != using:
+            logger.warning(
+                f"{self.spec.name}: the checkpoint was saved with min_pixels={saved[0]}, max_pixels={saved[1]} but lmms-eval "
+                f"resizes images with min_pixels={using[0]}, max_pixels={using[1]}: pass "
+                f"--model_args ...,min_pixels={saved[0]},max_pixels={saved[1]} to see what it was trained on"
+            )
+
+    def check_checkpoint(self, pretrained: str, revision, trust_remote_code: bool) -> None:
+        self._pretrained_path = pretrained
+        config = check_qwen(pretrained)
+        refuse_family(self.spec, config.model_type, pretrained)
+
+    def device_args(self, base: dict) -> dict:
+        return _device_args(base)
+
+    def build_request(self, model, processor: RecordingProcessor, model_kwargs: dict) -> Request:
+        return qwen_request(model, processor, model_kwargs)
+
+
+def qwen_wrapper_classes(spec: TechniqueSpec, module: str):
+    """The (simple, chat) lmms-eval classes of one qwen2_5_vl_* name."""
+    from lmms_eval.models.chat.qwen2_5_vl import Qwen2_5_VL as QwenChat
+    from lmms_eval.models.simple.qwen2_5_vl import Qwen2_5_VL as QwenSimple
+
+    return wrapper_classes(spec, module, mixin=QwenTechniqueMixin, bases=(QwenSimple, QwenChat))
