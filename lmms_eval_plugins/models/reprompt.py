@@ -21,7 +21,7 @@ PARAMS = (
     Param("selection", str, DEFAULTS["selection"], "pooled: one kept set from layer-averaged scores; per_layer (prune only); describe: the official per-layer top-k from a describe-the-image pass per image (prune only)", choices=SELECTIONS),
     Param("describe_score", str, DEFAULTS["describe_score"], "selection=describe: the official k_selection_method", choices=DESCRIBE_SCORES),
     Param("describe", str, DEFAULTS["describe"], "selection=describe: text after the image in the describe pass"),
-    Param("describe_tokens", int, DEFAULTS["describe_tokens"], "selection=describe: tokens generated in the describe pass (official 300)", low=1),
+    Param("describe_tokens", int, DEFAULTS["describe_tokens"], "selection=describe: most tokens the describe pass generates; it stops at EOS (official max_new_tokens=300)", low=1),
     Param("prune_rows", str, DEFAULTS["prune_rows"], "rows that lose the unkept image keys: after_image | decode (official) | all (official min_token 0)", choices=PRUNE_ROWS),
     Param("seed", int, DEFAULTS["seed"], "describe_score=random: seed of the per-layer permutations"),
     Param("cache_strategy", str, "", "compressed: the official context from a describe pass (qs: system prompt + per-layer kept image entries + describe prompt; q; s); empty: ours", choices=("",) + CACHE_STRATEGIES),
