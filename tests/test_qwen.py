@@ -227,7 +227,7 @@ def test_llava_checkpoints_are_refused(tiny_ckpt):
 
 
 def _cli(name, ckpt, out, task="tiny_yesno", extra=""):
-    args = f"pretrained={ckpt},device=cpu,min_pixels={PIXELS['min_pixels']},max_pixels={PIXELS['max_pixels']}" + extra
+    args = f"pretrained={ckpt},device=cpu,device_map=cpu,min_pixels={PIXELS['min_pixels']},max_pixels={PIXELS['max_pixels']}" + extra
     results, log = testing.run_lmms_eval(name, args, task, out, include_path=TASKS, cwd=REPO)
     return results, log, testing.read_samples(out, task)
 

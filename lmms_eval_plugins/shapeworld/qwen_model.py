@@ -6,11 +6,12 @@ processor, Qwen2_5_VLProcessor with Qwen's own chat template), so stock lmms-eva
 `qwen2_5_vl` loads the checkpoint like Qwen/Qwen2.5-VL-7B-Instruct.
 
 Resolution: the real patch size (14) and merge size (2), so lmms-eval's `qwen_vl_utils`
-resize (multiples of 28) and the processor agree; min_pixels = max_pixels = 168 * 168 make
-every 336 px ShapeWorld image 168 x 168 -> 12 x 12 patches -> a 6 x 6 merged grid of 36 LM
-tokens (`shapeworld-tiny` has 8 x 8: 256 patches per image made CPU training too slow for
-the time this checkpoint had). lmms-eval passes its own min/max pixels (200704 / 1605632)
-unless told: use `--model_args pretrained=...,min_pixels=28224,max_pixels=28224`.
+resize (multiples of 28) and the processor agree; min_pixels = max_pixels = 112 * 112 make
+every 336 px ShapeWorld image 112 x 112 -> 8 x 8 patches -> a 4 x 4 merged grid of 16 LM
+tokens. `shapeworld-tiny` reads an 8 x 8 grid; 256 patches per image (a 224 px input) made
+CPU training too slow for the time this checkpoint had on a shared 2-core machine, and 168 px
+(6 x 6) still took ~4 s a step there. lmms-eval passes its own min/max pixels (200704 /
+1605632) unless told: use `--model_args pretrained=...,min_pixels=12544,max_pixels=12544`.
 """
 
 from __future__ import annotations
@@ -47,11 +48,11 @@ CHAT_TEMPLATE = (
 
 @dataclass(frozen=True)
 class QwenGeometry:
-    image_size: int = 168  # after qwen_vl_utils / the processor's resize at min = max pixels
+    image_size: int = 112  # after qwen_vl_utils / the processor's resize at min = max pixels
     patch_size: int = 14
     merge_size: int = 2
-    window_size: int = 84  # pixels: 3 x 3 merged tokens per attention window (Qwen2.5-VL: 4 x 4), 4 windows
-    vision_hidden: int = 64  # 144 patches per image: a narrow tower keeps CPU training affordable
+    window_size: int = 56  # pixels: 2 x 2 merged tokens per attention window (Qwen2.5-VL: 4 x 4), 4 windows
+    vision_hidden: int = 64  # a narrow tower keeps CPU training affordable
     vision_layers: int = 4
     vision_heads: int = 2
     vision_intermediate: int = 128

@@ -5,7 +5,7 @@
 Same scenes, tasks, answer formats, stages and auxiliary losses as `shapeworld-tiny`
 (train.py): a vision stage with the dense per-token colour x shape loss, a caption-only
 alignment stage, then the instruction mix, with the dense and word-alignment losses kept on.
-Qwen-specific: the dense labels sit on the 8 x 8 merged tokens (what the LM reads), the
+Qwen-specific: the dense labels sit on the 4 x 4 merged tokens (what the LM reads), the
 image goes through exactly what lmms-eval's `qwen2_5_vl` does to it (JPEG data URL, then
 `qwen_vl_utils.fetch_image` at min = max pixels, then the processor), prompts are the
 processor's chat template with lmms-eval's default system prompt, and positions are
@@ -48,7 +48,7 @@ def chat_prompt(processor, text: str) -> str:
 
 
 class QwenScenePool:
-    """Pre-rendered training scenes as lmms-eval would feed them (uint8, 168 px) and the
+    """Pre-rendered training scenes as lmms-eval would feed them (uint8, 112 px) and the
     dense labels of the merged grid; pixel values are made per batch by the real processor."""
 
     def __init__(self, n: int, family: str, world, geometry: QwenGeometry, processor, log=print):
@@ -169,7 +169,7 @@ class QwenYesNoProbe:
         }
 
 
-def train(out: Path, seed: int = 0, pool_size: int = 3000, vision_steps: int = 300, align_steps: int = 200, mix_steps: int = 2000, batch: int = 16, log=print):
+def train(out: Path, seed: int = 0, pool_size: int = 3000, vision_steps: int = 150, align_steps: int = 100, mix_steps: int = 1100, batch: int = 16, log=print):
     random.seed(seed)
     np.random.seed(seed)
     geometry = QwenGeometry()
@@ -218,7 +218,7 @@ def train(out: Path, seed: int = 0, pool_size: int = 3000, vision_steps: int = 3
     for step in range(total):
         stage = "align" if step < align_steps else "mix"
         for g in opt.param_groups:
-            g["lr"] = lr_at(step, total, 1e-3, 200)
+            g["lr"] = lr_at(step, total, 1e-3, min(200, align_steps))
         kind = "caption" if stage == "align" else rng.choices(kinds, weights=weights)[0]
         idx = torch.randint(len(pool.scenes), (batch,), generator=gen)
         examples = [training_example(kind, pool.scenes[i], rng) for i in idx.tolist()]
@@ -298,11 +298,11 @@ def main(argv=None):
     ap.add_argument("--out", required=True, type=Path)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--pool-size", type=int, default=3000)
-    ap.add_argument("--vision-steps", type=int, default=300)
-    ap.add_argument("--align-steps", type=int, default=200)
-    ap.add_argument("--mix-steps", type=int, default=2000)
+    ap.add_argument("--vision-steps", type=int, default=150)
+    ap.add_argument("--align-steps", type=int, default=100)
+    ap.add_argument("--mix-steps", type=int, default=1100)
     ap.add_argument("--batch", type=int, default=16)
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (1 was ~2x faster than 2 on the shared 2-core machine)")
     ap.add_argument("--eval-limit", type=int, default=None)
     ap.add_argument("--score-only", action="store_true")
     args = ap.parse_args(argv)
