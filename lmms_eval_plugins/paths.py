@@ -26,9 +26,11 @@ def tasks_dir() -> Path:
 
 # Every checkpoint the package ships, by the name the wrappers accept (``pretrained=shapeworld-tiny``,
 # ``--teacher shapeworld-teacher``). Weights the project trained itself; the scripts that made them
-# are in lmms_eval_plugins/shapeworld/train.py and lmms_eval_plugins/viral_teacher.py.
+# are in lmms_eval_plugins/shapeworld/train.py (``--arch qwen2_5_vl``: train_qwen.py) and
+# lmms_eval_plugins/viral_teacher.py.
 CHECKPOINTS = {
     "shapeworld-tiny": PACKAGE_DIR / "shapeworld" / "checkpoints" / "shapeworld-tiny",
+    "shapeworld-tiny-qwen": PACKAGE_DIR / "shapeworld" / "checkpoints" / "shapeworld-tiny-qwen",
     "shapeworld-teacher": PACKAGE_DIR / "checkpoints" / "shapeworld-teacher",
 }
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 CHECKPOINT_NAME = "shapeworld-tiny"
+QWEN_CHECKPOINT_NAME = "shapeworld-tiny-qwen"  # the same testbed in the Qwen2.5-VL architecture (train_qwen.py)
 
 
 def checkpoint_path() -> Path:
@@ -16,7 +17,9 @@ def checkpoint_path() -> Path:
 
 
 def resolve_pretrained(name):
-    """Map "shapeworld-tiny" to the shipped checkpoint's path; any other name unchanged."""
-    if isinstance(name, str) and name.strip() == CHECKPOINT_NAME:
-        return str(checkpoint_path())
+    """Map "shapeworld-tiny" / "shapeworld-tiny-qwen" to the shipped checkpoint's path; any other name unchanged."""
+    from ..paths import CHECKPOINTS
+
+    if isinstance(name, str) and name.strip() in (CHECKPOINT_NAME, QWEN_CHECKPOINT_NAME):
+        return str(CHECKPOINTS[name.strip()])
     return name
