@@ -39,7 +39,7 @@ from .technique import Request, RequestError, Technique
 
 QUERY_SETS = ("generated", "query", "both", "all", "block_query")
 LAST_ROW = ("generated", "query")
-DEFAULTS = {"mode": "query", "from_layer": 0, "to_layer": None, "outside": False, "last_row": "generated", "window": None}
+DEFAULTS = {"mode": "query", "from_layer": 0, "to_layer": None, "outside": False, "last_row": "generated", "window": None, "newlines": True}
 
 # The official run_on_coco.py flags as (mode, last_row, window); min_token_for_i2t_attn_masking=1
 # (run_on_coco.py argparse default 1) blocks decode steps only (``query_states.shape[-2] == 1``),
@@ -135,6 +135,10 @@ class Knockout(Technique):
             return []  # empty window: the baseline, bit for bit
         pos = req.image_pos
         img_start, img_end = int(pos[0]), int(pos[-1]) + 1
+        if not self.params["newlines"] and req.family != "llava":
+            # anyres (LLaVA-NeXT/OneVision): keep the row-newline keys readable. By default they are
+            # blocked too: after layer 0 their states carry what they read from the image.
+            pos = req.geometry.positions(newlines=False).to(pos.device)
         if self.params["mode"] == "all" and img_start == 0:
             raise RequestError(
                 "knockout mode=all needs at least one text token before the image (the image rows would have no key "

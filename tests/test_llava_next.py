@@ -111,6 +111,11 @@ def test_knockout_blocks_every_image_token_including_newlines(anyres):
     lm = _wrapper("knockout", ckpt, mode="both")
     req, (block,) = _edits(lm, _request(lm))
     assert torch.equal(block.keys.cpu(), req.geometry.all_positions())
+    grid_only = _wrapper("knockout", ckpt, mode="both", newlines=False)
+    req, (block,) = _edits(grid_only, _request(grid_only))
+    assert req.geometry.newlines.numel() > 0
+    assert torch.equal(block.keys.cpu(), req.geometry.positions(newlines=False))
+    assert not set(req.geometry.newlines.tolist()) & set(block.keys.tolist())
 
 
 def test_paint_selects_from_the_base_crop_on_next(tmp_path):

@@ -13,6 +13,7 @@ PARAMS = (
     Param("outside", bool, DEFAULTS["outside"], "block every layer OUTSIDE [from_layer, to_layer) instead"),
     Param("last_row", str, DEFAULTS["last_row"], "the last prompt row (it predicts the first answer token) counts as", choices=LAST_ROW),
     Param("window", str, None, "official layer flag instead of from/to: after:L (layers > L) or not_4_to_20", optional=True),
+    Param("newlines", bool, DEFAULTS["newlines"], "LLaVA-NeXT/OneVision: block the high-res row-newline keys too (default: yes, after layer 0 they carry image information)"),
 )
 
 # preset=official and the other run_on_coco.py flags (methods/knockout.py OFFICIAL_FLAGS)
