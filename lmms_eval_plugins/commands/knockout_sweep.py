@@ -94,19 +94,20 @@ def run_sweep(model_args, tasks, windows, modes, *, outside=False, limit=None, i
     manager = _task_manager(TaskManager, tasks, include_path)
     model = lm._model  # lmms-eval's evaluate() ends with lm.clean(), which deletes it from the instance
 
-    def evaluate(mode, window):
+    def evaluate(mode, window, invert=outside):
         lm._model = model
         if isinstance(window, str):  # an official named window: its own layer set, never inverted
             lm.technique = Knockout(n_layers, mode=mode, window=window, last_row=last_row)
         else:
-            lm.technique = Knockout(n_layers, mode=mode, from_layer=window[0], to_layer=window[1], outside=outside, last_row=last_row)
+            lm.technique = Knockout(n_layers, mode=mode, from_layer=window[0], to_layer=window[1], outside=invert, last_row=last_row)
         t0 = time.time()
         res = simple_evaluate(model=lm, tasks=list(tasks), limit=limit, task_manager=manager, log_samples=False, bootstrap_iters=0, verbosity="WARNING")
         metrics = {task: numeric_metrics(res["results"][task]) for task in tasks}
-        log(f"knockout-sweep: mode={mode} window={window_label(window)}{' (outside)' if outside else ''}: {metrics} ({time.time() - t0:.0f}s)")
+        log(f"knockout-sweep: mode={mode} window={window_label(window)}{' (outside)' if invert else ''}: {metrics} ({time.time() - t0:.0f}s)")
         return metrics
 
-    baseline = evaluate("both", (0, 0))  # empty window: no edit at all
+    # the reference: the empty window, never inverted (inverted, it would block every layer)
+    baseline = evaluate("both", (0, 0), invert=False)
     rows = []
     for mode in modes:
         for window in windows:
