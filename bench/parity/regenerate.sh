@@ -22,6 +22,7 @@ while [ $# -gt 0 ]; do
     --pm) PM=$2; shift 2 ;;
     --vlminterp) VLMINTERP=$2; shift 2 ;;  # vlm-interp @ 8f38051 (modified_llava_files/, mllm/); its LLaVA fork from VLMINTERP_LLAVA=DIR
     --lochead) LOCHEAD=$2; shift 2 ;;  # HEAD_CHECKOUT:V2_CHECKOUT (8ce33b0 and 9ffe219); LLaVA-1.5's llava/ from LOCHEAD_LLAVA=DIR or --pai
+    --viral) VIRAL=$2; shift 2 ;;  # VIRAL_CHECKOUT:DINOV2_CHECKOUT (cvlab-kaist/VIRAL @ adc0791, facebookresearch/dinov2; DINOV2_COMMIT=<hash> for an exported tree)
     --official-venv) OFFICIAL_VENV=$2; shift 2 ;;
     --python) OURS=$2; shift 2 ;;
     *) echo "unknown argument $1" >&2; exit 2 ;;

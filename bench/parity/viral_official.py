@@ -40,6 +40,7 @@ import argparse
 import functools
 import hashlib
 import json
+import os
 import subprocess
 import sys
 import types
@@ -265,7 +266,7 @@ def main() -> int:
         "commit": VIRAL_COMMIT,
         "files": ["llava/model/language_model/llava_llama.py", "llava/model/llava_arch.py", "llava/train/train.py",
                   "llava/train/llava_trainer.py", "scripts/v1_5/finetune_lora.sh", "config.json"],
-        "teacher_code": {"repository": "facebookresearch/dinov2", "commit": _git_head(args.dinov2) or "see README (exported tree)",
+        "teacher_code": {"repository": "facebookresearch/dinov2", "commit": os.environ.get("DINOV2_COMMIT") or _git_head(args.dinov2) or "unknown (exported tree: set DINOV2_COMMIT)",
                          "files": ["dinov2/hub/backbones.py", "dinov2/models/vision_transformer.py"]},
         "command": "bash bench/parity/regenerate.sh --viral /work/official/VIRAL:/work/official/dinov2",
         "stack": {"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__, "timm": timm.__version__},
