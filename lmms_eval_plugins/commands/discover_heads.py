@@ -51,7 +51,11 @@ def run(args) -> int:
         print("error: --n, --repeats and --per-sample must be >= 1")
         return 2
     pretrained = resolve_pretrained(args.pretrained)
-    check_interleaved_llava(pretrained)
+    config = check_interleaved_llava(pretrained)
+    if config.model_type != "llava":
+        print(f"error: heads discovery runs on LLaVA-1.5-style checkpoints (model_type 'llava'); {pretrained} is "
+              f"{config.model_type!r}. For LLaVA-NeXT/OneVision use llava_lochead with heads=self (or all).")
+        return 2
     model = LlavaForConditionalGeneration.from_pretrained(pretrained, dtype=getattr(torch, args.dtype), device_map=args.device).eval()
     hooks.install(model)
     processor = AutoProcessor.from_pretrained(pretrained)
