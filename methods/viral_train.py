@@ -135,9 +135,13 @@ def apply_preset(cfg: "TrainConfig") -> "TrainConfig":
     if cfg.preset not in PRESETS:
         raise ValueError(f"preset={cfg.preset!r}: use one of {', '.join(PRESETS)}")
     defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+    def unset(key):
+        return key not in cfg.explicit if cfg.explicit else getattr(cfg, key) == defaults[key]
+
     for key, value in PRESETS[cfg.preset].items():
-        unset = key not in cfg.explicit if cfg.explicit else getattr(cfg, key) == defaults[key]
-        if unset:
+        if key == "effective_batch" and not unset("grad_accum"):
+            continue  # an explicit --grad-accum wins over the preset's effective batch
+        if unset(key):
             setattr(cfg, key, value)
     return cfg
 
