@@ -30,6 +30,7 @@ RUNS = [
     ("knockout generated, all layers", "qwen2_5_vl_knockout", ",mode=generated", "shapeworld_pope_adversarial"),
     ("knockout query, all layers", "qwen2_5_vl_knockout", ",mode=query", "shapeworld_pope_adversarial"),
     ("knockout query, layer 0", "qwen2_5_vl_knockout", ",mode=query,from_layer=0,to_layer=1", "shapeworld_pope_adversarial"),
+    ("knockout both, all layers (captions)", "qwen2_5_vl_knockout", ",mode=both", "shapeworld_chair"),
     ("lochead heads=all", "qwen2_5_vl_lochead", ",heads=all", "shapeworld_rec"),
     ("lochead heads=self (top 3)", "qwen2_5_vl_lochead", ",heads=self", "shapeworld_rec"),
 ]
@@ -61,14 +62,14 @@ def main(argv=None):
     ap.add_argument("--pretrained", default=str(CHECKPOINTS["shapeworld-tiny-qwen"]))
     ap.add_argument("--pixels", type=int, default=12544, help="min_pixels = max_pixels (the checkpoint's own)")
     ap.add_argument("--limit", type=int, default=None)
-    ap.add_argument("--only", default="", help="comma-separated run labels (default: all)")
+    ap.add_argument("--only", default="", help="semicolon-separated run labels (default: all)")
     args = ap.parse_args(argv)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     base = f"pretrained={args.pretrained},device=cpu,device_map=cpu,min_pixels={args.pixels},max_pixels={args.pixels}"
     extra = ("--limit", str(args.limit)) if args.limit else ()
     rows, table = {}, ["| run | model | results |", "|---|---|---|"]
     for label, model, margs, tasks in RUNS:
-        if args.only and label not in args.only.split(","):
+        if args.only and label not in args.only.split(";"):
             continue
         out = args.out / label.replace(" ", "_").replace("=", "-").replace(",", "")
         res, log = run_lmms_eval(model, base + margs, tasks, out, include_path=tasks_dir(), extra=extra, cwd=REPO, timeout=7200)

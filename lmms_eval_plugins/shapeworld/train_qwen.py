@@ -169,7 +169,7 @@ class QwenYesNoProbe:
         }
 
 
-def train(out: Path, seed: int = 0, pool_size: int = 3000, vision_steps: int = 150, align_steps: int = 100, mix_steps: int = 1100, batch: int = 16, log=print):
+def train(out: Path, seed: int = 0, pool_size: int = 3000, vision_steps: int = 300, align_steps: int = 200, mix_steps: int = 2800, batch: int = 16, log=print):
     random.seed(seed)
     np.random.seed(seed)
     geometry = QwenGeometry()
@@ -298,9 +298,9 @@ def main(argv=None):
     ap.add_argument("--out", required=True, type=Path)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--pool-size", type=int, default=3000)
-    ap.add_argument("--vision-steps", type=int, default=150)
-    ap.add_argument("--align-steps", type=int, default=100)
-    ap.add_argument("--mix-steps", type=int, default=1100)
+    ap.add_argument("--vision-steps", type=int, default=300)
+    ap.add_argument("--align-steps", type=int, default=200)
+    ap.add_argument("--mix-steps", type=int, default=2800)
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1 was ~2x faster than 2 on the shared 2-core machine)")
     ap.add_argument("--eval-limit", type=int, default=None)
