@@ -181,6 +181,12 @@ def prompt_length(input_ids, labels=None) -> int:
 
 def llava_request(model, processor: RecordingProcessor, model_kwargs: dict) -> Request:
     """The ``Request`` of one llava_hf generate/forward call (the LLaVA family's adapter)."""
+    return family_request(model, processor, model_kwargs, ("image_sizes",))
+
+
+def family_request(model, processor: RecordingProcessor, model_kwargs: dict, geometry_inputs: tuple) -> Request:
+    """The ``Request`` of one generate/forward call; ``geometry_inputs`` name the processor outputs
+    the family's geometry needs (``image_sizes`` for anyres LLaVA, ``image_grid_thw`` for Qwen2.5-VL)."""
     input_ids = model_kwargs["input_ids"]
     return Request(
         input_ids=input_ids,
@@ -191,7 +197,7 @@ def llava_request(model, processor: RecordingProcessor, model_kwargs: dict) -> R
         processor=processor._processor,
         pads=list(processor.last_pads),
         config=model.config,
-        inputs={k: model_kwargs[k] for k in ("image_sizes",) if k in model_kwargs},
+        inputs={k: model_kwargs[k] for k in geometry_inputs if model_kwargs.get(k) is not None},
     )
 
 

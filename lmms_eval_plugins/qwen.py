@@ -32,7 +32,7 @@ from loguru import logger
 
 from methods.technique import Request
 
-from .base import RecordingProcessor, TechniqueMixin, TechniqueSpec, _device_args, prompt_length, refuse_family, wrapper_classes
+from .base import RecordingProcessor, TechniqueMixin, TechniqueSpec, _device_args, family_request, refuse_family, wrapper_classes
 from .params import ModelArgsError
 
 FAMILY = "qwen2_5_vl"
@@ -89,19 +89,8 @@ def saved_pixels(pretrained: str) -> tuple[int, int] | None:
 
 
 def qwen_request(model, processor: RecordingProcessor, model_kwargs: dict) -> Request:
-    """The ``Request`` of one qwen2_5_vl generate/forward call."""
-    input_ids = model_kwargs["input_ids"]
-    return Request(
-        input_ids=input_ids,
-        image_token_id=model.config.image_token_id,
-        prompt_len=prompt_length(input_ids, model_kwargs.get("labels")),
-        images=list(processor.last_images),
-        text=processor.last_text,
-        processor=processor._processor,
-        pads=list(processor.last_pads),
-        config=model.config,
-        inputs={k: model_kwargs[k] for k in ("image_grid_thw",) if model_kwargs.get(k) is not None},
-    )
+    """The ``Request`` of one qwen2_5_vl generate/forward call (the grid comes from ``image_grid_thw``)."""
+    return family_request(model, processor, model_kwargs, ("image_grid_thw",))
 
 
 @contextlib.contextmanager

@@ -53,8 +53,8 @@ def test_no_parameter_name_is_redacted_by_lmms_eval():
 
     from lmms_eval_plugins.models import MODELS
 
-    for module, _, _ in MODELS.values():
-        spec = importlib.import_module(f"lmms_eval_plugins.models.{module}").SPEC
+    for module, cls, _ in MODELS.values():
+        spec = getattr(importlib.import_module(f"lmms_eval_plugins.models.{module}"), cls).spec
         for param in spec.params:
             arg = f"{param.name}=1"
             assert _redact_eval_config_secrets(arg) == arg, f"{spec.name}: {param.name} would be redacted"
