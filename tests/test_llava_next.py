@@ -57,15 +57,32 @@ IDLE = {
     "pai": {"alpha": 0.0, "use_cfg": False},
     "paint": {"alpha": 0.0, "beta": 0.0},
     "knockout": {"from_layer": 2, "to_layer": 2},
+    "viral": {},  # + adapter=: a LoRA adapter whose B matrices are zero (peft's init), merged in
 }
 
 
+@pytest.fixture(scope="module")
+def zero_adapter(anyres, tmp_path_factory):
+    """A peft LoRA adapter on the LM's attention projections, as peft initialises it (B = 0):
+    merging it must leave every weight, so every answer, as it was."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForImageTextToText
+
+    family, ckpt = anyres
+    model = AutoModelForImageTextToText.from_pretrained(ckpt)
+    lora = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=r".*language_model.*\.(q_proj|v_proj)"))
+    out = tmp_path_factory.mktemp(f"{family}_adapter")
+    lora.save_pretrained(out)
+    return out
+
+
 @pytest.mark.parametrize("name", sorted(IDLE))
-def test_idle_wrappers_equal_llava_hf(anyres, baseline, name):
+def test_idle_wrappers_equal_llava_hf(anyres, baseline, name, request):
     family, ckpt = anyres
     if name == "paint" and family == "llava_onevision":
         pytest.skip("llava_paint refuses OneVision (tested below)")
-    lm = _wrapper(name, ckpt, **IDLE[name])
+    kw = dict(IDLE[name], **({"adapter": str(request.getfixturevalue("zero_adapter"))} if name == "viral" else {}))
+    lm = _wrapper(name, ckpt, **kw)
     inputs = _request(lm)
     with torch.no_grad():
         answer = lm.model.generate(**inputs, max_new_tokens=6, do_sample=False)
@@ -193,17 +210,23 @@ CLI_CASES = [
     ("llava_paint", "preset=full", "tiny_yesno"),
     ("llava_knockout", "mode=both", "tiny_yesno"),
     ("llava_reprompt", "keep_ratio=0.25", "tiny_yesno"),
+    ("llava_viral", "adapter=ZERO", "tiny_yesno"),
+    ("llava_pm", "", "tiny_yesno"),
 ]
 
 
 @pytest.mark.parametrize("model,args,task", CLI_CASES)
-def test_technique_through_the_cli(anyres, tmp_path, model, args, task):
+def test_technique_through_the_cli(anyres, tmp_path, model, args, task, request):
     family, ckpt = anyres
-    if model == "llava_paint" and family == "llava_onevision":
-        results, log = _cli(model, f"pretrained={ckpt},{args}", task, tmp_path)
-        assert results is None and "SigLIP vision tower has no CLS token" in log
+    if "ZERO" in args:
+        args = args.replace("ZERO", str(request.getfixturevalue("zero_adapter")))
+    model_args = ",".join(a for a in (f"pretrained={ckpt}", args) if a)
+    refusal = {"llava_pm": "anyres tiling", "llava_paint": "SigLIP vision tower has no CLS token" if family == "llava_onevision" else None}
+    if refusal.get(model):  # the matrix's refusals reach the CLI user with their reason, and nothing is evaluated
+        results, log = _cli(model, model_args, task, tmp_path)
+        assert results is None and refusal[model] in log
         return
-    results, log = _cli(model, f"pretrained={ckpt},{args}", task, tmp_path)
+    results, log = _cli(model, model_args, task, tmp_path)
     assert results is not None, log[-3000:]
     samples = testing.read_samples(tmp_path, task)
     assert len(samples) == 3 and all(s["filtered_resps"] for s in samples), samples
