@@ -336,3 +336,30 @@ def llava_onevision_shaped(out_dir, text_layers: int = 4, text_hidden: int = 256
         kv_heads=max(text_hidden // 64, 1), pinpoints=pinpoints, max_tiles=9, seed=seed,
     )
 
+
+
+# Qwen2.5-VL-7B-Instruct's preprocessor_config.json pixel bounds: a 448x336 image (multiples of 28) keeps its size
+QWEN_PIXELS = {"shortest_edge": 56 * 56, "longest_edge": 28 * 28 * 16384}
+
+
+def qwen2_5_vl_shaped(out_dir, text_layers: int = 4, text_hidden: int = 256, seed: int = 0) -> Path:
+    """Qwen2.5-VL-7B vision geometry (14 px patches, 2x2 merge, 112 px attention windows, the 7B's
+    period of 7 windowed blocks + 1 full-attention block, M-RoPE over the merged grid) with a few
+    small layers; the processor keeps the 7B's min/max pixels (3136 / 12845056), so a 448x336
+    image is not resized: 24x32 patches -> a 12x16 merged grid of 192 image tokens."""
+    import dataclasses
+
+    from .shapeworld.qwen_model import QwenGeometry, build_model
+
+    heads = max(text_hidden // 64, 1)
+    geo = dataclasses.replace(
+        QwenGeometry(), window_size=112, vision_hidden=64, vision_layers=8, vision_heads=4, vision_intermediate=128,
+        fullatt_blocks=(7,), text_hidden=text_hidden, text_layers=text_layers, text_heads=heads, text_kv_heads=heads,
+        text_intermediate=2 * text_hidden, mrope_section=(8, 12, 12),  # head_dim 64: the 7B's 16/24/24 of 128, halved
+    )
+    model, processor = build_model(seed=seed, geometry=geo)
+    processor.image_processor.size = dict(QWEN_PIXELS)
+    out = Path(out_dir)
+    model.eval().save_pretrained(out)
+    processor.save_pretrained(out)
+    return out

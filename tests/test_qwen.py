@@ -223,6 +223,27 @@ def test_llava_checkpoints_are_refused(tiny_ckpt):
         _wrapper("pai", tiny_ckpt)
 
 
+# ---------------------------------------------------------------------------------- bench
+
+
+def test_bench_context_qwen2_5_vl(tmp_path, monkeypatch):
+    """`lmms-plugins bench --family qwen2_5_vl`: the 448x336 bench image keeps its size (24x32 patches,
+    a 12x16 merged grid), only the working qwen2_5_vl_* names are benched, idle hooks = the plain model."""
+    from lmms_eval_plugins.commands import bench
+
+    monkeypatch.setenv("LMMS_PLUGINS_CACHE", str(tmp_path))
+    ctx = bench.make_context(layers=4, new_tokens=4, hidden=64, family="qwen2_5_vl")
+    assert ctx.inputs["image_grid_thw"].tolist() == [[1, 24, 32]]
+    (block,) = ctx.request.geometry.blocks
+    assert (block.rows, block.cols) == (12, 16) and ctx.request.image_pos.numel() == 192
+    cases = bench.all_cases(ctx)
+    names = {k.split(":")[0].split(" ")[0] for k in cases if k.startswith("qwen2_5_vl_")}
+    assert names == {"qwen2_5_vl_pai", "qwen2_5_vl_lochead", "qwen2_5_vl_knockout"}
+    assert not any(k.startswith("llava_") for k in cases)
+    with torch.no_grad():
+        assert torch.equal(cases["hooks idle (generate)"][0](), bench.baselines(ctx)["generate"]())
+
+
 # ---------------------------------------------------------------------------------- the real CLI
 
 

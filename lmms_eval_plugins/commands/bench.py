@@ -2,7 +2,9 @@
 
 The model has LLaVA-1.5's geometry (336 px, 14 px patches, a 24x24 grid of 576 image tokens,
 a POPE-style prompt of ~40 text tokens) with a few small random layers, so the ratios measure
-the techniques' overheads, not a particular checkpoint. For each case it reports:
+the techniques' overheads, not a particular checkpoint; ``--family`` gives it LLaVA-NeXT's,
+LLaVA-OneVision's or Qwen2.5-VL's geometry instead (Qwen2.5-VL: the qwen2_5_vl_* names are
+benched). For each case it reports:
 
 - latency: median wall time of one sample over --repeats runs, as a ratio to the baseline;
 - forward passes: language-model forward calls per sample (prefill + decode steps + extras);
@@ -49,7 +51,14 @@ class BenchContext:
 
 # --family: which real model's image geometry the random bench model has (testing.py builders)
 FAMILIES = {"llava": ("llava15", "llava15_shaped"), "llava_next": ("llava_next", "llava_next_shaped"),
-            "llava_onevision": ("llava_onevision", "llava_onevision_shaped")}
+            "llava_onevision": ("llava_onevision", "llava_onevision_shaped"), "qwen2_5_vl": ("qwen2_5_vl", "qwen2_5_vl_shaped")}
+SHAPES = {"llava": "LLaVA-1.5", "llava_next": "LLaVA-NeXT", "llava_onevision": "LLaVA-OneVision", "qwen2_5_vl": "Qwen2.5-VL"}
+QWEN = "qwen2_5_vl_"  # the Qwen2.5-VL names (lmms_eval_plugins/models/qwen2_5_vl.py); the others are LLaVA's
+
+
+def geometry_inputs(model) -> tuple:
+    """The processor outputs the family's geometry needs (as ``family_request`` in base.py / qwen.py)."""
+    return ("image_grid_thw",) if model.config.model_type == "qwen2_5_vl" else ("image_sizes",)
 
 
 def bench_model_dir(layers: int, hidden: int = 256, family: str = "llava") -> Path:
@@ -85,13 +94,14 @@ def make_context(layers: int, new_tokens: int, hidden: int = 256, family: str = 
     text = processor.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
     inputs = dict(processor(images=[image], text=text, return_tensors="pt"))
     req = Request(inputs["input_ids"], model.config.image_token_id, inputs["input_ids"].shape[1], [image], text, processor,
-                  config=model.config, inputs={k: inputs[k] for k in ("image_sizes",) if k in inputs})
+                  config=model.config, inputs={k: inputs[k] for k in geometry_inputs(model) if k in inputs})
     gen = {"max_new_tokens": new_tokens, "min_new_tokens": new_tokens, "do_sample": False}
     return BenchContext(model, plain, processor, image, inputs, req, gen)
 
 
 def core_cases(ctx: BenchContext) -> dict:
     m, n = ctx.model, hooks.num_layers(ctx.model)
+    pai_name = QWEN + "pai" if m.config.model_type == "qwen2_5_vl" else "llava_pai"
     deep = range(n // 3, n)  # the deepest 2/3 of the layers
     pai = Pai(n, use_cfg=False)
 
@@ -116,7 +126,7 @@ def core_cases(ctx: BenchContext) -> dict:
         "hooks idle (generate)": (lambda: m.generate(**ctx.inputs, **ctx.gen_kwargs), "generate"),
         "capture last row, deepest 2/3 layers": (capture, "forward"),
         "output_attentions=True (eager)": (output_attentions_eager, "forward"),
-        "llava_pai (no CFG)": (lambda: pai.generate(m, ctx.request, **ctx.inputs, **ctx.gen_kwargs), "generate"),
+        f"{pai_name} (no CFG)": (lambda: pai.generate(m, ctx.request, **ctx.inputs, **ctx.gen_kwargs), "generate"),
     }
 
 
@@ -124,13 +134,20 @@ def all_cases(ctx: BenchContext) -> dict:
     from ..models import MODELS
 
     cases = dict(core_cases(ctx))
+    model_type = ctx.model.config.model_type
     for name, (module, _, _) in MODELS.items():
+        if name.startswith(QWEN) != (model_type == "qwen2_5_vl"):
+            continue  # each family benches its own names
         try:
             mod = importlib.import_module(f"lmms_eval_plugins.models.{module}")
+            if name.startswith(QWEN):  # one module, one spec per technique; the cases are its LLaVA twin's
+                spec = mod.SPECS[name.removeprefix(QWEN)]
+                mod = importlib.import_module(f"lmms_eval_plugins.models.{name.removeprefix(QWEN)}")
+            else:
+                spec = getattr(mod, "SPEC", None)
         except ModuleNotFoundError:
             continue
-        spec = getattr(mod, "SPEC", None)
-        if spec is not None and ctx.model.config.model_type in spec.refused:
+        if spec is not None and model_type in spec.refused:
             continue  # the technique refuses this family (README support matrix)
         if hasattr(mod, "bench_cases"):
             for case, fn in mod.bench_cases(ctx).items():
@@ -242,7 +259,7 @@ def main(args) -> int:
 def render(rows, args, base, ctx) -> str:
     geo = ctx.request.geometry
     blocks = " + ".join(f"{b.name} {b.rows}x{b.cols}" + (f" + {b.newlines.numel()} newlines" if b.newlines.numel() else "") for b in geo.blocks)
-    shape = {"llava": "LLaVA-1.5", "llava_next": "LLaVA-NeXT", "llava_onevision": "LLaVA-OneVision"}[args.family]
+    shape = SHAPES[args.family]
     head = (f"{shape}-shaped random model ({args.layers} LM layers of width {args.hidden}; a {ctx.image.size[0]}x{ctx.image.size[1]} image = "
             f"{geo.all_positions().numel()} image tokens: {blocks}), {args.new_tokens} new tokens, median of {args.repeats}, {torch.get_num_threads()} threads\n")
     head += f"baseline greedy generate: {base['generate'][0] * 1000:.1f} ms, {base['generate'][1]} passes; plain forward: {base['forward'][0] * 1000:.1f} ms\n\n"
@@ -255,7 +272,7 @@ def render(rows, args, base, ctx) -> str:
 
 def register(sub) -> None:
     p = sub.add_parser("bench", help="latency / forward passes / peak memory of each technique vs greedy llava_hf")
-    p.add_argument("--family", default="llava", choices=sorted(FAMILIES), help="image geometry of the random model: LLaVA-1.5, LLaVA-NeXT or LLaVA-OneVision (anyres)")
+    p.add_argument("--family", default="llava", choices=sorted(FAMILIES), help="image geometry of the random model: LLaVA-1.5, LLaVA-NeXT or LLaVA-OneVision (anyres), or Qwen2.5-VL")
     p.add_argument("--layers", type=int, default=4, help="language-model layers of the random model")
     p.add_argument("--hidden", type=int, default=256, help="its hidden size (heads of 64 dims); wider = closer to real per-token cost")
     p.add_argument("--new-tokens", type=int, default=8)
