@@ -81,3 +81,23 @@ def test_reprompt_prune_on_the_simple_path(tiny_ckpt, tmp_path):
     assert results["n-samples"]["tiny_yesno_ll"]["effective"] == 3
     assert 0.0 <= results["results"]["tiny_yesno_ll"]["acc,none"] <= 1.0
     assert all(s["filtered_resps"] for s in read_samples(tmp_path, "tiny_yesno"))
+
+
+def test_knockout_sweep_outside_keeps_its_reference_unedited(tiny_ckpt, monkeypatch):
+    """--outside inverts the swept windows, never the no-knockout reference (inverted, the empty
+    window would block every layer and the deltas would be against a fully knocked-out model)."""
+    import lmms_eval.evaluator
+
+    from lmms_eval_plugins.commands import knockout_sweep
+
+    blocked = []
+
+    def fake_evaluate(model, tasks, **kwargs):  # records what each evaluation would block
+        blocked.append(list(model.technique.layers))
+        return {"results": {t: {"exact,none": 0.5} for t in tasks}}
+
+    monkeypatch.setattr(lmms_eval.evaluator, "simple_evaluate", fake_evaluate)
+    monkeypatch.chdir(REPO)
+    rows = knockout_sweep.run_sweep(f"pretrained={tiny_ckpt}", ["tiny_yesno"], [(1, 3)], ["query"], outside=True, include_path="tests/tasks")
+    assert blocked == [[], [0, 3]]  # the reference: no layer; the window 1:3 inverted: layers 0 and 3
+    assert rows[0]["outside"] is True and rows[0]["delta"] == 0.0
