@@ -224,6 +224,68 @@ class YesNoProbe:
         }
 
 
+def vision_stage(features, vparams, aux_head, pool, gen, steps: int, batch: int, log_every: int, log, t0: float) -> None:
+    """Stage 1: the vision side learns each patch's colour x shape class (dense labels), so the
+    language stages start from features that see the objects. ``features(idx)`` -> (batch, tokens, d)."""
+    opt = torch.optim.AdamW(vparams, lr=2e-3, weight_decay=0.01)
+    run = []
+    for step in range(steps):
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, steps, 2e-3, 50)
+        idx = torch.randint(len(pool.scenes), (batch,), generator=gen)
+        logits = aux_head(features(idx))
+        loss = F.cross_entropy(logits.reshape(-1, N_CLASSES), pool.labels[idx].reshape(-1))
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vparams, 1.0)
+        opt.step()
+        obj = pool.labels[idx] > 0
+        run.append((loss.item(), (logits.argmax(-1)[obj] == pool.labels[idx][obj]).float().mean().item()))
+        if (step + 1) % log_every == 0:
+            l, a = np.mean(run, axis=0)
+            log(f"[vision {step + 1}/{steps}] dense loss {l:.3f} object-patch acc {a:.3f} ({time.time() - t0:.0f}s)")
+            run = []
+
+
+def language_stages(model, aux_head, forward, pool, gen, rng, tok, probe, align_steps: int, mix_steps: int, batch: int,
+                    warmup: int, log, t0: float, after_probe=None) -> None:
+    """Stages 2 (captions) and 3 (the task mix): the whole model on the language loss, with the
+    dense and word-alignment losses as auxiliaries. ``forward(idx, examples)`` -> (logits, labels,
+    features for the dense head, image embeddings in the LM's space): the only architecture-specific part."""
+    params = list(model.parameters()) + list(aux_head.parameters())
+    opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.01, betas=(0.9, 0.98))
+    total = align_steps + mix_steps
+    shape_ids, colour_ids = class_word_targets(tok)
+    kinds, weights = zip(*MIX.items())
+    run = []
+    for step in range(total):
+        stage = "align" if step < align_steps else "mix"
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, total, 1e-3, warmup)
+        kind = "caption" if stage == "align" else rng.choices(kinds, weights=weights)[0]
+        idx = torch.randint(len(pool.scenes), (batch,), generator=gen)
+        examples = [training_example(kind, pool.scenes[i], rng) for i in idx.tolist()]
+        logits, labels, feats, image_embeds = forward(idx, examples)
+        loss_lm = lm_loss(logits, labels)
+        loss_aux = F.cross_entropy(aux_head(feats).reshape(-1, N_CLASSES), pool.labels[idx].reshape(-1))
+        loss_aux = loss_aux + word_alignment_loss(model, image_embeds, pool.labels[idx], shape_ids, colour_ids)
+        loss = loss_lm + 0.5 * loss_aux
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        run.append((kind, loss_lm.item(), loss_aux.item()))
+        if (step + 1) % 100 == 0:
+            per_kind = {k: np.mean([l for kk, l, _ in run if kk == k]) for k in KINDS if any(kk == k for kk, _, _ in run)}
+            txt = " ".join(f"{k} {v:.3f}" for k, v in per_kind.items())
+            log(f"[{stage} {step + 1}/{total}] lm {np.mean([l for _, l, _ in run]):.3f} aux {np.mean([a for _, _, a in run]):.3f} | {txt} ({time.time() - t0:.0f}s)")
+            run = []
+        if (step + 1) % 500 == 0 or step + 1 == total:
+            log(f"  probe {step + 1}: " + " ".join(f"{k} {v:.3f}" for k, v in probe(model).items()))
+            if after_probe is not None and step + 1 < total:
+                after_probe(step + 1)
+
+
 def train(out: Path, seed: int = 0, pool_size: int = 6000, vision_steps: int = 300, align_steps: int = 200, mix_steps: int = 4000, batch: int = 16, log=print):
     random.seed(seed)
     np.random.seed(seed)
@@ -243,59 +305,16 @@ def train(out: Path, seed: int = 0, pool_size: int = 6000, vision_steps: int = 3
 
     # ---- stage 1: dense labels on the vision tower
     vparams = list(model.model.vision_tower.parameters()) + list(aux_head.parameters())
-    opt = torch.optim.AdamW(vparams, lr=2e-3, weight_decay=0.01)
-    run = []
-    for step in range(vision_steps):
-        for g in opt.param_groups:
-            g["lr"] = lr_at(step, vision_steps, 2e-3, 50)
-        idx = torch.randint(len(pool.scenes), (64,), generator=gen)
-        logits = aux_head(vision_features(model, pool.pixels[idx]))
-        loss = F.cross_entropy(logits.reshape(-1, N_CLASSES), pool.labels[idx].reshape(-1))
-        opt.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(vparams, 1.0)
-        opt.step()
-        obj = pool.labels[idx] > 0
-        run.append((loss.item(), (logits.argmax(-1)[obj] == pool.labels[idx][obj]).float().mean().item()))
-        if (step + 1) % 100 == 0:
-            l, a = np.mean(run, axis=0)
-            log(f"[vision {step + 1}/{vision_steps}] dense loss {l:.3f} object-patch acc {a:.3f} ({time.time() - t0:.0f}s)")
-            run = []
+    vision_stage(lambda idx: vision_features(model, pool.pixels[idx]), vparams, aux_head, pool, gen, vision_steps, 64, 100, log, t0)
 
     # ---- stages 2 and 3: language model on top, dense loss as auxiliary
-    params = list(model.parameters()) + list(aux_head.parameters())
-    opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.01, betas=(0.9, 0.98))
-    total = align_steps + mix_steps
-    shape_ids, colour_ids = class_word_targets(tok)
-    kinds, weights = zip(*MIX.items())
-    run = []
-    for step in range(total):
-        stage = "align" if step < align_steps else "mix"
-        for g in opt.param_groups:
-            g["lr"] = lr_at(step, total, 1e-3, 200)
-        kind = "caption" if stage == "align" else rng.choices(kinds, weights=weights)[0]
-        idx = torch.randint(len(pool.scenes), (batch,), generator=gen)
-        examples = [training_example(kind, pool.scenes[i], rng) for i in idx.tolist()]
+    def forward(idx, examples):
         ids, mask, labels = encode_batch(tok, examples, n_img)
         feats = vision_features(model, pool.pixels[idx])
         image_embeds = model.model.multi_modal_projector(feats)
-        logits = lm_logits(model, feats, ids, mask, image_embeds)
-        loss_lm = lm_loss(logits, labels)
-        loss_aux = F.cross_entropy(aux_head(feats).reshape(-1, N_CLASSES), pool.labels[idx].reshape(-1))
-        loss_aux = loss_aux + word_alignment_loss(model, image_embeds, pool.labels[idx], shape_ids, colour_ids)
-        loss = loss_lm + 0.5 * loss_aux
-        opt.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        run.append((kind, loss_lm.item(), loss_aux.item()))
-        if (step + 1) % 100 == 0:
-            per_kind = {k: np.mean([l for kk, l, _ in run if kk == k]) for k in KINDS if any(kk == k for kk, _, _ in run)}
-            txt = " ".join(f"{k} {v:.3f}" for k, v in per_kind.items())
-            log(f"[{stage} {step + 1}/{total}] lm {np.mean([l for _, l, _ in run]):.3f} aux {np.mean([a for _, _, a in run]):.3f} | {txt} ({time.time() - t0:.0f}s)")
-            run = []
-        if (step + 1) % 500 == 0 or step + 1 == total:
-            log(f"  probe {step + 1}: " + " ".join(f"{k} {v:.3f}" for k, v in probe(model).items()))
+        return lm_logits(model, feats, ids, mask, image_embeds), labels, feats, image_embeds
+
+    language_stages(model, aux_head, forward, pool, gen, rng, tok, probe, align_steps, mix_steps, batch, 200, log, t0)
 
     model.eval()
     out.mkdir(parents=True, exist_ok=True)

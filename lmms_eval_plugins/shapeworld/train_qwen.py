@@ -23,12 +23,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from . import data
 from .qwen_model import SYSTEM_PROMPT, QwenGeometry, build_model, geometry_dict
 from .scenes import TEST_WORLD, TRAIN_WORLD, derive_seed, sample_scene
-from .train import KINDS, MIX, N_CLASSES, TASK_DOCS, class_word_targets, doc_text, lm_loss, lr_at, patch_labels, save_checkpoint, score_answers, training_example
+from .train import N_CLASSES, TASK_DOCS, doc_text, language_stages, patch_labels, save_checkpoint, score_answers, vision_stage
 
 
 def lmms_eval_image(image, pixels: int):
@@ -120,14 +119,6 @@ def lm_logits(model, vision_out, ids, mask, mm_types, grid_thw):
     return model(input_ids=ids, attention_mask=mask, mm_token_type_ids=mm_types, image_grid_thw=grid_thw, mm_encoder_outputs={"image": vision_out}).logits
 
 
-def word_alignment_loss(model, image_embeds, labels, shape_ids, colour_ids):
-    """train.word_alignment_loss on Qwen's input embeddings (the merged tokens' space)."""
-    emb = F.normalize(model.model.get_input_embeddings().weight, dim=-1)
-    logits = F.normalize(image_embeds, dim=-1) @ emb.T / 0.1
-    flat = logits.reshape(-1, logits.shape[-1])
-    return 0.5 * (F.cross_entropy(flat, shape_ids[labels].reshape(-1), ignore_index=-100) + F.cross_entropy(flat, colour_ids[labels].reshape(-1), ignore_index=-100))
-
-
 class QwenYesNoProbe:
     """train.YesNoProbe's held-out questions, through the Qwen pipeline."""
 
@@ -188,63 +179,22 @@ def train(out: Path, seed: int = 0, pool_size: int = 3000, vision_steps: int = 3
 
     # ---- stage 1: dense labels on the merged vision tokens (tower + merger)
     vparams = list(model.model.visual.parameters()) + list(aux_head.parameters())
-    opt = torch.optim.AdamW(vparams, lr=2e-3, weight_decay=0.01)
-    run = []
-    for step in range(vision_steps):
-        for g in opt.param_groups:
-            g["lr"] = lr_at(step, vision_steps, 2e-3, 50)
-        idx = torch.randint(len(pool.scenes), (32,), generator=gen)
-        _, feats = merged_tokens(model, *image_inputs(processor, pool.images[idx.numpy()]))
-        logits = aux_head(feats)
-        loss = F.cross_entropy(logits.reshape(-1, N_CLASSES), pool.labels[idx].reshape(-1))
-        opt.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(vparams, 1.0)
-        opt.step()
-        obj = pool.labels[idx] > 0
-        run.append((loss.item(), (logits.argmax(-1)[obj] == pool.labels[idx][obj]).float().mean().item()))
-        if (step + 1) % 50 == 0:
-            l, a = np.mean(run, axis=0)
-            log(f"[vision {step + 1}/{vision_steps}] dense loss {l:.3f} object-patch acc {a:.3f} ({time.time() - t0:.0f}s)")
-            run = []
+    vision_stage(lambda idx: merged_tokens(model, *image_inputs(processor, pool.images[idx.numpy()]))[1],
+                 vparams, aux_head, pool, gen, vision_steps, 32, 50, log, t0)
 
     # ---- stages 2 and 3: language model on top, dense + word-alignment losses as auxiliary
-    params = list(model.parameters()) + list(aux_head.parameters())
-    opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.01, betas=(0.9, 0.98))
-    total = align_steps + mix_steps
-    shape_ids, colour_ids = class_word_targets(tok)
-    kinds, weights = zip(*MIX.items())
-    run = []
-    for step in range(total):
-        stage = "align" if step < align_steps else "mix"
-        for g in opt.param_groups:
-            g["lr"] = lr_at(step, total, 1e-3, min(200, align_steps))
-        kind = "caption" if stage == "align" else rng.choices(kinds, weights=weights)[0]
-        idx = torch.randint(len(pool.scenes), (batch,), generator=gen)
-        examples = [training_example(kind, pool.scenes[i], rng) for i in idx.tolist()]
+    def forward(idx, examples):
         ids, mask, mm_types, labels = encode_batch(processor, examples, n_img)
         pixel_values, grid_thw = image_inputs(processor, pool.images[idx.numpy()])
         vision_out, image_embeds = merged_tokens(model, pixel_values, grid_thw)
-        logits = lm_logits(model, vision_out, ids, mask, mm_types, grid_thw)
-        loss_lm = lm_loss(logits, labels)
-        loss_aux = F.cross_entropy(aux_head(image_embeds).reshape(-1, N_CLASSES), pool.labels[idx].reshape(-1))
-        loss_aux = loss_aux + word_alignment_loss(model, image_embeds, pool.labels[idx], shape_ids, colour_ids)
-        loss = loss_lm + 0.5 * loss_aux
-        opt.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        run.append((kind, loss_lm.item(), loss_aux.item()))
-        if (step + 1) % 100 == 0:
-            per_kind = {k: np.mean([l for kk, l, _ in run if kk == k]) for k in KINDS if any(kk == k for kk, _, _ in run)}
-            txt = " ".join(f"{k} {v:.3f}" for k, v in per_kind.items())
-            log(f"[{stage} {step + 1}/{total}] lm {np.mean([l for _, l, _ in run]):.3f} aux {np.mean([a for _, _, a in run]):.3f} | {txt} ({time.time() - t0:.0f}s)")
-            run = []
-        if (step + 1) % 500 == 0 or step + 1 == total:
-            log(f"  probe {step + 1}: " + " ".join(f"{k} {v:.3f}" for k, v in probe(model).items()))
-            if step + 1 < total:  # a usable checkpoint if the run has to be cut short
-                save_checkpoint(model, processor, out / f"partial-{step + 1}")
-                model.train()
+        return lm_logits(model, vision_out, ids, mask, mm_types, grid_thw), labels, image_embeds, image_embeds
+
+    def save_partial(step):  # a usable checkpoint if the run has to be cut short
+        save_checkpoint(model, processor, out / f"partial-{step}")
+        model.train()
+
+    language_stages(model, aux_head, forward, pool, gen, rng, tok, probe, align_steps, mix_steps, batch,
+                    min(200, align_steps), log, t0, after_probe=save_partial)
 
     model.eval()
     out.mkdir(parents=True, exist_ok=True)
