@@ -133,12 +133,9 @@ class Knockout(Technique):
     def recipe(self, model, req: Request) -> list[hooks.AttnEdit]:
         if not self.layers:
             return []  # empty window: the baseline, bit for bit
-        pos = req.image_pos
-        img_start, img_end = int(pos[0]), int(pos[-1]) + 1
-        if not self.params["newlines"] and req.family != "llava":
-            # anyres (LLaVA-NeXT/OneVision): keep the row-newline keys readable. By default they are
-            # blocked too: after layer 0 their states carry what they read from the image.
-            pos = req.geometry.positions(newlines=False).to(pos.device)
+        img_start, img_end = int(req.image_pos[0]), int(req.image_pos[-1]) + 1
+        # anyres row newlines are blocked by default: after layer 0 their states carry what they read from the image
+        pos = req.image_keys(newlines=self.params["newlines"])
         if self.params["mode"] == "all" and img_start == 0:
             raise RequestError(
                 "knockout mode=all needs at least one text token before the image (the image rows would have no key "

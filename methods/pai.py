@@ -16,7 +16,6 @@ parity table.
 
 from __future__ import annotations
 
-import torch
 from transformers import LogitsProcessorList
 
 from . import guidance, hooks
@@ -90,14 +89,9 @@ class Pai(GuidedTechnique):
         rows = self.boost_rows(req)
         if self.params["alpha"] == 0 or rows is None:
             return []  # nothing to edit: stay on the fast path, bit-identical to the baseline
-        return [hooks.Boost(layers=self.layers, rows=rows, keys=self.boosted_keys(req), alpha=self.params["alpha"])]
-
-    def boosted_keys(self, req: Request) -> torch.Tensor:
-        """Every image token of every block (base crop and high-res tiles); the row-newline tokens of
-        anyres models only with newlines=True: they carry no pixels of their own (a learned separator)."""
-        if self.params["newlines"] or req.family == "llava":  # LLaVA-1.5: one block, no newlines
-            return req.image_pos
-        return req.geometry.positions(newlines=False).to(req.input_ids.device)
+        # every block's grid tokens; anyres row newlines only with newlines=True (no pixels of their own)
+        keys = req.image_keys(newlines=self.params["newlines"])
+        return [hooks.Boost(layers=self.layers, rows=rows, keys=keys, alpha=self.params["alpha"])]
 
     def describe(self):
         return {**super().describe(), "layers": f"{self.layers.start}..{self.layers.stop - 1}"}

@@ -106,6 +106,14 @@ class Request:
         """Absolute positions of every image token (grid cells and, for anyres models, newlines), from config.image_token_id."""
         return hooks.image_positions(self.input_ids, self.image_token_id)
 
+    def image_keys(self, newlines: bool = True) -> torch.Tensor:
+        """The image's token positions; ``newlines=False`` leaves out the row-newline tokens of anyres
+        models (LLaVA-NeXT/OneVision), which share the image token id but are a learned separator.
+        LLaVA-1.5 has one block and no newlines: no geometry needed."""
+        if newlines or self.family == "llava":
+            return self.image_pos
+        return self.geometry.positions(newlines=False).to(self.input_ids.device)
+
     @property
     def family(self) -> str:
         return getattr(self.config, "model_type", "llava")
