@@ -228,6 +228,7 @@ def test_technique_through_the_cli(anyres, tmp_path, model, args, task, request)
         return
     results, log = _cli(model, model_args, task, tmp_path)
     assert results is not None, log[-3000:]
+    assert 0.0 <= results["results"][task]["exact,none"] <= 1.0  # the metric was computed, not only a file written
     samples = testing.read_samples(tmp_path, task)
     assert len(samples) == 3 and all(s["filtered_resps"] for s in samples), samples
 

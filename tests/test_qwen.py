@@ -261,6 +261,7 @@ def test_cli_every_working_name_answers_like_stock_when_idle(tiny_qwen, tmp_path
     for name, extra in (("qwen2_5_vl_pai", ",alpha=0"), ("qwen2_5_vl_knockout", ",from_layer=2,to_layer=2")):
         res, log, samples = _cli(name, tiny_qwen, tmp_path / name, extra=extra)
         assert res is not None, log[-3000:]
+        assert res["results"]["tiny_yesno"]["exact,none"] == base["results"]["tiny_yesno"]["exact,none"], name
         assert [s["filtered_resps"] for s in samples] == answers, name
 
 
@@ -268,8 +269,10 @@ def test_cli_active_techniques_and_a_refusal(tiny_qwen, tmp_path):
     for name, extra in (("qwen2_5_vl_pai", ",alpha=1.0,start_layer=0"), ("qwen2_5_vl_knockout", ",mode=both")):
         res, log, samples = _cli(name, tiny_qwen, tmp_path / name, extra=extra)
         assert res is not None and len(samples) == 3, log[-3000:]
+        assert 0.0 <= res["results"]["tiny_yesno"]["exact,none"] <= 1.0
     res, log, samples = _cli("qwen2_5_vl_lochead", tiny_qwen, tmp_path / "lochead", task="tiny_rec", extra=",heads=all")
     assert res is not None and len(samples) > 0, log[-3000:]
+    assert 0.0 <= res["results"]["tiny_rec"]["refcoco_IoU,none"] <= 1.0
     assert all(s["filtered_resps"] and str(s["filtered_resps"]).count(",") >= 3 for s in samples)
     res, log, _ = _cli("qwen2_5_vl_pm", tiny_qwen, tmp_path / "pm")
     assert res is None and "qwen2_5_vl_pm does not support qwen2_5_vl checkpoints" in log and "M-RoPE" in log
