@@ -13,6 +13,10 @@ against the model's own encoder are written by `lmms-plugins alignment`.
     OMP_NUM_THREADS=1 nice -n 10 python bench/viral_shapeworld.py --out results/viral_shapeworld eval
     OMP_NUM_THREADS=1 nice -n 10 python bench/viral_shapeworld.py --out results/viral_shapeworld align
     python bench/viral_shapeworld.py --out results/viral_shapeworld report
+
+Qwen2.5-VL (``--pretrained shapeworld-tiny-qwen``): the same, the merged tokens aligned (rows x cols),
+evaluated with stock ``qwen2_5_vl`` / ``qwen2_5_vl_viral`` at the checkpoint's saved min/max pixels;
+``vra_self`` and the official presets are LLaVA-1.5 only (they read the LLaVA pixels or tower).
 """
 
 from __future__ import annotations
@@ -133,11 +137,19 @@ def shapeworld_records(tasks: list[str], per_task: int | None) -> list[dict]:
 
 
 def _models(args, out: Path) -> dict:
+    from transformers import AutoConfig
+
     base = _pretrained(args.pretrained)
-    models = {"base": ("llava_hf", f"pretrained={base},device=cpu,device_map=cpu")}
+    stock, wrapper, extra = "llava_hf", "llava_viral", ""
+    if AutoConfig.from_pretrained(base).model_type == "qwen2_5_vl":
+        from lmms_eval_plugins.qwen import saved_pixels
+
+        lo, hi = saved_pixels(base)
+        stock, wrapper, extra = "qwen2_5_vl", "qwen2_5_vl_viral", f",min_pixels={lo},max_pixels={hi}"
+    models = {"base": (stock, f"pretrained={base},device=cpu,device_map=cpu{extra}")}
     for name in VARIANTS:
         if (out / name / "adapter" / "adapter_config.json").exists():
-            models[name] = ("llava_viral", f"pretrained={base},adapter={out / name}")
+            models[name] = (wrapper, f"pretrained={base},adapter={out / name}{extra}")
     return models
 
 

@@ -37,11 +37,24 @@ token-token cosine matrices); several layers, with one shared projector or one e
 
 Samples whose image-token count differs from the grid count (e.g. a different image
 layout) and text-only samples are left out of L_VRA (they still count in L_LM).
+
+Families (``FAMILIES``, the one place that knows them): how a batch becomes, per sample, the LM
+positions of the aligned image tokens and their rows x cols grid (``aligned_tokens``):
+- ``llava`` (LLaVA-1.5): every image token, the tower's square grid (unchanged rule: a sample
+  counts when its image-token count equals the grid's);
+- ``llava_next`` / ``llava_onevision``: the **base block** only (the whole image squashed to the
+  tower's square input, methods/geometry.py), not the high-res tiles or the newline tokens;
+- ``qwen2_5_vl``: the merged tokens, ``image_grid_thw[1:] / spatial_merge_size`` (non-square).
+The teacher's features are resampled to each sample's grid. LLaVA-1.5's teacher sees the
+processor's field of view (shortest edge + centre crop); the other families' aligned blocks
+see the whole image (region 0..1), so their teacher sees the whole image resized to its
+square input (squashed), and ``resample_grid`` maps its square grid onto rows x cols.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -197,12 +210,108 @@ def grid_count(model) -> int:
     return (vc.image_size // vc.patch_size) ** 2
 
 
-def viral_step(model, batch: dict, *, projector, targets: torch.Tensor | None, layer, weight: float,
+# ---------------------------------------------------------------------------------------
+# Families: how a batch becomes (the aligned image positions of each sample, their grid)
+# ---------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Aligned:
+    """The aligned image tokens of one sample: LM positions (row-major) on a rows x cols grid."""
+
+    positions: torch.Tensor  # (rows * cols,)
+    grid: tuple[int, int]
+    whole_image: bool  # the block sees the whole image (teacher: squashed) vs the LLaVA-1.5 processor's crop
+
+
+def _llava_aligned(config, batch, image_token_id, n_grid):
+    """LLaVA-1.5: every image token of a sample whose count equals the (square) grid's."""
+    vc = config.vision_config
+    side = vc.image_size // vc.patch_size
+    n = n_grid or side * side
+    grid = (side, side) if n == side * side else square_grid(n)
+    is_img = batch["input_ids"] == image_token_id
+    return [Aligned(row.nonzero().flatten(), grid, False) if int(row.sum()) == n else None for row in is_img]
+
+
+def _geometry_aligned(config, batch, image_token_id, n_grid):
+    """Any family with a geometry builder: the base block of each sample's image (one image per
+    sample; ``image_sizes`` (H, W) / ``image_grid_thw`` are per image, in sample order)."""
+    from .geometry import image_geometry
+
+    sizes, thw = batch.get("image_sizes"), batch.get("image_grid_thw")
+    out, k = [], 0
+    for b, row in enumerate(batch["input_ids"]):
+        if not bool((row == image_token_id).any()):
+            out.append(None)
+            continue
+        size = tuple(int(v) for v in sizes[k].tolist()[::-1]) if sizes is not None else (0, 0)
+        inputs = {"image_grid_thw": thw[k : k + 1]} if thw is not None else {}
+        base = image_geometry(config, None, size, batch["input_ids"][b : b + 1], inputs).base
+        out.append(Aligned(base.positions, base.grid_hw, tuple(base.region) == (0.0, 0.0, 1.0, 1.0)))
+        k += 1
+    return out
+
+
+@dataclasses.dataclass(frozen=True)
+class Family:
+    aligned: object  # (config, batch, image_token_id, n_grid) -> list[Aligned | None]
+    mm_projector: str  # the module trained fully next to LoRA (LLaVA's multimodal projector, Qwen's merger)
+    own_encoder: bool  # the "self" teacher and the pixel-based teacher inputs (LLaVA pixels) are available
+
+
+FAMILIES = {
+    "llava": Family(_llava_aligned, "multi_modal_projector", True),
+    "llava_next": Family(_geometry_aligned, "multi_modal_projector", False),
+    "llava_onevision": Family(_geometry_aligned, "multi_modal_projector", False),
+    "qwen2_5_vl": Family(_geometry_aligned, "merger", False),
+}
+
+
+def family(config) -> Family:
+    """The VIRAL family entry of a model config; a clear error for anything else."""
+    mt = getattr(config, "model_type", None)
+    if mt not in FAMILIES:
+        raise ValueError(f"VIRAL supports model_type {', '.join(FAMILIES)}; this checkpoint is {mt!r}")
+    if mt == "llava" and getattr(config, "vision_feature_select_strategy", "default") != "default":
+        raise ValueError("VIRAL needs vision_feature_select_strategy='default' (one image token per patch, no CLS)")
+    return FAMILIES[mt]
+
+
+def aligned_tokens(config, batch: dict, image_token_id: int | None = None, n_grid: int | None = None) -> list:
+    """Per sample of ``batch``: the ``Aligned`` image tokens (positions, rows x cols grid) or None
+    (no image, or LLaVA-1.5's count differs from ``n_grid``)."""
+    if image_token_id is None:
+        from .geometry import image_token_id as token_id
+
+        image_token_id = token_id(config)
+    return family(config).aligned(config, batch, image_token_id, n_grid)
+
+
+def vra_loss_samples(feats: list, targets: list, projector, kind: str = "direct") -> torch.Tensor:
+    """``vra_loss`` over samples whose grids may differ: one batched call when every grid is the same;
+    otherwise per sample, ``direct`` as the mean over all image tokens, ``similarity`` over samples."""
+    for f, t in zip(feats, targets):
+        if f.shape[0] != t.shape[0]:
+            raise ValueError(f"{f.shape[0]} aligned image tokens but {t.shape[0]} teacher targets for that sample")
+    if len({f.shape for f in feats}) == 1:
+        return vra_loss(torch.stack(feats), torch.stack(targets).to(feats[0].device), projector, kind)
+    terms = torch.stack([vra_loss(f[None], t[None].to(f.device), projector, kind) for f, t in zip(feats, targets)])
+    if kind == "direct":
+        n = torch.tensor([float(f.shape[0]) for f in feats], device=terms.device)
+        return (terms * n).sum() / n.sum()
+    return terms.mean()
+
+
+def viral_step(model, batch: dict, *, projector, targets, layer, weight: float,
                image_token_id: int | None = None, loss: str = "direct") -> dict:
     """One forward of L = L_LM + weight * L_VRA.
 
-    batch: input_ids, attention_mask, pixel_values, labels (what LlavaForConditionalGeneration takes);
-    targets: (B, n_grid, d_teacher) teacher features on the LLM grid for every sample of the batch;
+    batch: what the model takes (input_ids, attention_mask, pixel_values, labels, and the family's own
+    image keys: image_sizes, image_grid_thw, mm_token_type_ids);
+    targets: (B, n_grid, d_teacher) teacher features on the LLM grid for every sample of the batch, or
+    a list of (rows * cols, d_teacher) per sample (None where nothing is aligned) when grids differ;
+    the aligned positions and grids come from ``aligned_tokens``;
     layer: one layer or a list (1-based); projector: one module shared by the layers (the official
     default), one per layer (a list / ModuleList, the official ``use_multiple_projectors``), or None
     for ``loss="similarity"`` on the hidden states themselves. L_VRA is the mean over the layers
@@ -220,16 +329,17 @@ def viral_step(model, batch: dict, *, projector, targets: torch.Tensor | None, l
         raise ValueError(f"{len(projectors)} projectors for {len(layers)} target layers")
     with capture_layer_outputs(model, layers) as box:
         out = model(**batch)
-    if image_token_id is None:
-        image_token_id = _config(model).image_token_id
-    terms, projected, keep = [], {}, None
+    aligned = aligned_tokens(_config(model), batch, image_token_id, targets.shape[1] if torch.is_tensor(targets) else None)
+    keep = [b for b, a in enumerate(aligned) if a is not None and targets[b] is not None]
+    if not keep:  # nothing to align in this batch
+        return {"loss": out.loss, "lm_loss": out.loss, "vra_loss": None, "n_aligned": 0}
+    terms = []
     for l, proj in zip(layers, projectors):
-        feats, keep = image_token_features(box[l], batch["input_ids"], image_token_id, targets.shape[1])
-        if keep.numel() == 0:  # nothing to align in this batch
-            return {"loss": out.loss, "lm_loss": out.loss, "vra_loss": None, "n_aligned": 0}
-        terms.append(vra_loss(feats, targets[keep].to(feats.device), proj, loss))
+        hidden = box[l]
+        feats = [hidden[b, aligned[b].positions.to(hidden.device)] for b in keep]
+        terms.append(vra_loss_samples(feats, [targets[b] for b in keep], proj, loss))
     l_vra = torch.stack(terms).mean()
-    return {"loss": out.loss + weight * l_vra, "lm_loss": out.loss, "vra_loss": l_vra, "n_aligned": int(keep.numel())}
+    return {"loss": out.loss + weight * l_vra, "lm_loss": out.loss, "vra_loss": l_vra, "n_aligned": len(keep)}
 
 
 def _config(model):
@@ -321,7 +431,7 @@ class BackboneTeacher(nn.Module):
         return tokens[:, tokens.shape[1] - n :], grid  # drop CLS / register tokens in front
 
     @torch.no_grad()
-    def features_from_images(self, images, crop_fraction: float = 1.0):
+    def features_from_images(self, images, crop_fraction: float | None = 1.0):
         """The original PIL images, with the LLM's field of view, at the teacher's size and normalisation."""
         x = teacher_pixels(images, self.image_size, self.mean, self.std, crop_fraction)
         return self._encode(x)
@@ -433,15 +543,20 @@ class OfficialTeacher(nn.Module):
         return {"teacher": self.name, "input": "official (LLaVA pixels, position table resampled)", "grid": list(self.grid), "dim": self.dim}
 
 
-def teacher_pixels(images, size: int, mean, std, crop_fraction: float = 1.0) -> torch.Tensor:
+def teacher_pixels(images, size: int, mean, std, crop_fraction: float | None = 1.0) -> torch.Tensor:
     """(B, 3, size, size): shortest edge resized to size / crop_fraction (bicubic), centre crop
-    of size x size (the geometry of CLIPImageProcessor's resize + centre crop), then (x - mean) / std."""
+    of size x size (the geometry of CLIPImageProcessor's resize + centre crop), then (x - mean) / std.
+    ``crop_fraction=None``: the whole image resized (squashed) to size x size, nothing cropped."""
     import numpy as np
     from PIL import Image
 
     out = []
     for im in images:
         im = im.convert("RGB")
+        if crop_fraction is None:
+            im = im.resize((size, size), Image.Resampling.BICUBIC)
+            out.append(torch.from_numpy(np.asarray(im, dtype=np.float32) / 255.0).permute(2, 0, 1))
+            continue
         short = round(size / crop_fraction)
         w, h = im.size
         nw, nh = (short, int(short * h / w)) if w <= h else (int(short * w / h), short)  # as transformers does
@@ -464,8 +579,9 @@ def crop_fraction(image_processor) -> float:
     return min(1.0, keep / short)
 
 
-def teacher_targets_from_images(teacher, images, dst_grid: tuple[int, int], crop: float = 1.0) -> torch.Tensor:
-    """Like ``teacher_targets`` from the original images (BackboneTeacher only)."""
+def teacher_targets_from_images(teacher, images, dst_grid: tuple[int, int], crop: float | None = 1.0) -> torch.Tensor:
+    """Like ``teacher_targets`` from the original images (BackboneTeacher only); ``crop=None``: the
+    whole image (squashed to the teacher's square), for blocks that see the whole image."""
     with torch.no_grad():
         feats, grid = teacher.features_from_images(images, crop)
         return resample_grid(feats.float(), grid, dst_grid)

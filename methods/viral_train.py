@@ -1,4 +1,10 @@
-"""Fine-tuning a LLaVA checkpoint with VIRAL's alignment loss, on peft LoRA and accelerate.
+"""Fine-tuning a LLaVA or Qwen2.5-VL checkpoint with VIRAL's alignment loss, on peft LoRA and accelerate.
+
+Families (methods/viral.py ``FAMILIES``): LLaVA-1.5, LLaVA-NeXT / OneVision (the base block is
+aligned) and Qwen2.5-VL (the merged tokens, rows x cols). Batches are the checkpoint's own
+processor's output (``image_sizes``, ``image_grid_thw``, ``mm_token_type_ids`` kept); on the
+families other than LLaVA-1.5 the teacher is a backbone directory seeing the original image
+(``teacher_input="image"``).
 
 ``train(TrainConfig(...))`` is what ``lmms-plugins viral-train`` runs. It loads the base
 checkpoint, puts LoRA adapters on the language model's linear layers (the multimodal
@@ -227,8 +233,14 @@ def expand2square(image, background):
     return out
 
 
+# What a processor returns per image (concatenated over the batch in ``collate``) and per token (padded).
+IMAGE_KEYS = ("pixel_values", "image_sizes", "image_grid_thw")
+TOKEN_KEYS = ("mm_token_type_ids",)
+
+
 def encode_conversation(processor, image, conversations: list[dict], max_length: int, pad_to_square: bool = False) -> dict:
-    """input_ids, labels (assistant tokens only), pixel_values for one record."""
+    """input_ids, labels (assistant tokens only) and the processor's image inputs for one record
+    (``IMAGE_KEYS`` as the processor returns them for one image, ``TOKEN_KEYS`` per token)."""
     image_token = getattr(processor, "image_token", "<image>")
     if pad_to_square and image is not None:
         image = expand2square(image, tuple(int(x * 255) for x in processor.image_processor.image_mean))
@@ -254,8 +266,11 @@ def encode_conversation(processor, image, conversations: list[dict], max_length:
         end = ids(processor.apply_chat_template(messages[: k + 1], tokenize=False))["input_ids"].shape[1]
         labels[start:end] = input_ids[start:end]
     item = {"input_ids": input_ids[:max_length], "labels": labels[:max_length]}
+    for key in TOKEN_KEYS:
+        if key in full:
+            item[key] = full[key][0][:max_length]
     if images:
-        item["pixel_values"] = full["pixel_values"][0]
+        item.update({key: full[key] for key in IMAGE_KEYS if key in full})
     return item
 
 
@@ -293,17 +308,34 @@ def collate(items: list[dict], pad_id: int) -> dict:
         "labels": torch.full((len(items), n), -100, dtype=torch.long),
         "index": torch.tensor([it["index"] for it in items]),
     }
+    for key in TOKEN_KEYS:
+        if key in items[0]:
+            batch[key] = torch.zeros(len(items), n, dtype=items[0][key].dtype)
     for b, it in enumerate(items):
         m = len(it["input_ids"])
         batch["input_ids"][b, :m] = it["input_ids"]
         batch["attention_mask"][b, :m] = 1
         batch["labels"][b, :m] = it["labels"]
+        for key in TOKEN_KEYS:
+            if key in batch:
+                batch[key][b, :m] = it[key]
     with_image = [it for it in items if "pixel_values" in it]
     if with_image:
         if len(with_image) != len(items):
             raise ValueError("mixing text-only and image samples in one batch is not supported; use batch_size 1 or separate the data")
-        batch["pixel_values"] = torch.stack([it["pixel_values"] for it in items])
+        for key in IMAGE_KEYS:
+            if key in items[0]:
+                batch[key] = _concat([it[key] for it in items])
     return batch
+
+
+def _concat(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """Per-image processor outputs joined along dim 0; anyres crops (B, n_crops, ...) zero-padded to the
+    largest count (the model reads each image's own crops from ``image_sizes``)."""
+    if tensors[0].ndim == 5 and len({t.shape[1] for t in tensors}) > 1:
+        most = max(t.shape[1] for t in tensors)
+        tensors = [torch.cat([t, t.new_zeros(t.shape[0], most - t.shape[1], *t.shape[2:])], dim=1) for t in tensors]
+    return torch.cat(tensors)
 
 
 class EpochSampler(torch.utils.data.Sampler):
@@ -396,11 +428,12 @@ def param_groups(model, projector, cfg) -> list[dict]:
     multimodal projector at ``lr`` (LoRA, and the VRA projector when it is trained), the multimodal
     projector at ``mm_projector_lr``; weight decay only on non-bias, non-norm weights."""
     mm_lr = cfg.mm_projector_lr if cfg.mm_projector_lr is not None else cfg.lr
+    mm_name = viral.family(model.config).mm_projector
     groups = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        is_mm = "multi_modal_projector" in name or "mm_projector" in name
+        is_mm = mm_name in name or "mm_projector" in name
         decay = cfg.weight_decay if (p.ndim > 1 and "norm" not in name) else 0.0
         key = ("mm" if is_mm else "main", decay)
         groups.setdefault(key, {"params": [], "lr": mm_lr if is_mm else cfg.lr, "weight_decay": decay, "name": key[0]})["params"].append(p)
@@ -434,7 +467,8 @@ def lr_lambda(total: int, warmup: int):
 
 def wrap_lora(model, cfg):
     """Freeze the model, LoRA on the language model's linear layers (train.py:169-182 targets the same
-    q/k/v/o/gate/up/down projections), the multimodal projector trained fully (saved with the adapter)."""
+    q/k/v/o/gate/up/down projections), the multimodal projector trained fully (saved with the adapter;
+    Qwen2.5-VL: the vision merger)."""
     from peft import LoraConfig, get_peft_model
 
     model.requires_grad_(False)
@@ -443,7 +477,7 @@ def wrap_lora(model, cfg):
         lora_alpha=cfg.lora_alpha,
         lora_dropout=cfg.lora_dropout,
         target_modules=LM_TARGETS,
-        modules_to_save=["multi_modal_projector"] if cfg.train_mm_projector else None,
+        modules_to_save=[viral.family(model.config).mm_projector] if cfg.train_mm_projector else None,
     )
     return get_peft_model(model, lora)
 
@@ -465,14 +499,16 @@ def make_projector(cfg, d_model: int, d_teacher: int):
 
 
 def load_base(cfg):
-    """(LLaVA model, processor): ``pretrained`` or, with ``base_llm``, assembled from a base LLM, a vision
-    tower and a stage-1 projector (the official starting point: vicuna-7b-v1.5 + the pretrain projector)."""
-    from transformers import AutoProcessor, LlavaForConditionalGeneration
+    """(model, processor): ``pretrained`` (LLaVA-1.5, LLaVA-NeXT/OneVision or Qwen2.5-VL) or, with
+    ``base_llm``, assembled from a base LLM, a vision tower and a stage-1 projector (the official
+    starting point: vicuna-7b-v1.5 + the pretrain projector)."""
+    from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
 
     dtype = resolve_dtype(cfg.dtype)
     if cfg.base_llm:
         return assemble_llava(cfg.base_llm, cfg.vision_tower, cfg.mm_projector, dtype=dtype)
-    model = LlavaForConditionalGeneration.from_pretrained(cfg.pretrained, dtype=dtype)
+    viral.family(AutoConfig.from_pretrained(cfg.pretrained))  # a clear error before loading anything else
+    model = AutoModelForImageTextToText.from_pretrained(cfg.pretrained, dtype=dtype)
     return model, AutoProcessor.from_pretrained(cfg.pretrained)
 
 
@@ -555,8 +591,13 @@ def build(cfg: TrainConfig):
     """Model (peft), processor, teacher, projector: everything but the loop."""
     cfg = apply_preset(cfg)
     model, processor = load_base(cfg)
-    if model.config.vision_feature_select_strategy != "default":
-        raise ValueError("VIRAL needs vision_feature_select_strategy='default' (one image token per patch, no CLS)")
+    fam = viral.family(model.config)
+    if cfg.weight and not fam.own_encoder and (cfg.teacher in ("self", "") or cfg.teacher_input != "image"):
+        if cfg.teacher not in ("none", None):
+            raise ValueError(
+                f"VIRAL on {model.config.model_type}: teacher={cfg.teacher!r} with teacher_input={cfg.teacher_input!r} is "
+                "LLaVA-1.5 only (it reads the LLaVA pixels or the LLaVA vision tower); pass a vision backbone directory "
+                "(--teacher DIR, e.g. shapeworld-teacher or a saved facebook/dinov2-base) with --teacher-input image")
     if cfg.weight:
         for layer in layers_of(cfg):
             viral.check_layer(layer, len(viral.decoder_layers(model)))
@@ -635,7 +676,7 @@ def train(cfg: TrainConfig, records: list[dict] | None = None) -> dict:
         teacher.to(accelerator.device)
     base = accelerator.unwrap_model(model)
     image_token_id = base.config.image_token_id
-    grid = viral.llm_grid(base)
+    grid = viral.llm_grid(base) if viral.family(base.config).own_encoder else None  # else per image, from the geometry
     ip = processor.image_processor
     source = {"mean": ip.image_mean, "std": ip.image_std, "crop": viral.crop_fraction(ip),
               "from_images": cfg.teacher_input == "image" and isinstance(teacher, viral.BackboneTeacher)}
@@ -658,7 +699,8 @@ def train(cfg: TrainConfig, records: list[dict] | None = None) -> dict:
         accelerator.print(f"resumed from {resume} at step {step}")
 
     settings = {"base": cfg.pretrained, **dataclasses.asdict(cfg), "records": len(records), "teacher_info": teacher.describe() if teacher is not None else None,
-                "steps": total, "grid": list(grid), "image_token_id": image_token_id, "recipe": recipe(cfg)}
+                "steps": total, "grid": list(grid) if grid else "per image (geometry base block)", "image_token_id": image_token_id,
+                "recipe": recipe(cfg)}
     cache: dict[int, torch.Tensor] = {}
     log_path = out / "log.jsonl"
     if accelerator.is_main_process:
@@ -676,7 +718,9 @@ def train(cfg: TrainConfig, records: list[dict] | None = None) -> dict:
             index = batch.pop("index")
             targets = None
             if teacher is not None and "pixel_values" in batch:
-                targets = _targets(teacher, batch["pixel_values"], index, cache if cfg.cache_teacher else None, grid, data, source)
+                aligned = None if grid else viral.aligned_tokens(base.config, batch, image_token_id)
+                targets = _targets(teacher, batch["pixel_values"], index, cache if cfg.cache_teacher else None, grid, data, source,
+                                   aligned)
             with accelerator.accumulate(model, *( [projector] if projector is not None else [])):
                 res = viral.viral_step(model, batch, projector=projector, targets=targets, layer=layers_of(cfg),
                                        weight=cfg.weight, image_token_id=image_token_id, loss=cfg.loss)
@@ -719,7 +763,12 @@ def _mean(xs):
     return sum(xs) / len(xs) if xs else None
 
 
-def _targets(teacher, pixel_values, index, cache, grid, data, source):
+def _targets(teacher, pixel_values, index, cache, grid, data, source, aligned=None):
+    """Teacher features of each sample on its grid: ``grid`` for every sample (LLaVA-1.5), else each
+    sample's ``aligned`` grid (the whole image seen; a list, None where nothing is aligned, when grids differ)."""
+    if grid is None:
+        return _targets_per_grid(teacher, index, cache, data, aligned, pixel_values.device)
+
     def compute(rows):
         if source["from_images"]:
             return viral.teacher_targets_from_images(teacher, [data.image(int(index[b])) for b in rows], grid, source["crop"])
@@ -733,6 +782,18 @@ def _targets(teacher, pixel_values, index, cache, grid, data, source):
         for b, feats in zip(missing, fresh):
             cache[int(index[b])] = feats
     return torch.stack([cache[int(i)] for i in index.tolist()]).to(pixel_values.device)
+
+
+def _targets_per_grid(teacher, index, cache, data, aligned, device):
+    cache = {} if cache is None else cache
+    for b, i in enumerate(index.tolist()):
+        a = aligned[b]
+        if a is not None and (i not in cache or tuple(cache[i].shape[:1]) != (a.grid[0] * a.grid[1],)):
+            crop = None if a.whole_image else viral.crop_fraction(data.processor.image_processor)
+            cache[i] = viral.teacher_targets_from_images(teacher, [data.image(i)], a.grid, crop)[0].cpu()
+    out = [cache[i].to(device) if aligned[b] is not None else None for b, i in enumerate(index.tolist())]
+    shapes = {t.shape for t in out if t is not None}
+    return torch.stack(out) if len(shapes) == 1 and all(t is not None for t in out) else out
 
 
 def _checkpoint(accelerator, out: Path, step: int, model, projector, optimizer, settings: dict, keep: int) -> None:

@@ -3,7 +3,8 @@
     lmms-eval --model llava_viral --model_args pretrained=BASE,adapter=RUN_DIR --tasks ...
 
 RUN_DIR is the --output-dir of `lmms-plugins viral-train` (or any peft LoRA adapter
-directory). VIRAL changes only the weights: inference is plain greedy llava_hf, no edits.
+directory). `qwen2_5_vl_viral` (lmms_eval_plugins/models/qwen2_5_vl.py) is the same on
+Qwen2.5-VL: --model_args pretrained=BASE,adapter=RUN_DIR,min_pixels=...,max_pixels=... VIRAL changes only the weights: inference is plain greedy llava_hf, no edits.
 """
 
 from methods.viral import merge_adapter
@@ -25,11 +26,19 @@ class MergedAdapter(Technique):
         return model(**kwargs)
 
 
-def build(params, model) -> Technique:
-    if not params["adapter"]:
-        raise ModelArgsError("llava_viral needs adapter=DIR: the --output-dir of `lmms-plugins viral-train` (a peft LoRA adapter)")
-    lora = merge_adapter(model, params["adapter"])
-    return MergedAdapter(adapter=params["adapter"], r=lora.get("r"), lora_alpha=lora.get("lora_alpha"))
+def builder(name: str):
+    """The build function of a ``<family>_viral`` name (the same on every family: peft merges the adapter)."""
+
+    def build(params, model) -> Technique:
+        if not params["adapter"]:
+            raise ModelArgsError(f"{name} needs adapter=DIR: the --output-dir of `lmms-plugins viral-train` (a peft LoRA adapter)")
+        lora = merge_adapter(model, params["adapter"])
+        return MergedAdapter(adapter=params["adapter"], r=lora.get("r"), lora_alpha=lora.get("lora_alpha"))
+
+    return build
+
+
+build = builder("llava_viral")
 
 
 PARAMS = (Param("adapter", str, "", "viral-train output directory (or peft LoRA adapter directory) merged into pretrained"),)
