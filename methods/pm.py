@@ -378,20 +378,27 @@ def square_view(image: Image.Image, mode: str = "pad", fill=(0, 0, 0)) -> Image.
     raise ValueError(f"view={mode!r}: use one of {VIEWS}")
 
 
-def perception_density(h_star: np.ndarray, grid: int, size: tuple[int, int], alpha: float, kernel: int):
-    """H* over the token grid -> (enhanced grid map, density at ``size`` = (width, height))."""
-    g = enhance(np.asarray(h_star).reshape(grid, grid), alpha, kernel)
+def perception_density(h_star: np.ndarray, grid: int | tuple[int, int], size: tuple[int, int], alpha: float, kernel: int):
+    """H* over the token grid (side, or rows x cols) -> (enhanced grid map, density at ``size`` = (width, height))."""
+    g = enhance(np.asarray(h_star).reshape(_grid_hw(grid)), alpha, kernel)
     return g, upsample(g, size)
 
 
+def _grid_hw(grid: int | tuple[int, int]) -> tuple[int, int]:
+    return (grid, grid) if isinstance(grid, int) else tuple(grid)
+
+
 # ---------------------------------------------------------------------------------------
-# Running it on a LLaVA model
+# Running it on a model: what differs per family
 # ---------------------------------------------------------------------------------------
 
 
-def image_grid(model) -> int:
+def image_grid(model) -> int | None:
+    """LLaVA-1.5's square grid side (vision image_size / patch_size); None for a family whose grid
+    depends on the image (Qwen2.5-VL: ``Request.geometry``)."""
     vc = model.config.vision_config
-    return vc.image_size // vc.patch_size
+    size = getattr(vc, "image_size", None)
+    return size // vc.patch_size if size else None
 
 
 def embed(model, input_ids: torch.Tensor, pixel_values: torch.Tensor) -> torch.Tensor:
@@ -407,6 +414,84 @@ def embed(model, input_ids: torch.Tensor, pixel_values: torch.Tensor) -> torch.T
     feats = torch.cat(list(out.pooler_output), dim=0).to(emb.device, emb.dtype)
     mask = m.get_placeholder_mask(input_ids, inputs_embeds=emb, image_features=feats)
     return emb.masked_scatter(mask, feats)
+
+
+class LlavaFamily:
+    """LLaVA-1.5 (``llava``): one square grid; the map pass and the magnification run on the
+    square view of the image (``view``: padded as LLaVA-1.5 preprocesses, or centre-cropped);
+    the language model's own 1-D positions (none passed: arange after the cache)."""
+
+    views = VIEWS
+
+    def view(self, req: Request, mode: str) -> Image.Image:
+        fill = (0, 0, 0)
+        if mode == "pad":
+            mean = getattr(req.processor.image_processor, "image_mean", None) or (0.0, 0.0, 0.0)
+            fill = tuple(int(c * 255) for c in mean)
+        return square_view(req.images[0], mode, fill)
+
+    def pixels(self, req: Request, image: Image.Image) -> torch.Tensor:
+        return req.processor.image_processor(images=[image], return_tensors="pt")["pixel_values"]
+
+    def embed(self, model, req: Request, input_ids: torch.Tensor, pixel_values: torch.Tensor) -> torch.Tensor:
+        return embed(model, input_ids, pixel_values)
+
+    def positions(self, model, req: Request, length: int) -> None:
+        return None
+
+
+class QwenFamily:
+    """Qwen2.5-VL (``qwen2_5_vl``): one rows x cols merged grid over the whole image the processor
+    got (no padding, no crop), so the view is that image and the magnified image keeps its size,
+    hence its ``image_grid_thw``; every pass of PM's own passes gets the M-RoPE positions of
+    ``get_rope_index`` (text after the image resumes at start + max(h, w) / merge), continued as
+    text after the prompt, as ``generate`` does with its cached ``rope_deltas``."""
+
+    views = ("pad",)  # the parameter's default; the grid covers the whole image, there is nothing to pad or crop
+
+    def view(self, req: Request, mode: str) -> Image.Image:
+        return to_rgb(req.images[0])
+
+    def pixels(self, req: Request, image: Image.Image) -> torch.Tensor:
+        out = req.processor.image_processor(images=[image], return_tensors="pt")
+        thw = self._thw(req)
+        if not torch.equal(out["image_grid_thw"].cpu(), thw.cpu()):
+            raise RequestError(
+                f"pm: the magnified image ({image.size[0]}x{image.size[1]}) processes to image_grid_thw "
+                f"{out['image_grid_thw'].tolist()}, not the prompt's {thw.tolist()}; is the processor the one that made the prompt?"
+            )
+        return out["pixel_values"]
+
+    def embed(self, model, req: Request, input_ids: torch.Tensor, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Input embeddings with the merged image features scattered in, as Qwen2_5_VLModel.forward builds them."""
+        m = model.model
+        emb = m.get_input_embeddings()(input_ids)
+        out = m.get_image_features(pixel_values.to(model.device), self._thw(req).to(model.device), return_dict=True)
+        feats = torch.cat(list(out.pooler_output), dim=0).to(emb.device, emb.dtype)
+        mask, _ = m.get_placeholder_mask(input_ids, inputs_embeds=emb, image_features=feats)
+        return emb.masked_scatter(mask, feats)
+
+    def positions(self, model, req: Request, length: int) -> torch.Tensor:
+        """(3, 1, length) M-RoPE positions of the request's first ``length`` tokens (later ones: text)."""
+        ids = req.input_ids
+        types = torch.zeros_like(ids, dtype=torch.int)
+        types[0, req.geometry.all_positions().to(ids.device)] = 1  # the prompt's image, whatever ids follow
+        pos, delta = model.model.get_rope_index(ids, mm_token_type_ids=types, image_grid_thw=self._thw(req).to(ids.device))
+        n = ids.shape[1]
+        if length > n:  # tokens beyond the request (decoding): text positions continue, as with rope_deltas
+            more = (torch.arange(n, length, device=pos.device) + delta[0].to(pos.device)).view(1, 1, -1).expand(3, 1, -1)
+            pos = torch.cat([pos, more.to(pos.dtype)], dim=2)
+        return pos[..., :length]
+
+    @staticmethod
+    def _thw(req: Request) -> torch.Tensor:
+        thw = req.inputs.get("image_grid_thw")
+        if thw is None:
+            raise RequestError("pm: a qwen2_5_vl request needs the processor's image_grid_thw (Request.inputs)")
+        return thw
+
+
+FAMILIES = {"llava": LlavaFamily(), "qwen2_5_vl": QwenFamily()}
 
 
 def contrast(magnified: torch.Tensor, original: torch.Tensor, cd: float) -> torch.Tensor:
@@ -445,11 +530,13 @@ class Magnified:
 
 
 class PerceptionMagnifier(Technique):
-    """PM on a LLaVA model: ``generate`` (lmms-eval's generation) and ``forward`` (loglikelihood)."""
+    """PM on a LLaVA-1.5 or Qwen2.5-VL model (``FAMILIES``): ``generate`` (lmms-eval's generation)
+    and ``forward`` (loglikelihood). ``grid``: LLaVA-1.5's square side, for the recipe log (None when
+    it depends on the image); each request's grid is ``req.geometry``'s."""
 
     name = "pm"
 
-    def __init__(self, n_layers: int, grid: int, visuals_dir: str | None = None, max_visuals: int = 8, visuals_prefix: str = "", **params):
+    def __init__(self, n_layers: int, grid: int | None = None, visuals_dir: str | None = None, max_visuals: int = 8, visuals_prefix: str = "", **params):
         super().__init__(**{**DEFAULTS, **params})
         p = self.params
         for key, choices in (
@@ -500,14 +587,14 @@ class PerceptionMagnifier(Technique):
             return official_layer_sum([p.amax(dim=0).float().cpu().numpy() for p in probs])
         return token_map(probs)
 
-    def perceive(self, search: Search, view: Image.Image):
-        """H* -> (grid map, density at the view's size, magnified view)."""
+    def perceive(self, search: Search, view: Image.Image, grid_hw: tuple[int, int]):
+        """H* over a rows x cols grid -> (grid map, density at the view's size, magnified view)."""
         p = self.params
         if p["map_quant"] == "uint8":  # model_generate.py:402-408
-            grid_map = official_enhance(search.h_star.reshape(self.grid, self.grid), p["alpha"], p["kernel"]).numpy()
+            grid_map = official_enhance(search.h_star.reshape(grid_hw), p["alpha"], p["kernel"]).numpy()
             density = official_upsample(official_quantise(torch.from_numpy(grid_map)), view.size)
         else:
-            grid_map, density = perception_density(search.h_star, self.grid, view.size, p["alpha"], p["kernel"])
+            grid_map, density = perception_density(search.h_star, grid_hw, view.size, p["alpha"], p["kernel"])
         image = official_magnify(view, density) if p["sampler"] == "official" else magnify(view, density)
         return grid_map, density, image
 
@@ -515,8 +602,9 @@ class PerceptionMagnifier(Technique):
         """Run PM for the query at the end of ``emb``.
 
         ``cache`` holds the unmasked original-image stream up to ``start``; ``run`` runs the
-        language model. Pass 0 forwards emb[start:] (capturing the last row), then each
-        refinement pass re-forwards from the first position the blocked tokens can change.
+        language model (with the family's positions). Pass 0 forwards emb[start:] (capturing the
+        last row), then each refinement pass re-forwards from the first position the blocked
+        tokens can change. The map is over ``req.geometry``'s one block (rows x cols).
         """
         n = emb.shape[1]
         pos = req.image_pos
@@ -546,32 +634,37 @@ class PerceptionMagnifier(Technique):
         p = self.params
         official = p["two_means"] == "official"
         search = refine(first_map, forward_blocked, self.divisor, p["beta"], p["max_iter"], official=official)
-        grid_map, density, image = self.perceive(search, view)
-        pv = req.processor.image_processor(images=[image], return_tensors="pt")["pixel_values"]
+        grid_map, density, image = self.perceive(search, view, req.geometry.base.grid_hw)
+        pv = FAMILIES[req.family].pixels(req, image)
         mag = Magnified(view, image, pv, search, grid_map, density, forwards[0])
         if self.keep_steps:
             self.steps.append(mag)
         return mag
 
-    def _view(self, req: Request) -> Image.Image:
-        fill = (0, 0, 0)
-        if self.params["view"] == "pad":
-            mean = getattr(req.processor.image_processor, "image_mean", None) or (0.0, 0.0, 0.0)
-            fill = tuple(int(c * 255) for c in mean)
-        return square_view(req.images[0], self.params["view"], fill)
-
-    def _check(self, req: Request) -> None:
+    def _check(self, req: Request):
+        """The request's family adapter; a RequestError unless it is one image of one grid block."""
         req.require_one_image(self.name)
-        if req.image_pos.numel() != self.grid**2:
+        family = FAMILIES.get(req.family)
+        if family is None:
+            raise RequestError(f"{self.name} does not support {req.family} checkpoints; supported: {', '.join(FAMILIES)}")
+        if self.params["view"] not in family.views:
+            raise RequestError(f"{self.name}: view={self.params['view']} does not apply to {req.family} (its grid covers the whole image); leave view at its default")
+        geo = req.geometry
+        if len(geo.blocks) != 1 or geo.base.positions.numel() != req.image_pos.numel():
             raise RequestError(
-                f"{self.name}: {req.image_pos.numel()} image tokens, but the vision grid is {self.grid}x{self.grid}; "
-                "only LLaVA-1.5-style single-grid images are supported"
+                f"{self.name}: {req.image_pos.numel()} image tokens in {len(geo.blocks)} block(s) "
+                f"({', '.join(f'{b.name} {b.rows}x{b.cols}' for b in geo.blocks)}); one grid block of image tokens is supported"
             )
+        return family
 
-    def _view_pixels(self, req: Request, view: Image.Image, given: torch.Tensor) -> torch.Tensor:
-        if view is req.images[0]:  # square RGB: exactly what lmms-eval already processed
+    def _view(self, req: Request) -> Image.Image:
+        """The image the map pass and the magnification see (the family's view)."""
+        return FAMILIES[req.family].view(req, self.params["view"])
+
+    def _view_pixels(self, req: Request, family, view: Image.Image, given: torch.Tensor) -> torch.Tensor:
+        if view is req.images[0]:  # what lmms-eval already processed
             return given
-        return req.processor.image_processor(images=[view], return_tensors="pt")["pixel_values"].to(given.device, given.dtype)
+        return family.pixels(req, view).to(given.device, given.dtype)
 
     # --- lmms-eval entry points ---------------------------------------------------------
 
@@ -589,16 +682,16 @@ class PerceptionMagnifier(Technique):
         if not req.images and req.image_pos.numel() == 0:
             self.image_free += 1  # nothing to magnify: the base model's answer
             return model.generate(**kwargs)
-        self._check(req)
+        family = self._check(req)
         self.samples += 1
         view = self._view(req)
-        pv_view = self._view_pixels(req, view, kwargs["pixel_values"])
+        pv_view = self._view_pixels(req, family, view, kwargs["pixel_values"])
         if self.params["refresh"] == "once":
-            mag = self._magnify_prompt(model, req, view, pv_view, req.input_ids)
+            mag = self._magnify_prompt(model, req, family, view, pv_view, req.input_ids)
             out = model.generate(**{**kwargs, "pixel_values": mag.pixel_values.to(pv_view.device, pv_view.dtype)})
             self.last["generated"] = out.shape[1] - req.input_ids.shape[1]
             return out
-        return self._generate_refreshing(model, req, view, pv_view, kwargs)
+        return self._generate_refreshing(model, req, family, view, pv_view, kwargs)
 
     @torch.no_grad()
     def forward(self, model, req: Request, **kwargs):
@@ -607,11 +700,11 @@ class PerceptionMagnifier(Technique):
         if not req.images and req.image_pos.numel() == 0:
             self.image_free += 1
             return model(**kwargs)
-        self._check(req)
+        family = self._check(req)
         self.samples += 1
         view = self._view(req)
-        pv_view = self._view_pixels(req, view, kwargs["pixel_values"])
-        mag = self._magnify_prompt(model, req, view, pv_view, req.input_ids[:, : req.prompt_len])
+        pv_view = self._view_pixels(req, family, view, kwargs["pixel_values"])
+        mag = self._magnify_prompt(model, req, family, view, pv_view, req.input_ids[:, : req.prompt_len])
         out = model(**{**kwargs, "pixel_values": mag.pixel_values.to(pv_view.device, pv_view.dtype)})
         cd = self.params["resample_cd"]
         if cd:  # model_generate.py:572-574: scores + cd * (scores - original_scores)
@@ -621,11 +714,12 @@ class PerceptionMagnifier(Technique):
                 out.loss = causal_lm_loss(out.logits, kwargs["labels"])
         return out
 
-    def _magnify_prompt(self, model, req, view, pv_view, prompt_ids) -> Magnified:
+    def _magnify_prompt(self, model, req, family, view, pv_view, prompt_ids) -> Magnified:
         from transformers import DynamicCache
 
-        emb = embed(model, prompt_ids, pv_view)
-        mag = self.magnify_at(model, req, view, emb, DynamicCache(config=model.config.text_config), _LanguageModel(model), 0)
+        emb = family.embed(model, req, prompt_ids, pv_view)
+        run = _LanguageModel(model, family.positions(model, req, prompt_ids.shape[1]))
+        mag = self.magnify_at(model, req, view, emb, DynamicCache(config=model.config.text_config), run, 0)
         self._record(mag, refreshes=1)
         return mag
 
@@ -642,7 +736,7 @@ class PerceptionMagnifier(Technique):
 
     # --- open-ended generation with a refreshed map ---------------------------------------
 
-    def _generate_refreshing(self, model, req: Request, view, pv_view, kwargs):
+    def _generate_refreshing(self, model, req: Request, family, view, pv_view, kwargs):
         """Decode token by token; every ``refresh_n`` tokens (1 for every_token) the map is recomputed
         from the original-image stream at the newest query and the image magnified anew."""
         from transformers import DynamicCache
@@ -655,10 +749,10 @@ class PerceptionMagnifier(Technique):
         eos = sorted(set([eos] if isinstance(eos, int) else (eos or [])))
         min_new = kwargs.get("min_new_tokens") or 0
         pick = _token_picker(kwargs)
-        run = _LanguageModel(model)
+        run = _LanguageModel(model, family.positions(model, req, req.input_ids.shape[1] + max_new))
         embed_tokens = model.model.get_input_embeddings()
         ids = req.input_ids
-        emb_orig = embed(model, ids, pv_view)
+        emb_orig = family.embed(model, req, ids, pv_view)
         cache_orig, orig_len = DynamicCache(config=model.config.text_config), 0
         cache_mag = None
         forwards = refreshes = iterations = 0
@@ -671,7 +765,7 @@ class PerceptionMagnifier(Technique):
                 forwards += mag.map_forwards
                 if refreshes == 1:
                     self._record(mag, refreshes=1)
-                prompt = embed(model, req.input_ids, mag.pixel_values.to(pv_view.device, pv_view.dtype))
+                prompt = family.embed(model, req, req.input_ids, mag.pixel_values.to(pv_view.device, pv_view.dtype))
                 emb_mag = torch.cat([prompt, embed_tokens(ids[:, prompt.shape[1]:])], dim=1)  # answer tokens: plain embeddings
                 cache_mag = DynamicCache(config=model.config.text_config)
                 hidden = run(emb_mag, cache_mag)
@@ -691,17 +785,27 @@ class PerceptionMagnifier(Technique):
 
 
 class _LanguageModel:
-    """The language model alone (no vision tower, no lm_head), filling a KV cache."""
+    """The language model alone (no vision tower, no lm_head), filling a KV cache.
 
-    def __init__(self, model):
+    positions: None (the model's own 1-D arange after the cache: LLaVA), or the family's position
+    ids of the whole stream, (3, 1, length) for M-RoPE; each call takes the slice after the cache."""
+
+    def __init__(self, model, positions: torch.Tensor | None = None):
         self.model = model
         self.lm = model.model.language_model
         self.modules = hooks.attention_modules(model)
+        self.positions = positions
 
     def __call__(self, embeds, cache, capture: hooks.Capture | None = None, attention_mask=None):
         edits = [capture] if capture is not None else []
+        kw = {}
+        if self.positions is not None:
+            past = cache.get_seq_length()
+            if past + embeds.shape[1] > self.positions.shape[-1]:
+                raise RequestError(f"pm: positions for {self.positions.shape[-1]} tokens, asked for {past + embeds.shape[1]}")
+            kw["position_ids"] = self.positions[..., past : past + embeds.shape[1]]
         with hooks.edited(self.model, *edits, modules=self.modules):
-            out = self.lm(inputs_embeds=embeds, past_key_values=cache, use_cache=True, attention_mask=attention_mask)
+            out = self.lm(inputs_embeds=embeds, past_key_values=cache, use_cache=True, attention_mask=attention_mask, **kw)
         return out.last_hidden_state
 
 

@@ -1,4 +1,6 @@
-"""`llava_pm`: the Perception Magnifier (methods/pm.py) inside lmms-eval's llava_hf."""
+"""`llava_pm`: the Perception Magnifier (methods/pm.py) inside lmms-eval's llava_hf (LLaVA-1.5);
+the same spec runs as `qwen2_5_vl_pm` (models/qwen2_5_vl.py; the family differences are
+methods/pm.py's ``FAMILIES``)."""
 
 from methods.hooks import num_layers
 from methods.pm import (
@@ -35,7 +37,7 @@ PARAMS = (
         "(auto: all for once, last otherwise; first_all: all at the first map, last after, as the reference's per-token path)",
         choices=BLOCK_ROWS,
     ),
-    Param("view", str, DEFAULTS["view"], "image geometry: pad (LLaVA-1.5, the paper) or crop (a centre-cropping processor)", choices=VIEWS),
+    Param("view", str, DEFAULTS["view"], "image geometry: pad (LLaVA-1.5, the paper) or crop (a centre-cropping processor); Qwen2.5-VL: the whole image (crop refused)", choices=VIEWS),
     Param("layer_map", str, DEFAULTS["layer_map"], "map / exit divisor: mean (layers summed) or official (float32 sum / (n_layers - L))", choices=LAYER_MAPS),
     Param("two_means", str, DEFAULTS["two_means"], "2-means split: stable (until no change) or official (10 steps / 1e-4 shift)", choices=TWO_MEANS),
     Param("map_quant", str, DEFAULTS["map_quant"], "perception map: float, or uint8 (the official x255 truncation, bicubic on 8 bits)", choices=MAP_QUANT),
