@@ -1,10 +1,15 @@
-"""`lmms-plugins viral-train`: fine-tune a LLaVA checkpoint with VIRAL (LoRA + accelerate).
+"""`lmms-plugins viral-train`: fine-tune a LLaVA or Qwen2.5-VL checkpoint with VIRAL (LoRA + accelerate).
 
     lmms-plugins viral-train --pretrained llava-hf/llava-1.5-7b-hf --data llava_665k.json \\
         --image-folder data/ --teacher /models/dinov2-base --output-dir runs/viral
     accelerate launch --num_processes 8 -m lmms_eval_plugins.cli viral-train ...   # several GPUs
 
 then evaluate: lmms-eval --model llava_viral --model_args pretrained=BASE,adapter=runs/viral ...
+
+Families: LLaVA-1.5 (every image token, the square grid), LLaVA-NeXT/OneVision (the base block
+only) and Qwen2.5-VL (the merged tokens, rows x cols; evaluate with qwen2_5_vl_viral and the
+min_pixels/max_pixels the processor was trained at). Beyond LLaVA-1.5 the teacher is a
+backbone directory seeing the original image (--teacher DIR --teacher-input image).
 """
 
 from __future__ import annotations
@@ -23,7 +28,8 @@ def register(sub) -> None:
                    "lambda 0.5, LoRA r128/alpha256 at 2e-4, multimodal projector at 2e-5, warm-up 3%% + cosine, no weight "
                    "decay, effective batch 32, bf16 where supported, pad to square, and the official code's frozen VRA "
                    "projector / re-drawn teacher Linear layers); flags given explicitly override it")
-    p.add_argument("--pretrained", default=None, help="base LLaVA checkpoint (directory, hub id, or shapeworld-tiny)")
+    p.add_argument("--pretrained", default=None, help="base checkpoint: LLaVA-1.5, LLaVA-NeXT/OneVision or Qwen2.5-VL (directory, hub id, shapeworld-tiny, "
+                   "shapeworld-tiny-qwen)")
     p.add_argument("--base-llm", default=None,
                    help="instead of --pretrained, the official starting point: a base LLM directory (vicuna-7b-v1.5) ...")
     p.add_argument("--vision-tower", default=None, help="... a CLIP vision directory (clip-vit-large-patch14-336) ...")
@@ -38,7 +44,7 @@ def register(sub) -> None:
     p.add_argument("--output-dir", required=True)
     p.add_argument("--teacher", default="self",
                    help="vision backbone directory (e.g. a saved facebook/dinov2-base), 'shapeworld-teacher' (shipped), "
-                   "'self' (the model's own vision tower) or 'none'")
+                   "'self' (the model's own vision tower; LLaVA-1.5 only) or 'none'")
     p.add_argument("--teacher-image-size", type=int, default=None, help="teacher input size (default: its preprocessor's crop size)")
     p.add_argument("--teacher-input", default="image", choices=["image", "pixels", "official"],
                    help="what a backbone teacher sees: the original image re-processed with the LLM's field of view, "
@@ -133,7 +139,7 @@ def run(args) -> int:
     values = {k: v for k, v in vars(args).items() if k in fields}
     values["explicit"] = tuple(values)
     if not values.get("pretrained") and not values.get("base_llm"):
-        raise SystemExit("viral-train: pass --pretrained (a LLaVA checkpoint) or --base-llm/--vision-tower/--mm-projector")
+        raise SystemExit("viral-train: pass --pretrained (a LLaVA or Qwen2.5-VL checkpoint) or --base-llm/--vision-tower/--mm-projector")
     values["pretrained"] = resolve_pretrained(values["pretrained"]) if values.get("pretrained") else ""
     if "teacher" in values:
         values["teacher"] = resolve_teacher(values["teacher"])
