@@ -257,7 +257,8 @@ def _geometry_aligned(config, batch, image_token_id, n_grid):
 class Family:
     aligned: object  # (config, batch, image_token_id, n_grid) -> list[Aligned | None]
     mm_projector: str  # the module trained fully next to LoRA (LLaVA's multimodal projector, Qwen's merger)
-    own_encoder: bool  # the "self" teacher and the pixel-based teacher inputs (LLaVA pixels) are available
+    own_encoder: bool  # LLaVA-1.5's path: one square grid for every sample, the "self" teacher and the teacher
+    # inputs that read the LLaVA pixels (pixels, official); else per-image grids and a backbone teacher on the image
 
 
 FAMILIES = {

@@ -592,12 +592,12 @@ def build(cfg: TrainConfig):
     cfg = apply_preset(cfg)
     model, processor = load_base(cfg)
     fam = viral.family(model.config)
-    if cfg.weight and not fam.own_encoder and (cfg.teacher in ("self", "") or cfg.teacher_input != "image"):
-        if cfg.teacher not in ("none", None):
-            raise ValueError(
-                f"VIRAL on {model.config.model_type}: teacher={cfg.teacher!r} with teacher_input={cfg.teacher_input!r} is "
-                "LLaVA-1.5 only (it reads the LLaVA pixels or the LLaVA vision tower); pass a vision backbone directory "
-                "(--teacher DIR, e.g. shapeworld-teacher or a saved facebook/dinov2-base) with --teacher-input image")
+    reads_llava = cfg.teacher == "self" or cfg.teacher_input != "image"
+    if cfg.weight and not fam.own_encoder and cfg.teacher not in (None, "", "none") and reads_llava:
+        raise ValueError(
+            f"VIRAL on {model.config.model_type}: teacher={cfg.teacher!r} with teacher_input={cfg.teacher_input!r} is "
+            "LLaVA-1.5 only (it reads the LLaVA pixels or the LLaVA vision tower); pass a vision backbone directory "
+            "(--teacher DIR, e.g. shapeworld-teacher or a saved facebook/dinov2-base) with --teacher-input image")
     if cfg.weight:
         for layer in layers_of(cfg):
             viral.check_layer(layer, len(viral.decoder_layers(model)))
