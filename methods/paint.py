@@ -38,6 +38,15 @@ CLS rows, and the language-model edit (``PaintBoost``) resolves its per-token ma
 lazily from that capture the first time a language-model layer runs. No second pass of the
 vision tower, no ``output_attentions``.
 
+A CLS-free candidate (``selection_source="received"``; ours, not in the paper or its code),
+measured as a substitute for towers without CLS (SigLIP, Qwen2.5-VL): the score of patch k in
+a vision layer is the attention it *receives* from the patches, summed over heads, averaged
+over the patch queries, relative to uniform: r_k = sum_h n_keys * mean_q p_h(q, k) (CLS
+query and key left out). Local = top ``top_ratio`` of the local layer's scores, summary = IQR
+outliers of the summary layer's, as with CLS. It runs on CLIP towers only, where the CLS
+selection is the ground truth: there it does not reproduce the local set (agreement at or
+below chance, docs/paint.md), so the towers without CLS stay refused (``REFUSED``).
+
 Parity with the official code (hasanar1f/PAINT @ 2a9e8f8, ``modPAI/``): each step below
 cites the official file:line it reproduces; docs/paint.md has the table.
 """
@@ -58,11 +67,20 @@ from .technique import Request, RequestError, layer_range
 
 # Anyres families whose vision tower has a CLS token (the selection reads CLS attention of the base crop).
 ANYRES_WITH_CLS = ("llava_next",)
+# What the CLS-free candidate (selection_source=received) measured against the CLS selection on
+# the two CLIP towers with CLS (docs/paint.md, `lmms-plugins paint-selection --compare --limit 150`).
+NO_CLS_MEASURED = (
+    "no substitute is validated: the CLS-free candidate (the attention each patch receives from the other "
+    "patches, selection_source=received) does not reproduce the CLS selection where CLS exists: local tokens "
+    "Jaccard 0.09 and 0.10 vs chance 0.11 and 0.13, Spearman -0.09 and -0.20 (shapeworld-tiny; the "
+    "LLaVA-1.5-shaped tiny CLIP), summary tokens only partly (Jaccard 0.42 and 0.31); see docs/paint.md"
+)
 # Why PAINT refuses the other families (README support matrix).
 REFUSED = {
     "llava_onevision": "its SigLIP vision tower has no CLS token, and PAINT's local/summary selection is CLS attention "
-    "(clip_encoder.py); no substitute is validated",
+    f"(clip_encoder.py); {NO_CLS_MEASURED}",
 }
+SELECTION_SOURCES = ("cls", "received")
 
 DEFAULTS = {
     "alpha": 0.7,
@@ -73,6 +91,7 @@ DEFAULTS = {
     "summary_layer": -2,
     "spatial": "grid",
     "selection_precision": "float32",
+    "selection_source": "cls",
     "head_modulation": "none",
     "max_head_scale": 2.0,
     "start_layer": 2,
@@ -101,6 +120,14 @@ def cls_attention(probs: torch.Tensor, dtype: torch.dtype = torch.float32) -> to
     fp16 model (clip_encoder.py:38-39); ``dtype=float16`` reproduces that rounding.
     """
     return probs[:, :, 0].to(dtype).sum(dim=1)
+
+
+def received_attention(probs: torch.Tensor) -> torch.Tensor:
+    """(batch, heads, queries, keys) probabilities of one attention call -> (batch, keys): the
+    attention each key receives, summed over heads, averaged over the queries, times the number
+    of keys (a uniform head gives 1 per key, whatever the number of keys: comparable across
+    attention calls of different sizes, e.g. Qwen2.5-VL's windows)."""
+    return probs.float().sum(dim=1).mean(dim=1) * probs.shape[-1]
 
 
 def select_local(attn: torch.Tensor, top_ratio: float) -> torch.Tensor:
@@ -249,8 +276,25 @@ def boost_scores(scores: torch.Tensor, margins: torch.Tensor, head_weights: torc
 # ---------------------------------------------------------------------------------------
 
 
+@dataclasses.dataclass
+class ReceivedCapture(hooks.AttnEdit):
+    """``received_attention`` of the site per vision-tower pass: ``sums[layer]`` is a list of
+    (batch, keys) tensors, one per forward call (only the reduction is kept, not the maps)."""
+
+    sums: dict = dataclasses.field(default_factory=dict)
+
+    def observe(self, probs, layer):
+        self.sums.setdefault(layer, []).append(received_attention(probs))
+
+    def latest(self) -> dict[int, torch.Tensor]:
+        return {layer: ms[-1] for layer, ms in self.sums.items()}
+
+
 class TokenSelector:
     """Records the CLS rows of the vision tower and turns them into a ``TokenSelection``.
+
+    ``source="received"``: records ``received_attention`` instead (``ReceivedCapture``), over
+    patch queries (rows 1..) and patch keys (keys 1..): the CLS token is left out.
 
     ``captures`` are the vision-tower edits to install (the CLS rows of the local and summary
     layers; with the official spatial variant also every row of the local layer);
@@ -268,12 +312,16 @@ class TokenSelector:
         spatial_ratio: float,
         spatial: str = "grid",
         dtype: torch.dtype = torch.float32,
+        source: str = "cls",
     ):
         self.local_layer, self.summary_layer = local_layer, summary_layer
         self.grid, self.top_ratio, self.spatial_ratio, self.dtype = grid, top_ratio, spatial_ratio, dtype
-        self.capture = hooks.Capture(
-            tower="vision", layers=sorted({local_layer, summary_layer}), rows=hooks.Rows.span(0, 1), keys=slice(1, None)
-        )
+        self.source = source
+        layers = sorted({local_layer, summary_layer})
+        if source == "received":
+            self.capture = ReceivedCapture(tower="vision", layers=layers, rows=hooks.Rows.span(1), keys=slice(1, None))
+        else:
+            self.capture = hooks.Capture(tower="vision", layers=layers, rows=hooks.Rows.span(0, 1), keys=slice(1, None))
         self.captures = [self.capture]
         self.full_capture = None  # every row of the local layer, for the official spatial variant
         if spatial == "official" and official_spatial_count(grid, spatial_ratio):
@@ -289,6 +337,8 @@ class TokenSelector:
         return self.grid[0] * self.grid[1] + (self.full_capture is not None)
 
     def current(self) -> TokenSelection:
+        if self.source == "received":
+            return self._current_received()
         passes = len(self.capture.maps.get(self.summary_layer, []))
         if passes == 0:
             raise RequestError(
@@ -311,6 +361,21 @@ class TokenSelector:
                 self.spatial_ratio,
                 official_spatial,
             )
+            self._done = passes
+        return self.selection
+
+    def _current_received(self) -> TokenSelection:
+        passes = len(self.capture.sums.get(self.summary_layer, []))
+        if passes == 0:
+            raise RequestError(
+                "PAINT: the vision tower did not run before the language model in this request "
+                "(pass pixel_values, not inputs_embeds); the token selection needs its attention"
+            )
+        if passes != self._done:
+            maps = self.capture.latest()
+            if self.crop is not None:
+                maps = {layer: m[self.crop : self.crop + 1] for layer, m in maps.items()}
+            self.selection = select_tokens(maps[self.local_layer], maps[self.summary_layer], self.grid, self.top_ratio, self.spatial_ratio)
             self._done = passes
         return self.selection
 
@@ -413,6 +478,11 @@ class Paint(GuidedTechnique):
             raise ValueError(f"paint: head_modulation={p['head_modulation']!r}; use one of {', '.join(HEAD_MODULATIONS)}")
         if p["spatial"] not in SPATIAL_VARIANTS:
             raise ValueError(f"paint: spatial={p['spatial']!r}; use one of {', '.join(SPATIAL_VARIANTS)}")
+        if p["selection_source"] not in SELECTION_SOURCES:
+            raise ValueError(f"paint: selection_source={p['selection_source']!r}; use one of {', '.join(SELECTION_SOURCES)}")
+        if p["selection_source"] == "received" and p["spatial"] == "official" and p["spatial_ratio"] > 0:
+            raise ValueError("paint: spatial=official reads the local layer's full attention rows including CLS; "
+                             "with selection_source=received use spatial=grid")
         if p["selection_precision"] not in SELECTION_PRECISIONS:
             raise ValueError(f"paint: selection_precision={p['selection_precision']!r}; use one of {', '.join(SELECTION_PRECISIONS)}")
         if not 0 < p["top_ratio"] <= 1 or not 0 <= p["spatial_ratio"] <= 1:
@@ -432,7 +502,7 @@ class Paint(GuidedTechnique):
         return idx
 
     @classmethod
-    def for_model(cls, model, **params) -> "Paint":
+    def for_model(cls, model, **params) -> Paint:
         grid, offset = image_geometry(model)
         vision_dtype = next(hooks.attention_modules(model)["vision"][0].parameters()).dtype
         return cls(hooks.num_layers(model, "lm"), hooks.num_layers(model, "vision"), grid, offset, vision_dtype, **params)
@@ -446,7 +516,8 @@ class Paint(GuidedTechnique):
             return []  # nothing to edit: stay on the fast path, bit-identical to the baseline
         first, crop = self._base_block(req)
         selector = TokenSelector(
-            *self.vision_layers, self.grid, p["top_ratio"], p["spatial_ratio"], p["spatial"], self.selection_dtype
+            *self.vision_layers, self.grid, p["top_ratio"], p["spatial_ratio"], p["spatial"], self.selection_dtype,
+            source=p["selection_source"],
         )
         selector.crop = crop
         self.last_selector = selector

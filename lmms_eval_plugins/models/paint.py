@@ -1,7 +1,18 @@
 """`llava_paint` (alias `llava_fia`): PAINT's selective image-token boost (methods/paint.py)
 inside lmms-eval's llava_hf."""
 
-from methods.paint import DEFAULTS, HEAD_MODULATIONS, REFUSED, SELECTION_PRECISIONS, SPATIAL_VARIANTS, Paint
+from methods.paint import (
+    DEFAULTS,
+    HEAD_MODULATIONS,
+    NO_CLS_MEASURED,
+    REFUSED,
+    SELECTION_PRECISIONS,
+    SELECTION_SOURCES,
+    SPATIAL_VARIANTS,
+    Paint,
+)
+
+__all__ = ["NO_CLS_MEASURED"]  # the measured reason the towers without CLS are refused (also qwen2_5_vl_paint's)
 
 from ..base import TechniqueSpec, wrapper_classes
 from ..params import Param
@@ -14,6 +25,9 @@ PARAMS = (
     Param("spatial_ratio", float, DEFAULTS["spatial_ratio"], "spatial tokens: fraction of patches (0: off)", low=0.0, high=1.0),
     Param("spatial", str, DEFAULTS["spatial"], "spatial tokens: grid (ours, a stratified lattice) or official (top row sums of layer-0 attention)", choices=SPATIAL_VARIANTS),
     Param("selection_precision", str, DEFAULTS["selection_precision"], "selection arithmetic: float32, or model (the vision tower's dtype, as the official code)", choices=SELECTION_PRECISIONS),
+    Param("selection_source", str, DEFAULTS["selection_source"], "local/summary tokens from: cls (the vision tower's CLS "
+          "attention, the paper's) or received (ours, a measured ablation: the attention each patch receives from the "
+          "patches; it does not reproduce the CLS selection, docs/paint.md)", choices=SELECTION_SOURCES),
     Param("local_layer", int, DEFAULTS["local_layer"], "vision-tower layer whose CLS attention picks local tokens"),
     Param("summary_layer", int, DEFAULTS["summary_layer"], "vision-tower layer whose CLS-attention outliers are summary tokens (-2: penultimate)"),
     Param("head_modulation", str, DEFAULTS["head_modulation"], "scale margins per head by visual sensitivity", choices=HEAD_MODULATIONS),
