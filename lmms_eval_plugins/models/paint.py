@@ -4,15 +4,13 @@ inside lmms-eval's llava_hf."""
 from methods.paint import (
     DEFAULTS,
     HEAD_MODULATIONS,
-    NO_CLS_MEASURED,
+    NO_CLS_MEASURED,  # noqa: F401  (the measured reason towers without CLS are refused; qwen2_5_vl_paint's too)
     REFUSED,
     SELECTION_PRECISIONS,
     SELECTION_SOURCES,
     SPATIAL_VARIANTS,
     Paint,
 )
-
-__all__ = ["NO_CLS_MEASURED"]  # the measured reason the towers without CLS are refused (also qwen2_5_vl_paint's)
 
 from ..base import TechniqueSpec, wrapper_classes
 from ..params import Param
