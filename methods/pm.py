@@ -467,9 +467,7 @@ class QwenFamily:
         m = model.model
         emb = m.get_input_embeddings()(input_ids)
         out = m.get_image_features(pixel_values.to(model.device), self._thw(req).to(model.device), return_dict=True)
-        feats = torch.cat(list(out.pooler_output), dim=0).to(emb.device, emb.dtype)
-        mask, _ = m.get_placeholder_mask(input_ids, inputs_embeds=emb, image_features=feats)
-        return emb.masked_scatter(mask, feats)
+        return _scatter_image(m, input_ids, emb, out.pooler_output)
 
     def positions(self, model, req: Request, length: int) -> torch.Tensor:
         """(3, 1, length) M-RoPE positions of the request's first ``length`` tokens (later ones: text)."""
@@ -491,7 +489,50 @@ class QwenFamily:
         return thw
 
 
-FAMILIES = {"llava": LlavaFamily(), "qwen2_5_vl": QwenFamily()}
+class AnyresFamily(LlavaFamily):
+    """LLaVA-NeXT / LLaVA-OneVision (``llava_next``, ``llava_onevision``): the map is over the **base
+    block** (``req.geometry.base``: the whole image squashed to the tower's square, one fixed
+    side x side grid that sees every region once, as LLaVA-1.5's); the high-res tiles and their
+    newlines are neither mapped nor blocked. The view is the image the processor got, whole (the
+    base block covers it); the magnified image keeps its size, so ``image_sizes``, the anyres tiling
+    and the token count stay (checked); the base crop and every tile are cut from the magnified
+    image. 1-D positions, as LLaVA-1.5."""
+
+    views = ("pad",)
+
+    def view(self, req: Request, mode: str) -> Image.Image:
+        return to_rgb(req.images[0])
+
+    def pixels(self, req: Request, image: Image.Image) -> torch.Tensor:
+        out = req.processor.image_processor(images=[image], return_tensors="pt")
+        sizes = req.inputs.get("image_sizes")
+        if sizes is None or not torch.equal(torch.as_tensor(out["image_sizes"]).cpu(), torch.as_tensor(sizes).cpu()):
+            raise RequestError(f"pm: the magnified image processes to image_sizes {out['image_sizes'].tolist()}, not the prompt's {sizes}")
+        return out["pixel_values"]
+
+    def embed(self, model, req: Request, input_ids: torch.Tensor, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Input embeddings with the packed anyres features (base, high-res rows, newlines) scattered in, as the model's forward."""
+        m, cfg = model.model, model.config
+        emb = m.get_input_embeddings()(input_ids)
+        out = m.get_image_features(
+            pixel_values=pixel_values.to(model.device, model.dtype),
+            image_sizes=torch.as_tensor(req.inputs["image_sizes"]).to(model.device),
+            vision_feature_layer=cfg.vision_feature_layer,
+            vision_feature_select_strategy=cfg.vision_feature_select_strategy,
+            return_dict=True,
+        )
+        return _scatter_image(m, input_ids, emb, out.pooler_output)
+
+
+def _scatter_image(m, input_ids: torch.Tensor, emb: torch.Tensor, pooled) -> torch.Tensor:
+    """The image features put at the image tokens, as the models' forwards do (OneVision's and
+    Qwen's placeholder masks come as (image, video))."""
+    feats = torch.cat(list(pooled), dim=0).to(emb.device, emb.dtype)
+    mask = m.get_placeholder_mask(input_ids, inputs_embeds=emb, image_features=feats)
+    return emb.masked_scatter(mask[0] if isinstance(mask, tuple) else mask, feats)
+
+
+FAMILIES = {"llava": LlavaFamily(), "llava_next": AnyresFamily(), "llava_onevision": AnyresFamily(), "qwen2_5_vl": QwenFamily()}
 
 
 def contrast(magnified: torch.Tensor, original: torch.Tensor, cd: float) -> torch.Tensor:
@@ -607,8 +648,8 @@ class PerceptionMagnifier(Technique):
         tokens can change. The map is over ``req.geometry``'s one block (rows x cols).
         """
         n = emb.shape[1]
-        pos = req.image_pos
-        img_end = int(pos[-1]) + 1
+        pos = req.geometry.base.positions.to(req.input_ids.device)  # the mapped block (every image token but anyres' high-res part)
+        img_end = req.geometry.span[1]
         capture = hooks.Capture(layers=self.layers, keys=pos)
         run(emb[:, start:], cache, capture=capture)
         first_map = self.layer_map(capture.stacked()[:, 0, :, 0])
@@ -642,7 +683,7 @@ class PerceptionMagnifier(Technique):
         return mag
 
     def _check(self, req: Request):
-        """The request's family adapter; a RequestError unless it is one image of one grid block."""
+        """The request's family adapter; a RequestError unless it is one image whose tokens are all grid cells."""
         req.require_one_image(self.name)
         family = FAMILIES.get(req.family)
         if family is None:
@@ -650,10 +691,10 @@ class PerceptionMagnifier(Technique):
         if self.params["view"] not in family.views:
             raise RequestError(f"{self.name}: view={self.params['view']} does not apply to {req.family} (its grid covers the whole image); leave view at its default")
         geo = req.geometry
-        if len(geo.blocks) != 1 or geo.base.positions.numel() != req.image_pos.numel():
+        if geo.others.numel():
             raise RequestError(
-                f"{self.name}: {req.image_pos.numel()} image tokens in {len(geo.blocks)} block(s) "
-                f"({', '.join(f'{b.name} {b.rows}x{b.cols}' for b in geo.blocks)}); one grid block of image tokens is supported"
+                f"{self.name}: {geo.others.numel()} image token(s) of no grid cell (a kept CLS token: "
+                "vision_feature_select_strategy=full); the map needs every image token to be a cell"
             )
         return family
 

@@ -65,12 +65,6 @@ SPEC = TechniqueSpec(
     params=PARAMS,
     build=build,
     presets={name: dict(values) for name, values in PRESETS.items()},
-    refused={
-        family: "PM re-embeds the magnified image into the prompt's single square image grid (one vision crop, one "
-        "token map); anyres tiling (base crop + high-res tiles + newlines) would need the map over both blocks and a "
-        "re-tiled magnified image, which is not implemented"
-        for family in ("llava_next", "llava_onevision")
-    },
     doc="Perception Magnifier: magnify the attended image regions (iteratively refined attention map) and answer again.",
 )
 
