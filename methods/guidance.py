@@ -17,6 +17,10 @@ The arithmetic is the official one (LALBJ/PAI @ 9bbd8bd, ``CFG.py``), one functi
   beams; ``False`` reproduces the official behaviour (preset=official).
 - ``guided_forward``: the same formula, teacher-forced, for lmms-eval's loglikelihood requests
   (the official code has no such path; see docs/pai.md).
+- Positions: the image-free prompt is a text-only prompt of its own. Under M-RoPE (Qwen2.5-VL)
+  the model would decode it with the ``rope_deltas`` it cached for the image prompt, so the pass
+  gets explicit positions (methods/positions.py): 0..n-1 on every row, then one more per step.
+  With 1-D RoPE (LLaVA) the model's own positions are these already and nothing is passed.
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ import math
 import torch
 from transformers import LogitsProcessor
 
-from . import hooks
+from . import hooks, positions
 
 
 def guide(cond: torch.Tensor, uncond: torch.Tensor, gamma: float, cutoff: float) -> torch.Tensor:
@@ -82,6 +86,7 @@ class ImageFreeGuidance(LogitsProcessor):
         self.follow_beams = follow_beams
         self.cache = None
         self.previous = None  # the sequences seen by the last call (to follow beam reordering)
+        self.next_position = 0  # the image-free sequence's next position (its own, not the image prompt's)
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         if self.gamma == 1:
@@ -89,13 +94,17 @@ class ImageFreeGuidance(LogitsProcessor):
         with hooks.without_edits(self.model), torch.no_grad():
             if self.cache is None:
                 text = self.text_ids.to(input_ids.device).repeat(input_ids.shape[0], 1)  # model_loader.py:291
-                out = self.model(input_ids=text, use_cache=True)
+                out = self.model(input_ids=text, use_cache=True, **positions.explicit(self.model, text))
+                self.next_position = text.shape[1]
             else:
                 if self.follow_beams:
                     parents = parent_rows(self.previous, input_ids)
                     if parents is not None:
                         self.cache.reorder_cache(parents.to(input_ids.device))
-                out = self.model(input_ids=input_ids[:, -1:], use_cache=True, **{_cache_arg(self.model): self.cache})
+                new = input_ids[:, -1:]
+                out = self.model(input_ids=new, use_cache=True, **{_cache_arg(self.model): self.cache},
+                                 **positions.explicit(self.model, new, start=self.next_position))
+                self.next_position += 1
         self.cache = out.get("cache", out.get("past_key_values"))
         self.previous = input_ids
         return guide(scores, out.logits[:, -1], self.gamma, self.cutoff)
@@ -115,7 +124,7 @@ def guided_forward(model, input_ids, out, prompt_len: int, image_token_id: int, 
     n_img = input_ids.shape[1] - text_ids.shape[1]
     start = prompt_len - 1
     with hooks.without_edits(model), torch.no_grad():
-        uncond = model(input_ids=text_ids).logits if gamma != 1 else None
+        uncond = model(input_ids=text_ids, **positions.explicit(model, text_ids)).logits if gamma != 1 else None
     logits = out.logits.float().clone()
     rows = logits[:, start:]
     logits[:, start:] = guide(rows, rows if uncond is None else uncond[:, start - n_img :], gamma, cutoff)

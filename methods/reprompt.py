@@ -25,7 +25,10 @@ it already), and appended tokens continue after the original context (``next_pos
 the first pass's prompt length with ``keep_query``, else ``img_end``, which is exactly where
 a fresh prompt's query starts). The causal mask is built over cache slots, and RoPE over
 these explicit ``position_ids``, so the model sees the same relative distances as in the
-full context. Hence: keep_ratio=1 reproduces the full-context answer, and the compressed
+full context. On Qwen2.5-VL the positions are M-RoPE's three rows (methods/positions.py):
+the kept entries keep their (t, h, w) positions, appended text continues at the context's
+largest position + 1 (after the image: start + max(h, w) / merge), and every prefill of a
+prompt we build (scoring, describe, primer) passes them explicitly. Hence: keep_ratio=1 reproduces the full-context answer, and the compressed
 answer equals a full forward of the same token sequence with the dropped image keys blocked
 for the appended rows (both are tested).
 """
@@ -42,7 +45,7 @@ from pathlib import Path
 import torch
 from transformers import DynamicCache, LogitsProcessor, LogitsProcessorList
 
-from . import hooks
+from . import hooks, positions
 from .technique import Request, RequestError, Technique, layer_range
 
 MODES = ("prune", "compressed", "fastv")
@@ -69,7 +72,12 @@ DEFAULTS = {
     "fastv_ratio": 0.5,
     "cache_strategy": "",
 }
-FORWARD_KEYS = ("input_ids", "attention_mask", "pixel_values", "image_sizes")  # what a prefill needs of lmms-eval's inputs (image_sizes: LLaVA-NeXT/OneVision tiling)
+# What a prefill needs of lmms-eval's inputs: per-token ones (cut to the prompt; mm_token_type_ids:
+# Qwen2.5-VL under transformers 5) and per-image ones (image_sizes: LLaVA-NeXT/OneVision tiling;
+# image_grid_thw: Qwen2.5-VL's patch grid).
+TOKEN_KEYS = ("input_ids", "attention_mask", "mm_token_type_ids")
+IMAGE_KEYS = ("pixel_values", "image_sizes", "image_grid_thw")
+FORWARD_KEYS = TOKEN_KEYS + IMAGE_KEYS
 
 # ---------------------------------------------------------------------------------------
 # Scoring and selection (pure)
@@ -117,8 +125,17 @@ def official_count(k: float, n_image: int) -> int:
 
 
 def image_extras(kwargs: dict) -> dict:
-    """The processor outputs besides pixel_values that a forward over the image needs (image_sizes: anyres tiling)."""
-    return {k: kwargs[k] for k in ("image_sizes",) if kwargs.get(k) is not None}
+    """The processor outputs besides pixel_values that a forward over the image needs (image_sizes: anyres
+    tiling; image_grid_thw: Qwen2.5-VL's grid)."""
+    return {k: kwargs[k] for k in IMAGE_KEYS[1:] if kwargs.get(k) is not None}
+
+
+def prefill_inputs(model, kwargs: dict, prompt_len: int) -> dict:
+    """lmms-eval's inputs for one forward over the first ``prompt_len`` tokens, with explicit positions where
+    the family needs them (M-RoPE: so that a cache cut afterwards keeps the positions its entries were made at)."""
+    out = {k: kwargs[k][:, :prompt_len] for k in TOKEN_KEYS if kwargs.get(k) is not None}
+    out.update({k: kwargs[k] for k in IMAGE_KEYS if kwargs.get(k) is not None})
+    return {**out, **positions.explicit(model, out["input_ids"], kwargs.get("image_grid_thw"))}
 
 
 def describe_pass(model, ids, pixel_values, image_pos, n_tokens: int, **image_kwargs):
@@ -202,15 +219,15 @@ class CompressedContext:
 
     keys: list[torch.Tensor]  # per LM layer: (batch, kv_heads, kept, head_dim)
     values: list[torch.Tensor]
-    positions: torch.Tensor  # (kept,) original positions
-    next_position: int  # position of the first appended token
+    positions: torch.Tensor  # (kept,) original positions; (3, kept) with M-RoPE (methods/positions.py)
+    next_position: int  # position of the first appended token (on every M-RoPE row)
     full_entries: int  # entries of the same context uncompressed
     image_kept: int
     image_total: int
 
     @property
     def entries(self) -> int:
-        return int(self.positions.numel())
+        return int(self.positions.shape[-1])
 
     def cache(self) -> DynamicCache:
         """A fresh DynamicCache holding copies of the kept entries (generation appends to it)."""
@@ -220,26 +237,32 @@ class CompressedContext:
         return cache
 
 
-def compress(cache, keep_positions: torch.Tensor, next_position: int, full_entries: int, image_kept: int, image_total: int):
-    """Keep the cache entries at ``keep_positions`` (ascending absolute positions)."""
+def compress(cache, keep_positions: torch.Tensor, next_position: int, full_entries: int, image_kept: int, image_total: int,
+             prompt_positions: torch.Tensor | None = None):
+    """Keep the cache entries at ``keep_positions`` (ascending cache slots). ``prompt_positions``: the rotary
+    positions of every slot ((n,) or M-RoPE's (3, n)); default: a slot's index is its position."""
     keep = keep_positions.to(torch.long)
     keys, values = [], []
     for layer in cache.layers:
         idx = keep.to(layer.keys.device)
         keys.append(layer.keys.index_select(-2, idx).clone())
         values.append(layer.values.index_select(-2, idx).clone())
-    return CompressedContext(keys, values, keep.cpu(), next_position, full_entries, image_kept, image_total)
+    kept_positions = keep.cpu() if prompt_positions is None else prompt_positions.cpu()[..., keep.cpu()]
+    return CompressedContext(keys, values, kept_positions, next_position, full_entries, image_kept, image_total)
 
 
 CACHE_STRATEGIES = ("qs", "q", "s")
 
 
-def official_context(cache, query_positions: torch.Tensor, kept: dict, strategy: str, image_total: int) -> CompressedContext:
+def official_context(cache, query_positions: torch.Tensor, kept: dict, strategy: str, image_total: int,
+                     prompt_positions: torch.Tensor | None = None) -> CompressedContext:
     """llava_wrapper.py ``chat_step_by_step_from_cache``: per layer, the describe pass's cache cut to
     ``qs`` = [system prompt, that layer's kept image entries (ascending), user prompt], ``q`` = the query
     entries only, ``s`` = the kept image entries only. The system prompt is the query positions before
     the first gap (the image). New tokens continue at ``max(query) + 1`` (q, qs) or ``max(kept) + 1`` (s).
-    kept: {layer: absolute positions}; query_positions: ascending non-image prompt positions."""
+    kept: {layer: absolute positions}; query_positions: ascending non-image prompt positions (cache slots).
+    prompt_positions: the describe prompt's rotary positions when they are not its slots (M-RoPE's (3, n)):
+    new tokens then continue at the largest kept position + 1."""
     q = query_positions.to(torch.long).cpu()
     gap = int(((q[1:] - q[:-1]) != 1).nonzero()[0][0])
     system, user = q[: gap + 1], q[gap + 1 :]
@@ -249,10 +272,14 @@ def official_context(cache, query_positions: torch.Tensor, kept: dict, strategy:
         idx = {"qs": torch.cat([system, image, user]), "q": q, "s": image}[strategy].to(entry.keys.device)
         keys.append(entry.keys.index_select(-2, idx).clone())
         values.append(entry.values.index_select(-2, idx).clone())
-    nxt = int(q.max()) + 1 if strategy != "s" else max(int(k.max()) for k in kept.values()) + 1
+    last = q if strategy != "s" else torch.cat([k.to(torch.long).cpu() for k in kept.values()])
     n = keys[0].shape[-2]
+    if prompt_positions is None:
+        nxt, placeholders = int(last.max()) + 1, torch.arange(n)
+    else:
+        nxt, placeholders = positions.next_position(prompt_positions.cpu()[..., last]), torch.arange(n).expand(prompt_positions.shape[0], n)
     # per-layer entries differ in position (image part); ``positions`` only sizes the placeholders
-    return CompressedContext(keys, values, torch.arange(n), nxt, int(cache.layers[0].keys.shape[-2]),
+    return CompressedContext(keys, values, placeholders, nxt, int(cache.layers[0].keys.shape[-2]),
                              0 if strategy == "q" else int(next(iter(kept.values())).numel()), image_total)
 
 
@@ -266,14 +293,14 @@ def generate_from(model, ctx: CompressedContext, suffix_ids: torch.Tensor, **gen
     device = suffix_ids.device
     pad = model.generation_config.pad_token_id or 0
     ids = torch.cat([torch.full((1, n), pad, dtype=suffix_ids.dtype, device=device), suffix_ids], dim=1)
-    positions = torch.cat([ctx.positions.to(device), ctx.next_position + torch.arange(s, device=device)])[None]
+    pos = positions.position_ids(positions.extend(ctx.positions.to(device), ctx.next_position, s))
     for k in FORWARD_KEYS:
         gen_kwargs.pop(k, None)
     gen_kwargs["use_cache"] = True  # the compressed context IS a cache
     out = model.generate(
         input_ids=ids,
         attention_mask=torch.ones_like(ids),
-        position_ids=positions,
+        position_ids=pos,
         past_key_values=ctx.cache(),
         **gen_kwargs,
     )
@@ -282,8 +309,8 @@ def generate_from(model, ctx: CompressedContext, suffix_ids: torch.Tensor, **gen
 
 def forward_from(model, ctx: CompressedContext, suffix_ids: torch.Tensor):
     """One forward of ``suffix_ids`` after the compressed context (logits of the suffix rows)."""
-    positions = ctx.next_position + torch.arange(suffix_ids.shape[1], device=suffix_ids.device)
-    return model(input_ids=suffix_ids, position_ids=positions[None], past_key_values=ctx.cache(), use_cache=True)
+    pos = positions.extend(ctx.positions[..., :0].to(suffix_ids.device), ctx.next_position, suffix_ids.shape[1])
+    return model(input_ids=suffix_ids, position_ids=positions.position_ids(pos), past_key_values=ctx.cache(), use_cache=True)
 
 
 class FirstTokenClock(LogitsProcessor):
@@ -363,7 +390,7 @@ class Reprompt(Technique):
     def kept_image_tokens(self, model, req: Request, inputs: dict) -> dict[int | None, torch.Tensor]:
         """One scoring prefill of the prompt; kept image-token indices (pooled: key None)."""
         p = req.prompt_len
-        prefill = {k: (v[:, :p] if k != "pixel_values" else v) for k, v in inputs.items() if k in FORWARD_KEYS}
+        prefill = prefill_inputs(model, inputs, p)
         cap = self._capture(req, p)
         with torch.no_grad(), hooks.edited(model, cap):
             model(**prefill, use_cache=False)
@@ -398,7 +425,9 @@ class Reprompt(Technique):
     def describe_selection(self, model, req: Request, inputs: dict) -> dict[int, torch.Tensor]:
         key = image_hash(req.images)
         if key not in self.selections:
-            self.selections[key] = self.official_selection(model, self.describe_ids(req), inputs["pixel_values"], req.image_pos, image_extras(inputs))
+            ids = self.describe_ids(req)
+            extras = {**image_extras(inputs), **positions.explicit(model, ids, inputs.get("image_grid_thw"))}
+            self.selections[key] = self.official_selection(model, ids, inputs["pixel_values"], req.image_pos, extras)
             while len(self.selections) > self.params["cache_size"]:
                 self.selections.popitem(last=False)
         return self.selections[key]
@@ -413,7 +442,7 @@ class Reprompt(Technique):
         if not 1 <= K < self.n_layers:
             raise ValueError(f"reprompt: fastv_layer={K} must be in [1, {self.n_layers - 1}]")
         cap = hooks.Capture(layers=[K - 1], rows=hooks.Rows.span(p - 1, p), keys=pos)
-        prefill = {k: (v[:, :p] if k != "pixel_values" else v) for k, v in kwargs.items() if k in FORWARD_KEYS}
+        prefill = prefill_inputs(model, kwargs, p)
         with torch.no_grad(), hooks.edited(model, cap):
             model(**prefill, use_cache=False)
         kept = fastv_kept(cap.latest()[K - 1][0, :, -1], self.params["fastv_ratio"])
@@ -466,7 +495,7 @@ class Reprompt(Technique):
         clock = _with_clock(kwargs)
         p = req.prompt_len
         cap = self._capture(req, p)
-        prefill = {k: (v[:, :p] if k != "pixel_values" else v) for k, v in kwargs.items() if k in FORWARD_KEYS}
+        prefill = prefill_inputs(model, kwargs, p)
         with torch.no_grad(), hooks.edited(model, cap):
             out = model(**prefill, use_cache=True)
         kept = select(cap.latest(), self.params["keep_ratio"])[None]
@@ -492,9 +521,11 @@ class Reprompt(Technique):
         parts = [torch.arange(img_start), pos[kept].cpu()]
         if keep_query:
             parts.append(torch.arange(img_end, query_end))
-        next_position = query_end if keep_query else img_end
         full = query_end if keep_query else img_end
-        return compress(cache, torch.cat(parts), next_position, full, int(kept.numel()), int(pos.numel()))
+        # each slot's rotary position (M-RoPE: three rows); appended text continues after the context's largest
+        rotary = positions.prompt_positions(model, req.input_ids[:, :query_end], req.inputs.get("image_grid_thw")).cpu()
+        next_position = positions.next_position(rotary[..., :full])
+        return compress(cache, torch.cat(parts), next_position, full, int(kept.numel()), int(pos.numel()), rotary)
 
     def _remember(self, key, ctx: CompressedContext):
         self.contexts[key] = ctx
@@ -510,10 +541,12 @@ class Reprompt(Technique):
         img_end = int(req.image_pos[-1]) + 1
         primer = tok(self.params["primer"], add_special_tokens=False, return_tensors="pt")["input_ids"].to(req.input_ids.device)
         ids = torch.cat([req.input_ids[:, :img_end], primer], dim=1)
-        primed = Request(input_ids=ids, image_token_id=req.image_token_id, prompt_len=ids.shape[1], images=req.images)
+        primed = Request(input_ids=ids, image_token_id=req.image_token_id, prompt_len=ids.shape[1], images=req.images,
+                         config=req.config, inputs=req.inputs)
         cap = self._capture(primed, ids.shape[1])
+        extras = {**image_extras(kwargs), **positions.explicit(model, ids, kwargs.get("image_grid_thw"))}
         with torch.no_grad(), hooks.edited(model, cap):
-            out = model(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=kwargs["pixel_values"], use_cache=True, **image_extras(kwargs))
+            out = model(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=kwargs["pixel_values"], use_cache=True, **extras)
         kept = select(cap.latest(), self.params["keep_ratio"])[None]
         return self.build_context(model, primed, out.past_key_values, kept, ids.shape[1])
 
@@ -527,7 +560,9 @@ class Reprompt(Technique):
         if ctx is None:
             t0 = time.perf_counter()
             ids, pos = self.describe_ids(req), req.image_pos
-            rows, hidden, _, cache = describe_pass(model, ids, kwargs["pixel_values"], pos, self.params["describe_tokens"], **image_extras(kwargs))
+            grid = kwargs.get("image_grid_thw")
+            extras = {**image_extras(kwargs), **positions.explicit(model, ids, grid)}
+            rows, hidden, _, cache = describe_pass(model, ids, kwargs["pixel_values"], pos, self.params["describe_tokens"], **extras)
             count = official_count(self.params["keep_ratio"], pos.numel())
             kept = {"attn_over_gen": lambda: attn_over_gen(rows, count), "attn_over_query": lambda: attn_over_query(rows, count),
                     "norm": lambda: hidden_norm(hidden, pos, self.n_layers, count),
@@ -535,7 +570,8 @@ class Reprompt(Technique):
             in_image = torch.zeros(ids.shape[1], dtype=torch.bool)
             in_image[pos.cpu()] = True
             query = (~in_image).nonzero().flatten()
-            ctx = official_context(cache, query, {l: pos[i].cpu() for l, i in enumerate(kept)}, self.params["cache_strategy"], pos.numel())
+            rotary = positions.prompt_positions(model, ids, grid) if positions.is_mrope(model) else None
+            ctx = official_context(cache, query, {l: pos[i].cpu() for l, i in enumerate(kept)}, self.params["cache_strategy"], pos.numel(), rotary)
             self._remember(key, ctx)
             record["describe_s"] = time.perf_counter() - t0
         self.contexts.move_to_end(key)
@@ -543,7 +579,7 @@ class Reprompt(Technique):
         bos = getattr(model.config, "bos_token_id", None)
         bos = model.generation_config.bos_token_id if bos is None else bos
         suffix = req.input_ids[:, img_end : req.prompt_len]
-        if bos is not None:  # tokenizer_image_token puts BOS before f"{question} ASSISTANT:"
+        if bos is not None and int(req.input_ids[0, 0]) == bos:  # tokenizer_image_token puts BOS before f"{question} ASSISTANT:"
             suffix = torch.cat([torch.full((1, 1), bos, dtype=suffix.dtype, device=suffix.device), suffix], dim=1)
         clock = _with_clock(kwargs)
         new = generate_from(model, ctx, suffix, **kwargs)
