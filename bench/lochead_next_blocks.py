@@ -26,9 +26,13 @@ Then, through the real lmms-eval CLI (one torch thread): a sanity metric of the 
 with plain ``llava_hf`` (POPE adversarial), ``llava_lochead`` with ``block=base`` and
 ``block=highres`` (heads=self, heads=all, and the shipped shapeworld-tiny heads, which index the
 same LM), and the LLaVA-1.5 original for reference; then per sample the agreement of the two
-blocks' boxes: mean IoU between them and the fraction whose centres fall inside the same object.
+blocks' boxes: mean IoU between them and the fraction whose centres fall inside the same object,
+each with its chance level (boxes paired with the next item's), and how much of the maps' variance
+is carried by rows (``map_structure``). Writes runs.json and table.md under --out.
 
-    python bench/lochead_next_blocks.py --out results/lochead_next [--finetune-steps 0] [--limit N]
+    python bench/lochead_next_blocks.py --out results/lochead_next/nofit
+    python bench/lochead_next_blocks.py --out results/lochead_next/fit150 --finetune-steps 150
+    python bench/lochead_next_blocks.py --out DIR --no-convert --only none   # recompute the tables only
 """
 
 from __future__ import annotations
@@ -183,9 +187,10 @@ def finetune(path, steps: int, pool_size: int = 1000, batch: int = 16, seed: int
     processor = AutoProcessor.from_pretrained(path)
     tok = processor.tokenizer
     grid = model.config.vision_config.image_size // model.config.vision_config.patch_size
-    n_img = check_geometry(path, [(336, 336)])["336x336"]["tokens"]
+    side = TRAIN_WORLD.canvas
+    n_img = check_geometry(path, [(side, side)])[f"{side}x{side}"]["tokens"]
     pool = train.ScenePool(pool_size, "fit", TRAIN_WORLD, processor, grid, log=log)
-    sizes = torch.tensor([[336, 336]])
+    sizes = torch.tensor([[TRAIN_WORLD.canvas, TRAIN_WORLD.canvas]])  # (H, W) of every ShapeWorld image
     probe_data = train.YesNoProbe(processor, n_img)
 
     def logits_of(ids, mask, pixels):
