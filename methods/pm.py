@@ -49,7 +49,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from . import hooks
+from . import hooks, positions
 from .technique import Request, RequestError, Technique
 
 # Paper settings (Sec. 4 and the reference scripts): POPE alpha 15, k 5, beta 0.4; MME alpha 10, k 3, beta 0.3.
@@ -470,16 +470,13 @@ class QwenFamily:
         return _scatter_image(m, input_ids, emb, out.pooler_output)
 
     def positions(self, model, req: Request, length: int) -> torch.Tensor:
-        """(3, 1, length) M-RoPE positions of the request's first ``length`` tokens (later ones: text)."""
-        ids = req.input_ids
-        types = torch.zeros_like(ids, dtype=torch.int)
-        types[0, req.geometry.all_positions().to(ids.device)] = 1  # the prompt's image, whatever ids follow
-        pos, delta = model.model.get_rope_index(ids, mm_token_type_ids=types, image_grid_thw=self._thw(req).to(ids.device))
-        n = ids.shape[1]
-        if length > n:  # tokens beyond the request (decoding): text positions continue, as with rope_deltas
-            more = (torch.arange(n, length, device=pos.device) + delta[0].to(pos.device)).view(1, 1, -1).expand(3, 1, -1)
-            pos = torch.cat([pos, more.to(pos.dtype)], dim=2)
-        return pos[..., :length]
+        """(3, 1, length) M-RoPE positions of the request's first ``length`` tokens (later ones: text
+        continuing after the prompt, where ``generate``'s cached rope_deltas put them)."""
+        pos = positions.prompt_positions(model, req.input_ids, self._thw(req).to(req.input_ids.device))
+        n = pos.shape[-1]
+        if length > n:
+            pos = positions.extend(pos, positions.next_position(pos), length - n)
+        return positions.position_ids(pos)[..., :length]
 
     @staticmethod
     def _thw(req: Request) -> torch.Tensor:
