@@ -157,8 +157,6 @@ def test_paint_selects_from_the_base_crop_on_next(tmp_path):
     "name,family,kw,reason",
     [
         ("paint", "llava_onevision", {}, "SigLIP vision tower has no CLS token"),
-        ("pm", "llava_next", {}, "anyres tiling"),
-        ("pm", "llava_onevision", {}, "anyres tiling"),
     ],
 )
 def test_refusals_name_their_reason(tmp_path, name, family, kw, reason):
@@ -221,7 +219,7 @@ def test_technique_through_the_cli(anyres, tmp_path, model, args, task, request)
     if "ZERO" in args:
         args = args.replace("ZERO", str(request.getfixturevalue("zero_adapter")))
     model_args = ",".join(a for a in (f"pretrained={ckpt}", args) if a)
-    refusal = {"llava_pm": "anyres tiling", "llava_paint": "SigLIP vision tower has no CLS token" if family == "llava_onevision" else None}
+    refusal = {"llava_paint": "SigLIP vision tower has no CLS token" if family == "llava_onevision" else None}
     if refusal.get(model):  # the matrix's refusals reach the CLI user with their reason, and nothing is evaluated
         results, log = _cli(model, model_args, task, tmp_path)
         assert results is None and refusal[model] in log

@@ -142,7 +142,7 @@ def test_hook_layer_finds_both_towers_and_is_bit_identical_while_idle(tiny_qwen)
 # ---------------------------------------------------------------------------------- wrappers
 
 IDLE = {
-    "pai": {"alpha": 0.0},
+    "pai": {"alpha": 0.0, "use_cfg": False},
     "knockout": {"from_layer": 2, "to_layer": 2},
 }
 
@@ -160,7 +160,7 @@ def test_idle_wrappers_equal_stock_qwen2_5_vl(tiny_qwen, stock, name):
 
 
 def test_pai_boosts_the_merged_grid_on_the_answer_rows(tiny_qwen, stock):
-    lm = _wrapper("pai", tiny_qwen, alpha=1.0, start_layer=0)
+    lm = _wrapper("pai", tiny_qwen, alpha=1.0, start_layer=0, use_cfg=False)
     inputs = _request(lm)
     req, (boost,) = _edits(lm, inputs)
     block = req.geometry.base
@@ -205,11 +205,8 @@ def test_float32_loading(tiny_qwen, stock):
 @pytest.mark.parametrize(
     "name,kw,reason",
     [
-        ("pm", {}, "M-RoPE"),
         ("paint", {}, "no CLS token"),
-        ("reprompt", {}, "explicit M-RoPE positions"),
-        ("viral", {}, "LlavaForConditionalGeneration"),
-        ("pai", {"use_cfg": True}, "rope_deltas"),
+        ("viral", {}, "qwen2_5_vl_viral needs adapter=DIR"),
         ("pai", {"batch_size": 2}, "batch_size=2 is not supported"),
     ],
 )
@@ -238,7 +235,7 @@ def test_bench_context_qwen2_5_vl(tmp_path, monkeypatch):
     assert (block.rows, block.cols) == (12, 16) and ctx.request.image_pos.numel() == 192
     cases = bench.all_cases(ctx)
     names = {k.split(":")[0].split(" ")[0] for k in cases if k.startswith("qwen2_5_vl_")}
-    assert names == {"qwen2_5_vl_pai", "qwen2_5_vl_lochead", "qwen2_5_vl_knockout"}
+    assert names == {"qwen2_5_vl_pai", "qwen2_5_vl_lochead", "qwen2_5_vl_knockout", "qwen2_5_vl_pm", "qwen2_5_vl_reprompt"}
     assert not any(k.startswith("llava_") for k in cases)
     with torch.no_grad():
         assert torch.equal(cases["hooks idle (generate)"][0](), bench.baselines(ctx)["generate"]())
@@ -258,7 +255,7 @@ def test_cli_every_working_name_answers_like_stock_when_idle(tiny_qwen, tmp_path
     assert base is not None, log[-3000:]
     answers = [s["filtered_resps"] for s in base_samples]
     assert len(answers) == 3 and any(a.strip() for a in map(str, answers))
-    for name, extra in (("qwen2_5_vl_pai", ",alpha=0"), ("qwen2_5_vl_knockout", ",from_layer=2,to_layer=2")):
+    for name, extra in (("qwen2_5_vl_pai", ",alpha=0,use_cfg=false"), ("qwen2_5_vl_knockout", ",from_layer=2,to_layer=2")):
         res, log, samples = _cli(name, tiny_qwen, tmp_path / name, extra=extra)
         assert res is not None, log[-3000:]
         assert res["results"]["tiny_yesno"]["exact,none"] == base["results"]["tiny_yesno"]["exact,none"], name
@@ -274,5 +271,5 @@ def test_cli_active_techniques_and_a_refusal(tiny_qwen, tmp_path):
     assert res is not None and len(samples) > 0, log[-3000:]
     assert 0.0 <= res["results"]["tiny_rec"]["refcoco_IoU,none"] <= 1.0
     assert all(s["filtered_resps"] and str(s["filtered_resps"]).count(",") >= 3 for s in samples)
-    res, log, _ = _cli("qwen2_5_vl_pm", tiny_qwen, tmp_path / "pm")
-    assert res is None and "qwen2_5_vl_pm does not support qwen2_5_vl checkpoints" in log and "M-RoPE" in log
+    res, log, _ = _cli("qwen2_5_vl_paint", tiny_qwen, tmp_path / "paint")
+    assert res is None and "qwen2_5_vl_paint does not support qwen2_5_vl checkpoints" in log and "no CLS token" in log
