@@ -51,6 +51,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from lmms_eval_plugins.paths import CHECKPOINTS, tasks_dir
+from lmms_eval_plugins.shapeworld.metrics import box_iou
 from lmms_eval_plugins.testing import read_samples, run_lmms_eval, tiny_pinpoints
 
 HEADS_FILE = REPO / "lmms_eval_plugins" / "heads" / "shapeworld-tiny.json"
@@ -256,14 +257,6 @@ def object_at(scene: dict, x: float, y: float):
         if x0 <= x * c <= x1 and y0 <= y * c <= y1:
             return i
     return None
-
-
-def box_iou(a, b) -> float:
-    iw = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-    ih = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    inter = iw * ih
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    return inter / union if union > 0 else 0.0
 
 
 def block_agreement(first_samples, second_samples, names=("base", "highres")) -> dict:
