@@ -19,7 +19,7 @@ from methods import guidance, hooks, positions
 from methods.reprompt import Reprompt, forward_from, generate_from
 from methods.technique import Request
 
-GREEDY = dict(max_new_tokens=6, min_new_tokens=6, do_sample=False)
+GREEDY = {"max_new_tokens": 6, "min_new_tokens": 6, "do_sample": False}
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +47,7 @@ def test_mrope_positions_are_the_models_own(qwen):
     assert torch.equal(got, want[:, 0])
     req = _request(model, in1)
     img_start, img_end = int(req.image_pos[0]), int(req.image_pos[-1]) + 1
-    t, h, w = (int(v) for v in in1["image_grid_thw"][0])
+    _, h, w = (int(v) for v in in1["image_grid_thw"][0])
     assert int(got[0, img_end]) == img_start + max(h, w) // 2 != img_end  # text resumes after the grid, not the slot
     assert positions.next_position(got[:, :img_end]) == img_start + max(h, w) // 2
 
