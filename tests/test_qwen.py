@@ -7,6 +7,7 @@ refusals name their reason. Through the real lmms-eval CLI: stock qwen2_5_vl and
 name answer every document; a refused name fails with its reason and writes no results."""
 
 import dataclasses
+import json
 
 import pytest
 import torch
@@ -239,6 +240,29 @@ def test_bench_context_qwen2_5_vl(tmp_path, monkeypatch):
     assert not any(k.startswith("llava_") for k in cases)
     with torch.no_grad():
         assert torch.equal(cases["hooks idle (generate)"][0](), bench.baselines(ctx)["generate"]())
+
+
+def test_bench_command_interleaves_each_case_with_its_baseline(tmp_path, monkeypatch):
+    """The command's rows: one per selected case, its ratio against its own baseline kind, forward passes
+    counted (PAI: one per generated token, like greedy generate), CPU time on one torch thread."""
+    from types import SimpleNamespace
+
+    from lmms_eval_plugins.commands import bench
+
+    monkeypatch.setenv("LMMS_PLUGINS_CACHE", str(tmp_path))
+    threads = torch.get_num_threads()
+    args = SimpleNamespace(family="qwen2_5_vl", layers=4, hidden=64, new_tokens=3, repeats=2, only="hooks idle,qwen2_5_vl_pai",
+                           memory=False, markdown=str(tmp_path / "t.md"), json=str(tmp_path / "t.json"))
+    try:
+        assert bench.main(args) == 0
+    finally:
+        torch.set_num_threads(threads)
+    rows = json.loads((tmp_path / "t.json").read_text())
+    assert [r["case"] for r in rows] == ["hooks idle (generate)", "qwen2_5_vl_pai (no CFG)"]
+    for r in rows:
+        assert r["baseline"] == "generate" and r["passes"] == r["baseline_passes"] == 3
+        assert r["latency_s"] > 0 and r["latency_ratio"] > 0
+    assert "interleaved rounds, CPU time, 1 thread" in (tmp_path / "t.md").read_text()
 
 
 # ---------------------------------------------------------------------------------- the real CLI

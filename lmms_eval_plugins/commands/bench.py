@@ -6,7 +6,8 @@ the techniques' overheads, not a particular checkpoint; ``--family`` gives it LL
 LLaVA-OneVision's or Qwen2.5-VL's geometry instead (Qwen2.5-VL: the qwen2_5_vl_* names are
 benched). For each case it reports:
 
-- latency: median wall time of one sample over --repeats runs, as a ratio to the baseline;
+- latency: the median over --repeats rounds of (case / baseline), each round timing the baseline
+  and the case back to back in CPU time on one torch thread (robust to other jobs on the machine);
 - forward passes: language-model forward calls per sample (prefill + decode steps + extras);
 - peak memory: extra resident memory during one sample, measured in a fresh process per case
   (peak RSS reset after loading via /proc/self/clear_refs), as a ratio to the baseline.
@@ -177,18 +178,32 @@ class ForwardCounter:
             h.remove()
 
 
-def time_case(fn, repeats: int, counter: ForwardCounter) -> tuple[float, int]:
+def passes_of(fn, counter: ForwardCounter) -> int:
+    """Language-model forward calls of one sample (after a warm-up call)."""
     with torch.no_grad():
-        fn()  # warm-up
+        fn()
         counter.n = 0
         fn()
-        passes = counter.n
-        times = []
+    return counter.n
+
+
+def time_against(fn, base_fn, repeats: int) -> tuple[float, float, float]:
+    """(case seconds, baseline seconds, ratio): ``repeats`` rounds, each timing the baseline and then the
+    case back to back, so drift and other jobs on the machine hit both alike; the ratio is the median of
+    the per-round ratios. Time is this process's CPU time (the command runs torch on one thread, so it
+    is the compute a sample costs, not the time spent waiting for a core)."""
+    case_t, base_t, ratios = [], [], []
+    with torch.no_grad():
         for _ in range(repeats):
-            t = time.perf_counter()
+            t0 = time.process_time()
+            base_fn()
+            t1 = time.process_time()
             fn()
-            times.append(time.perf_counter() - t)
-    return statistics.median(times), passes
+            t2 = time.process_time()
+            base_t.append(t1 - t0)
+            case_t.append(t2 - t1)
+            ratios.append((t2 - t1) / max(t1 - t0, 1e-9))
+    return statistics.median(case_t), statistics.median(base_t), statistics.median(ratios)
 
 
 def _rss_kb(field: str) -> int:
@@ -226,19 +241,20 @@ def peak_memory(case: str, layers: int, new_tokens: int, hidden: int, family: st
 
 def main(args) -> int:
     torch.manual_seed(0)
+    torch.set_num_threads(1)  # CPU time = compute per sample (see time_against)
     ctx = make_context(args.layers, args.new_tokens, args.hidden, args.family)
     cases = all_cases(ctx)
     if args.only:
         cases = {k: v for k, v in cases.items() if any(s in k for s in args.only.split(","))}
     counter = ForwardCounter(ctx.model, ctx.plain)
-    base = {}
-    for kind, fn in baselines(ctx).items():
-        base[kind] = time_case(fn, args.repeats, counter)
+    base_fns = baselines(ctx)
+    base = {kind: (time_against(fn, fn, args.repeats)[1], passes_of(fn, counter)) for kind, fn in base_fns.items()}
     rows = []
     for name, (fn, kind) in cases.items():
-        t, passes = time_case(fn, args.repeats, counter)
-        rows.append({"case": name, "baseline": kind, "latency_s": t, "latency_ratio": t / base[kind][0], "passes": passes, "baseline_passes": base[kind][1]})
-        print(f"{name}: {t * 1000:.1f} ms ({t / base[kind][0]:.2f}x {kind}), {passes} passes", flush=True)
+        passes = passes_of(fn, counter)
+        t, _, ratio = time_against(fn, base_fns[kind], args.repeats)
+        rows.append({"case": name, "baseline": kind, "latency_s": t, "latency_ratio": ratio, "passes": passes, "baseline_passes": base[kind][1]})
+        print(f"{name}: {t * 1000:.1f} ms CPU ({ratio:.2f}x {kind}), {passes} passes", flush=True)
     counter.remove()
     if args.memory:
         base_mem = {kind: peak_memory(f"baseline:{kind}", args.layers, args.new_tokens, args.hidden, args.family) for kind in base}
@@ -261,7 +277,7 @@ def render(rows, args, base, ctx) -> str:
     blocks = " + ".join(f"{b.name} {b.rows}x{b.cols}" + (f" + {b.newlines.numel()} newlines" if b.newlines.numel() else "") for b in geo.blocks)
     shape = SHAPES[args.family]
     head = (f"{shape}-shaped random model ({args.layers} LM layers of width {args.hidden}; a {ctx.image.size[0]}x{ctx.image.size[1]} image = "
-            f"{geo.all_positions().numel()} image tokens: {blocks}), {args.new_tokens} new tokens, median of {args.repeats}, {torch.get_num_threads()} threads\n")
+            f"{geo.all_positions().numel()} image tokens: {blocks}), {args.new_tokens} new tokens, median of {args.repeats} interleaved rounds, CPU time, {torch.get_num_threads()} thread\n")
     head += f"baseline greedy generate: {base['generate'][0] * 1000:.1f} ms, {base['generate'][1]} passes; plain forward: {base['forward'][0] * 1000:.1f} ms\n\n"
     lines = ["| case | vs | latency | forward passes | peak memory |", "|---|---|---|---|---|"]
     for r in rows:
