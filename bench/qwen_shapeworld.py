@@ -4,9 +4,10 @@
     python bench/qwen_shapeworld.py --out results/qwen_shapeworld [--pretrained PATH] [--limit N]
 
 Prints one markdown row per run and writes table.md and runs.json under --out. The rows
-mirror the LLaVA table in the README (PAI alpha 0.2 without CFG; knockout of the image keys
-for the generated / query rows in every layer; lochead boxes from all heads and from each
-request's own heads).
+mirror the LLaVA table in the README (PAI alpha 0.2 without CFG, and preset=paper with CFG;
+knockout of the image keys for the generated / query rows in every layer; lochead boxes from
+all heads and from each request's own heads; re-prompting: pruning at 5% / 25% and compressed
+follow-ups at 25%).
 """
 
 from __future__ import annotations
@@ -26,13 +27,20 @@ from lmms_eval_plugins.testing import run_lmms_eval  # noqa: E402
 POPE = "shapeworld_pope_random,shapeworld_pope_popular,shapeworld_pope_adversarial"
 RUNS = [
     ("baseline", "qwen2_5_vl", "", "shapeworld"),
-    ("pai alpha=0.2", "qwen2_5_vl_pai", ",alpha=0.2", POPE + ",shapeworld_chair"),
+    ("pai alpha=0.2", "qwen2_5_vl_pai", ",alpha=0.2,use_cfg=false", POPE + ",shapeworld_chair"),
+    ("pai preset=paper (alpha 0.2, CFG gamma 1.1)", "qwen2_5_vl_pai", ",preset=paper", POPE + ",shapeworld_chair"),
     ("knockout generated, all layers", "qwen2_5_vl_knockout", ",mode=generated", "shapeworld_pope_adversarial"),
     ("knockout query, all layers", "qwen2_5_vl_knockout", ",mode=query", "shapeworld_pope_adversarial"),
     ("knockout query, layer 0", "qwen2_5_vl_knockout", ",mode=query,from_layer=0,to_layer=1", "shapeworld_pope_adversarial"),
     ("knockout both, all layers (captions)", "qwen2_5_vl_knockout", ",mode=both", "shapeworld_chair"),
     ("lochead heads=all", "qwen2_5_vl_lochead", ",heads=all", "shapeworld_rec"),
     ("lochead heads=self (top 3)", "qwen2_5_vl_lochead", ",heads=self", "shapeworld_rec"),
+    ("pm preset=pope", "qwen2_5_vl_pm", ",preset=pope", "shapeworld_pope_adversarial,shapeworld_chair"),
+    ("reprompt prune 5%", "qwen2_5_vl_reprompt", ",mode=prune,keep_ratio=0.05", "shapeworld_pope_adversarial"),
+    ("reprompt prune 25%", "qwen2_5_vl_reprompt", ",mode=prune,keep_ratio=0.25", "shapeworld_pope_adversarial"),
+    # lmms-eval's qwen2_5_vl chat class answers in prompt-text order, so a scene's two POPE questions are far apart:
+    # keep every image's context (cache_size) or most follow-ups find theirs evicted (12 of 150 with the default 32)
+    ("reprompt compressed 25% (follow-ups)", "qwen2_5_vl_reprompt", ",mode=compressed,keep_ratio=0.25,cache_size=300", "shapeworld_pope_adversarial"),
 ]
 METRICS = {
     "shapeworld_pope_random": ["pope_accuracy"],
