@@ -729,12 +729,19 @@ class DiscoveryResult:
         return "\n".join(rows)
 
 
-def prompt_inputs(processor, image, text: str, prompt: str = "task") -> dict:
+# lmms-eval 0.7.3 qwen2_5_vl's default system_prompt (its messages start with it)
+QWEN_SYSTEM = "You are a helpful assistant."
+
+
+def prompt_inputs(processor, image, text: str, prompt: str = "task", family: str = "llava") -> dict:
     """Processor inputs for one image + text: the processor's chat template (as lmms-eval's chat llava_hf
-    builds them), or (prompt="official") the official referseg prompt (official_prompt_ids)."""
+    builds them; Qwen2.5-VL: with lmms-eval qwen2_5_vl's system message first, the image resized by the
+    processor at its min/max pixels), or (prompt="official") the official referseg prompt (official_prompt_ids)."""
     token = getattr(processor, "image_token", "<image>")
-    text = text.replace(token, "").strip()
+    text = text.replace(token, "").replace("<image>", "").strip()
     msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
+    if family == "qwen2_5_vl":
+        msgs.insert(0, {"role": "system", "content": QWEN_SYSTEM})
     chat = processor.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
     inputs = processor(images=[image], text=chat, return_tensors="pt")
     if prompt == "official":
@@ -743,6 +750,24 @@ def prompt_inputs(processor, image, text: str, prompt: str = "task") -> dict:
         ids = torch.tensor([official_prompt_ids(processor.tokenizer, text, image_token_id, n_image)])
         inputs["input_ids"], inputs["attention_mask"] = ids, torch.ones_like(ids)
     return inputs
+
+
+def sample_grid(model, processor, image, inputs: dict, block: str = "base") -> tuple[torch.Tensor, tuple[int, int]]:
+    """(positions, (rows, cols)) of the grid one discovery sample's maps are read over: LLaVA-1.5's square
+    grid (``image_grid``), else the ``block`` of the family's geometry (methods/geometry.py), built from the
+    same Request evaluation builds, so discovery and ``LocHead.locate`` read the same cells."""
+    family = getattr(model.config, "model_type", "llava")
+    input_ids = inputs["input_ids"]
+    if family == "llava":
+        pos = hooks.image_positions(input_ids, model.config.image_token_id)
+        return pos, image_grid(model, pos.numel())
+    req = Request(input_ids=input_ids, image_token_id=model.config.image_token_id, prompt_len=input_ids.shape[1],
+                  images=[image], processor=processor, config=model.config,
+                  inputs={k: inputs[k] for k in ("image_grid_thw",) if inputs.get(k) is not None})
+    b = req.geometry.block(block)
+    if b.rows * b.cols == 0:
+        raise RequestError(f"the {block} block of this {image.size} image is empty; use block=base")
+    return b.positions.to(input_ids.device), b.grid_hw
 
 
 def discover_heads(
@@ -757,24 +782,30 @@ def discover_heads(
     progress=None,
     on_sample=None,
     result: "DiscoveryResult | None" = None,
+    block: str = "base",
 ) -> DiscoveryResult:
     """Run the selection over ``samples`` ((PIL image, prompt text) pairs), one prefill each.
 
     ``selection``: ours | official (HEAD) | official_v2 (9ffe219); ``prompt``: task | official.
     ``result``: a partial result to continue (its first ``n_samples`` samples are skipped).
+    ``block``: LLaVA-NeXT/OneVision, the geometry block the maps are read from (base | highres, as
+    lochead's ``block``); LLaVA-1.5 and Qwen2.5-VL have one block (Qwen: the rows x cols merged grid).
     """
+    family = getattr(model.config, "model_type", "llava")
+    if family != "llava" and prompt != "task":
+        raise RequestError(f"discovery with prompt={prompt} is LLaVA-1.5 only; use prompt=task on {family}")
+    if block not in BLOCKS:
+        raise ValueError(f"block must be one of {BLOCKS}, not {block!r}")
     geo = model_geometry(model)
     result = result or DiscoveryResult(**geo)
-    image_token_id = model.config.image_token_id
     device = next(model.parameters()).device
     for i, (image, text) in enumerate(samples):
         if i < result.n_samples:
             continue
-        inputs = prompt_inputs(processor, image, text, prompt).to(device)
+        inputs = prompt_inputs(processor, image, text, prompt, family).to(device)
         inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
-        pos = hooks.image_positions(inputs["input_ids"], image_token_id)
+        pos, grid = sample_grid(model, processor, image, inputs, block)
         maps = capture_image_maps(model, inputs, pos)
-        grid = image_grid(model, pos.numel())
         s_img = image_attention_sum(maps)
         if selection == "ours":
             selected, s_img, candidates, entropy = select_sample_heads(maps, grid, per_sample, connectivity)
@@ -785,7 +816,7 @@ def discover_heads(
             selected = select_heads(maps, grid, selection, per_sample, connectivity)
         result.add(selected, s_img, entropy, len(candidates))
         if on_sample is not None:
-            on_sample(result.n_samples - 1, image, maps, s_img, candidates, selected)
+            on_sample(result.n_samples - 1, image, maps, s_img, candidates, selected, grid)
         if progress is not None:
             progress.update(1)
     return result
@@ -845,13 +876,23 @@ class LocHead(Technique):
             self.heads = heads[: p["top_k"]]
         self.on_located = None  # optional callback(req, located) for saved visuals
         self.refiner = None  # optional SamRefiner
+        self.pending = None  # optional callback(processor) -> ranked heads, run at the first request (heads=auto off LLaVA-1.5)
+
+    def _resolve_pending(self, req: Request) -> None:
+        """heads=auto discovered with the processor evaluation uses (its min/max pixels), at the first request."""
+        if self.pending is not None:
+            heads, self.pending = self.pending(req.processor), None
+            self.heads = [tuple(map(int, h)) for h in heads][: self.params["top_k"]]
 
     def describe(self):
         heads = self.heads if isinstance(self.heads, str) else [f"L{l}H{h}" for l, h in self.heads]
+        if self.pending is not None:
+            heads = "auto: discovered at the first request, with the evaluation's processor"
         return {**super().describe(), "heads_used": heads}
 
     def locate(self, model, req: Request, **kwargs) -> Located:
         req.require_one_image(self.name)
+        self._resolve_pending(req)
         inputs = self.prompt_inputs(req, kwargs)
         block = self.anyres_block(req)
         if block is None:  # LLaVA-1.5: the single square grid

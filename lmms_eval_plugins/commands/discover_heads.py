@@ -12,7 +12,8 @@ def register(subparsers) -> None:
         description=(
             "One prefill per sample: the last prompt token's attention over the image grid for every (layer, head); "
             "heads above the knee of the sorted S_img curve; the lowest-spatial-entropy ones per sample; ranked by "
-            "selection frequency. Example: lmms-plugins discover-heads --pretrained shapeworld-tiny --task shapeworld_rec"
+            "selection frequency. LLaVA-1.5 (square grid), LLaVA-NeXT/OneVision (--block), Qwen2.5-VL (rows x cols merged grid, "
+            "--min-pixels/--max-pixels). Example: lmms-plugins discover-heads --pretrained shapeworld-tiny --task shapeworld_rec"
         ),
     )
     p.add_argument("--pretrained", required=True, help="checkpoint (hub id, local directory, or shapeworld-tiny)")
@@ -32,33 +33,75 @@ def register(subparsers) -> None:
     p.add_argument("--max-visuals", type=int, default=8)
     p.add_argument("--top", type=int, default=20, help="rows of the printed table")
     p.add_argument("--no-cache", action="store_true", help="recompute even if a cached result exists")
+    p.add_argument("--block", default="base", choices=("base", "highres"),
+                   help="LLaVA-NeXT/OneVision: the block whose grid is searched (use the same block= as llava_lochead); base only elsewhere")
+    p.add_argument("--min-pixels", type=int, default=None,
+                   help="Qwen2.5-VL: the processor's min_pixels (default: the checkpoint's saved processor). Pass the "
+                   "min_pixels of your evaluation's --model_args: lmms-eval's qwen2_5_vl defaults to 200704, not the saved value")
+    p.add_argument("--max-pixels", type=int, default=None, help="Qwen2.5-VL: the processor's max_pixels (as --min-pixels; lmms-eval's default 1605632)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"))
     p.set_defaults(func=run)
 
 
-def run(args) -> int:
-    import torch
-    from transformers import AutoProcessor, LlavaForConditionalGeneration
+FAMILIES = ("llava", "llava_next", "llava_onevision", "qwen2_5_vl")
 
+
+def load(pretrained: str, args):
+    """(model, processor) of a checkpoint of a supported family, loaded with its family's class; the
+    Qwen2.5-VL processor at --min-pixels/--max-pixels (default: its saved ones). ValueError: refused."""
+    import torch
+    from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
+    from transformers import LlavaForConditionalGeneration as Llava
+
+    from ..base import check_interleaved_llava
+
+    model_type = getattr(AutoConfig.from_pretrained(pretrained), "model_type", None)
+    if model_type not in FAMILIES:
+        raise ValueError(f"heads discovery runs on LLaVA-1.5, LLaVA-NeXT, LLaVA-OneVision and Qwen2.5-VL checkpoints "
+                         f"(model_type {', '.join(FAMILIES)}); {pretrained} is {model_type!r}")
+    if model_type == "qwen2_5_vl":
+        from ..qwen import check_qwen
+
+        check_qwen(pretrained)
+    else:
+        check_interleaved_llava(pretrained)
+    if (args.min_pixels or args.max_pixels) and model_type != "qwen2_5_vl":
+        raise ValueError(f"--min-pixels/--max-pixels are Qwen2.5-VL's; {pretrained} is {model_type!r}")
+    if args.block != "base" and model_type not in ("llava_next", "llava_onevision"):
+        raise ValueError(f"--block {args.block}: a {model_type} image has one grid; --block is for LLaVA-NeXT/OneVision")
+    pixels = {k: v for k, v in (("min_pixels", args.min_pixels), ("max_pixels", args.max_pixels)) if v}
+    processor = AutoProcessor.from_pretrained(pretrained, **pixels)
+    cls = Llava if model_type == "llava" else AutoModelForImageTextToText
+    model = cls.from_pretrained(pretrained, dtype=getattr(torch, args.dtype), device_map=args.device).eval()
+    if model_type == "qwen2_5_vl":
+        size = processor.image_processor.size
+        print(f"Qwen2.5-VL images at min_pixels={size['shortest_edge']}, max_pixels={size['longest_edge']} "
+              f"({'given' if pixels else 'saved with the checkpoint'}); evaluate with the same --model_args min_pixels/max_pixels")
+    return model, processor
+
+
+def run(args) -> int:
     from methods import hooks, lochead
 
-    from ..base import check_interleaved_llava, resolve_pretrained
+    from ..base import resolve_pretrained
     from ..heads import DiscoveryError, discover_for_task
+    from ..params import ModelArgsError
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     if args.n < 1 or args.repeats < 1 or args.per_sample < 1:
         print("error: --n, --repeats and --per-sample must be >= 1")
         return 2
     pretrained = resolve_pretrained(args.pretrained)
-    config = check_interleaved_llava(pretrained)
-    if config.model_type != "llava":
-        print(f"error: heads discovery runs on LLaVA-1.5-style checkpoints (model_type 'llava'); {pretrained} is "
-              f"{config.model_type!r}. For LLaVA-NeXT/OneVision use llava_lochead with heads=self (or all).")
+    try:
+        model, processor = load(pretrained, args)
+    except (ValueError, ModelArgsError) as e:
+        print(f"error: {e}")
         return 2
-    model = LlavaForConditionalGeneration.from_pretrained(pretrained, dtype=getattr(torch, args.dtype), device_map=args.device).eval()
+    if args.prompt != "task" and model.config.model_type != "llava":
+        print(f"error: --prompt {args.prompt} is LLaVA-1.5 only; use --prompt task on {model.config.model_type}")
+        return 2
     hooks.install(model)
-    processor = AutoProcessor.from_pretrained(pretrained)
     try:
         path, doc, result = discover_for_task(
             model,
@@ -79,8 +122,9 @@ def run(args) -> int:
             save_visuals=args.save_visuals,
             max_visuals=args.max_visuals,
             model_name=args.pretrained,  # "shapeworld-tiny", not the directory it resolves to
+            block=args.block,
         )
-    except (DiscoveryError, lochead.HeadsFileError) as e:
+    except (DiscoveryError, lochead.HeadsFileError, lochead.RequestError) as e:
         print(f"error: {e}")
         return 2
     print(("cached result: " if result is None else "heads file: ") + str(path))

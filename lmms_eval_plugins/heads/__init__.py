@@ -101,9 +101,22 @@ def _fingerprint(model) -> str:
     return h.hexdigest()[:16]
 
 
-def cache_path(model, task: str, split: str, n: int, seed: int, repeats: int, per_sample: int, connectivity: int, selection: str = "ours", prompt: str = "task") -> Path:
+def image_settings(model, processor, block: str = "base") -> list:
+    """What decides the grid beyond the model (part of the cache key): none for LLaVA-1.5; the block for
+    LLaVA-NeXT/OneVision; the processor's min/max pixels (its ``size``) for Qwen2.5-VL."""
+    family = getattr(model.config, "model_type", "llava")
+    if family == "llava":
+        return []
+    size = getattr(getattr(processor, "image_processor", processor), "size", None)
+    size = dict(size) if isinstance(size, dict) else {k: getattr(size, k, None) for k in ("shortest_edge", "longest_edge")}
+    return [family, block, *([sorted(size.items())] if family == "qwen2_5_vl" else [])]
+
+
+def cache_path(model, task: str, split: str, n: int, seed: int, repeats: int, per_sample: int, connectivity: int, selection: str = "ours", prompt: str = "task", image: list | None = None) -> Path:
     settings = [_fingerprint(model), task, split, n, seed, repeats, per_sample, connectivity]
     key = json.dumps(settings if (selection, prompt) == ("ours", "task") else [*settings, selection, prompt])
+    if image:  # non-LLaVA-1.5 families only: LLaVA-1.5's keys stay as they were
+        key = json.dumps([json.loads(key), image])
     digest = hashlib.sha256(key.encode()).hexdigest()[:12]
     name = Path(lochead.model_id(model).rstrip("/")).name
     return cache_dir() / f"{name}-{task}-{split}-n{n}-s{seed}-{digest}.json"
@@ -130,6 +143,7 @@ def discover_for_task(
     max_visuals: int = 8,
     progress: bool = True,
     model_name: str | None = None,
+    block: str = "base",
 ) -> tuple[Path, dict, lochead.DiscoveryResult | None]:
     """Discover the localization heads of ``model`` on ``task``; returns (heads file, its contents, result).
 
@@ -139,6 +153,8 @@ def discover_for_task(
     (1000 samples x 5 repeats); the counts are saved every ``checkpoint_every`` samples next to the
     cache entry (``*.partial.json``) and a rerun with the same settings resumes from them.
     ``selection``/``prompt``: ours | official | official_v2, task | official (docs/lochead.md).
+    ``block``: LLaVA-NeXT/OneVision, the block discovered on (base | highres, as lochead's ``block``).
+    ``processor``: the one evaluation uses (Qwen2.5-VL: at the same min/max pixels, which are part of the key).
     """
     include_path = list(include_path or []) or default_include_path()
     task_obj = load_task(task, include_path)
@@ -146,7 +162,8 @@ def discover_for_task(
     n_docs = len(task_obj.dataset[split])
     if n >= n_docs:  # every repeat would draw the whole split: one pass over it
         n, repeats = n_docs, 1
-    cached = cache_path(model, task, split, n, seed, repeats, per_sample, connectivity, selection, prompt)
+    image = image_settings(model, processor, block)
+    cached = cache_path(model, task, split, n, seed, repeats, per_sample, connectivity, selection, prompt, image)
     partial = cached.with_name(cached.stem + ".partial.json")
     result = None
     if use_cache and cached.is_file():
@@ -158,7 +175,7 @@ def discover_for_task(
             from tqdm import tqdm
 
             bar = tqdm(total=len(samples), desc=f"discover-heads {task}/{split}")
-        visuals = _visual_writer(save_visuals, max_visuals, processor) if save_visuals else None
+        visuals = _visual_writer(save_visuals, max_visuals, processor, not image) if save_visuals else None
         resumed = lochead.DiscoveryResult.from_state(json.loads(partial.read_text())) if use_cache and partial.is_file() else None
         if bar is not None and resumed is not None:
             bar.update(resumed.n_samples)
@@ -174,7 +191,7 @@ def discover_for_task(
             state_of["result"] = resumed or lochead.DiscoveryResult(**lochead.model_geometry(model))
             result = lochead.discover_heads(
                 model, processor, samples, per_sample=per_sample, connectivity=connectivity, selection=selection,
-                prompt=prompt, progress=bar, on_sample=on_sample, result=state_of["result"],
+                prompt=prompt, progress=bar, on_sample=on_sample, result=state_of["result"], block=block,
             )
         finally:
             if bar is not None:
@@ -190,6 +207,11 @@ def discover_for_task(
             f"discovered by `lmms-plugins discover-heads` on {task}/{split}: {result.n_samples} samples "
             f"(n={n} x repeats={repeats}, seeds {seed}..{seed + repeats - 1}), {rule}, prompt={prompt}, ranked by selection frequency"
         )
+        image_extra = {}
+        if image:  # non-LLaVA-1.5: which grid the maps were read over
+            image_extra = {"block": block}
+            if image[0] == "qwen2_5_vl":
+                image_extra["image_processor_size"] = dict(image[2])
         doc = lochead.write_heads_file(
             cached,
             result.ranked(),
@@ -200,7 +222,7 @@ def discover_for_task(
             extra={
                 "task": task, "split": split, "n_samples": result.n_samples, "n": n, "repeats": repeats, "seed": seed,
                 "selection": selection, "prompt": prompt, "per_sample": per_sample,
-                "mean_knee_size": sum(result.knee_sizes) / max(1, len(result.knee_sizes)),
+                "mean_knee_size": sum(result.knee_sizes) / max(1, len(result.knee_sizes)), **image_extra,
             },
         )
         partial.unlink(missing_ok=True)
@@ -218,19 +240,19 @@ def _write_partial(path: Path, result: lochead.DiscoveryResult) -> None:
     os.replace(tmp, path)
 
 
-def _visual_writer(directory, max_visuals: int, processor):
+def _visual_writer(directory, max_visuals: int, processor, head_boxes: bool = True):
+    """Per sample: the S_img curve with its knee; LLaVA-1.5 (``head_boxes``) also the selected heads' maps and box."""
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
 
-    def write(i, image, maps, s_img, candidates, selected):
+    def write(i, image, maps, s_img, candidates, selected, grid):
         if i >= max_visuals:
             return
         flat = s_img.flatten()
         values = flat.sort(descending=True).values.tolist()
         render_curve(values, lochead.knee_index(values), title=f"sample {i}: S_img").save(out / f"sample{i:03d}_s_img.png")
-        if selected:
-            side = int(round(maps.shape[-1] ** 0.5))
-            head_maps = maps[[l for l, _ in selected], [h for _, h in selected]].reshape(-1, side, side)
+        if selected and head_boxes:  # the square grid's box drawn through the processor's geometry (LLaVA-1.5)
+            head_maps = maps[[l for l, _ in selected], [h for _, h in selected]].reshape(-1, *grid)
             combined = lochead.combine_head_maps(head_maps[:3])
             box = lochead.box_from_grid(combined)
             geometry = lochead.processor_geometry(getattr(processor, "image_processor", processor), image.size)

@@ -42,9 +42,32 @@ PARAMS = (
 )
 
 
+def discover(p: dict, model, processor) -> list[tuple[int, int]]:
+    """heads=auto: the heads discovered (or cached) on discover_task with ``processor``, validated against the model."""
+    from ..heads import discover_for_task
+
+    path, _, _ = discover_for_task(
+        model,
+        processor,
+        p["discover_task"],
+        split=p["discover_split"] or None,
+        n=p["discover_n"],
+        repeats=p["discover_repeats"],
+        seed=p["discover_seed"],
+        selection=p["selection"],
+        prompt=p["prompt"],
+        include_path=[p["include_path"]] if p["include_path"] else None,
+        save_visuals=Path(p["save_visuals"]) / "discovery" if p["save_visuals"] else None,
+        max_visuals=p["max_visuals"],
+        block=p["block"],
+    )
+    return lochead.load_heads(path, model)
+
+
 def resolve_heads(p: dict, model):
-    """The ranked (layer, head) list (or "all") named by the heads parameter, validated against the model."""
-    from ..heads import discover_for_task, shipped_heads, shipped_heads_path
+    """The ranked (layer, head) list (or "all") named by the heads parameter, validated against the model;
+    heads=auto off LLaVA-1.5: a callback(processor) run at the first request (LocHead.pending)."""
+    from ..heads import shipped_heads, shipped_heads_path
 
     choice = p["heads"]
     geo = lochead.model_geometry(model)
@@ -55,24 +78,11 @@ def resolve_heads(p: dict, model):
     if choice == "auto":
         if not p["discover_task"]:
             raise ModelArgsError("heads=auto needs discover_task=<an lmms-eval task with a grounding train split>, e.g. discover_task=shapeworld_rec")
+        if getattr(model.config, "model_type", "llava") != "llava":  # discover with evaluation's processor (Qwen: its min/max pixels)
+            return lambda processor: discover(p, model, processor)
         from transformers import AutoProcessor
 
-        processor = AutoProcessor.from_pretrained(lochead.model_id(model))
-        path, _, _ = discover_for_task(
-            model,
-            processor,
-            p["discover_task"],
-            split=p["discover_split"] or None,
-            n=p["discover_n"],
-            repeats=p["discover_repeats"],
-            seed=p["discover_seed"],
-            selection=p["selection"],
-            prompt=p["prompt"],
-            include_path=[p["include_path"]] if p["include_path"] else None,
-            save_visuals=Path(p["save_visuals"]) / "discovery" if p["save_visuals"] else None,
-            max_visuals=p["max_visuals"],
-        )
-        return lochead.load_heads(path, model)
+        return discover(p, model, AutoProcessor.from_pretrained(lochead.model_id(model)))
     if choice == "shipped":
         path = shipped_heads_path(lochead.model_id(model))
         if not path.is_file():
@@ -91,7 +101,9 @@ def resolve_heads(p: dict, model):
 def build(p: dict, model) -> LocHead:
     if p["sam_box"] and not p["sam"]:
         raise ModelArgsError("sam_box=true needs sam=<local SAM checkpoint directory>")
-    technique = LocHead(resolve_heads(p, model), **{k: p[k] for k in DEFAULTS})
+    heads = resolve_heads(p, model)
+    technique = LocHead("all" if callable(heads) else heads, **{k: p[k] for k in DEFAULTS})
+    technique.pending = heads if callable(heads) else None
     sam = lochead.SamRefiner(p["sam"], use_box=p["sam_box"]) if p["sam"] else None
     technique.refiner = sam
     if p["save_visuals"]:
