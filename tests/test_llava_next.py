@@ -258,12 +258,3 @@ def test_reprompt_modes_run_on_anyres(anyres, kw):
     with torch.no_grad():
         out = lm.model.generate(**inputs, max_new_tokens=3, do_sample=False)
     assert out.shape[1] > inputs["input_ids"].shape[1]  # lmms-eval slices the answer after the prompt
-
-
-def test_discover_heads_refuses_anyres_with_what_to_use(tmp_path, capsys):
-    from lmms_eval_plugins.cli import main
-
-    ckpt = _build("llava_next", tmp_path / "next")
-    assert main(["discover-heads", "--pretrained", str(ckpt), "--task", "tiny_rec", "--include-path", "tests/tasks", "--n", "1"]) == 2
-    out = capsys.readouterr().out
-    assert "'llava_next'" in out and "heads=self" in out
