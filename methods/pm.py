@@ -440,27 +440,37 @@ class LlavaFamily:
         return None
 
 
-class QwenFamily:
-    """Qwen2.5-VL (``qwen2_5_vl``): one rows x cols merged grid over the whole image the processor
-    got (no padding, no crop), so the view is that image and the magnified image keeps its size,
-    hence its ``image_grid_thw``; every pass of PM's own passes gets the M-RoPE positions of
-    ``get_rope_index`` (text after the image resumes at start + max(h, w) / merge), continued as
-    text after the prompt, as ``generate`` does with its cached ``rope_deltas``."""
+class _WholeImage:
+    """A family whose mapped block sees the whole image the processor got (no pad, no crop): the view
+    is that image, and the magnified image, of the same size, must process to the prompt's own
+    ``size_key`` (so the prompt's image tokens, and their positions, stay)."""
 
-    views = ("pad",)  # the parameter's default; the grid covers the whole image, there is nothing to pad or crop
+    views = ("pad",)  # the parameter's default; there is nothing to pad or crop
+    size_key = ""
 
     def view(self, req: Request, mode: str) -> Image.Image:
         return to_rgb(req.images[0])
 
     def pixels(self, req: Request, image: Image.Image) -> torch.Tensor:
         out = req.processor.image_processor(images=[image], return_tensors="pt")
-        thw = self._thw(req)
-        if not torch.equal(out["image_grid_thw"].cpu(), thw.cpu()):
+        given = req.inputs.get(self.size_key)
+        if given is None or not torch.equal(torch.as_tensor(out[self.size_key]).cpu(), torch.as_tensor(given).cpu()):
             raise RequestError(
-                f"pm: the magnified image ({image.size[0]}x{image.size[1]}) processes to image_grid_thw "
-                f"{out['image_grid_thw'].tolist()}, not the prompt's {thw.tolist()}; is the processor the one that made the prompt?"
+                f"pm: the magnified image ({image.size[0]}x{image.size[1]}) processes to {self.size_key} "
+                f"{torch.as_tensor(out[self.size_key]).tolist()}, not the prompt's {None if given is None else torch.as_tensor(given).tolist()}; "
+                "is the processor the one that made the prompt?"
             )
         return out["pixel_values"]
+
+
+class QwenFamily(_WholeImage):
+    """Qwen2.5-VL (``qwen2_5_vl``): one rows x cols merged grid over the whole image the processor
+    got (no padding, no crop), so the view is that image and the magnified image keeps its size,
+    hence its ``image_grid_thw``; every pass of PM's own passes gets the M-RoPE positions of
+    ``get_rope_index`` (text after the image resumes at start + max(h, w) / merge), continued as
+    text after the prompt, as ``generate`` does with its cached ``rope_deltas``."""
+
+    size_key = "image_grid_thw"
 
     def embed(self, model, req: Request, input_ids: torch.Tensor, pixel_values: torch.Tensor) -> torch.Tensor:
         """Input embeddings with the merged image features scattered in, as Qwen2_5_VLModel.forward builds them."""
@@ -486,7 +496,7 @@ class QwenFamily:
         return thw
 
 
-class AnyresFamily(LlavaFamily):
+class AnyresFamily(_WholeImage, LlavaFamily):
     """LLaVA-NeXT / LLaVA-OneVision (``llava_next``, ``llava_onevision``): the map is over the **base
     block** (``req.geometry.base``: the whole image squashed to the tower's square, one fixed
     side x side grid that sees every region once, as LLaVA-1.5's); the high-res tiles and their
@@ -495,17 +505,7 @@ class AnyresFamily(LlavaFamily):
     and the token count stay (checked); the base crop and every tile are cut from the magnified
     image. 1-D positions, as LLaVA-1.5."""
 
-    views = ("pad",)
-
-    def view(self, req: Request, mode: str) -> Image.Image:
-        return to_rgb(req.images[0])
-
-    def pixels(self, req: Request, image: Image.Image) -> torch.Tensor:
-        out = req.processor.image_processor(images=[image], return_tensors="pt")
-        sizes = req.inputs.get("image_sizes")
-        if sizes is None or not torch.equal(torch.as_tensor(out["image_sizes"]).cpu(), torch.as_tensor(sizes).cpu()):
-            raise RequestError(f"pm: the magnified image processes to image_sizes {out['image_sizes'].tolist()}, not the prompt's {sizes}")
-        return out["pixel_values"]
+    size_key = "image_sizes"
 
     def embed(self, model, req: Request, input_ids: torch.Tensor, pixel_values: torch.Tensor) -> torch.Tensor:
         """Input embeddings with the packed anyres features (base, high-res rows, newlines) scattered in, as the model's forward."""
