@@ -101,22 +101,24 @@ def _fingerprint(model) -> str:
     return h.hexdigest()[:16]
 
 
-def image_settings(model, processor, block: str = "base") -> list:
-    """What decides the grid beyond the model (part of the cache key): none for LLaVA-1.5; the block for
-    LLaVA-NeXT/OneVision; the processor's min/max pixels (its ``size``) for Qwen2.5-VL."""
+def image_settings(model, processor, block: str = "base") -> dict:
+    """What decides the grid beyond the model (part of the cache key, recorded in the heads file): none for
+    LLaVA-1.5; the block for LLaVA-NeXT/OneVision; also the processor's min/max pixels (its ``size``) for Qwen2.5-VL."""
     family = getattr(model.config, "model_type", "llava")
     if family == "llava":
-        return []
+        return {}
+    if family != "qwen2_5_vl":
+        return {"block": block}
     size = getattr(getattr(processor, "image_processor", processor), "size", None)
     size = dict(size) if isinstance(size, dict) else {k: getattr(size, k, None) for k in ("shortest_edge", "longest_edge")}
-    return [family, block, *([sorted(size.items())] if family == "qwen2_5_vl" else [])]
+    return {"block": block, "image_processor_size": size}
 
 
-def cache_path(model, task: str, split: str, n: int, seed: int, repeats: int, per_sample: int, connectivity: int, selection: str = "ours", prompt: str = "task", image: list | None = None) -> Path:
+def cache_path(model, task: str, split: str, n: int, seed: int, repeats: int, per_sample: int, connectivity: int, selection: str = "ours", prompt: str = "task", image: dict | None = None) -> Path:
     settings = [_fingerprint(model), task, split, n, seed, repeats, per_sample, connectivity]
     key = json.dumps(settings if (selection, prompt) == ("ours", "task") else [*settings, selection, prompt])
     if image:  # non-LLaVA-1.5 families only: LLaVA-1.5's keys stay as they were
-        key = json.dumps([json.loads(key), image])
+        key = json.dumps([json.loads(key), image], sort_keys=True)
     digest = hashlib.sha256(key.encode()).hexdigest()[:12]
     name = Path(lochead.model_id(model).rstrip("/")).name
     return cache_dir() / f"{name}-{task}-{split}-n{n}-s{seed}-{digest}.json"
@@ -207,11 +209,6 @@ def discover_for_task(
             f"discovered by `lmms-plugins discover-heads` on {task}/{split}: {result.n_samples} samples "
             f"(n={n} x repeats={repeats}, seeds {seed}..{seed + repeats - 1}), {rule}, prompt={prompt}, ranked by selection frequency"
         )
-        image_extra = {}
-        if image:  # non-LLaVA-1.5: which grid the maps were read over
-            image_extra = {"block": block}
-            if image[0] == "qwen2_5_vl":
-                image_extra["image_processor_size"] = dict(image[2])
         doc = lochead.write_heads_file(
             cached,
             result.ranked(),
@@ -222,7 +219,7 @@ def discover_for_task(
             extra={
                 "task": task, "split": split, "n_samples": result.n_samples, "n": n, "repeats": repeats, "seed": seed,
                 "selection": selection, "prompt": prompt, "per_sample": per_sample,
-                "mean_knee_size": sum(result.knee_sizes) / max(1, len(result.knee_sizes)), **image_extra,
+                "mean_knee_size": sum(result.knee_sizes) / max(1, len(result.knee_sizes)), **image,
             },
         )
         partial.unlink(missing_ok=True)
