@@ -150,18 +150,14 @@ def test_discover_heads_command_on_next_names_its_block(tmp_path, monkeypatch, c
     assert doc["block"] == "highres" and doc["n_samples"] == 2 and "image_processor_size" not in doc
 
 
-def test_qwen_heads_auto_through_the_cli(qwen_ckpt, tmp_path):
+def test_qwen_heads_auto_through_the_cli(qwen_ckpt, tmp_path, monkeypatch):
     args = f"pretrained={qwen_ckpt},heads=auto,discover_task=tiny_rec,discover_n=3,discover_repeats=1,include_path={TASKS}," \
            f"min_pixels={PIXELS['min_pixels']},max_pixels={PIXELS['max_pixels']}"
     env_cache = tmp_path / "cache"
-    import os
-
-    os.environ["LMMS_PLUGINS_CACHE"] = str(env_cache)
-    try:
-        res, log = testing.run_lmms_eval("qwen2_5_vl_lochead", args, "tiny_rec", tmp_path / "out", include_path=TASKS, cwd=REPO)
-    finally:
-        del os.environ["LMMS_PLUGINS_CACHE"]
+    monkeypatch.setenv("LMMS_PLUGINS_CACHE", str(env_cache))
+    res, log = testing.run_lmms_eval("qwen2_5_vl_lochead", args, "tiny_rec", tmp_path / "out", include_path=TASKS, cwd=REPO)
     assert res is not None, log[-3000:]
+    assert 0.0 <= res["results"]["tiny_rec"]["refcoco_IoU,none"] <= 1.0  # the metric was computed, not only a file written
     samples = testing.read_samples(tmp_path / "out", "tiny_rec")
     assert len(samples) == 4 and all(L.parse_box(str(s["filtered_resps"])) for s in samples), samples
     files = list((env_cache / "heads").glob("*.json"))
