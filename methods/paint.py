@@ -276,18 +276,12 @@ def boost_scores(scores: torch.Tensor, margins: torch.Tensor, head_weights: torc
 # ---------------------------------------------------------------------------------------
 
 
-@dataclasses.dataclass
-class ReceivedCapture(hooks.AttnEdit):
-    """``received_attention`` of the site per vision-tower pass: ``sums[layer]`` is a list of
-    (batch, keys) tensors, one per forward call (only the reduction is kept, not the maps)."""
-
-    sums: dict = dataclasses.field(default_factory=dict)
+class ReceivedCapture(hooks.Capture):
+    """A ``Capture`` that keeps, per forward call, only ``received_attention`` of the site
+    ((batch, keys) in ``maps[layer]``), not the maps themselves."""
 
     def observe(self, probs, layer):
-        self.sums.setdefault(layer, []).append(received_attention(probs))
-
-    def latest(self) -> dict[int, torch.Tensor]:
-        return {layer: ms[-1] for layer, ms in self.sums.items()}
+        self.maps.setdefault(layer, []).append(received_attention(probs))
 
 
 class TokenSelector:
@@ -337,13 +331,12 @@ class TokenSelector:
         return self.grid[0] * self.grid[1] + (self.full_capture is not None)
 
     def current(self) -> TokenSelection:
-        if self.source == "received":
-            return self._current_received()
         passes = len(self.capture.maps.get(self.summary_layer, []))
         if passes == 0:
             raise RequestError(
                 "PAINT: the vision tower did not run before the language model in this request "
-                "(pass pixel_values, not inputs_embeds); the token selection needs its CLS attention"
+                "(pass pixel_values, not inputs_embeds); the token selection needs its "
+                + ("CLS attention" if self.source == "cls" else "attention")
             )
         if passes != self._done:
             maps = self.capture.latest()
@@ -354,8 +347,8 @@ class TokenSelector:
                 full = self.full_capture.latest()[self.local_layer]
                 official_spatial = spatial_official(full, self.grid[0] * self.grid[1], self.spatial_ratio, self.dtype)
             self.selection = select_tokens(
-                cls_attention(maps[self.local_layer], self.dtype),
-                cls_attention(maps[self.summary_layer], self.dtype),
+                self._scores(maps[self.local_layer]),
+                self._scores(maps[self.summary_layer]),
                 self.grid,
                 self.top_ratio,
                 self.spatial_ratio,
@@ -364,20 +357,10 @@ class TokenSelector:
             self._done = passes
         return self.selection
 
-    def _current_received(self) -> TokenSelection:
-        passes = len(self.capture.sums.get(self.summary_layer, []))
-        if passes == 0:
-            raise RequestError(
-                "PAINT: the vision tower did not run before the language model in this request "
-                "(pass pixel_values, not inputs_embeds); the token selection needs its attention"
-            )
-        if passes != self._done:
-            maps = self.capture.latest()
-            if self.crop is not None:
-                maps = {layer: m[self.crop : self.crop + 1] for layer, m in maps.items()}
-            self.selection = select_tokens(maps[self.local_layer], maps[self.summary_layer], self.grid, self.top_ratio, self.spatial_ratio)
-            self._done = passes
-        return self.selection
+    def _scores(self, captured: torch.Tensor) -> torch.Tensor:
+        """(batch, patches) per-patch scores of one captured layer: the CLS row summed over heads, or
+        (``received``) what ReceivedCapture already reduced."""
+        return cls_attention(captured, self.dtype) if self.source == "cls" else captured
 
 
 def official_spatial_count(grid: tuple[int, int], ratio: float) -> int:
