@@ -3,8 +3,9 @@
     lmms-eval --model llava_viral --model_args pretrained=BASE,adapter=RUN_DIR --tasks ...
 
 RUN_DIR is the --output-dir of `lmms-plugins viral-train` (or any peft LoRA adapter
-directory). `qwen2_5_vl_viral` (lmms_eval_plugins/models/qwen2_5_vl.py) is the same on
-Qwen2.5-VL: --model_args pretrained=BASE,adapter=RUN_DIR,min_pixels=...,max_pixels=... VIRAL changes only the weights: inference is plain greedy llava_hf, no edits.
+directory). VIRAL changes only the weights: inference is the plain greedy model, no edits.
+`qwen2_5_vl_viral` (lmms_eval_plugins/models/qwen2_5_vl.py) is the same on Qwen2.5-VL:
+--model_args pretrained=BASE,adapter=RUN_DIR,min_pixels=...,max_pixels=...
 """
 
 from methods.viral import merge_adapter
