@@ -5,28 +5,75 @@
 
 With --run, both models go through the real lmms-eval CLI on the same checkpoint
 (default: the bundled shapeworld-tiny), one after the other, then the table is printed.
+Each delta gets a paired 95% interval from the runs' per-sample logs (lmms-eval --log_samples;
+--run always writes them), accuracies also an exact McNemar p-value: docs/compare.md.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import glob
 import json
+import math
 import os
 import re
 from pathlib import Path
 
 from ..paper_figures import paper_figure
 from ..paths import tasks_dir
+from ..stats import (
+    CONFIDENCE,
+    N_RESAMPLES,
+    SEED,
+    excludes_zero,
+    mcnemar_p,
+    paired_interval,
+)
 from .env import check_or_exit
 
+NO_LOG = "no per-sample log (run lmms-eval with --log_samples)"
 
-def latest_results(path) -> dict:
-    """A results dict from a *_results.json file or the newest one under a directory."""
+
+@dataclasses.dataclass
+class Run:
+    """One lmms-eval run: its results dict and the results file its per-sample logs sit beside
+    (None when only the dict is known)."""
+
+    results: dict
+    file: Path | None = None
+    _samples: dict = dataclasses.field(default_factory=dict, repr=False)
+
+    def samples_file(self, task: str) -> Path | None:
+        # lmms-eval names both after one date id: <date>_results.json, <date>_samples_<task>.jsonl
+        return self.file and self.file.with_name(self.file.name.removesuffix("results.json") + f"samples_{task}.jsonl")
+
+    def samples(self, task: str) -> dict[int, dict] | None:
+        """The task's per-sample log (``--log_samples``) by doc_id, or None when there is none."""
+        if task not in self._samples:
+            path = self.samples_file(task)
+            found = path is not None and path.is_file()
+            self._samples[task] = {r["doc_id"]: r for r in map(json.loads, path.read_text().splitlines())} if found else None
+        return self._samples[task]
+
+
+def results_file(path) -> Path:
+    """A *_results.json file, or the newest one under a directory."""
     p = Path(path)
     files = [p] if p.is_file() else sorted(Path(f) for f in glob.glob(str(p / "**" / "*_results.json"), recursive=True))
     if not files:
         raise SystemExit(f"no lmms-eval *_results.json under {path}: did the run fail? (the CLI exits 0 even then)")
-    return json.loads(files[-1].read_text())
+    return files[-1]
+
+
+def load_run(path) -> Run:
+    f = results_file(path)
+    return Run(json.loads(f.read_text()), f)
+
+
+def latest_results(path) -> dict:
+    """A results dict from a *_results.json file or the newest one under a directory."""
+    return load_run(path).results
 
 
 def metric_rows(results: dict) -> dict[tuple[str, str], float]:
@@ -46,23 +93,135 @@ def model_label(results: dict) -> str:
     return cfg.get("model", "?") + (f"({extra})" if extra else "")
 
 
-def table(runs: list[dict]) -> str:
-    """Markdown table: baseline (first run) and each other run with its delta."""
+@functools.cache
+def _task_index(include_path: str | None, defaults: bool) -> dict:
+    from lmms_eval.tasks import TaskManager
+
+    return TaskManager(verbosity="ERROR", include_path=include_path, include_defaults=defaults).task_index
+
+
+def task_aggregation(task: str, metric: str, include_path: str | None = None):
+    """The task's own aggregation of ``metric`` (a function of its per-document records), loaded
+    from the task's YAML as lmms-eval loads it, or None when the task or metric is not found."""
+    from lmms_eval.api.registry import get_aggregation, get_metric_aggregation
+    from lmms_eval.utils import load_yaml_config
+
+    # the plugin's (or the given) task directory first: indexing lmms-eval's ~2000 tasks takes seconds
+    for defaults in (False, True):
+        entry = _task_index(include_path, defaults).get(task)
+        if entry and entry.get("type") == "task":
+            break
+    else:
+        return None
+    for m in load_yaml_config(entry["yaml_path"], mode="full").get("metric_list", []):
+        if m["metric"] == metric:
+            agg = m.get("aggregation") or get_metric_aggregation(metric)
+            return get_aggregation(agg) if isinstance(agg, str) else agg
+    return None
+
+
+@dataclasses.dataclass(frozen=True)
+class Delta:
+    value: float
+    interval: tuple[float, float] | None = None  # paired bootstrap interval of the delta
+    p: float | None = None  # exact McNemar p-value, for accuracies
+    why_no_interval: str = ""
+
+
+def paired_records(base: Run, other: Run, task: str, metric: str):
+    """Both runs' per-document records of ``metric`` in the same doc_id order, or why there are none."""
+    logs = [run.samples(task) for run in (base, other)]
+    if any(log is None for log in logs):
+        return NO_LOG
+    b, o = logs
+    if b.keys() != o.keys():
+        return "the two per-sample logs hold different documents"
+    ids = sorted(b)
+    if any(metric not in b[i] or metric not in o[i] for i in ids):
+        return f"the per-sample logs hold no per-document {metric}"
+    return [b[i][metric] for i in ids], [o[i][metric] for i in ids]
+
+
+def accuracy_outcomes(metric: str, aggregate, records: list, reported: float) -> list[bool] | None:
+    """Each document's right/wrong when ``metric`` is an accuracy, i.e. the mean of per-document
+    0/1 outcomes (checked, not assumed from the name alone), else None."""
+    if "acc" not in metric.lower():
+        return None
+    try:
+        outcomes = [float(aggregate([r])) for r in records]
+    except Exception:  # noqa: BLE001 - one that needs more than one document is no mean of outcomes
+        return None
+    if not set(outcomes) <= {0.0, 1.0} or not math.isclose(sum(outcomes) / len(outcomes), reported, rel_tol=1e-9, abs_tol=1e-12):
+        return None
+    return [o == 1.0 for o in outcomes]
+
+
+def delta(base: Run, other: Run, task: str, metric: str, include_path: str | None = None) -> Delta:
+    """``other`` minus ``base`` on (task, metric), with its interval from the per-sample logs: the
+    task's aggregation recomputed on each resample of documents, so the interval is for this number."""
+    b_value, o_value = (metric_rows(r.results)[(task, metric)] for r in (base, other))
+    plain = functools.partial(Delta, o_value - b_value)
+    paired = paired_records(base, other, task, metric)
+    if isinstance(paired, str):
+        return plain(why_no_interval=paired)
+    if len(paired[0]) < 2:
+        return plain(why_no_interval="fewer than 2 documents")
+    aggregate = task_aggregation(task, metric, include_path)
+    if aggregate is None:
+        return plain(why_no_interval="its aggregation was not found (give the task directory with --include_path)")
+    for records, reported in zip(paired, (b_value, o_value)):
+        try:
+            again = float(aggregate(records))
+        except Exception as e:  # noqa: BLE001 - any task's code: report, do not crash the table
+            return plain(why_no_interval=f"its aggregation fails on the logged records ({type(e).__name__}: {e})")
+        if not math.isclose(again, reported, rel_tol=1e-9, abs_tol=1e-12):
+            return plain(why_no_interval=f"its aggregation of the logged records gives {again:.6g}, the results file {reported:.6g}")
+    interval = paired_interval(lambda records: float(aggregate(records)), *paired)
+    outcomes = [accuracy_outcomes(metric, aggregate, records, reported) for records, reported in zip(paired, (b_value, o_value))]
+    p = mcnemar_p(*outcomes) if None not in outcomes else None
+    return plain(interval=interval, p=p)
+
+
+def table(runs: list, include_path: str | None = None) -> str:
+    """Markdown table: baseline (first run) and each other run with its delta, the delta's paired
+    95% interval and, for accuracies, the exact McNemar p-value; notes below say which deltas got
+    no interval and why. ``runs``: Run objects or bare results dicts (these have no per-sample logs)."""
+    runs = [r if isinstance(r, Run) else Run(r) for r in runs]
+    include_path = str(include_path or tasks_dir())
     base = runs[0]
-    base_rows = metric_rows(base)
-    head = ["task", "metric", "n", model_label(base)]
+    base_rows = metric_rows(base.results)
+    head = ["task", "metric", "n", model_label(base.results)]
     for r in runs[1:]:
-        head += [model_label(r), "delta"]
+        head += [model_label(r.results), "delta", "95% CI", "McNemar p"]
     head.append("paper (real benchmark)")
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    missing: dict[tuple[str, str, str], list[str]] = {}  # (run, task, why) -> metrics without an interval
     for (task, metric), b in sorted(base_rows.items()):
-        n = base.get("n-samples", {}).get(task, {}).get("effective", "")
+        n = base.results.get("n-samples", {}).get(task, {}).get("effective", "")
         cells = [task, metric, str(n), f"{b:.4g}"]
         for r in runs[1:]:
-            v = metric_rows(r).get((task, metric))
-            cells += ["-", "-"] if v is None else [f"{v:.4g}", f"{v - b:+.4f}"]
-        cells.append(paper_figure(model_label(runs[-1]).split("(")[0], task, metric) or "")
+            v = metric_rows(r.results).get((task, metric))
+            if v is None:
+                cells += ["-"] * 4
+                continue
+            d = delta(base, r, task, metric, include_path)
+            ci = "" if d.interval is None else "[{:+.4f}, {:+.4f}]".format(*d.interval)
+            mark = "*" if d.interval and excludes_zero(*d.interval) else ""
+            cells += [f"{v:.4g}", f"{d.value:+.4f}{mark}", ci, "" if d.p is None else f"{d.p:.3g}"]
+            if d.why_no_interval:
+                missing.setdefault((model_label(r.results), task, d.why_no_interval), []).append(metric)
+        cells.append(paper_figure(model_label(runs[-1].results).split("(")[0], task, metric) or "")
         lines.append("| " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        (
+            f"Deltas marked * have a paired {CONFIDENCE:.0%} interval that excludes 0 (percentile bootstrap over "
+            f"documents, {N_RESAMPLES} resamples, seed {SEED}, each resample re-aggregated by the task's own function). "
+            "McNemar p: exact two-sided test on the documents the two runs score differently (accuracies only)."
+        ),
+    ]
+    for (label, task, why), metrics in missing.items():
+        lines.append(f"No interval for {label} on {task} ({', '.join(metrics)}): {why}.")
     return "\n".join(lines)
 
 
@@ -78,10 +237,10 @@ def first_error(log: str) -> str:
 
 
 def run_pair(model, model_args, tasks, pretrained, output, limit=None, include_path=None, device=None):
+    import torch
+
     from ..base import resolve_pretrained
     from ..testing import run_lmms_eval
-
-    import torch
 
     check_or_exit()
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -93,13 +252,14 @@ def run_pair(model, model_args, tasks, pretrained, output, limit=None, include_p
         out = Path(output) / name
         full_args = ",".join(a for a in (f"pretrained={ckpt}", f"device={device}", args) if a)
         print(f"running {name} ({full_args}) on {tasks} ...", flush=True)
+        # run_lmms_eval passes --log_samples: the per-sample logs give the deltas their intervals
         results, log = run_lmms_eval(name, full_args, tasks, out, include_path=include_path, extra=extra, timeout=None)
         if results is None:
             raise SystemExit(
                 f"lmms-eval run of {name} produced no results; its first error:\n  {first_error(log)}\n"
                 f"(the run's last lines:)\n{log[-3000:]}"
             )
-        runs.append(results)
+        runs.append(Run(results, results_file(out)))
     return runs
 
 
@@ -109,8 +269,8 @@ def main(args) -> int:
     else:
         if len(args.paths) < 2:
             raise SystemExit("give a baseline and at least one other result path, or --run MODEL")
-        runs = [latest_results(p) for p in args.paths]
-    text = table(runs)
+        runs = [load_run(p) for p in args.paths]
+    text = table(runs, args.include_path)
     print(text)
     if args.markdown:
         Path(args.markdown).write_text(text + "\n")
@@ -125,7 +285,7 @@ def register(sub) -> None:
     p.add_argument("--tasks", default="shapeworld_pope_adversarial")
     p.add_argument("--pretrained", default="shapeworld-tiny")
     p.add_argument("--limit", type=int, default=None)
-    p.add_argument("--include_path", default=None, help="task directory (default: the package's task_configs)")
+    p.add_argument("--include_path", default=None, help="task directory (default: the package's task_configs); its aggregations re-score the per-sample logs")
     p.add_argument("--output", default=os.path.join("results", "compare"))
     p.add_argument("--markdown", default=None, help="also write the table to this file")
     p.set_defaults(func=main)
