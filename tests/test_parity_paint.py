@@ -47,7 +47,7 @@ def model():
 def pixels():
     n = len({c["image"] for c in SELECTION})
     px = tiny.fixed_pixels(n, seed=PROVENANCE["model"]["seed"])
-    assert tiny.tensor_sha256(px) == PROVENANCE["pixels"]["sha256"]
+    assert tiny.matches(tiny.tensor_sha256(px), PROVENANCE["pixels"]["sha256"])
     return px
 
 

@@ -40,10 +40,11 @@ def fixtures():
 
 @pytest.fixture(scope="module")
 def teacher(fixtures, tmp_path_factory):
+    import tiny_llava15 as tiny
     import viral_tiny as vt
 
     prov = fixtures[1]
-    assert vt.state_fingerprint(vt.teacher_state(prov["teacher"]["seed"])) == prov["teacher"]["fingerprint"]
+    assert tiny.matches(vt.state_fingerprint(vt.teacher_state(prov["teacher"]["seed"])), prov["teacher"]["fingerprint"])
     path = tmp_path_factory.mktemp("teacher")
     vt.save_teacher(path, prov["teacher"]["seed"])
     torch.set_num_threads(1)

@@ -26,6 +26,7 @@ import zlib
 from pathlib import Path
 
 import torch
+from tiny_llava15 import normal
 
 TEACHER_SEED = 1
 TEACHER = dict(hidden_size=16, num_hidden_layers=2, num_attention_heads=2, mlp_ratio=4, image_size=518, patch_size=14)
@@ -64,13 +65,15 @@ def teacher_shapes() -> dict:
     return shapes
 
 
-def teacher_state(seed: int = TEACHER_SEED) -> dict:
+def teacher_state(seed: int = TEACHER_SEED, draw_normal=None) -> dict:
     """Hub-layout (facebookresearch/dinov2) state dict: norms 1 + 0.1 N, LayerScale 0.5 + 0.1 N,
-    position table 0.5 N, other 1-D 0.02 N, matrices N / sqrt(fan_in)."""
+    position table 0.5 N, other 1-D 0.02 N, matrices N / sqrt(fan_in). N from ``tiny_llava15.normal``
+    (the same on every CPU) unless ``draw_normal(shape, gen)`` is given."""
+    draw_normal = draw_normal or normal
     gen = torch.Generator().manual_seed(seed)
     out = {}
     for name, shape in sorted(teacher_shapes().items()):
-        noise = torch.randn(shape, generator=gen, dtype=torch.float32)
+        noise = draw_normal(shape, gen)
         if name.endswith("gamma"):
             value = 0.5 + 0.1 * noise
         elif "norm" in name and name.endswith("weight"):
@@ -162,10 +165,18 @@ def state_fingerprint(state: dict) -> str:
     return h.hexdigest()
 
 
+def compare_legacy(seed: int = TEACHER_SEED) -> dict:
+    """The teacher drawn with torch.randn (the first fixtures' draw, CPU-dependent last bits) next to ``normal``'s."""
+    old = teacher_state(seed, lambda shape, gen: torch.randn(tuple(shape), generator=gen, dtype=torch.float32))
+    new = teacher_state(seed)
+    return {"legacy": state_fingerprint(old), "normal": state_fingerprint(new),
+            "max_abs_diff": max((new[k] - old[k]).abs().max().item() for k in new)}
+
+
 def draw(key: str, shape, seed: int = 0, scale: float | None = None) -> torch.Tensor:
     """A tensor that depends only on (seed, key, shape): N(0, 1) * scale (default 1 / sqrt(fan_in))."""
     gen = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(key.encode()))
-    noise = torch.randn(tuple(shape), generator=gen, dtype=torch.float32)
+    noise = normal(tuple(shape), gen)
     if scale is None:
         scale = 1 / math.sqrt(math.prod(shape[1:])) if len(shape) > 1 else 0.02
     return noise * scale
