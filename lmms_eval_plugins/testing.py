@@ -363,3 +363,34 @@ def qwen2_5_vl_shaped(out_dir, text_layers: int = 4, text_hidden: int = 256, see
     model.eval().save_pretrained(out)
     processor.save_pretrained(out)
     return out
+
+
+def assert_ranked_alike(ours: list, ref: list, value: dict, tol: float) -> None:
+    """``ours`` ranks like ``ref`` (both best first, possibly top-k prefixes) outside near-ties.
+
+    ``value`` maps every key to the reference value the ranking sorts by. Two keys whose values
+    differ by at most ``tol`` (but are not equal) may come in either order, and a top-k prefix may
+    swap keys at its boundary within ``tol``: which of two values that close sorts first depends on
+    the CPU's kernels. Exactly equal values keep the reference order (that is the sort's stability,
+    the same on every CPU). Compare the values themselves separately, within ``tol``."""
+    import numpy as np
+
+    pos = {k: i for i, k in enumerate(ref)}
+    ascending = len(ref) < 2 or value[ref[0]] <= value[ref[-1]]
+    sign = 1.0 if ascending else -1.0
+    v = np.array([sign * value[k] for k in ours], dtype=np.float64)
+    # a key ranked later must not be better by more than tol: no pair (earlier i, later j) with v[i] > v[j] + tol
+    worst_so_far = np.maximum.accumulate(v)
+    bad = np.nonzero(worst_so_far[:-1] > v[1:] + tol)[0] if len(v) > 1 else []
+    assert len(bad) == 0, f"{ours[bad[0] + 1]!r} ranked after a key worse by more than {tol}"
+    for i in range(len(ours) - 1):
+        a, b = ours[i], ours[i + 1]
+        if value[a] == value[b] and a in pos and b in pos:
+            assert pos[a] < pos[b], f"exact tie {a!r}, {b!r} in another order than the reference's (stable sort)"
+    # top-k prefixes: keys in one list only must sit at the boundary, within tol of the other list's last value
+    for mine, other in ((ours, ref), (ref, ours)):
+        if not other:
+            continue
+        edge = sign * value[other[-1]]
+        for k in set(mine) - set(other):
+            assert sign * value[k] <= edge + tol, f"{k!r} is ranked by one side only and is not a near-tie at the boundary"

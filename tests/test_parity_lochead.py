@@ -24,6 +24,7 @@ import pytest
 import torch
 from PIL import Image
 
+from lmms_eval_plugins.testing import assert_ranked_alike
 from methods import hooks, lochead
 from methods.technique import Request
 
@@ -117,10 +118,15 @@ def test_head_ranking_matches_official(captured, fixtures):
         ranked = lochead.rank_heads_official(maps, GRID)
         same = _agree({(r["layer"], r["head"]): r["spatial_entropy"] for r in ranked}, arrays[f"s{i}_head_entropy"])
         flips += 32 * 32 - len(same)
-        ours = [[r["layer"], r["head"]] for r in ranked if (r["layer"], r["head"]) in same]
-        assert ours == [lh for lh in s["head"]["ranking"] if tuple(lh) in same], f"sample {i}"
-        top10 = [list(lh) for lh in lochead.select_heads(maps, GRID, "official", per_sample=10)]
-        assert top10 == [t[:2] for t in s["head"]["top10"] if t[2] is not None][:10]
+        # the order is compared outside near-ties of the official entropies (the values agree within
+        # CAPTURED_ENTROPY_ATOL; heads closer than that, e.g. 2.7133391 vs 2.7133389, sort by the CPU's last bits)
+        ref_entropy = {(l, h): float(arrays[f"s{i}_head_entropy"][l * 32 + h]) for l in range(32) for h in range(32)}
+        ours = [(r["layer"], r["head"]) for r in ranked if (r["layer"], r["head"]) in same]
+        assert_ranked_alike(ours, [tuple(lh) for lh in s["head"]["ranking"] if tuple(lh) in same], ref_entropy, CAPTURED_ENTROPY_ATOL)
+        top10 = [tuple(lh) for lh in lochead.select_heads(maps, GRID, "official", per_sample=10)]
+        ref10 = [tuple(t[:2]) for t in s["head"]["top10"] if t[2] is not None][:10]
+        assert len(top10) == len(ref10), f"sample {i}"
+        assert_ranked_alike(top10, ref10, ref_entropy, CAPTURED_ENTROPY_ATOL)
     assert flips <= 8, flips
 
 
