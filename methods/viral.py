@@ -137,7 +137,12 @@ def vra_loss(hidden_img: torch.Tensor, target: torch.Tensor, projector: nn.Modul
       (Gram) matrices of P(h) and of y; with ``projector=None`` the hidden states themselves
       (the official ``use_projector=False``).
     """
-    pred = projector(hidden_img) if projector is not None else hidden_img
+    if projector is not None:
+        # the projector stays in float32 (its own master weights) when the model runs in bf16/fp16:
+        # the hidden states are cast at its input, and gradients flow back through the cast
+        pred = projector(hidden_img.to(next(projector.parameters()).dtype))
+    else:
+        pred = hidden_img
     if kind == "direct":
         return -F.cosine_similarity(pred.float(), target.float(), dim=-1).mean()
     if kind == "similarity":

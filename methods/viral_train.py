@@ -653,6 +653,13 @@ def train(cfg: TrainConfig, records: list[dict] | None = None) -> dict:
     accelerator = Accelerator(gradient_accumulation_steps=cfg.grad_accum)
     set_seed(cfg.seed)
     model, processor, teacher, projector = build(cfg)
+    low = resolve_dtype(cfg.dtype) if resolve_dtype(cfg.dtype) in (torch.bfloat16, torch.float16) else None
+    if low is not None:
+        # mixed precision: frozen weights stay in bf16/fp16, trained ones get float32 master weights
+        # (AdamW's eps underflows in fp16 and bf16 updates vanish), autocast lets the two meet
+        for p in [*model.parameters(), *(projector.parameters() if projector is not None else ())]:
+            if p.requires_grad:
+                p.data = p.data.float()
     accelerator.print("viral-train recipe: " + json.dumps(recipe(cfg), indent=2))
     records = (read_records(cfg.data) if records is None else records)[: cfg.limit]
     data = ConversationDataset(records, processor, cfg.image_folder, cfg.max_length, cfg.pad_to_square)
@@ -707,6 +714,8 @@ def train(cfg: TrainConfig, records: list[dict] | None = None) -> dict:
         out.mkdir(parents=True, exist_ok=True)
     bar = tqdm(total=total, initial=step, desc="viral-train", disable=not (cfg.progress and accelerator.is_local_main_process))
     running = {"lm": [], "vra": [], "t": []}
+    autocast = torch.autocast(accelerator.device.type, dtype=low, enabled=low is not None)
+    scaler = torch.amp.GradScaler(accelerator.device.type, enabled=low == torch.float16)  # fp16 gradients underflow unscaled
     model.train()
     last = {}
     while step < total:
@@ -722,13 +731,16 @@ def train(cfg: TrainConfig, records: list[dict] | None = None) -> dict:
                 targets = _targets(teacher, batch["pixel_values"], index, cache if cfg.cache_teacher else None, grid, data, source,
                                    aligned)
             with accelerator.accumulate(model, *( [projector] if projector is not None else [])):
-                res = viral.viral_step(model, batch, projector=projector, targets=targets, layer=layers_of(cfg),
-                                       weight=cfg.weight, image_token_id=image_token_id, loss=cfg.loss)
-                accelerator.backward(res["loss"])
+                with autocast:
+                    res = viral.viral_step(model, batch, projector=projector, targets=targets, layer=layers_of(cfg),
+                                           weight=cfg.weight, image_token_id=image_token_id, loss=cfg.loss)
+                accelerator.backward(scaler.scale(res["loss"]))
                 if accelerator.sync_gradients and cfg.max_grad_norm:
+                    scaler.unscale_(optimizer)
                     params = [p for g in optimizer.param_groups for p in g["params"]]
                     accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
-                optimizer.step()
+                scaler.step(optimizer)
+                scaler.update()
                 scheduler.step() if accelerator.sync_gradients else None
                 optimizer.zero_grad()
             running["lm"].append(float(res["lm_loss"].detach()))
