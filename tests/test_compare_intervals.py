@@ -5,6 +5,7 @@ writes: <out>/<model>/<date>_results.json beside <date>_samples_<task>.jsonl).""
 import json
 import math
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,6 +18,7 @@ from lmms_eval_plugins.shapeworld.metrics import (
 )
 from lmms_eval_plugins.stats import mcnemar_p, paired_interval, verdict
 
+REPO = Path(__file__).resolve().parents[1]
 POPE = "shapeworld_pope_random"
 POPE_METRICS = ("pope_accuracy", "pope_precision", "pope_recall", "pope_f1_score", "pope_yes_ratio")
 
@@ -182,3 +184,34 @@ def test_compare_gives_no_interval_when_the_logs_do_not_give_the_reported_number
     rows = rows_of(text)
     assert rows["pope_f1_score"][6] == "" and rows["pope_accuracy"][6] != ""
     assert "(pope_f1_score): its aggregation of the logged records gives" in text
+
+
+def test_compare_on_real_lmms_eval_output(capsys):
+    """tests/fixtures/compare_run: the output directories of `lmms-plugins compare --run llava_pai
+    --model_args alpha=0.5 --tasks shapeworld_pope_random,shapeworld_chair,shapeworld_rec --limit 12`
+    (lmms-eval 0.7.3, shapeworld-tiny, CPU). Every metric of POPE, CHAIR and REC is re-scored exactly
+    from the logged records, so every delta gets its interval."""
+    runs = REPO / "tests" / "fixtures" / "compare_run"
+    assert cli.main(["compare", str(runs / "llava_hf"), str(runs / "llava_pai")]) == 0
+    text = capsys.readouterr().out
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in text.splitlines() if line.startswith("| shapeworld_")]
+    assert len(rows) == 5 + 3 + 7 and "No interval" not in text
+    assert all(re.fullmatch(r"\[[-+]\d+\.\d{4}, [-+]\d+\.\d{4}\]", r[6]) for r in rows)
+    assert {r[1] for r in rows if r[7]} == {"pope_accuracy", *(f"refcoco_ACC@{t}" for t in (0.1, 0.3, 0.5, 0.7, 0.9)), "refcoco_Center_ACC"}
+
+    # CHAIR_S by hand: the same seeded paired resamples of the logged captions, scored by the task's function
+    from lmms_eval_plugins.shapeworld.metrics import chair_scores
+
+    def logged(name):  # doc_id -> the record lmms-eval logged for CHAIR_S
+        path = next((runs / name).rglob("*_samples_shapeworld_chair.jsonl"))
+        return {r["doc_id"]: r["coco_cap_chair_s"] for r in map(json.loads, path.read_text().splitlines())}
+
+    base, other = logged("llava_hf"), logged("llava_pai")
+
+    def chair_s(records):
+        return chair_scores([(" ".join(r["pred"]), r["answer"]) for r in records])["coco_cap_chair_s"]
+
+    draws = np.random.default_rng(0).integers(0, 12, (2000, 12))
+    deltas = [chair_s([other[i] for i in d]) - chair_s([base[i] for i in d]) for d in draws]
+    low, high = np.quantile(deltas, [0.025, 0.975])
+    assert next(r for r in rows if r[1] == "coco_cap_chair_s")[6] == f"[{low:+.4f}, {high:+.4f}]"
