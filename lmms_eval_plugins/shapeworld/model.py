@@ -69,6 +69,33 @@ class Geometry:
     def image_tokens(self) -> int:
         return self.grid * self.grid
 
+    @property
+    def max_positions(self) -> int:
+        """Room for the image tokens plus a long prompt and answer (512 for the 64-token tiny)."""
+        n = 512
+        while n < self.image_tokens + 256:
+            n *= 2
+        return n
+
+
+# The testbed in LLaVA-1.5's own geometry (issue 24): 336 px, 14 px patches, a 24x24 grid of 576
+# image tokens, hidden_states[-2] without CLS, the mlp2x_gelu projector (LlavaMultiModalProjector),
+# a Llama of 8 layers with as many KV heads as query heads (no GQA, as Llama-2-7B).
+LLAVA15_GEOMETRY = Geometry(
+    image_size=336,
+    patch_size=14,
+    vision_hidden=128,
+    vision_layers=4,
+    vision_heads=4,
+    vision_intermediate=512,
+    text_hidden=128,
+    text_layers=8,
+    text_heads=8,
+    text_kv_heads=8,
+    text_intermediate=384,
+)
+GEOMETRIES = {"llava": Geometry(), "llava-1.5": LLAVA15_GEOMETRY}
+
 
 def _pre_tokenizer():
     return pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Split(Regex(PRETOKENIZE_PATTERN), behavior="isolated")])
@@ -122,6 +149,7 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
 
 def build_processor(geometry: Geometry = Geometry(), tokenizer=None) -> LlavaProcessor:
     tokenizer = tokenizer or build_tokenizer()
+    tokenizer.model_max_length = geometry.max_positions
     image_processor = CLIPImageProcessor(
         size={"shortest_edge": geometry.image_size},
         crop_size={"height": geometry.image_size, "width": geometry.image_size},
@@ -156,7 +184,7 @@ def build_config(tokenizer, geometry: Geometry = Geometry()) -> LlavaConfig:
         num_hidden_layers=geometry.text_layers,
         num_attention_heads=geometry.text_heads,
         num_key_value_heads=geometry.text_kv_heads,
-        max_position_embeddings=512,
+        max_position_embeddings=geometry.max_positions,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from . import data, metrics
-from .model import Geometry, build_model, geometry_dict
+from .model import GEOMETRIES, Geometry, build_model, geometry_dict
 from .scenes import COLOUR_NAMES, SHAPES, TEST_WORLD, TRAIN_WORLD, caption, derive_seed, sample_scene, unique_expressions
 
 N_CLASSES = 1 + len(COLOUR_NAMES) * len(SHAPES)
@@ -40,23 +40,30 @@ def object_class(obj) -> int:
     return 1 + COLOUR_NAMES.index(obj.colour) * len(SHAPES) + SHAPES.index(obj.shape)
 
 
-def patch_labels(scene, label_img, grid: int) -> np.ndarray:
-    """Per-patch class: the object covering >= 15% of the patch (most pixels wins), and
-    always the object whose centre lies in the patch, so small objects get a label."""
+def patch_objects(scene, label_img, grid: int) -> np.ndarray:
+    """Per-patch object (index + 1, 0 = background): the object covering >= 15% of the patch
+    (most pixels wins), and always the object whose centre lies in the patch, so small objects
+    get a patch."""
     lab = np.asarray(label_img)
     cell = lab.shape[0] // grid
     cells = lab[: cell * grid, : cell * grid].reshape(grid, cell, grid, cell).transpose(0, 2, 1, 3).reshape(grid * grid, cell * cell)
     out = np.zeros(grid * grid, dtype=np.int64)
     best = np.zeros(grid * grid)
-    for k, obj in enumerate(scene.objects):
+    for k in range(len(scene.objects)):
         cover = (cells == k + 1).mean(axis=1)
         take = (cover >= 0.15) & (cover > best)
-        out[take] = object_class(obj)
+        out[take] = k + 1
         best[take] = cover[take]
-    for obj in scene.objects:
+    for k, obj in enumerate(scene.objects):
         cx, cy = obj.centre
-        out[min(int(cy) // cell, grid - 1) * grid + min(int(cx) // cell, grid - 1)] = object_class(obj)
+        out[min(int(cy) // cell, grid - 1) * grid + min(int(cx) // cell, grid - 1)] = k + 1
     return out
+
+
+def patch_labels(scene, label_img, grid: int) -> np.ndarray:
+    """Per-patch class (colour x shape of the patch's object, 0 = background)."""
+    classes = np.array([0] + [object_class(o) for o in scene.objects], dtype=np.int64)
+    return classes[patch_objects(scene, label_img, grid)]
 
 
 class ScenePool:
@@ -224,17 +231,21 @@ class YesNoProbe:
         }
 
 
-def vision_stage(features, vparams, aux_head, pool, gen, steps: int, batch: int, log_every: int, log, t0: float) -> None:
+def vision_stage(features, vparams, aux_head, pool, gen, steps: int, batch: int, log_every: int, log, t0: float, extra_loss=None) -> None:
     """Stage 1: the vision side learns each patch's colour x shape class (dense labels), so the
-    language stages start from features that see the objects. ``features(idx)`` -> (batch, tokens, d)."""
+    language stages start from features that see the objects. ``features(idx)`` -> (batch, tokens, d);
+    ``extra_loss(idx, feats)``, when given, is added (the llava-1.5 recipe's box targets)."""
     opt = torch.optim.AdamW(vparams, lr=2e-3, weight_decay=0.01)
     run = []
     for step in range(steps):
         for g in opt.param_groups:
             g["lr"] = lr_at(step, steps, 2e-3, 50)
         idx = torch.randint(len(pool.scenes), (batch,), generator=gen)
-        logits = aux_head(features(idx))
+        feats = features(idx)
+        logits = aux_head(feats)
         loss = F.cross_entropy(logits.reshape(-1, N_CLASSES), pool.labels[idx].reshape(-1))
+        if extra_loss is not None:
+            loss = loss + extra_loss(idx, feats)
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(vparams, 1.0)
@@ -248,17 +259,29 @@ def vision_stage(features, vparams, aux_head, pool, gen, steps: int, batch: int,
 
 
 def language_stages(model, aux_head, forward, pool, gen, rng, tok, probe, align_steps: int, mix_steps: int, batch: int,
-                    warmup: int, log, t0: float, after_probe=None) -> None:
+                    warmup: int, log, t0: float, after_probe=None, *, mix=MIX, extra_aux=None, extra_params=(),
+                    on_step=None, step_cost=None, start_step: int = 0, opt_state=None, save_every: int = 0,
+                    save_state=None, stop_after: int | None = None) -> bool:
     """Stages 2 (captions) and 3 (the task mix): the whole model on the language loss, with the
     dense and word-alignment losses as auxiliaries. ``forward(idx, examples)`` -> (logits, labels,
-    features for the dense head, image embeddings in the LM's space): the only architecture-specific part."""
-    params = list(model.parameters()) + list(aux_head.parameters())
+    features for the dense head, image embeddings in the LM's space): the only architecture-specific part.
+
+    Resumable: ``start_step`` and ``opt_state`` continue a run that ``save_state(step, opt)`` saved
+    every ``save_every`` steps (the caller restores ``gen`` and ``rng``); ``stop_after`` ends early
+    after saving (returns False).  ``on_step(step)`` runs before each step (progressive resolution),
+    ``step_cost(step)`` weighs steps for the ETA."""
+    params = list(model.parameters()) + list(aux_head.parameters()) + list(extra_params)
     opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.01, betas=(0.9, 0.98))
+    if opt_state is not None:
+        opt.load_state_dict(opt_state)
     total = align_steps + mix_steps
+    step_cost = step_cost or (lambda s: 1.0)
     shape_ids, colour_ids = class_word_targets(tok)
-    kinds, weights = zip(*MIX.items())
-    run = []
-    for step in range(total):
+    kinds, weights = zip(*mix.items())
+    run, t_run = [], time.time()
+    for step in range(start_step, total):
+        if on_step is not None:
+            on_step(step)
         stage = "align" if step < align_steps else "mix"
         for g in opt.param_groups:
             g["lr"] = lr_at(step, total, 1e-3, warmup)
@@ -269,6 +292,8 @@ def language_stages(model, aux_head, forward, pool, gen, rng, tok, probe, align_
         loss_lm = lm_loss(logits, labels)
         loss_aux = F.cross_entropy(aux_head(feats).reshape(-1, N_CLASSES), pool.labels[idx].reshape(-1))
         loss_aux = loss_aux + word_alignment_loss(model, image_embeds, pool.labels[idx], shape_ids, colour_ids)
+        if extra_aux is not None:
+            loss_aux = loss_aux + extra_aux(idx, feats)
         loss = loss_lm + 0.5 * loss_aux
         opt.zero_grad()
         loss.backward()
@@ -278,12 +303,20 @@ def language_stages(model, aux_head, forward, pool, gen, rng, tok, probe, align_
         if (step + 1) % 100 == 0:
             per_kind = {k: np.mean([l for kk, l, _ in run if kk == k]) for k in KINDS if any(kk == k for kk, _, _ in run)}
             txt = " ".join(f"{k} {v:.3f}" for k, v in per_kind.items())
-            log(f"[{stage} {step + 1}/{total}] lm {np.mean([l for _, l, _ in run]):.3f} aux {np.mean([a for _, _, a in run]):.3f} | {txt} ({time.time() - t0:.0f}s)")
-            run = []
+            done = sum(step_cost(s) for s in range(step + 1 - len(run), step + 1))
+            eta = (time.time() - t_run) / done * sum(step_cost(s) for s in range(step + 1, total))
+            log(f"[{stage} {step + 1}/{total}] lm {np.mean([l for _, l, _ in run]):.3f} aux {np.mean([a for _, _, a in run]):.3f} | {txt} ({time.time() - t0:.0f}s, eta {eta / 60:.0f} min)")
+            run, t_run = [], time.time()
         if (step + 1) % 500 == 0 or step + 1 == total:
             log(f"  probe {step + 1}: " + " ".join(f"{k} {v:.3f}" for k, v in probe(model).items()))
             if after_probe is not None and step + 1 < total:
                 after_probe(step + 1)
+        if save_state is not None and step + 1 < total and ((save_every and (step + 1) % save_every == 0) or step + 1 == stop_after):
+            save_state(step + 1, opt)
+        if stop_after is not None and step + 1 >= stop_after and step + 1 < total:
+            log(f"stopped after step {step + 1} (--stop-after); continue with --resume")
+            return False
+    return True
 
 
 def train(out: Path, seed: int = 0, pool_size: int = 6000, vision_steps: int = 300, align_steps: int = 200, mix_steps: int = 4000, batch: int = 16, log=print):
@@ -319,6 +352,169 @@ def train(out: Path, seed: int = 0, pool_size: int = 6000, vision_steps: int = 3
     model.eval()
     out.mkdir(parents=True, exist_ok=True)
     save_checkpoint(model, processor, out)
+    log(f"training done in {time.time() - t0:.0f}s; saved to {out}")
+    return model, processor
+
+
+# --------------------------------------------------------------------------- llava-1.5 geometry
+# shapeworld-llava (issue 24): LLaVA-1.5's 336 px / 14 px / 24x24 geometry, made affordable on two
+# cores by progressive resolution: the vision stage and most language steps see the scenes at half
+# size (168 px, a 12x12 grid, CLIP position embeddings interpolated from the 24x24 table, which
+# thereby gets trained), the last ``fine_steps`` at the full 336 px.
+MIX_LLAVA15 = {"caption": 0.15, "pope": 0.25, "count": 0.15, "spatial": 0.2, "rec": 0.25}
+FINE_STEP_COST = 4.0  # measured ratio of a 24x24 to a 12x12 step is about 3.5-4 (issue 24's table); for the ETA
+
+
+class ProgressivePool:
+    """Training scenes at the full input size (fp16 pixel values from the real processor), with
+    per-grid patch classes and box targets; ``grid`` selects the resolution training uses now
+    (smaller grids are bicubic, antialiased downsamples of the normalised pixels: resizing is
+    linear, so it commutes with the processor's per-channel normalisation)."""
+
+    def __init__(self, n: int, family: str, world, processor, geometry: Geometry, grids, log=print):
+        t0 = time.time()
+        self.patch = geometry.patch_size
+        self.scenes, pixels = [], []
+        objects = {g: [] for g in grids}
+        boxes, chunk = [], []
+        for i in range(n):
+            scene = sample_scene(derive_seed(family, i), world)
+            img, lab = scene.render(with_labels=True)
+            self.scenes.append(scene)
+            for g in grids:
+                objects[g].append(patch_objects(scene, lab, g))
+            boxes.append(np.array([[0.0] * 4] + [scene.normalised_box(k) for k in range(len(scene.objects))], dtype=np.float32))
+            chunk.append(img)
+            if len(chunk) == 256 or i == n - 1:
+                pixels.append(processor.image_processor(images=chunk, return_tensors="pt")["pixel_values"].to(torch.float16))
+                chunk = []
+        self._pixels = torch.cat(pixels)
+        self._objects = {g: torch.from_numpy(np.stack(v)) for g, v in objects.items()}
+        classes = [torch.tensor([0] + [object_class(o) for o in sc.objects]) for sc in self.scenes]
+        self._labels = {g: torch.stack([c[o] for c, o in zip(classes, v)]) for g, v in self._objects.items()}
+        self._boxes = boxes
+        self.grid = max(grids)
+        log(f"pool {family}: {n} scenes at {self._pixels.shape[-1]} px, grids {sorted(grids)}, rendered in {time.time() - t0:.0f}s")
+
+    @property
+    def labels(self) -> torch.Tensor:
+        return self._labels[self.grid]
+
+    def pixels(self, idx) -> torch.Tensor:
+        px = self._pixels[idx].float()
+        size = self.grid * self.patch
+        if px.shape[-1] != size:
+            px = F.interpolate(px, size=(size, size), mode="bicubic", antialias=True, align_corners=False)
+        return px
+
+    def box_targets(self, idx):
+        """(batch, grid*grid, 4) box of each patch's object in 0..1 and the object-patch mask."""
+        objs = self._objects[self.grid][idx]
+        boxes = torch.stack([torch.from_numpy(self._boxes[i])[o] for i, o in zip(idx.tolist(), objs)])
+        return boxes, objs > 0
+
+
+def vision_features_at(model, pixel_values):
+    """``vision_features`` at any input size (CLIP's position table interpolated off its own size)."""
+    size = model.config.vision_config.image_size
+    out = model.model.vision_tower(pixel_values, output_hidden_states=True, interpolate_pos_encoding=pixel_values.shape[-1] != size)
+    return out.hidden_states[model.config.vision_feature_layer][:, 1:]
+
+
+def _save_state(path: Path, model, heads: dict, opt, step: int, gen, rng) -> None:
+    """Everything a resumed run needs, written atomically; loaded with weights_only=True."""
+    state = {"step": step, "model": model.state_dict(), "heads": {k: h.state_dict() for k, h in heads.items()},
+             "opt": None if opt is None else opt.state_dict(), "gen": gen.get_state(), "rng": rng.getstate()}
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def _load_state(path: Path) -> dict:
+    try:
+        state = torch.load(path, weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any unreadable file gets the same advice
+        raise SystemExit(f"--resume: {path} is not a readable training state ({e}); delete it to start over") from e
+    state["rng"] = (state["rng"][0], tuple(state["rng"][1]), state["rng"][2])
+    return state
+
+
+def train_llava15(out: Path, seed: int = 0, geometry: Geometry = GEOMETRIES["llava-1.5"], pool_size: int = 6000,
+                  vision_steps: int = 300, align_steps: int = 300, mix_steps: int = 4500, fine_steps: int = 800,
+                  batch: int = 16, coarse_grid: int | None = None, probe_size: int = 192, save_every: int = 250,
+                  resume: bool = False, stop_after: int | None = None, log=print):
+    """Train shapeworld-llava; returns (model, processor), or None when ``stop_after`` ended it early."""
+    random.seed(seed)
+    np.random.seed(seed)
+    model, processor = build_model(seed=seed, geometry=geometry)
+    tok = processor.tokenizer
+    full = geometry.grid
+    coarse = coarse_grid or max(1, full // 2)
+    log(f"geometry {geometry_dict(geometry)}; grids {coarse} -> {full} (last {fine_steps} steps); parameters {sum(p.numel() for p in model.parameters())}")
+    torch.manual_seed(seed)
+    aux_head = torch.nn.Linear(geometry.vision_hidden, N_CLASSES)
+    box_head = torch.nn.Linear(geometry.vision_hidden, 4)
+    heads = {"aux": aux_head, "box": box_head}
+    pool = ProgressivePool(pool_size, "fit", TRAIN_WORLD, processor, geometry, {coarse, full}, log=log)
+    probe = YesNoProbe(processor, geometry.image_tokens, n=probe_size)
+    rng = random.Random(seed)
+    gen = torch.Generator().manual_seed(seed)
+    out.mkdir(parents=True, exist_ok=True)
+    state_path = out / "training_state.pt"
+    state = _load_state(state_path) if resume and state_path.is_file() else None
+    if resume and state is None:
+        log(f"--resume: no {state_path}; starting from scratch")
+    model.train()
+    t0 = time.time()
+
+    def box_loss(idx, feats):
+        """Each object patch's features predict its object's box: the position the LM must read out for REC."""
+        boxes, mask = pool.box_targets(idx)
+        pred = torch.sigmoid(box_head(feats))
+        return 5.0 * F.l1_loss(pred[mask], boxes[mask]) if mask.any() else pred.sum() * 0.0
+
+    def save(step, opt):
+        _save_state(state_path, model, heads, opt, step, gen, rng)
+        log(f"  state saved at step {step} ({state_path.name})")
+
+    if state is None:
+        pool.grid = coarse
+        vparams = list(model.model.vision_tower.parameters()) + list(aux_head.parameters()) + list(box_head.parameters())
+        vision_stage(lambda idx: vision_features_at(model, pool.pixels(idx)), vparams, aux_head, pool, gen, vision_steps, 64, 100, log, t0,
+                     extra_loss=box_loss)
+        save(0, None)
+        start, opt_state = 0, None
+    else:
+        model.load_state_dict(state["model"])
+        for k, h in heads.items():
+            h.load_state_dict(state["heads"][k])
+        gen.set_state(state["gen"])
+        rng.setstate(state["rng"])
+        start, opt_state = state["step"], state["opt"]
+        log(f"resumed at language step {start}")
+
+    total = align_steps + mix_steps
+    switch = total - fine_steps
+
+    def on_step(step):
+        pool.grid = full if step >= switch else coarse
+
+    def forward(idx, examples):
+        ids, mask, labels = encode_batch(tok, examples, pool.grid * pool.grid)
+        feats = vision_features_at(model, pool.pixels(idx))
+        image_embeds = model.model.multi_modal_projector(feats)
+        return lm_logits(model, feats, ids, mask, image_embeds), labels, feats, image_embeds
+
+    finished = language_stages(
+        model, aux_head, forward, pool, gen, rng, tok, probe, align_steps, mix_steps, batch, min(200, max(1, total // 5)), log, t0,
+        mix=MIX_LLAVA15, extra_aux=box_loss, extra_params=box_head.parameters(), on_step=on_step,
+        step_cost=lambda s: FINE_STEP_COST if s >= switch else 1.0, start_step=start, opt_state=opt_state,
+        save_every=save_every, save_state=save, stop_after=stop_after)
+    if not finished:
+        return None
+    model.eval()
+    save_checkpoint(model, processor, out)
+    state_path.unlink(missing_ok=True)
     log(f"training done in {time.time() - t0:.0f}s; saved to {out}")
     return model, processor
 
@@ -414,19 +610,44 @@ def score_checkpoint(path, limit: int | None = None, log=print) -> dict:
     return scores
 
 
+def parse_geometry(arch: str, overrides: str | None) -> Geometry:
+    """The arch's geometry with ``key=value,...`` overrides (a small configuration for tests)."""
+    geometry = GEOMETRIES[arch]
+    if not overrides:
+        return geometry
+    fields = geometry_dict(geometry)
+    changes = {}
+    for item in overrides.split(","):
+        key, _, value = item.partition("=")
+        if key not in Geometry.__dataclass_fields__ or not value.isdigit():
+            raise SystemExit(f"--geometry: {item!r} is not KEY=INT with KEY one of {', '.join(Geometry.__dataclass_fields__)} (now {fields})")
+        changes[key] = int(value)
+    import dataclasses
+
+    return dataclasses.replace(geometry, **changes)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", required=True, type=Path)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--arch", default="llava", choices=["llava", "llava-1.5", "qwen2_5_vl"],
+                    help="llava: shapeworld-tiny (64 px, 8x8); llava-1.5: shapeworld-llava (336 px, 24x24, 8 LM layers, "
+                         "progressive resolution, resumable); qwen2_5_vl: shapeworld-tiny-qwen (train_qwen.py)")
     ap.add_argument("--pool-size", type=int, default=6000)
     ap.add_argument("--vision-steps", type=int, default=300)
-    ap.add_argument("--align-steps", type=int, default=200)
-    ap.add_argument("--mix-steps", type=int, default=4000)
+    ap.add_argument("--align-steps", type=int, default=None, help="default 200 (llava), 300 (llava-1.5)")
+    ap.add_argument("--mix-steps", type=int, default=None, help="default 4000 (llava), 4500 (llava-1.5)")
+    ap.add_argument("--fine-steps", type=int, default=800, help="llava-1.5: the last steps at the full grid (the rest at half the grid)")
+    ap.add_argument("--geometry", default=None, help="llava-1.5: KEY=INT,... overrides of the geometry (e.g. a small test configuration)")
+    ap.add_argument("--probe-size", type=int, default=192, help="llava-1.5: held-out yes/no questions probed every 500 steps")
+    ap.add_argument("--save-every", type=int, default=250, help="llava-1.5: steps between saved training states")
+    ap.add_argument("--resume", action="store_true", help="llava-1.5: continue from --out/training_state.pt")
+    ap.add_argument("--stop-after", type=int, default=None, help="llava-1.5: save the state and stop after this language step")
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--threads", type=int, default=2, help="torch threads (1 is faster when the 2 cores are shared)")
-    ap.add_argument("--eval-limit", type=int, default=None, help="docs per task for the final scores (default: full test splits)")
+    ap.add_argument("--eval-limit", type=int, default=None, help="docs per task for the final scores (default: full test splits; 0: no scores)")
     ap.add_argument("--score-only", action="store_true", help="only score an existing checkpoint at --out")
-    ap.add_argument("--arch", default="llava", choices=["llava", "qwen2_5_vl"], help="qwen2_5_vl: train shapeworld-tiny-qwen (train_qwen.py)")
     args = ap.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if args.arch == "qwen2_5_vl":
@@ -439,7 +660,19 @@ def main(argv=None):
 
     torch.set_num_threads(args.threads)
     if not args.score_only:
-        train(args.out, args.seed, args.pool_size, args.vision_steps, args.align_steps, args.mix_steps, args.batch, log=log)
+        if args.arch == "llava-1.5":
+            done = train_llava15(args.out, args.seed, parse_geometry(args.arch, args.geometry), args.pool_size,
+                                 args.vision_steps, args.align_steps if args.align_steps is not None else 300,
+                                 args.mix_steps if args.mix_steps is not None else 4500, args.fine_steps, args.batch,
+                                 probe_size=args.probe_size, save_every=args.save_every, resume=args.resume,
+                                 stop_after=args.stop_after, log=log)
+            if done is None:
+                return
+        else:
+            train(args.out, args.seed, args.pool_size, args.vision_steps, args.align_steps if args.align_steps is not None else 200,
+                  args.mix_steps if args.mix_steps is not None else 4000, args.batch, log=log)
+    if args.eval_limit == 0:
+        return
     scores = score_checkpoint(args.out, args.eval_limit, log=log)
     (args.out / "train_scores.json").write_text(json.dumps(scores, indent=1))
 
