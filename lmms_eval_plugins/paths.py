@@ -26,11 +26,12 @@ def tasks_dir() -> Path:
 
 # Every checkpoint the package ships, by the name the wrappers accept (``pretrained=shapeworld-tiny``,
 # ``--teacher shapeworld-teacher``). Weights the project trained itself; the scripts that made them
-# are in lmms_eval_plugins/shapeworld/train.py (``--arch qwen2_5_vl``: train_qwen.py) and
+# are in lmms_eval_plugins/shapeworld/train.py (``--arch llava-1.5``: shapeworld-llava; ``--arch qwen2_5_vl``: train_qwen.py) and
 # lmms_eval_plugins/viral_teacher.py.
 CHECKPOINTS = {
     "shapeworld-tiny": PACKAGE_DIR / "shapeworld" / "checkpoints" / "shapeworld-tiny",
     "shapeworld-tiny-qwen": PACKAGE_DIR / "shapeworld" / "checkpoints" / "shapeworld-tiny-qwen",
+    "shapeworld-llava": PACKAGE_DIR / "shapeworld" / "checkpoints" / "shapeworld-llava",
     "shapeworld-teacher": PACKAGE_DIR / "checkpoints" / "shapeworld-teacher",
 }
 

@@ -6,13 +6,14 @@
 
 from __future__ import annotations
 
-from ..paths import CHECKPOINTS, named_paths
+from ..paths import CHECKPOINTS, checkpoint_dir, tasks_dir
 
 NAMES = ("tasks", *CHECKPOINTS)
 
 
 def main(args) -> int:
-    print(named_paths()[args.name])
+    # only the asked-for path is resolved: one missing checkpoint does not break the others
+    print(tasks_dir() if args.name == "tasks" else checkpoint_dir(args.name))
     return 0
 
 
