@@ -16,6 +16,7 @@ and the CKA curves).
 
 from __future__ import annotations
 
+import argparse
 import json
 from pathlib import Path
 
@@ -24,7 +25,7 @@ import torch
 
 def register(sub) -> None:
     p = sub.add_parser("alignment", help="layer-wise CKNNA/CKA of image-token hidden states vs a teacher (VIRAL analysis)",
-                       description=__doc__, formatter_class=__import__("argparse").RawDescriptionHelpFormatter)
+                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", action="append", required=True,
                    help="NAME=CHECKPOINT[,adapter=DIR] (repeatable; the first is the baseline of the plot)")
     p.add_argument("--reference", default="self", help="teacher backbone directory, or 'self' (the first model's vision tower)")
@@ -160,7 +161,7 @@ def plot_curves(tables: dict, path, title: str = "") -> None:
             xx = x0 + (layer / max(1, n - 1)) * (x1 - x0)
             d.text((xx - 3, y1 + 4), str(layer), fill="black")
 
-        def to_xy(layer, v):
+        def to_xy(layer, v, x0=x0, y0=y0, x1=x1, y1=y1, n=n, lo=lo, hi=hi):  # this panel's frame, bound now
             return (x0 + (layer / max(1, n - 1)) * (x1 - x0), y1 - (v - lo) / (hi - lo) * (y1 - y0))
 
         for k, (name, table) in enumerate(tables.items()):

@@ -14,6 +14,7 @@ backbone directory seeing the original image (--teacher DIR --teacher-input imag
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 
 from methods import viral
@@ -108,8 +109,6 @@ def register(sub) -> None:
 def _defaults_only_when_absent(p) -> None:
     """TrainConfig fields get no argparse default (shown in the help instead), so that ``run`` sees which
     flags were given: --preset fills only the others."""
-    import argparse
-
     from methods.viral_train import TrainConfig
 
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
@@ -125,7 +124,7 @@ def _layers(text: str):
     return layers[0] if len(layers) == 1 else layers
 
 
-class _Formatter(__import__("argparse").RawDescriptionHelpFormatter):
+class _Formatter(argparse.RawDescriptionHelpFormatter):
     pass
 
 
