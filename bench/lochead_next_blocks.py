@@ -50,9 +50,9 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from lmms_eval_plugins.paths import CHECKPOINTS, tasks_dir
-from lmms_eval_plugins.shapeworld.metrics import box_iou
-from lmms_eval_plugins.testing import read_samples, run_lmms_eval, tiny_pinpoints
+from lmms_eval_plugins.paths import CHECKPOINTS, tasks_dir  # noqa: E402
+from lmms_eval_plugins.shapeworld.metrics import box_iou  # noqa: E402
+from lmms_eval_plugins.testing import read_samples, run_lmms_eval, tiny_pinpoints  # noqa: E402
 
 HEADS_FILE = REPO / "lmms_eval_plugins" / "heads" / "shapeworld-tiny.json"
 REC = "shapeworld_rec"

@@ -115,7 +115,7 @@ def main():
     if len(tasks) == 1:
         lines += ["", f"Answers given from a compressed context only ({a.followup_metric}), vs llava_hf on the same documents:", "",
                   "| run | answers | compressed | llava_hf |", "|---|---|---|---|"]
-        for (name, _, s), d in zip(runs, run_dirs):
+        for (name, _, _s), d in zip(runs, run_dirs):
             fa = followup_accuracy(d, base_dir, tasks[0], a.followup_metric) if (d / "reprompt_stats.jsonl").exists() else None
             if fa:
                 lines.append(f"| {name} | {fa[0]} | {fa[1]:.4f} | {fa[2]:.4f} |")

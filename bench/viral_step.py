@@ -61,11 +61,11 @@ def main(argv=None) -> dict:
     ip = processor.image_processor
     variants = {
         "lm": dict(projector=None, targets=lambda: None, weight=0.0),
-        "cached": dict(projector=viral.VraProjector(d, 768, 2048), targets=(lambda t=torch.randn(args.batch_size, n_grid, 768): t), weight=0.5),
+        "cached": dict(projector=viral.VraProjector(d, 768, 2048), targets=(lambda t=torch.randn(args.batch_size, n_grid, 768): t), weight=0.5),  # noqa: B008 (drawn once)
         "self": dict(projector=viral.VraProjector(d, self_teacher.dim, 2048),
                      targets=lambda: viral.teacher_targets(self_teacher, batch["pixel_values"], ip.image_mean, ip.image_std, viral.llm_grid(model)),
                      weight=0.5),
-        "small": dict(projector=viral.VraProjector(d, 768, d), targets=(lambda t=torch.randn(args.batch_size, n_grid, 768): t), weight=0.5),
+        "small": dict(projector=viral.VraProjector(d, 768, d), targets=(lambda t=torch.randn(args.batch_size, n_grid, 768): t), weight=0.5),  # noqa: B008
     }
     opts = {}
     for name, v in variants.items():

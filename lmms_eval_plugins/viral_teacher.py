@@ -146,7 +146,7 @@ def evaluate(backbone, head, x, y) -> dict:
     backbone.eval()
     tokens = torch.cat([backbone(pixel_values=x[i : i + 64]).last_hidden_state[:, 1:] for i in range(0, len(x), 64)])
     acc = {}
-    for i, (k, n) in enumerate(HEADS.items()):
+    for i, k in enumerate(HEADS):
         pred = head[k](tokens).argmax(-1)
         target = y[:, i].reshape(len(x), -1)
         obj = target > 0

@@ -255,7 +255,7 @@ def anyres_geometry(config, processor, image_size, start, inputs) -> list[Block]
     tile_rows, tile_cols = anyres_tiling(config, image_size)
     rows, cols, region = unpadded_grid(image_size[0], image_size[1], side * tile_rows, side * tile_cols)
     if config.model_type == "llava_onevision":
-        max_tiles = int(str(getattr(config, "vision_aspect_ratio", "anyres_max_9")).strip("anyres_max_"))
+        max_tiles = int(str(getattr(config, "vision_aspect_ratio", "anyres_max_9")).removeprefix("anyres_max_"))
         ratio = math.sqrt(rows * cols / (max_tiles * side**2))
         if ratio > 1.1:  # the model interpolates the grid down; it still covers the same region
             rows, cols = int(rows // ratio), int(cols // ratio)

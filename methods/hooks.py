@@ -195,7 +195,7 @@ class Capture(AttnEdit):
 
 def _module_eager(module):
     """The eager function of the module's own modeling file (CLIP's differs from Llama's)."""
-    return getattr(sys.modules[type(module).__module__], "eager_attention_forward")
+    return sys.modules[type(module).__module__].eager_attention_forward
 
 
 def _additive_mask(attention_mask, module, rows, q_len, k_len, dtype, device):

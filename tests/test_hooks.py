@@ -275,7 +275,6 @@ def test_attention_modules_found_without_name_patterns(tmp_path, family):
 
 @pytest.mark.parametrize("family", ["llava_next", "llava_onevision"])
 def test_idle_hook_layer_is_bit_identical_on_anyres_families(tmp_path, family):
-    from PIL import Image
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     from lmms_eval_plugins import testing

@@ -89,7 +89,7 @@ def test_qwen_discovery_reads_the_merged_grid_and_matches_an_eager_forward(qwen_
 
     seen = _check_against_eager(qwen_ckpt)
     config, processor = AutoConfig.from_pretrained(qwen_ckpt), AutoProcessor.from_pretrained(qwen_ckpt)
-    for (image, _), (maps, grid) in zip(SAMPLES, seen):
+    for (image, _), (_maps, grid) in zip(SAMPLES, seen):
         inputs = L.prompt_inputs(processor, image, TEXT, "task", "qwen2_5_vl")
         merge = config.vision_config.spatial_merge_size
         thw = inputs["image_grid_thw"][0]

@@ -10,7 +10,6 @@ from transformers import AttentionInterface, AttentionMaskInterface
 from transformers.integrations.sdpa_attention import repeat_kv
 from transformers.masking_utils import sdpa_mask
 
-from methods import hooks
 from methods.paint import (
     Paint,
     head_sensitivity_weights,

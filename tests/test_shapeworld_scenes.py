@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from lmms_eval_plugins.shapeworld import data, metrics
+from lmms_eval_plugins.shapeworld import metrics
 from lmms_eval_plugins.shapeworld.scenes import (
     BACKGROUND,
     PARTNER,

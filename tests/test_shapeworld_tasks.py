@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from lmms_eval_plugins.shapeworld import data, metrics
-from lmms_eval_plugins.shapeworld.scenes import PARTNER, SHAPES, sample_scene, WORLDS
+from lmms_eval_plugins.shapeworld.scenes import SHAPES, sample_scene, WORLDS
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -53,7 +53,7 @@ def test_pope_questions_are_true_and_follow_the_rules():
                 if rule == "popular":
                     assert freq[d["object"]] == max(freq[s] for s in absent)
                 if rule == "adversarial":
-                    score = lambda s: sum(cooc[p][s] for p in scene.shapes_present())
+                    score = lambda s, scene=scene: sum(cooc[p][s] for p in scene.shapes_present())
                     assert score(d["object"]) == max(score(s) for s in absent)
     # the three rules share images and "yes" questions
     yes = [[(d["scene_seed"], d["object"]) for d in ds if d["answer"] == "yes"] for ds in docs.values()]

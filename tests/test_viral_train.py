@@ -19,7 +19,7 @@ def _data(root):
     """Eight images; the assistant always answers "yes" to the tiny_yesno question."""
     (root / "img").mkdir(parents=True)
     records = []
-    for i, (name, rgb) in enumerate(list(COLOURS.items()) * 2):
+    for i, (_name, rgb) in enumerate(list(COLOURS.items()) * 2):
         Image.new("RGB", (40, 36), rgb).save(root / "img" / f"{i}.png")
         q = f"<image>\nis there a {list(COLOURS)[(i + 1) % 4]} square in the image?"
         records.append({"image": f"{i}.png", "conversations": [{"from": "human", "value": q}, {"from": "gpt", "value": "yes"}]})

@@ -20,10 +20,10 @@ import os
 import sys
 
 try:
-    from lmms_eval_plugins.shapeworld import data, metrics
+    from lmms_eval_plugins.shapeworld import data
 except ImportError:  # running from a source checkout that is not pip-installed
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-    from lmms_eval_plugins.shapeworld import data, metrics
+    from lmms_eval_plugins.shapeworld import data
 
 from datasets import Dataset
 
