@@ -192,12 +192,17 @@ def spatial_official(layer_probs: torch.Tensor, n_patches: int, ratio: float, dt
 
     layer_probs: (batch, heads, N+1, N+1) probabilities of the local layer.
     """
-    scores = layer_probs.to(dtype).mean(dim=1).sum(dim=-1)  # (batch, N+1)
+    scores = spatial_row_sums(layer_probs, dtype)
     mask = torch.zeros(scores.shape, dtype=torch.bool, device=scores.device)
     k = int(n_patches * ratio)
     if k:
         mask.scatter_(-1, scores.topk(k, dim=-1).indices, True)
     return mask
+
+
+def spatial_row_sums(layer_probs: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """(batch, N+1) scores ``spatial_official`` ranks: the head-mean attention's row sums (clip_encoder.py:31-32)."""
+    return layer_probs.to(dtype).mean(dim=1).sum(dim=-1)
 
 
 @dataclasses.dataclass
