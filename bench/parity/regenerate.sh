@@ -14,7 +14,7 @@
 set -euo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
 REPO=$(cd "$HERE/../.." && pwd)
-PAI="" PAINT="" PM="" LOCHEAD="" VLMINTERP="" VIRAL="" OFFICIAL_VENV=/work/venvs/official OURS=${PYTHON:-python}
+PAI="" PAINT="" PM="" LOCHEAD="" VLMINTERP="" VIRAL="" REGIMES="" OFFICIAL_VENV=/work/venvs/official OURS=${PYTHON:-python}
 while [ $# -gt 0 ]; do
   case "$1" in
     --pai) PAI=$2; shift 2 ;;
@@ -23,6 +23,7 @@ while [ $# -gt 0 ]; do
     --vlminterp) VLMINTERP=$2; shift 2 ;;  # vlm-interp @ 8f38051 (modified_llava_files/, mllm/); its LLaVA fork from VLMINTERP_LLAVA=DIR
     --lochead) LOCHEAD=$2; shift 2 ;;  # HEAD_CHECKOUT:V2_CHECKOUT (8ce33b0 and 9ffe219); LLaVA-1.5's llava/ from LOCHEAD_LLAVA=DIR or --pai
     --viral) VIRAL=$2; shift 2 ;;  # VIRAL_CHECKOUT:DINOV2_CHECKOUT (cvlab-kaist/VIRAL @ adc0791, facebookresearch/dinov2; DINOV2_COMMIT=<hash> for an exported tree)
+    --regimes) REGIMES=$2; shift 2 ;;  # PM_CHECKOUT:HEAD_CHECKOUT:V2_CHECKOUT (58c2c0f, 8ce33b0, 9ffe219): the official analyses on planted attention
     --official-venv) OFFICIAL_VENV=$2; shift 2 ;;
     --python) OURS=$2; shift 2 ;;
     *) echo "unknown argument $1" >&2; exit 2 ;;
@@ -80,4 +81,13 @@ if [ -n "$VIRAL" ]; then
   "$OFFICIAL_VENV/bin/python" "$HERE/viral_official.py" --viral "${VIRAL%%:*}" --dinov2 "${VIRAL##*:}" --model "$WORK/model" \
     --out "$REPO/tests/fixtures/official/viral" --scratch "$WORK/viral"
   "$OURS" -m pytest -q "$REPO/tests/test_parity_viral.py"
+fi
+
+if [ -n "$REGIMES" ]; then
+  # non-degenerate regimes (planted attention, regimes.py): the official lochead analyses and PM's search loop
+  "$OFFICIAL_VENV/bin/python" -c "import scipy, yaml" 2>/dev/null || "$OFFICIAL_VENV/bin/pip" install -q "scipy<1.14" pyyaml
+  IFS=: read -r R_PM R_HEAD R_V2 <<< "$REGIMES"
+  "$OFFICIAL_VENV/bin/python" "$HERE/regimes_official.py" --pm "$R_PM" --head "$R_HEAD" --v2 "$R_V2" \
+    --out "$REPO/tests/fixtures/official/regimes" --scratch "$WORK/regimes"
+  "$OURS" -m pytest -q "$REPO/tests/test_parity_regimes.py"
 fi
