@@ -46,6 +46,20 @@ def test_training_command_resumes_where_it_stopped(tmp_path):
     assert max((b[k].float() - fresh[k].float()).abs().max().item() for k in b) > 1e-3  # 8 steps at lr 1e-3: 40x the tolerance above
 
 
+def test_init_from_starts_a_further_run_from_a_checkpoint(tmp_path):
+    first, second = tmp_path / "first", tmp_path / "second"
+    train.main(["--out", str(first), *SMALL])
+    # a further run of zero steps saves exactly the weights it started from
+    zero = ["--vision-steps", "0", "--align-steps", "0", "--mix-steps", "0", "--fine-steps", "0"]
+    train.main(["--out", str(second), *SMALL, *zero, "--init-from", str(first)])
+    a, b = _weights(first), _weights(second)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    other = SMALL.copy()
+    other[other.index("--geometry") + 1] = "image_size=56,text_layers=3,vision_layers=1"
+    with pytest.raises(SystemExit, match="config differs"):
+        train.main(["--out", str(tmp_path / "third"), *other, "--init-from", str(first)])
+
+
 def test_resume_refuses_a_corrupt_state(tmp_path):
     out = tmp_path / "run"
     out.mkdir()

@@ -261,7 +261,7 @@ def vision_stage(features, vparams, aux_head, pool, gen, steps: int, batch: int,
 def language_stages(model, aux_head, forward, pool, gen, rng, tok, probe, align_steps: int, mix_steps: int, batch: int,
                     warmup: int, log, t0: float, after_probe=None, *, mix=MIX, extra_aux=None, extra_params=(),
                     on_step=None, step_cost=None, start_step: int = 0, opt_state=None, save_every: int = 0,
-                    save_state=None, stop_after: int | None = None) -> bool:
+                    save_state=None, stop_after: int | None = None, peak_lr: float = 1e-3) -> bool:
     """Stages 2 (captions) and 3 (the task mix): the whole model on the language loss, with the
     dense and word-alignment losses as auxiliaries. ``forward(idx, examples)`` -> (logits, labels,
     features for the dense head, image embeddings in the LM's space): the only architecture-specific part.
@@ -271,7 +271,7 @@ def language_stages(model, aux_head, forward, pool, gen, rng, tok, probe, align_
     after saving (returns False).  ``on_step(step)`` runs before each step (progressive resolution),
     ``step_cost(step)`` weighs steps for the ETA."""
     params = list(model.parameters()) + list(aux_head.parameters()) + list(extra_params)
-    opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.01, betas=(0.9, 0.98))
+    opt = torch.optim.AdamW(params, lr=peak_lr, weight_decay=0.01, betas=(0.9, 0.98))
     if opt_state is not None:
         opt.load_state_dict(opt_state)
     total = align_steps + mix_steps
@@ -284,7 +284,7 @@ def language_stages(model, aux_head, forward, pool, gen, rng, tok, probe, align_
             on_step(step)
         stage = "align" if step < align_steps else "mix"
         for g in opt.param_groups:
-            g["lr"] = lr_at(step, total, 1e-3, warmup)
+            g["lr"] = lr_at(step, total, peak_lr, warmup)
         kind = "caption" if stage == "align" else rng.choices(kinds, weights=weights)[0]
         idx = torch.randint(len(pool.scenes), (batch,), generator=gen)
         examples = [training_example(kind, pool.scenes[i], rng) for i in idx.tolist()]
@@ -439,14 +439,28 @@ def _load_state(path: Path) -> dict:
     return state
 
 
+def _architecture(config: dict) -> dict:
+    """A config without what saving adds (dtype, name, architectures): what must match to load weights."""
+    return {k: _architecture(v) if isinstance(v, dict) else v for k, v in config.items() if k not in ("dtype", "_name_or_path", "architectures")}
+
+
 def train_llava15(out: Path, seed: int = 0, geometry: Geometry = GEOMETRIES["llava-1.5"], pool_size: int = 6000,
-                  vision_steps: int = 300, align_steps: int = 300, mix_steps: int = 4500, fine_steps: int = 800,
+                  vision_steps: int = 300, align_steps: int = 300, mix_steps: int = 2250, fine_steps: int = 250,
                   batch: int = 16, coarse_grid: int | None = None, probe_size: int = 192, save_every: int = 250,
-                  resume: bool = False, stop_after: int | None = None, log=print):
-    """Train shapeworld-llava; returns (model, processor), or None when ``stop_after`` ended it early."""
+                  resume: bool = False, stop_after: int | None = None, init_from: Path | None = None, peak_lr: float = 1e-3, log=print):
+    """Train shapeworld-llava; returns (model, processor), or None when ``stop_after`` ended it early.
+    ``init_from``: start from a saved checkpoint's weights (a further run with its own schedule)."""
     random.seed(seed)
     np.random.seed(seed)
     model, processor = build_model(seed=seed, geometry=geometry)
+    if init_from is not None:
+        from transformers import LlavaForConditionalGeneration
+
+        source = LlavaForConditionalGeneration.from_pretrained(init_from, dtype=torch.float32)
+        if _architecture(source.config.to_dict()) != _architecture(model.config.to_dict()):
+            raise SystemExit(f"--init-from {init_from}: its config differs from this geometry's ({geometry_dict(geometry)})")
+        model.load_state_dict(source.state_dict())
+        log(f"weights from {init_from}")
     tok = processor.tokenizer
     full = geometry.grid
     coarse = coarse_grid or max(1, full // 2)
@@ -509,7 +523,7 @@ def train_llava15(out: Path, seed: int = 0, geometry: Geometry = GEOMETRIES["lla
         model, aux_head, forward, pool, gen, rng, tok, probe, align_steps, mix_steps, batch, min(200, max(1, total // 5)), log, t0,
         mix=MIX_LLAVA15, extra_aux=box_loss, extra_params=box_head.parameters(), on_step=on_step,
         step_cost=lambda s: FINE_STEP_COST if s >= switch else 1.0, start_step=start, opt_state=opt_state,
-        save_every=save_every, save_state=save, stop_after=stop_after)
+        save_every=save_every, save_state=save, stop_after=stop_after, peak_lr=peak_lr)
     if not finished:
         return None
     model.eval()
@@ -637,13 +651,15 @@ def main(argv=None):
     ap.add_argument("--pool-size", type=int, default=6000)
     ap.add_argument("--vision-steps", type=int, default=300)
     ap.add_argument("--align-steps", type=int, default=None, help="default 200 (llava), 300 (llava-1.5)")
-    ap.add_argument("--mix-steps", type=int, default=None, help="default 4000 (llava), 4500 (llava-1.5)")
-    ap.add_argument("--fine-steps", type=int, default=800, help="llava-1.5: the last steps at the full grid (the rest at half the grid)")
+    ap.add_argument("--mix-steps", type=int, default=None, help="default 4000 (llava), 2250 (llava-1.5)")
+    ap.add_argument("--fine-steps", type=int, default=250, help="llava-1.5: the last steps at the full grid (the rest at half the grid)")
     ap.add_argument("--geometry", default=None, help="llava-1.5: KEY=INT,... overrides of the geometry (e.g. a small test configuration)")
     ap.add_argument("--probe-size", type=int, default=192, help="llava-1.5: held-out yes/no questions probed every 500 steps")
     ap.add_argument("--save-every", type=int, default=250, help="llava-1.5: steps between saved training states")
     ap.add_argument("--resume", action="store_true", help="llava-1.5: continue from --out/training_state.pt")
     ap.add_argument("--stop-after", type=int, default=None, help="llava-1.5: save the state and stop after this language step")
+    ap.add_argument("--lr", type=float, default=1e-3, help="llava-1.5: peak learning rate of the language stages")
+    ap.add_argument("--init-from", type=Path, default=None, help="llava-1.5: start from this checkpoint's weights (a further run with its own schedule)")
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--threads", type=int, default=2, help="torch threads (1 is faster when the 2 cores are shared)")
     ap.add_argument("--eval-limit", type=int, default=None, help="docs per task for the final scores (default: full test splits; 0: no scores)")
@@ -663,9 +679,9 @@ def main(argv=None):
         if args.arch == "llava-1.5":
             done = train_llava15(args.out, args.seed, parse_geometry(args.arch, args.geometry), args.pool_size,
                                  args.vision_steps, args.align_steps if args.align_steps is not None else 300,
-                                 args.mix_steps if args.mix_steps is not None else 4500, args.fine_steps, args.batch,
+                                 args.mix_steps if args.mix_steps is not None else 2250, args.fine_steps, args.batch,
                                  probe_size=args.probe_size, save_every=args.save_every, resume=args.resume,
-                                 stop_after=args.stop_after, log=log)
+                                 stop_after=args.stop_after, init_from=args.init_from, peak_lr=args.lr, log=log)
             if done is None:
                 return
         else:
