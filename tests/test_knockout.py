@@ -135,7 +135,10 @@ def test_generation_uses_the_same_blocks_in_every_decode_step(tiny):
         full = dict(inputs, input_ids=seq, attention_mask=torch.ones_like(seq))
         req_full = Request(input_ids=seq, image_token_id=model.config.image_token_id, prompt_len=p, images=[None])
         logits = tech.forward(model, req_full, **full).logits
-    assert torch.equal(logits[0, p - 1 : -1].argmax(-1), seq[0, p:])
+    # cached decoding and one full forward round differently (<= 2e-7 measured): each greedy token
+    # must be the full forward's argmax up to such a near-tie (the top-2 gaps here are >= 0.02)
+    rows = logits[0, p - 1 : -1]
+    assert (rows.max(-1).values - rows.gather(-1, seq[0, p:, None])[:, 0] <= 1e-5).all()
 
 
 def test_layer_windows_and_errors():
