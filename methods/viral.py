@@ -379,7 +379,7 @@ class BackboneTeacher(nn.Module):
         self.image_size, self.patch_size, self.name = int(image_size), int(patch_size), name
         if self.image_size % self.patch_size:
             raise ValueError(f"teacher image size {image_size} is not a multiple of its patch size {patch_size}")
-        self.dim = int(dim or getattr(backbone.config, "hidden_size"))
+        self.dim = int(dim or backbone.config.hidden_size)
 
     @classmethod
     def from_pretrained(cls, path, image_size: int | None = None) -> "BackboneTeacher":

@@ -201,7 +201,7 @@ def test_frequency_ranking_over_official_top10(captured, fixtures):
     """Neither official version ranks by selection frequency (the paper's step); ours over HEAD's top-10s."""
     fx, _, _ = fixtures
     result = lochead.DiscoveryResult(num_layers=32, num_heads=32)
-    for maps, s in zip(captured, fx["samples"]):
+    for maps, _sample in zip(captured, fx["samples"]):
         ranked = lochead.rank_heads_official(maps, GRID)
         entropy = {(r["layer"], r["head"]): r["spatial_entropy"] for r in ranked}
         result.add(lochead.select_heads(maps, GRID, "official", 10), lochead.image_attention_sum(maps), entropy, 0)

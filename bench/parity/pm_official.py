@@ -140,7 +140,7 @@ class Trace:
     def steps(self) -> list[dict]:
         """Group the events into decoding steps (one perception map and magnified image each)."""
         steps, cur = [], None
-        for name, args, kwargs, out in self.events:
+        for name, args, _kwargs, out in self.events:
             if cur is None:
                 cur = {"maps": [], "highlight_in": [], "highlight": [], "override_masks": []}
             if name == "aggregate_layer_attention":

@@ -43,7 +43,6 @@ import json
 import os
 import subprocess
 import sys
-import types
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
