@@ -118,7 +118,7 @@ def test_shipped_checkpoint_has_llava15_geometry():
 @pytest.mark.skipif(not (CKPT / "model.safetensors").exists(), reason="shapeworld-llava not built")
 @pytest.mark.parametrize("model, name", [("llava_hf", str(CKPT)), ("llava_pai", "shapeworld-llava")])
 def test_stock_llava_hf_and_a_wrapper_load_it_in_the_cli(tmp_path, model, name):
-    results, out = run_lmms_eval(model, f"pretrained={name},device_map=cpu", "shapeworld_pope_random,shapeworld_rec", tmp_path,
+    results, out = run_lmms_eval(model, f"pretrained={name},device_map=cpu,device=cpu", "shapeworld_pope_random,shapeworld_rec", tmp_path,
                                  include_path=tasks_dir(), extra=("--limit", "3"))
     assert results is not None, out[-3000:]
     assert 0.0 <= results["results"]["shapeworld_pope_random"]["pope_accuracy,none"] <= 1.0
