@@ -303,6 +303,38 @@ def run_lmms_eval(model: str, model_args: str, tasks: str, output_path, *, inclu
     return results, proc.stdout + proc.stderr
 
 
+def run_lmms_eval_many(runs: list[dict], config_path, *, cwd=None, timeout=900) -> str:
+    """Run the real lmms-eval CLI once on a ``--config`` YAML listing several runs (each a dict of
+    CLI options: model, model_args, tasks, output_path, ...) and return its combined output.
+
+    lmms-eval evaluates the list in one process, one run after the other, and goes on after a run
+    that fails; read each run's results from its own output_path (``results_of``). One process
+    instead of one per run saves the interpreter start-up and imports (lmms-eval still re-indexes
+    its tasks for every run).
+    """
+    import os
+    import subprocess
+    import sys
+
+    import yaml
+
+    Path(config_path).write_text(yaml.safe_dump([{"batch_size": 1, "log_samples": True, **r} for r in runs]))
+    cmd = [sys.executable, "-m", "lmms_eval", "--config", str(config_path)]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=cwd, timeout=timeout)
+    return proc.stdout + proc.stderr
+
+
+def results_of(output_path) -> dict | None:
+    """The newest ``*_results.json`` under an lmms-eval output_path, or None."""
+    import glob
+    import json
+    import os
+
+    files = sorted(glob.glob(os.path.join(str(output_path), "**", "*_results.json"), recursive=True))
+    return json.load(open(files[-1])) if files else None
+
+
 def read_samples(output_path, task: str) -> list[dict]:
     """The per-sample log (``--log_samples``) of one task, in doc order."""
     import glob

@@ -63,6 +63,7 @@ def tiny(tiny_ckpt):
 # Files whose every test runs lmms-eval end to end (a subprocess of `python -m lmms_eval`, the
 # in-process evaluator on a real task, or a training run launched as a command).
 CLI_FILES = {
+    "test_bf16_inference.py",
     "test_cli_knockout_reprompt.py",
     "test_cli_pai.py",
     "test_cli_pm.py",
