@@ -426,3 +426,14 @@ def assert_ranked_alike(ours: list, ref: list, value: dict, tol: float) -> None:
         edge = sign * value[other[-1]]
         for k in set(mine) - set(other):
             assert sign * value[k] <= edge + tol, f"{k!r} is ranked by one side only and is not a near-tie at the boundary"
+
+
+def load_parity_script(name: str):
+    """A harness script of bench/parity/ (not a package) loaded as a module, e.g. ``tiny_llava15``."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "parity" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

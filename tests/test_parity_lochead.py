@@ -14,7 +14,6 @@ layer): 1e-5; entropies 1e-6; every discrete result (elbow, kept heads, rankings
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 from pathlib import Path
@@ -24,7 +23,7 @@ import pytest
 import torch
 from PIL import Image
 
-from lmms_eval_plugins.testing import assert_ranked_alike
+from lmms_eval_plugins.testing import assert_ranked_alike, load_parity_script
 from methods import hooks, lochead
 from methods.technique import Request
 
@@ -39,10 +38,7 @@ pytestmark = pytest.mark.skipif(not (FIX / "lochead_official.json").exists(), re
 
 
 def _tiny():
-    spec = importlib.util.spec_from_file_location("tiny_llava15", ROOT / "bench" / "parity" / "tiny_llava15.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_parity_script("tiny_llava15")
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,6 @@ Tolerances: maps are attention probabilities computed by a different attention i
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import types
 from pathlib import Path
@@ -23,6 +22,7 @@ import pytest
 import torch
 from PIL import Image
 
+from lmms_eval_plugins.testing import load_parity_script
 from methods import hooks
 from methods import pm
 from methods.technique import Request
@@ -35,10 +35,7 @@ pytestmark = pytest.mark.skipif(not (FIX / "pm_official.json").exists(), reason=
 
 
 def _tiny():
-    spec = importlib.util.spec_from_file_location("tiny_llava15", ROOT / "bench" / "parity" / "tiny_llava15.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_parity_script("tiny_llava15")
 
 
 def load_fixtures():

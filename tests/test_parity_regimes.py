@@ -23,7 +23,6 @@ outside near-ties (``assert_ranked_alike``); every discrete result equal. No off
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 from pathlib import Path
@@ -33,7 +32,7 @@ import pytest
 import torch
 from PIL import Image
 
-from lmms_eval_plugins.testing import assert_ranked_alike
+from lmms_eval_plugins.testing import assert_ranked_alike, load_parity_script
 from methods import lochead, pm
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -46,10 +45,7 @@ pytestmark = pytest.mark.skipif(not (FIX / "regimes_official.json").exists(), re
 
 
 def _regimes():
-    spec = importlib.util.spec_from_file_location("regimes", ROOT / "bench" / "parity" / "regimes.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_parity_script("regimes")
 
 
 R = _regimes()
