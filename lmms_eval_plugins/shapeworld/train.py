@@ -205,17 +205,26 @@ class YesNoProbe:
                 self.kinds.append(neg_rule if ans == "no" else "yes")
                 imgs.append(img)
         self.pixels = processor.image_processor(images=imgs, return_tensors="pt")["pixel_values"]
-        tok = processor.tokenizer
-        self.ids, self.mask, _ = encode_batch(tok, [(p, "") for p, _ in self.examples], n_image_tokens)
-        self.yes, self.no = tok.convert_tokens_to_ids("yes"), tok.convert_tokens_to_ids("no")
-        self.answer_pos = self.mask.sum(1) - 2  # last prompt token (before the eos we appended)
+        self.tok = processor.tokenizer
+        self.n_image_tokens = n_image_tokens
+        self.yes, self.no = self.tok.convert_tokens_to_ids("yes"), self.tok.convert_tokens_to_ids("no")
 
     @torch.no_grad()
-    def __call__(self, model) -> dict:
+    def __call__(self, model, grid: int | None = None) -> dict:
+        """At the processor's input size, or at ``grid`` x ``grid`` patches (the pixels resized, CLIP's
+        position table interpolated): the llava-1.5 recipe trains mostly at half its final grid."""
+        pixels, n_img = self.pixels, self.n_image_tokens
+        if grid is not None and grid * grid != n_img:
+            size = grid * model.config.vision_config.patch_size
+            pixels = F.interpolate(pixels, size=(size, size), mode="bicubic", antialias=True, align_corners=False)
+            n_img = grid * grid
+        ids, mask, _ = encode_batch(self.tok, [(p, "") for p, _ in self.examples], n_img)
+        answer_pos = mask.sum(1) - 2  # last prompt token (before the eos encode_batch appended)
         model.eval()
-        logits = lm_logits(model, vision_features(model, self.pixels), self.ids, self.mask)
+        logits = torch.cat([lm_logits(model, vision_features_at(model, pixels[s : s + 64]), ids[s : s + 64], mask[s : s + 64])[
+            torch.arange(min(64, len(ids) - s)), answer_pos[s : s + 64]] for s in range(0, len(ids), 64)])
         model.train()
-        last = logits[torch.arange(len(self.examples)), self.answer_pos]
+        last = logits
         says_yes = (last[:, self.yes] > last[:, self.no]).tolist()
         truth = [a == "yes" for _, a in self.examples]
         acc = sum(p == t for p, t in zip(says_yes, truth)) / len(truth)
@@ -261,7 +270,7 @@ def vision_stage(features, vparams, aux_head, pool, gen, steps: int, batch: int,
 def language_stages(model, aux_head, forward, pool, gen, rng, tok, probe, align_steps: int, mix_steps: int, batch: int,
                     warmup: int, log, t0: float, after_probe=None, *, mix=MIX, extra_aux=None, extra_params=(),
                     on_step=None, step_cost=None, start_step: int = 0, opt_state=None, save_every: int = 0,
-                    save_state=None, stop_after: int | None = None, peak_lr: float = 1e-3) -> bool:
+                    save_state=None, stop_after: int | None = None, peak_lr: float = 1e-3, probe_every: int = 500) -> bool:
     """Stages 2 (captions) and 3 (the task mix): the whole model on the language loss, with the
     dense and word-alignment losses as auxiliaries. ``forward(idx, examples)`` -> (logits, labels,
     features for the dense head, image embeddings in the LM's space): the only architecture-specific part.
@@ -307,7 +316,7 @@ def language_stages(model, aux_head, forward, pool, gen, rng, tok, probe, align_
             eta = (time.time() - t_run) / done * sum(step_cost(s) for s in range(step + 1, total))
             log(f"[{stage} {step + 1}/{total}] lm {np.mean([l for _, l, _ in run]):.3f} aux {np.mean([a for _, _, a in run]):.3f} | {txt} ({time.time() - t0:.0f}s, eta {eta / 60:.0f} min)")
             run, t_run = [], time.time()
-        if (step + 1) % 500 == 0 or step + 1 == total:
+        if (step + 1) % probe_every == 0 or step + 1 == total:
             log(f"  probe {step + 1}: " + " ".join(f"{k} {v:.3f}" for k, v in probe(model).items()))
             if after_probe is not None and step + 1 < total:
                 after_probe(step + 1)
@@ -447,7 +456,8 @@ def _architecture(config: dict) -> dict:
 def train_llava15(out: Path, seed: int = 0, geometry: Geometry = GEOMETRIES["llava-1.5"], pool_size: int = 6000,
                   vision_steps: int = 300, align_steps: int = 300, mix_steps: int = 2250, fine_steps: int = 250,
                   batch: int = 16, coarse_grid: int | None = None, probe_size: int = 192, save_every: int = 250,
-                  resume: bool = False, stop_after: int | None = None, init_from: Path | None = None, peak_lr: float = 1e-3, log=print):
+                  resume: bool = False, stop_after: int | None = None, init_from: Path | None = None, peak_lr: float = 1e-3,
+                  probe_every: int = 500, log=print):
     """Train shapeworld-llava; returns (model, processor), or None when ``stop_after`` ended it early.
     ``init_from``: start from a saved checkpoint's weights (a further run with its own schedule)."""
     random.seed(seed)
@@ -470,7 +480,13 @@ def train_llava15(out: Path, seed: int = 0, geometry: Geometry = GEOMETRIES["lla
     box_head = torch.nn.Linear(geometry.vision_hidden, 4)
     heads = {"aux": aux_head, "box": box_head}
     pool = ProgressivePool(pool_size, "fit", TRAIN_WORLD, processor, geometry, {coarse, full}, log=log)
-    probe = YesNoProbe(processor, geometry.image_tokens, n=probe_size)
+    yes_no = YesNoProbe(processor, geometry.image_tokens, n=probe_size)
+
+    def probe(model):
+        """At the full grid (what the checkpoint is scored at) and at the coarse one (what most steps train at)."""
+        at_coarse = yes_no(model, grid=coarse)
+        return yes_no(model) | {f"yesno_acc_{coarse}x{coarse}": at_coarse["yesno_acc"]}
+
     rng = random.Random(seed)
     gen = torch.Generator().manual_seed(seed)
     out.mkdir(parents=True, exist_ok=True)
@@ -523,7 +539,7 @@ def train_llava15(out: Path, seed: int = 0, geometry: Geometry = GEOMETRIES["lla
         model, aux_head, forward, pool, gen, rng, tok, probe, align_steps, mix_steps, batch, min(200, max(1, total // 5)), log, t0,
         mix=MIX_LLAVA15, extra_aux=box_loss, extra_params=box_head.parameters(), on_step=on_step,
         step_cost=lambda s: FINE_STEP_COST if s >= switch else 1.0, start_step=start, opt_state=opt_state,
-        save_every=save_every, save_state=save, stop_after=stop_after, peak_lr=peak_lr)
+        save_every=save_every, save_state=save, stop_after=stop_after, peak_lr=peak_lr, probe_every=probe_every)
     if not finished:
         return None
     model.eval()
@@ -654,7 +670,8 @@ def main(argv=None):
     ap.add_argument("--mix-steps", type=int, default=None, help="default 4000 (llava), 2250 (llava-1.5)")
     ap.add_argument("--fine-steps", type=int, default=250, help="llava-1.5: the last steps at the full grid (the rest at half the grid)")
     ap.add_argument("--geometry", default=None, help="llava-1.5: KEY=INT,... overrides of the geometry (e.g. a small test configuration)")
-    ap.add_argument("--probe-size", type=int, default=192, help="llava-1.5: held-out yes/no questions probed every 500 steps")
+    ap.add_argument("--probe-size", type=int, default=192, help="llava-1.5: held-out yes/no questions (test world), at both grids")
+    ap.add_argument("--probe-every", type=int, default=500, help="llava-1.5: language steps between probes")
     ap.add_argument("--save-every", type=int, default=250, help="llava-1.5: steps between saved training states")
     ap.add_argument("--resume", action="store_true", help="llava-1.5: continue from --out/training_state.pt")
     ap.add_argument("--stop-after", type=int, default=None, help="llava-1.5: save the state and stop after this language step")
@@ -681,7 +698,8 @@ def main(argv=None):
                                  args.vision_steps, args.align_steps if args.align_steps is not None else 300,
                                  args.mix_steps if args.mix_steps is not None else 2250, args.fine_steps, args.batch,
                                  probe_size=args.probe_size, save_every=args.save_every, resume=args.resume,
-                                 stop_after=args.stop_after, init_from=args.init_from, peak_lr=args.lr, log=log)
+                                 stop_after=args.stop_after, init_from=args.init_from, peak_lr=args.lr,
+                                 probe_every=args.probe_every, log=log)
             if done is None:
                 return
         else:
