@@ -35,11 +35,17 @@ def main(path: str) -> int:
     wrong = [f"{n}: locked {v}, installed {have[n]}" for n, v in sorted(pins.items()) if n in have and have[n] != v]
     missing = [f"{n}=={v}" for n, v in sorted(pins.items()) if n not in have]
     extra = [f"{n}=={v}" for n, v in sorted(have.items()) if n not in pins and n not in OWN | INSTALLER]
-    for title, items in (("different version", wrong), ("locked but not installed", missing), ("installed but not locked", extra)):
+    for title, items in (
+        ("different version", wrong),
+        ("locked but not installed", missing),
+        ("installed but not locked", extra),
+    ):
         if items:
             print(f"{title}:\n  " + "\n  ".join(items))
     if wrong or missing or extra:
-        print(f"the environment drifted from {path}: install with `pip install -r {path}` in a fresh virtual environment")
+        print(
+            f"the environment drifted from {path}: install with `pip install -r {path}` in a fresh virtual environment"
+        )
         return 1
     print(f"environment equals {path} ({len(pins)} packages)")
     return 0

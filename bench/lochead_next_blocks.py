@@ -89,14 +89,22 @@ def next_processor(src_processor, pinpoints):
 
     ip = src_processor.image_processor
     image_processor = LlavaNextImageProcessor(
-        size=dict(ip.size), crop_size=dict(ip.crop_size), do_center_crop=ip.do_center_crop, resample=ip.resample,
-        image_mean=list(ip.image_mean), image_std=list(ip.image_std), image_grid_pinpoints=pinpoints,
+        size=dict(ip.size),
+        crop_size=dict(ip.crop_size),
+        do_center_crop=ip.do_center_crop,
+        resample=ip.resample,
+        image_mean=list(ip.image_mean),
+        image_std=list(ip.image_std),
+        image_grid_pinpoints=pinpoints,
     )
     return LlavaNextProcessor(
-        image_processor=image_processor, tokenizer=src_processor.tokenizer, patch_size=src_processor.patch_size,
+        image_processor=image_processor,
+        tokenizer=src_processor.tokenizer,
+        patch_size=src_processor.patch_size,
         vision_feature_select_strategy=src_processor.vision_feature_select_strategy,
         num_additional_image_tokens=src_processor.num_additional_image_tokens,
-        image_token=src_processor.image_token, chat_template=src_processor.chat_template,
+        image_token=src_processor.image_token,
+        chat_template=src_processor.chat_template,
     )
 
 
@@ -147,7 +155,18 @@ def convert(src, out, newline: str = "mean", pinpoints=None, newline_scenes: int
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
     next_processor(src_processor, pinpoints).save_pretrained(out)
-    (out / "conversion.json").write_text(json.dumps({"source": str(src), "newline": newline, "newline_scenes": newline_scenes, "pinpoints": pinpoints, "finetune_steps": 0}, indent=1))
+    (out / "conversion.json").write_text(
+        json.dumps(
+            {
+                "source": str(src),
+                "newline": newline,
+                "newline_scenes": newline_scenes,
+                "pinpoints": pinpoints,
+                "finetune_steps": 0,
+            },
+            indent=1,
+        )
+    )
     return out
 
 
@@ -161,11 +180,18 @@ def check_geometry(path, sizes=CHECK_SIZES) -> dict:
     config, processor = AutoConfig.from_pretrained(path), AutoProcessor.from_pretrained(path)
     counts = {}
     for w, h in sizes:
-        prompt = processor.apply_chat_template([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "is there a circle ?"}]}], add_generation_prompt=True)
+        prompt = processor.apply_chat_template(
+            [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "is there a circle ?"}]}],
+            add_generation_prompt=True,
+        )
         inputs = processor(images=Image.new("RGB", (w, h), (200, 200, 200)), text=prompt, return_tensors="pt")
         geo = image_geometry(config, processor, (w, h), inputs["input_ids"])  # raises GeometryError on a mismatch
         n = int((inputs["input_ids"] == config.image_token_id).sum())
-        counts[f"{w}x{h}"] = {"tokens": n, **{b.name: f"{b.rows}x{b.cols}" for b in geo.blocks}, "newlines": int(geo.newlines.numel())}
+        counts[f"{w}x{h}"] = {
+            "tokens": n,
+            **{b.name: f"{b.rows}x{b.cols}" for b in geo.blocks},
+            "newlines": int(geo.newlines.numel()),
+        }
     return counts
 
 
@@ -195,7 +221,9 @@ def finetune(path, steps: int, pool_size: int = 1000, batch: int = 16, seed: int
     probe_data = train.YesNoProbe(processor, n_img)
 
     def logits_of(ids, mask, pixels):
-        return model(input_ids=ids, attention_mask=mask, pixel_values=pixels, image_sizes=sizes.expand(len(ids), 2)).logits
+        return model(
+            input_ids=ids, attention_mask=mask, pixel_values=pixels, image_sizes=sizes.expand(len(ids), 2)
+        ).logits
 
     @torch.no_grad()
     def probe(m):  # train.YesNoProbe's yes/no accuracy, on the NeXT forward
@@ -206,7 +234,10 @@ def finetune(path, steps: int, pool_size: int = 1000, batch: int = 16, seed: int
         says_yes = (last[:, p.yes] > last[:, p.no]).tolist()
         truth = [a == "yes" for _, a in p.examples]
         adv = [y for y, k in zip(says_yes, p.kinds) if k == "adversarial"]
-        return {"yesno_acc": sum(y == t for y, t in zip(says_yes, truth)) / len(truth), "false_yes_adv": sum(adv) / max(1, len(adv))}
+        return {
+            "yesno_acc": sum(y == t for y, t in zip(says_yes, truth)) / len(truth),
+            "false_yes_adv": sum(adv) / max(1, len(adv)),
+        }
 
     def forward(idx, examples):
         ids, mask, labels = train.encode_batch(tok, examples, n_img)
@@ -221,13 +252,41 @@ def finetune(path, steps: int, pool_size: int = 1000, batch: int = 16, seed: int
     gen = torch.Generator().manual_seed(seed)
     t0 = time.time()
     # the dense head is new: fit it on the frozen tower first, so its first gradients do not scramble the tower
-    train.vision_stage(lambda idx: train.vision_features(model, pool.pixels[idx][:, 0]).detach(), list(aux_head.parameters()), aux_head, pool, gen, 100, 64, 100, log, t0)
+    train.vision_stage(
+        lambda idx: train.vision_features(model, pool.pixels[idx][:, 0]).detach(),
+        list(aux_head.parameters()),
+        aux_head,
+        pool,
+        gen,
+        100,
+        64,
+        100,
+        log,
+        t0,
+    )
     model.train()
-    train.language_stages(model, aux_head, forward, pool, gen, random.Random(seed), tok, probe, 0, steps, batch, min(200, steps // 5), log, t0)
+    train.language_stages(
+        model,
+        aux_head,
+        forward,
+        pool,
+        gen,
+        random.Random(seed),
+        tok,
+        probe,
+        0,
+        steps,
+        batch,
+        min(200, steps // 5),
+        log,
+        t0,
+    )
     model.eval()
     train.save_checkpoint(model, processor, Path(path))
     meta = json.loads((Path(path) / "conversion.json").read_text())
-    (Path(path) / "conversion.json").write_text(json.dumps({**meta, "finetune_steps": steps, "finetune_seconds": round(time.time() - t0)}, indent=1))
+    (Path(path) / "conversion.json").write_text(
+        json.dumps({**meta, "finetune_steps": steps, "finetune_seconds": round(time.time() - t0)}, indent=1)
+    )
     log(f"fine-tuned {steps} steps in {time.time() - t0:.0f}s")
 
 
@@ -240,8 +299,15 @@ def runs(next_ckpt, llava15) -> list[tuple[str, str, str, str]]:
     """(label, model, model_args, task) of every row."""
     cpu = "device=cpu,device_map=cpu"
     nxt = f"pretrained={next_ckpt},{cpu}"
-    rows = [("sanity NeXT llava_hf", "llava_hf", nxt, SANITY), ("sanity LLaVA-1.5 llava_hf", "llava_hf", f"pretrained={llava15},{cpu}", SANITY)]
-    for heads, margs in (("self", "heads=self"), ("all", "heads=all"), ("shipped", f"heads={HEADS_FILE},check_model_id=false")):
+    rows = [
+        ("sanity NeXT llava_hf", "llava_hf", nxt, SANITY),
+        ("sanity LLaVA-1.5 llava_hf", "llava_hf", f"pretrained={llava15},{cpu}", SANITY),
+    ]
+    for heads, margs in (
+        ("self", "heads=self"),
+        ("all", "heads=all"),
+        ("shipped", f"heads={HEADS_FILE},check_model_id=false"),
+    ):
         for block in ("base", "highres"):
             rows.append((f"NeXT {block} heads={heads}", "llava_lochead", f"{nxt},{margs},block={block}", REC))
         rows.append((f"LLaVA-1.5 heads={heads}", "llava_lochead", f"pretrained={llava15},{cpu},{margs}", REC))
@@ -279,10 +345,12 @@ def block_agreement(first_samples, second_samples, names=("base", "highres")) ->
         scene = json.loads(docs[doc_id]["scene"])
         for k, box in enumerate((a, b)):
             hits[k].append(object_at(scene, (box[0] + box[2]) / 2, (box[1] + box[3]) / 2))
-    out = {"n": len(pairs),
-           "mean_iou": sum(box_iou(a, b) for _, a, b in pairs) / n,
-           "mean_iou_shifted_pairs": sum(box_iou(pairs[i][1], pairs[(i + 1) % n][2]) for i in range(len(pairs))) / n,
-           "same_object": sum(x is not None and x == y for x, y in zip(*hits)) / n}
+    out = {
+        "n": len(pairs),
+        "mean_iou": sum(box_iou(a, b) for _, a, b in pairs) / n,
+        "mean_iou_shifted_pairs": sum(box_iou(pairs[i][1], pairs[(i + 1) % n][2]) for i in range(len(pairs))) / n,
+        "same_object": sum(x is not None and x == y for x, y in zip(*hits)) / n,
+    }
     for k, name in enumerate(names, start=1):
         out[f"mean_area_{name}"] = sum((p[k][2] - p[k][0]) * (p[k][3] - p[k][1]) for p in pairs) / n
         out[f"full_width_{name}"] = sum(p[k][2] - p[k][0] >= 0.99 for p in pairs) / n
@@ -322,7 +390,10 @@ def map_structure(path, n: int = 40) -> dict:
     rows = {}
     for doc in data.rec_docs("test")[:n]:
         image = data.render_doc(doc)
-        prompt = processor.apply_chat_template([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": data.rec_text(doc["answer"])}]}], add_generation_prompt=True)
+        prompt = processor.apply_chat_template(
+            [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": data.rec_text(doc["answer"])}]}],
+            add_generation_prompt=True,
+        )
         inputs = processor(images=image, text=prompt, return_tensors="pt")
         geo = image_geometry(model.config, processor, image.size, inputs["input_ids"])
         pos = geo.positions()
@@ -334,7 +405,10 @@ def map_structure(path, n: int = 40) -> dict:
             by_row = (centred.mean(1, keepdim=True).expand_as(centred) ** 2).mean() / total
             by_col = (centred.mean(0, keepdim=True).expand_as(centred) ** 2).mean() / total
             rows.setdefault(block.name, []).append([float(by_row), float(by_col), float(grid.sum())])
-    return {name: dict(zip(("row_share", "column_share", "attention_mass"), torch.tensor(v).mean(0).tolist())) for name, v in rows.items()}
+    return {
+        name: dict(zip(("row_share", "column_share", "attention_mass"), torch.tensor(v).mean(0).tolist()))
+        for name, v in rows.items()
+    }
 
 
 def tables(summary: dict) -> str:
@@ -343,22 +417,45 @@ def tables(summary: dict) -> str:
     lines = ["| run | task | ACC@0.5 | IoU | Center_ACC (chance) | POPE acc / F1 |", "|---|---|---|---|---|---|"]
     for label, r in summary.items():
         if isinstance(r, dict) and "task" in r:
-            rec = (f(r.get("refcoco_ACC@0.5")), f(r.get("refcoco_IoU")), f"{f(r.get('refcoco_Center_ACC'))} ({f(r.get('center_acc_shifted_pairs'))})") if r["task"] == REC else ("-",) * 3
+            rec = (
+                (
+                    f(r.get("refcoco_ACC@0.5")),
+                    f(r.get("refcoco_IoU")),
+                    f"{f(r.get('refcoco_Center_ACC'))} ({f(r.get('center_acc_shifted_pairs'))})",
+                )
+                if r["task"] == REC
+                else ("-",) * 3
+            )
             pope = f"{f(r.get('pope_accuracy'))} / {f(r.get('pope_f1_score'))}" if r["task"] == SANITY else "-"
             lines.append(f"| {label} | {r['task'].removeprefix('shapeworld_')} | " + " | ".join(rec) + f" | {pope} |")
-    lines += ["", "| heads | pair | box IoU (chance) | centres in the same object | centre on any object | mean box area | full-width boxes |", "|---|---|---|---|---|---|---|"]
+    lines += [
+        "",
+        "| heads | pair | box IoU (chance) | centres in the same object | centre on any object | mean box area | full-width boxes |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for key, a in summary.items():
         if key.startswith("agreement"):
             names = [k.removeprefix("mean_area_") for k in a if k.startswith("mean_area_")]
-            two = {what: " / ".join(f(a[f"{what}_{n}"]) for n in names) for what in ("centre_on_object", "mean_area", "full_width")}
+            two = {
+                what: " / ".join(f(a[f"{what}_{n}"]) for n in names)
+                for what in ("centre_on_object", "mean_area", "full_width")
+            }
             heads = key.split()[1].removeprefix("heads=")
-            lines.append(f"| {heads} | {' vs '.join(names)} | {f(a['mean_iou'])} ({f(a['mean_iou_shifted_pairs'])}) | {f(a['same_object'])} | "
-                         f"{two['centre_on_object']} | {two['mean_area']} | {two['full_width']} |")
-    lines += ["", "| model | block | variance of the all-heads map carried by rows / columns | block's share of the last token's attention |", "|---|---|---|---|"]
+            lines.append(
+                f"| {heads} | {' vs '.join(names)} | {f(a['mean_iou'])} ({f(a['mean_iou_shifted_pairs'])}) | {f(a['same_object'])} | "
+                f"{two['centre_on_object']} | {two['mean_area']} | {two['full_width']} |"
+            )
+    lines += [
+        "",
+        "| model | block | variance of the all-heads map carried by rows / columns | block's share of the last token's attention |",
+        "|---|---|---|---|",
+    ]
     for key, blocks in summary.items():
         if key.startswith("map structure"):
             for block, v in blocks.items():
-                lines.append(f"| {key.removeprefix('map structure ')} | {block} | {f(v['row_share'])} / {f(v['column_share'])} | {f(v['attention_mass'])} |")
+                lines.append(
+                    f"| {key.removeprefix('map structure ')} | {block} | {f(v['row_share'])} / {f(v['column_share'])} | {f(v['attention_mass'])} |"
+                )
     return "\n".join(lines) + "\n"
 
 
@@ -394,17 +491,25 @@ def main(argv=None):
             print(f"{label}: FAILED\n{log[-2000:]}", flush=True)
             continue
         done[label] = out
-        names = ["pope_accuracy", "pope_yes_ratio", "pope_f1_score"] if task == SANITY else ["refcoco_ACC@0.5", "refcoco_IoU", "refcoco_Center_ACC"]
+        names = (
+            ["pope_accuracy", "pope_yes_ratio", "pope_f1_score"]
+            if task == SANITY
+            else ["refcoco_ACC@0.5", "refcoco_IoU", "refcoco_Center_ACC"]
+        )
         summary[label] = {"model": model, "model_args": margs, "task": task, **{n: metric(res, task, n) for n in names}}
         print(f"{label}: " + " ".join(f"{n} {summary[label][n]:.3f}" for n in names), flush=True)
     for label, _, _, task in runs(ckpt, args.source):  # Center_ACC's chance level, per REC run
         if task == REC and label in summary and run_dir(args.out, label).is_dir():
             summary[label]["center_acc_shifted_pairs"] = shifted_centre_acc(read_samples(run_dir(args.out, label), REC))
     for heads in ("self", "all", "shipped"):
-        base, highres, llava15 = (args.out / f"{name}_heads-{heads}" for name in ("NeXT_base", "NeXT_highres", "LLaVA-1.5"))
+        base, highres, llava15 = (
+            args.out / f"{name}_heads-{heads}" for name in ("NeXT_base", "NeXT_highres", "LLaVA-1.5")
+        )
         # the two blocks against each other; and the base block against LLaVA-1.5 (same 8x8 input, same weights, tiles added after it)
-        for key, a, b, names in ((f"agreement heads={heads}", base, highres, ("base", "highres")),
-                                 (f"agreement heads={heads} NeXT base vs LLaVA-1.5", base, llava15, ("base", "llava15"))):
+        for key, a, b, names in (
+            (f"agreement heads={heads}", base, highres, ("base", "highres")),
+            (f"agreement heads={heads} NeXT base vs LLaVA-1.5", base, llava15, ("base", "llava15")),
+        ):
             if a.is_dir() and b.is_dir():
                 summary[key] = block_agreement(read_samples(a, REC), read_samples(b, REC), names)
                 print(f"{key}: " + json.dumps({k: round(v, 3) for k, v in summary[key].items()}), flush=True)

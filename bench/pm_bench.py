@@ -120,7 +120,9 @@ def setup(layers: int):
     hooks.install(model)
     image = _image()
     inputs = processor(images=[image], text=PROMPT, return_tensors="pt")
-    req = Request(inputs["input_ids"], model.config.image_token_id, inputs["input_ids"].shape[1], [image], PROMPT, processor)
+    req = Request(
+        inputs["input_ids"], model.config.image_token_id, inputs["input_ids"].shape[1], [image], PROMPT, processor
+    )
     return ckpt, model, inputs, req
 
 
@@ -189,7 +191,10 @@ def memory_of(layers: int, name: str) -> int:
     import sys
 
     out = subprocess.run(
-        [sys.executable, __file__, "--layers", str(layers), "--memory-case", name], capture_output=True, text=True, check=True
+        [sys.executable, __file__, "--layers", str(layers), "--memory-case", name],
+        capture_output=True,
+        text=True,
+        check=True,
     ).stdout
     return int(out.strip().splitlines()[-1])
 

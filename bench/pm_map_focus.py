@@ -53,16 +53,23 @@ def main():
     hooks.install(model)
     n_layers, grid = hooks.num_layers(model), pm.image_grid(model)
     knobs = {"kernel": a.kernel, "alpha": a.alpha}
-    refined, flat = pm.PerceptionMagnifier(n_layers, grid, **knobs), pm.PerceptionMagnifier(n_layers, grid, max_iter=0, **knobs)
+    refined, flat = (
+        pm.PerceptionMagnifier(n_layers, grid, **knobs),
+        pm.PerceptionMagnifier(n_layers, grid, max_iter=0, **knobs),
+    )
     rows = []
     docs = [d for d in data.pope_docs(a.task, "test") if d["answer"] == "yes"][: a.n]
     for doc in docs:
         scene = json.loads(doc["scene"])
         image = data.render_doc(doc).convert("RGB")
-        msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": data.pope_text(doc["object"])}]}]
+        msgs = [
+            {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": data.pope_text(doc["object"])}]}
+        ]
         prompt = processor.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
         inputs = processor(images=[image], text=prompt, return_tensors="pt")
-        req = Request(inputs["input_ids"], model.config.image_token_id, inputs["input_ids"].shape[1], [image], prompt, processor)
+        req = Request(
+            inputs["input_ids"], model.config.image_token_id, inputs["input_ids"].shape[1], [image], prompt, processor
+        )
         all_cover = token_cover([o["box"] for o in scene["objects"]], grid, scene["canvas"])
         asked = token_cover([o["box"] for o in scene["objects"] if o["shape"] == doc["object"]], grid, scene["canvas"])
         row = {"size": doc["size_class"], "area": all_cover.mean(), "asked_area": asked.mean()}
@@ -80,12 +87,16 @@ def main():
             row[f"density_{name}"] = d[all_cover].sum() / d.sum()
         rows.append(row)
     keys = [k for k in rows[0] if k != "size"]
-    print(f"{len(rows)} POPE '{a.task}' questions about a present object, {a.pretrained} ({grid}x{grid} tokens), kernel {a.kernel}, alpha {a.alpha}:")
+    print(
+        f"{len(rows)} POPE '{a.task}' questions about a present object, {a.pretrained} ({grid}x{grid} tokens), kernel {a.kernel}, alpha {a.alpha}:"
+    )
     print("| share of the map on ... | " + " | ".join(keys) + " |")
     for size in ("all", "small", "large"):
         sel = [r for r in rows if size == "all" or r["size"] == size]
         if sel:
-            print(f"| {size} (n={len(sel)}) | " + " | ".join(f"{np.mean([r[k] for r in sel]):.3f}" for k in keys) + " |")
+            print(
+                f"| {size} (n={len(sel)}) | " + " | ".join(f"{np.mean([r[k] for r in sel]):.3f}" for k in keys) + " |"
+            )
     return 0
 
 

@@ -31,7 +31,12 @@ RUNS = [
     ("pai preset=paper (alpha 0.2, CFG gamma 1.1)", "qwen2_5_vl_pai", ",preset=paper", POPE + ",shapeworld_chair"),
     ("knockout generated, all layers", "qwen2_5_vl_knockout", ",mode=generated", "shapeworld_pope_adversarial"),
     ("knockout query, all layers", "qwen2_5_vl_knockout", ",mode=query", "shapeworld_pope_adversarial"),
-    ("knockout query, layer 0", "qwen2_5_vl_knockout", ",mode=query,from_layer=0,to_layer=1", "shapeworld_pope_adversarial"),
+    (
+        "knockout query, layer 0",
+        "qwen2_5_vl_knockout",
+        ",mode=query,from_layer=0,to_layer=1",
+        "shapeworld_pope_adversarial",
+    ),
     ("knockout both, all layers (captions)", "qwen2_5_vl_knockout", ",mode=both", "shapeworld_chair"),
     ("lochead heads=all", "qwen2_5_vl_lochead", ",heads=all", "shapeworld_rec"),
     ("lochead heads=self (top 3)", "qwen2_5_vl_lochead", ",heads=self", "shapeworld_rec"),
@@ -40,7 +45,12 @@ RUNS = [
     ("reprompt prune 25%", "qwen2_5_vl_reprompt", ",mode=prune,keep_ratio=0.25", "shapeworld_pope_adversarial"),
     # lmms-eval's qwen2_5_vl chat class answers in prompt-text order, so a scene's two POPE questions are far apart:
     # keep every image's context (cache_size) or most follow-ups find theirs evicted (12 of 150 with the default 32)
-    ("reprompt compressed 25% (follow-ups)", "qwen2_5_vl_reprompt", ",mode=compressed,keep_ratio=0.25,cache_size=300", "shapeworld_pope_adversarial"),
+    (
+        "reprompt compressed 25% (follow-ups)",
+        "qwen2_5_vl_reprompt",
+        ",mode=compressed,keep_ratio=0.25,cache_size=300",
+        "shapeworld_pope_adversarial",
+    ),
 ]
 METRICS = {
     "shapeworld_pope_random": ["pope_accuracy"],
@@ -60,7 +70,9 @@ def summary(results: dict) -> str:
         if not r:
             continue
         vals = [r.get(f"{m},none") for m in names]
-        parts.append(f"{task.removeprefix('shapeworld_')} " + " / ".join("n/a" if v is None else f"{v:.3f}" for v in vals))
+        parts.append(
+            f"{task.removeprefix('shapeworld_')} " + " / ".join("n/a" if v is None else f"{v:.3f}" for v in vals)
+        )
     return "; ".join(parts)
 
 
@@ -80,7 +92,9 @@ def main(argv=None):
         if args.only and label not in args.only.split(";"):
             continue
         out = args.out / label.replace(" ", "_").replace("=", "-").replace(",", "")
-        res, log = run_lmms_eval(model, base + margs, tasks, out, include_path=tasks_dir(), extra=extra, cwd=REPO, timeout=7200)
+        res, log = run_lmms_eval(
+            model, base + margs, tasks, out, include_path=tasks_dir(), extra=extra, cwd=REPO, timeout=7200
+        )
         if res is None:
             print(f"{label}: FAILED\n{log[-2000:]}", flush=True)
             continue

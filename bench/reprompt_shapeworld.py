@@ -49,7 +49,11 @@ def followup_accuracy(run_dir: Path, base_dir: Path, task: str, metric: str):
     samples, base = read_samples(run_dir, task), {s["doc_id"]: s for s in read_samples(base_dir, task)}
     if len(lines) != len(samples) or any(s["input"].strip() not in r.get("query", "") for s, r in zip(samples, lines)):
         return None
-    pairs = [(sample_score(s, metric), sample_score(base[s["doc_id"]], metric)) for s, r in zip(samples, lines) if r["compressed"]]
+    pairs = [
+        (sample_score(s, metric), sample_score(base[s["doc_id"]], metric))
+        for s, r in zip(samples, lines)
+        if r["compressed"]
+    ]
     pairs = [(a, b) for a, b in pairs if a is not None and b is not None]
     if not pairs:
         return None
@@ -58,7 +62,9 @@ def followup_accuracy(run_dir: Path, base_dir: Path, task: str, metric: str):
 
 def run(model, args, tasks, out, limit, include_path):
     extra = ["--limit", str(limit)] if limit else []
-    results, log = run_lmms_eval(model, args, tasks, out, include_path=include_path, extra=extra, cwd=REPO, timeout=7200)
+    results, log = run_lmms_eval(
+        model, args, tasks, out, include_path=include_path, extra=extra, cwd=REPO, timeout=7200
+    )
     if results is None:
         raise SystemExit(f"{model} {args} failed:\n{log[-3000:]}")
     stats = out / "reprompt_stats.json"
@@ -75,7 +81,9 @@ def main():
     ap.add_argument("--extra_args", default="", help="appended to every llava_reprompt model_args")
     ap.add_argument("--limit", type=int, default=0)
     ap.add_argument("--baseline", default="", help="directory of an earlier llava_hf run to reuse")
-    ap.add_argument("--followup_metric", default="pope_accuracy", help="per-sample metric for the follow-up-only comparison")
+    ap.add_argument(
+        "--followup_metric", default="pope_accuracy", help="per-sample metric for the follow-up-only comparison"
+    )
     ap.add_argument("--include_path", default=str(REPO / "task_configs"))
     a = ap.parse_args()
     from lmms_eval_plugins.base import resolve_pretrained
@@ -87,12 +95,21 @@ def main():
     if a.baseline:  # reuse an earlier llava_hf run on the same tasks and limit
         base = latest_results(a.baseline)
     else:
-        base, _ = run("llava_hf", f"pretrained={a.pretrained},device=cpu,device_map=cpu", a.tasks, out / "llava_hf", a.limit, a.include_path)
+        base, _ = run(
+            "llava_hf",
+            f"pretrained={a.pretrained},device=cpu,device_map=cpu",
+            a.tasks,
+            out / "llava_hf",
+            a.limit,
+            a.include_path,
+        )
     base_dir = Path(a.baseline) if a.baseline else out / "llava_hf"
     runs, run_dirs = [], []
     for mode in a.modes.split(","):
         for r in a.ratios.split(","):
-            args = f"pretrained={a.pretrained},mode={mode},keep_ratio={r}" + (f",{a.extra_args}" if a.extra_args else "")
+            args = f"pretrained={a.pretrained},mode={mode},keep_ratio={r}" + (
+                f",{a.extra_args}" if a.extra_args else ""
+            )
             res, stats = run("llava_reprompt", args, a.tasks, out / f"{mode}_{r}", a.limit, a.include_path)
             runs.append((f"{mode} {float(r):.0%}", res, stats))
             run_dirs.append(out / f"{mode}_{r}")
@@ -106,17 +123,34 @@ def main():
             v = metric_rows(res).get((task, metric))
             cells.append("-" if v is None else f"{v:.4g} ({v / b:.0%})" if b else f"{v:.4g}")
         lines.append("| " + " | ".join(cells) + " |")
-    lines += ["", "| run | answers from a compressed context | KV entries: compressed / full | time to first token vs full prefill |", "|---|---|---|---|"]
+    lines += [
+        "",
+        "| run | answers from a compressed context | KV entries: compressed / full | time to first token vs full prefill |",
+        "|---|---|---|---|",
+    ]
     for name, _, s in runs:
-        kv = f"{s.get('kv_entries_compressed', 0):.1f} / {s.get('kv_entries_full', 0):.1f} ({s.get('kv_reduction', 0):.1f}x fewer)" if s.get("kv_entries_compressed") else "-"
+        kv = (
+            f"{s.get('kv_entries_compressed', 0):.1f} / {s.get('kv_entries_full', 0):.1f} ({s.get('kv_reduction', 0):.1f}x fewer)"
+            if s.get("kv_entries_compressed")
+            else "-"
+        )
         ttft = f"{s['ttft_ratio']:.2f}x" if s.get("ttft_ratio") else "-"
         lines.append(f"| {name} | {s.get('compressed_answers', '-')} of {s.get('requests', '-')} | {kv} | {ttft} |")
     tasks = a.tasks.split(",")
     if len(tasks) == 1:
-        lines += ["", f"Answers given from a compressed context only ({a.followup_metric}), vs llava_hf on the same documents:", "",
-                  "| run | answers | compressed | llava_hf |", "|---|---|---|---|"]
+        lines += [
+            "",
+            f"Answers given from a compressed context only ({a.followup_metric}), vs llava_hf on the same documents:",
+            "",
+            "| run | answers | compressed | llava_hf |",
+            "|---|---|---|---|",
+        ]
         for (name, _, _s), d in zip(runs, run_dirs):
-            fa = followup_accuracy(d, base_dir, tasks[0], a.followup_metric) if (d / "reprompt_stats.jsonl").exists() else None
+            fa = (
+                followup_accuracy(d, base_dir, tasks[0], a.followup_metric)
+                if (d / "reprompt_stats.jsonl").exists()
+                else None
+            )
             if fa:
                 lines.append(f"| {name} | {fa[0]} | {fa[1]:.4f} | {fa[2]:.4f} |")
     (out / "table.md").write_text("\n".join(lines) + "\n")

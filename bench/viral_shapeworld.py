@@ -37,12 +37,23 @@ VARIANTS = {
     # batch 32 (16 x 2 accumulation), teacher input path (LLaVA pixels into the teacher, its position table
     # resampled 16x16 -> 8x8); the ShapeWorld teacher stands in for DINOv2
     "official_lm": {"weight": 0.0, "teacher": "none", "preset": "official"},
-    "official": {"weight": 0.5, "teacher": "shapeworld-teacher", "preset": "official"},  # the official code's bugs reproduced
-    "official_intended": {"weight": 0.5, "teacher": "shapeworld-teacher", "preset": "official",
-                          "train_vra_projector": True, "teacher_reinit": False},  # what the paper describes
+    "official": {
+        "weight": 0.5,
+        "teacher": "shapeworld-teacher",
+        "preset": "official",
+    },  # the official code's bugs reproduced
+    "official_intended": {
+        "weight": 0.5,
+        "teacher": "shapeworld-teacher",
+        "preset": "official",
+        "train_vra_projector": True,
+        "teacher_reinit": False,
+    },  # what the paper describes
 }
 TRAIN_TASKS = "shapeworld_count,shapeworld_spatial,shapeworld_pope_random,shapeworld_pope_adversarial"
-EVAL_TASKS = "shapeworld_spatial,shapeworld_count,shapeworld_pope_random,shapeworld_pope_popular,shapeworld_pope_adversarial"
+EVAL_TASKS = (
+    "shapeworld_spatial,shapeworld_count,shapeworld_pope_random,shapeworld_pope_popular,shapeworld_pope_adversarial"
+)
 
 
 def main(argv=None) -> int:
@@ -54,10 +65,16 @@ def main(argv=None) -> int:
     t = sub.add_parser("train")
     t.add_argument("--variant", choices=list(VARIANTS), required=True)
     t.add_argument("--train-tasks", default=TRAIN_TASKS)
-    t.add_argument("--per-task", type=int, default=None, help="training documents per task (default: the whole train split)")
-    t.add_argument("--train-source", choices=["data", "tasks"], default="data",
-                   help="data: the ShapeWorld train-split docs with the answer formats the checkpoint was trained on "
-                   "(letter for spatial); tasks: the lmms-eval tasks' train splits via doc_to_text/doc_to_target")
+    t.add_argument(
+        "--per-task", type=int, default=None, help="training documents per task (default: the whole train split)"
+    )
+    t.add_argument(
+        "--train-source",
+        choices=["data", "tasks"],
+        default="data",
+        help="data: the ShapeWorld train-split docs with the answer formats the checkpoint was trained on "
+        "(letter for spatial); tasks: the lmms-eval tasks' train splits via doc_to_text/doc_to_target",
+    )
     t.add_argument("--steps", type=int, default=300)
     t.add_argument("--batch-size", type=int, default=16)
     t.add_argument("--lr", type=float, default=5e-4)
@@ -100,10 +117,23 @@ def train_variant(args, out: Path) -> int:
     else:
         records = shapeworld_records(args.train_tasks.split(","), args.per_task)
     v = dict(VARIANTS[args.variant])
-    common = dict(pretrained=base, data=f"tasks:{args.train_tasks}", output_dir=str(out / args.variant),
-                  teacher=resolve_teacher(v.pop("teacher")), weight=v.pop("weight"), layer=layer, proj_hidden=args.proj_hidden,
-                  lora_r=args.lora_r, lora_alpha=args.lora_alpha, batch_size=args.batch_size, max_steps=args.steps, seed=args.seed,
-                  log_every=10, save_every=50, resume=(out / args.variant / "checkpoints").exists())
+    common = dict(
+        pretrained=base,
+        data=f"tasks:{args.train_tasks}",
+        output_dir=str(out / args.variant),
+        teacher=resolve_teacher(v.pop("teacher")),
+        weight=v.pop("weight"),
+        layer=layer,
+        proj_hidden=args.proj_hidden,
+        lora_r=args.lora_r,
+        lora_alpha=args.lora_alpha,
+        batch_size=args.batch_size,
+        max_steps=args.steps,
+        seed=args.seed,
+        log_every=10,
+        save_every=50,
+        resume=(out / args.variant / "checkpoints").exists(),
+    )
     if v.get("preset"):  # the preset's lr, groups, schedule, accumulation and teacher path; sizes scaled as above
         cfg = TrainConfig(**common, **v, explicit=tuple(common) + tuple(v))
     else:
@@ -123,7 +153,10 @@ def shapeworld_records(tasks: list[str], per_task: int | None) -> list[dict]:
     from lmms_eval_plugins.shapeworld import data
     from lmms_eval_plugins.shapeworld.train import doc_text
 
-    makers = {"shapeworld_count": lambda: data.count_docs("train"), "shapeworld_spatial": lambda: data.spatial_docs("train")}
+    makers = {
+        "shapeworld_count": lambda: data.count_docs("train"),
+        "shapeworld_spatial": lambda: data.spatial_docs("train"),
+    }
     for rule in data.POPE_RULES:
         makers[f"shapeworld_pope_{rule}"] = lambda rule=rule: data.pope_docs(rule, "train")
     answers = {"shapeworld_count": lambda d: d["number"], "shapeworld_spatial": lambda d: d["answer"].strip("()")}
@@ -131,8 +164,16 @@ def shapeworld_records(tasks: list[str], per_task: int | None) -> list[dict]:
     for task in tasks:
         for doc in makers[task]()[:per_task]:
             answer = answers.get(task, lambda d: d["answer"])(doc)
-            records.append({"image": data.render_doc(doc), "task": task,
-                            "conversations": [{"from": "human", "value": doc_text(task, doc)}, {"from": "gpt", "value": answer}]})
+            records.append(
+                {
+                    "image": data.render_doc(doc),
+                    "task": task,
+                    "conversations": [
+                        {"from": "human", "value": doc_text(task, doc)},
+                        {"from": "gpt", "value": answer},
+                    ],
+                }
+            )
     return records
 
 
@@ -163,8 +204,16 @@ def evaluate(args, out: Path) -> int:
         if name not in only:
             continue
         t0 = time.time()
-        results, log = run_lmms_eval(model, model_args, args.tasks, out / "eval" / name, include_path=args.include_path,
-                                     extra=extra, cwd=REPO, timeout=3600)
+        results, log = run_lmms_eval(
+            model,
+            model_args,
+            args.tasks,
+            out / "eval" / name,
+            include_path=args.include_path,
+            extra=extra,
+            cwd=REPO,
+            timeout=3600,
+        )
         if results is None:
             print(log[-4000:], file=sys.stderr)
             print(f"eval {name}: FAILED", file=sys.stderr)
@@ -180,7 +229,15 @@ def align(args, out: Path) -> int:
     base = _pretrained(args.pretrained)
     specs = [f"base={base}"] + [f"{n}={base},adapter={out / n}" for n in VARIANTS if (out / n / "adapter").exists()]
     for ref in ("shapeworld-teacher", "self"):
-        argv = ["alignment", "--reference", ref, "--shapeworld", str(args.images), "--output-dir", str(out / f"align_{ref}")]
+        argv = [
+            "alignment",
+            "--reference",
+            ref,
+            "--shapeworld",
+            str(args.images),
+            "--output-dir",
+            str(out / f"align_{ref}"),
+        ]
         for s in specs:
             argv += ["--model", s]
         cli(argv)
@@ -203,7 +260,12 @@ def report(args, out: Path) -> int:
     order = [m for m in ("base", *VARIANTS) if m in rows]
     lines = ["| task | metric | " + " | ".join(order) + " |", "|---|---|" + "---|" * len(order)]
     for task, k in metrics:
-        cells = [f"{rows[m].get(task, {}).get(k, float('nan')):.3f}" if isinstance(rows[m].get(task, {}).get(k), (int, float)) else "-" for m in order]
+        cells = [
+            f"{rows[m].get(task, {}).get(k, float('nan')):.3f}"
+            if isinstance(rows[m].get(task, {}).get(k), (int, float))
+            else "-"
+            for m in order
+        ]
         lines.append(f"| {task} | {k} | " + " | ".join(cells) + " |")
     for name in VARIANTS:
         f = out / name / "train_result.json"

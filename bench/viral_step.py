@@ -47,9 +47,16 @@ def main(argv=None) -> dict:
     processor = AutoProcessor.from_pretrained(ckpt)
     model = LlavaForConditionalGeneration.from_pretrained(ckpt)
     model.requires_grad_(False)
-    model = get_peft_model(model, LoraConfig(r=128, lora_alpha=256, target_modules=LM_TARGETS, modules_to_save=["multi_modal_projector"]))
-    msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "is there a red circle in the image ?"}]},
-            {"role": "assistant", "content": [{"type": "text", "text": "yes"}]}]
+    model = get_peft_model(
+        model, LoraConfig(r=128, lora_alpha=256, target_modules=LM_TARGETS, modules_to_save=["multi_modal_projector"])
+    )
+    msgs = [
+        {
+            "role": "user",
+            "content": [{"type": "image"}, {"type": "text", "text": "is there a red circle in the image ?"}],
+        },
+        {"role": "assistant", "content": [{"type": "text", "text": "yes"}]},
+    ]
     text = processor.apply_chat_template(msgs, tokenize=False)
     images = [Image.new("RGB", (400, 336), (30 * k, 100, 200)) for k in range(args.batch_size)]
     batch = dict(processor(images=images, text=[text] * args.batch_size, return_tensors="pt"))
@@ -61,22 +68,38 @@ def main(argv=None) -> dict:
     ip = processor.image_processor
     variants = {
         "lm": dict(projector=None, targets=lambda: None, weight=0.0),
-        "cached": dict(projector=viral.VraProjector(d, 768, 2048), targets=(lambda t=torch.randn(args.batch_size, n_grid, 768): t), weight=0.5),  # noqa: B008 (drawn once)
-        "self": dict(projector=viral.VraProjector(d, self_teacher.dim, 2048),
-                     targets=lambda: viral.teacher_targets(self_teacher, batch["pixel_values"], ip.image_mean, ip.image_std, viral.llm_grid(model)),
-                     weight=0.5),
-        "small": dict(projector=viral.VraProjector(d, 768, d), targets=(lambda t=torch.randn(args.batch_size, n_grid, 768): t), weight=0.5),  # noqa: B008
+        "cached": dict(
+            projector=viral.VraProjector(d, 768, 2048),
+            targets=(lambda t=torch.randn(args.batch_size, n_grid, 768): t),  # noqa: B008 (drawn once)
+            weight=0.5,
+        ),
+        "self": dict(
+            projector=viral.VraProjector(d, self_teacher.dim, 2048),
+            targets=lambda: viral.teacher_targets(
+                self_teacher, batch["pixel_values"], ip.image_mean, ip.image_std, viral.llm_grid(model)
+            ),
+            weight=0.5,
+        ),
+        "small": dict(
+            projector=viral.VraProjector(d, 768, d),
+            targets=(lambda t=torch.randn(args.batch_size, n_grid, 768): t),  # noqa: B008
+            weight=0.5,
+        ),
     }
     opts = {}
     for name, v in variants.items():
-        params = [p for p in model.parameters() if p.requires_grad] + (list(v["projector"].parameters()) if v["projector"] else [])
+        params = [p for p in model.parameters() if p.requires_grad] + (
+            list(v["projector"].parameters()) if v["projector"] else []
+        )
         opts[name] = torch.optim.AdamW(params, lr=1e-5)
     times = {name: [] for name in variants}
     model.train()
     for step in range(args.warmup + args.steps):
         for name, v in variants.items():
             t0 = time.perf_counter()
-            res = viral.viral_step(model, batch, projector=v["projector"], targets=v["targets"](), layer=layer, weight=v["weight"])
+            res = viral.viral_step(
+                model, batch, projector=v["projector"], targets=v["targets"](), layer=layer, weight=v["weight"]
+            )
             res["loss"].backward()
             opts[name].step()
             opts[name].zero_grad()
@@ -85,8 +108,14 @@ def main(argv=None) -> dict:
     med = {k: statistics.median(v) for k, v in times.items()}
     proj_params_7b = 4096 * 2048 + 2048 * 2048 + 2048 * 768
     result = {
-        "geometry": {"image_tokens": n_grid, "d_model": d, "layers": args.layers, "aligned_layer": layer, "batch_size": args.batch_size,
-                     "seq_len": int(batch["input_ids"].shape[1])},
+        "geometry": {
+            "image_tokens": n_grid,
+            "d_model": d,
+            "layers": args.layers,
+            "aligned_layer": layer,
+            "batch_size": args.batch_size,
+            "seq_len": int(batch["input_ids"].shape[1]),
+        },
         "median_seconds": med,
         "ratio_to_lm": {k: med[k] / med["lm"] for k in med},
         "llava15_7b_projector_flop_share": proj_params_7b / 6.7e9,

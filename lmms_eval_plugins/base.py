@@ -51,7 +51,12 @@ COMMON_PARAMS = (
     Param("save_visuals", str, "", "directory for PNG visuals of the first samples (empty: none)"),
     Param("max_visuals", int, 8, "how many samples get saved visuals", low=0),
     Param("cache_chunk", int, 16, "with --use_cache: answers are made durable every this many requests", low=1),
-    Param("pad_to_square", bool, False, "pad each image to a centred square of the processor's mean colour before the processor (original LLaVA-1.5's expand2square; llava-hf's processor alone centre-crops)"),
+    Param(
+        "pad_to_square",
+        bool,
+        False,
+        "pad each image to a centred square of the processor's mean colour before the processor (original LLaVA-1.5's expand2square; llava-hf's processor alone centre-crops)",
+    ),
 )
 
 
@@ -94,9 +99,13 @@ def check_interleaved_llava(pretrained: str, revision: str | None = None, trust_
     from transformers import AutoConfig
 
     if os.path.isdir(pretrained) and not (Path(pretrained) / "config.json").exists():
-        raise ModelArgsError(f"pretrained={pretrained} is a directory without config.json: not a transformers checkpoint")
+        raise ModelArgsError(
+            f"pretrained={pretrained} is a directory without config.json: not a transformers checkpoint"
+        )
     try:
-        config = AutoConfig.from_pretrained(pretrained, revision=revision or "main", trust_remote_code=trust_remote_code)
+        config = AutoConfig.from_pretrained(
+            pretrained, revision=revision or "main", trust_remote_code=trust_remote_code
+        )
     except Exception as e:
         raise ModelArgsError(f"pretrained={pretrained}: cannot read its config ({e})") from e
     if getattr(config, "model_type", None) not in LLAVA_FAMILIES or getattr(config, "image_token_id", None) is None:
@@ -208,14 +217,21 @@ class TechniqueModel:
     (``llava_request`` by default; see ``TechniqueMixin.build_request``)."""
 
     def __init__(self, model, technique: Technique, processor: RecordingProcessor, name: str, make_request=None):
-        self.__dict__.update(_model=model, _technique=technique, _processor=processor, _name=name,
-                             _make_request=make_request or llava_request)
+        self.__dict__.update(
+            _model=model,
+            _technique=technique,
+            _processor=processor,
+            _name=name,
+            _make_request=make_request or llava_request,
+        )
 
     def __getattr__(self, name):
         return getattr(self._model, name)
 
     def _request(self, input_ids, labels=None, **model_kwargs) -> Request:
-        return self._make_request(self._model, self._processor, {"input_ids": input_ids, "labels": labels, **model_kwargs})
+        return self._make_request(
+            self._model, self._processor, {"input_ids": input_ids, "labels": labels, **model_kwargs}
+        )
 
     def _run(self, what: str, kwargs):
         try:
@@ -418,5 +434,7 @@ def wrapper_classes(spec: TechniqueSpec, module: str, mixin: type = TechniqueMix
     camel = "".join(part.capitalize() for part in spec.name.split("_"))
     doc = spec.doc or f"lmms-eval model `{spec.name}`"
     simple = type(camel, (mixin, simple_base), {"spec": spec, "is_simple": True, "__doc__": doc, "__module__": module})
-    chat = type(camel + "Chat", (mixin, chat_base), {"spec": spec, "is_simple": False, "__doc__": doc, "__module__": module})
+    chat = type(
+        camel + "Chat", (mixin, chat_base), {"spec": spec, "is_simple": False, "__doc__": doc, "__module__": module}
+    )
     return simple, chat

@@ -57,7 +57,9 @@ _PAINT_ALPHA = "PAINT (arXiv 2501.12206), ablation of alpha (beta 0.3, 25% local
 
 
 def _chair_rows(model, row, source, preset, s, i, f1, primary=True, differs=_PAINT_CHAIR):
-    common = dict(model=model, row=row, task="coco_cap_chair", source=source, preset=preset, differs=differs, primary=primary)
+    common = dict(
+        model=model, row=row, task="coco_cap_chair", source=source, preset=preset, differs=differs, primary=primary
+    )
     return [
         Figure(metric="coco_cap_chair_s", value=s, **common),
         Figure(metric="coco_cap_chair_i", value=i, **common),
@@ -80,10 +82,26 @@ _PM_POPE = (
     "prompt suffix ' Please answer this question with one word.'; lmms-eval ships the COCO POPE splits only"
 )
 _PM_FIGURES = [
-    Figure(model="llava_pm", row="PM", task="mme_official8_first_token", metric=None, value=683.33, source=_PM,
-           preset="official_mme", differs=_PM_MME),
-    Figure(model="llava_pm", row="PM", task="pope_adv_first_token", metric=None, value=86.70, source=_PM,
-           preset="official_pope", differs=_PM_POPE),
+    Figure(
+        model="llava_pm",
+        row="PM",
+        task="mme_official8_first_token",
+        metric=None,
+        value=683.33,
+        source=_PM,
+        preset="official_mme",
+        differs=_PM_MME,
+    ),
+    Figure(
+        model="llava_pm",
+        row="PM",
+        task="pope_adv_first_token",
+        metric=None,
+        value=86.70,
+        source=_PM,
+        preset="official_pope",
+        differs=_PM_POPE,
+    ),
 ]
 
 # Localization heads (Kang et al., CVPR 2025, arXiv 2503.06287), LLaVA-1.5-7B with its own heads (no training).
@@ -99,18 +117,40 @@ _LOCHEAD_RES = (
     "tasks score captions)"
 )
 _LOCHEAD_SPLITS = [
-    ("refcoco", "val", 86.5, 74.2), ("refcoco", "testA", 89.8, 76.5), ("refcoco", "testB", 80.2, 70.4),
-    ("refcoco+", "val", 80.1, 62.5), ("refcoco+", "testA", 86.3, 65.2), ("refcoco+", "testB", 71.9, 56.0),
-    ("refcocog", "val", 82.3, 64.2), ("refcocog", "test", 83.0, 68.1),
+    ("refcoco", "val", 86.5, 74.2),
+    ("refcoco", "testA", 89.8, 76.5),
+    ("refcoco", "testB", 80.2, 70.4),
+    ("refcoco+", "val", 80.1, 62.5),
+    ("refcoco+", "testA", 86.3, 65.2),
+    ("refcoco+", "testB", 71.9, 56.0),
+    ("refcocog", "val", 82.3, 64.2),
+    ("refcocog", "test", 83.0, 68.1),
 ]
 _LOCHEAD_FIGURES = [
     figure
     for ds, split, rec, res in _LOCHEAD_SPLITS
     for figure in (
-        Figure(model="llava_lochead", row=f"LLaVA-1.5-7B, {ds} {split}, REC Acc@0.5", task=f"{ds}_bbox_rec_{split}",
-               metric="refcoco_ACC@0.5", value=rec, source=_LOCHEAD, preset="paper", differs=_LOCHEAD_REC),
-        Figure(model="llava_lochead", row=f"LLaVA-1.5-7B, {ds} {split}, RES mIoU (SAM)", task=f"{ds}_bbox_rec_{split}",
-               metric=None, value=res, source=_LOCHEAD, preset=None, differs=_LOCHEAD_RES, primary=False),
+        Figure(
+            model="llava_lochead",
+            row=f"LLaVA-1.5-7B, {ds} {split}, REC Acc@0.5",
+            task=f"{ds}_bbox_rec_{split}",
+            metric="refcoco_ACC@0.5",
+            value=rec,
+            source=_LOCHEAD,
+            preset="paper",
+            differs=_LOCHEAD_REC,
+        ),
+        Figure(
+            model="llava_lochead",
+            row=f"LLaVA-1.5-7B, {ds} {split}, RES mIoU (SAM)",
+            task=f"{ds}_bbox_rec_{split}",
+            metric=None,
+            value=res,
+            source=_LOCHEAD,
+            preset=None,
+            differs=_LOCHEAD_RES,
+            primary=False,
+        ),
     )
 ]
 
@@ -122,9 +162,19 @@ FIGURES: list[Figure] = [
     *_chair_rows("llava_pai", "PAI", _PAINT_MAIN, None, 24.6, 6.8, 74.7),
     # margins not stated with the table; the spatial ablation's base is alpha 0.7, beta 0.4
     *_chair_rows("llava_paint", "PAINT", _PAINT_MAIN, "paper", 17.6, 4.0, 71.8),
-    *_chair_rows("llava_paint", "PAINT with spatial tokens (alpha 0.7, beta 0.4)", _PAINT_MAIN, "paper_spatial",
-                 15.4, 4.8, 69.8, primary=False),
-    *_chair_rows("llava_paint", "alpha 0.7 (caption length 179.7)", _PAINT_ALPHA, "official", 18.0, 3.9, 72.0, primary=False),
+    *_chair_rows(
+        "llava_paint",
+        "PAINT with spatial tokens (alpha 0.7, beta 0.4)",
+        _PAINT_MAIN,
+        "paper_spatial",
+        15.4,
+        4.8,
+        69.8,
+        primary=False,
+    ),
+    *_chair_rows(
+        "llava_paint", "alpha 0.7 (caption length 179.7)", _PAINT_ALPHA, "official", 18.0, 3.9, 72.0, primary=False
+    ),
     *_chair_rows("llava_paint", "alpha 0.5", _PAINT_ALPHA, None, 49.4, 13.3, 77.0, primary=False),
     *_chair_rows("llava_paint", "alpha 0.8", _PAINT_ALPHA, None, 4.6, 1.0, 51.1, primary=False),
 ]

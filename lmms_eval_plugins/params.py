@@ -38,7 +38,9 @@ class Param:
         try:
             value = self._convert(raw)
         except (TypeError, ValueError):
-            raise ModelArgsError(f"{self.name}={raw!r} is not a valid {self.type.__name__} ({self.describe()})") from None
+            raise ModelArgsError(
+                f"{self.name}={raw!r} is not a valid {self.type.__name__} ({self.describe()})"
+            ) from None
         if self.choices is not None and value not in self.choices:
             raise ModelArgsError(f"{self.name}={value!r} is not one of {', '.join(map(str, self.choices))}")
         if self.low is not None and value < self.low or self.high is not None and value > self.high:
@@ -90,7 +92,9 @@ def parse_params(params: Sequence[Param], given: dict, presets: dict | None = No
     values = {p.name: p.default for p in params}
     if preset_name is not None:
         if not presets or str(preset_name) not in presets:
-            raise ModelArgsError(f"{owner}: unknown preset {preset_name!r}; valid: {', '.join(presets or []) or 'none'}")
+            raise ModelArgsError(
+                f"{owner}: unknown preset {preset_name!r}; valid: {', '.join(presets or []) or 'none'}"
+            )
         values.update(presets[str(preset_name)])
     for name, raw in given.items():
         values[name] = by_name[name].parse(raw)

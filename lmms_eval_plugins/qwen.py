@@ -32,7 +32,15 @@ from loguru import logger
 
 from methods.technique import Request
 
-from .base import RecordingProcessor, TechniqueMixin, TechniqueSpec, _device_args, family_request, refuse_family, wrapper_classes
+from .base import (
+    RecordingProcessor,
+    TechniqueMixin,
+    TechniqueSpec,
+    _device_args,
+    family_request,
+    refuse_family,
+    wrapper_classes,
+)
 from .params import ModelArgsError
 
 FAMILY = "qwen2_5_vl"
@@ -60,7 +68,9 @@ def check_qwen(pretrained: str):
     from transformers import AutoConfig
 
     if os.path.isdir(pretrained) and not (Path(pretrained) / "config.json").exists():
-        raise ModelArgsError(f"pretrained={pretrained} is a directory without config.json: not a transformers checkpoint")
+        raise ModelArgsError(
+            f"pretrained={pretrained} is a directory without config.json: not a transformers checkpoint"
+        )
     try:
         config = AutoConfig.from_pretrained(pretrained)
     except Exception as e:

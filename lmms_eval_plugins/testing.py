@@ -166,13 +166,25 @@ def build_tiny_llava_next(
     pinpoints = pinpoints or tiny_pinpoints(image_size)
     config = LlavaNextConfig(
         vision_config=CLIPVisionConfig(
-            hidden_size=vision_hidden, intermediate_size=2 * vision_hidden, num_hidden_layers=vision_layers,
-            num_attention_heads=vision_heads, image_size=image_size, patch_size=patch_size, projection_dim=vision_hidden,
+            hidden_size=vision_hidden,
+            intermediate_size=2 * vision_hidden,
+            num_hidden_layers=vision_layers,
+            num_attention_heads=vision_heads,
+            image_size=image_size,
+            patch_size=patch_size,
+            projection_dim=vision_hidden,
         ),
         text_config=LlamaConfig(
-            vocab_size=len(tok), hidden_size=text_hidden, intermediate_size=2 * text_hidden, num_hidden_layers=text_layers,
-            num_attention_heads=text_heads, num_key_value_heads=kv_heads, max_position_embeddings=4096,
-            bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+            vocab_size=len(tok),
+            hidden_size=text_hidden,
+            intermediate_size=2 * text_hidden,
+            num_hidden_layers=text_layers,
+            num_attention_heads=text_heads,
+            num_key_value_heads=kv_heads,
+            max_position_embeddings=4096,
+            bos_token_id=tok.bos_token_id,
+            eos_token_id=tok.eos_token_id,
+            pad_token_id=tok.pad_token_id,
         ),
         image_token_id=tok.convert_tokens_to_ids("<image>"),
         image_grid_pinpoints=pinpoints,
@@ -185,12 +197,17 @@ def build_tiny_llava_next(
     model.generation_config.pad_token_id = tok.pad_token_id
     model.save_pretrained(out)
     image_processor = LlavaNextImageProcessor(
-        size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size},
+        size={"shortest_edge": image_size},
+        crop_size={"height": image_size, "width": image_size},
         image_grid_pinpoints=pinpoints,
     )
     processor = LlavaNextProcessor(
-        image_processor=image_processor, tokenizer=tok, patch_size=patch_size,
-        vision_feature_select_strategy="default", num_additional_image_tokens=1, chat_template=CHAT_TEMPLATE,
+        image_processor=image_processor,
+        tokenizer=tok,
+        patch_size=patch_size,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+        chat_template=CHAT_TEMPLATE,
     )
     processor.save_pretrained(out)
     return out
@@ -231,13 +248,24 @@ def build_tiny_llava_onevision(
     pinpoints = pinpoints or tiny_pinpoints(image_size)
     config = LlavaOnevisionConfig(
         vision_config=SiglipVisionConfig(
-            hidden_size=vision_hidden, intermediate_size=2 * vision_hidden, num_hidden_layers=vision_layers,
-            num_attention_heads=vision_heads, image_size=image_size, patch_size=patch_size,
+            hidden_size=vision_hidden,
+            intermediate_size=2 * vision_hidden,
+            num_hidden_layers=vision_layers,
+            num_attention_heads=vision_heads,
+            image_size=image_size,
+            patch_size=patch_size,
         ),
         text_config=Qwen2Config(
-            vocab_size=len(tok), hidden_size=text_hidden, intermediate_size=2 * text_hidden, num_hidden_layers=text_layers,
-            num_attention_heads=text_heads, num_key_value_heads=kv_heads, max_position_embeddings=4096,
-            bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+            vocab_size=len(tok),
+            hidden_size=text_hidden,
+            intermediate_size=2 * text_hidden,
+            num_hidden_layers=text_layers,
+            num_attention_heads=text_heads,
+            num_key_value_heads=kv_heads,
+            max_position_embeddings=4096,
+            bos_token_id=tok.bos_token_id,
+            eos_token_id=tok.eos_token_id,
+            pad_token_id=tok.pad_token_id,
         ),
         image_token_id=tok.convert_tokens_to_ids("<image>"),
         video_token_id=tok.convert_tokens_to_ids("<video>"),
@@ -252,13 +280,17 @@ def build_tiny_llava_onevision(
     model.generation_config.pad_token_id = tok.pad_token_id
     model.save_pretrained(out)
     image_processor = LlavaOnevisionImageProcessor(
-        size={"height": image_size, "width": image_size}, image_grid_pinpoints=pinpoints,
+        size={"height": image_size, "width": image_size},
+        image_grid_pinpoints=pinpoints,
     )
     processor = LlavaOnevisionProcessor(
-        image_processor=image_processor, tokenizer=tok,
+        image_processor=image_processor,
+        tokenizer=tok,
         video_processor=LlavaOnevisionVideoProcessor(size={"height": image_size, "width": image_size}),
         num_image_tokens=(image_size // patch_size) ** 2,
-        vision_feature_select_strategy="full", vision_aspect_ratio=f"anyres_max_{max_tiles}", chat_template=CHAT_TEMPLATE,
+        vision_feature_select_strategy="full",
+        vision_aspect_ratio=f"anyres_max_{max_tiles}",
+        chat_template=CHAT_TEMPLATE,
     )
     processor.save_pretrained(out)
     return out
@@ -281,7 +313,9 @@ def llava15_shaped(out_dir, text_layers: int = 4, text_hidden: int = 256, seed: 
     )
 
 
-def run_lmms_eval(model: str, model_args: str, tasks: str, output_path, *, include_path=None, extra=(), cwd=None, timeout=900):
+def run_lmms_eval(
+    model: str, model_args: str, tasks: str, output_path, *, include_path=None, extra=(), cwd=None, timeout=900
+):
     """Run the real lmms-eval CLI offline and return (results dict or None, combined output).
 
     The CLI exits 0 even when evaluation fails, so callers check the returned results.
@@ -352,9 +386,18 @@ def llava_next_shaped(out_dir, text_layers: int = 4, text_hidden: int = 256, see
     """LLaVA-NeXT geometry (336 px tiles of 14 px patches: a 24x24 base grid + anyres tiles on the
     llava-v1.6 pinpoints + newlines) with a few small layers."""
     return build_tiny_llava_next(
-        out_dir, image_size=336, patch_size=14, vision_hidden=64, vision_layers=3, vision_heads=4,
-        text_hidden=text_hidden, text_layers=text_layers, text_heads=max(text_hidden // 64, 1),
-        kv_heads=max(text_hidden // 64, 1), pinpoints=[[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]], seed=seed,
+        out_dir,
+        image_size=336,
+        patch_size=14,
+        vision_hidden=64,
+        vision_layers=3,
+        vision_heads=4,
+        text_hidden=text_hidden,
+        text_layers=text_layers,
+        text_heads=max(text_hidden // 64, 1),
+        kv_heads=max(text_hidden // 64, 1),
+        pinpoints=[[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]],
+        seed=seed,
     )
 
 
@@ -363,11 +406,20 @@ def llava_onevision_shaped(out_dir, text_layers: int = 4, text_hidden: int = 256
     tiles on 384-multiples up to 6x6, shrunk by interpolation past 9 tiles) with a few small layers."""
     pinpoints = [[384 * i, 384 * j] for i in range(1, 7) for j in range(1, 7)]
     return build_tiny_llava_onevision(
-        out_dir, image_size=384, patch_size=14, vision_hidden=64, vision_layers=3, vision_heads=4,
-        text_hidden=text_hidden, text_layers=text_layers, text_heads=max(text_hidden // 64, 1),
-        kv_heads=max(text_hidden // 64, 1), pinpoints=pinpoints, max_tiles=9, seed=seed,
+        out_dir,
+        image_size=384,
+        patch_size=14,
+        vision_hidden=64,
+        vision_layers=3,
+        vision_heads=4,
+        text_hidden=text_hidden,
+        text_layers=text_layers,
+        text_heads=max(text_hidden // 64, 1),
+        kv_heads=max(text_hidden // 64, 1),
+        pinpoints=pinpoints,
+        max_tiles=9,
+        seed=seed,
     )
-
 
 
 # Qwen2.5-VL-7B-Instruct's preprocessor_config.json pixel bounds: a 448x336 image (multiples of 28) keeps its size
@@ -385,9 +437,19 @@ def qwen2_5_vl_shaped(out_dir, text_layers: int = 4, text_hidden: int = 256, see
 
     heads = max(text_hidden // 64, 1)
     geo = dataclasses.replace(
-        QwenGeometry(), window_size=112, vision_hidden=64, vision_layers=8, vision_heads=4, vision_intermediate=128,
-        fullatt_blocks=(7,), text_hidden=text_hidden, text_layers=text_layers, text_heads=heads, text_kv_heads=heads,
-        text_intermediate=2 * text_hidden, mrope_section=(8, 12, 12),  # head_dim 64: the 7B's 16/24/24 of 128, halved
+        QwenGeometry(),
+        window_size=112,
+        vision_hidden=64,
+        vision_layers=8,
+        vision_heads=4,
+        vision_intermediate=128,
+        fullatt_blocks=(7,),
+        text_hidden=text_hidden,
+        text_layers=text_layers,
+        text_heads=heads,
+        text_kv_heads=heads,
+        text_intermediate=2 * text_hidden,
+        mrope_section=(8, 12, 12),  # head_dim 64: the 7B's 16/24/24 of 128, halved
     )
     model, processor = build_model(seed=seed, geometry=geo)
     processor.image_processor.size = dict(QWEN_PIXELS)
@@ -425,7 +487,9 @@ def assert_ranked_alike(ours: list, ref: list, value: dict, tol: float) -> None:
             continue
         edge = sign * value[other[-1]]
         for k in set(mine) - set(other):
-            assert sign * value[k] <= edge + tol, f"{k!r} is ranked by one side only and is not a near-tie at the boundary"
+            assert sign * value[k] <= edge + tol, (
+                f"{k!r} is ranked by one side only and is not a near-tie at the boundary"
+            )
 
 
 def load_parity_script(name: str):

@@ -10,7 +10,9 @@ a train split for this.
 from __future__ import annotations
 
 
-def task_records(names: list[str], include_path: str | None = None, split: str = "train", limit: int | None = None) -> list[dict]:
+def task_records(
+    names: list[str], include_path: str | None = None, split: str = "train", limit: int | None = None
+) -> list[dict]:
     """One record per training document. With ``include_path``, only the tasks found there
     are indexed (lmms-eval's own few thousand task files are skipped: much faster)."""
     from lmms_eval.tasks import TaskManager, get_task_dict
@@ -25,15 +27,24 @@ def task_records(names: list[str], include_path: str | None = None, split: str =
                 break
             visuals = task.doc_to_visual(doc) or []
             if len(visuals) > 1:
-                raise ValueError(f"task {name}: document {i} has {len(visuals)} visuals; viral-train takes one image per record")
+                raise ValueError(
+                    f"task {name}: document {i} has {len(visuals)} visuals; viral-train takes one image per record"
+                )
             target = task.doc_to_target(doc)
             if task.OUTPUT_TYPE == "multiple_choice" and isinstance(target, int):
                 target = task.doc_to_choice(doc)[target]
             if isinstance(target, list):
                 target = target[0]
-            records.append({"image": visuals[0] if visuals else None, "task": name,
-                            "conversations": [{"from": "human", "value": str(task.doc_to_text(doc))},
-                                              {"from": "gpt", "value": str(target).strip()}]})
+            records.append(
+                {
+                    "image": visuals[0] if visuals else None,
+                    "task": name,
+                    "conversations": [
+                        {"from": "human", "value": str(task.doc_to_text(doc))},
+                        {"from": "gpt", "value": str(target).strip()},
+                    ],
+                }
+            )
     if not records:
         raise ValueError(f"tasks {names}: no {split} documents")
     return records
@@ -51,7 +62,11 @@ def _flatten(task_dict) -> dict:
 
 def _split_docs(task, split: str, name: str):
     cfg = task.config
-    split_name = {"train": cfg.training_split, "validation": cfg.validation_split, "test": cfg.test_split}.get(split, split)
+    split_name = {"train": cfg.training_split, "validation": cfg.validation_split, "test": cfg.test_split}.get(
+        split, split
+    )
     if not split_name or split_name not in task.dataset:
-        raise ValueError(f"task {name} has no {split} split (training_split in its YAML); available: {list(task.dataset)}")
+        raise ValueError(
+            f"task {name} has no {split} split (training_split in its YAML); available: {list(task.dataset)}"
+        )
     return task.dataset[split_name]

@@ -59,7 +59,11 @@ def patch_labels(scene, grid: int, labels=None, min_cover: float = 0.15) -> np.n
         raise ValueError(f"canvas {n} is not a multiple of the teacher grid {grid}")
     cell = n // grid
     blocks = lab.reshape(grid, cell, grid, cell).transpose(0, 2, 1, 3).reshape(grid, grid, cell * cell)
-    counts = np.stack([(blocks == k + 1).sum(-1) for k in range(len(scene.objects))], -1) if scene.objects else np.zeros((grid, grid, 1))
+    counts = (
+        np.stack([(blocks == k + 1).sum(-1) for k in range(len(scene.objects))], -1)
+        if scene.objects
+        else np.zeros((grid, grid, 1))
+    )
     best = counts.argmax(-1)
     covered = counts.max(-1) >= min_cover * cell * cell
     out = np.zeros((3, grid, grid), dtype=np.int64)
@@ -84,14 +88,34 @@ def make_split(n: int, tag: str, image_size: int, grid: int, world: str = "train
 def build_backbone(image_size: int, patch: int, hidden: int, layers: int, heads: int):
     from transformers import Dinov2Config, Dinov2Model
 
-    cfg = Dinov2Config(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads, mlp_ratio=2,
-                       image_size=image_size, patch_size=patch, layerscale_value=1.0)
+    cfg = Dinov2Config(
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        mlp_ratio=2,
+        image_size=image_size,
+        patch_size=patch,
+        layerscale_value=1.0,
+    )
     return Dinov2Model(cfg)
 
 
-def train_teacher(output_dir, *, scenes: int = 2000, steps: int = 1000, batch_size: int = 16, lr: float = 1e-3,
-                  image_size: int = 128, patch: int = 8, hidden: int = 96, layers: int = 3, heads: int = 4,
-                  seed: int = 0, held_out: int = 200, log=print) -> dict:
+def train_teacher(
+    output_dir,
+    *,
+    scenes: int = 2000,
+    steps: int = 1000,
+    batch_size: int = 16,
+    lr: float = 1e-3,
+    image_size: int = 128,
+    patch: int = 8,
+    hidden: int = 96,
+    layers: int = 3,
+    heads: int = 4,
+    seed: int = 0,
+    held_out: int = 200,
+    log=print,
+) -> dict:
     from safetensors.torch import save_file
 
     torch.manual_seed(seed)
@@ -105,7 +129,9 @@ def train_teacher(output_dir, *, scenes: int = 2000, steps: int = 1000, batch_si
     params = list(backbone.parameters()) + list(head.parameters())
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.05)
     warm = max(1, steps // 20)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / steps))))
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / steps)))
+    )
     g = torch.Generator().manual_seed(seed)
 
     def logits(batch):
@@ -115,8 +141,10 @@ def train_teacher(output_dir, *, scenes: int = 2000, steps: int = 1000, batch_si
     for step in range(1, steps + 1):
         idx = torch.randint(0, len(x), (batch_size,), generator=g)
         out = logits(x[idx])
-        loss = sum(nn.functional.cross_entropy(out[k].reshape(-1, n), y[idx][:, i].reshape(-1))
-                   for i, (k, n) in enumerate(HEADS.items()))
+        loss = sum(
+            nn.functional.cross_entropy(out[k].reshape(-1, n), y[idx][:, i].reshape(-1))
+            for i, (k, n) in enumerate(HEADS.items())
+        )
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -130,13 +158,34 @@ def train_teacher(output_dir, *, scenes: int = 2000, steps: int = 1000, batch_si
     out.mkdir(parents=True, exist_ok=True)
     backbone.save_pretrained(out, safe_serialization=True)
     save_file({k: v.contiguous() for k, v in head.state_dict().items()}, str(out / "heads.safetensors"))
-    (out / "preprocessor_config.json").write_text(json.dumps({
-        "image_mean": list(MEAN), "image_std": list(STD), "crop_size": {"height": image_size, "width": image_size},
-        "size": {"shortest_edge": image_size}, "do_center_crop": True}, indent=2))
-    info = {"what": "ShapeWorld teacher for VIRAL: Dinov2Model trained on dense per-patch shape/colour/size labels",
-            "scenes": scenes, "held_out": held_out, "steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed,
-            "image_size": image_size, "patch": patch, "hidden": hidden, "layers": layers, "heads": heads,
-            "held_out_accuracy": acc, "seconds": round(time.time() - t0)}
+    (out / "preprocessor_config.json").write_text(
+        json.dumps(
+            {
+                "image_mean": list(MEAN),
+                "image_std": list(STD),
+                "crop_size": {"height": image_size, "width": image_size},
+                "size": {"shortest_edge": image_size},
+                "do_center_crop": True,
+            },
+            indent=2,
+        )
+    )
+    info = {
+        "what": "ShapeWorld teacher for VIRAL: Dinov2Model trained on dense per-patch shape/colour/size labels",
+        "scenes": scenes,
+        "held_out": held_out,
+        "steps": steps,
+        "batch_size": batch_size,
+        "lr": lr,
+        "seed": seed,
+        "image_size": image_size,
+        "patch": patch,
+        "hidden": hidden,
+        "layers": layers,
+        "heads": heads,
+        "held_out_accuracy": acc,
+        "seconds": round(time.time() - t0),
+    }
     (out / "teacher_info.json").write_text(json.dumps(info, indent=2))
     return info
 

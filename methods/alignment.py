@@ -94,8 +94,15 @@ def image_token_states(model, inputs: dict, image_token_id: int) -> list[torch.T
     return [h[0, pos].float() for h in out.hidden_states]
 
 
-def layerwise_alignment(states: list[list[torch.Tensor]], reference: list[torch.Tensor], *, topk: int = 10,
-                        max_rows: int = 2048, seed: int = 0, unbiased: bool = True) -> list[dict]:
+def layerwise_alignment(
+    states: list[list[torch.Tensor]],
+    reference: list[torch.Tensor],
+    *,
+    topk: int = 10,
+    max_rows: int = 2048,
+    seed: int = 0,
+    unbiased: bool = True,
+) -> list[dict]:
     """states[i][l]: image i's (T, d) image-token states at hidden_states entry l;
     reference[i]: (T, d_ref) features on the same grid. Returns one row per layer."""
     n_layers = len(states[0])

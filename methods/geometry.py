@@ -75,7 +75,9 @@ class ImageGeometry:
     family: str  # config.model_type
     image_size: tuple[int, int]  # (W, H) of the image given to the processor
     blocks: tuple[Block, ...]
-    others: torch.Tensor = dataclasses.field(default_factory=lambda: torch.empty(0, dtype=torch.long))  # image tokens of no cell (a kept CLS)
+    others: torch.Tensor = dataclasses.field(
+        default_factory=lambda: torch.empty(0, dtype=torch.long)
+    )  # image tokens of no cell (a kept CLS)
 
     @property
     def base(self) -> Block:
@@ -108,9 +110,21 @@ class ImageGeometry:
         return int(pos[0]), int(pos[-1]) + 1
 
     def describe(self) -> dict:
-        return {"family": self.family, "image_size": list(self.image_size),
-                "blocks": [{"name": b.name, "rows": b.rows, "cols": b.cols, "first": int(b.positions[0]) if b.positions.numel() else None,
-                            "newlines": int(b.newlines.numel()), "region": [round(v, 4) for v in b.region]} for b in self.blocks]}
+        return {
+            "family": self.family,
+            "image_size": list(self.image_size),
+            "blocks": [
+                {
+                    "name": b.name,
+                    "rows": b.rows,
+                    "cols": b.cols,
+                    "first": int(b.positions[0]) if b.positions.numel() else None,
+                    "newlines": int(b.newlines.numel()),
+                    "region": [round(v, 4) for v in b.region],
+                }
+                for b in self.blocks
+            ],
+        }
 
 
 # ---------------------------------------------------------------------------------------
@@ -145,7 +159,9 @@ def image_geometry(config, processor, image_size, input_ids: torch.Tensor, input
     processor's other outputs, for families whose layout needs them (``image_grid_thw``)."""
     family = getattr(config, "model_type", None)
     if family not in BUILDERS:
-        raise GeometryError(f"no image geometry for model_type {family!r}; supported: {', '.join(supported_families())}")
+        raise GeometryError(
+            f"no image geometry for model_type {family!r}; supported: {', '.join(supported_families())}"
+        )
     token_id = image_token_id(config)
     where = (input_ids[0] == token_id).nonzero().flatten().cpu()
     if where.numel() == 0:
@@ -165,7 +181,11 @@ def image_geometry(config, processor, image_size, input_ids: torch.Tensor, input
 
 
 def image_token_id(config) -> int:
-    return getattr(config, "image_token_id", None) if getattr(config, "image_token_id", None) is not None else config.image_token_index
+    return (
+        getattr(config, "image_token_id", None)
+        if getattr(config, "image_token_id", None) is not None
+        else config.image_token_index
+    )
 
 
 def _span_text(pos: torch.Tensor) -> str:
@@ -207,8 +227,12 @@ def _processed_region(image_processor, image_size) -> tuple[float, float, float,
 
     g = processor_geometry(image_processor, image_size)
     w, h = image_size
-    return (-g.offset_x / g.scale_x / w, -g.offset_y / g.scale_y / h,
-            (g.out_w - g.offset_x) / g.scale_x / w, (g.out_h - g.offset_y) / g.scale_y / h)
+    return (
+        -g.offset_x / g.scale_x / w,
+        -g.offset_y / g.scale_y / h,
+        (g.out_w - g.offset_x) / g.scale_x / w,
+        (g.out_h - g.offset_y) / g.scale_y / h,
+    )
 
 
 # -- LLaVA-NeXT / LLaVA-OneVision (anyres) ----------------------------------------------
@@ -268,7 +292,9 @@ def single_block(image_pos: torch.Tensor, image_size=None) -> ImageGeometry:
     n = image_pos.numel()
     side = math.isqrt(n)
     if n == 0 or side * side != n or int(image_pos[-1] - image_pos[0]) + 1 != n:
-        raise GeometryError(f"{n} image tokens are not one contiguous square grid; pass the model config to the Request")
+        raise GeometryError(
+            f"{n} image tokens are not one contiguous square grid; pass the model config to the Request"
+        )
     block = Block("image", side, side, image_pos.cpu(), torch.empty(0, dtype=torch.long), (0.0, 0.0, 1.0, 1.0))
     return ImageGeometry("llava", tuple(image_size or (0, 0)), (block,))
 
@@ -295,7 +321,9 @@ def qwen2_5_vl_geometry(config, processor, image_size, start, inputs) -> list[Bl
         size = ip.size
         get = (lambda k: size.get(k)) if isinstance(size, dict) else (lambda k: getattr(size, k, None))
         factor = ip.patch_size * ip.merge_size
-        rh, rw = smart_resize(image_size[1], image_size[0], factor=factor, min_pixels=get("shortest_edge"), max_pixels=get("longest_edge"))
+        rh, rw = smart_resize(
+            image_size[1], image_size[0], factor=factor, min_pixels=get("shortest_edge"), max_pixels=get("longest_edge")
+        )
         t, h, w = 1, rh // ip.patch_size, rw // ip.patch_size
     if t != 1:
         raise GeometryError(f"qwen2_5_vl: image_grid_thw has t={t}; images only (videos are not supported)")

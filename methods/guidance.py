@@ -102,15 +102,21 @@ class ImageFreeGuidance(LogitsProcessor):
                     if parents is not None:
                         self.cache.reorder_cache(parents.to(input_ids.device))
                 new = input_ids[:, -1:]
-                out = self.model(input_ids=new, use_cache=True, **{_cache_arg(self.model): self.cache},
-                                 **positions.explicit(self.model, new, start=self.next_position))
+                out = self.model(
+                    input_ids=new,
+                    use_cache=True,
+                    **{_cache_arg(self.model): self.cache},
+                    **positions.explicit(self.model, new, start=self.next_position),
+                )
                 self.next_position += 1
         self.cache = out.get("cache", out.get("past_key_values"))
         self.previous = input_ids
         return guide(scores, out.logits[:, -1], self.gamma, self.cutoff)
 
 
-def guided_forward(model, input_ids, out, prompt_len: int, image_token_id: int, gamma: float, cutoff: float, labels=None):
+def guided_forward(
+    model, input_ids, out, prompt_len: int, image_token_id: int, gamma: float, cutoff: float, labels=None
+):
     """CFG for a full forward (loglikelihood), the teacher-forced form of generation under CFG.
 
     ``out`` is the forward with the image; rows >= prompt_len - 1 (those that predict answer

@@ -338,7 +338,11 @@ def calls_attention_interface(cls: type) -> bool:
 def _sub_configs(model) -> dict[str, list]:
     """The model's language and vision sub-configs (a plain LM: its own config is the language one)."""
     config = model.config
-    text = [c for c in (getattr(config, "text_config", None), getattr(config, "get_text_config", lambda: None)()) if c is not None]
+    text = [
+        c
+        for c in (getattr(config, "text_config", None), getattr(config, "get_text_config", lambda: None)())
+        if c is not None
+    ]
     vision = [c for c in (getattr(config, "vision_config", None),) if c is not None]
     return {"lm": text or [config], "vision": vision}
 

@@ -39,7 +39,15 @@ from .technique import Request, RequestError, Technique
 
 QUERY_SETS = ("generated", "query", "both", "all", "block_query")
 LAST_ROW = ("generated", "query")
-DEFAULTS = {"mode": "query", "from_layer": 0, "to_layer": None, "outside": False, "last_row": "generated", "window": None, "newlines": True}
+DEFAULTS = {
+    "mode": "query",
+    "from_layer": 0,
+    "to_layer": None,
+    "outside": False,
+    "last_row": "generated",
+    "window": None,
+    "newlines": True,
+}
 
 # The official run_on_coco.py flags as (mode, last_row, window); min_token_for_i2t_attn_masking=1
 # (run_on_coco.py argparse default 1) blocks decode steps only (``query_states.shape[-2] == 1``),
@@ -145,7 +153,9 @@ class Knockout(Technique):
         edits = [hooks.Block(layers=self.layers, rows=rows, keys=pos)]
         if self.params["mode"] == "block_query" and img_start > 0:
             # the other direction (``attn_weights[..., image_tokens_indices, blocked_query_index]``): image rows lose the text keys before them (later ones are causal)
-            edits.append(hooks.Block(layers=self.layers, rows=hooks.Rows.span(img_start, img_end), keys=slice(0, img_start)))
+            edits.append(
+                hooks.Block(layers=self.layers, rows=hooks.Rows.span(img_start, img_end), keys=slice(0, img_start))
+            )
         return edits
 
     def describe(self):

@@ -46,10 +46,23 @@ import torch
 from . import hooks
 from .technique import Request, RequestError, Technique
 
-DEFAULTS = {"top_k": 3, "sigma": 1.0, "box_mode": "component", "connectivity": 8, "decimals": 2, "selection": "ours", "box_scaling": "geometry", "prompt": "task", "block": "base"}
+DEFAULTS = {
+    "top_k": 3,
+    "sigma": 1.0,
+    "box_mode": "component",
+    "connectivity": 8,
+    "decimals": 2,
+    "selection": "ours",
+    "box_scaling": "geometry",
+    "prompt": "task",
+    "block": "base",
+}
 BLOCKS = ("base", "highres")  # anyres (LLaVA-NeXT/OneVision): which block's grid the maps and box come from
 BOX_MODES = ("component", "minmax")
-BOX_SCALINGS = ("geometry", "stretch")  # undo the processor's pad/resize/crop | 9ffe219's stretch of the grid onto W x H
+BOX_SCALINGS = (
+    "geometry",
+    "stretch",
+)  # undo the processor's pad/resize/crop | 9ffe219's stretch of the grid onto W x H
 PROMPTS = ("task", "official")  # the lmms-eval task's prompt | the official referseg prompt (official_prompt_ids)
 # The heads shipped in heads/llava-1.5-7b-hf.json (0-based layer, head): a third-party fork's hand-set
 # list (liu-hanyu-97/LocalizationHeads conf/logic/selection_best.yaml), not the paper's or the official code's.
@@ -166,7 +179,9 @@ def spatial_entropy(grid: torch.Tensor, connectivity: int = 8) -> float:
     labels, n = connected_components(above_mean(grid), connectivity)
     if n == 0:
         return math.inf
-    mass = torch.zeros(n + 1, dtype=torch.float64).index_add_(0, labels.flatten(), grid.detach().double().cpu().flatten())[1:]
+    mass = torch.zeros(n + 1, dtype=torch.float64).index_add_(
+        0, labels.flatten(), grid.detach().double().cpu().flatten()
+    )[1:]
     p = mass / mass.sum()
     p = p[p > 0]
     return float(-(p * p.log()).sum())
@@ -193,13 +208,17 @@ def select_sample_heads(maps: torch.Tensor, grid_hw: tuple[int, int], per_sample
 # ---------------------------------------------------------------------------------------
 
 SELECTIONS = ("ours", "official", "official_v2")
-OFFICIAL_BINARIZE = 0.001  # HEAD localization_heads_finder.py:195; v2 conf/logic/selection_v1.yaml entropy.binarize_threshold
+OFFICIAL_BINARIZE = (
+    0.001  # HEAD localization_heads_finder.py:195; v2 conf/logic/selection_v1.yaml entropy.binarize_threshold
+)
 V2_BOTTOM_ROW = 0.05  # v2 analyze.py:98
 V2_FIRST_LAYER = 2  # v2 analyze.py:112 keeps layer > 1
 V2_MIN_KEEP = 1  # v2 selection_v1.yaml threshold.min_keep
 
 
-def official_spatial_entropy(grid: torch.Tensor, mean_factor: float = 1.0, threshold: float = OFFICIAL_BINARIZE) -> tuple[float, torch.Tensor, int]:
+def official_spatial_entropy(
+    grid: torch.Tensor, mean_factor: float = 1.0, threshold: float = OFFICIAL_BINARIZE
+) -> tuple[float, torch.Tensor, int]:
     """(entropy, labels, n components): HEAD localization_heads_finder.py:195-247 (mean_factor 1),
     v2 analyze.py:20-42 (mean_factor 2).
 
@@ -287,10 +306,24 @@ def rank_heads_official_v2(maps: torch.Tensor, grid_hw: tuple[int, int], min_kee
             continue
         grid = maps[l, h].reshape(grid_hw)
         se = official_spatial_entropy(grid, mean_factor=2.0)[0]
-        rows.append({"layer": l, "head": h, "attn_sum": s, "spatial_entropy": se, "bottom_row_focus": bool((grid[-1] > V2_BOTTOM_ROW).any())})
-    kept = [r for r in rows if math.isfinite(r["spatial_entropy"]) and not r["bottom_row_focus"] and r["layer"] >= V2_FIRST_LAYER]
+        rows.append(
+            {
+                "layer": l,
+                "head": h,
+                "attn_sum": s,
+                "spatial_entropy": se,
+                "bottom_row_focus": bool((grid[-1] > V2_BOTTOM_ROW).any()),
+            }
+        )
+    kept = [
+        r
+        for r in rows
+        if math.isfinite(r["spatial_entropy"]) and not r["bottom_row_focus"] and r["layer"] >= V2_FIRST_LAYER
+    ]
     if len(kept) < min_keep:
-        kept = [r for r in sorted(rows, key=lambda r: r["attn_sum"], reverse=True) if not r["bottom_row_focus"]][:min_keep]
+        kept = [r for r in sorted(rows, key=lambda r: r["attn_sum"], reverse=True) if not r["bottom_row_focus"]][
+            :min_keep
+        ]
     return sorted(kept, key=lambda r: r["spatial_entropy"])
 
 
@@ -312,7 +345,9 @@ def official_box_pixels(box_grid: Sequence[int], image_size: tuple[int, int], si
     return int(x0 * sx), int(y0 * sy), int(min(w - 1, (x1 + 1) * sx - 1)), int(min(h - 1, (y1 + 1) * sy - 1))
 
 
-def select_heads(maps: torch.Tensor, grid_hw: tuple[int, int], selection: str = "ours", per_sample: int = 10, connectivity: int = 8) -> list[tuple[int, int]]:
+def select_heads(
+    maps: torch.Tensor, grid_hw: tuple[int, int], selection: str = "ours", per_sample: int = 10, connectivity: int = 8
+) -> list[tuple[int, int]]:
     """One sample's best heads under ``selection`` (ours | official | official_v2), best first."""
     if selection == "ours":
         return select_sample_heads(maps, grid_hw, per_sample, connectivity)[0]
@@ -391,8 +426,16 @@ class Geometry:
     def after_pad(self, pad) -> "Geometry":
         """This geometry (of a pad-to-square canvas) composed with the pad: original -> square -> processed."""
         ox, oy = pad.offset
-        return Geometry(self.scale_x, self.scale_y, self.offset_x + ox * self.scale_x, self.offset_y + oy * self.scale_y,
-                        self.out_w, self.out_h, pad.orig_w, pad.orig_h)
+        return Geometry(
+            self.scale_x,
+            self.scale_y,
+            self.offset_x + ox * self.scale_x,
+            self.offset_y + oy * self.scale_y,
+            self.out_w,
+            self.out_h,
+            pad.orig_w,
+            pad.orig_h,
+        )
 
     def to_processed(self, box: Sequence[float]) -> list[float]:
         """A box in fractions of the original image -> fractions of the processed image (unclipped)."""
@@ -462,7 +505,9 @@ class AnswerEncodingError(RequestError):
 
 
 # The box format lmms-eval's refcoco*_bbox_rec tasks read: the first "[a, b, c, d]" of four numbers.
-REC_BOX_PATTERN = re.compile(r"\[\s*(-?\d+(?:\.\d+)?),\s*(-?\d+(?:\.\d+)?),\s*(-?\d+(?:\.\d+)?),\s*(-?\d+(?:\.\d+)?)\s*\]")
+REC_BOX_PATTERN = re.compile(
+    r"\[\s*(-?\d+(?:\.\d+)?),\s*(-?\d+(?:\.\d+)?),\s*(-?\d+(?:\.\d+)?),\s*(-?\d+(?:\.\d+)?)\s*\]"
+)
 
 
 def parse_box(text: str) -> list[float] | None:
@@ -503,7 +548,15 @@ class StopAfter(hooks.AttnEdit):
         raise _PrefillDone()
 
 
-FORWARD_KEYS = ("input_ids", "attention_mask", "pixel_values", "image_sizes", "position_ids", "image_grid_thw", "mm_token_type_ids")  # image_grid_thw, mm_token_type_ids: Qwen2.5-VL (the model derives its M-RoPE positions from them)
+FORWARD_KEYS = (
+    "input_ids",
+    "attention_mask",
+    "pixel_values",
+    "image_sizes",
+    "position_ids",
+    "image_grid_thw",
+    "mm_token_type_ids",
+)  # image_grid_thw, mm_token_type_ids: Qwen2.5-VL (the model derives its M-RoPE positions from them)
 
 
 def image_grid(model, n_tokens: int) -> tuple[int, int]:
@@ -519,7 +572,9 @@ def image_grid(model, n_tokens: int) -> tuple[int, int]:
 
 
 @torch.no_grad()
-def capture_image_maps(model, inputs: dict, image_pos: torch.Tensor, layers: Sequence[int] | None = None) -> torch.Tensor:
+def capture_image_maps(
+    model, inputs: dict, image_pos: torch.Tensor, layers: Sequence[int] | None = None
+) -> torch.Tensor:
     """One prefill; the last prompt token's attention over the image tokens.
 
     Returns (len(layers), heads, image tokens) float32, layers in ascending order (all LM
@@ -564,7 +619,16 @@ def same_model_id(a: str, b: str) -> bool:
     return norm(a) == norm(b)
 
 
-def write_heads_file(path, heads: Sequence[dict], *, model_id: str, num_layers: int, num_heads: int, source: str, extra: dict | None = None):
+def write_heads_file(
+    path,
+    heads: Sequence[dict],
+    *,
+    model_id: str,
+    num_layers: int,
+    num_heads: int,
+    source: str,
+    extra: dict | None = None,
+):
     """Write a heads file: JSON with the model id, its geometry, where the heads came from, and the ranked heads."""
     doc = {
         "model_id": model_id,
@@ -572,7 +636,14 @@ def write_heads_file(path, heads: Sequence[dict], *, model_id: str, num_layers: 
         "num_heads": num_heads,
         "source": source,
         **(extra or {}),
-        "heads": [{"layer": int(h["layer"]), "head": int(h["head"]), **{k: v for k, v in h.items() if k not in ("layer", "head")}} for h in heads],
+        "heads": [
+            {
+                "layer": int(h["layer"]),
+                "head": int(h["head"]),
+                **{k: v for k, v in h.items() if k not in ("layer", "head")},
+            }
+            for h in heads
+        ],
     }
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -590,11 +661,17 @@ def read_heads_file(path) -> dict:
     try:
         doc = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise HeadsFileError(f"heads file {path} is not valid JSON ({e}); regenerate it with `lmms-plugins discover-heads`") from None
+        raise HeadsFileError(
+            f"heads file {path} is not valid JSON ({e}); regenerate it with `lmms-plugins discover-heads`"
+        ) from None
     if not isinstance(doc, dict) or not isinstance(doc.get("heads"), list) or not doc["heads"]:
-        raise HeadsFileError(f"heads file {path} has no 'heads' list; expected {{'model_id': ..., 'heads': [{{'layer': L, 'head': H}}, ...]}}")
+        raise HeadsFileError(
+            f"heads file {path} has no 'heads' list; expected {{'model_id': ..., 'heads': [{{'layer': L, 'head': H}}, ...]}}"
+        )
     for i, h in enumerate(doc["heads"]):
-        ok = isinstance(h, dict) and all(isinstance(h.get(k), int) and not isinstance(h.get(k), bool) for k in ("layer", "head"))
+        ok = isinstance(h, dict) and all(
+            isinstance(h.get(k), int) and not isinstance(h.get(k), bool) for k in ("layer", "head")
+        )
         if not ok:
             raise HeadsFileError(f"heads file {path}: entry {i} ({h!r}) needs integer 'layer' and 'head' (0-based)")
     if "model_id" not in doc:
@@ -617,7 +694,9 @@ def load_heads(path, model, *, check_model_id: bool = True) -> list[tuple[int, i
         if key in doc and not isinstance(doc[key], int):
             raise HeadsFileError(f"heads file {path}: {key} must be an integer, not {doc[key]!r}")
         if key in doc and doc[key] != geo[key]:
-            raise HeadsFileError(f"heads file {path} is for a model with {key}={doc[key]}, but the loaded model has {geo[key]}")
+            raise HeadsFileError(
+                f"heads file {path} is for a model with {key}={doc[key]}, but the loaded model has {geo[key]}"
+            )
     for h in doc["heads"]:
         if not (0 <= h["layer"] < geo["num_layers"] and 0 <= h["head"] < geo["num_heads"]):
             raise HeadsFileError(
@@ -642,7 +721,9 @@ def official_query(prompt_text: str, image_token: str = "<image>") -> str:
     return text.strip()
 
 
-def official_prompt_ids(tokenizer, query: str, image_token_id: int, n_image_tokens: int, system: str = REFERSEG_SYSTEM) -> list[int]:
+def official_prompt_ids(
+    tokenizer, query: str, image_token_id: int, n_image_tokens: int, system: str = REFERSEG_SYSTEM
+) -> list[int]:
     """The official prompt's ids: system + "\\n" + "<image>\\n" + query (PLAIN: no roles, no assistant turn,
     so the last prompt token is the query's last token), tokenized in two chunks around the image as
     tokenizer_image_token does (HEAD llava/mm_utils.py:185-199), and the lone word-boundary piece "▁"
@@ -702,9 +783,13 @@ class DiscoveryResult:
         lh = lambda k: tuple(int(v) for v in k.split(","))  # noqa: E731
         s_img = doc.get("s_img_sum")
         return cls(
-            doc["num_layers"], doc["num_heads"], doc["n_samples"],
-            {lh(k): v for k, v in doc["counts"].items()}, {lh(k): v for k, v in doc["entropy_sum"].items()},
-            None if s_img is None else torch.tensor(s_img), list(doc["knee_sizes"]),
+            doc["num_layers"],
+            doc["num_heads"],
+            doc["n_samples"],
+            {lh(k): v for k, v in doc["counts"].items()},
+            {lh(k): v for k, v in doc["entropy_sum"].items()},
+            None if s_img is None else torch.tensor(s_img),
+            list(doc["knee_sizes"]),
         )
 
     def ranked(self) -> list[dict]:
@@ -716,7 +801,9 @@ class DiscoveryResult:
                 "head": h,
                 "frequency": round(self.counts[(l, h)] / self.n_samples, 4),
                 "count": self.counts[(l, h)],
-                "mean_entropy": _finite_or_none(round(self.entropy_sum[(l, h)] / self.counts[(l, h)], 4)),  # None: 9ffe219's fallback heads have no entropy
+                "mean_entropy": _finite_or_none(
+                    round(self.entropy_sum[(l, h)] / self.counts[(l, h)], 4)
+                ),  # None: 9ffe219's fallback heads have no entropy
                 "mean_s_img": round(float(mean_s[l, h]), 4),
             }
             for l, h in order
@@ -725,7 +812,9 @@ class DiscoveryResult:
     def table(self, top: int = 20) -> str:
         rows = ["rank  layer  head  frequency  mean_entropy  mean_S_img"]
         for i, r in enumerate(self.ranked()[:top], 1):
-            rows.append(f"{i:>4}  {r['layer']:>5}  {r['head']:>4}  {r['frequency']:>9.3f}  {r['mean_entropy'] if r['mean_entropy'] is not None else math.inf:>12.3f}  {r['mean_s_img']:>10.3f}")
+            rows.append(
+                f"{i:>4}  {r['layer']:>5}  {r['head']:>4}  {r['frequency']:>9.3f}  {r['mean_entropy'] if r['mean_entropy'] is not None else math.inf:>12.3f}  {r['mean_s_img']:>10.3f}"
+            )
         return "\n".join(rows)
 
 
@@ -761,9 +850,15 @@ def sample_grid(model, processor, image, inputs: dict, block: str = "base") -> t
     if family == "llava":
         pos = hooks.image_positions(input_ids, model.config.image_token_id)
         return pos, image_grid(model, pos.numel())
-    req = Request(input_ids=input_ids, image_token_id=model.config.image_token_id, prompt_len=input_ids.shape[1],
-                  images=[image], processor=processor, config=model.config,
-                  inputs={k: inputs[k] for k in ("image_grid_thw",) if inputs.get(k) is not None})
+    req = Request(
+        input_ids=input_ids,
+        image_token_id=model.config.image_token_id,
+        prompt_len=input_ids.shape[1],
+        images=[image],
+        processor=processor,
+        config=model.config,
+        inputs={k: inputs[k] for k in ("image_grid_thw",) if inputs.get(k) is not None},
+    )
     b = req.geometry.block(block)
     if b.rows * b.cols == 0:
         raise RequestError(f"the {block} block of this {image.size} image is empty; use block=base")
@@ -864,7 +959,12 @@ class LocHead(Technique):
     def __init__(self, heads, **params):
         super().__init__(**{**DEFAULTS, **params})
         p = self.params
-        for key, allowed in (("box_mode", BOX_MODES), ("selection", SELECTIONS), ("box_scaling", BOX_SCALINGS), ("prompt", PROMPTS)):
+        for key, allowed in (
+            ("box_mode", BOX_MODES),
+            ("selection", SELECTIONS),
+            ("box_scaling", BOX_SCALINGS),
+            ("prompt", PROMPTS),
+        ):
             if p[key] not in allowed:
                 raise ValueError(f"{key} must be one of {allowed}, not {p[key]!r}")
         if heads in ("all", "self"):
@@ -876,7 +976,9 @@ class LocHead(Technique):
             self.heads = heads[: p["top_k"]]
         self.on_located = None  # optional callback(req, located) for saved visuals
         self.refiner = None  # optional SamRefiner
-        self.pending = None  # optional callback(processor) -> ranked heads, run at the first request (heads=auto off LLaVA-1.5)
+        self.pending = (
+            None  # optional callback(processor) -> ranked heads, run at the first request (heads=auto off LLaVA-1.5)
+        )
 
     def _resolve_pending(self, req: Request) -> None:
         """heads=auto discovered with the processor evaluation uses (its min/max pixels), at the first request."""
@@ -906,7 +1008,9 @@ class LocHead(Technique):
             flat = maps.flatten(0, 1)
         elif self.heads == "self":  # this request's own best heads (9ffe219 pipeline.py:57-70)
             maps = capture_image_maps(model, inputs, pos)
-            heads = select_heads(maps, grid, self.params["selection"], self.params["top_k"], self.params["connectivity"])
+            heads = select_heads(
+                maps, grid, self.params["selection"], self.params["top_k"], self.params["connectivity"]
+            )
             flat = torch.stack([maps[l, h] for l, h in heads])
         else:
             layers = sorted({l for l, _ in self.heads})
@@ -919,7 +1023,9 @@ class LocHead(Technique):
         combined = combine_head_maps(head_maps, self.params["sigma"])
         box_p = box_from_grid(combined, self.params["box_mode"], self.params["connectivity"])
         geometry = None
-        if self.params["box_scaling"] == "stretch":  # 9ffe219 bbox.py:148-181: grid cells onto W x H, padding not undone
+        if (
+            self.params["box_scaling"] == "stretch"
+        ):  # 9ffe219 bbox.py:148-181: grid cells onto W x H, padding not undone
             x0, y0, x1, y1 = official_box_grid(combined)
             box_p = [x0 / gw, y0 / gh, (x1 + 1) / gw, (y1 + 1) / gh]
             box = list(box_p)
@@ -952,10 +1058,14 @@ class LocHead(Technique):
         if req.config is None or req.family == "llava":
             return None
         if self.params["prompt"] != "task":
-            raise RequestError(f"lochead: prompt={self.params['prompt']} is LLaVA-1.5 only; use prompt=task on {req.family}")
+            raise RequestError(
+                f"lochead: prompt={self.params['prompt']} is LLaVA-1.5 only; use prompt=task on {req.family}"
+            )
         block = req.geometry.block(self.params.get("block", "base"))
         if block.rows * block.cols == 0:
-            raise RequestError(f"lochead: the {block.name} block of this {req.images[0].size} image is empty; use block=base")
+            raise RequestError(
+                f"lochead: the {block.name} block of this {req.images[0].size} image is empty; use block=base"
+            )
         return block
 
     def prompt_inputs(self, req: Request, kwargs: dict) -> dict:
@@ -977,7 +1087,9 @@ class LocHead(Technique):
         tokenizer = getattr(req.processor, "tokenizer", req.processor)
         ids = answer_ids(tokenizer, self.answer_text(located))
         eos = getattr(tokenizer, "eos_token_id", None)
-        tail = torch.tensor([ids + ([eos] if eos is not None else [])], dtype=req.input_ids.dtype, device=req.input_ids.device)
+        tail = torch.tensor(
+            [ids + ([eos] if eos is not None else [])], dtype=req.input_ids.dtype, device=req.input_ids.device
+        )
         return torch.cat([req.input_ids, tail], dim=1)
 
     def forward(self, model, req: Request, **kwargs):
@@ -995,7 +1107,9 @@ class SamRefiner:
         from transformers import SamModel, SamProcessor
 
         if not Path(path).is_dir():
-            raise FileNotFoundError(f"sam={path} is not a local directory with a transformers SamModel checkpoint (SAM is optional; leave sam empty to skip masks)")
+            raise FileNotFoundError(
+                f"sam={path} is not a local directory with a transformers SamModel checkpoint (SAM is optional; leave sam empty to skip masks)"
+            )
         self.model = SamModel.from_pretrained(path, local_files_only=True).eval()
         self.processor = SamProcessor.from_pretrained(path, local_files_only=True)
         self.use_box = use_box
@@ -1011,7 +1125,9 @@ class SamRefiner:
             return_tensors="pt",
         ).to(self.model.device)
         out = self.model(**inputs, multimask_output=False)
-        masks = self.processor.image_processor.post_process_masks(out.pred_masks.cpu(), inputs["original_sizes"].cpu(), inputs["reshaped_input_sizes"].cpu())
+        masks = self.processor.image_processor.post_process_masks(
+            out.pred_masks.cpu(), inputs["original_sizes"].cpu(), inputs["reshaped_input_sizes"].cpu()
+        )
         mask = masks[0].reshape(-1, h, w)[0].bool()
         if not mask.any():
             return mask, None

@@ -25,7 +25,9 @@ def _with_box(image: Image.Image, box: Sequence[float], size: int, colour=(255, 
     scale = size / max(w, h)
     im = image.convert("RGB").resize((max(1, round(w * scale)), max(1, round(h * scale))))
     x1, y1, x2, y2 = box
-    ImageDraw.Draw(im).rectangle([x1 * im.width, y1 * im.height, x2 * im.width - 1, y2 * im.height - 1], outline=colour, width=2)
+    ImageDraw.Draw(im).rectangle(
+        [x1 * im.width, y1 * im.height, x2 * im.width - 1, y2 * im.height - 1], outline=colour, width=2
+    )
     return im
 
 
@@ -63,7 +65,9 @@ def _strip(panels) -> Image.Image:
     return out
 
 
-def render_curve(values_desc: Sequence[float], knee: int, title: str = "S_img, heads sorted", size=(420, 240)) -> Image.Image:
+def render_curve(
+    values_desc: Sequence[float], knee: int, title: str = "S_img, heads sorted", size=(420, 240)
+) -> Image.Image:
     """The descending S_img curve with its chord and the knee marked."""
     w, h = size
     m = 30

@@ -72,7 +72,14 @@ class GuidedTechnique(Technique):
         if self.params.get("use_cfg"):
             p = self.params
             out = guidance.guided_forward(
-                model, req.input_ids, out, req.prompt_len, req.image_token_id, p["gamma"], p["cutoff"], kwargs.get("labels")
+                model,
+                req.input_ids,
+                out,
+                req.prompt_len,
+                req.image_token_id,
+                p["gamma"],
+                p["cutoff"],
+                kwargs.get("labels"),
             )
         return out
 

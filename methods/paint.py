@@ -178,7 +178,9 @@ def spatial_grid(grid_h: int, grid_w: int, ratio: float) -> torch.Tensor:
     return mask
 
 
-def spatial_official(layer_probs: torch.Tensor, n_patches: int, ratio: float, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def spatial_official(
+    layer_probs: torch.Tensor, n_patches: int, ratio: float, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
     """Bool (batch, N+1): the official "spatial" tokens (clip_encoder.py:31-34, called at :41).
 
     The official code averages the local layer's full attention (CLS + N patches, both ways)
@@ -413,7 +415,9 @@ class PaintBoost(hooks.AttnEdit):
     def edit_scores(self, scores, layer):
         margins = self.margins().to(scores.device)
         if margins.shape[0] != scores.shape[0]:
-            raise RequestError(f"PAINT: {margins.shape[0]} images for a batch of {scores.shape[0]} prompts; one image per prompt")
+            raise RequestError(
+                f"PAINT: {margins.shape[0]} images for a batch of {scores.shape[0]} prompts; one image per prompt"
+            )
         if self.head_modulation == "none":
             return boost_scores(scores, margins)
         img = self.image_keys.to(scores.device)
@@ -463,21 +467,31 @@ class Paint(GuidedTechnique):
         super().__init__(**{**DEFAULTS, **params})
         p = self.params
         if p["head_modulation"] not in HEAD_MODULATIONS:
-            raise ValueError(f"paint: head_modulation={p['head_modulation']!r}; use one of {', '.join(HEAD_MODULATIONS)}")
+            raise ValueError(
+                f"paint: head_modulation={p['head_modulation']!r}; use one of {', '.join(HEAD_MODULATIONS)}"
+            )
         if p["spatial"] not in SPATIAL_VARIANTS:
             raise ValueError(f"paint: spatial={p['spatial']!r}; use one of {', '.join(SPATIAL_VARIANTS)}")
         if p["selection_source"] not in SELECTION_SOURCES:
-            raise ValueError(f"paint: selection_source={p['selection_source']!r}; use one of {', '.join(SELECTION_SOURCES)}")
+            raise ValueError(
+                f"paint: selection_source={p['selection_source']!r}; use one of {', '.join(SELECTION_SOURCES)}"
+            )
         if p["selection_source"] == "received" and p["spatial"] == "official" and p["spatial_ratio"] > 0:
-            raise ValueError("paint: spatial=official reads the local layer's full attention rows including CLS; "
-                             "with selection_source=received use spatial=grid")
+            raise ValueError(
+                "paint: spatial=official reads the local layer's full attention rows including CLS; "
+                "with selection_source=received use spatial=grid"
+            )
         if p["selection_precision"] not in SELECTION_PRECISIONS:
-            raise ValueError(f"paint: selection_precision={p['selection_precision']!r}; use one of {', '.join(SELECTION_PRECISIONS)}")
+            raise ValueError(
+                f"paint: selection_precision={p['selection_precision']!r}; use one of {', '.join(SELECTION_PRECISIONS)}"
+            )
         if not 0 < p["top_ratio"] <= 1 or not 0 <= p["spatial_ratio"] <= 1:
             raise ValueError("paint: top_ratio must be in (0, 1] and spatial_ratio in [0, 1]")
         self.selection_dtype = vision_dtype if p["selection_precision"] == "model" else torch.float32
         self.layers = layer_range(p["start_layer"], p["end_layer"], n_layers, default_start=2, name=self.name)
-        self.vision_layers = tuple(self._vision_layer(p[k], n_vision_layers, k) for k in ("local_layer", "summary_layer"))
+        self.vision_layers = tuple(
+            self._vision_layer(p[k], n_vision_layers, k) for k in ("local_layer", "summary_layer")
+        )
         self.grid, self.patch_offset = tuple(grid), patch_offset
         self.save_dir, self.max_visuals, self.saved = save_dir, max_visuals, 0
         self.last_selector: TokenSelector | None = None
@@ -486,14 +500,18 @@ class Paint(GuidedTechnique):
     def _vision_layer(layer: int, n: int, name: str) -> int:
         idx = layer + n if layer < 0 else layer
         if not 0 <= idx < n:
-            raise ValueError(f"paint: {name}={layer} is outside the vision tower's {n} layers; use 0..{n - 1} or -{n}..-1")
+            raise ValueError(
+                f"paint: {name}={layer} is outside the vision tower's {n} layers; use 0..{n - 1} or -{n}..-1"
+            )
         return idx
 
     @classmethod
     def for_model(cls, model, **params) -> Paint:
         grid, offset = image_geometry(model)
         vision_dtype = next(hooks.attention_modules(model)["vision"][0].parameters()).dtype
-        return cls(hooks.num_layers(model, "lm"), hooks.num_layers(model, "vision"), grid, offset, vision_dtype, **params)
+        return cls(
+            hooks.num_layers(model, "lm"), hooks.num_layers(model, "vision"), grid, offset, vision_dtype, **params
+        )
 
     def recipe(self, model, req: Request):
         p = self.params
@@ -504,7 +522,12 @@ class Paint(GuidedTechnique):
             return []  # nothing to edit: stay on the fast path, bit-identical to the baseline
         first, crop = self._base_block(req)
         selector = TokenSelector(
-            *self.vision_layers, self.grid, p["top_ratio"], p["spatial_ratio"], p["spatial"], self.selection_dtype,
+            *self.vision_layers,
+            self.grid,
+            p["top_ratio"],
+            p["spatial_ratio"],
+            p["spatial"],
+            self.selection_dtype,
             source=p["selection_source"],
         )
         selector.crop = crop
@@ -513,7 +536,9 @@ class Paint(GuidedTechnique):
             return selector.captures  # observation only: outputs stay the baseline's
         keys = torch.arange(first, first + self.patch_offset + selector.width)
         if int(keys[-1]) >= req.input_ids.shape[1]:
-            raise RequestError("paint: spatial=official boosts the token after the image, but the prompt ends with the image")
+            raise RequestError(
+                "paint: spatial=official boosts the token after the image, but the prompt ends with the image"
+            )
         sensitivity = p["head_modulation"] == "sensitivity"
         boost = PaintBoost(
             layers=self.layers,
@@ -539,14 +564,20 @@ class Paint(GuidedTechnique):
         n_patches = self.grid[0] * self.grid[1]
         if req.family in ANYRES_WITH_CLS:
             if self.params["spatial"] == "official" and official_spatial_count(self.grid, self.params["spatial_ratio"]):
-                raise RequestError("paint: spatial=official boosts the token after the image grid, which on "
-                                   f"{req.family} is a high-res token; use spatial=grid")
+                raise RequestError(
+                    "paint: spatial=official boosts the token after the image grid, which on "
+                    f"{req.family} is a high-res token; use spatial=grid"
+                )
             base = req.geometry.base
             if base.rows * base.cols != n_patches:
-                raise RequestError(f"paint: the base block is {base.rows}x{base.cols} but the vision tower gives {self.grid}")
+                raise RequestError(
+                    f"paint: the base block is {base.rows}x{base.cols} but the vision tower gives {self.grid}"
+                )
             return int(base.positions[0]), 0
         if req.config is not None and req.family != "llava":
-            raise RequestError(f"paint does not support {req.family}: its selection needs the vision tower's CLS attention")
+            raise RequestError(
+                f"paint does not support {req.family}: its selection needs the vision tower's CLS attention"
+            )
         n_img = req.image_pos.numel()
         if n_img != n_patches + self.patch_offset:
             raise RequestError(

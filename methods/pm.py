@@ -59,7 +59,14 @@ PRESETS = {
 }
 # The official code's arithmetic (ShunqiM/PM @ 58c2c0f), proven against its fixtures
 # (tests/test_parity_pm.py); each switch is one documented difference (docs/pm.md, parity table).
-OFFICIAL = {"layer_map": "official", "two_means": "official", "map_quant": "uint8", "sampler": "official", "block_rows": "first_all", "max_iter": 8}
+OFFICIAL = {
+    "layer_map": "official",
+    "two_means": "official",
+    "map_quant": "uint8",
+    "sampler": "official",
+    "block_rows": "first_all",
+    "max_iter": 8,
+}
 PRESETS["official_pope"] = {**PRESETS["pope"], **OFFICIAL}  # scripts/pope/run_llava_pm.sh
 PRESETS["official_mme"] = {**PRESETS["mme"], **OFFICIAL}  # scripts/mme/run_llava_pm.sh
 DEFAULTS = {
@@ -238,7 +245,12 @@ def enhance(grid: np.ndarray, alpha: float, kernel: int) -> np.ndarray:
         p = np.pad(s, r, mode="edge")
         c = np.cumsum(np.cumsum(np.pad(p, ((1, 0), (1, 0))), axis=0), axis=1)  # summed-area table
         h, w = s.shape
-        s = (c[kernel:kernel + h, kernel:kernel + w] - c[:h, kernel:kernel + w] - c[kernel:kernel + h, :w] + c[:h, :w]) / kernel**2
+        s = (
+            c[kernel : kernel + h, kernel : kernel + w]
+            - c[:h, kernel : kernel + w]
+            - c[kernel : kernel + h, :w]
+            + c[:h, :w]
+        ) / kernel**2
     return s
 
 
@@ -277,7 +289,9 @@ def _bilinear_rows(a: np.ndarray, coords: np.ndarray, axis: int) -> np.ndarray:
     return np.take(a, i0, axis=axis) * (1 - f) + np.take(a, i1, axis=axis) * f
 
 
-def magnify(image: Image.Image | np.ndarray, density: np.ndarray, out_size: tuple[int, int] | None = None) -> Image.Image:
+def magnify(
+    image: Image.Image | np.ndarray, density: np.ndarray, out_size: tuple[int, int] | None = None
+) -> Image.Image:
     """Resample ``image`` so that rows/columns get output space in proportion to the density's
     row/column maxima (separable inverse-CDF sampling, bilinear). out_size = (width, height)."""
     arr = np.asarray(image)
@@ -305,7 +319,9 @@ def official_enhance(grid: np.ndarray, alpha: float, kernel: int) -> torch.Tenso
     m = torch.sigmoid((m - m.mean()) / m.std() * alpha).clamp(0, 1)
     r = (kernel - 1) // 2
     weight = torch.ones(1, 1, kernel, kernel) / kernel**2
-    return torch.nn.functional.conv2d(torch.nn.functional.pad(m[None, None], (r, r, r, r), mode="replicate"), weight)[0, 0]
+    return torch.nn.functional.conv2d(torch.nn.functional.pad(m[None, None], (r, r, r, r), mode="replicate"), weight)[
+        0, 0
+    ]
 
 
 def official_quantise(grid: torch.Tensor) -> np.ndarray:
@@ -331,7 +347,9 @@ def official_inverse_sampling(marginal: np.ndarray, n_out: int) -> np.ndarray:
     return interp1d(cdf, np.arange(len(cdf)), bounds_error=False, fill_value="extrapolate")(np.linspace(0, 1, n_out))
 
 
-def official_magnify(image: Image.Image | np.ndarray, density: np.ndarray, out_size: tuple[int, int] | None = None) -> Image.Image:
+def official_magnify(
+    image: Image.Image | np.ndarray, density: np.ndarray, out_size: tuple[int, int] | None = None
+) -> Image.Image:
     """attention_sampling(method='bilinear') (attention_resampler.py:56-108) then ``astype(np.uint8)``
     (model_generate.py:509-511): marginals are the row/column maxima, each channel is sampled by
     ``scipy.ndimage.map_coordinates(order=1)`` (constant 0 outside; on a uint8 image it rounds to
@@ -378,7 +396,9 @@ def square_view(image: Image.Image, mode: str = "pad", fill=(0, 0, 0)) -> Image.
     raise ValueError(f"view={mode!r}: use one of {VIEWS}")
 
 
-def perception_density(h_star: np.ndarray, grid: int | tuple[int, int], size: tuple[int, int], alpha: float, kernel: int):
+def perception_density(
+    h_star: np.ndarray, grid: int | tuple[int, int], size: tuple[int, int], alpha: float, kernel: int
+):
     """H* over the token grid (side, or rows x cols) -> (enhanced grid map, density at ``size`` = (width, height))."""
     g = enhance(np.asarray(h_star).reshape(_grid_hw(grid)), alpha, kernel)
     return g, upsample(g, size)
@@ -529,7 +549,12 @@ def _scatter_image(m, input_ids: torch.Tensor, emb: torch.Tensor, pooled) -> tor
     return emb.masked_scatter(mask[0] if isinstance(mask, tuple) else mask, feats)
 
 
-FAMILIES = {"llava": LlavaFamily(), "llava_next": AnyresFamily(), "llava_onevision": AnyresFamily(), "qwen2_5_vl": QwenFamily()}
+FAMILIES = {
+    "llava": LlavaFamily(),
+    "llava_next": AnyresFamily(),
+    "llava_onevision": AnyresFamily(),
+    "qwen2_5_vl": QwenFamily(),
+}
 
 
 def contrast(magnified: torch.Tensor, original: torch.Tensor, cd: float) -> torch.Tensor:
@@ -540,7 +565,9 @@ def contrast(magnified: torch.Tensor, original: torch.Tensor, cd: float) -> torc
 def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Mean next-token cross-entropy over the labelled positions (-100 ignored), in float32."""
     v = logits.shape[-1]
-    return torch.nn.functional.cross_entropy(logits[:, :-1].float().reshape(-1, v), labels[:, 1:].reshape(-1).to(logits.device), ignore_index=-100)
+    return torch.nn.functional.cross_entropy(
+        logits[:, :-1].float().reshape(-1, v), labels[:, 1:].reshape(-1).to(logits.device), ignore_index=-100
+    )
 
 
 def _cache_prefix(kv: list, length: int, config):
@@ -574,12 +601,25 @@ class PerceptionMagnifier(Technique):
 
     name = "pm"
 
-    def __init__(self, n_layers: int, grid: int | None = None, visuals_dir: str | None = None, max_visuals: int = 8, visuals_prefix: str = "", **params):
+    def __init__(
+        self,
+        n_layers: int,
+        grid: int | None = None,
+        visuals_dir: str | None = None,
+        max_visuals: int = 8,
+        visuals_prefix: str = "",
+        **params,
+    ):
         super().__init__(**{**DEFAULTS, **params})
         p = self.params
         for key, choices in (
-            ("refresh", REFRESH), ("block_rows", BLOCK_ROWS), ("view", VIEWS),
-            ("layer_map", LAYER_MAPS), ("two_means", TWO_MEANS), ("map_quant", MAP_QUANT), ("sampler", SAMPLERS),
+            ("refresh", REFRESH),
+            ("block_rows", BLOCK_ROWS),
+            ("view", VIEWS),
+            ("layer_map", LAYER_MAPS),
+            ("two_means", TWO_MEANS),
+            ("map_quant", MAP_QUANT),
+            ("sampler", SAMPLERS),
         ):
             if p[key] not in choices:
                 raise ValueError(f"{key}={p[key]!r}: use one of {', '.join(choices)}")
@@ -592,7 +632,9 @@ class PerceptionMagnifier(Technique):
             self.layers = range(self.layers.start, self.layers.start + 1)
             self.divisor = self.divisor if p["layer_map"] == "official" else 1
         if self.divisor < 1:
-            raise ValueError(f"layer_map=official needs deep_layer < n_layers ({n_layers}): n_layers - L would be {self.divisor}")
+            raise ValueError(
+                f"layer_map=official needs deep_layer < n_layers ({n_layers}): n_layers - L would be {self.divisor}"
+            )
         self.n_layers, self.grid = n_layers, grid
         self.visuals_dir = Path(visuals_dir) if visuals_dir else None
         self.max_visuals, self.visuals_prefix = max_visuals, visuals_prefix
@@ -636,7 +678,9 @@ class PerceptionMagnifier(Technique):
         image = official_magnify(view, density) if p["sampler"] == "official" else magnify(view, density)
         return grid_map, density, image
 
-    def magnify_at(self, model, req: Request, view: Image.Image, emb: torch.Tensor, cache, run, start: int, first: bool = True) -> Magnified:
+    def magnify_at(
+        self, model, req: Request, view: Image.Image, emb: torch.Tensor, cache, run, start: int, first: bool = True
+    ) -> Magnified:
         """Run PM for the query at the end of ``emb``.
 
         ``cache`` holds the unmasked original-image stream up to ``start``; ``run`` runs the
@@ -645,7 +689,9 @@ class PerceptionMagnifier(Technique):
         tokens can change. The map is over ``req.geometry``'s one block (rows x cols).
         """
         n = emb.shape[1]
-        pos = req.geometry.base.positions.to(req.input_ids.device)  # the mapped block (every image token but anyres' high-res part)
+        pos = req.geometry.base.positions.to(
+            req.input_ids.device
+        )  # the mapped block (every image token but anyres' high-res part)
         img_end = req.geometry.span[1]
         capture = hooks.Capture(layers=self.layers, keys=pos)
         run(emb[:, start:], cache, capture=capture)
@@ -684,9 +730,13 @@ class PerceptionMagnifier(Technique):
         req.require_one_image(self.name)
         family = FAMILIES.get(req.family)
         if family is None:
-            raise RequestError(f"{self.name} does not support {req.family} checkpoints; supported: {', '.join(FAMILIES)}")
+            raise RequestError(
+                f"{self.name} does not support {req.family} checkpoints; supported: {', '.join(FAMILIES)}"
+            )
         if self.params["view"] not in family.views:
-            raise RequestError(f"{self.name}: view={self.params['view']} does not apply to {req.family} (its grid covers the whole image); leave view at its default")
+            raise RequestError(
+                f"{self.name}: view={self.params['view']} does not apply to {req.family} (its grid covers the whole image); leave view at its default"
+            )
         geo = req.geometry
         if geo.others.numel():
             raise RequestError(
@@ -764,7 +814,12 @@ class PerceptionMagnifier(Technique):
     def _record(self, mag: Magnified, refreshes: int) -> None:
         s = mag.search
         self.last_magnified = mag
-        self.last = {"iterations": s.iterations, "sums": s.sums, "map_forwards": mag.map_forwards, "refreshes": refreshes}
+        self.last = {
+            "iterations": s.iterations,
+            "sums": s.sums,
+            "map_forwards": mag.map_forwards,
+            "refreshes": refreshes,
+        }
         if self.visuals_dir is not None and refreshes == 1:
             self.visuals_dir.mkdir(parents=True, exist_ok=True)
             with open(self.visuals_dir / f"{self.visuals_prefix}pm_trace.jsonl", "a") as f:  # every sample, one line
@@ -780,7 +835,9 @@ class PerceptionMagnifier(Technique):
         from transformers import DynamicCache
 
         if (kwargs.get("num_beams") or 1) != 1:
-            raise RequestError(f"{self.name}: refresh={self.params['refresh']} decodes greedily or by sampling; num_beams must be 1")
+            raise RequestError(
+                f"{self.name}: refresh={self.params['refresh']} decodes greedily or by sampling; num_beams must be 1"
+            )
         every = 1 if self.params["refresh"] == "every_token" else self.params["refresh_n"]
         max_new = kwargs.get("max_new_tokens") or model.generation_config.max_new_tokens or 20
         eos = kwargs.get("eos_token_id", model.generation_config.eos_token_id)
@@ -804,7 +861,9 @@ class PerceptionMagnifier(Technique):
                 if refreshes == 1:
                     self._record(mag, refreshes=1)
                 prompt = family.embed(model, req, req.input_ids, mag.pixel_values.to(pv_view.device, pv_view.dtype))
-                emb_mag = torch.cat([prompt, embed_tokens(ids[:, prompt.shape[1]:])], dim=1)  # answer tokens: plain embeddings
+                emb_mag = torch.cat(
+                    [prompt, embed_tokens(ids[:, prompt.shape[1] :])], dim=1
+                )  # answer tokens: plain embeddings
                 cache_mag = DynamicCache(config=model.config.text_config)
                 hidden = run(emb_mag, cache_mag)
             else:
@@ -818,7 +877,12 @@ class PerceptionMagnifier(Technique):
             emb_orig = torch.cat([emb_orig, embed_tokens(token[:, None])], dim=1)
             if int(token) in eos:
                 break
-        self.last.update(refreshes=refreshes, iterations_total=iterations, forwards=forwards, generated=ids.shape[1] - req.input_ids.shape[1])
+        self.last.update(
+            refreshes=refreshes,
+            iterations_total=iterations,
+            forwards=forwards,
+            generated=ids.shape[1] - req.input_ids.shape[1],
+        )
         return ids
 
 
@@ -840,10 +904,14 @@ class _LanguageModel:
         if self.positions is not None:
             past = cache.get_seq_length()
             if past + embeds.shape[1] > self.positions.shape[-1]:
-                raise RequestError(f"pm: positions for {self.positions.shape[-1]} tokens, asked for {past + embeds.shape[1]}")
+                raise RequestError(
+                    f"pm: positions for {self.positions.shape[-1]} tokens, asked for {past + embeds.shape[1]}"
+                )
             kw["position_ids"] = self.positions[..., past : past + embeds.shape[1]]
         with hooks.edited(self.model, *edits, modules=self.modules):
-            out = self.lm(inputs_embeds=embeds, past_key_values=cache, use_cache=True, attention_mask=attention_mask, **kw)
+            out = self.lm(
+                inputs_embeds=embeds, past_key_values=cache, use_cache=True, attention_mask=attention_mask, **kw
+            )
         return out.last_hidden_state
 
 
@@ -898,7 +966,10 @@ def save_visuals(directory: Path, stem: str, mag: Magnified) -> list[Path]:
         path = directory / f"{stem}_{name}.png"
         img.save(path, format="PNG")
         paths.append(path)
-    trace = {"iterations": mag.search.iterations, "sums": mag.search.sums, "h_star": np.round(mag.search.h_star, 6).tolist()}
+    trace = {
+        "iterations": mag.search.iterations,
+        "sums": mag.search.sums,
+        "h_star": np.round(mag.search.h_star, 6).tolist(),
+    }
     (directory / f"{stem}_search.json").write_text(json.dumps(trace))
     return paths
-

@@ -102,7 +102,9 @@ def top_tokens(scores: torch.Tensor, keep_ratio: float) -> torch.Tensor:
     return torch.tensor(sorted(order[:k]), dtype=torch.long)
 
 
-def select(maps: dict[int, torch.Tensor], keep_ratio: float, selection: str = "pooled") -> dict[int | None, torch.Tensor]:
+def select(
+    maps: dict[int, torch.Tensor], keep_ratio: float, selection: str = "pooled"
+) -> dict[int | None, torch.Tensor]:
     """Kept image-token indices: {None: indices} pooled over the captured layers, or {layer: indices}."""
     scores = attention_scores(maps)
     if selection == "pooled":
@@ -148,12 +150,20 @@ def describe_pass(model, ids, pixel_values, image_pos, n_tokens: int, **image_kw
     n_layers = hooks.num_layers(model)
     cap = hooks.Capture(layers=range(n_layers), rows=hooks.Rows.last(), keys=image_pos)
     with torch.no_grad(), hooks.edited(model, cap):
-        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=pixel_values, **image_kwargs,
-                             do_sample=False, num_beams=1, max_new_tokens=n_tokens,
-                             output_hidden_states=True, return_dict_in_generate=True)
+        out = model.generate(
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            pixel_values=pixel_values,
+            **image_kwargs,
+            do_sample=False,
+            num_beams=1,
+            max_new_tokens=n_tokens,
+            output_hidden_states=True,
+            return_dict_in_generate=True,
+        )
     rows = {l: torch.cat([m[0, :, -1:, :] for m in cap.maps[l]], dim=1).transpose(0, 1) for l in cap.maps}
     hidden = out.hidden_states[0]
-    return rows, hidden, out.sequences[:, ids.shape[1]:], out.past_key_values
+    return rows, hidden, out.sequences[:, ids.shape[1] :], out.past_key_values
 
 
 def rank_per_layer(scores: torch.Tensor, count: int) -> list[torch.Tensor]:
@@ -237,8 +247,15 @@ class CompressedContext:
         return cache
 
 
-def compress(cache, keep_positions: torch.Tensor, next_position: int, full_entries: int, image_kept: int, image_total: int,
-             prompt_positions: torch.Tensor | None = None):
+def compress(
+    cache,
+    keep_positions: torch.Tensor,
+    next_position: int,
+    full_entries: int,
+    image_kept: int,
+    image_total: int,
+    prompt_positions: torch.Tensor | None = None,
+):
     """Keep the cache entries at ``keep_positions`` (ascending cache slots). ``prompt_positions``: the rotary
     positions of every slot ((n,) or M-RoPE's (3, n)); default: a slot's index is its position."""
     keep = keep_positions.to(torch.long)
@@ -254,8 +271,14 @@ def compress(cache, keep_positions: torch.Tensor, next_position: int, full_entri
 CACHE_STRATEGIES = ("qs", "q", "s")
 
 
-def official_context(cache, query_positions: torch.Tensor, kept: dict, strategy: str, image_total: int,
-                     prompt_positions: torch.Tensor | None = None) -> CompressedContext:
+def official_context(
+    cache,
+    query_positions: torch.Tensor,
+    kept: dict,
+    strategy: str,
+    image_total: int,
+    prompt_positions: torch.Tensor | None = None,
+) -> CompressedContext:
     """llava_wrapper.py ``chat_step_by_step_from_cache``: per layer, the describe pass's cache cut to
     ``qs`` = [system prompt, that layer's kept image entries (ascending), user prompt], ``q`` = the query
     entries only, ``s`` = the kept image entries only. The system prompt is the query positions before
@@ -277,10 +300,20 @@ def official_context(cache, query_positions: torch.Tensor, kept: dict, strategy:
     if prompt_positions is None:
         nxt, placeholders = int(last.max()) + 1, torch.arange(n)
     else:
-        nxt, placeholders = positions.next_position(prompt_positions.cpu()[..., last]), torch.arange(n).expand(prompt_positions.shape[0], n)
+        nxt, placeholders = (
+            positions.next_position(prompt_positions.cpu()[..., last]),
+            torch.arange(n).expand(prompt_positions.shape[0], n),
+        )
     # per-layer entries differ in position (image part); ``positions`` only sizes the placeholders
-    return CompressedContext(keys, values, placeholders, nxt, int(cache.layers[0].keys.shape[-2]),
-                             0 if strategy == "q" else int(next(iter(kept.values())).numel()), image_total)
+    return CompressedContext(
+        keys,
+        values,
+        placeholders,
+        nxt,
+        int(cache.layers[0].keys.shape[-2]),
+        0 if strategy == "q" else int(next(iter(kept.values())).numel()),
+        image_total,
+    )
 
 
 def generate_from(model, ctx: CompressedContext, suffix_ids: torch.Tensor, **gen_kwargs) -> torch.Tensor:
@@ -310,7 +343,9 @@ def generate_from(model, ctx: CompressedContext, suffix_ids: torch.Tensor, **gen
 def forward_from(model, ctx: CompressedContext, suffix_ids: torch.Tensor):
     """One forward of ``suffix_ids`` after the compressed context (logits of the suffix rows)."""
     pos = positions.extend(ctx.positions[..., :0].to(suffix_ids.device), ctx.next_position, suffix_ids.shape[1])
-    return model(input_ids=suffix_ids, position_ids=positions.position_ids(pos), past_key_values=ctx.cache(), use_cache=True)
+    return model(
+        input_ids=suffix_ids, position_ids=positions.position_ids(pos), past_key_values=ctx.cache(), use_cache=True
+    )
 
 
 class FirstTokenClock(LogitsProcessor):
@@ -359,16 +394,24 @@ class Reprompt(Technique):
         if not (0 < p["keep_ratio"] <= 1 or count):  # describe: a whole number is a count (official -k 28)
             raise ValueError(f"reprompt: keep_ratio={p['keep_ratio']} must be in (0, 1] (the paper keeps 0.02-0.05)")
         if p["cache_strategy"] and (p["cache_strategy"] not in CACHE_STRATEGIES or p["mode"] != "compressed"):
-            raise ValueError(f"reprompt: cache_strategy={p['cache_strategy']!r} needs mode=compressed and one of {', '.join(CACHE_STRATEGIES)}")
+            raise ValueError(
+                f"reprompt: cache_strategy={p['cache_strategy']!r} needs mode=compressed and one of {', '.join(CACHE_STRATEGIES)}"
+            )
         if p["selection"] in ("per_layer", "describe") and p["mode"] == "compressed" and not p["cache_strategy"]:
-            raise ValueError(f"reprompt: selection={p['selection']} needs mode=prune (a compressed cache keeps one token set for all layers)")
+            raise ValueError(
+                f"reprompt: selection={p['selection']} needs mode=prune (a compressed cache keeps one token set for all layers)"
+            )
         if p["describe_score"] not in DESCRIBE_SCORES:
-            raise ValueError(f"reprompt: describe_score={p['describe_score']!r} is not one of {', '.join(DESCRIBE_SCORES)}")
+            raise ValueError(
+                f"reprompt: describe_score={p['describe_score']!r} is not one of {', '.join(DESCRIBE_SCORES)}"
+            )
         if p["prune_rows"] not in PRUNE_ROWS:
             raise ValueError(f"reprompt: prune_rows={p['prune_rows']!r} is not one of {', '.join(PRUNE_ROWS)}")
         self.selections: collections.OrderedDict[str, dict] = collections.OrderedDict()  # image hash -> per-layer kept
         self.n_layers = n_layers
-        self.score_layers = layer_range(p["score_from_layer"], p["score_to_layer"], n_layers, default_start=0, name="reprompt scoring")
+        self.score_layers = layer_range(
+            p["score_from_layer"], p["score_to_layer"], n_layers, default_start=0, name="reprompt scoring"
+        )
         self.contexts: collections.OrderedDict[tuple, CompressedContext] = collections.OrderedDict()
         self.records: list[dict] = []
         self.stats_path: Path | None = None  # JSON summary (+ .jsonl per request), written after every request
@@ -404,16 +447,22 @@ class Reprompt(Technique):
         if tok is None:
             raise RequestError("reprompt selection=describe needs the request's processor (tokenizer)")
         img_end = int(req.image_pos[-1]) + 1
-        text = tok(self.params["describe"], add_special_tokens=False, return_tensors="pt")["input_ids"].to(req.input_ids.device)
+        text = tok(self.params["describe"], add_special_tokens=False, return_tensors="pt")["input_ids"].to(
+            req.input_ids.device
+        )
         return torch.cat([req.input_ids[:, :img_end], text], dim=1)
 
-    def official_selection(self, model, ids, pixel_values, image_pos, image_kwargs: dict | None = None) -> dict[int, torch.Tensor]:
+    def official_selection(
+        self, model, ids, pixel_values, image_pos, image_kwargs: dict | None = None
+    ) -> dict[int, torch.Tensor]:
         """{layer: kept image-relative indices} from one describe pass (attention_store.get_top_k_indices)."""
         p, n_layers, n = self.params, self.n_layers, image_pos.numel()
         count = official_count(p["keep_ratio"], n)
         if p["describe_score"] == "random":
             return dict(enumerate(random_tokens(n, n_layers, count, p["seed"])))
-        rows, hidden, _, _ = describe_pass(model, ids, pixel_values, image_pos, p["describe_tokens"], **(image_kwargs or {}))
+        rows, hidden, _, _ = describe_pass(
+            model, ids, pixel_values, image_pos, p["describe_tokens"], **(image_kwargs or {})
+        )
         if p["describe_score"] == "attn_over_gen":
             kept = attn_over_gen(rows, count)
         elif p["describe_score"] == "attn_over_query":
@@ -458,8 +507,11 @@ class Reprompt(Technique):
         """after_image: every row after the image (ours); decode: rows >= prompt_len, i.e. decode steps only
         (official default min_token_for_i2t_attn_masking=1); all: every row from the image on (official 0)."""
         pos = req.image_pos
-        return {"after_image": hooks.Rows.span(int(pos[-1]) + 1), "decode": hooks.Rows.span(req.prompt_len),
-                "all": hooks.Rows.span(int(pos[0]))}[self.params["prune_rows"]]
+        return {
+            "after_image": hooks.Rows.span(int(pos[-1]) + 1),
+            "decode": hooks.Rows.span(req.prompt_len),
+            "all": hooks.Rows.span(int(pos[0])),
+        }[self.params["prune_rows"]]
 
     def prune_edits(self, req: Request, kept: dict) -> list[hooks.AttnEdit]:
         pos = req.image_pos
@@ -503,8 +555,17 @@ class Reprompt(Technique):
         img_end = int(req.image_pos[-1]) + 1
         new = generate_from(model, ctx, req.input_ids[:, img_end:p], **kwargs)
         suffix = p - img_end
-        self._log({"image": "", "compressed": True, "query": _query_text(req), "kv_entries": ctx.entries + suffix, "kv_full": p,
-                   "image_kept": ctx.image_kept, "ttft_s": clock.first})
+        self._log(
+            {
+                "image": "",
+                "compressed": True,
+                "query": _query_text(req),
+                "kv_entries": ctx.entries + suffix,
+                "kv_full": p,
+                "image_kept": ctx.image_kept,
+                "ttft_s": clock.first,
+            }
+        )
         return torch.cat([req.input_ids, new.to(req.input_ids.device)], dim=1)
 
     # --- compressed ---
@@ -513,7 +574,9 @@ class Reprompt(Technique):
         img_start = int(req.image_pos[0])
         return image_hash(req.images), tuple(req.input_ids[0, :img_start].tolist())
 
-    def build_context(self, model, req: Request, cache, kept: torch.Tensor, query_end: int, keep_query=None) -> CompressedContext:
+    def build_context(
+        self, model, req: Request, cache, kept: torch.Tensor, query_end: int, keep_query=None
+    ) -> CompressedContext:
         """Compress a cache over [prefix, image, query up to query_end)."""
         keep_query = self.params["keep_query"] if keep_query is None else keep_query
         pos = req.image_pos
@@ -539,14 +602,28 @@ class Reprompt(Technique):
         if tok is None:
             raise RequestError("reprompt: primer needs the request's processor (tokenizer)")
         img_end = int(req.image_pos[-1]) + 1
-        primer = tok(self.params["primer"], add_special_tokens=False, return_tensors="pt")["input_ids"].to(req.input_ids.device)
+        primer = tok(self.params["primer"], add_special_tokens=False, return_tensors="pt")["input_ids"].to(
+            req.input_ids.device
+        )
         ids = torch.cat([req.input_ids[:, :img_end], primer], dim=1)
-        primed = Request(input_ids=ids, image_token_id=req.image_token_id, prompt_len=ids.shape[1], images=req.images,
-                         config=req.config, inputs=req.inputs)
+        primed = Request(
+            input_ids=ids,
+            image_token_id=req.image_token_id,
+            prompt_len=ids.shape[1],
+            images=req.images,
+            config=req.config,
+            inputs=req.inputs,
+        )
         cap = self._capture(primed, ids.shape[1])
         extras = {**image_extras(kwargs), **positions.explicit(model, ids, kwargs.get("image_grid_thw"))}
         with torch.no_grad(), hooks.edited(model, cap):
-            out = model(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=kwargs["pixel_values"], use_cache=True, **extras)
+            out = model(
+                input_ids=ids,
+                attention_mask=torch.ones_like(ids),
+                pixel_values=kwargs["pixel_values"],
+                use_cache=True,
+                **extras,
+            )
         kept = select(cap.latest(), self.params["keep_ratio"])[None]
         return self.build_context(model, primed, out.past_key_values, kept, ids.shape[1])
 
@@ -562,16 +639,28 @@ class Reprompt(Technique):
             ids, pos = self.describe_ids(req), req.image_pos
             grid = kwargs.get("image_grid_thw")
             extras = {**image_extras(kwargs), **positions.explicit(model, ids, grid)}
-            rows, hidden, _, cache = describe_pass(model, ids, kwargs["pixel_values"], pos, self.params["describe_tokens"], **extras)
+            rows, hidden, _, cache = describe_pass(
+                model, ids, kwargs["pixel_values"], pos, self.params["describe_tokens"], **extras
+            )
             count = official_count(self.params["keep_ratio"], pos.numel())
-            kept = {"attn_over_gen": lambda: attn_over_gen(rows, count), "attn_over_query": lambda: attn_over_query(rows, count),
-                    "norm": lambda: hidden_norm(hidden, pos, self.n_layers, count),
-                    "random": lambda: random_tokens(pos.numel(), self.n_layers, count, self.params["seed"])}[self.params["describe_score"]]()
+            kept = {
+                "attn_over_gen": lambda: attn_over_gen(rows, count),
+                "attn_over_query": lambda: attn_over_query(rows, count),
+                "norm": lambda: hidden_norm(hidden, pos, self.n_layers, count),
+                "random": lambda: random_tokens(pos.numel(), self.n_layers, count, self.params["seed"]),
+            }[self.params["describe_score"]]()
             in_image = torch.zeros(ids.shape[1], dtype=torch.bool)
             in_image[pos.cpu()] = True
             query = (~in_image).nonzero().flatten()
             rotary = positions.prompt_positions(model, ids, grid) if positions.is_mrope(model) else None
-            ctx = official_context(cache, query, {l: pos[i].cpu() for l, i in enumerate(kept)}, self.params["cache_strategy"], pos.numel(), rotary)
+            ctx = official_context(
+                cache,
+                query,
+                {l: pos[i].cpu() for l, i in enumerate(kept)},
+                self.params["cache_strategy"],
+                pos.numel(),
+                rotary,
+            )
             self._remember(key, ctx)
             record["describe_s"] = time.perf_counter() - t0
         self.contexts.move_to_end(key)
@@ -579,7 +668,9 @@ class Reprompt(Technique):
         bos = getattr(model.config, "bos_token_id", None)
         bos = model.generation_config.bos_token_id if bos is None else bos
         suffix = req.input_ids[:, img_end : req.prompt_len]
-        if bos is not None and int(req.input_ids[0, 0]) == bos:  # tokenizer_image_token puts BOS before f"{question} ASSISTANT:"
+        if (
+            bos is not None and int(req.input_ids[0, 0]) == bos
+        ):  # tokenizer_image_token puts BOS before f"{question} ASSISTANT:"
             suffix = torch.cat([torch.full((1, 1), bos, dtype=suffix.dtype, device=suffix.device), suffix], dim=1)
         clock = _with_clock(kwargs)
         new = generate_from(model, ctx, suffix, **kwargs)
@@ -593,7 +684,11 @@ class Reprompt(Technique):
         key = self.context_key(req)
         img_end = int(req.image_pos[-1]) + 1
         ctx = self.contexts.get(key)
-        record = {"image": key[0][:12], "compressed": ctx is not None or bool(self.params["primer"]), "query": _query_text(req)}
+        record = {
+            "image": key[0][:12],
+            "compressed": ctx is not None or bool(self.params["primer"]),
+            "query": _query_text(req),
+        }
         t0 = time.perf_counter()
         if ctx is None and self.params["primer"]:
             ctx = self._primer_context(model, req, kwargs)
@@ -603,7 +698,9 @@ class Reprompt(Technique):
             self.contexts.move_to_end(key)
             clock = _with_clock(kwargs)
             new = generate_from(model, ctx, req.input_ids[:, img_end : req.prompt_len], **kwargs)
-            record.update(kv_entries=ctx.entries, kv_full=ctx.full_entries, image_kept=ctx.image_kept, ttft_s=clock.first)
+            record.update(
+                kv_entries=ctx.entries, kv_full=ctx.full_entries, image_kept=ctx.image_kept, ttft_s=clock.first
+            )
             self._log(record)
             return torch.cat([req.input_ids, new.to(req.input_ids.device)], dim=1)
         # first question on this image: the full-context answer, and its cache compressed for the next ones
@@ -613,7 +710,9 @@ class Reprompt(Technique):
             out = model.generate(**{**kwargs, "use_cache": True}, return_dict_in_generate=True)
         kept = select({layer: maps[0] for layer, maps in cap.maps.items()}, self.params["keep_ratio"])[None]
         self._remember(key, self.build_context(model, req, out.past_key_values, kept, req.prompt_len))
-        record.update(kv_entries=req.prompt_len, kv_full=req.prompt_len, image_kept=int(req.image_pos.numel()), ttft_s=clock.first)
+        record.update(
+            kv_entries=req.prompt_len, kv_full=req.prompt_len, image_kept=int(req.image_pos.numel()), ttft_s=clock.first
+        )
         self._log(record)
         return out.sequences
 
@@ -681,4 +780,3 @@ class Reprompt(Technique):
 
 def kv_bytes(ctx: CompressedContext) -> int:
     return sum(t.numel() * t.element_size() for t in (*ctx.keys, *ctx.values))
-

@@ -45,15 +45,23 @@ class SquarePad:
         ox, oy = self.offset
         clip = lambda v: min(1.0, max(0.0, v))  # noqa: E731
         x1, y1, x2, y2 = box
-        return [clip((x1 * self.side - ox) / self.orig_w), clip((y1 * self.side - oy) / self.orig_h),
-                clip((x2 * self.side - ox) / self.orig_w), clip((y2 * self.side - oy) / self.orig_h)]
+        return [
+            clip((x1 * self.side - ox) / self.orig_w),
+            clip((y1 * self.side - oy) / self.orig_h),
+            clip((x2 * self.side - ox) / self.orig_w),
+            clip((y2 * self.side - oy) / self.orig_h),
+        ]
 
     def to_square(self, box) -> list[float]:
         """(x1, y1, x2, y2) in fractions of the original image -> fractions of the square."""
         ox, oy = self.offset
         x1, y1, x2, y2 = box
-        return [(x1 * self.orig_w + ox) / self.side, (y1 * self.orig_h + oy) / self.side,
-                (x2 * self.orig_w + ox) / self.side, (y2 * self.orig_h + oy) / self.side]
+        return [
+            (x1 * self.orig_w + ox) / self.side,
+            (y1 * self.orig_h + oy) / self.side,
+            (x2 * self.orig_w + ox) / self.side,
+            (y2 * self.orig_h + oy) / self.side,
+        ]
 
 
 def pad_to_square(image, fill) -> tuple[Any, SquarePad]:
@@ -93,9 +101,13 @@ class Request:
     text: str | None = None
     processor: Any = None
     doc_key: str | None = None  # optional stable id of the document (for saved visuals)
-    pads: list = dataclasses.field(default_factory=list)  # SquarePad per image when pad_to_square is on (images are then the squares)
+    pads: list = dataclasses.field(
+        default_factory=list
+    )  # SquarePad per image when pad_to_square is on (images are then the squares)
     config: Any = None  # the model config (the family and its grids); None: a single square block is assumed
-    inputs: dict = dataclasses.field(default_factory=dict)  # processor outputs a family's geometry needs (image_grid_thw)
+    inputs: dict = dataclasses.field(
+        default_factory=dict
+    )  # processor outputs a family's geometry needs (image_grid_thw)
 
     def __post_init__(self):
         if self.input_ids.shape[0] != 1:

@@ -129,7 +129,9 @@ def image_token_features(hidden: torch.Tensor, input_ids: torch.Tensor, image_to
 LOSSES = ("direct", "similarity")
 
 
-def vra_loss(hidden_img: torch.Tensor, target: torch.Tensor, projector: nn.Module | None, kind: str = "direct") -> torch.Tensor:
+def vra_loss(
+    hidden_img: torch.Tensor, target: torch.Tensor, projector: nn.Module | None, kind: str = "direct"
+) -> torch.Tensor:
     """L_VRA of one aligned layer, mean over samples. hidden_img (B, N, d), target (B, N, d_teacher).
 
     - ``direct`` (VIRAL's default, llava_llama.py:586-590): -mean over image tokens of cos(P(h), y);
@@ -162,7 +164,9 @@ def decoder_layers(model) -> nn.ModuleList:
     for name, mod in model.named_modules():
         if isinstance(mod, nn.ModuleList) and name.endswith("language_model.layers"):
             return mod
-    raise ValueError("cannot find the language model's decoder layers (expected a LLaVA model with `language_model.layers`)")
+    raise ValueError(
+        "cannot find the language model's decoder layers (expected a LLaVA model with `language_model.layers`)"
+    )
 
 
 def check_layer(layer: int, n_layers: int) -> None:
@@ -309,8 +313,17 @@ def vra_loss_samples(feats: list, targets: list, projector, kind: str = "direct"
     return terms.mean()
 
 
-def viral_step(model, batch: dict, *, projector, targets, layer, weight: float,
-               image_token_id: int | None = None, loss: str = "direct") -> dict:
+def viral_step(
+    model,
+    batch: dict,
+    *,
+    projector,
+    targets,
+    layer,
+    weight: float,
+    image_token_id: int | None = None,
+    loss: str = "direct",
+) -> dict:
     """One forward of L = L_LM + weight * L_VRA.
 
     batch: what the model takes (input_ids, attention_mask, pixel_values, labels, and the family's own
@@ -335,7 +348,9 @@ def viral_step(model, batch: dict, *, projector, targets, layer, weight: float,
         raise ValueError(f"{len(projectors)} projectors for {len(layers)} target layers")
     with capture_layer_outputs(model, layers) as box:
         out = model(**batch)
-    aligned = aligned_tokens(_config(model), batch, image_token_id, targets.shape[1] if torch.is_tensor(targets) else None)
+    aligned = aligned_tokens(
+        _config(model), batch, image_token_id, targets.shape[1] if torch.is_tensor(targets) else None
+    )
     keep = [b for b, a in enumerate(aligned) if a is not None and targets[b] is not None]
     if not keep:  # nothing to align in this batch
         return {"loss": out.loss, "lm_loss": out.loss, "vra_loss": None, "n_aligned": 0}
@@ -371,8 +386,16 @@ class BackboneTeacher(nn.Module):
     returns (patch features (B, h*w, C), (h, w)) computed with the teacher's own
     normalisation and input size (see the module docstring)."""
 
-    def __init__(self, backbone: nn.Module, mean, std, image_size: int, patch_size: int, name: str = "backbone",
-                 dim: int | None = None):
+    def __init__(
+        self,
+        backbone: nn.Module,
+        mean,
+        std,
+        image_size: int,
+        patch_size: int,
+        name: str = "backbone",
+        dim: int | None = None,
+    ):
         super().__init__()
         self.backbone = backbone.eval().requires_grad_(False)
         self.mean, self.std = tuple(mean), tuple(std)
@@ -531,8 +554,10 @@ class OfficialTeacher(nn.Module):
             )
         backbone = AutoModel.from_pretrained(path, use_safetensors=True)
         if not hasattr(backbone, "embeddings") or not hasattr(backbone.embeddings, "position_embeddings"):
-            raise ValueError(f"teacher {path}: the official input path needs a ViT with an absolute position table (DINOv2); "
-                             "use --teacher-input image|pixels for other backbones")
+            raise ValueError(
+                f"teacher {path}: the official input path needs a ViT with an absolute position table (DINOv2); "
+                "use --teacher-input image|pixels for other backbones"
+            )
         return cls(backbone, grid, name=str(path))
 
     @torch.no_grad()
@@ -546,7 +571,12 @@ class OfficialTeacher(nn.Module):
         return tokens[:, self.n_prefix :], self.grid
 
     def describe(self) -> dict:
-        return {"teacher": self.name, "input": "official (LLaVA pixels, position table resampled)", "grid": list(self.grid), "dim": self.dim}
+        return {
+            "teacher": self.name,
+            "input": "official (LLaVA pixels, position table resampled)",
+            "grid": list(self.grid),
+            "dim": self.dim,
+        }
 
 
 def teacher_pixels(images, size: int, mean, std, crop_fraction: float | None = 1.0) -> torch.Tensor:

@@ -141,6 +141,7 @@ def apply_preset(cfg: "TrainConfig") -> "TrainConfig":
     if cfg.preset not in PRESETS:
         raise ValueError(f"preset={cfg.preset!r}: use one of {', '.join(PRESETS)}")
     defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+
     def unset(key):
         return key not in cfg.explicit if cfg.explicit else getattr(cfg, key) == defaults[key]
 
@@ -169,24 +170,43 @@ def layers_of(cfg) -> list[int]:
 def recipe(cfg) -> dict:
     """What this run does, in the terms of the official recipe (printed and saved with the adapter)."""
     out = {
-        "preset": cfg.preset, "teacher": cfg.teacher, "teacher_input": cfg.teacher_input, "layers": layers_of(cfg),
-        "weight": cfg.weight, "loss": cfg.loss, "use_projector": cfg.use_projector, "multiple_projectors": cfg.multiple_projectors,
+        "preset": cfg.preset,
+        "teacher": cfg.teacher,
+        "teacher_input": cfg.teacher_input,
+        "layers": layers_of(cfg),
+        "weight": cfg.weight,
+        "loss": cfg.loss,
+        "use_projector": cfg.use_projector,
+        "multiple_projectors": cfg.multiple_projectors,
         "projector": f"d -> {cfg.proj_hidden} -> {cfg.proj_hidden} -> d_teacher (SiLU), init {cfg.projector_init}, "
-                     + ("trained" if cfg.train_vra_projector else "frozen"),
+        + ("trained" if cfg.train_vra_projector else "frozen"),
         "lora": {"r": cfg.lora_r, "alpha": cfg.lora_alpha, "dropout": cfg.lora_dropout, "lr": cfg.lr},
-        "mm_projector": {"trained": cfg.train_mm_projector, "lr": cfg.mm_projector_lr if cfg.mm_projector_lr is not None else cfg.lr},
-        "weight_decay": cfg.weight_decay, "warmup_ratio": cfg.warmup_ratio, "schedule": cfg.schedule,
+        "mm_projector": {
+            "trained": cfg.train_mm_projector,
+            "lr": cfg.mm_projector_lr if cfg.mm_projector_lr is not None else cfg.lr,
+        },
+        "weight_decay": cfg.weight_decay,
+        "warmup_ratio": cfg.warmup_ratio,
+        "schedule": cfg.schedule,
         "batch": {"per_device": cfg.batch_size, "grad_accum": cfg.grad_accum, "effective": cfg.effective_batch},
-        "dtype": str(resolve_dtype(cfg.dtype)).removeprefix("torch."), "pad_to_square": cfg.pad_to_square,
-        "start": ({"base_llm": cfg.base_llm, "vision_tower": cfg.vision_tower, "mm_projector": cfg.mm_projector}
-                  if cfg.base_llm else {"pretrained": cfg.pretrained}),
+        "dtype": str(resolve_dtype(cfg.dtype)).removeprefix("torch."),
+        "pad_to_square": cfg.pad_to_square,
+        "start": (
+            {"base_llm": cfg.base_llm, "vision_tower": cfg.vision_tower, "mm_projector": cfg.mm_projector}
+            if cfg.base_llm
+            else {"pretrained": cfg.pretrained}
+        ),
     }
     notes = []
     if not cfg.train_vra_projector:
-        notes.append("VRA projector frozen at its initialisation (official LoRA recipe: peft freezes it); --train-vra-projector to train it")
+        notes.append(
+            "VRA projector frozen at its initialisation (official LoRA recipe: peft freezes it); --train-vra-projector to train it"
+        )
     if cfg.teacher_reinit:
-        notes.append("teacher Linear layers re-drawn N(0, 0.02) (official: from_pretrained re-initialises the hub DINOv2); "
-                     "--no-teacher-reinit for the intended DINOv2")
+        notes.append(
+            "teacher Linear layers re-drawn N(0, 0.02) (official: from_pretrained re-initialises the hub DINOv2); "
+            "--no-teacher-reinit for the intended DINOv2"
+        )
     out["reproduced_official_bugs"] = notes
     return out
 
@@ -201,7 +221,11 @@ def read_records(path: str) -> list[dict]:
     if not p.exists():
         raise FileNotFoundError(f"training data {p} not found (expected LLaVA-format JSON or JSONL)")
     text = p.read_text()
-    records = json.loads(text) if text.lstrip().startswith("[") else [json.loads(line) for line in text.splitlines() if line.strip()]
+    records = (
+        json.loads(text)
+        if text.lstrip().startswith("[")
+        else [json.loads(line) for line in text.splitlines() if line.strip()]
+    )
     for i, r in enumerate(records):
         if "conversations" not in r:
             raise ValueError(f"{p}: record {i} has no 'conversations' (LLaVA format: image + conversations)")
@@ -238,7 +262,9 @@ IMAGE_KEYS = ("pixel_values", "image_sizes", "image_grid_thw")
 TOKEN_KEYS = ("mm_token_type_ids",)
 
 
-def encode_conversation(processor, image, conversations: list[dict], max_length: int, pad_to_square: bool = False) -> dict:
+def encode_conversation(
+    processor, image, conversations: list[dict], max_length: int, pad_to_square: bool = False
+) -> dict:
     """input_ids, labels (assistant tokens only) and the processor's image inputs for one record
     (``IMAGE_KEYS`` as the processor returns them for one image, ``TOKEN_KEYS`` per token)."""
     image_token = getattr(processor, "image_token", "<image>")
@@ -262,7 +288,9 @@ def encode_conversation(processor, image, conversations: list[dict], max_length:
     input_ids = full["input_ids"][0]
     labels = torch.full_like(input_ids, -100)
     for k in range(1, len(messages), 2):  # assistant turn k: tokens between its prompt and its end
-        start = ids(processor.apply_chat_template(messages[:k], tokenize=False, add_generation_prompt=True))["input_ids"].shape[1]
+        start = ids(processor.apply_chat_template(messages[:k], tokenize=False, add_generation_prompt=True))[
+            "input_ids"
+        ].shape[1]
         end = ids(processor.apply_chat_template(messages[: k + 1], tokenize=False))["input_ids"].shape[1]
         labels[start:end] = input_ids[start:end]
     item = {"input_ids": input_ids[:max_length], "labels": labels[:max_length]}
@@ -277,8 +305,20 @@ def encode_conversation(processor, image, conversations: list[dict], max_length:
 class ConversationDataset(torch.utils.data.Dataset):
     """LLaVA-format records, encoded lazily (and remembered) per index."""
 
-    def __init__(self, records: list[dict], processor, image_folder: str = "", max_length: int = 2048, pad_to_square: bool = False):
-        self.records, self.processor, self.folder, self.max_length = records, processor, Path(image_folder or "."), max_length
+    def __init__(
+        self,
+        records: list[dict],
+        processor,
+        image_folder: str = "",
+        max_length: int = 2048,
+        pad_to_square: bool = False,
+    ):
+        self.records, self.processor, self.folder, self.max_length = (
+            records,
+            processor,
+            Path(image_folder or "."),
+            max_length,
+        )
         self.pad_to_square = pad_to_square
         self._cache: dict[int, dict] = {}
 
@@ -295,8 +335,9 @@ class ConversationDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int) -> dict:
         if i not in self._cache:
-            self._cache[i] = encode_conversation(self.processor, self.image(i), self.records[i]["conversations"], self.max_length,
-                                                 self.pad_to_square)
+            self._cache[i] = encode_conversation(
+                self.processor, self.image(i), self.records[i]["conversations"], self.max_length, self.pad_to_square
+            )
         return {**self._cache[i], "index": i}
 
 
@@ -322,7 +363,9 @@ def collate(items: list[dict], pad_id: int) -> dict:
     with_image = [it for it in items if "pixel_values" in it]
     if with_image:
         if len(with_image) != len(items):
-            raise ValueError("mixing text-only and image samples in one batch is not supported; use batch_size 1 or separate the data")
+            raise ValueError(
+                "mixing text-only and image samples in one batch is not supported; use batch_size 1 or separate the data"
+            )
         for key in IMAGE_KEYS:
             if key in items[0]:
                 batch[key] = _concat([it[key] for it in items])
@@ -393,7 +436,10 @@ def save_outputs(out: Path, peft_model, projector, settings: dict) -> None:
     out.mkdir(parents=True, exist_ok=True)
     peft_model.save_pretrained(out / "adapter", safe_serialization=True)
     if projector is not None:
-        save_file({k: v.detach().cpu().contiguous() for k, v in projector.state_dict().items()}, str(out / "vra_projector.safetensors"))
+        save_file(
+            {k: v.detach().cpu().contiguous() for k, v in projector.state_dict().items()},
+            str(out / "vra_projector.safetensors"),
+        )
     (out / "viral_config.json").write_text(json.dumps(settings, indent=2, default=str))
 
 
@@ -436,10 +482,16 @@ def param_groups(model, projector, cfg) -> list[dict]:
         is_mm = mm_name in name or "mm_projector" in name
         decay = cfg.weight_decay if (p.ndim > 1 and "norm" not in name) else 0.0
         key = ("mm" if is_mm else "main", decay)
-        groups.setdefault(key, {"params": [], "lr": mm_lr if is_mm else cfg.lr, "weight_decay": decay, "name": key[0]})["params"].append(p)
+        groups.setdefault(key, {"params": [], "lr": mm_lr if is_mm else cfg.lr, "weight_decay": decay, "name": key[0]})[
+            "params"
+        ].append(p)
     if projector is not None and any(p.requires_grad for p in projector.parameters()):
-        groups[("vra", 0)] = {"params": [p for p in projector.parameters() if p.requires_grad],
-                              "lr": cfg.proj_lr or cfg.lr, "weight_decay": cfg.weight_decay, "name": "vra_projector"}
+        groups[("vra", 0)] = {
+            "params": [p for p in projector.parameters() if p.requires_grad],
+            "lr": cfg.proj_lr or cfg.lr,
+            "weight_decay": cfg.weight_decay,
+            "name": "vra_projector",
+        }
     return list(groups.values())
 
 
@@ -486,7 +538,9 @@ def make_projector(cfg, d_model: int, d_teacher: int):
     """The VRA projector(s): one shared by the target layers, or one per layer; None without a projector."""
     if not cfg.use_projector:
         if cfg.loss != "similarity":
-            raise ValueError("use_projector=False needs loss='similarity' (the direct loss compares P(h) with the teacher's width)")
+            raise ValueError(
+                "use_projector=False needs loss='similarity' (the direct loss compares P(h) with the teacher's width)"
+            )
         return None
     n = len(layers_of(cfg)) if cfg.multiple_projectors else 1
     torch.manual_seed(cfg.seed)
@@ -536,13 +590,22 @@ def assemble_llava(base_llm, vision_tower, mm_projector, dtype=torch.float32, im
     (LLaVA's ``mm_projector.bin`` or a safetensors file, keys ``...mm_projector.0|2.weight|bias``).
     Features from the penultimate CLIP layer without CLS, ``mlp2x_gelu`` (LLaVA-1.5's settings); the
     tokenizer gains ``<image>`` if it lacks it; the chat template is LLaVA-1.5's "v1"."""
-    from transformers import (AutoModelForCausalLM, AutoTokenizer, CLIPImageProcessor, CLIPVisionModel, LlavaConfig,
-                              LlavaForConditionalGeneration, LlavaProcessor)
+    from transformers import (
+        AutoModelForCausalLM,
+        AutoTokenizer,
+        CLIPImageProcessor,
+        CLIPVisionModel,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        LlavaProcessor,
+    )
 
     for key, path in (("base_llm", base_llm), ("vision_tower", vision_tower), ("mm_projector", mm_projector)):
         if not path or not Path(path).exists():
-            raise FileNotFoundError(f"--{key.replace('_', '-')} {path!r} not found: the official starting point needs a local "
-                                    f"copy of {OFFICIAL_PARTS[key]}")
+            raise FileNotFoundError(
+                f"--{key.replace('_', '-')} {path!r} not found: the official starting point needs a local "
+                f"copy of {OFFICIAL_PARTS[key]}"
+            )
     llm = AutoModelForCausalLM.from_pretrained(base_llm, dtype=dtype)
     tokenizer = AutoTokenizer.from_pretrained(base_llm)
     clip = CLIPVisionModel.from_pretrained(vision_tower, dtype=dtype)
@@ -552,9 +615,16 @@ def assemble_llava(base_llm, vision_tower, mm_projector, dtype=torch.float32, im
     if tokenizer.pad_token is None:  # LLaVA's v1 recipe pads with unk
         tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token
     vc = clip.config
-    config = LlavaConfig(vision_config=vc.to_dict(), text_config=llm.config.to_dict(), image_token_id=tokenizer.convert_tokens_to_ids(image_token),
-                         vision_feature_layer=-2, vision_feature_select_strategy="default", projector_hidden_act="gelu",
-                         image_seq_length=(vc.image_size // vc.patch_size) ** 2, tie_word_embeddings=llm.config.tie_word_embeddings)
+    config = LlavaConfig(
+        vision_config=vc.to_dict(),
+        text_config=llm.config.to_dict(),
+        image_token_id=tokenizer.convert_tokens_to_ids(image_token),
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+        projector_hidden_act="gelu",
+        image_seq_length=(vc.image_size // vc.patch_size) ** 2,
+        tie_word_embeddings=llm.config.tie_word_embeddings,
+    )
     config.vision_config.model_type, config.text_config.model_type = vc.model_type, llm.config.model_type
     model = LlavaForConditionalGeneration(config).to(dtype)
     model.model.language_model.load_state_dict(llm.model.state_dict())
@@ -567,14 +637,22 @@ def assemble_llava(base_llm, vision_tower, mm_projector, dtype=torch.float32, im
         for part in ("weight", "bias"):
             hits = [v for k, v in weights.items() if k.endswith(theirs + part)]
             if len(hits) != 1:
-                raise ValueError(f"{mm_projector}: expected one '*{theirs}{part}' tensor (LLaVA's stage-1 mm_projector), found {len(hits)}")
+                raise ValueError(
+                    f"{mm_projector}: expected one '*{theirs}{part}' tensor (LLaVA's stage-1 mm_projector), found {len(hits)}"
+                )
             state[f"{ours}.{part}"] = hits[0].to(dtype)
     model.model.multi_modal_projector.load_state_dict(state)
     if len(tokenizer) > model.config.text_config.vocab_size:
         model.resize_token_embeddings(len(tokenizer))
-    processor = LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=vc.patch_size,
-                               vision_feature_select_strategy="default", num_additional_image_tokens=1,
-                               chat_template=VICUNA_V1_TEMPLATE, image_token=image_token)
+    processor = LlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=vc.patch_size,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+        chat_template=VICUNA_V1_TEMPLATE,
+        image_token=image_token,
+    )
     return model.eval(), processor
 
 
@@ -597,7 +675,8 @@ def build(cfg: TrainConfig):
         raise ValueError(
             f"VIRAL on {model.config.model_type}: teacher={cfg.teacher!r} with teacher_input={cfg.teacher_input!r} is "
             "LLaVA-1.5 only (it reads the LLaVA pixels or the LLaVA vision tower); pass a vision backbone directory "
-            "(--teacher DIR, e.g. shapeworld-teacher or a saved facebook/dinov2-base) with --teacher-input image")
+            "(--teacher DIR, e.g. shapeworld-teacher or a saved facebook/dinov2-base) with --teacher-input image"
+        )
     if cfg.weight:
         for layer in layers_of(cfg):
             viral.check_layer(layer, len(viral.decoder_layers(model)))
@@ -641,14 +720,18 @@ def train(cfg: TrainConfig, records: list[dict] | None = None) -> dict:
     out = Path(cfg.output_dir)
     cfg = apply_preset(dataclasses.replace(cfg))
     if cfg.teacher_input not in ("image", "pixels", "official"):
-        raise ValueError(f"teacher_input={cfg.teacher_input!r}: use 'image' (re-process the original), 'pixels' or 'official'")
+        raise ValueError(
+            f"teacher_input={cfg.teacher_input!r}: use 'image' (re-process the original), 'pixels' or 'official'"
+        )
     if cfg.effective_batch:
         import os
 
         world = int(os.environ.get("WORLD_SIZE", "1"))
         per_step = cfg.batch_size * world
         if cfg.effective_batch % per_step:
-            raise ValueError(f"effective batch {cfg.effective_batch} is not a multiple of batch_size x processes = {per_step}")
+            raise ValueError(
+                f"effective batch {cfg.effective_batch} is not a multiple of batch_size x processes = {per_step}"
+            )
         cfg.grad_accum = cfg.effective_batch // per_step
     accelerator = Accelerator(gradient_accumulation_steps=cfg.grad_accum)
     set_seed(cfg.seed)
@@ -665,13 +748,19 @@ def train(cfg: TrainConfig, records: list[dict] | None = None) -> dict:
     data = ConversationDataset(records, processor, cfg.image_folder, cfg.max_length, cfg.pad_to_square)
     sampler = EpochSampler(len(data), cfg.seed)
     pad_id = processor.tokenizer.pad_token_id
-    loader = torch.utils.data.DataLoader(data, batch_size=cfg.batch_size, sampler=sampler, collate_fn=lambda b: collate(b, pad_id))
+    loader = torch.utils.data.DataLoader(
+        data, batch_size=cfg.batch_size, sampler=sampler, collate_fn=lambda b: collate(b, pad_id)
+    )
     steps_per_epoch = max(1, len(loader) // cfg.grad_accum)
     total = cfg.max_steps or max(1, int(round(cfg.epochs * steps_per_epoch)))
     groups = param_groups(model, projector, cfg)
     group_names = [g.pop("name") for g in groups]
     optimizer = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
-    factor = official_lr_lambda(total, cfg.warmup_ratio) if cfg.schedule == "official" else lr_lambda(total, int(cfg.warmup_ratio * total))
+    factor = (
+        official_lr_lambda(total, cfg.warmup_ratio)
+        if cfg.schedule == "official"
+        else lr_lambda(total, int(cfg.warmup_ratio * total))
+    )
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
     if projector is not None and any(p.requires_grad for p in projector.parameters()):
         model, projector, optimizer, loader = accelerator.prepare(model, projector, optimizer, loader)
@@ -685,8 +774,12 @@ def train(cfg: TrainConfig, records: list[dict] | None = None) -> dict:
     image_token_id = base.config.image_token_id
     grid = viral.llm_grid(base) if viral.family(base.config).own_encoder else None  # else per image, from the geometry
     ip = processor.image_processor
-    source = {"mean": ip.image_mean, "std": ip.image_std, "crop": viral.crop_fraction(ip),
-              "from_images": cfg.teacher_input == "image" and isinstance(teacher, viral.BackboneTeacher)}
+    source = {
+        "mean": ip.image_mean,
+        "std": ip.image_std,
+        "crop": viral.crop_fraction(ip),
+        "from_images": cfg.teacher_input == "image" and isinstance(teacher, viral.BackboneTeacher),
+    }
 
     step = 0
     resume = latest_checkpoint(out) if cfg.resume is True else (Path(cfg.resume) if cfg.resume else None)
@@ -705,35 +798,64 @@ def train(cfg: TrainConfig, records: list[dict] | None = None) -> dict:
                 scheduler.step()
         accelerator.print(f"resumed from {resume} at step {step}")
 
-    settings = {"base": cfg.pretrained, **dataclasses.asdict(cfg), "records": len(records), "teacher_info": teacher.describe() if teacher is not None else None,
-                "steps": total, "grid": list(grid) if grid else "per image (geometry base block)", "image_token_id": image_token_id,
-                "recipe": recipe(cfg)}
+    settings = {
+        "base": cfg.pretrained,
+        **dataclasses.asdict(cfg),
+        "records": len(records),
+        "teacher_info": teacher.describe() if teacher is not None else None,
+        "steps": total,
+        "grid": list(grid) if grid else "per image (geometry base block)",
+        "image_token_id": image_token_id,
+        "recipe": recipe(cfg),
+    }
     cache: dict[int, torch.Tensor] = {}
     log_path = out / "log.jsonl"
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
-    bar = tqdm(total=total, initial=step, desc="viral-train", disable=not (cfg.progress and accelerator.is_local_main_process))
+    bar = tqdm(
+        total=total, initial=step, desc="viral-train", disable=not (cfg.progress and accelerator.is_local_main_process)
+    )
     running = {"lm": [], "vra": [], "t": []}
     autocast = torch.autocast(accelerator.device.type, dtype=low, enabled=low is not None)
-    scaler = torch.amp.GradScaler(accelerator.device.type, enabled=low == torch.float16)  # fp16 gradients underflow unscaled
+    scaler = torch.amp.GradScaler(
+        accelerator.device.type, enabled=low == torch.float16
+    )  # fp16 gradients underflow unscaled
     model.train()
     last = {}
     while step < total:
         epoch, done_in_epoch = divmod(step, steps_per_epoch)
         sampler.use_epoch(epoch)
-        epoch_loader = accelerator.skip_first_batches(loader, done_in_epoch * cfg.grad_accum) if done_in_epoch else loader
+        epoch_loader = (
+            accelerator.skip_first_batches(loader, done_in_epoch * cfg.grad_accum) if done_in_epoch else loader
+        )
         t0 = time.perf_counter()
         for batch in epoch_loader:
             index = batch.pop("index")
             targets = None
             if teacher is not None and "pixel_values" in batch:
                 aligned = None if grid else viral.aligned_tokens(base.config, batch, image_token_id)
-                targets = _targets(teacher, batch["pixel_values"], index, cache if cfg.cache_teacher else None, grid, data, source,
-                                   aligned)
-            with accelerator.accumulate(model, *( [projector] if projector is not None else [])):
+                targets = _targets(
+                    teacher,
+                    batch["pixel_values"],
+                    index,
+                    cache if cfg.cache_teacher else None,
+                    grid,
+                    data,
+                    source,
+                    aligned,
+                )
+            with accelerator.accumulate(model, *([projector] if projector is not None else [])):
                 with autocast:
-                    res = viral.viral_step(model, batch, projector=projector, targets=targets, layer=layers_of(cfg),
-                                           weight=cfg.weight, image_token_id=image_token_id, loss=cfg.loss)
+                    res = viral.viral_step(
+                        model,
+                        batch,
+                        projector=projector,
+                        targets=targets,
+                        layer=layers_of(cfg),
+                        weight=cfg.weight,
+                        image_token_id=image_token_id,
+                        loss=cfg.loss,
+                    )
                 accelerator.backward(scaler.scale(res["loss"]))
                 if accelerator.sync_gradients and cfg.max_grad_norm:
                     scaler.unscale_(optimizer)
@@ -755,8 +877,13 @@ def train(cfg: TrainConfig, records: list[dict] | None = None) -> dict:
             bar.update(1)
             bar.set_postfix({k: f"{v:.4f}" for k, v in last.items() if v is not None})
             if accelerator.is_main_process and (step % cfg.log_every == 0 or step == total):
-                row = {"step": step, **last, "lr": scheduler.get_last_lr()[group_names.index("main") if "main" in group_names else 0],
-                       "lrs": dict(zip(group_names, scheduler.get_last_lr())), "sec_per_step": _mean(running["t"])}
+                row = {
+                    "step": step,
+                    **last,
+                    "lr": scheduler.get_last_lr()[group_names.index("main") if "main" in group_names else 0],
+                    "lrs": dict(zip(group_names, scheduler.get_last_lr())),
+                    "sec_per_step": _mean(running["t"]),
+                }
                 with open(log_path, "a") as f:
                     f.write(json.dumps(row) + "\n")
                 running = {"lm": [], "vra": [], "t": []}
@@ -767,7 +894,12 @@ def train(cfg: TrainConfig, records: list[dict] | None = None) -> dict:
     bar.close()
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        save_outputs(out, accelerator.unwrap_model(model), accelerator.unwrap_model(projector) if projector is not None else None, settings)
+        save_outputs(
+            out,
+            accelerator.unwrap_model(model),
+            accelerator.unwrap_model(projector) if projector is not None else None,
+            settings,
+        )
     return {"step": step, **last}
 
 
@@ -783,7 +915,9 @@ def _targets(teacher, pixel_values, index, cache, grid, data, source, aligned=No
 
     def compute(rows):
         if source["from_images"]:
-            return viral.teacher_targets_from_images(teacher, [data.image(int(index[b])) for b in rows], grid, source["crop"])
+            return viral.teacher_targets_from_images(
+                teacher, [data.image(int(index[b])) for b in rows], grid, source["crop"]
+            )
         return viral.teacher_targets(teacher, pixel_values[rows], source["mean"], source["std"], grid)
 
     if cache is None:
@@ -813,7 +947,12 @@ def _checkpoint(accelerator, out: Path, step: int, model, projector, optimizer, 
     if not accelerator.is_main_process:
         return
     path = out / "checkpoints" / f"step-{step:06d}"
-    save_outputs(path, accelerator.unwrap_model(model), accelerator.unwrap_model(projector) if projector is not None else None, settings)
+    save_outputs(
+        path,
+        accelerator.unwrap_model(model),
+        accelerator.unwrap_model(projector) if projector is not None else None,
+        settings,
+    )
     _save_optimizer(optimizer, path)
     (path / "trainer_state.json").write_text(json.dumps({"step": step}))
     for old in sorted((out / "checkpoints").glob("step-*"))[:-keep] if keep else []:

@@ -20,7 +20,11 @@ def byte_level_tokenizer():
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+        tokenizer_object=tok,
+        pad_token="<pad>",
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
         extra_special_tokens={"image_token": "<image>"},
     )
     fast.chat_template = CHAT_TEMPLATE
@@ -48,7 +52,11 @@ def build_byte_level_llava(out_dir, seed: int = 0) -> Path:
     model.save_pretrained(out)
     old = AutoProcessor.from_pretrained(out)
     LlavaProcessor(
-        image_processor=old.image_processor, tokenizer=tok, patch_size=8, vision_feature_select_strategy="default",
-        num_additional_image_tokens=1, chat_template=CHAT_TEMPLATE,
+        image_processor=old.image_processor,
+        tokenizer=tok,
+        patch_size=8,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+        chat_template=CHAT_TEMPLATE,
     ).save_pretrained(out)
     return out

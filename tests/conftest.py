@@ -78,7 +78,10 @@ CLI_TESTS = {
     "test_lochead_families.py": {"test_qwen_heads_auto_through_the_cli"},
     "test_paint.py": {"test_cli_chat_and_simple", "test_cli_on_shapeworld_tiny"},
     "test_pm_families.py": {"test_cli_qwen2_5_vl_pm"},
-    "test_qwen.py": {"test_cli_every_working_name_answers_like_stock_when_idle", "test_cli_active_techniques_and_a_refusal"},
+    "test_qwen.py": {
+        "test_cli_every_working_name_answers_like_stock_when_idle",
+        "test_cli_active_techniques_and_a_refusal",
+    },
     "test_qwen_reprompt.py": {"test_cli_reprompt_and_pai_cfg"},
     "test_shapeworld_llava.py": {"test_stock_llava_hf_and_a_wrapper_load_it_in_the_cli"},
     "test_viral_families.py": {"test_qwen2_5_vl_viral_through_the_lmms_eval_cli"},

@@ -23,7 +23,9 @@ def _np_hsic(K, L, unbiased):
     K0, L0 = K.copy(), L.copy()
     np.fill_diagonal(K0, 0)
     np.fill_diagonal(L0, 0)
-    return ((K0 * L0.T).sum() + K0.sum() * L0.sum() / ((m - 1) * (m - 2)) - 2 * (K0 @ L0).sum() / (m - 2)) / (m * (m - 3))
+    return ((K0 * L0.T).sum() + K0.sum() * L0.sum() / ((m - 1) * (m - 2)) - 2 * (K0 @ L0).sum() / (m - 2)) / (
+        m * (m - 3)
+    )
 
 
 def _np_knn(M, k, include_self):
@@ -87,7 +89,9 @@ def test_cka_and_cknna_match_an_independent_calculation(seed):
     x = rng.normal(size=(20, 6))
     y = x[:, :4] @ rng.normal(size=(4, 5)) + 0.8 * rng.normal(size=(20, 5))  # related, not identical
     for unbiased in (False, True):
-        assert alignment.cka(torch.tensor(x), torch.tensor(y), unbiased=unbiased) == pytest.approx(_np_cka(x, y, unbiased), rel=1e-9)
+        assert alignment.cka(torch.tensor(x), torch.tensor(y), unbiased=unbiased) == pytest.approx(
+            _np_cka(x, y, unbiased), rel=1e-9
+        )
         for k in (3, 7):
             got = alignment.cknna(torch.tensor(x), torch.tensor(y), topk=k, unbiased=unbiased)
             assert got == pytest.approx(_np_cknna(x, y, k, unbiased), rel=1e-9)

@@ -24,11 +24,23 @@ TECHNIQUES = ("pai", "pm", "paint", "knockout", "reprompt", "viral")
 CASES = [
     *[(f"llava-{t}", f"llava_{t}", "llava", "", POPE, None) for t in TECHNIQUES],
     ("llava-lochead", "llava_lochead", "llava_byte", ",heads=all", REC, None),  # a box needs a byte-level tokenizer
-    *[(f"qwen-{t}", f"qwen2_5_vl_{t}", "qwen", QWEN_PIXELS, POPE, "no CLS token" if t == "paint" else None) for t in TECHNIQUES],
+    *[
+        (f"qwen-{t}", f"qwen2_5_vl_{t}", "qwen", QWEN_PIXELS, POPE, "no CLS token" if t == "paint" else None)
+        for t in TECHNIQUES
+    ],
     ("qwen-lochead", "qwen2_5_vl_lochead", "qwen", QWEN_PIXELS + ",heads=all", REC, None),
     *[(f"next-{t}", f"llava_{t}", "next", "", POPE, None) for t in TECHNIQUES],
-    *[(f"onevision-{t}", f"llava_{t}", "onevision", "", POPE, "SigLIP vision tower has no CLS token" if t == "paint" else None)
-      for t in TECHNIQUES],
+    *[
+        (
+            f"onevision-{t}",
+            f"llava_{t}",
+            "onevision",
+            "",
+            POPE,
+            "SigLIP vision tower has no CLS token" if t == "paint" else None,
+        )
+        for t in TECHNIQUES
+    ],
 ]
 
 
@@ -67,11 +79,17 @@ def evaluated(checkpoints):
     for run_id, name, ckpt, extra, task, _ in CASES:
         if name.endswith("_viral"):
             extra += f",adapter={root / (ckpt + '_adapter')}"
-        runs.append({
-            "model": name, "model_args": f"pretrained={paths[ckpt]},dtype=bfloat16,device=cpu,device_map=cpu{extra}",
-            "tasks": task, "limit": 2, "gen_kwargs": "max_new_tokens=8", "output_path": str(root / "out" / run_id),
-            "include_path": str(REPO / "task_configs"),
-        })
+        runs.append(
+            {
+                "model": name,
+                "model_args": f"pretrained={paths[ckpt]},dtype=bfloat16,device=cpu,device_map=cpu{extra}",
+                "tasks": task,
+                "limit": 2,
+                "gen_kwargs": "max_new_tokens=8",
+                "output_path": str(root / "out" / run_id),
+                "include_path": str(REPO / "task_configs"),
+            }
+        )
     log = testing.run_lmms_eval_many(runs, root / "runs.yaml", cwd=REPO, timeout=1800)
     return root / "out", log
 

@@ -21,13 +21,20 @@ def _llava_hf_answers(ckpt, task):
     from lmms_eval.tasks import TaskManager
 
     lm = LlavaHf(pretrained=str(ckpt), device="cpu", device_map="cpu")
-    res = simple_evaluate(model=lm, tasks=[task], task_manager=TaskManager("WARNING", include_path=str(REPO / "tests/tasks"), include_defaults=False), bootstrap_iters=0)
+    res = simple_evaluate(
+        model=lm,
+        tasks=[task],
+        task_manager=TaskManager("WARNING", include_path=str(REPO / "tests/tasks"), include_defaults=False),
+        bootstrap_iters=0,
+    )
     answers = [s["filtered_resps"] for s in sorted(res["samples"][task], key=lambda s: s["doc_id"])]
     return [a[0] if isinstance(a, list) else a for a in answers]  # the samples file stores the filtered answer itself
 
 
 def test_knockout_empty_window_through_the_cli_is_llava_hf(tiny_ckpt, tmp_path, monkeypatch):
-    results, log = _run("llava_knockout", f"pretrained={tiny_ckpt},mode=both,from_layer=2,to_layer=2", "tiny_yesno", tmp_path)
+    results, log = _run(
+        "llava_knockout", f"pretrained={tiny_ckpt},mode=both,from_layer=2,to_layer=2", "tiny_yesno", tmp_path
+    )
     assert results is not None, log[-3000:]
     assert results["config"]["model_backend"].endswith("LlavaKnockoutChat (chat)")
     assert '"layers": "none"' in log
@@ -42,13 +49,33 @@ def test_knockout_sweep_writes_table_and_plot(tiny_ckpt, tmp_path, monkeypatch):
     monkeypatch.chdir(REPO)
     out = tmp_path / "sweep"
     code = main(
-        ["knockout-sweep", "--model_args", f"pretrained={tiny_ckpt}", "--tasks", "tiny_yesno", "--windows", "0:2,2:4,after:1",
-         "--modes", "query,generated", "--include_path", "tests/tasks", "--output_dir", str(out), "--limit", "2"]
+        [
+            "knockout-sweep",
+            "--model_args",
+            f"pretrained={tiny_ckpt}",
+            "--tasks",
+            "tiny_yesno",
+            "--windows",
+            "0:2,2:4,after:1",
+            "--modes",
+            "query,generated",
+            "--include_path",
+            "tests/tasks",
+            "--output_dir",
+            str(out),
+            "--limit",
+            "2",
+        ]
     )
     assert code == 0
     rows = list(csv.DictReader(open(out / "sweep.csv")))
     assert [(r["mode"], r["window"]) for r in rows] == [
-        ("query", "0:2"), ("query", "2:4"), ("query", "after:1"), ("generated", "0:2"), ("generated", "2:4"), ("generated", "after:1")
+        ("query", "0:2"),
+        ("query", "2:4"),
+        ("query", "after:1"),
+        ("generated", "0:2"),
+        ("generated", "2:4"),
+        ("generated", "after:1"),
     ]
     by = {(r["mode"], r["window"]): r["value"] for r in rows}
     # the official named window after:1 (layers > 1) is layers 2..3 of this 4-layer model
@@ -57,14 +84,44 @@ def test_knockout_sweep_writes_table_and_plot(tiny_ckpt, tmp_path, monkeypatch):
     assert "| 0:2 |" in (out / "sweep.md").read_text()
     png = Image.open(out / "sweep_tiny_yesno_exact.png")
     assert png.size == (720, 440) and len(png.getcolors(10_000)) > 3  # lines were drawn
-    assert main(["knockout-sweep", "--model_args", f"pretrained={tiny_ckpt}", "--tasks", "tiny_yesno", "--windows", "0:9",
-                 "--output_dir", str(out)]) == 2
-    assert main(["knockout-sweep", "--model_args", f"pretrained={tiny_ckpt}", "--tasks", "tiny_yesno", "--windows", "after:x",
-                 "--output_dir", str(out)]) == 2
+    assert (
+        main(
+            [
+                "knockout-sweep",
+                "--model_args",
+                f"pretrained={tiny_ckpt}",
+                "--tasks",
+                "tiny_yesno",
+                "--windows",
+                "0:9",
+                "--output_dir",
+                str(out),
+            ]
+        )
+        == 2
+    )
+    assert (
+        main(
+            [
+                "knockout-sweep",
+                "--model_args",
+                f"pretrained={tiny_ckpt}",
+                "--tasks",
+                "tiny_yesno",
+                "--windows",
+                "after:x",
+                "--output_dir",
+                str(out),
+            ]
+        )
+        == 2
+    )
 
 
 def test_reprompt_compressed_reuses_image_contexts_through_the_cli(tiny_ckpt, tmp_path):
-    results, log = _run("llava_reprompt", f"pretrained={tiny_ckpt},mode=compressed,keep_ratio=0.25", "tiny_repeat", tmp_path)
+    results, log = _run(
+        "llava_reprompt", f"pretrained={tiny_ckpt},mode=compressed,keep_ratio=0.25", "tiny_repeat", tmp_path
+    )
     assert results is not None, log[-3000:]
     samples = read_samples(tmp_path, "tiny_repeat")
     assert len(samples) == 5 and all(s["filtered_resps"] for s in samples)
@@ -75,7 +132,13 @@ def test_reprompt_compressed_reuses_image_contexts_through_the_cli(tiny_ckpt, tm
 
 
 def test_reprompt_prune_on_the_simple_path(tiny_ckpt, tmp_path):
-    results, log = _run("llava_reprompt", f"pretrained={tiny_ckpt},mode=prune,keep_ratio=0.1", "tiny_yesno_ll,tiny_yesno", tmp_path, ["--force_simple"])
+    results, log = _run(
+        "llava_reprompt",
+        f"pretrained={tiny_ckpt},mode=prune,keep_ratio=0.1",
+        "tiny_yesno_ll,tiny_yesno",
+        tmp_path,
+        ["--force_simple"],
+    )
     assert results is not None, log[-3000:]
     assert results["config"]["model_backend"].endswith("LlavaReprompt (simple)")
     assert results["n-samples"]["tiny_yesno_ll"]["effective"] == 3
@@ -98,6 +161,8 @@ def test_knockout_sweep_outside_keeps_its_reference_unedited(tiny_ckpt, monkeypa
 
     monkeypatch.setattr(lmms_eval.evaluator, "simple_evaluate", fake_evaluate)
     monkeypatch.chdir(REPO)
-    rows = knockout_sweep.run_sweep(f"pretrained={tiny_ckpt}", ["tiny_yesno"], [(1, 3)], ["query"], outside=True, include_path="tests/tasks")
+    rows = knockout_sweep.run_sweep(
+        f"pretrained={tiny_ckpt}", ["tiny_yesno"], [(1, 3)], ["query"], outside=True, include_path="tests/tasks"
+    )
     assert blocked == [[], [0, 3]]  # the reference: no layer; the window 1:3 inverted: layers 0 and 3
     assert rows[0]["outside"] is True and rows[0]["delta"] == 0.0

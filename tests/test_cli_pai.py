@@ -35,7 +35,11 @@ def test_llava_pai_chat_and_simple_paths(tiny_ckpt, baseline, tmp_path):
     assert '"alpha": 2.0' in log and '"layers": "0..3"' in log  # the parsed recipe was logged and used
 
     results, log = _run(
-        "llava_pai", f"pretrained={tiny_ckpt},alpha=0.5,use_cfg=true", "tiny_yesno_ll,tiny_yesno", tmp_path / "simple", ["--force_simple"]
+        "llava_pai",
+        f"pretrained={tiny_ckpt},alpha=0.5,use_cfg=true",
+        "tiny_yesno_ll,tiny_yesno",
+        tmp_path / "simple",
+        ["--force_simple"],
     )
     assert results is not None, log[-3000:]
     assert results["config"]["model_backend"].endswith("LlavaPai (simple)")

@@ -28,7 +28,9 @@ def test_llava_pm_off_answers_like_llava_hf(tiny_ckpt, tmp_path):
 
 def test_llava_pm_chat_simple_visuals_and_no_image(tiny_ckpt, tmp_path):
     out = tmp_path / "chat"
-    results, log = _run("llava_pm", f"pretrained={tiny_ckpt},preset=mme,save_visuals=auto,max_visuals=2", "tiny_yesno,tiny_noimage", out)
+    results, log = _run(
+        "llava_pm", f"pretrained={tiny_ckpt},preset=mme,save_visuals=auto,max_visuals=2", "tiny_yesno,tiny_noimage", out
+    )
     assert results is not None, log[-3000:]
     assert 0.0 <= results["results"]["tiny_yesno"]["exact,none"] <= 1.0
     assert '"alpha": 10.0' in log and '"kernel": 3' in log  # the preset was resolved and logged
@@ -40,7 +42,13 @@ def test_llava_pm_chat_simple_visuals_and_no_image(tiny_ckpt, tmp_path):
         f"{i:04d}_{k}.png" for i in range(2) for k in ("magnified", "original", "perception_map")
     ]
 
-    results, log = _run("llava_pm", f"pretrained={tiny_ckpt},refresh=every_token", "tiny_yesno_ll,tiny_yesno", tmp_path / "simple", ["--force_simple"])
+    results, log = _run(
+        "llava_pm",
+        f"pretrained={tiny_ckpt},refresh=every_token",
+        "tiny_yesno_ll,tiny_yesno",
+        tmp_path / "simple",
+        ["--force_simple"],
+    )
     assert results is not None, log[-3000:]
     assert results["config"]["model_backend"].endswith("LlavaPm (simple)")
     assert results["n-samples"]["tiny_yesno_ll"]["effective"] == 3
@@ -99,7 +107,9 @@ def test_llava_pm_on_shapeworld_tiny(tmp_path):
 def _pm_official_utils():
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("pm_official_utils", REPO / "task_configs" / "pm_official" / "utils.py")
+    spec = importlib.util.spec_from_file_location(
+        "pm_official_utils", REPO / "task_configs" / "pm_official" / "utils.py"
+    )
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
@@ -112,7 +122,10 @@ def test_paper_scoring_helpers():
     assert u.first_token_answer([(0.7, False), (0.1, True)]) == "no"
     assert u.first_token_answer([0.5, 0.5]) == "no"
     assert len(u.MME_SUBSETS) == 8 and "artwork" not in u.MME_SUBSETS
-    assert u.pope_doc_to_text({"question": "Is there a dog in the image? "}) == "Is there a dog in the image? Please answer this question with one word."
+    assert (
+        u.pope_doc_to_text({"question": "Is there a dog in the image? "})
+        == "Is there a dog in the image? Please answer this question with one word."
+    )
 
 
 @pytest.mark.skipif(_shapeworld_ready() is not None, reason=str(_shapeworld_ready()))
@@ -120,8 +133,14 @@ def test_paper_evaluation_tasks_on_shapeworld_twins(tmp_path):
     """First-token POPE and the 8-subset MME task (their ShapeWorld twins) through the real CLI,
     with preset=official_pope on the simple (loglikelihood) path."""
     tasks = "shapeworld_pope_adversarial_first_token,shapeworld_mme_first_token"
-    results, log = _run("llava_pm", "pretrained=shapeworld-tiny,preset=official_pope", tasks, tmp_path,
-                        extra=["--limit", "4", "--force_simple"], include_path="task_configs/pm_official")
+    results, log = _run(
+        "llava_pm",
+        "pretrained=shapeworld-tiny,preset=official_pope",
+        tasks,
+        tmp_path,
+        extra=["--limit", "4", "--force_simple"],
+        include_path="task_configs/pm_official",
+    )
     assert results is not None, log[-3000:]
     pope = results["results"]["shapeworld_pope_adversarial_first_token"]
     assert 0.0 <= pope["pope_accuracy,none"] <= 1.0 and "pope_f1_score,none" in pope
@@ -145,8 +164,14 @@ def test_first_token_pope_twin_runs_on_the_other_wrappers(model, tmp_path):
     loglikelihood path runs it (llava_lochead answers with boxes and refuses, llava_viral needs
     an adapter; stock llava_hf's loglikelihood is broken on transformers 5, see the README)."""
     task = "shapeworld_pope_adversarial_first_token"
-    results, log = _run(model, "pretrained=shapeworld-tiny", task, tmp_path,
-                        extra=["--limit", "2", "--force_simple"], include_path="task_configs/pm_official")
+    results, log = _run(
+        model,
+        "pretrained=shapeworld-tiny",
+        task,
+        tmp_path,
+        extra=["--limit", "2", "--force_simple"],
+        include_path="task_configs/pm_official",
+    )
     assert results is not None, log[-3000:]
     assert 0.0 <= results["results"][task]["pope_accuracy,none"] <= 1.0
     assert len(read_samples(tmp_path, task)) == 2

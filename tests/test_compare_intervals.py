@@ -71,7 +71,9 @@ def test_paired_interval_is_the_percentile_of_paired_document_resamples():
 
     # by hand: the same seeded draws of document indices, one index set for both runs
     rows = np.random.default_rng(3).integers(0, len(base), (500, len(base)))
-    deltas = [pope_aggregate_f1_score([other[i] for i in r]) - pope_aggregate_f1_score([base[i] for i in r]) for r in rows]
+    deltas = [
+        pope_aggregate_f1_score([other[i] for i in r]) - pope_aggregate_f1_score([base[i] for i in r]) for r in rows
+    ]
     assert (low, high) == pytest.approx(tuple(np.quantile(deltas, [0.025, 0.975])), abs=1e-12)
     assert low < pope_aggregate_f1_score(other) - pope_aggregate_f1_score(base) < high
 
@@ -91,7 +93,9 @@ def test_paired_interval_of_a_mean_matches_the_normal_approximation():
 
 def test_paired_interval_is_reproducible_with_its_seed():
     base, other = pope_records(TRUTH, BASE), pope_records(TRUTH, flip(BASE, [0, 4, 1]))
-    assert paired_interval(pope_aggregate_accuracy, base, other) == paired_interval(pope_aggregate_accuracy, base, other)
+    assert paired_interval(pope_aggregate_accuracy, base, other) == paired_interval(
+        pope_aggregate_accuracy, base, other
+    )
 
 
 # --------------------------------------------------------------------------- verdict
@@ -129,21 +133,45 @@ def write_run(out, model, answers, *, samples=True, tamper=None, date="20261204_
     d = out / model / "checkpoints__shapeworld-tiny"
     d.mkdir(parents=True)
     results = {
-        "results": {POPE: {"alias": POPE, **{f"{m},none": scores[m] for m in POPE_METRICS}, **{f"{m}_stderr,none": "N/A" for m in POPE_METRICS}}},
+        "results": {
+            POPE: {
+                "alias": POPE,
+                **{f"{m},none": scores[m] for m in POPE_METRICS},
+                **{f"{m}_stderr,none": "N/A" for m in POPE_METRICS},
+            }
+        },
         "n-samples": {POPE: {"original": 300, "effective": len(records)}},
-        "config": {"model": model, "model_args": "pretrained=/x,device=cpu" + (",alpha=0.5" if model != "llava_hf" else "")},
+        "config": {
+            "model": model,
+            "model_args": "pretrained=/x,device=cpu" + (",alpha=0.5" if model != "llava_hf" else ""),
+        },
     }
     (d / f"{date}_results.json").write_text(json.dumps(results))
     if samples:
         # lmms-eval writes the samples in its own order, not necessarily by doc_id: pairing must use doc_id
         order = list(range(len(records)))[::-1] if model != "llava_hf" else range(len(records))
-        lines = [{"doc_id": i, "target": records[i]["ground_truth"], "filtered_resps": records[i]["prediction"], **{m: records[i] for m in POPE_METRICS}} for i in order]
+        lines = [
+            {
+                "doc_id": i,
+                "target": records[i]["ground_truth"],
+                "filtered_resps": records[i]["prediction"],
+                **{m: records[i] for m in POPE_METRICS},
+            }
+            for i in order
+        ]
         (d / f"{date}_samples_{POPE}.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
     return out / model
 
 
 def rows_of(text: str) -> dict[str, list[str]]:
-    return {cells[1]: cells for cells in ([c.strip() for c in line.strip("|").split("|")] for line in text.splitlines() if line.startswith(f"| {POPE}"))}
+    return {
+        cells[1]: cells
+        for cells in (
+            [c.strip() for c in line.strip("|").split("|")]
+            for line in text.splitlines()
+            if line.startswith(f"| {POPE}")
+        )
+    }
 
 
 def test_compare_prints_intervals_and_mcnemar_from_per_sample_logs(tmp_path, capsys):
@@ -163,7 +191,9 @@ def test_compare_prints_intervals_and_mcnemar_from_per_sample_logs(tmp_path, cap
     assert acc[6] == f"[{low:+.4f}, {high:+.4f}]" and low > 0
     assert float(acc[7]) == pytest.approx(mcnemar_by_hand(1, 12), rel=1e-3)  # base right only: 1, other only: 12
     f1 = rows["pope_f1_score"]
-    assert re.fullmatch(r"\[[-+]\d\.\d{4}, [-+]\d\.\d{4}\]", f1[6]) and f1[7] == ""  # interval, no McNemar (not an accuracy)
+    assert (
+        re.fullmatch(r"\[[-+]\d\.\d{4}, [-+]\d\.\d{4}\]", f1[6]) and f1[7] == ""
+    )  # interval, no McNemar (not an accuracy)
     assert "No interval" not in text
 
 
@@ -173,7 +203,10 @@ def test_compare_without_per_sample_logs_says_so_and_prints_no_interval(tmp_path
     assert cli.main(["compare", str(base), str(other)]) == 0
     text = capsys.readouterr().out
     assert all(r[6] == "" and r[7] == "" and not r[5].endswith("*") for r in rows_of(text).values())
-    assert f"No interval for llava_pai(alpha=0.5) on {POPE} ({', '.join(sorted(POPE_METRICS))}): no per-sample log (run lmms-eval with --log_samples)." in text
+    assert (
+        f"No interval for llava_pai(alpha=0.5) on {POPE} ({', '.join(sorted(POPE_METRICS))}): no per-sample log (run lmms-eval with --log_samples)."
+        in text
+    )
 
 
 def test_compare_gives_no_interval_when_the_logs_do_not_give_the_reported_number(tmp_path, capsys):
@@ -194,10 +227,18 @@ def test_compare_on_real_lmms_eval_output(capsys):
     runs = REPO / "tests" / "fixtures" / "compare_run"
     assert cli.main(["compare", str(runs / "llava_hf"), str(runs / "llava_pai")]) == 0
     text = capsys.readouterr().out
-    rows = [[c.strip() for c in line.strip("|").split("|")] for line in text.splitlines() if line.startswith("| shapeworld_")]
+    rows = [
+        [c.strip() for c in line.strip("|").split("|")]
+        for line in text.splitlines()
+        if line.startswith("| shapeworld_")
+    ]
     assert len(rows) == 5 + 3 + 7 and "No interval" not in text
     assert all(re.fullmatch(r"\[[-+]\d+\.\d{4}, [-+]\d+\.\d{4}\]", r[6]) for r in rows)
-    assert {r[1] for r in rows if r[7]} == {"pope_accuracy", *(f"refcoco_ACC@{t}" for t in (0.1, 0.3, 0.5, 0.7, 0.9)), "refcoco_Center_ACC"}
+    assert {r[1] for r in rows if r[7]} == {
+        "pope_accuracy",
+        *(f"refcoco_ACC@{t}" for t in (0.1, 0.3, 0.5, 0.7, 0.9)),
+        "refcoco_Center_ACC",
+    }
 
     # CHAIR_S by hand: the same seeded paired resamples of the logged captions, scored by the task's function
     from lmms_eval_plugins.shapeworld.metrics import chair_scores

@@ -9,7 +9,21 @@ from lmms_eval_plugins import testing
 from methods import geometry
 
 # (W, H): square, 2:1 both ways, odd aspects that leave padding, extreme ones (OneVision shrinks, degenerate rows)
-SIZES = [(32, 32), (64, 32), (32, 64), (100, 37), (37, 100), (90, 90), (61, 47), (47, 61), (250, 30), (30, 250), (7, 200), (300, 11), (96, 33)]
+SIZES = [
+    (32, 32),
+    (64, 32),
+    (32, 64),
+    (100, 37),
+    (37, 100),
+    (90, 90),
+    (61, 47),
+    (47, 61),
+    (250, 30),
+    (30, 250),
+    (7, 200),
+    (300, 11),
+    (96, 33),
+]
 PROMPT = "USER: <image>\nwhat color ? ASSISTANT:"
 
 
@@ -42,7 +56,9 @@ def test_newlines_and_grids_match_the_model(anyres):
     model = AutoModelForImageTextToText.from_pretrained(ckpt).eval()
     newline = model.model.image_newline.detach()
     seen = {}
-    model.model.language_model.register_forward_pre_hook(lambda m, a, kw: seen.update(embeds=kw["inputs_embeds"]), with_kwargs=True)
+    model.model.language_model.register_forward_pre_hook(
+        lambda m, a, kw: seen.update(embeds=kw["inputs_embeds"]), with_kwargs=True
+    )
     shrunk = 0
     for size in SIZES:
         inputs = processor(images=[Image.new("RGB", size, (200, 10, 10))], text=PROMPT, return_tensors="pt")
@@ -93,5 +109,7 @@ def test_mismatch_is_refused(anyres):
 def test_unknown_family_is_named(tiny_ckpt):
     config = AutoConfig.from_pretrained(tiny_ckpt)
     config.model_type = "paligemma"
-    with pytest.raises(geometry.GeometryError, match="no image geometry for model_type 'paligemma'; supported: llava, llava_next"):
+    with pytest.raises(
+        geometry.GeometryError, match="no image geometry for model_type 'paligemma'; supported: llava, llava_next"
+    ):
         geometry.image_geometry(config, None, (10, 10), torch.tensor([[1, 2]]))

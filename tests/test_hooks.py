@@ -72,7 +72,9 @@ def test_capture_decode_steps_match_full_forward(tiny_ckpt):
     for layer in (0, 3):
         for step in range(4):
             row = prompt_len - 1 + step
-            torch.testing.assert_close(cap.maps[layer][step], ref[layer][:, :, row : row + 1, pos].float(), atol=1e-5, rtol=0)
+            torch.testing.assert_close(
+                cap.maps[layer][step], ref[layer][:, :, row : row + 1, pos].float(), atol=1e-5, rtol=0
+            )
 
 
 def test_capture_vision_tower_cls_row(tiny_ckpt):
@@ -136,7 +138,12 @@ def _reference_logits(ckpt, inputs, edits_by_layer):
 
 @pytest.mark.parametrize(
     "edit_kind,heads,alpha",
-    [("boost", None, 0.7), ("boost", [1, 2], 0.5), ("boost", [0, 1, 2, 3], [0.1, 0.9, 0.0, 2.0]), ("block", None, None)],
+    [
+        ("boost", None, 0.7),
+        ("boost", [1, 2], 0.5),
+        ("boost", [0, 1, 2, 3], [0.1, 0.9, 0.0, 2.0]),
+        ("block", None, None),
+    ],
 )
 def test_logit_edits_match_hand_edit(tiny_ckpt, edit_kind, heads, alpha):
     model, processor = load(tiny_ckpt)
@@ -233,7 +240,10 @@ def test_boost_keeps_masked_keys_masked(tiny):
     scores = torch.tensor([[[[1.0, -2.0, float("-inf")]]]])
     edited = hooks.Boost(layers=[0], alpha=0.5).edit_scores(scores, 0)
     assert torch.equal(edited, torch.tensor([[[[1.5, -1.0, float("-inf")]]]]))
-    with torch.no_grad(), hooks.edited(model, hooks.Boost(layers=range(hooks.num_layers(model)), rows=hooks.Rows.all(), alpha=0.5)):
+    with (
+        torch.no_grad(),
+        hooks.edited(model, hooks.Boost(layers=range(hooks.num_layers(model)), rows=hooks.Rows.all(), alpha=0.5)),
+    ):
         logits = model(**inputs).logits
     assert torch.isfinite(logits).all()
 
@@ -242,10 +252,27 @@ def _tiny_qwen2_5_vl():
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
     cfg = Qwen2_5_VLConfig(
-        text_config=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                         vocab_size=200, rope_parameters={"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 10000.0}),
-        vision_config=dict(depth=3, hidden_size=32, intermediate_size=64, num_heads=4, out_hidden_size=64, fullatt_block_indexes=[2],
-                           window_size=32, patch_size=8, spatial_merge_size=2, temporal_patch_size=2),
+        text_config=dict(
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            vocab_size=200,
+            rope_parameters={"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 10000.0},
+        ),
+        vision_config=dict(
+            depth=3,
+            hidden_size=32,
+            intermediate_size=64,
+            num_heads=4,
+            out_hidden_size=64,
+            fullatt_block_indexes=[2],
+            window_size=32,
+            patch_size=8,
+            spatial_merge_size=2,
+            temporal_patch_size=2,
+        ),
     )
     return Qwen2_5_VLForConditionalGeneration(cfg)
 

@@ -29,10 +29,27 @@ def test_paths_name_the_tasks_and_every_shipped_checkpoint(capsys):
 def test_wheel_carries_the_task_configs_and_checkpoints(tmp_path):
     # build from a copy: pip builds in-tree, and a stale build/ could hide a file missing from the source
     src = tmp_path / "src"
-    shutil.copytree(REPO, src, ignore=shutil.ignore_patterns(".git", "build", "*.egg-info", "__pycache__", "results", ".pytest_cache"))
+    shutil.copytree(
+        REPO,
+        src,
+        ignore=shutil.ignore_patterns(".git", "build", "*.egg-info", "__pycache__", "results", ".pytest_cache"),
+    )
     proc = subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path), str(src)],
-        capture_output=True, text=True, timeout=600,
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(tmp_path),
+            str(src),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     wheel = next(tmp_path.glob("lmms_eval_plugins-*.whl"))
@@ -58,7 +75,9 @@ def test_env_finds_nothing_wrong_in_the_tested_environment(capsys):
 
 def test_env_reports_the_filelock_break_with_its_fix(monkeypatch, capsys):
     real = env.importlib.util.find_spec
-    monkeypatch.setattr(env.importlib.util, "find_spec", lambda name, *a: None if name == "filelock._api" else real(name, *a))
+    monkeypatch.setattr(
+        env.importlib.util, "find_spec", lambda name, *a: None if name == "filelock._api" else real(name, *a)
+    )
     found = env.problems()
     assert len(found) == 1 and "filelock._api" in found[0] and 'pip install "filelock<4.3"' in found[0]
     assert env.main(None) == 1
@@ -69,7 +88,11 @@ def test_env_reports_the_filelock_break_with_its_fix(monkeypatch, capsys):
 
 @pytest.mark.parametrize(
     "dist, bad, expect",
-    [("transformers", "4.57.1", "outside the supported range"), ("lmms-eval", "0.8.0", "outside the supported 0.7.x"), ("peft", None, "not installed")],
+    [
+        ("transformers", "4.57.1", "outside the supported range"),
+        ("lmms-eval", "0.8.0", "outside the supported 0.7.x"),
+        ("peft", None, "not installed"),
+    ],
 )
 def test_env_checks_declared_ranges(monkeypatch, dist, bad, expect):
     real = env.version
@@ -92,7 +115,7 @@ def test_compare_run_stops_before_lmms_eval_on_a_known_break(monkeypatch, tmp_pa
 def test_first_error_of_an_lmms_eval_log():
     log = (
         "\x1b[32m2026-11-29 14:49:04\x1b[0m | \x1b[1mINFO    \x1b[0m | starting\n"
-        "Traceback (most recent call last):\n  File \"x.py\", line 1\n"
+        'Traceback (most recent call last):\n  File "x.py", line 1\n'
         "ModuleNotFoundError: No module named 'filelock._api'\n"
         "\x1b[32m2026-11-29 14:49:04\x1b[0m | \x1b[31mERROR   \x1b[0m | cli_evaluate:614 - Error during evaluation: "
         "No module named 'filelock._api'.\n"
@@ -103,13 +126,19 @@ def test_first_error_of_an_lmms_eval_log():
 
 
 def _check_lock(lock: Path):
-    return subprocess.run([sys.executable, str(REPO / ".ci" / "check_lock.py"), str(lock)], capture_output=True, text=True)
+    return subprocess.run(
+        [sys.executable, str(REPO / ".ci" / "check_lock.py"), str(lock)], capture_output=True, text=True
+    )
 
 
 def test_ci_lock_check_fails_on_drift(tmp_path):
     import importlib.metadata as md
 
-    pins = [f"{d.metadata['Name']}=={d.version}" for d in md.distributions() if d.metadata["Name"] not in ("lmms-eval-plugins", "lmms_eval_plugins")]
+    pins = [
+        f"{d.metadata['Name']}=={d.version}"
+        for d in md.distributions()
+        if d.metadata["Name"] not in ("lmms-eval-plugins", "lmms_eval_plugins")
+    ]
     exact = tmp_path / "exact.lock"
     exact.write_text("\n".join(pins) + "\n")
     assert _check_lock(exact).returncode == 0
@@ -124,7 +153,11 @@ def test_ci_lock_check_fails_on_drift(tmp_path):
 
 
 def test_the_lock_pins_the_torch_build_and_excludes_the_broken_filelock():
-    pins = dict(line.split("==", 1) for line in (REPO / "requirements.lock").read_text().splitlines() if "==" in line and not line.startswith("#"))
+    pins = dict(
+        line.split("==", 1)
+        for line in (REPO / "requirements.lock").read_text().splitlines()
+        if "==" in line and not line.startswith("#")
+    )
     assert pins["torch"].strip() == "2.14.1" and pins["torchvision"].strip() == "0.29.1"
     major, minor = (int(x) for x in pins["filelock"].split(".")[:2])
     assert (major, minor) < (4, 3)

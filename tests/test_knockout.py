@@ -44,7 +44,9 @@ def _sequence(model, processor, extra=4):
     full = dict(inputs)
     full["input_ids"] = torch.cat([inputs["input_ids"], cont], dim=1)
     full["attention_mask"] = torch.ones_like(full["input_ids"])
-    req = Request(input_ids=full["input_ids"], image_token_id=model.config.image_token_id, prompt_len=prompt_len, images=[None])
+    req = Request(
+        input_ids=full["input_ids"], image_token_id=model.config.image_token_id, prompt_len=prompt_len, images=[None]
+    )
     return full, req
 
 
@@ -74,7 +76,9 @@ def test_knockout_matches_eager_reference(tiny_ckpt, mode, window, outside, last
     full, req = _sequence(model, processor)
     pos = req.image_pos
     img_start, img_end, n = int(pos[0]), int(pos[-1]) + 1, full["input_ids"].shape[1]
-    tech = Knockout(hooks.num_layers(model), mode=mode, from_layer=window[0], to_layer=window[1], outside=outside, last_row=last_row)
+    tech = Knockout(
+        hooks.num_layers(model), mode=mode, from_layer=window[0], to_layer=window[1], outside=outside, last_row=last_row
+    )
     layers = [l for l in range(4) if (window[0] <= l < window[1]) != outside]
     assert tech.layers == layers
     rows = _hand_rows(mode, img_start, img_end, req.prompt_len, n, last_row)
@@ -107,14 +111,19 @@ def test_generated_knockout_with_one_token_answer_row_split(tiny_ckpt):
         tok_split = Knockout(4, mode="generated", last_row="query").forward(model, req, **full).logits
         ans_split = Knockout(4, mode="generated", last_row="generated").forward(model, req, **full).logits
     p = req.prompt_len
-    assert torch.equal(tok_split[:, : p], plain[:, : p])
+    assert torch.equal(tok_split[:, :p], plain[:, :p])
     assert not torch.allclose(ans_split[:, p - 1], plain[:, p - 1])
 
 
 @pytest.mark.parametrize("window", [(0, 0), (2, 2), (4, 4)])
 def test_empty_window_is_the_baseline(tiny, window):
     model, processor, inputs = tiny
-    req = Request(input_ids=inputs["input_ids"], image_token_id=model.config.image_token_id, prompt_len=inputs["input_ids"].shape[1], images=[None])
+    req = Request(
+        input_ids=inputs["input_ids"],
+        image_token_id=model.config.image_token_id,
+        prompt_len=inputs["input_ids"].shape[1],
+        images=[None],
+    )
     tech = Knockout(4, mode="both", from_layer=window[0], to_layer=window[1])
     assert tech.layers == [] and tech.recipe(model, req) == []
     with torch.no_grad():
@@ -128,7 +137,9 @@ def test_generation_uses_the_same_blocks_in_every_decode_step(tiny):
     """Greedy tokens generated under a knockout are the argmax of a full forward under the same knockout."""
     model, processor, inputs = tiny
     p = inputs["input_ids"].shape[1]
-    req = Request(input_ids=inputs["input_ids"], image_token_id=model.config.image_token_id, prompt_len=p, images=[None])
+    req = Request(
+        input_ids=inputs["input_ids"], image_token_id=model.config.image_token_id, prompt_len=p, images=[None]
+    )
     tech = Knockout(4, mode="both", from_layer=0, to_layer=4)
     with torch.no_grad():
         seq = tech.generate(model, req, **inputs, max_new_tokens=5, min_new_tokens=5, do_sample=False)

@@ -189,7 +189,7 @@ def test_lochead_boxes_from_base_and_highres_blocks(byte_anyres, family):
         inputs = _request(lm)
         with torch.no_grad():
             out = lm.model.generate(**inputs, max_new_tokens=30)
-        boxes[block] = parse_box(lm.tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True))
+        boxes[block] = parse_box(lm.tokenizer.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True))
         assert boxes[block] is not None and all(0.0 <= v <= 1.0 for v in boxes[block])
         assert boxes[block][0] < boxes[block][2] and boxes[block][1] < boxes[block][3]
 

@@ -144,7 +144,10 @@ def test_combined_map_is_the_sum_of_smoothed_head_maps():
 def _detect_red(image_processor, image, side):
     """The red rectangle's box as the processor delivers it (fractions of the processed image)."""
     pv = image_processor(images=[image], return_tensors="pt")["pixel_values"][0]
-    rgb = pv * torch.tensor(image_processor.image_std)[:, None, None] + torch.tensor(image_processor.image_mean)[:, None, None]
+    rgb = (
+        pv * torch.tensor(image_processor.image_std)[:, None, None]
+        + torch.tensor(image_processor.image_mean)[:, None, None]
+    )
     red = (rgb[0] > 0.6) & (rgb[1] < 0.4) & (rgb[2] < 0.4)
     ys, xs = red.nonzero(as_tuple=True)
     return [xs.min().item() / side, ys.min().item() / side, (xs.max().item() + 1) / side, (ys.max().item() + 1) / side]
@@ -206,8 +209,16 @@ def test_answer_ids_round_trip_or_fail_clearly(tiny_ckpt):
 def test_box_pattern_reads_like_lmms_eval_parser():
     from lmms_eval.tasks.refcoco.utils_rec import parse_float_sequence_within
 
-    cases = ["[0.12, 0.34, 0.56, 0.78]", "[ 0.12, 0.34, 0.56, 0.78 ]", "box: [1, 0.5,0.25, 0] and more", "[ 0 . 12 , 0 . 34 ]",
-             "[0.1 , 0.2, 0.3, 0.4]", "no box", "[0.1, 0.2, 0.3]", "[-0.5, 2, 3.25, 4] [0.1, 0.2, 0.3, 0.4]"]
+    cases = [
+        "[0.12, 0.34, 0.56, 0.78]",
+        "[ 0.12, 0.34, 0.56, 0.78 ]",
+        "box: [1, 0.5,0.25, 0] and more",
+        "[ 0 . 12 , 0 . 34 ]",
+        "[0.1 , 0.2, 0.3, 0.4]",
+        "no box",
+        "[0.1, 0.2, 0.3]",
+        "[-0.5, 2, 3.25, 4] [0.1, 0.2, 0.3, 0.4]",
+    ]
     for text in cases:
         ours = L.parse_box(text)
         assert (ours if ours is not None else [0, 0, 0, 0]) == parse_float_sequence_within(text), text
@@ -231,8 +242,12 @@ def byte_model(byte_ckpt):
     ImageDraw.Draw(image).rectangle([30, 4, 44, 20], fill=(215, 40, 40))
     inputs = L.prompt_inputs(processor, image, "the red square")
     req = Request(
-        input_ids=inputs["input_ids"], image_token_id=model.config.image_token_id, prompt_len=inputs["input_ids"].shape[1],
-        images=[image], text="", processor=processor,
+        input_ids=inputs["input_ids"],
+        image_token_id=model.config.image_token_id,
+        prompt_len=inputs["input_ids"].shape[1],
+        images=[image],
+        text="",
+        processor=processor,
     )
     return model, processor, inputs, req
 
@@ -251,7 +266,10 @@ def test_capture_matches_eager_attentions_and_stops_early(byte_ckpt, byte_model)
     assert maps.shape == (4, 4, 16)
     torch.testing.assert_close(maps, ref, atol=1e-5, rtol=1e-4)
     ran = []
-    handles = [layer.register_forward_hook(lambda m, i, o, k=k: ran.append(k)) for k, layer in enumerate(model.model.language_model.layers)]
+    handles = [
+        layer.register_forward_hook(lambda m, i, o, k=k: ran.append(k))
+        for k, layer in enumerate(model.model.language_model.layers)
+    ]
     try:
         part = L.capture_image_maps(model, inputs, req.image_pos, [1, 0])
     finally:
@@ -308,7 +326,14 @@ def test_heads_files_validate_against_the_model(byte_model, tmp_path):
     model, *_ = byte_model
     mid = L.model_id(model)
     good = tmp_path / "good.json"
-    L.write_heads_file(good, [{"layer": 3, "head": 1, "frequency": 0.5}, {"layer": 0, "head": 2}], model_id=mid, num_layers=4, num_heads=4, source="test")
+    L.write_heads_file(
+        good,
+        [{"layer": 3, "head": 1, "frequency": 0.5}, {"layer": 0, "head": 2}],
+        model_id=mid,
+        num_layers=4,
+        num_heads=4,
+        source="test",
+    )
     assert L.load_heads(good, model) == [(3, 1), (0, 2)]
 
     seven_b = shipped_heads_path("llava-hf/llava-1.5-7b-hf")
@@ -363,7 +388,9 @@ def test_discovery_is_deterministic_and_counts_selections(byte_model):
     counts = {}
     for image, text in samples:
         inputs = L.prompt_inputs(processor, image, text)
-        maps = L.capture_image_maps(model, inputs, hooks.image_positions(inputs["input_ids"], model.config.image_token_id))
+        maps = L.capture_image_maps(
+            model, inputs, hooks.image_positions(inputs["input_ids"], model.config.image_token_id)
+        )
         sel, *_ = L.select_sample_heads(maps, (4, 4), per_sample=3)
         for lh in sel:
             counts[lh] = counts.get(lh, 0) + 1
@@ -378,14 +405,30 @@ def _tiny_sam(directory):
     from transformers import SamConfig, SamImageProcessor, SamModel, SamProcessor
     from transformers.models.sam.configuration_sam import SamMaskDecoderConfig, SamPromptEncoderConfig, SamVisionConfig
 
-    vision = SamVisionConfig(hidden_size=32, output_channels=16, num_hidden_layers=1, num_attention_heads=2, image_size=64,
-                             patch_size=8, mlp_dim=64, global_attn_indexes=[0], window_size=4, num_pos_feats=8)
+    vision = SamVisionConfig(
+        hidden_size=32,
+        output_channels=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        image_size=64,
+        patch_size=8,
+        mlp_dim=64,
+        global_attn_indexes=[0],
+        window_size=4,
+        num_pos_feats=8,
+    )
     prompt = SamPromptEncoderConfig(hidden_size=16, image_size=64, patch_size=8, mask_input_channels=4)
-    decoder = SamMaskDecoderConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, mlp_dim=32, iou_head_hidden_dim=16)
+    decoder = SamMaskDecoderConfig(
+        hidden_size=16, num_hidden_layers=1, num_attention_heads=2, mlp_dim=32, iou_head_hidden_dim=16
+    )
     torch.manual_seed(0)
-    config = SamConfig(vision_config=vision.to_dict(), prompt_encoder_config=prompt.to_dict(), mask_decoder_config=decoder.to_dict())
+    config = SamConfig(
+        vision_config=vision.to_dict(), prompt_encoder_config=prompt.to_dict(), mask_decoder_config=decoder.to_dict()
+    )
     SamModel(config).eval().save_pretrained(directory)
-    SamProcessor(image_processor=SamImageProcessor(size={"longest_edge": 64}, pad_size={"height": 64, "width": 64})).save_pretrained(directory)
+    SamProcessor(
+        image_processor=SamImageProcessor(size={"longest_edge": 64}, pad_size={"height": 64, "width": 64})
+    ).save_pretrained(directory)
     return directory
 
 
@@ -436,7 +479,14 @@ def test_discovery_resumes_from_partial_counts(byte_model):
     samples = [(Image.new("RGB", (40, 32 + 4 * i), (30 * i, 90, 160)), f"the thing {i}") for i in range(4)]
     whole = L.discover_heads(model, processor, samples, per_sample=3, selection="official_v2")
     part = L.discover_heads(model, processor, samples[:2], per_sample=3, selection="official_v2")
-    resumed = L.discover_heads(model, processor, samples, per_sample=3, selection="official_v2", result=L.DiscoveryResult.from_state(json.loads(json.dumps(part.state()))))
+    resumed = L.discover_heads(
+        model,
+        processor,
+        samples,
+        per_sample=3,
+        selection="official_v2",
+        result=L.DiscoveryResult.from_state(json.loads(json.dumps(part.state()))),
+    )
     assert resumed.n_samples == 4 and resumed.ranked() == whole.ranked()
 
 
@@ -482,7 +532,13 @@ def test_official_presets_parse(byte_ckpt):
     from lmms_eval_plugins.base import COMMON_PARAMS
 
     v2 = parse_params((*SPEC.params, *COMMON_PARAMS), {"preset": "official_v2"}, SPEC.presets, owner=SPEC.name)
-    assert (v2["heads"], v2["selection"], v2["box_scaling"], v2["prompt"], v2["top_k"]) == ("self", "official_v2", "stretch", "official", 5)
+    assert (v2["heads"], v2["selection"], v2["box_scaling"], v2["prompt"], v2["top_k"]) == (
+        "self",
+        "official_v2",
+        "stretch",
+        "official",
+        5,
+    )
     head = parse_params((*SPEC.params, *COMMON_PARAMS), {"preset": "official"}, SPEC.presets, owner=SPEC.name)
     assert (head["selection"], head["prompt"], head["box_scaling"]) == ("official", "official", "geometry")
 
@@ -505,7 +561,12 @@ def test_paper_figures_map_to_lmms_eval_rec_tasks_and_metrics():
         assert (tasks / ds / f"{f.task}.yaml").is_file(), f.task
         if f.metric is not None:
             template = (tasks / ds / "_default_template_bbox_rec_yaml").read_text()
-            metrics = [m["metric"] for m in yaml.safe_load("\n".join(l for l in template.splitlines() if "!function" not in l))["metric_list"]]
+            metrics = [
+                m["metric"]
+                for m in yaml.safe_load("\n".join(l for l in template.splitlines() if "!function" not in l))[
+                    "metric_list"
+                ]
+            ]
             assert f.metric in metrics
 
 
@@ -516,7 +577,9 @@ def test_no_attention_carried_over_between_samples(byte_model):
 
     def maps(image, text):
         inputs = L.prompt_inputs(processor, image, text)
-        return L.capture_image_maps(model, inputs, hooks.image_positions(inputs["input_ids"], model.config.image_token_id))
+        return L.capture_image_maps(
+            model, inputs, hooks.image_positions(inputs["input_ids"], model.config.image_token_id)
+        )
 
     a = (Image.new("RGB", (40, 32), (200, 30, 30)), "the red one")
     b = (Image.new("RGB", (32, 40), (30, 30, 200)), "the blue one")
@@ -536,7 +599,14 @@ def test_discovery_killed_midway_resumes_from_the_partial_file(byte_model, tmp_p
     model, processor, *_ = byte_model
     repo = Path(__file__).resolve().parents[1]
     monkeypatch.chdir(repo)  # the task's data_files are relative to the repository
-    kw = dict(include_path=[str(repo / "tests" / "tasks")], n=4, repeats=1, checkpoint_every=1, progress=False, selection="official")
+    kw = dict(
+        include_path=[str(repo / "tests" / "tasks")],
+        n=4,
+        repeats=1,
+        checkpoint_every=1,
+        progress=False,
+        selection="official",
+    )
     monkeypatch.setenv("LMMS_PLUGINS_CACHE", str(tmp_path / "whole"))
     _, whole, _ = H.discover_for_task(model, processor, "tiny_rec", **kw)
 

@@ -37,7 +37,9 @@ def _check_rec_results(results, out):
 def test_heads_auto_discovers_caches_and_answers_through_the_chat_path(byte_ckpt, tmp_path, monkeypatch):
     monkeypatch.setenv("LMMS_PLUGINS_CACHE", str(tmp_path / "cache"))
     args = f"pretrained={byte_ckpt},heads=auto,discover_task=tiny_rec,discover_n=3,discover_repeats=1,include_path=tests/tasks,save_visuals={tmp_path / 'vis'},max_visuals=2"
-    results, log = run_lmms_eval("llava_lochead", args, "tiny_rec", tmp_path / "out", include_path="tests/tasks", cwd=REPO)
+    results, log = run_lmms_eval(
+        "llava_lochead", args, "tiny_rec", tmp_path / "out", include_path="tests/tasks", cwd=REPO
+    )
     assert results is not None, log[-3000:]
     assert results["config"]["model_backend"].endswith("LlavaLocheadChat (chat)")
     _check_rec_results(results, tmp_path / "out")
@@ -45,7 +47,9 @@ def test_heads_auto_discovers_caches_and_answers_through_the_chat_path(byte_ckpt
     assert len(cached) == 1
     doc = json.loads(cached[0].read_text())
     assert doc["task"] == "tiny_rec" and doc["split"] == "train" and doc["n_samples"] == 3
-    assert '"heads_used": ["L%dH%d"' % (doc["heads"][0]["layer"], doc["heads"][0]["head"]) in log  # top heads from the file
+    assert (
+        '"heads_used": ["L%dH%d"' % (doc["heads"][0]["layer"], doc["heads"][0]["head"]) in log
+    )  # top heads from the file
     assert sorted(p.name for p in (tmp_path / "vis").iterdir()) == ["discovery", "lochead_0000.png", "lochead_0001.png"]
     assert (tmp_path / "vis" / "discovery" / "s_img_curve.png").is_file()  # the S_img curve with its knee
 
@@ -54,9 +58,24 @@ def test_heads_file_through_the_simple_path(byte_ckpt, tmp_path):
     from methods.lochead import write_heads_file
 
     heads = tmp_path / "heads.json"
-    write_heads_file(heads, [{"layer": 2, "head": 1}, {"layer": 0, "head": 3}], model_id=str(byte_ckpt), num_layers=4, num_heads=4, source="test")
+    write_heads_file(
+        heads,
+        [{"layer": 2, "head": 1}, {"layer": 0, "head": 3}],
+        model_id=str(byte_ckpt),
+        num_layers=4,
+        num_heads=4,
+        source="test",
+    )
     args = f"pretrained={byte_ckpt},heads={heads},top_k=2,box_mode=minmax"
-    results, log = run_lmms_eval("llava_lochead", args, "tiny_rec", tmp_path / "out", include_path="tests/tasks", extra=["--force_simple"], cwd=REPO)
+    results, log = run_lmms_eval(
+        "llava_lochead",
+        args,
+        "tiny_rec",
+        tmp_path / "out",
+        include_path="tests/tasks",
+        extra=["--force_simple"],
+        cwd=REPO,
+    )
     assert results is not None, log[-3000:]
     assert results["config"]["model_backend"].endswith("LlavaLochead (simple)")
     _check_rec_results(results, tmp_path / "out")
@@ -68,7 +87,19 @@ def test_discover_heads_command(byte_ckpt, tmp_path, monkeypatch, capsys):
 
     monkeypatch.setenv("LMMS_PLUGINS_CACHE", str(tmp_path / "cache"))
     monkeypatch.chdir(REPO)  # the tiny task's data_files are relative to the repository
-    argv = ["discover-heads", "--pretrained", str(byte_ckpt), "--task", "tiny_rec", "--include-path", "tests/tasks", "--n", "4", "--repeats", "1"]
+    argv = [
+        "discover-heads",
+        "--pretrained",
+        str(byte_ckpt),
+        "--task",
+        "tiny_rec",
+        "--include-path",
+        "tests/tasks",
+        "--n",
+        "4",
+        "--repeats",
+        "1",
+    ]
     out_file = tmp_path / "heads.json"
     assert main([*argv, "--output", str(out_file), "--save-visuals", str(tmp_path / "vis"), "--max-visuals", "1"]) == 0
     printed = capsys.readouterr().out
@@ -83,14 +114,21 @@ def test_discover_heads_command(byte_ckpt, tmp_path, monkeypatch, capsys):
     assert "cached result:" in capsys.readouterr().out
     assert json.loads((tmp_path / "again.json").read_text()) == doc
     # a task without a training split needs an explicit split
-    assert main(["discover-heads", "--pretrained", str(byte_ckpt), "--task", "tiny_yesno", "--include-path", "tests/tasks"]) == 2
+    assert (
+        main(
+            ["discover-heads", "--pretrained", str(byte_ckpt), "--task", "tiny_yesno", "--include-path", "tests/tasks"]
+        )
+        == 2
+    )
     assert "declares no training split" in capsys.readouterr().out
 
 
 def test_preset_official_v2_through_the_chat_path(byte_ckpt, tmp_path):
     """preset=official_v2: the official prompt, each request's own top heads (9ffe219's selection), its stretched box."""
     args = f"pretrained={byte_ckpt},preset=official_v2"
-    results, log = run_lmms_eval("llava_lochead", args, "tiny_rec", tmp_path / "out", include_path="tests/tasks", cwd=REPO)
+    results, log = run_lmms_eval(
+        "llava_lochead", args, "tiny_rec", tmp_path / "out", include_path="tests/tasks", cwd=REPO
+    )
     assert results is not None, log[-3000:]
     assert '"heads_used": "self"' in log and '"selection": "official_v2"' in log and '"prompt": "official"' in log
     _check_rec_results(results, tmp_path / "out")
@@ -101,8 +139,12 @@ def test_pad_to_square_through_the_cli(byte_ckpt, tmp_path):
     from methods.lochead import write_heads_file
 
     heads = tmp_path / "heads.json"
-    write_heads_file(heads, [{"layer": 2, "head": 1}], model_id=str(byte_ckpt), num_layers=4, num_heads=4, source="test")
+    write_heads_file(
+        heads, [{"layer": 2, "head": 1}], model_id=str(byte_ckpt), num_layers=4, num_heads=4, source="test"
+    )
     args = f"pretrained={byte_ckpt},heads={heads},top_k=1,pad_to_square=true"
-    results, log = run_lmms_eval("llava_lochead", args, "tiny_rec", tmp_path / "out", include_path="tests/tasks", cwd=REPO)
+    results, log = run_lmms_eval(
+        "llava_lochead", args, "tiny_rec", tmp_path / "out", include_path="tests/tasks", cwd=REPO
+    )
     assert results is not None, log[-3000:]
     _check_rec_results(results, tmp_path / "out")

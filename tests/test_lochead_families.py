@@ -46,8 +46,15 @@ def _load(ckpt, eager=False):
 
 def _discover(model, processor, block="base", selection="ours"):
     seen = []
-    result = L.discover_heads(model, processor, SAMPLES, per_sample=4, selection=selection, block=block,
-                              on_sample=lambda i, image, maps, *rest: seen.append((maps, rest[-1])))
+    result = L.discover_heads(
+        model,
+        processor,
+        SAMPLES,
+        per_sample=4,
+        selection=selection,
+        block=block,
+        on_sample=lambda i, image, maps, *rest: seen.append((maps, rest[-1])),
+    )
     return result, seen
 
 
@@ -111,9 +118,25 @@ def test_qwen_heads_file_from_discovery_loads_into_the_wrapper(qwen_ckpt, tmp_pa
 
     monkeypatch.setenv("LMMS_PLUGINS_CACHE", str(tmp_path / "cache"))
     out = tmp_path / "heads.json"
-    args = ["discover-heads", "--pretrained", str(qwen_ckpt), "--task", "tiny_rec", "--include-path", str(TASKS),
-            "--n", "3", "--repeats", "1", "--output", str(out), "--min-pixels", str(PIXELS["min_pixels"]),
-            "--max-pixels", str(PIXELS["max_pixels"])]
+    args = [
+        "discover-heads",
+        "--pretrained",
+        str(qwen_ckpt),
+        "--task",
+        "tiny_rec",
+        "--include-path",
+        str(TASKS),
+        "--n",
+        "3",
+        "--repeats",
+        "1",
+        "--output",
+        str(out),
+        "--min-pixels",
+        str(PIXELS["min_pixels"]),
+        "--max-pixels",
+        str(PIXELS["max_pixels"]),
+    ]
     assert main(args) == 0, capsys.readouterr().out
     doc = json.loads(out.read_text())
     assert doc["n_samples"] == 3 and doc["block"] == "base"
@@ -125,14 +148,27 @@ def test_qwen_heads_file_from_discovery_loads_into_the_wrapper(qwen_ckpt, tmp_pa
     assert "heads file:" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("extra, reason", [
-    (["--block", "highres"], "--block is for LLaVA-NeXT/OneVision"),
-    (["--prompt", "official"], "LLaVA-1.5 only"),
-])
+@pytest.mark.parametrize(
+    "extra, reason",
+    [
+        (["--block", "highres"], "--block is for LLaVA-NeXT/OneVision"),
+        (["--prompt", "official"], "LLaVA-1.5 only"),
+    ],
+)
 def test_discover_heads_command_refuses_what_it_cannot_do(qwen_ckpt, tmp_path, extra, reason, capsys):
     from lmms_eval_plugins.cli import main
 
-    args = ["discover-heads", "--pretrained", str(qwen_ckpt), "--task", "tiny_rec", "--include-path", str(TASKS), "--n", "1"]
+    args = [
+        "discover-heads",
+        "--pretrained",
+        str(qwen_ckpt),
+        "--task",
+        "tiny_rec",
+        "--include-path",
+        str(TASKS),
+        "--n",
+        "1",
+    ]
     assert main([*args, *extra]) == 2
     assert reason in capsys.readouterr().out
 
@@ -142,7 +178,19 @@ def test_discover_heads_command_on_next_names_its_block(tmp_path, monkeypatch, c
 
     monkeypatch.setenv("LMMS_PLUGINS_CACHE", str(tmp_path / "cache"))
     ckpt = testing.build_tiny_llava_next(tmp_path / "next")
-    args = ["discover-heads", "--pretrained", str(ckpt), "--task", "tiny_rec", "--include-path", str(TASKS), "--n", "2", "--repeats", "1"]
+    args = [
+        "discover-heads",
+        "--pretrained",
+        str(ckpt),
+        "--task",
+        "tiny_rec",
+        "--include-path",
+        str(TASKS),
+        "--n",
+        "2",
+        "--repeats",
+        "1",
+    ]
     assert main([*args, "--min-pixels", "3136"]) == 2
     assert "--min-pixels/--max-pixels are Qwen2.5-VL's" in capsys.readouterr().out
     assert main([*args, "--block", "highres", "--output", str(tmp_path / "h.json")]) == 0, capsys.readouterr().out
@@ -151,13 +199,19 @@ def test_discover_heads_command_on_next_names_its_block(tmp_path, monkeypatch, c
 
 
 def test_qwen_heads_auto_through_the_cli(qwen_ckpt, tmp_path, monkeypatch):
-    args = f"pretrained={qwen_ckpt},heads=auto,discover_task=tiny_rec,discover_n=3,discover_repeats=1,include_path={TASKS}," \
-           f"min_pixels={PIXELS['min_pixels']},max_pixels={PIXELS['max_pixels']}"
+    args = (
+        f"pretrained={qwen_ckpt},heads=auto,discover_task=tiny_rec,discover_n=3,discover_repeats=1,include_path={TASKS},"
+        f"min_pixels={PIXELS['min_pixels']},max_pixels={PIXELS['max_pixels']}"
+    )
     env_cache = tmp_path / "cache"
     monkeypatch.setenv("LMMS_PLUGINS_CACHE", str(env_cache))
-    res, log = testing.run_lmms_eval("qwen2_5_vl_lochead", args, "tiny_rec", tmp_path / "out", include_path=TASKS, cwd=REPO)
+    res, log = testing.run_lmms_eval(
+        "qwen2_5_vl_lochead", args, "tiny_rec", tmp_path / "out", include_path=TASKS, cwd=REPO
+    )
     assert res is not None, log[-3000:]
-    assert 0.0 <= res["results"]["tiny_rec"]["refcoco_IoU,none"] <= 1.0  # the metric was computed, not only a file written
+    assert (
+        0.0 <= res["results"]["tiny_rec"]["refcoco_IoU,none"] <= 1.0
+    )  # the metric was computed, not only a file written
     samples = testing.read_samples(tmp_path / "out", "tiny_rec")
     assert len(samples) == 4 and all(L.parse_box(str(s["filtered_resps"])) for s in samples), samples
     files = list((env_cache / "heads").glob("*.json"))

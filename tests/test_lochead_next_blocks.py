@@ -45,7 +45,12 @@ def test_converted_next_keeps_llava15_weights_and_geometry(tmp_path):
     # the ShapeWorld image by hand: 8x8 base + 2x2 tiles of 8x8 = 16x16 with 16 newlines
     counts = bench.check_geometry(path, [(336, 336), (500, 160), (200, 336)])
     assert counts["336x336"] == {"tokens": 64 + 16 * 17, "base": "8x8", "highres": "16x16", "newlines": 16}
-    assert counts["500x160"] == {"tokens": 64 + 8 * 25, "base": "8x8", "highres": "8x24", "newlines": 8}  # 1x3 tiles, padding rows removed
+    assert counts["500x160"] == {
+        "tokens": 64 + 8 * 25,
+        "base": "8x8",
+        "highres": "8x24",
+        "newlines": 8,
+    }  # 1x3 tiles, padding rows removed
 
     old = LlavaForConditionalGeneration.from_pretrained(src, dtype=torch.float32).eval()
     new = LlavaNextForConditionalGeneration.from_pretrained(path, dtype=torch.float32).eval()
@@ -56,7 +61,10 @@ def test_converted_next_keeps_llava15_weights_and_geometry(tmp_path):
     image = render_doc(rec_docs("test")[0])
     text = "USER: <image>\nwhere is the circle ? ASSISTANT:"
     p_old, p_new = AutoProcessor.from_pretrained(src), AutoProcessor.from_pretrained(path)
-    in_old, in_new = p_old(images=image, text=text, return_tensors="pt"), p_new(images=image, text=text, return_tensors="pt")
+    in_old, in_new = (
+        p_old(images=image, text=text, return_tensors="pt"),
+        p_new(images=image, text=text, return_tensors="pt"),
+    )
     e_old, e_new = _lm_inputs(old, in_old), _lm_inputs(new, in_new)
     geo = image_geometry(new.config, p_new, image.size, in_new["input_ids"])
     img_old = (in_old["input_ids"][0] == old.config.image_token_id).nonzero().flatten()

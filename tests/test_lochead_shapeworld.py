@@ -10,7 +10,9 @@ from methods import hooks
 from methods import lochead as L
 from methods.technique import Request
 
-pytestmark = pytest.mark.skipif(not (checkpoint_path() / "config.json").exists(), reason="shapeworld-tiny checkpoint not built yet")
+pytestmark = pytest.mark.skipif(
+    not (checkpoint_path() / "config.json").exists(), reason="shapeworld-tiny checkpoint not built yet"
+)
 
 
 def _train_samples(n, seed, skip=()):
@@ -57,7 +59,9 @@ def test_selected_heads_beat_all_head_averaging_on_held_out_train_docs(shapeworl
     techniques = {"top3": L.LocHead(top, top_k=3), "all": L.LocHead("all")}
     for image, text, doc in held_out:
         inputs = L.prompt_inputs(processor, image, text)
-        req = Request(inputs["input_ids"], model.config.image_token_id, inputs["input_ids"].shape[1], [image], text, processor)
+        req = Request(
+            inputs["input_ids"], model.config.image_token_id, inputs["input_ids"].shape[1], [image], text, processor
+        )
         for name, tech in techniques.items():
             hits[name] += _centre_in(tech.locate(model, req, **inputs).box, doc["bbox"])
     # the paper's central claim, on train documents not used for discovery

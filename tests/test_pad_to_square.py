@@ -22,7 +22,9 @@ def test_pad_is_expand2square_with_the_mean_colour():
     image = Image.new("RGB", (30, 12), (255, 0, 0))
     square, pad = pad_to_square(image, fill)
     assert square.size == (30, 30) and pad == SquarePad(30, 12) and pad.offset == (0, 9)
-    assert square.getpixel((0, 0)) == fill and square.getpixel((0, 9)) == (255, 0, 0) and square.getpixel((0, 21)) == fill
+    assert (
+        square.getpixel((0, 0)) == fill and square.getpixel((0, 9)) == (255, 0, 0) and square.getpixel((0, 21)) == fill
+    )
     same, _ = pad_to_square(Image.new("RGB", (8, 8)), fill)
     assert same.size == (8, 8)
     box = [0.1, 0.2, 0.5, 0.9]
@@ -44,7 +46,12 @@ def test_boxes_map_back_through_pad_and_processor(size):
     pv = ip(images=[square], return_tensors="pt")["pixel_values"][0]
     rgb = pv * torch.tensor(ip.image_std)[:, None, None] + torch.tensor(ip.image_mean)[:, None, None]
     ys, xs = ((rgb[0] > 0.6) & (rgb[1] < 0.4) & (rgb[2] < 0.4)).nonzero(as_tuple=True)
-    detected = [xs.min().item() / side, ys.min().item() / side, (xs.max().item() + 1) / side, (ys.max().item() + 1) / side]
+    detected = [
+        xs.min().item() / side,
+        ys.min().item() / side,
+        (xs.max().item() + 1) / side,
+        (ys.max().item() + 1) / side,
+    ]
     geo = L.processor_geometry(ip, square.size).after_pad(pad)
     truth = [box[0] / w, box[1] / h, box[2] / w, box[3] / h]
     tol = 1.5 / side * pad.side / min(w, h)

@@ -119,13 +119,22 @@ def test_cfg_beam_search_runs(tiny):
     for quirks in (False, True):
         pai = Pai(hooks.num_layers(model), alpha=0.5, use_cfg=True, official_quirks=quirks)
         with torch.no_grad():
-            out = pai.generate(model, _request(model, processor, inputs, image), **inputs, max_new_tokens=4, num_beams=2, do_sample=False)
+            out = pai.generate(
+                model,
+                _request(model, processor, inputs, image),
+                **inputs,
+                max_new_tokens=4,
+                num_beams=2,
+                do_sample=False,
+            )
         assert out.shape == (1, inputs["input_ids"].shape[1] + 4)
 
 
 def _first_step_scores(model, pai, req, inputs):
     with torch.no_grad():
-        out = pai.generate(model, req, **inputs, max_new_tokens=2, do_sample=False, output_scores=True, return_dict_in_generate=True)
+        out = pai.generate(
+            model, req, **inputs, max_new_tokens=2, do_sample=False, output_scores=True, return_dict_in_generate=True
+        )
     return out.scores
 
 
@@ -136,7 +145,9 @@ def test_cfg_first_token_is_guided_not_boosted(tiny):
     req = _request(model, processor, inputs, image)
     n = hooks.num_layers(model)
     plain = _first_step_scores(model, Pai(n, alpha=0.0, use_cfg=True, gamma=3.0, cutoff=0.0), req, inputs)
-    boosted = _first_step_scores(model, Pai(n, alpha=2.0, start_layer=0, use_cfg=True, gamma=3.0, cutoff=0.0), req, inputs)
+    boosted = _first_step_scores(
+        model, Pai(n, alpha=2.0, start_layer=0, use_cfg=True, gamma=3.0, cutoff=0.0), req, inputs
+    )
     first = _first_step_scores(
         model, Pai(n, alpha=2.0, start_layer=0, use_cfg=True, gamma=3.0, cutoff=0.0, boost_first_step=True), req, inputs
     )

@@ -73,7 +73,9 @@ def test_selection_is_per_image_and_disjoint():
     assert torch.all(margins[~(sel.summary | sel.local | sel.spatial)] == 0)
 
 
-@pytest.mark.parametrize("gh,gw,ratio,m", [(24, 24, 0.05, 5), (4, 4, 0.3, 2), (8, 8, 0.05, 2), (6, 10, 0.5, 5), (3, 3, 0.01, 1)])
+@pytest.mark.parametrize(
+    "gh,gw,ratio,m", [(24, 24, 0.05, 5), (4, 4, 0.3, 2), (8, 8, 0.05, 2), (6, 10, 0.5, 5), (3, 3, 0.01, 1)]
+)
 def test_spatial_tokens_cover_the_grid(gh, gw, ratio, m):
     mask = spatial_grid(gh, gw, ratio).view(gh, gw)
     mh, mw = min(m, gh), min(m, gw)
@@ -188,7 +190,9 @@ def _reference_margins(ckpt, pixel_values, grid, top_ratio, spatial_ratio, alpha
         centre = [(lo + hi - 1) // 2 for lo, hi in ((i * gh // m, (i + 1) * gh // m) for i in range(m))]
         sp_set = {r * gw + c for r in centre for c in centre}  # square grids in these tests
     if spatial == "official":
-        sp_set = set(att[0][0].mean(0).sum(-1).topk(int(n * spatial_ratio)).indices.tolist())  # row N+1 = after the image
+        sp_set = set(
+            att[0][0].mean(0).sum(-1).topk(int(n * spatial_ratio)).indices.tolist()
+        )  # row N+1 = after the image
         n += 1
     margin = [beta if i in s_set else alpha if i in l_set | sp_set else 0.0 for i in range(n)]
     return margin, (l_set, s_set, sp_set)
@@ -219,7 +223,9 @@ def test_edit_matches_eager_reference(request, ckpt_name, mod, spatial, variant)
     with torch.no_grad():
         got = t.forward(model, req, **full).logits
     sel = t.last_selector.selection
-    margin, (l_set, s_set, sp_set) = _reference_margins(ckpt, inputs["pixel_values"], t.grid, 0.25, spatial, 3.0, 1.5, variant)
+    margin, (l_set, s_set, sp_set) = _reference_margins(
+        ckpt, inputs["pixel_values"], t.grid, 0.25, spatial, 3.0, 1.5, variant
+    )
     assert set(sel.local[0].nonzero().flatten().tolist()) == l_set
     assert set(sel.summary[0].nonzero().flatten().tolist()) == s_set
     assert set(sel.spatial[0].nonzero().flatten().tolist()) == sp_set - l_set - s_set
@@ -273,14 +279,24 @@ def test_cli_chat_and_simple(tiny_ckpt, tmp_path):
     assert res is not None, log[-3000:]
     assert "exact,none" in res["results"]["tiny_yesno"], res["results"]
     assert len(read_samples(tmp_path / "chat", "tiny_yesno")) == 3
-    assert sorted(p.name for p in vis.iterdir()) == ["paint_0000.json", "paint_0000.png", "paint_0001.json", "paint_0001.png"]
+    assert sorted(p.name for p in vis.iterdir()) == [
+        "paint_0000.json",
+        "paint_0000.png",
+        "paint_0001.json",
+        "paint_0001.png",
+    ]
     saved = json.loads((vis / "paint_0000.json").read_text())
     assert saved["grid"] == [4, 4] and len(saved["local"]) + len(saved["summary"]) >= 1
     assert "llava_paint recipe" in log
 
     res, log = run_lmms_eval(
-        "llava_paint", f"pretrained={tiny_ckpt},preset=script", "tiny_yesno_ll,tiny_yesno", tmp_path / "simple",
-        include_path=TASKS, cwd=REPO, extra=["--force_simple"],
+        "llava_paint",
+        f"pretrained={tiny_ckpt},preset=script",
+        "tiny_yesno_ll,tiny_yesno",
+        tmp_path / "simple",
+        include_path=TASKS,
+        cwd=REPO,
+        extra=["--force_simple"],
     )
     assert res is not None, log[-3000:]
     assert "acc,none" in res["results"]["tiny_yesno_ll"], res["results"]
@@ -300,15 +316,25 @@ def test_cli_on_shapeworld_tiny(tmp_path):
 
     tasks = REPO / "task_configs"
     res, log = run_lmms_eval(
-        "llava_paint", "pretrained=shapeworld-tiny,preset=full", "shapeworld_pope_adversarial,shapeworld_chair",
-        tmp_path / "chat", include_path=tasks, cwd=REPO, extra=["--limit", "2"],
+        "llava_paint",
+        "pretrained=shapeworld-tiny,preset=full",
+        "shapeworld_pope_adversarial,shapeworld_chair",
+        tmp_path / "chat",
+        include_path=tasks,
+        cwd=REPO,
+        extra=["--limit", "2"],
     )
     assert res is not None, log[-3000:]
     assert 0 <= res["results"]["shapeworld_pope_adversarial"]["pope_accuracy,none"] <= 1
     assert 0 <= res["results"]["shapeworld_chair"]["coco_cap_chair_i,none"] <= 100
     res, log = run_lmms_eval(
-        "llava_paint", "pretrained=shapeworld-tiny", "shapeworld_pope_random", tmp_path / "simple",
-        include_path=tasks, cwd=REPO, extra=["--limit", "2", "--force_simple"],
+        "llava_paint",
+        "pretrained=shapeworld-tiny",
+        "shapeworld_pope_random",
+        tmp_path / "simple",
+        include_path=tasks,
+        cwd=REPO,
+        extra=["--limit", "2", "--force_simple"],
     )
     assert res is not None, log[-3000:]
     assert 0 <= res["results"]["shapeworld_pope_random"]["pope_accuracy,none"] <= 1

@@ -45,7 +45,13 @@ def test_received_selection_from_the_tower_matches_an_eager_reference(tiny_ckpt)
     model, processor = load(tiny_ckpt)
     inputs, image, _ = make_inputs(processor)
     ids = inputs["input_ids"]
-    req = Request(input_ids=ids, image_token_id=model.config.image_token_id, prompt_len=ids.shape[1], images=[image], processor=processor)
+    req = Request(
+        input_ids=ids,
+        image_token_id=model.config.image_token_id,
+        prompt_len=ids.shape[1],
+        images=[image],
+        processor=processor,
+    )
     t = Paint.for_model(model, selection_source="received", alpha=1.0, beta=0.5, start_layer=0)
     with torch.no_grad():
         t.forward(model, req, **inputs)

@@ -14,7 +14,9 @@ PARAMS = (
 
 
 def test_lmms_eval_value_types_are_converted():
-    got = parse_params(PARAMS, {"alpha": "0.5", "start_layer": -2.0, "end_layer": "None", "use_cfg": "true", "mode": "every_token"})
+    got = parse_params(
+        PARAMS, {"alpha": "0.5", "start_layer": -2.0, "end_layer": "None", "use_cfg": "true", "mode": "every_token"}
+    )
     assert got == {"alpha": 0.5, "start_layer": -2, "end_layer": None, "use_cfg": True, "mode": "every_token"}
     assert isinstance(got["start_layer"], int)
     assert parse_params(PARAMS, {"use_cfg": 1, "alpha": 3})["use_cfg"] is True

@@ -43,7 +43,11 @@ def _tiny():
 
 @pytest.fixture(scope="module")
 def fixtures():
-    return json.loads((FIX / "lochead_official.json").read_text()), np.load(FIX / "arrays.npz"), json.loads((FIX / "provenance.json").read_text())
+    return (
+        json.loads((FIX / "lochead_official.json").read_text()),
+        np.load(FIX / "arrays.npz"),
+        json.loads((FIX / "provenance.json").read_text()),
+    )
 
 
 @pytest.fixture(scope="module")
@@ -87,7 +91,9 @@ def _agree(ours: dict, ref: np.ndarray, n_heads: int = 32) -> set:
     same = set()
     for (l, h), e in ours.items():
         r = ref[l * n_heads + h]
-        if (not math.isfinite(e) and not math.isfinite(r)) or (math.isfinite(e) and math.isfinite(r) and abs(e - r) < CAPTURED_ENTROPY_ATOL):
+        if (not math.isfinite(e) and not math.isfinite(r)) or (
+            math.isfinite(e) and math.isfinite(r) and abs(e - r) < CAPTURED_ENTROPY_ATOL
+        ):
             same.add((l, h))
     return same
 
@@ -118,7 +124,9 @@ def test_head_ranking_matches_official(captured, fixtures):
         # CAPTURED_ENTROPY_ATOL; heads closer than that, e.g. 2.7133391 vs 2.7133389, sort by the CPU's last bits)
         ref_entropy = {(l, h): float(arrays[f"s{i}_head_entropy"][l * 32 + h]) for l in range(32) for h in range(32)}
         ours = [(r["layer"], r["head"]) for r in ranked if (r["layer"], r["head"]) in same]
-        assert_ranked_alike(ours, [tuple(lh) for lh in s["head"]["ranking"] if tuple(lh) in same], ref_entropy, CAPTURED_ENTROPY_ATOL)
+        assert_ranked_alike(
+            ours, [tuple(lh) for lh in s["head"]["ranking"] if tuple(lh) in same], ref_entropy, CAPTURED_ENTROPY_ATOL
+        )
         top10 = [tuple(lh) for lh in lochead.select_heads(maps, GRID, "official", per_sample=10)]
         ref10 = [tuple(t[:2]) for t in s["head"]["top10"] if t[2] is not None][:10]
         assert len(top10) == len(ref10), f"sample {i}"
@@ -130,7 +138,9 @@ def test_v2_selection_and_box_match_official(captured, fixtures):
     """9ffe219: elbow value, 2x-mean entropy, layers 0-1 and bottom-row heads dropped; the top-5 box."""
     fx, arrays, _ = fixtures
     for i, (maps, s) in enumerate(zip(captured, fx["samples"])):
-        assert lochead.official_elbow_value(lochead._head_sums(maps)) == pytest.approx(s["v2"]["threshold_value"], abs=1e-6)
+        assert lochead.official_elbow_value(lochead._head_sums(maps)) == pytest.approx(
+            s["v2"]["threshold_value"], abs=1e-6
+        )
         kept = lochead.rank_heads_official_v2(maps, GRID)
         ref_kept = [tuple(lh) for lh in s["v2"]["kept"]]
         ref_se = dict(zip(ref_kept, arrays[f"s{i}_v2_kept_entropy"]))
@@ -155,10 +165,17 @@ def test_preset_official_v2_answers_the_official_box(model, tiny, fixtures):
     """The technique itself (heads=self, selection=official_v2, box_scaling=stretch): the official pixel box / (W, H)."""
     fx, _, _ = fixtures
     pixels = tiny.fixed_pixels(len(fx["samples"]))
-    technique = lochead.LocHead("self", top_k=5, sigma=1.0, box_mode="minmax", selection="official_v2", box_scaling="stretch")
+    technique = lochead.LocHead(
+        "self", top_k=5, sigma=1.0, box_mode="minmax", selection="official_v2", box_scaling="stretch"
+    )
     for i, s in enumerate(fx["samples"][:3]):
         ids = tiny.hf_ids(s["before"], s["after"])
-        req = Request(input_ids=ids, image_token_id=tiny.IMAGE_TOKEN_ID, prompt_len=ids.shape[1], images=[Image.new("RGB", tuple(s["image_size"]))])
+        req = Request(
+            input_ids=ids,
+            image_token_id=tiny.IMAGE_TOKEN_ID,
+            prompt_len=ids.shape[1],
+            images=[Image.new("RGB", tuple(s["image_size"]))],
+        )
         located = technique.locate(model, req, input_ids=ids, pixel_values=pixels[i : i + 1])
         assert [list(lh) for lh in located.heads] == s["v2"]["top"]
         w, h = s["image_size"]
@@ -175,7 +192,9 @@ def test_entropy_and_box_on_synthetic_maps(fixtures, name):
     for version, factor in (("head", 1.0), ("v2", 2.0)):
         se, _, n = lochead.official_spatial_entropy(grid, factor)
         expected = ref[version]["entropy"]
-        assert (se if math.isfinite(se) else None) == (pytest.approx(expected, abs=ENTROPY_ATOL) if expected is not None else None)
+        assert (se if math.isfinite(se) else None) == (
+            pytest.approx(expected, abs=ENTROPY_ATOL) if expected is not None else None
+        )
         assert n == ref[version]["num_components"]
     grid_box = lochead.official_box_grid(lochead.combine_head_maps(grid[None], 1.0))
     assert list(grid_box) == ref["v2"]["bbox_grid"]

@@ -89,7 +89,11 @@ def golden_runs():
     return [(i, r) for i, r in enumerate(runs) if r["prompt"] == 0 or os.environ.get("PARITY_FULL")]
 
 
-@pytest.mark.parametrize("i", [i for i, _ in golden_runs()], ids=[f"{r['name']}-beams{r['num_beams']}-p{r['prompt']}" for _, r in golden_runs()])
+@pytest.mark.parametrize(
+    "i",
+    [i for i, _ in golden_runs()],
+    ids=[f"{r['name']}-beams{r['num_beams']}-p{r['prompt']}" for _, r in golden_runs()],
+)
 def test_preset_official_matches_the_official_code(model, pixels, golden, i):
     run = golden["runs"][i]
     out, n = pai_ours.run_ours(model, pixels, golden["prompts"][run["prompt"]], run)

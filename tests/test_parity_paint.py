@@ -185,7 +185,9 @@ def test_edit_with_cfg_per_step(model, pixels, case):
         torch.testing.assert_close(raw, torch.tensor(step["raw_top"]["values"]), atol=ATOL, rtol=0)
         finite = torch.isfinite(scores[0]).nonzero().flatten()
         assert finite.tolist() == step["scores_finite_ids"]
-        torch.testing.assert_close(scores[0, finite].float(), torch.tensor(step["scores_finite_values"]), atol=ATOL, rtol=0)
+        torch.testing.assert_close(
+            scores[0, finite].float(), torch.tensor(step["scores_finite_values"]), atol=ATOL, rtol=0
+        )
 
 
 def test_fp16_head_sum_decides_a_boundary_tie():

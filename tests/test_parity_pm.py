@@ -39,7 +39,11 @@ def _tiny():
 
 
 def load_fixtures():
-    return json.loads((FIX / "pm_official.json").read_text()), np.load(FIX / "arrays.npz"), json.loads((FIX / "provenance.json").read_text())
+    return (
+        json.loads((FIX / "pm_official.json").read_text()),
+        np.load(FIX / "arrays.npz"),
+        json.loads((FIX / "provenance.json").read_text()),
+    )
 
 
 def build_model(tiny, provenance):
@@ -78,13 +82,17 @@ class OfficialPixels:
         out = []
         for image in images:
             assert image.size[0] == image.size[1], "the official pixels are defined here for square (padded) views"
-            u8 = torch.from_numpy(np.asarray(image.convert("RGB").resize((self.size, self.size), Image.BICUBIC)).astype(np.int64))
+            u8 = torch.from_numpy(
+                np.asarray(image.convert("RGB").resize((self.size, self.size), Image.BICUBIC)).astype(np.int64)
+            )
             out.append(torch.stack([self.lut[c][u8[:, :, c]] for c in range(3)]))
         return {"pixel_values": torch.stack(out)}
 
 
 def official_processor(tiny, arrays):
-    return types.SimpleNamespace(image_processor=OfficialPixels(arrays["pixel_lut"], tiny.VISION["image_size"], tiny.CLIP_MEAN))
+    return types.SimpleNamespace(
+        image_processor=OfficialPixels(arrays["pixel_lut"], tiny.VISION["image_size"], tiny.CLIP_MEAN)
+    )
 
 
 @pytest.fixture(scope="module")
@@ -97,16 +105,28 @@ def _run(model, processor, tiny, fixtures, name, refresh):
     case = data["cases"][name]
     image = Image.open(FIX / f"image_{case['image']}.png").convert("RGB")
     ids = tiny.hf_ids(case["prompt"]["before"], case["prompt"]["after"])
-    req = Request(input_ids=ids, image_token_id=tiny.IMAGE_TOKEN_ID, prompt_len=ids.shape[1], images=[image], processor=processor)
-    t = pm.PerceptionMagnifier(hooks.num_layers(model), pm.image_grid(model), refresh=refresh, **_params(data["settings"][case["settings"]]))
+    req = Request(
+        input_ids=ids, image_token_id=tiny.IMAGE_TOKEN_ID, prompt_len=ids.shape[1], images=[image], processor=processor
+    )
+    t = pm.PerceptionMagnifier(
+        hooks.num_layers(model), pm.image_grid(model), refresh=refresh, **_params(data["settings"][case["settings"]])
+    )
     t.keep_steps = True
     view = t._view(req)
     pv = processor.image_processor(images=[view], return_tensors="pt")["pixel_values"]
     np.testing.assert_array_equal(  # the padded view, resized: the official 8-bit image behind its pixels
-        np.asarray(view.resize((336, 336), Image.BICUBIC)), np.asarray(Image.open(FIX / f"{name}_view336.png")))
-    out = t.generate(model, req, input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=pv,
-                     max_new_tokens=data["new_tokens"], do_sample=False)
-    return case, t, pv, out[0, ids.shape[1]:].tolist()
+        np.asarray(view.resize((336, 336), Image.BICUBIC)), np.asarray(Image.open(FIX / f"{name}_view336.png"))
+    )
+    out = t.generate(
+        model,
+        req,
+        input_ids=ids,
+        attention_mask=torch.ones_like(ids),
+        pixel_values=pv,
+        max_new_tokens=data["new_tokens"],
+        do_sample=False,
+    )
+    return case, t, pv, out[0, ids.shape[1] :].tolist()
 
 
 def _check_step(ours: pm.Magnified, ref: dict, arrays, prefix: str, tiny, processor, settings: dict) -> None:
@@ -141,8 +161,13 @@ def _check_step(ours: pm.Magnified, ref: dict, arrays, prefix: str, tiny, proces
 
 def _params(settings: dict) -> dict:
     """Our parameters for the official arguments a fixture ran with (run_llava_pm.sh flags)."""
-    return {**pm.OFFICIAL, "alpha": float(settings["enhance_coe"]), "kernel": settings["kernel_size"],
-            "beta": settings["exit_threshold"], "max_iter": settings["max_iteration"]}
+    return {
+        **pm.OFFICIAL,
+        "alpha": float(settings["enhance_coe"]),
+        "kernel": settings["kernel_size"],
+        "beta": settings["exit_threshold"],
+        "max_iter": settings["max_iteration"],
+    }
 
 
 def test_presets_are_the_official_scripts(fixtures):
@@ -159,8 +184,18 @@ def test_once_matches_official(model, processor, tiny, fixtures, name):
     if name not in fixtures[0]["cases"]:
         pytest.skip("case not in the fixtures")
     case, t, pv, new_ids = _run(model, processor, tiny, fixtures, name, "once")
-    assert tiny.tensor_sha256(pv) == case["pixels_sha256"], "the padded view's pixels (official process_images_return_pad)"
-    _check_step(t.steps[0], case["once"], fixtures[1], f"{name}/once/", tiny, processor, fixtures[0]["settings"][case["settings"]])
+    assert tiny.tensor_sha256(pv) == case["pixels_sha256"], (
+        "the padded view's pixels (official process_images_return_pad)"
+    )
+    _check_step(
+        t.steps[0],
+        case["once"],
+        fixtures[1],
+        f"{name}/once/",
+        tiny,
+        processor,
+        fixtures[0]["settings"][case["settings"]],
+    )
     assert new_ids == case["once"]["new_ids"]
 
 
@@ -173,7 +208,9 @@ def test_every_token_matches_official(model, processor, tiny, fixtures, name):
     ref = case["every_token"]
     assert len(t.steps) == len(ref["steps"])
     for i, (ours, r) in enumerate(zip(t.steps, ref["steps"])):
-        _check_step(ours, r, fixtures[1], f"{name}/every/{i}/", tiny, processor, fixtures[0]["settings"][case["settings"]])
+        _check_step(
+            ours, r, fixtures[1], f"{name}/every/{i}/", tiny, processor, fixtures[0]["settings"][case["settings"]]
+        )
     assert new_ids == ref["new_ids"]
 
 
@@ -201,7 +238,9 @@ def test_enhance_quantise_upsample_match_official(fixtures):
             np.testing.assert_allclose(enh.numpy(), arrays[f"pure/enhanced/{k}"], atol=1e-6, equal_nan=True)
             grid8 = pm.official_quantise(enh)
             np.testing.assert_array_equal(grid8, arrays[f"pure/grid_uint8/{k}"], err_msg=k)
-            np.testing.assert_array_equal(pm.official_upsample(grid8, (160, 160)), arrays[f"pure/upsampled/{k}"], err_msg=k)
+            np.testing.assert_array_equal(
+                pm.official_upsample(grid8, (160, 160)), arrays[f"pure/upsampled/{k}"], err_msg=k
+            )
 
 
 def test_sampler_matches_official(fixtures):
@@ -209,7 +248,9 @@ def test_sampler_matches_official(fixtures):
     image = arrays["pure/image"]
     for key in ("flat_uint8", "onehot_uint8", "random_uint8", "random_float", "band_uint8"):
         heat = arrays[f"pure/heat/{key}"]
-        np.testing.assert_allclose(pm.official_inverse_sampling(heat.max(axis=0), 64), arrays[f"pure/inverse/{key}"], rtol=0, atol=1e-12)
+        np.testing.assert_allclose(
+            pm.official_inverse_sampling(heat.max(axis=0), 64), arrays[f"pure/inverse/{key}"], rtol=0, atol=1e-12
+        )
         for h, w in ((48, 64), (30, 40)):
             got = np.asarray(pm.official_magnify(image, heat, (w, h)))
             np.testing.assert_array_equal(got, arrays[f"pure/sampled/{key}_{h}x{w}"], err_msg=f"{key} {h}x{w}")

@@ -76,8 +76,18 @@ def stacks(fx):
 
 def _as_spec(d):
     """JSON turned tuples into lists: back to the regimes.py form for comparison."""
-    return {k: (tuple(v) if k in ("object", "distractor") else [tuple(h) for h in v] if k == "heads" else
-                [tuple(o) for o in v] if k == "objects" else v) for k, v in d.items()}
+    return {
+        k: (
+            tuple(v)
+            if k in ("object", "distractor")
+            else [tuple(h) for h in v]
+            if k == "heads"
+            else [tuple(o) for o in v]
+            if k == "objects"
+            else v
+        )
+        for k, v in d.items()
+    }
 
 
 LOCHEAD_NAMES = [s["name"] for s in R.LOCHEAD_SPECS]
@@ -108,7 +118,9 @@ def test_v2_selection_and_box_on_planted_maps(fx, arrays, stacks, name):
         e, k = _fin(r["spatial_entropy"]), ref_kept[(r["layer"], r["head"])]
         assert (e is None) == (k is None) and (e is None or abs(e - k) < ENTROPY_ATOL), (r, k)
     value = {lh: (e if e is not None else math.inf) for lh, e in ref_kept.items()}
-    assert_ranked_alike([(r["layer"], r["head"]) for r in kept], [tuple(k[:2]) for k in ref["kept"]], value, ENTROPY_ATOL)
+    assert_ranked_alike(
+        [(r["layer"], r["head"]) for r in kept], [tuple(k[:2]) for k in ref["kept"]], value, ENTROPY_ATOL
+    )
     top = [(r["layer"], r["head"]) for r in kept[: fx["lochead"]["v2_top_k"]]]
     assert [list(lh) for lh in top] == ref["top"]
     combined = lochead.combine_head_maps(torch.stack([stack[l, h].reshape(GRID) for l, h in top]), 1.0)
@@ -136,7 +148,9 @@ def test_head_ranking_on_planted_maps(fx, arrays, stacks, name):
     fin = np.isfinite(ref_e)
     assert np.abs(ours_e[fin] - ref_e[fin]).max() < ENTROPY_ATOL
     value = {(l, h): float(ref_e[l * 32 + h]) for l in range(32) for h in range(32)}
-    assert_ranked_alike([(r["layer"], r["head"]) for r in ranked], [tuple(lh) for lh in s["head"]["ranking"]], value, ENTROPY_ATOL)
+    assert_ranked_alike(
+        [(r["layer"], r["head"]) for r in ranked], [tuple(lh) for lh in s["head"]["ranking"]], value, ENTROPY_ATOL
+    )
     top10 = [tuple(lh) for lh in lochead.select_heads(stack, GRID, "official", per_sample=10)]
     ref10 = [tuple(t[:2]) for t in s["head"]["top10"] if t[2] is not None]
     assert_ranked_alike(top10, ref10, value, ENTROPY_ATOL)
@@ -166,8 +180,17 @@ def test_lochead_regimes_are_not_degenerate(fx):
 
 def _technique(settings: dict) -> pm.PerceptionMagnifier:
     """Our preset=official with the arguments the official run used (run_llava_pm.sh's flags)."""
-    return pm.PerceptionMagnifier(R.N_LAYERS, R.GRID, **{**pm.OFFICIAL, "alpha": float(settings["enhance_coe"]), "kernel": settings["kernel_size"],
-                                                        "beta": settings["exit_threshold"], "max_iter": settings["max_iteration"]})
+    return pm.PerceptionMagnifier(
+        R.N_LAYERS,
+        R.GRID,
+        **{
+            **pm.OFFICIAL,
+            "alpha": float(settings["enhance_coe"]),
+            "kernel": settings["kernel_size"],
+            "beta": settings["exit_threshold"],
+            "max_iter": settings["max_iteration"],
+        },
+    )
 
 
 def _case(fx, name):
@@ -198,7 +221,9 @@ def _check_magnification(t: pm.PerceptionMagnifier, search: pm.Search, arrays, n
     view = Image.fromarray(R.pm_image(), "RGB")
     grid_map, density, image = t.perceive(search, view, GRID)
     np.testing.assert_allclose(grid_map, arrays[f"{p}enhanced"], atol=1e-6, rtol=0)
-    np.testing.assert_array_equal(pm.official_quantise(torch.from_numpy(arrays[f"{p}enhanced"])), arrays[f"{p}grid_uint8"])
+    np.testing.assert_array_equal(
+        pm.official_quantise(torch.from_numpy(arrays[f"{p}enhanced"])), arrays[f"{p}grid_uint8"]
+    )
     np.testing.assert_array_equal(density, arrays[f"{p}upsampled"])
     np.testing.assert_array_equal(np.asarray(image), arrays[f"{p}magnified"])
 
@@ -218,10 +243,14 @@ def test_pm_search_on_official_maps(fx, arrays, name):
         assert asked[-1] == c["blocked"][i], f"pass {i + 1}: ours blocks other tokens than the official loop"
         return arrays[f"{p}map{i + 1}"]
 
-    search = pm.refine(arrays[f"{p}map0"], forward_blocked, t.divisor, t.params["beta"], t.params["max_iter"], official=True)
+    search = pm.refine(
+        arrays[f"{p}map0"], forward_blocked, t.divisor, t.params["beta"], t.params["max_iter"], official=True
+    )
     _check_search(search, c, arrays, name, exact_maps=True)
     for i, h in enumerate(c["highlight"]):  # the 2-means of each pass, on the official current map
-        assert np.flatnonzero(pm.official_two_means(arrays[f"{p}map{i}"] / t.divisor)).tolist() == h, f"pass {i} highlight"
+        assert np.flatnonzero(pm.official_two_means(arrays[f"{p}map{i}"] / t.divisor)).tolist() == h, (
+            f"pass {i} highlight"
+        )
     _check_magnification(t, search, arrays, name)
 
 

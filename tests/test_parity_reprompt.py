@@ -40,7 +40,9 @@ def pixels():
     return tiny.fixed_pixels(1)
 
 
-@pytest.mark.parametrize("selection", ["attn_over_gen_percentage", "attn_over_gen", "attn_over_query", "norm", "norm_percentage"])
+@pytest.mark.parametrize(
+    "selection", ["attn_over_gen_percentage", "attn_over_gen", "attn_over_query", "norm", "norm_percentage"]
+)
 def test_per_layer_selection_is_the_official_one(model, pixels, golden, selection):
     kept, describe_ids = vlminterp_ours.selection_ours(model, pixels, golden, selection)
     assert describe_ids == golden["describe"]["new_ids"]
@@ -62,8 +64,11 @@ def test_official_count():
 def run_ids():
     """The preset=official selection's runs in CI; every selection with PARITY_FULL=1 (each run repeats a describe pass)."""
     runs = json.loads((FIXTURES / "prune_official.json").read_text())["runs"]
-    return [f"{r['selection']}/{r['name']}" for r in runs
-            if r["selection"] == "attn_over_gen_percentage" or os.environ.get("PARITY_FULL")]
+    return [
+        f"{r['selection']}/{r['name']}"
+        for r in runs
+        if r["selection"] == "attn_over_gen_percentage" or os.environ.get("PARITY_FULL")
+    ]
 
 
 @pytest.mark.parametrize("run_id", run_ids())

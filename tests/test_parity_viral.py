@@ -104,7 +104,9 @@ def step(fixtures, teacher):
             m.eval()
     box = {}
     h = projector.register_forward_hook(lambda m, i, o: box.__setitem__("projected", o.detach()))
-    res = viral.viral_step(peft_model, batch, projector=projector, targets=targets, layer=cfg.layer, weight=cfg.weight, loss=cfg.loss)
+    res = viral.viral_step(
+        peft_model, batch, projector=projector, targets=targets, layer=cfg.layer, weight=cfg.weight, loss=cfg.loss
+    )
     h.remove()
     res["loss"].backward()
     groups = viral_train.param_groups(peft_model, projector, cfg)
@@ -114,8 +116,10 @@ def step(fixtures, teacher):
     mm = [m for name, m in mm.items() if name.endswith("multi_modal_projector.modules_to_save.default")][0]
     grads = {
         "lora_B.q": layer.self_attn.q_proj.lora_B["default"].weight.grad.clone(),
-        "mm.0.weight": mm.linear_1.weight.grad.clone(), "mm.0.bias": mm.linear_1.bias.grad.clone(),
-        "mm.2.weight": mm.linear_2.weight.grad.clone(), "mm.2.bias": mm.linear_2.bias.grad.clone(),
+        "mm.0.weight": mm.linear_1.weight.grad.clone(),
+        "mm.0.bias": mm.linear_1.bias.grad.clone(),
+        "mm.2.weight": mm.linear_2.weight.grad.clone(),
+        "mm.2.bias": mm.linear_2.bias.grad.clone(),
     }
     norms_b = torch.zeros(len(viral.decoder_layers(peft_model)), len(vt.LORA_MODULES))
     norms_a = torch.zeros_like(norms_b)
@@ -126,11 +130,27 @@ def step(fixtures, teacher):
             norms_a[i, j] = mod.lora_A["default"].weight.grad.norm()
     params = [p for g in groups for p in g["params"]]
     norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)  # the Trainer's max_grad_norm 1.0
-    before = {"mm": mm.linear_1.bias.detach().clone(), "lora": layer.self_attn.q_proj.lora_B["default"].weight[0].detach().clone()}
+    before = {
+        "mm": mm.linear_1.bias.detach().clone(),
+        "lora": layer.self_attn.q_proj.lora_B["default"].weight[0].detach().clone(),
+    }
     optimizer.step()
-    deltas = {"mm": mm.linear_1.bias.detach() - before["mm"], "lora": layer.self_attn.q_proj.lora_B["default"].weight[0].detach() - before["lora"]}
-    return types.SimpleNamespace(res=res, box=box, grads=grads, norms_b=norms_b, norms_a=norms_a, norm=float(norm), groups=groups,
-                                 deltas=deltas, cfg=cfg, projector=projector)
+    deltas = {
+        "mm": mm.linear_1.bias.detach() - before["mm"],
+        "lora": layer.self_attn.q_proj.lora_B["default"].weight[0].detach() - before["lora"],
+    }
+    return types.SimpleNamespace(
+        res=res,
+        box=box,
+        grads=grads,
+        norms_b=norms_b,
+        norms_a=norms_a,
+        norm=float(norm),
+        groups=groups,
+        deltas=deltas,
+        cfg=cfg,
+        projector=projector,
+    )
 
 
 def test_losses_equal_the_official_forward(fixtures, step):
@@ -151,8 +171,12 @@ def test_projector_outputs_at_the_image_tokens(fixtures, step):
 def test_gradients_of_lora_and_multimodal_projector(fixtures, step):
     t = fixtures[0]
     torch.testing.assert_close(step.grads["lora_B.q"], t["grad.lora_B.15.q_proj"], rtol=1e-3, atol=1e-6)
-    for ours, theirs in (("mm.0.weight", "grad.mm_projector.0.weight"), ("mm.0.bias", "grad.mm_projector.0.bias"),
-                         ("mm.2.weight", "grad.mm_projector.2.weight"), ("mm.2.bias", "grad.mm_projector.2.bias")):
+    for ours, theirs in (
+        ("mm.0.weight", "grad.mm_projector.0.weight"),
+        ("mm.0.bias", "grad.mm_projector.0.bias"),
+        ("mm.2.weight", "grad.mm_projector.2.weight"),
+        ("mm.2.bias", "grad.mm_projector.2.bias"),
+    ):
         torch.testing.assert_close(step.grads[ours], t[theirs], rtol=1e-3, atol=1e-6)
     torch.testing.assert_close(step.norms_b, t["grad_norm.lora_B"], rtol=1e-3, atol=1e-6)
     assert float(step.norms_a.abs().max()) == 0.0 == float(t["grad_norm.lora_A"].abs().max())  # B = 0 at the start

@@ -304,7 +304,9 @@ def test_odd_images_get_an_answer(tiny_ckpt, image, view):
     prompt = processor.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
     inputs = processor(images=[image], text=prompt, return_tensors="pt")
     t = _technique(model, view=view)
-    out = t.generate(model, _request(model, processor, inputs, image), **inputs, max_new_tokens=3, min_new_tokens=3, do_sample=False)
+    out = t.generate(
+        model, _request(model, processor, inputs, image), **inputs, max_new_tokens=3, min_new_tokens=3, do_sample=False
+    )
     assert out.shape[1] == inputs["input_ids"].shape[1] + 3
     mag = t.last_magnified
     side = max(image.size) if view == "pad" else min(image.size)
@@ -385,7 +387,7 @@ def test_refreshing_survives_a_generated_image_token(square, monkeypatch):
     """A (random) model may emit the <image> id; re-embedding the answer must not take it for an image slot."""
     model, processor, inputs, image = square
     image_id = model.config.image_token_id
-    monkeypatch.setattr(pm, "_token_picker", lambda kwargs: (lambda ids, logits: torch.full((1,), image_id)))
+    monkeypatch.setattr(pm, "_token_picker", lambda kwargs: lambda ids, logits: torch.full((1,), image_id))
     t = _technique(model, refresh="every_token")
     out = t.generate(model, _request(model, processor, inputs, image), **inputs, max_new_tokens=3, do_sample=False)
     assert out[0, -3:].tolist() == [image_id] * 3 and t.last["refreshes"] == 3
@@ -413,7 +415,10 @@ def test_resample_cd_contrasts_magnified_and_original_logits(square):
 def test_single_layer_and_official_divisor():
     t = pm.PerceptionMagnifier(32, 24, single_layer=True, layer_map="official")
     assert t.layers == range(11, 12) and t.divisor == 20  # layer 12 alone; the divisor stays n_layers - L
-    assert pm.PerceptionMagnifier(32, 24).divisor == 21 and pm.PerceptionMagnifier(32, 24, layer_map="official").divisor == 20
+    assert (
+        pm.PerceptionMagnifier(32, 24).divisor == 21
+        and pm.PerceptionMagnifier(32, 24, layer_map="official").divisor == 20
+    )
     assert pm.PerceptionMagnifier(32, 24, single_layer=True).divisor == 1
     t = pm.PerceptionMagnifier(32, 24, block_rows="first_all", refresh="every_token")
     assert (t.block_rows(first=True), t.block_rows(first=False)) == ("all", "last")
@@ -423,7 +428,13 @@ def test_official_sampling_option(square):
     """temperature=1.0 samples as the official runs (T=1, top_k 50) whatever the task asks."""
     model, processor, inputs, image = square
     t = _technique(model, temperature=1.0)
-    assert t.decoding({"do_sample": False, "max_new_tokens": 2}) == {"do_sample": True, "temperature": 1.0, "top_k": 50, "top_p": 1.0, "max_new_tokens": 2}
+    assert t.decoding({"do_sample": False, "max_new_tokens": 2}) == {
+        "do_sample": True,
+        "temperature": 1.0,
+        "top_k": 50,
+        "top_p": 1.0,
+        "max_new_tokens": 2,
+    }
     assert _technique(model).decoding({"do_sample": False}) == {"do_sample": False}
     torch.manual_seed(0)
     out = t.generate(model, _request(model, processor, inputs, image), **inputs, max_new_tokens=2, do_sample=False)

@@ -26,7 +26,9 @@ GEOMETRY_INPUTS = {"qwen2_5_vl": "image_grid_thw", "llava_next": "image_sizes", 
 def qwen(tiny_qwen):  # noqa: F811
     from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
 
-    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(tiny_qwen, attn_implementation="sdpa", dtype=torch.float32).eval()
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(
+        tiny_qwen, attn_implementation="sdpa", dtype=torch.float32
+    ).eval()
     processor = AutoProcessor.from_pretrained(tiny_qwen)
     return _ready(model, processor, dict(_inputs(processor)), _image(SIZE))
 
@@ -52,8 +54,15 @@ def family(request, tmp_path_factory):
 def _ready(model, processor, inputs, image):
     hooks.install(model)
     key = GEOMETRY_INPUTS[model.config.model_type]
-    req = Request(inputs["input_ids"], model.config.image_token_id, inputs["input_ids"].shape[1], [image],
-                  processor=processor, config=model.config, inputs={key: inputs[key]})
+    req = Request(
+        inputs["input_ids"],
+        model.config.image_token_id,
+        inputs["input_ids"].shape[1],
+        [image],
+        processor=processor,
+        config=model.config,
+        inputs={key: inputs[key]},
+    )
     return model, processor, inputs, req
 
 
@@ -73,7 +82,9 @@ def test_pm_language_model_pass_has_the_models_positions_and_logits(qwen):
     want, delta = model.model.get_rope_index(ids, inputs["mm_token_type_ids"], inputs["image_grid_thw"])
     pos = family.positions(model, req, n + 3)
     assert torch.equal(pos[..., :n], want)
-    assert torch.equal(pos[..., n:], (torch.arange(n, n + 3) + delta[0]).view(1, 1, 3).expand(3, 1, 3))  # decoding: text positions
+    assert torch.equal(
+        pos[..., n:], (torch.arange(n, n + 3) + delta[0]).view(1, 1, 3).expand(3, 1, 3)
+    )  # decoding: text positions
     assert int(delta) < 0  # the image's rows x cols share positions: not the 1-D arange
     with torch.no_grad():
         full = model(**inputs).logits
@@ -99,7 +110,9 @@ def test_anyres_embeddings_equal_the_models(family):
     assert (ours - full).abs().max() < 1e-5
 
 
-@pytest.mark.parametrize("family,rows", [("qwen2_5_vl", "all"), ("qwen2_5_vl", "text"), ("llava_next", "all")], indirect=["family"])
+@pytest.mark.parametrize(
+    "family,rows", [("qwen2_5_vl", "all"), ("qwen2_5_vl", "text"), ("llava_next", "all")], indirect=["family"]
+)
 def test_map_passes_equal_full_forwards_with_the_blocked_keys(family, rows):
     """Pass 0 and every refinement pass (KV prefix reuse + key mask, the family's positions) equal a
     full forward of the model with those image keys blocked by the hook layer on the same rows
@@ -117,7 +130,9 @@ def test_map_passes_equal_full_forwards_with_the_blocked_keys(family, rows):
         block = hooks.Block(layers=range(hooks.num_layers(model)), rows=row_spec, keys=pos[torch.as_tensor(blocked)])
         with torch.no_grad(), hooks.edited(model, block, cap):
             model(**inputs)
-        np.testing.assert_allclose(s.maps[i] * len(t.layers), pm.token_map(cap.stacked()[:, 0, :, 0]), atol=1e-5, err_msg=f"pass {i}")
+        np.testing.assert_allclose(
+            s.maps[i] * len(t.layers), pm.token_map(cap.stacked()[:, 0, :, 0]), atol=1e-5, err_msg=f"pass {i}"
+        )
 
 
 @pytest.mark.parametrize("family", ["qwen2_5_vl", "llava_next"], indirect=True)
@@ -144,7 +159,9 @@ def test_magnified_image_keeps_the_size_and_grid_and_the_map_is_rows_by_cols(fam
     if req.family == "qwen2_5_vl":
         assert block.rows != block.cols  # the non-square case
     else:
-        assert len(req.geometry.blocks) == 2 and req.geometry.blocks[1].cols > req.geometry.blocks[1].rows  # several tiles
+        assert (
+            len(req.geometry.blocks) == 2 and req.geometry.blocks[1].cols > req.geometry.blocks[1].rows
+        )  # several tiles
     key = GEOMETRY_INPUTS[req.family]
     assert len(t.steps) == 2
     for mag in t.steps:

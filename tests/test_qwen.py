@@ -29,7 +29,9 @@ def build_tiny_qwen(path, seed: int = 0):
     init so greedy answers depend on the image."""
     from lmms_eval_plugins.shapeworld.qwen_model import QwenGeometry, build_model
 
-    geo = dataclasses.replace(QwenGeometry(), image_size=112, vision_layers=2, text_layers=4, window_size=56, fullatt_blocks=(1,))
+    geo = dataclasses.replace(
+        QwenGeometry(), image_size=112, vision_layers=2, text_layers=4, window_size=56, fullatt_blocks=(1,)
+    )
     model, processor = build_model(seed=seed, geometry=geo)
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -54,8 +56,10 @@ def _image(size=SIZE):
 
 
 def _inputs(processor, size=SIZE, text="is there a red square in the image?"):
-    messages = [{"role": "system", "content": "You are a helpful assistant."},
-                {"role": "user", "content": [{"type": "image", "image": "x"}, {"type": "text", "text": text}]}]
+    messages = [
+        {"role": "system", "content": "You are a helpful assistant."},
+        {"role": "user", "content": [{"type": "image", "image": "x"}, {"type": "text", "text": text}]},
+    ]
     prompt = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     return processor(text=[prompt], images=[_image(size)], return_tensors="pt")
 
@@ -152,7 +156,9 @@ IDLE = {
 def test_idle_wrappers_equal_stock_qwen2_5_vl(tiny_qwen, stock, name):
     lm = _wrapper(name, tiny_qwen, **IDLE[name])
     inputs = _request(lm)
-    assert torch.equal(inputs["input_ids"], stock[0]["input_ids"]) and torch.equal(inputs["pixel_values"], stock[0]["pixel_values"])
+    assert torch.equal(inputs["input_ids"], stock[0]["input_ids"]) and torch.equal(
+        inputs["pixel_values"], stock[0]["pixel_values"]
+    )
     with torch.no_grad():
         answer = lm.model.generate(**inputs, max_new_tokens=6, do_sample=False)
         logits = lm.model(**inputs).logits
@@ -188,7 +194,7 @@ def test_lochead_box_from_the_non_square_grid(tiny_qwen):
     inputs = _request(lm)
     with torch.no_grad():
         out = lm.model.generate(**inputs, max_new_tokens=24, do_sample=False)
-    text = lm.processor.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)[0]
+    text = lm.processor.batch_decode(out[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)[0]
     box = parse_box(text)
     assert box is not None and all(0 <= v <= 1 for v in box) and box[0] <= box[2] and box[1] <= box[3], text
     located = lm.technique.locate(lm._model, _edits(lm, inputs)[0], **inputs)
@@ -236,7 +242,13 @@ def test_bench_context_qwen2_5_vl(tmp_path, monkeypatch):
     assert (block.rows, block.cols) == (12, 16) and ctx.request.image_pos.numel() == 192
     cases = bench.all_cases(ctx)
     names = {k.split(":")[0].split(" ")[0] for k in cases if k.startswith("qwen2_5_vl_")}
-    assert names == {"qwen2_5_vl_pai", "qwen2_5_vl_lochead", "qwen2_5_vl_knockout", "qwen2_5_vl_pm", "qwen2_5_vl_reprompt"}
+    assert names == {
+        "qwen2_5_vl_pai",
+        "qwen2_5_vl_lochead",
+        "qwen2_5_vl_knockout",
+        "qwen2_5_vl_pm",
+        "qwen2_5_vl_reprompt",
+    }
     assert not any(k.startswith("llava_") for k in cases)
     with torch.no_grad():
         assert torch.equal(cases["hooks idle (generate)"][0](), bench.baselines(ctx)["generate"]())
@@ -251,8 +263,17 @@ def test_bench_command_interleaves_each_case_with_its_baseline(tmp_path, monkeyp
 
     monkeypatch.setenv("LMMS_PLUGINS_CACHE", str(tmp_path))
     threads = torch.get_num_threads()
-    args = SimpleNamespace(family="qwen2_5_vl", layers=4, hidden=64, new_tokens=3, repeats=2, only="hooks idle,qwen2_5_vl_pai",
-                           memory=False, markdown=str(tmp_path / "t.md"), json=str(tmp_path / "t.json"))
+    args = SimpleNamespace(
+        family="qwen2_5_vl",
+        layers=4,
+        hidden=64,
+        new_tokens=3,
+        repeats=2,
+        only="hooks idle,qwen2_5_vl_pai",
+        memory=False,
+        markdown=str(tmp_path / "t.md"),
+        json=str(tmp_path / "t.json"),
+    )
     try:
         assert bench.main(args) == 0
     finally:
@@ -269,7 +290,10 @@ def test_bench_command_interleaves_each_case_with_its_baseline(tmp_path, monkeyp
 
 
 def _cli(name, ckpt, out, task="tiny_yesno", extra=""):
-    args = f"pretrained={ckpt},device=cpu,device_map=cpu,min_pixels={PIXELS['min_pixels']},max_pixels={PIXELS['max_pixels']}" + extra
+    args = (
+        f"pretrained={ckpt},device=cpu,device_map=cpu,min_pixels={PIXELS['min_pixels']},max_pixels={PIXELS['max_pixels']}"
+        + extra
+    )
     results, log = testing.run_lmms_eval(name, args, task, out, include_path=TASKS, cwd=REPO)
     return results, log, testing.read_samples(out, task)
 
@@ -279,7 +303,10 @@ def test_cli_every_working_name_answers_like_stock_when_idle(tiny_qwen, tmp_path
     assert base is not None, log[-3000:]
     answers = [s["filtered_resps"] for s in base_samples]
     assert len(answers) == 3 and any(a.strip() for a in map(str, answers))
-    for name, extra in (("qwen2_5_vl_pai", ",alpha=0,use_cfg=false"), ("qwen2_5_vl_knockout", ",from_layer=2,to_layer=2")):
+    for name, extra in (
+        ("qwen2_5_vl_pai", ",alpha=0,use_cfg=false"),
+        ("qwen2_5_vl_knockout", ",from_layer=2,to_layer=2"),
+    ):
         res, log, samples = _cli(name, tiny_qwen, tmp_path / name, extra=extra)
         assert res is not None, log[-3000:]
         assert res["results"]["tiny_yesno"]["exact,none"] == base["results"]["tiny_yesno"]["exact,none"], name

@@ -36,13 +36,21 @@ def qwen(tiny_qwen):  # noqa: F811
 
 def _request(model, inputs):
     ids = inputs["input_ids"]
-    return Request(input_ids=ids, image_token_id=model.config.image_token_id, prompt_len=ids.shape[1],
-                   images=[torch.zeros(1)], config=model.config, inputs={"image_grid_thw": inputs["image_grid_thw"]})
+    return Request(
+        input_ids=ids,
+        image_token_id=model.config.image_token_id,
+        prompt_len=ids.shape[1],
+        images=[torch.zeros(1)],
+        config=model.config,
+        inputs={"image_grid_thw": inputs["image_grid_thw"]},
+    )
 
 
 def test_mrope_positions_are_the_models_own(qwen):
     model, _, in1, _ = qwen
-    want, _ = model.model.get_rope_index(in1["input_ids"], mm_token_type_ids=in1["mm_token_type_ids"], image_grid_thw=in1["image_grid_thw"])
+    want, _ = model.model.get_rope_index(
+        in1["input_ids"], mm_token_type_ids=in1["mm_token_type_ids"], image_grid_thw=in1["image_grid_thw"]
+    )
     got = positions.prompt_positions(model, in1["input_ids"], in1["image_grid_thw"])
     assert torch.equal(got, want[:, 0])
     req = _request(model, in1)
@@ -75,8 +83,12 @@ def test_compressed_cache_equals_the_blocked_full_forward(qwen, keep_query):
     with torch.no_grad():
         got = forward_from(model, ctx, suffix).logits
         with hooks.edited(model, block):
-            want = model(input_ids=seq, pixel_values=in1["pixel_values"], image_grid_thw=in1["image_grid_thw"],
-                         mm_token_type_ids=(seq == model.config.image_token_id).int()).logits[:, prefix.shape[1]:]
+            want = model(
+                input_ids=seq,
+                pixel_values=in1["pixel_values"],
+                image_grid_thw=in1["image_grid_thw"],
+                mm_token_type_ids=(seq == model.config.image_token_id).int(),
+            ).logits[:, prefix.shape[1] :]
         inferred = model(input_ids=suffix, past_key_values=ctx.cache(), use_cache=True).logits
     diff, wrong = (got - want).abs().max().item(), (inferred - want).abs().max().item()
     print(f"keep_query={keep_query}: explicit M-RoPE max diff {diff:.2e}, inferred positions {wrong:.2e}")
@@ -89,7 +101,7 @@ def test_generation_from_a_cut_cache_continues_at_the_right_positions(qwen):
     req = _request(model, in1)
     img_end = int(req.image_pos[-1]) + 1
     with torch.no_grad():
-        plain = model.generate(**in1, **GREEDY)[:, in1["input_ids"].shape[1]:]
+        plain = model.generate(**in1, **GREEDY)[:, in1["input_ids"].shape[1] :]
         # an uncompressed context (every image token kept, query re-prefilled after it) = plain generate
         tech = Reprompt(4, mode="compressed", keep_ratio=1.0, keep_query=False)
         out = model(**in1, use_cache=True)
@@ -97,10 +109,10 @@ def test_generation_from_a_cut_cache_continues_at_the_right_positions(qwen):
         full = generate_from(model, ctx, in1["input_ids"][:, img_end:], **GREEDY)
         # pruning at 25%: the cut cache + re-prefilled query = the same prompt with the dropped keys masked
         prune = Reprompt(4, mode="prune", keep_ratio=0.25)
-        cut = prune.generate(model, req, **in1, **GREEDY)[:, in1["input_ids"].shape[1]:]
+        cut = prune.generate(model, req, **in1, **GREEDY)[:, in1["input_ids"].shape[1] :]
         kept = prune.kept_image_tokens(model, req, in1)
         with hooks.edited(model, *prune.prune_edits(req, kept)):
-            masked = model.generate(**in1, **GREEDY)[:, in1["input_ids"].shape[1]:]
+            masked = model.generate(**in1, **GREEDY)[:, in1["input_ids"].shape[1] :]
     assert torch.equal(full, plain)
     assert torch.equal(cut, masked)
     assert prune.records[-1]["kv_entries"] < req.prompt_len
@@ -117,7 +129,9 @@ def test_compressed_follow_up_and_fastv_run(qwen):
         edits = fastv.fastv_edits(model, _request(model, in2), in2)
     assert [r["compressed"] for r in tech.records] == [False, True] and second.shape[1] == in2["input_ids"].shape[1] + 6
     n = _request(model, in2).image_pos.numel()
-    assert len(edits) == 1 and n - 6 <= edits[0].keys.numel() <= n - 5  # int(21 * 0.25) kept by attention, plus the last
+    assert (
+        len(edits) == 1 and n - 6 <= edits[0].keys.numel() <= n - 5
+    )  # int(21 * 0.25) kept by attention, plus the last
 
 
 def _image_free_log_probs(model, in1, new_ids):
@@ -137,12 +151,12 @@ def _image_free_log_probs(model, in1, new_ids):
 def test_image_free_pass_has_its_own_positions(qwen, monkeypatch):
     model, _, in1, _ = qwen
     with torch.no_grad():
-        new = model.generate(**in1, **GREEDY)[:, in1["input_ids"].shape[1]:]
+        new = model.generate(**in1, **GREEDY)[:, in1["input_ids"].shape[1] :]
         assert model.model.rope_deltas is not None and int(model.model.rope_deltas) != 0  # the trap
         text, got = _image_free_log_probs(model, in1, new)
         seq = torch.cat([text, new], dim=1)
         own = torch.arange(seq.shape[1]).expand(3, 1, -1)  # a text-only prompt: 0..n-1 on every M-RoPE row
-        want = torch.log_softmax(model(input_ids=seq, position_ids=own).logits[0, text.shape[1] - 1:], dim=-1)
+        want = torch.log_softmax(model(input_ids=seq, position_ids=own).logits[0, text.shape[1] - 1 :], dim=-1)
         diff = (got - want).abs().max().item()
         monkeypatch.setattr(guidance.positions, "explicit", lambda *a, **k: {})  # the model's own (cached rope_deltas)
         _, stale = _image_free_log_probs(model, in1, new)
@@ -155,8 +169,14 @@ def test_image_free_pass_has_its_own_positions(qwen, monkeypatch):
 def test_cli_reprompt_and_pai_cfg(tiny_qwen, tmp_path):  # noqa: F811
     args = f"pretrained={tiny_qwen},device=cpu,device_map=cpu,min_pixels={PIXELS['min_pixels']},max_pixels={PIXELS['max_pixels']}"
     out = tmp_path / "reprompt"
-    res, log = testing.run_lmms_eval("qwen2_5_vl_reprompt", args + ",mode=compressed,keep_ratio=0.25", "tiny_repeat", out,
-                                     include_path=TASKS, cwd=REPO)
+    res, log = testing.run_lmms_eval(
+        "qwen2_5_vl_reprompt",
+        args + ",mode=compressed,keep_ratio=0.25",
+        "tiny_repeat",
+        out,
+        include_path=TASKS,
+        cwd=REPO,
+    )
     assert res is not None, log[-3000:]
     assert 0.0 <= res["results"]["tiny_repeat"]["exact,none"] <= 1.0
     samples = testing.read_samples(out, "tiny_repeat")
@@ -164,7 +184,9 @@ def test_cli_reprompt_and_pai_cfg(tiny_qwen, tmp_path):  # noqa: F811
     stats = json.loads((out / "reprompt_stats.json").read_text())
     assert stats["compressed_answers"] == 3 and stats["kv_entries_compressed"] < stats["kv_entries_full"]
     out = tmp_path / "pai"
-    res, log = testing.run_lmms_eval("qwen2_5_vl_pai", args + ",use_cfg=true,alpha=0.2", "tiny_yesno", out, include_path=TASKS, cwd=REPO)
+    res, log = testing.run_lmms_eval(
+        "qwen2_5_vl_pai", args + ",use_cfg=true,alpha=0.2", "tiny_yesno", out, include_path=TASKS, cwd=REPO
+    )
     assert res is not None, log[-3000:]
     assert 0.0 <= res["results"]["tiny_yesno"]["exact,none"] <= 1.0
     assert len(testing.read_samples(out, "tiny_yesno")) == 3

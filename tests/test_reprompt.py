@@ -24,7 +24,13 @@ GREEDY = dict(max_new_tokens=6, min_new_tokens=6, do_sample=False)
 
 def _request(model, processor, inputs, image):
     ids = inputs["input_ids"]
-    return Request(input_ids=ids, image_token_id=model.config.image_token_id, prompt_len=ids.shape[1], images=[image], processor=processor)
+    return Request(
+        input_ids=ids,
+        image_token_id=model.config.image_token_id,
+        prompt_len=ids.shape[1],
+        images=[image],
+        processor=processor,
+    )
 
 
 @pytest.fixture
@@ -44,7 +50,9 @@ def test_selection_arithmetic_on_hand_made_maps():
     assert n_keep(16, 0.001) == 1
     # two layers, (batch 1, heads 2, rows 2, keys 4)
     m0 = torch.tensor([[[[0.1, 0.5, 0.2, 0.2], [0.3, 0.3, 0.2, 0.2]], [[0.0, 0.7, 0.1, 0.2], [0.2, 0.1, 0.3, 0.4]]]])
-    m1 = torch.tensor([[[[0.9, 0.0, 0.05, 0.05], [0.8, 0.1, 0.05, 0.05]], [[0.6, 0.2, 0.1, 0.1], [0.7, 0.1, 0.1, 0.1]]]])
+    m1 = torch.tensor(
+        [[[[0.9, 0.0, 0.05, 0.05], [0.8, 0.1, 0.05, 0.05]], [[0.6, 0.2, 0.1, 0.1], [0.7, 0.1, 0.1, 0.1]]]]
+    )
     scores = attention_scores({3: m1, 1: m0})
     torch.testing.assert_close(scores[0], torch.tensor([0.15, 0.4, 0.2, 0.25]))  # layer 1 first
     torch.testing.assert_close(scores[1], torch.tensor([0.75, 0.1, 0.075, 0.075]))
@@ -133,7 +141,9 @@ def test_compressed_keep_all_reproduces_the_full_context_answer(two_questions):
         assert torch.equal(first, model.generate(**in1, **GREEDY))  # the first question is the full-context answer
         second = tech.generate(model, _request(model, processor, in2, image), **in2, **GREEDY)
         seq = torch.cat([in1["input_ids"], in2["input_ids"][:, img_end:]], dim=1)
-        full = model.generate(input_ids=seq, attention_mask=torch.ones_like(seq), pixel_values=in1["pixel_values"], **GREEDY)
+        full = model.generate(
+            input_ids=seq, attention_mask=torch.ones_like(seq), pixel_values=in1["pixel_values"], **GREEDY
+        )
     n2 = in2["input_ids"].shape[1]
     assert torch.equal(second[:, :n2], in2["input_ids"])  # lmms-eval strips the prompt by its length
     assert torch.equal(second[:, n2:], full[:, seq.shape[1] :])
@@ -236,10 +246,14 @@ def test_primer_answers_every_question_from_the_compressed_context(two_questions
     with torch.no_grad():
         a1 = tech.generate(model, _request(model, processor, in1, image), **in1, **GREEDY)
         tech.generate(model, _request(model, processor, in2, image), **in2, **GREEDY)
-        primer = processor.tokenizer("describe this image .", add_special_tokens=False, return_tensors="pt")["input_ids"]
+        primer = processor.tokenizer("describe this image .", add_special_tokens=False, return_tensors="pt")[
+            "input_ids"
+        ]
         img_end = int(_request(model, processor, in1, image).image_pos[-1]) + 1
         seq = torch.cat([in1["input_ids"][:, :img_end], primer, in1["input_ids"][:, img_end:]], dim=1)
-        full = model.generate(input_ids=seq, attention_mask=torch.ones_like(seq), pixel_values=in1["pixel_values"], **GREEDY)
+        full = model.generate(
+            input_ids=seq, attention_mask=torch.ones_like(seq), pixel_values=in1["pixel_values"], **GREEDY
+        )
     assert [r["compressed"] for r in tech.records] == [True, True]
     assert torch.equal(a1[:, in1["input_ids"].shape[1] :], full[:, seq.shape[1] :])
 
@@ -255,7 +269,13 @@ def test_bad_settings_are_refused(two_questions):
     with pytest.raises(RequestError, match="use mode=prune"):
         Reprompt(4, mode="compressed").forward(model, _request(model, processor, in1, image), **in1)
     with pytest.raises(RequestError, match="exactly one image"):
-        Reprompt(4).generate(model, _request(model, processor, in1, image).__class__(input_ids=in1["input_ids"], image_token_id=4, prompt_len=29), **in1)
+        Reprompt(4).generate(
+            model,
+            _request(model, processor, in1, image).__class__(
+                input_ids=in1["input_ids"], image_token_id=4, prompt_len=29
+            ),
+            **in1,
+        )
 
 
 # --- the official selection (selection=describe) and FastV ---
@@ -266,8 +286,15 @@ def test_describe_selection_is_cached_per_image_and_decode_only(two_questions):
     untouched: the first answer token's logits equal the baseline's."""
     model, processor, image, in1, in2 = two_questions
     n = hooks.num_layers(model)
-    tech = Reprompt(n, mode="prune", selection="describe", keep_ratio=0.25, describe="describe the image",
-                    describe_tokens=3, prune_rows="decode")
+    tech = Reprompt(
+        n,
+        mode="prune",
+        selection="describe",
+        keep_ratio=0.25,
+        describe="describe the image",
+        describe_tokens=3,
+        prune_rows="decode",
+    )
     req1, req2 = _request(model, processor, in1, image), _request(model, processor, in2, image)
     with torch.no_grad():
         out = tech.generate(model, req1, **in1, **GREEDY, output_scores=True, return_dict_in_generate=True)
@@ -302,7 +329,9 @@ def test_official_compressed_context_answers_every_question(two_questions, strat
     """cache_strategy: one describe pass per image; both questions (the first too) answered from its context."""
     model, processor, image, in1, in2 = two_questions
     n = hooks.num_layers(model)
-    tech = Reprompt(n, mode="compressed", keep_ratio=0.25, cache_strategy=strategy, describe="describe the image", describe_tokens=3)
+    tech = Reprompt(
+        n, mode="compressed", keep_ratio=0.25, cache_strategy=strategy, describe="describe the image", describe_tokens=3
+    )
     req1, req2 = _request(model, processor, in1, image), _request(model, processor, in2, image)
     with torch.no_grad():
         out1 = tech.generate(model, req1, **in1, **GREEDY)

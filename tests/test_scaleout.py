@@ -28,7 +28,12 @@ def _answers(out, task="tiny_yesno"):
     [
         ("llava_pai", "alpha=0.5", "tiny_yesno", "tests/tasks"),  # an attention edit, on a random model
         ("llava_pm", "preset=pope", "shapeworld_pope_adversarial", "task_configs"),  # decoding-time, ShapeWorld
-        ("llava_knockout", "mode=query,from_layer=0,to_layer=2", "shapeworld_pope_adversarial", "task_configs"),  # analysis
+        (
+            "llava_knockout",
+            "mode=query,from_layer=0,to_layer=2",
+            "shapeworld_pope_adversarial",
+            "task_configs",
+        ),  # analysis
     ],
 )
 def test_two_processes_equal_one(tiny_ckpt, tmp_path, model, extra_args, task, include):
@@ -39,10 +44,39 @@ def test_two_processes_equal_one(tiny_ckpt, tmp_path, model, extra_args, task, i
     assert one is not None, log1[-2000:]
     # on a CPU machine, accelerate's multi-process launcher runs gloo ranks (`--cpu` alone is one process)
     # the launcher of this interpreter's environment, whether or not it is activated (PATH may have none)
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
-           "--dynamo_backend", "no", "-m", "lmms_eval", "--model", model, "--model_args", args, "--tasks", task,
-           "--output_path", str(tmp_path / "two"), "--include_path", include, "--batch_size", "1", "--log_samples", *limit]
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=600)
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "-m",
+        "lmms_eval",
+        "--model",
+        model,
+        "--model_args",
+        args,
+        "--tasks",
+        task,
+        "--output_path",
+        str(tmp_path / "two"),
+        "--include_path",
+        include,
+        "--batch_size",
+        "1",
+        "--log_samples",
+        *limit,
+    ]
+    proc = subprocess.run(
+        cmd, cwd=REPO, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=600
+    )
     log2 = proc.stdout + proc.stderr
     assert "Running on rank 1" in log2, log2[-3000:]
     assert f"Building contexts for {task} on rank 1" in log2  # the second rank got its own share
@@ -51,7 +85,9 @@ def test_two_processes_equal_one(tiny_ckpt, tmp_path, model, extra_args, task, i
     assert _answers(tmp_path / "two", task) == _answers(tmp_path / "one", task)
     assert len(_answers(tmp_path / "two", task)) == (3 if task == "tiny_yesno" else 6)
     two_results = json.load(open(two[-1]))["results"][task]
-    assert {k: v for k, v in two_results.items() if "stderr" not in k} == {k: v for k, v in one["results"][task].items() if "stderr" not in k}
+    assert {k: v for k, v in two_results.items() if "stderr" not in k} == {
+        k: v for k, v in one["results"][task].items() if "stderr" not in k
+    }
 
 
 def _cache_lines(cache_dir):
@@ -63,11 +99,27 @@ def test_killed_run_resumes_from_the_cache(tiny_ckpt, tmp_path):
     full, log = run_lmms_eval("llava_pai", args, "tiny_yesno", tmp_path / "full", include_path="tests/tasks", cwd=REPO)
     assert full is not None, log[-2000:]
     cache = tmp_path / "cache"
-    cmd = [sys.executable, "-m", "lmms_eval", "--model", "llava_pai", "--model_args", args, "--tasks", "tiny_yesno",
-           "--output_path", str(tmp_path / "killed"), "--use_cache", str(cache), *TASK_ARGS]
+    cmd = [
+        sys.executable,
+        "-m",
+        "lmms_eval",
+        "--model",
+        "llava_pai",
+        "--model_args",
+        args,
+        "--tasks",
+        "tiny_yesno",
+        "--output_path",
+        str(tmp_path / "killed"),
+        "--use_cache",
+        str(cache),
+        *TASK_ARGS,
+    ]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TINY_SLOW_DOC": "2"}
     with tempfile.TemporaryFile("w+") as log_file:
-        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(
+            cmd, cwd=REPO, env=env, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True
+        )
         deadline = time.time() + 300
         while _cache_lines(cache) < 2 and time.time() < deadline and proc.poll() is None:
             time.sleep(1)
@@ -78,15 +130,29 @@ def test_killed_run_resumes_from_the_cache(tiny_ckpt, tmp_path):
     assert _cache_lines(cache) >= 2, killed_log[-3000:]  # docs 0 and 1 were durable before the kill
     assert not glob.glob(str(tmp_path / "killed" / "**" / "*_results.json"), recursive=True)
 
-    resumed, log = run_lmms_eval("llava_pai", args, "tiny_yesno", tmp_path / "resumed", include_path="tests/tasks",
-                                 extra=["--use_cache", str(cache)], cwd=REPO)
+    resumed, log = run_lmms_eval(
+        "llava_pai",
+        args,
+        "tiny_yesno",
+        tmp_path / "resumed",
+        include_path="tests/tasks",
+        extra=["--use_cache", str(cache)],
+        cwd=REPO,
+    )
     assert resumed is not None, log[-3000:]
     assert "2/3 cache hits" in log
     assert _answers(tmp_path / "resumed") == _answers(tmp_path / "full")
 
     # another technique parameter is another cache identity: nothing is reused
-    other, log = run_lmms_eval("llava_pai", f"pretrained={tiny_ckpt},alpha=0.6,cache_chunk=1", "tiny_yesno", tmp_path / "other",
-                               include_path="tests/tasks", extra=["--use_cache", str(cache)], cwd=REPO)
+    other, log = run_lmms_eval(
+        "llava_pai",
+        f"pretrained={tiny_ckpt},alpha=0.6,cache_chunk=1",
+        "tiny_yesno",
+        tmp_path / "other",
+        include_path="tests/tasks",
+        extra=["--use_cache", str(cache)],
+        cwd=REPO,
+    )
     assert other is not None and "cache hits" not in log
 
 
@@ -98,10 +164,21 @@ def test_layers_split_over_devices_give_the_same_edits(tiny_ckpt, tmp_path):
     inputs, _, _ = make_inputs(processor)
     one = LlavaForConditionalGeneration.from_pretrained(tiny_ckpt).eval()
     lm = "model.language_model."
-    device_map = {"model.vision_tower": "cpu", "model.multi_modal_projector": "cpu", lm + "embed_tokens": "cpu",
-                  lm + "layers.0": "cpu", lm + "layers.1": "cpu", lm + "layers.2": "disk", lm + "layers.3": "disk",
-                  lm + "norm": "cpu", lm + "rotary_emb": "cpu", "lm_head": "cpu"}
-    split = LlavaForConditionalGeneration.from_pretrained(tiny_ckpt, device_map=device_map, offload_folder=str(tmp_path)).eval()
+    device_map = {
+        "model.vision_tower": "cpu",
+        "model.multi_modal_projector": "cpu",
+        lm + "embed_tokens": "cpu",
+        lm + "layers.0": "cpu",
+        lm + "layers.1": "cpu",
+        lm + "layers.2": "disk",
+        lm + "layers.3": "disk",
+        lm + "norm": "cpu",
+        lm + "rotary_emb": "cpu",
+        "lm_head": "cpu",
+    }
+    split = LlavaForConditionalGeneration.from_pretrained(
+        tiny_ckpt, device_map=device_map, offload_folder=str(tmp_path)
+    ).eval()
     assert hasattr(split.model.language_model.layers[2], "_hf_hook")
     pos = hooks.image_positions(inputs["input_ids"], one.config.image_token_id)
     results = []

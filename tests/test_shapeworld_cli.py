@@ -16,9 +16,23 @@ ROOT = Path(__file__).resolve().parents[1]
 TASKS = {
     "shapeworld_pope_random": ["pope_accuracy", "pope_precision", "pope_recall", "pope_f1_score", "pope_yes_ratio"],
     "shapeworld_pope_popular": ["pope_accuracy", "pope_precision", "pope_recall", "pope_f1_score", "pope_yes_ratio"],
-    "shapeworld_pope_adversarial": ["pope_accuracy", "pope_precision", "pope_recall", "pope_f1_score", "pope_yes_ratio"],
+    "shapeworld_pope_adversarial": [
+        "pope_accuracy",
+        "pope_precision",
+        "pope_recall",
+        "pope_f1_score",
+        "pope_yes_ratio",
+    ],
     "shapeworld_chair": ["coco_cap_chair_i", "coco_cap_chair_s", "coco_cap_recall"],
-    "shapeworld_rec": ["refcoco_IoU", "refcoco_ACC@0.1", "refcoco_ACC@0.3", "refcoco_ACC@0.5", "refcoco_ACC@0.7", "refcoco_ACC@0.9", "refcoco_Center_ACC"],
+    "shapeworld_rec": [
+        "refcoco_IoU",
+        "refcoco_ACC@0.1",
+        "refcoco_ACC@0.3",
+        "refcoco_ACC@0.5",
+        "refcoco_ACC@0.7",
+        "refcoco_ACC@0.9",
+        "refcoco_Center_ACC",
+    ],
     "shapeworld_count": ["acc"],
     "shapeworld_spatial": ["cv_bench_acc"],
 }
@@ -27,15 +41,33 @@ PERCENT = {"coco_cap_chair_i", "coco_cap_chair_s", "coco_cap_recall"}
 
 def run_cli(tasks, out, extra=()):
     # one torch thread: on a shared 2-core machine two threads are several times slower
-    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env = dict(
+        os.environ,
+        HF_HUB_OFFLINE="1",
+        HF_DATASETS_OFFLINE="1",
+        OMP_NUM_THREADS="1",
+        PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+    )
     cmd = [
-        sys.executable, "-m", "lmms_eval",
-        "--model", "llava_hf",
-        "--model_args", f"pretrained={checkpoint_path()},device_map=cpu,device=cpu",
-        "--tasks", ",".join(tasks),
-        "--include_path", str(ROOT / "task_configs"),
-        "--limit", "4", "--batch_size", "1",
-        "--output_path", str(out), "--log_samples", *extra,
+        sys.executable,
+        "-m",
+        "lmms_eval",
+        "--model",
+        "llava_hf",
+        "--model_args",
+        f"pretrained={checkpoint_path()},device_map=cpu,device=cpu",
+        "--tasks",
+        ",".join(tasks),
+        "--include_path",
+        str(ROOT / "task_configs"),
+        "--limit",
+        "4",
+        "--batch_size",
+        "1",
+        "--output_path",
+        str(out),
+        "--log_samples",
+        *extra,
     ]
     proc = subprocess.run(cmd, cwd=out, env=env, capture_output=True, text=True, timeout=1200)
     files = sorted(Path(out).rglob("*_results.json"))

@@ -15,9 +15,32 @@ from lmms_eval_plugins.shapeworld import train
 from lmms_eval_plugins.testing import read_samples, run_lmms_eval
 
 CKPT = CHECKPOINTS["shapeworld-llava"]
-SMALL = ["--arch", "llava-1.5", "--geometry", "image_size=56,text_layers=2,vision_layers=1", "--pool-size", "24",
-         "--vision-steps", "3", "--align-steps", "2", "--mix-steps", "6", "--fine-steps", "3", "--batch", "4",
-         "--probe-size", "8", "--save-every", "2", "--eval-limit", "0", "--threads", "1"]
+SMALL = [
+    "--arch",
+    "llava-1.5",
+    "--geometry",
+    "image_size=56,text_layers=2,vision_layers=1",
+    "--pool-size",
+    "24",
+    "--vision-steps",
+    "3",
+    "--align-steps",
+    "2",
+    "--mix-steps",
+    "6",
+    "--fine-steps",
+    "3",
+    "--batch",
+    "4",
+    "--probe-size",
+    "8",
+    "--save-every",
+    "2",
+    "--eval-limit",
+    "0",
+    "--threads",
+    "1",
+]
 
 
 def _weights(path):
@@ -43,7 +66,9 @@ def test_training_command_resumes_where_it_stopped(tmp_path):
     train.save_checkpoint(model, processor, tmp_path / "fresh")
     fresh = _weights(tmp_path / "fresh")
     assert fresh.keys() == b.keys()
-    assert max((b[k].float() - fresh[k].float()).abs().max().item() for k in b) > 1e-3  # 8 steps at lr 1e-3: 40x the tolerance above
+    assert (
+        max((b[k].float() - fresh[k].float()).abs().max().item() for k in b) > 1e-3
+    )  # 8 steps at lr 1e-3: 40x the tolerance above
 
 
 def test_init_from_starts_a_further_run_from_a_checkpoint(tmp_path):
@@ -88,7 +113,9 @@ def test_progressive_pool_downsamples_like_the_processor():
     img = sample_scene(derive_seed("fit", 0), TRAIN_WORLD).render()
     import dataclasses
 
-    ref = build_processor(dataclasses.replace(geometry, image_size=168)).image_processor(images=[img], return_tensors="pt")["pixel_values"]
+    ref = build_processor(dataclasses.replace(geometry, image_size=168)).image_processor(
+        images=[img], return_tensors="pt"
+    )["pixel_values"]
     assert (small[0] - ref[0]).abs().mean() < 0.05  # normalised units (std 1); a wrong scene or layout is ~1
     boxes, mask = pool.box_targets(torch.tensor([0]))
     assert boxes.shape == (1, 144, 4) and mask.any() and (boxes[mask] > 0).any()
@@ -106,8 +133,10 @@ def test_shipped_checkpoint_has_llava15_geometry():
     processor = AutoProcessor.from_pretrained(CKPT)
     from PIL import Image
 
-    text = processor.apply_chat_template([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Is there a star in the image?"}]}],
-                                         add_generation_prompt=True)
+    text = processor.apply_chat_template(
+        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Is there a star in the image?"}]}],
+        add_generation_prompt=True,
+    )
     assert text.startswith("USER: <image>\n") and text.endswith(" ASSISTANT:")
     ids = processor(images=[Image.new("RGB", (336, 336))], text=[text], return_tensors="pt")["input_ids"]
     assert int((ids == config.image_token_id).sum()) == 576
@@ -118,8 +147,14 @@ def test_shipped_checkpoint_has_llava15_geometry():
 @pytest.mark.skipif(not (CKPT / "model.safetensors").exists(), reason="shapeworld-llava not built")
 @pytest.mark.parametrize("model, name", [("llava_hf", str(CKPT)), ("llava_pai", "shapeworld-llava")])
 def test_stock_llava_hf_and_a_wrapper_load_it_in_the_cli(tmp_path, model, name):
-    results, out = run_lmms_eval(model, f"pretrained={name},device_map=cpu,device=cpu", "shapeworld_pope_random,shapeworld_rec", tmp_path,
-                                 include_path=tasks_dir(), extra=("--limit", "3"))
+    results, out = run_lmms_eval(
+        model,
+        f"pretrained={name},device_map=cpu,device=cpu",
+        "shapeworld_pope_random,shapeworld_rec",
+        tmp_path,
+        include_path=tasks_dir(),
+        extra=("--limit", "3"),
+    )
     assert results is not None, out[-3000:]
     assert 0.0 <= results["results"]["shapeworld_pope_random"]["pope_accuracy,none"] <= 1.0
     assert 0.0 <= results["results"]["shapeworld_rec"]["refcoco_IoU,none"] <= 1.0

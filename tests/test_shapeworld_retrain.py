@@ -18,7 +18,17 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.mark.skipif(os.environ.get("SHAPEWORLD_SLOW") != "1", reason="slow: set SHAPEWORLD_SLOW=1")
 def test_retraining_reproduces_the_shipped_scores(tmp_path):
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", PYTHONPATH=str(ROOT))
-    cmd = [sys.executable, "-m", "lmms_eval_plugins.shapeworld.train", "--out", str(tmp_path / "ckpt"), "--seed", "0", "--threads", "1"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "lmms_eval_plugins.shapeworld.train",
+        "--out",
+        str(tmp_path / "ckpt"),
+        "--seed",
+        "0",
+        "--threads",
+        "1",
+    ]
     subprocess.run(cmd, env=env, check=True, timeout=3 * 3600)
     new = json.loads((tmp_path / "ckpt" / "train_scores.json").read_text())
     shipped = json.loads((checkpoint_path() / "train_scores.json").read_text())

@@ -84,7 +84,9 @@ def test_objects_do_not_overlap_and_sizes_are_classed():
             assert 0.8 * lo - 2 <= side <= hi  # squares are drawn with a small inset
             for b in range(a + 1, len(scene.objects)):
                 ob = scene.objects[b]
-                assert oa.box[2] <= ob.box[0] or ob.box[2] <= oa.box[0] or oa.box[3] <= ob.box[1] or ob.box[3] <= oa.box[1]
+                assert (
+                    oa.box[2] <= ob.box[0] or ob.box[2] <= oa.box[0] or oa.box[3] <= ob.box[1] or ob.box[3] <= oa.box[1]
+                )
 
 
 @pytest.mark.parametrize("world", [TRAIN_WORLD, TEST_WORLD])

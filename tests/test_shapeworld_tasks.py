@@ -14,7 +14,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def utils():
-    spec = importlib.util.spec_from_file_location("shapeworld_task_utils", ROOT / "task_configs" / "shapeworld" / "utils.py")
+    spec = importlib.util.spec_from_file_location(
+        "shapeworld_task_utils", ROOT / "task_configs" / "shapeworld" / "utils.py"
+    )
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
@@ -32,7 +34,13 @@ def aggregate(utils, process, aggregations, docs, answers):
 
 
 def test_splits_are_fixed_and_sized():
-    for make in (lambda s: data.pope_docs("adversarial", s), data.chair_docs, data.rec_docs, data.count_docs, data.spatial_docs):
+    for make in (
+        lambda s: data.pope_docs("adversarial", s),
+        data.chair_docs,
+        data.rec_docs,
+        data.count_docs,
+        data.spatial_docs,
+    ):
         test_a, test_b, train = make("test"), make("test"), make("train")
         assert test_a == test_b
         assert len(test_a) == 300 and len(train) == 300
@@ -102,7 +110,9 @@ def test_every_task_prompt_is_in_vocabulary(utils):
 
     texts += [data.pope_text(s) + data.count_text(s) for s in SHAPES] + [" ".join(COLOUR_NAMES + SIZE_CLASSES)]
     for t in texts:
-        simple = tok.apply_chat_template([{"role": "user", "content": "<image>\n" + t}], tokenize=False, add_generation_prompt=True)
+        simple = tok.apply_chat_template(
+            [{"role": "user", "content": "<image>\n" + t}], tokenize=False, add_generation_prompt=True
+        )
         ids = tok(simple)["input_ids"]
         assert unk not in ids, tok.convert_ids_to_tokens(ids)
     # answers the tasks parse
@@ -136,7 +146,13 @@ def pope_aggs(utils):
 def test_pope_metrics(utils):
     docs = data.pope_docs("random")[:8]  # yes, no, yes, no, ...
     perfect = aggregate(utils, utils.pope_process_results, pope_aggs(utils), docs, [d["answer"] for d in docs])
-    assert perfect == {"pope_accuracy": 1.0, "pope_precision": 1.0, "pope_recall": 1.0, "pope_f1_score": 1.0, "pope_yes_ratio": 0.5}
+    assert perfect == {
+        "pope_accuracy": 1.0,
+        "pope_precision": 1.0,
+        "pope_recall": 1.0,
+        "pope_f1_score": 1.0,
+        "pope_yes_ratio": 0.5,
+    }
     # lmms-eval's POPE: lower-case + strip, then exact match: "Yes" counts, "Yes." does not
     answers = ["Yes", "yes", " YES ", "no", "Yes.", "No", "no", "no"]
     # gt:      yes   no     yes     no    yes     no    yes   no
@@ -168,9 +184,17 @@ def test_chair_metrics_with_synonyms_and_plurals(utils):
         {"question_id": 1, "gt_object": ["star"]},
         {"question_id": 2, "gt_object": ["diamond", "cross"]},
     ]
-    aggs = {"coco_cap_chair_i": utils.chair_aggregate_chair_i, "coco_cap_chair_s": utils.chair_aggregate_chair_s, "coco_cap_recall": utils.chair_aggregate_recall}
+    aggs = {
+        "coco_cap_chair_i": utils.chair_aggregate_chair_i,
+        "coco_cap_chair_s": utils.chair_aggregate_chair_s,
+        "coco_cap_recall": utils.chair_aggregate_recall,
+    }
     perfect = ["a large red circle and two small blue squares .", "a green star .", "a rhombus next to a plus ."]
-    assert aggregate(utils, utils.chair_process_results, aggs, docs, perfect) == {"coco_cap_chair_i": 0.0, "coco_cap_chair_s": 0.0, "coco_cap_recall": 100.0}
+    assert aggregate(utils, utils.chair_process_results, aggs, docs, perfect) == {
+        "coco_cap_chair_i": 0.0,
+        "coco_cap_chair_s": 0.0,
+        "coco_cap_recall": 100.0,
+    }
     captions = [
         "a red disc , two boxes and a triangle .",  # circle, square, triangle(h): 1 of 3 hallucinated
         "two stars and a small square .",  # star, square(h)
@@ -186,13 +210,19 @@ def test_chair_metrics_with_synonyms_and_plurals(utils):
 
 def test_rec_metrics(utils):
     docs = data.rec_docs()[:4]
-    aggs = {f"refcoco_{m}": getattr(utils, f"rec_aggregate_{n}") for m, n in zip(metrics.REC_METRICS, ["iou", "acc01", "acc03", "acc05", "acc07", "acc09", "center_acc"])}
+    aggs = {
+        f"refcoco_{m}": getattr(utils, f"rec_aggregate_{n}")
+        for m, n in zip(metrics.REC_METRICS, ["iou", "acc01", "acc03", "acc05", "acc07", "acc09", "center_acc"])
+    }
     perfect = [data.format_box(d["bbox"]) for d in docs]
     got = aggregate(utils, utils.rec_process_results, aggs, docs, perfect)
     for k, v in got.items():
         # the answer is rounded to 2 decimals: IoU within rounding of 1
         assert v == pytest.approx(1.0, abs=0.15) if k == "refcoco_IoU" else v >= 0.75, (k, v)
-    docs = [{"answer": "the star", "question_id": 0, "bbox": [0.0, 0.0, 0.5, 0.5], "size_class": "large"}, {"answer": "the cross", "question_id": 1, "bbox": [0.5, 0.5, 1.0, 1.0], "size_class": "small"}]
+    docs = [
+        {"answer": "the star", "question_id": 0, "bbox": [0.0, 0.0, 0.5, 0.5], "size_class": "large"},
+        {"answer": "the cross", "question_id": 1, "bbox": [0.5, 0.5, 1.0, 1.0], "size_class": "small"},
+    ]
     answers = ["[0.0, 0.0, 0.5, 0.25]", "no box here"]  # IoU 0.5 (centre inside); unparseable -> [0,0,0,0]
     got = aggregate(utils, utils.rec_process_results, aggs, docs, answers)
     assert got["refcoco_IoU"] == pytest.approx(0.25)
@@ -202,9 +232,18 @@ def test_rec_metrics(utils):
 
 def test_count_and_spatial_parsing(utils):
     doc = {"number": "2"}
-    assert [utils.count_process_results(doc, [a])["acc"] for a in ["2", " two ", "Two", "3", "2 circles"]] == [1.0, 1.0, 1.0, 0.0, 0.0]
+    assert [utils.count_process_results(doc, [a])["acc"] for a in ["2", " two ", "Two", "3", "2 circles"]] == [
+        1.0,
+        1.0,
+        1.0,
+        0.0,
+        0.0,
+    ]
     doc = {"idx": 0, "answer": "(B)", "type": "2D", "task": "Relation", "source": "ShapeWorld", "size_class": "large"}
-    got = [utils.spatial_process_results(doc, [a])["cv_bench_acc"]["is_correct"] for a in ["B", "(B)", "b", "B. right", "A", "right"]]
+    got = [
+        utils.spatial_process_results(doc, [a])["cv_bench_acc"]["is_correct"]
+        for a in ["B", "(B)", "b", "B. right", "A", "right"]
+    ]
     assert got == [True, True, True, True, False, False]
     assert utils.spatial_aggregate([{"is_correct": True}, {"is_correct": False}]) == 0.5
 

@@ -1,6 +1,5 @@
 """VIRAL's loss, projector, grid resampling and teachers, against independent calculations."""
 
-
 import numpy as np
 import pytest
 import torch
@@ -169,11 +168,20 @@ def _save_tiny_dinov2(path, image_size=32, patch=8, hidden=24, mean=(0.5, 0.4, 0
     from transformers import Dinov2Config, Dinov2Model
 
     torch.manual_seed(3)
-    cfg = Dinov2Config(hidden_size=hidden, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48,
-                       image_size=image_size, patch_size=patch)
+    cfg = Dinov2Config(
+        hidden_size=hidden,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=48,
+        image_size=image_size,
+        patch_size=patch,
+    )
     Dinov2Model(cfg).save_pretrained(path)
-    (path / "preprocessor_config.json").write_text(json.dumps({
-        "image_mean": list(mean), "image_std": list(std), "crop_size": {"height": image_size, "width": image_size}}))
+    (path / "preprocessor_config.json").write_text(
+        json.dumps(
+            {"image_mean": list(mean), "image_std": list(std), "crop_size": {"height": image_size, "width": image_size}}
+        )
+    )
     return path
 
 
@@ -187,14 +195,19 @@ def test_backbone_teacher_uses_its_own_normalisation(tmp_path, tiny):
     arr = rng.integers(0, 256, size=(32, 32, 3), dtype=np.uint8)
     pix = processor.image_processor(images=[Image.fromarray(arr)], return_tensors="pt")["pixel_values"]
     feats, grid = teacher.features(pix, processor.image_processor.image_mean, processor.image_processor.image_std)
-    own = (torch.tensor(arr, dtype=torch.float32).permute(2, 0, 1)[None] / 255 - torch.tensor([0.5, 0.4, 0.3]).view(1, 3, 1, 1)) / torch.tensor([0.2, 0.25, 0.3]).view(1, 3, 1, 1)
+    own = (
+        torch.tensor(arr, dtype=torch.float32).permute(2, 0, 1)[None] / 255
+        - torch.tensor([0.5, 0.4, 0.3]).view(1, 3, 1, 1)
+    ) / torch.tensor([0.2, 0.25, 0.3]).view(1, 3, 1, 1)
     with torch.no_grad():
         ref = teacher.backbone(pixel_values=own).last_hidden_state[:, 1:]
     assert grid == (4, 4) and torch.allclose(feats, ref, atol=1e-4)
     assert not any(p.requires_grad for p in teacher.parameters())
     # a teacher at another resolution is resampled to the LLM grid
     small = viral.BackboneTeacher.from_pretrained(path, image_size=16)
-    y = viral.teacher_targets(small, pix, processor.image_processor.image_mean, processor.image_processor.image_std, (4, 4))
+    y = viral.teacher_targets(
+        small, pix, processor.image_processor.image_mean, processor.image_processor.image_std, (4, 4)
+    )
     assert y.shape == (1, 16, 24)
     with pytest.raises(FileNotFoundError, match="config.json"):
         viral.BackboneTeacher.from_pretrained(tmp_path)
@@ -220,7 +233,9 @@ def test_teacher_pixels_reproduce_the_llava_processor_geometry(tiny):
         ip = processor.image_processor
         want = ip(images=[img], return_tensors="pt")["pixel_values"]
         got = viral.teacher_pixels([img], 32, ip.image_mean, ip.image_std, viral.crop_fraction(ip))
-        assert got.shape == want.shape and torch.allclose(got, want, atol=2e-2), (got - want).abs().max()  # <= one 8-bit grey level
+        assert got.shape == want.shape and torch.allclose(got, want, atol=2e-2), (
+            (got - want).abs().max()
+        )  # <= one 8-bit grey level
 
 
 @pytest.mark.parametrize("kind", ["sam", "depth_anything"])
@@ -228,18 +243,46 @@ def test_other_local_teachers_load_and_give_patch_features(kind, tmp_path):
     """Tiny random SAM (vision encoder: a feature map after its neck) and Depth Anything (its DINOv2
     backbone's last stage) saved locally load as backbone teachers and give one feature per patch."""
     from PIL import Image
-    from transformers import DepthAnythingConfig, DepthAnythingForDepthEstimation, Dinov2Config, SamConfig, SamModel, SamVisionConfig
+    from transformers import (
+        DepthAnythingConfig,
+        DepthAnythingForDepthEstimation,
+        Dinov2Config,
+        SamConfig,
+        SamModel,
+        SamVisionConfig,
+    )
 
     if kind == "sam":
-        vc = SamVisionConfig(hidden_size=16, num_hidden_layers=2, num_attention_heads=2, output_channels=8, image_size=64,
-                             patch_size=16, mlp_dim=32, global_attn_indexes=[1], window_size=2)
+        vc = SamVisionConfig(
+            hidden_size=16,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            output_channels=8,
+            image_size=64,
+            patch_size=16,
+            mlp_dim=32,
+            global_attn_indexes=[1],
+            window_size=2,
+        )
         SamModel(SamConfig(vision_config=vc.to_dict())).save_pretrained(tmp_path)
         want_grid, want_dim = (4, 4), 8
     else:
-        bb = Dinov2Config(hidden_size=16, num_hidden_layers=2, num_attention_heads=2, image_size=56, patch_size=14,
-                          out_indices=[2], reshape_hidden_states=False)
-        cfg = DepthAnythingConfig(backbone_config=bb.to_dict(), neck_hidden_sizes=[8], fusion_hidden_size=8, reassemble_factors=[1],
-                                  head_hidden_size=8)
+        bb = Dinov2Config(
+            hidden_size=16,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            image_size=56,
+            patch_size=14,
+            out_indices=[2],
+            reshape_hidden_states=False,
+        )
+        cfg = DepthAnythingConfig(
+            backbone_config=bb.to_dict(),
+            neck_hidden_sizes=[8],
+            fusion_hidden_size=8,
+            reassemble_factors=[1],
+            head_hidden_size=8,
+        )
         DepthAnythingForDepthEstimation(cfg).save_pretrained(tmp_path)
         want_grid, want_dim = (4, 4), 16
     teacher = viral.BackboneTeacher.from_pretrained(tmp_path)

@@ -21,8 +21,16 @@ SIZES = ((100, 37), (37, 100))  # Qwen at PIXELS: merged grids 3x7 and 7x3
 
 
 def _records(sizes=SIZES, answer="yes"):
-    return [{"image": _image(size), "conversations": [{"from": "human", "value": "<image>\nis there a red square in the image?"},
-                                                    {"from": "gpt", "value": answer}]} for size in sizes]
+    return [
+        {
+            "image": _image(size),
+            "conversations": [
+                {"from": "human", "value": "<image>\nis there a red square in the image?"},
+                {"from": "gpt", "value": answer},
+            ],
+        }
+        for size in sizes
+    ]
 
 
 def _batch(processor, records):
@@ -44,8 +52,12 @@ def _bilinear(fmap, out_h, out_w):
         r0, r1, a = taps(r, h, out_h)
         for c in range(out_w):
             c0, c1, b = taps(c, w, out_w)
-            out[r, c] = ((1 - a) * (1 - b) * fmap[r0, c0] + (1 - a) * b * fmap[r0, c1]
-                         + a * (1 - b) * fmap[r1, c0] + a * b * fmap[r1, c1])
+            out[r, c] = (
+                (1 - a) * (1 - b) * fmap[r0, c0]
+                + (1 - a) * b * fmap[r0, c1]
+                + a * (1 - b) * fmap[r1, c0]
+                + a * b * fmap[r1, c1]
+            )
     return out
 
 
@@ -86,9 +98,24 @@ def test_vra_loss_on_qwen_merged_tokens_equals_an_independent_calculation(tiny_q
 def qwen_run(tiny_qwen, tmp_path_factory):
     root = tmp_path_factory.mktemp("qwen_viral")
     teacher = _save_tiny_dinov2(root / "teacher")
-    cfg = TrainConfig(pretrained=str(tiny_qwen), data="", output_dir=str(root / "run"), teacher=str(teacher), layer=2, weight=0.5,
-                      proj_hidden=16, lora_r=4, lora_alpha=8, lora_dropout=0.0, lr=5e-2, batch_size=2, max_steps=2, log_every=1,
-                      progress=False, warmup_ratio=0.0)
+    cfg = TrainConfig(
+        pretrained=str(tiny_qwen),
+        data="",
+        output_dir=str(root / "run"),
+        teacher=str(teacher),
+        layer=2,
+        weight=0.5,
+        proj_hidden=16,
+        lora_r=4,
+        lora_alpha=8,
+        lora_dropout=0.0,
+        lr=5e-2,
+        batch_size=2,
+        max_steps=2,
+        log_every=1,
+        progress=False,
+        warmup_ratio=0.0,
+    )
     result = train(cfg, _records(SIZES + ((48, 40), (64, 64))))
     return root / "run", result
 
@@ -108,7 +135,9 @@ def test_viral_train_on_qwen_gives_an_adapter_that_qwen2_5_vl_viral_merges(qwen_
     from transformers import Qwen2_5_VLForConditionalGeneration
 
     base = Qwen2_5_VLForConditionalGeneration.from_pretrained(tiny_qwen)
-    get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=viral_targets())).save_pretrained(tmp_path / "zero")
+    get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=viral_targets())).save_pretrained(
+        tmp_path / "zero"
+    )
     idle = _wrapper("viral", tiny_qwen, adapter=str(tmp_path / "zero"))
     with torch.no_grad():
         answer = idle.model.generate(**inputs, max_new_tokens=6, do_sample=False)
@@ -142,7 +171,9 @@ def test_next_aligns_exactly_the_base_block(tmp_path):
     for b, a in enumerate(aligned):
         img = (batch["input_ids"][b] == model.config.image_token_id).nonzero().flatten()
         assert img.numel() > side * side  # the high-res block and its newlines follow
-        assert a.grid == (side, side) and torch.equal(a.positions, img[: side * side])  # the first side^2: the base block
+        assert a.grid == (side, side) and torch.equal(
+            a.positions, img[: side * side]
+        )  # the first side^2: the base block
     torch.manual_seed(0)
     targets = torch.randn(2, side * side, 5)
     proj = viral.VraProjector(model.config.text_config.hidden_size, 5, hidden=8)

@@ -21,9 +21,16 @@ def test_patch_labels_follow_the_objects():
     for r, c in zip(*np.nonzero(labels[0])):
         x0, y0 = c * cell, r * cell
         # some object of that shape, colour and size overlaps the cell
-        assert any(o.shape == sw.SHAPES[labels[0, r, c] - 1] and o.colour == sw.COLOUR_NAMES[labels[1, r, c] - 1]
-                   and o.size == sw.SIZE_CLASSES[labels[2, r, c] - 1]
-                   and o.box[0] < x0 + cell and o.box[2] > x0 and o.box[1] < y0 + cell and o.box[3] > y0 for o in scene.objects)
+        assert any(
+            o.shape == sw.SHAPES[labels[0, r, c] - 1]
+            and o.colour == sw.COLOUR_NAMES[labels[1, r, c] - 1]
+            and o.size == sw.SIZE_CLASSES[labels[2, r, c] - 1]
+            and o.box[0] < x0 + cell
+            and o.box[2] > x0
+            and o.box[1] < y0 + cell
+            and o.box[3] > y0
+            for o in scene.objects
+        )
     for obj in scene.objects:  # every object, small ones included, owns at least one cell
         assert (labels[0] == sw.SHAPES.index(obj.shape) + 1).any()
     with pytest.raises(ValueError, match="multiple"):

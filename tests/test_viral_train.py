@@ -22,15 +22,31 @@ def _data(root):
     for i, (_name, rgb) in enumerate(list(COLOURS.items()) * 2):
         Image.new("RGB", (40, 36), rgb).save(root / "img" / f"{i}.png")
         q = f"<image>\nis there a {list(COLOURS)[(i + 1) % 4]} square in the image?"
-        records.append({"image": f"{i}.png", "conversations": [{"from": "human", "value": q}, {"from": "gpt", "value": "yes"}]})
+        records.append(
+            {"image": f"{i}.png", "conversations": [{"from": "human", "value": q}, {"from": "gpt", "value": "yes"}]}
+        )
     (root / "data.jsonl").write_text("\n".join(json.dumps(r) for r in records))
     return root / "data.jsonl"
 
 
 def _config(ckpt, data, out, **kw):
-    base = dict(pretrained=str(ckpt), data=str(data), image_folder=str(data.parent / "img"), output_dir=str(out),
-                layer=2, proj_hidden=32, lora_r=8, lora_alpha=16, lora_dropout=0.0, lr=1e-2, batch_size=4,
-                max_steps=12, log_every=1, progress=False, warmup_ratio=0.0)
+    base = dict(
+        pretrained=str(ckpt),
+        data=str(data),
+        image_folder=str(data.parent / "img"),
+        output_dir=str(out),
+        layer=2,
+        proj_hidden=32,
+        lora_r=8,
+        lora_alpha=16,
+        lora_dropout=0.0,
+        lr=1e-2,
+        batch_size=4,
+        max_steps=12,
+        log_every=1,
+        progress=False,
+        warmup_ratio=0.0,
+    )
     return TrainConfig(**{**base, **kw})
 
 
@@ -68,8 +84,13 @@ def test_training_loss_finite_and_decreasing_and_outputs_saved(trained):
     assert lm[-1] < 0.3 * lm[0] and max(lm[-3:]) < min(lm[:3]), lm  # the LM term falls
     assert min(vra[-3:]) < vra[0], vra  # the alignment term falls (cosine rises)
     out = root / "run"
-    for f in ("adapter/adapter_model.safetensors", "adapter/adapter_config.json", "vra_projector.safetensors", "viral_config.json",
-              "checkpoints/step-000006/optimizer.safetensors"):
+    for f in (
+        "adapter/adapter_model.safetensors",
+        "adapter/adapter_config.json",
+        "vra_projector.safetensors",
+        "viral_config.json",
+        "checkpoints/step-000006/optimizer.safetensors",
+    ):
         assert (out / f).exists(), f
     settings = json.loads((out / "viral_config.json").read_text())
     assert settings["teacher"] == "self" and settings["layer"] == 2 and settings["teacher_info"]["dim"] == 32
@@ -116,8 +137,14 @@ def test_merge_adapter_equals_the_peft_model(trained, base_ckpt):
 
 def test_llava_viral_through_the_lmms_eval_cli(trained, base_ckpt, tmp_path):
     root, _, _ = trained
-    results, log = run_lmms_eval("llava_viral", f"pretrained={base_ckpt},adapter={root / 'run'}", "tiny_yesno", tmp_path,
-                                 include_path="tests/tasks", cwd=REPO)
+    results, log = run_lmms_eval(
+        "llava_viral",
+        f"pretrained={base_ckpt},adapter={root / 'run'}",
+        "tiny_yesno",
+        tmp_path,
+        include_path="tests/tasks",
+        cwd=REPO,
+    )
     assert results is not None, log[-3000:]
     assert results["config"]["model_backend"].endswith("LlavaViralChat (chat)")
     answers = [s["filtered_resps"] for s in read_samples(tmp_path, "tiny_yesno")]
@@ -142,8 +169,23 @@ def test_alignment_command_writes_table_and_curve(trained, base_ckpt, tmp_path):
     from lmms_eval_plugins.cli import main
 
     root, _, _ = trained
-    code = main(["alignment", "--model", f"baseline={base_ckpt}", "--model", f"viral={base_ckpt},adapter={root / 'run'}",
-                 "--reference", "self", "--images", str(root / "img"), "--topk", "5", "--output-dir", str(tmp_path)])
+    code = main(
+        [
+            "alignment",
+            "--model",
+            f"baseline={base_ckpt}",
+            "--model",
+            f"viral={base_ckpt},adapter={root / 'run'}",
+            "--reference",
+            "self",
+            "--images",
+            str(root / "img"),
+            "--topk",
+            "5",
+            "--output-dir",
+            str(tmp_path),
+        ]
+    )
     assert code == 0
     result = json.loads((tmp_path / "alignment.json").read_text())
     assert set(result["tables"]) == {"baseline", "viral"}
@@ -151,7 +193,9 @@ def test_alignment_command_writes_table_and_curve(trained, base_ckpt, tmp_path):
         assert [r["layer"] for r in table] == [0, 1, 2, 3, 4]  # embeddings + 4 decoder layers
         assert all(-1.0 <= r["cknna"] <= 1.0 + 1e-9 and 0.0 <= r["cka"] <= 1.0 + 1e-9 for r in table)
     assert result["tables"]["baseline"] != result["tables"]["viral"]  # the adapter changed the states
-    assert "| layer | baseline CKNNA | baseline CKA | viral CKNNA | viral CKA |" in (tmp_path / "alignment.md").read_text()
+    assert (
+        "| layer | baseline CKNNA | baseline CKA | viral CKNNA | viral CKA |" in (tmp_path / "alignment.md").read_text()
+    )
     assert result["estimator"] == "unbiased" and "CKNNA (unbiased HSIC, k=5" in (tmp_path / "alignment.md").read_text()
     assert Image.open(tmp_path / "alignment.png").size == (900, 380)
 
@@ -160,7 +204,9 @@ def test_training_records_from_an_lmms_eval_task_split(tmp_path):
     from lmms_eval_plugins.viral_data import task_records
 
     yaml = (REPO / "tests" / "tasks" / "tiny_ll.yaml").read_text()
-    yaml = yaml.replace("task: tiny_yesno_ll", "task: tiny_ll_train").replace("test_split: test", "test_split: test\ntraining_split: test")
+    yaml = yaml.replace("task: tiny_yesno_ll", "task: tiny_ll_train").replace(
+        "test_split: test", "test_split: test\ntraining_split: test"
+    )
     yaml = yaml.replace("tests/tasks/tiny.jsonl", str(REPO / "tests" / "tasks" / "tiny.jsonl"))
     (tmp_path / "tiny_ll_train.yaml").write_text(yaml)
     shutil.copy(REPO / "tests" / "tasks" / "tiny_utils.py", tmp_path)
@@ -191,9 +237,15 @@ def parts(base_ckpt, tmp_path_factory):
     clip.save_pretrained(root / "clip")
     proc.image_processor.save_pretrained(root / "clip")
     mm = model.model.multi_modal_projector
-    torch.save({"model.mm_projector.0.weight": mm.linear_1.weight, "model.mm_projector.0.bias": mm.linear_1.bias,
-                "model.mm_projector.2.weight": mm.linear_2.weight, "model.mm_projector.2.bias": mm.linear_2.bias},
-               root / "mm_projector.bin")
+    torch.save(
+        {
+            "model.mm_projector.0.weight": mm.linear_1.weight,
+            "model.mm_projector.0.bias": mm.linear_1.bias,
+            "model.mm_projector.2.weight": mm.linear_2.weight,
+            "model.mm_projector.2.bias": mm.linear_2.bias,
+        },
+        root / "mm_projector.bin",
+    )
     return root, model, proc
 
 
@@ -232,23 +284,44 @@ def test_preset_official_end_to_end_from_base_llm_and_stage1_projector(parts, di
 
     root, _, _ = parts
     data = _data(tmp_path / "data")
-    cfg = TrainConfig(pretrained="", base_llm=str(root / "llm"), vision_tower=str(root / "clip"), mm_projector=str(root / "mm_projector.bin"),
-                      data=str(data), image_folder=str(data.parent / "img"), output_dir=str(tmp_path / "run"), preset="official",
-                      teacher=str(dinov2_dir), layer=2, proj_hidden=32, lora_r=8, lora_alpha=16, batch_size=2, effective_batch=4,
-                      max_steps=2, log_every=1, progress=False)
+    cfg = TrainConfig(
+        pretrained="",
+        base_llm=str(root / "llm"),
+        vision_tower=str(root / "clip"),
+        mm_projector=str(root / "mm_projector.bin"),
+        data=str(data),
+        image_folder=str(data.parent / "img"),
+        output_dir=str(tmp_path / "run"),
+        preset="official",
+        teacher=str(dinov2_dir),
+        layer=2,
+        proj_hidden=32,
+        lora_r=8,
+        lora_alpha=16,
+        batch_size=2,
+        effective_batch=4,
+        max_steps=2,
+        log_every=1,
+        progress=False,
+    )
     result = train(cfg)
     assert result["step"] == 2 and result["vra_loss"] is not None
     saved = json.loads((tmp_path / "run" / "viral_config.json").read_text())
     r = saved["recipe"]
     assert r["preset"] == "official" and r["teacher_input"] == "official" and r["schedule"] == "official"
-    assert r["mm_projector"]["lr"] == PRESETS["official"]["mm_projector_lr"] and r["lora"]["lr"] == PRESETS["official"]["lr"]
+    assert (
+        r["mm_projector"]["lr"] == PRESETS["official"]["mm_projector_lr"]
+        and r["lora"]["lr"] == PRESETS["official"]["lr"]
+    )
     assert r["batch"] == {"per_device": 2, "grad_accum": 2, "effective": 4} and r["pad_to_square"] is True
     assert "frozen" in r["projector"] and len(r["reproduced_official_bugs"]) == 2
     assert (tmp_path / "run" / "adapter" / "adapter_config.json").exists()
     assert "viral-train recipe" in capsys.readouterr().out
     log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
     # warm-up ceil(0.03 * 2) = 1 step: factor 0 for the first optimizer step, then the cosine from 1
-    assert log[0]["lrs"] == pytest.approx({"main": PRESETS["official"]["lr"], "mm": PRESETS["official"]["mm_projector_lr"]})
+    assert log[0]["lrs"] == pytest.approx(
+        {"main": PRESETS["official"]["lr"], "mm": PRESETS["official"]["mm_projector_lr"]}
+    )
 
 
 def test_preset_official_names_the_teacher_to_download(base_ckpt, tmp_path):
@@ -264,15 +337,49 @@ def test_cli_preset_official_prints_and_saves_the_recipe(base_ckpt, dinov2_dir, 
 
     data = _data(tmp_path / "data")
     out = tmp_path / "run"
-    rc = main(["viral-train", "--preset", "official", "--pretrained", str(base_ckpt), "--data", str(data), "--image-folder",
-               str(data.parent / "img"), "--output-dir", str(out), "--teacher", str(dinov2_dir), "--layer", "1,2",
-               "--multiple-projectors", "--loss", "similarity", "--proj-hidden", "16", "--lora-r", "4", "--lora-alpha", "8",
-               "--batch-size", "4", "--effective-batch", "8", "--max-steps", "1", "--no-progress"])
+    rc = main(
+        [
+            "viral-train",
+            "--preset",
+            "official",
+            "--pretrained",
+            str(base_ckpt),
+            "--data",
+            str(data),
+            "--image-folder",
+            str(data.parent / "img"),
+            "--output-dir",
+            str(out),
+            "--teacher",
+            str(dinov2_dir),
+            "--layer",
+            "1,2",
+            "--multiple-projectors",
+            "--loss",
+            "similarity",
+            "--proj-hidden",
+            "16",
+            "--lora-r",
+            "4",
+            "--lora-alpha",
+            "8",
+            "--batch-size",
+            "4",
+            "--effective-batch",
+            "8",
+            "--max-steps",
+            "1",
+            "--no-progress",
+        ]
+    )
     assert rc == 0
     recipe = json.loads((out / "viral_config.json").read_text())["recipe"]
     assert recipe["layers"] == [1, 2] and recipe["multiple_projectors"] and recipe["loss"] == "similarity"
     assert recipe["teacher_input"] == "official" and recipe["batch"]["grad_accum"] == 2
     from safetensors.torch import load_file
 
-    assert {k.split(".")[0] for k in load_file(str(out / "vra_projector.safetensors"))} == {"0", "1"}  # one projector per layer
+    assert {k.split(".")[0] for k in load_file(str(out / "vra_projector.safetensors"))} == {
+        "0",
+        "1",
+    }  # one projector per layer
     assert '"preset": "official"' in capsys.readouterr().out

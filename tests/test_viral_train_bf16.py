@@ -15,9 +15,36 @@ def test_two_low_precision_steps_through_the_cli(dtype, tmp_path):
     ckpt = build_tiny_llava(tmp_path / "base")
     data = _data(tmp_path / "data")
     out = tmp_path / "run"
-    rc = main(["viral-train", "--pretrained", str(ckpt), "--data", str(data), "--image-folder", str(data.parent / "img"),
-               "--output-dir", str(out), "--dtype", dtype, "--layer", "2", "--proj-hidden", "16", "--lora-r", "4",
-               "--lora-alpha", "8", "--batch-size", "2", "--max-steps", "2", "--log-every", "1", "--no-progress"])
+    rc = main(
+        [
+            "viral-train",
+            "--pretrained",
+            str(ckpt),
+            "--data",
+            str(data),
+            "--image-folder",
+            str(data.parent / "img"),
+            "--output-dir",
+            str(out),
+            "--dtype",
+            dtype,
+            "--layer",
+            "2",
+            "--proj-hidden",
+            "16",
+            "--lora-r",
+            "4",
+            "--lora-alpha",
+            "8",
+            "--batch-size",
+            "2",
+            "--max-steps",
+            "2",
+            "--log-every",
+            "1",
+            "--no-progress",
+        ]
+    )
     assert rc == 0
     rows = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2]

@@ -43,7 +43,9 @@ def test_bad_model_args_fail_at_construction(tiny_ckpt, kwargs, message):
 def test_non_llava_checkpoints_are_refused(tmp_path):
     from transformers import LlamaConfig
 
-    LlamaConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32).save_pretrained(tmp_path / "llama")
+    LlamaConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32).save_pretrained(
+        tmp_path / "llama"
+    )
     with pytest.raises(ModelArgsError, match="'llama' checkpoint; these techniques need an interleaved LLaVA"):
         _pai(pretrained=str(tmp_path / "llama"))
     (tmp_path / "empty").mkdir()
@@ -67,7 +69,9 @@ def test_request_without_image_raises_instead_of_empty_answer(tiny_ckpt):
 def test_two_images_are_refused(tiny_ckpt):
     lm = _pai(pretrained=str(tiny_ckpt), alpha=0.3)
     inputs, image, prompt = make_inputs(lm._image_processor)
-    two = lm._image_processor(images=[image, image], text=prompt.replace("<image>", "<image> <image>"), return_tensors="pt")
+    two = lm._image_processor(
+        images=[image, image], text=prompt.replace("<image>", "<image> <image>"), return_tensors="pt"
+    )
     with pytest.raises(TechniqueError, match="this request has 2"):
         lm.model.generate(**two, max_new_tokens=2)
 

@@ -29,7 +29,12 @@ sys.path.insert(0, str(HERE))
 import cpu_shim  # noqa: E402
 
 # (name, n, d_x, d_y, coupling): y = x[:, :d] @ W + noise / coupling (0: unrelated)
-PAIRS = [("related_40", 40, 16, 12, 1.0), ("weak_64", 64, 32, 24, 0.3), ("unrelated_50", 50, 8, 8, 0.0), ("related_120", 120, 24, 16, 2.0)]
+PAIRS = [
+    ("related_40", 40, 16, 12, 1.0),
+    ("weak_64", 64, 32, 24, 0.3),
+    ("unrelated_50", 50, 8, 8, 0.0),
+    ("related_120", 120, 24, 16, 2.0),
+]
 TOPKS = (2, 5, 10)
 
 
@@ -43,7 +48,9 @@ def make_pair(n, dx, dy, coupling, gen):
 
 
 def load_reference(checkout: Path):
-    cpu_shim.stub_modules(["torchaudio.functional", "sklearn.cross_decomposition"], **{"sklearn.cross_decomposition": {"CCA": None}})
+    cpu_shim.stub_modules(
+        ["torchaudio.functional", "sklearn.cross_decomposition"], **{"sklearn.cross_decomposition": {"CCA": None}}
+    )
     spec = importlib.util.spec_from_file_location("platonic_metrics", checkout / "metrics.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -80,8 +87,13 @@ def main() -> int:
         "files": {"metrics.py": hashlib.sha256((args.official / "metrics.py").read_bytes()).hexdigest()},
         "what": "AlignmentMetrics.cka / unbiased_cka / cknna (unbiased and biased) / mutual_knn on L2-normalised float64 pairs",
         "command": "python bench/parity/cknna_reference.py --official <platonic-rep checkout> --out tests/fixtures/official/cknna",
-        "shim": {"file": "bench/parity/cpu_shim.py", "sha256": hashlib.sha256(shim).hexdigest(), "used": "stub_modules for torchaudio, sklearn"},
-        "stack": [p for p in freeze if p.split("==")[0].lower() in ("torch", "numpy")] + [f"python=={sys.version.split()[0]}"],
+        "shim": {
+            "file": "bench/parity/cpu_shim.py",
+            "sha256": hashlib.sha256(shim).hexdigest(),
+            "used": "stub_modules for torchaudio, sklearn",
+        },
+        "stack": [p for p in freeze if p.split("==")[0].lower() in ("torch", "numpy")]
+        + [f"python=={sys.version.split()[0]}"],
     }
     (args.out / "provenance.json").write_text(json.dumps(provenance, indent=1) + "\n")
     print(f"wrote {len(cases)} pairs x {len(cases[0]['values'])} values to {args.out}")

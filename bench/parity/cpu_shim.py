@@ -56,7 +56,19 @@ def install() -> None:
     torch.nn.Module.cuda = lambda self, *a, **k: self
     torch.Tensor.half = lambda self, *a, **k: self
     torch.nn.Module.half = lambda self, *a, **k: self
-    for name in ("ones", "zeros", "full", "empty", "tensor", "arange", "as_tensor", "randn", "rand", "ones_like", "zeros_like"):
+    for name in (
+        "ones",
+        "zeros",
+        "full",
+        "empty",
+        "tensor",
+        "arange",
+        "as_tensor",
+        "randn",
+        "rand",
+        "ones_like",
+        "zeros_like",
+    ):
         setattr(torch, name, _wrap(getattr(torch, name)))
 
 

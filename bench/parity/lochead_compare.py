@@ -41,7 +41,11 @@ def main():
     model = tiny.load_hf(a.model)
     hooks.install(model)
     pixels = tiny.fixed_pixels(len(fx["samples"]))
-    m = {"on_official_maps": {"head_ranking_equal": 0, "v2_kept_equal": 0, "v2_box_equal": 0}, "capture": {"max_abs_diff": 0.0, "head_entropy_flips": 0, "max_entropy_diff_unflipped": 0.0}, "samples": len(fx["samples"])}
+    m = {
+        "on_official_maps": {"head_ranking_equal": 0, "v2_kept_equal": 0, "v2_box_equal": 0},
+        "capture": {"max_abs_diff": 0.0, "head_entropy_flips": 0, "max_entropy_diff_unflipped": 0.0},
+        "samples": len(fx["samples"]),
+    }
     for i, s in enumerate(fx["samples"]):
         with open(Path(a.scratch) / f"sample{i}.pkl", "rb") as f:
             ref = pickle.load(f)[:, :, 0].float()
@@ -50,7 +54,9 @@ def main():
         kept = lochead.rank_heads_official_v2(ref, GRID)
         m["on_official_maps"]["v2_kept_equal"] += [[r["layer"], r["head"]] for r in kept] == s["v2"]["kept"]
         top = [(r["layer"], r["head"]) for r in kept[:5]]
-        box = lochead.official_box_grid(lochead.combine_head_maps(torch.stack([ref[l, h].reshape(GRID) for l, h in top]), 1.0))
+        box = lochead.official_box_grid(
+            lochead.combine_head_maps(torch.stack([ref[l, h].reshape(GRID) for l, h in top]), 1.0)
+        )
         m["on_official_maps"]["v2_box_equal"] += list(box) == s["v2"]["bbox_grid"]
         ids = tiny.hf_ids(s["before"], s["after"])
         pos = hooks.image_positions(ids, tiny.IMAGE_TOKEN_ID)
@@ -69,7 +75,9 @@ def main():
     prov_path.write_text(json.dumps(prov, indent=1) + "\n")
     print(json.dumps(m, indent=1))
     n = len(fx["samples"])
-    assert all(v == n for v in m["on_official_maps"].values()), "our official steps differ from the official code on its own maps"
+    assert all(v == n for v in m["on_official_maps"].values()), (
+        "our official steps differ from the official code on its own maps"
+    )
 
 
 if __name__ == "__main__":

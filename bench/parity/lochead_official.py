@@ -81,13 +81,20 @@ def stubs() -> None:
         m.__path__ = []
         sys.modules[name] = m
 
-    stub("hydra", main=lambda **kw: (lambda fn: fn))
+    stub("hydra", main=lambda **kw: lambda fn: fn)
     stub("omegaconf", DictConfig=dict, OmegaConf=None)
     stub("matplotlib")
     stub("matplotlib.pyplot")
     stub("lab", MetadataStation=None, AttentionStation=None, StationEngine=None)
     stub("llava")
-    stub("llava.constants", IMAGE_TOKEN_INDEX=-200, DEFAULT_IMAGE_TOKEN="<image>", DEFAULT_IM_START_TOKEN="<im_start>", DEFAULT_IM_END_TOKEN="<im_end>", IMAGE_PLACEHOLDER="<image-placeholder>")
+    stub(
+        "llava.constants",
+        IMAGE_TOKEN_INDEX=-200,
+        DEFAULT_IMAGE_TOKEN="<image>",
+        DEFAULT_IM_START_TOKEN="<im_start>",
+        DEFAULT_IM_END_TOKEN="<im_end>",
+        IMAGE_PLACEHOLDER="<image-placeholder>",
+    )
     stub("llava.conversation", conv_templates={})
     stub("llava.model")
     stub("llava.model.builder", load_pretrained_model=None)
@@ -102,7 +109,9 @@ def collect(args) -> None:
     sys.path.insert(0, str(Path(args.llava).resolve()))
     from llava.model import LlavaLlamaForCausalLM  # LLaVA-1.5 (bundled with the given checkout)
 
-    model = LlavaLlamaForCausalLM.from_pretrained(str(Path(args.model) / "original"), torch_dtype=torch.float32, attn_implementation="eager")
+    model = LlavaLlamaForCausalLM.from_pretrained(
+        str(Path(args.model) / "original"), torch_dtype=torch.float32, attn_implementation="eager"
+    )
     model.get_vision_tower().load_model()
     model.eval()
     scratch = Path(args.scratch)
@@ -119,9 +128,13 @@ def collect(args) -> None:
         attn = attn[:, :, -1:, begin_pos_vis : begin_pos_vis + tiny.N_IMAGE_TOKENS].contiguous()  # collector.py:300
         with open(scratch / f"sample{i}.pkl", "wb") as f:
             pickle.dump(attn, f)  # HEAD's stage-1 file (localization_heads_finder.py:181)
-        samples.append({"before": before, "after": after, "begin_pos_vis": begin_pos_vis, "image_size": list(IMAGE_SIZES[i])})
+        samples.append(
+            {"before": before, "after": after, "begin_pos_vis": begin_pos_vis, "image_size": list(IMAGE_SIZES[i])}
+        )
     info = json.loads((Path(args.model) / "model_info.json").read_text())
-    (scratch / "collect.json").write_text(json.dumps({"samples": samples, "model": info, "llava": str(args.llava)}, indent=1))
+    (scratch / "collect.json").write_text(
+        json.dumps({"samples": samples, "model": info, "llava": str(args.llava)}, indent=1)
+    )
 
 
 def _finite(x):
@@ -180,17 +193,21 @@ def synthetic_stacks() -> dict:
     m = {k: torch.from_numpy(v).flatten() for k, v in synthetic_maps().items()}
     scaled = lambda t, f: t * f  # noqa: E731
     # layers 0-1 hold the strong heads (dropped by 9ffe219), layer 2 only bottom-row heads: nothing is kept
-    fallback = torch.stack([
-        torch.stack([scaled(m["one_blob"], 3.0), scaled(m["two_blobs_and_a_speck"], 3.0)]),
-        torch.stack([scaled(m["random"], 1.5), scaled(m["one_blob"], 2.5)]),
-        torch.stack([scaled(m["bottom_row"], 2.0), scaled(m["bottom_row"], 1.0)]),
-    ])[:, :, None, :]
-    mixed = torch.stack([
-        torch.stack([m["uniform"], m["faint"], scaled(m["random"], 0.5)]),
-        torch.stack([scaled(m["one_blob"], 0.2), m["two_blobs_and_a_speck"], m["uniform"]]),
-        torch.stack([m["random"], scaled(m["one_blob"], 1.2), m["faint"]]),
-        torch.stack([scaled(m["two_blobs_and_a_speck"], 1.1), m["bottom_row"], scaled(m["random"], 0.8)]),
-    ])[:, :, None, :]
+    fallback = torch.stack(
+        [
+            torch.stack([scaled(m["one_blob"], 3.0), scaled(m["two_blobs_and_a_speck"], 3.0)]),
+            torch.stack([scaled(m["random"], 1.5), scaled(m["one_blob"], 2.5)]),
+            torch.stack([scaled(m["bottom_row"], 2.0), scaled(m["bottom_row"], 1.0)]),
+        ]
+    )[:, :, None, :]
+    mixed = torch.stack(
+        [
+            torch.stack([m["uniform"], m["faint"], scaled(m["random"], 0.5)]),
+            torch.stack([scaled(m["one_blob"], 0.2), m["two_blobs_and_a_speck"], m["uniform"]]),
+            torch.stack([m["random"], scaled(m["one_blob"], 1.2), m["faint"]]),
+            torch.stack([scaled(m["two_blobs_and_a_speck"], 1.1), m["bottom_row"], scaled(m["random"], 0.8)]),
+        ]
+    )[:, :, None, :]
     return {"v2_fallback": fallback.float().contiguous(), "mixed": mixed.float().contiguous()}
 
 
@@ -227,7 +244,9 @@ def analyze(args) -> None:
         shown = sorted(shown)
         arrays[f"s{i}_shown_heads"] = np.array(shown, np.int64)
         arrays[f"s{i}_shown_maps"] = np.stack([attn[l, h, 0].numpy() for l, h in shown]).astype(np.float32)
-        se_head = np.array([r["spatial_entropy"] for r in sorted(head_results, key=lambda r: r["head_idx"])], np.float64)
+        se_head = np.array(
+            [r["spatial_entropy"] for r in sorted(head_results, key=lambda r: r["head_idx"])], np.float64
+        )
         arrays[f"s{i}_head_entropy"] = se_head
         fixture["samples"].append(
             {
@@ -256,11 +275,21 @@ def analyze(args) -> None:
         v2 = v2_analyze.spatial_entropy(t, logic["entropy"]["binarize_threshold"])
         arrays[f"syn_{name}"] = m
         fixture["synthetic"][name] = {
-            "head": {"entropy": _finite(head["spatial_entropy"]), "num_components": int(head["num_components"]), "bottom_row_focus": bool((head["labeled_array"][-1, :] > 0).all())},
-            "v2": {"entropy": _finite(v2["spatial_entropy"]), "num_components": int(v2["num_components"]), "bottom_row_focus": bool((m[-1, :] > 0.05).any())},
+            "head": {
+                "entropy": _finite(head["spatial_entropy"]),
+                "num_components": int(head["num_components"]),
+                "bottom_row_focus": bool((head["labeled_array"][-1, :] > 0).all()),
+            },
+            "v2": {
+                "entropy": _finite(v2["spatial_entropy"]),
+                "num_components": int(v2["num_components"]),
+                "bottom_row_focus": bool((m[-1, :] > 0.05).any()),
+            },
         }
         # the box steps of pipeline.py:70-74 with this map as the only selected head
-        combo = v2_bbox.combine_heads(t.reshape(1, 1, 1, -1), [{"layer": 0, "head": 0}], P=24, sigma=cfg.logic.smoothing.sigma)
+        combo = v2_bbox.combine_heads(
+            t.reshape(1, 1, 1, -1), [{"layer": 0, "head": 0}], P=24, sigma=cfg.logic.smoothing.sigma
+        )
         grid = v2_bbox.bbox_from_mask(v2_bbox.binarize_mean_relu(combo))
         fixture["synthetic"][name]["v2"]["bbox_grid"] = list(map(int, grid))
         fixture["synthetic"][name]["v2"]["bbox_img"] = list(map(int, v2_bbox.scale_bbox_to_image(grid, (640, 480), 24)))
@@ -278,9 +307,17 @@ def analyze(args) -> None:
             "v2_kept": [[r["layer"], r["head"], _finite(r["spatial_entropy"])] for r in kept],
             "head_ranking": [[r["layer"], r["head"], _finite(r["spatial_entropy"])] for r in head_results],
         }
-    curves = {"convex": [0.01 * k * k for k in range(40)], "plateau": [1.0] * 5 + [0.1 * k for k in range(20)], "shuffled": list(np.random.default_rng(5).permutation(np.linspace(0, 1, 30) ** 3))}
+    curves = {
+        "convex": [0.01 * k * k for k in range(40)],
+        "plateau": [1.0] * 5 + [0.1 * k for k in range(20)],
+        "shuffled": list(np.random.default_rng(5).permutation(np.linspace(0, 1, 30) ** 3)),
+    }
     fixture["elbow"] = {
-        name: {"values": [float(v) for v in c], "head_index": int(finder.find_elbow_point(list(range(len(c))), list(c))), "v2_value": float(v2_analyze.elbow_chord(list(c)))}
+        name: {
+            "values": [float(v) for v in c],
+            "head_index": int(finder.find_elbow_point(list(range(len(c))), list(c))),
+            "v2_value": float(v2_analyze.elbow_chord(list(c))),
+        }
         for name, c in curves.items()
     }
     np.savez_compressed(out / "arrays.npz", **arrays)
@@ -296,8 +333,16 @@ def provenance(args, collected, out: Path) -> None:
     freeze = subprocess.run([sys.executable, "-m", "pip", "freeze"], capture_output=True, text=True).stdout.split()
     doc = {
         "repositories": {
-            "head": {"repository": "https://github.com/seilk/LocalizationHeads", "commit": HEAD_COMMIT, "files": ["localization_heads_finder.py"]},
-            "v2": {"repository": "https://github.com/liu-hanyu-97/LocalizationHeads (fork holding the authors' 9ffe219)", "commit": V2_COMMIT, "files": ["analyze.py", "bbox.py", "conf/logic/selection_v1.yaml"]},
+            "head": {
+                "repository": "https://github.com/seilk/LocalizationHeads",
+                "commit": HEAD_COMMIT,
+                "files": ["localization_heads_finder.py"],
+            },
+            "v2": {
+                "repository": "https://github.com/liu-hanyu-97/LocalizationHeads (fork holding the authors' 9ffe219)",
+                "commit": V2_COMMIT,
+                "files": ["analyze.py", "bbox.py", "conf/logic/selection_v1.yaml"],
+            },
         },
         "collection": "LLaVA-1.5 forward (original layout, eager, output_attentions=True) with the llava package of "
         f"{Path(collected['llava']).name}; slice of 9ffe219 collector.py:300; the LocalizationHeads checkouts' own llava "

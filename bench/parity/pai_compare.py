@@ -71,7 +71,15 @@ def main():
         ours = torch.stack([s.float() for s in out.scores])
         same_ids = out.sequences[:, n:].tolist() == run["new_ids"]
         diff = max_diff(ours, theirs) if ours.shape == theirs.shape else float("inf")
-        runs.append({"name": run["name"], "num_beams": run["num_beams"], "prompt": run["prompt"], "ids_equal": same_ids, "max_abs_diff": diff})
+        runs.append(
+            {
+                "name": run["name"],
+                "num_beams": run["num_beams"],
+                "prompt": run["prompt"],
+                "ids_equal": same_ids,
+                "max_abs_diff": diff,
+            }
+        )
         print(runs[-1], flush=True)
 
     # a git checkout knows its commit; an exported tree (git archive) needs PAI_COMMIT
@@ -79,7 +87,9 @@ def main():
     commit = commit or os.environ.get("PAI_COMMIT", "")
     if len(commit) != 40:
         raise SystemExit("cannot tell the official commit: use a git checkout or set PAI_COMMIT to the full hash")
-    freeze = subprocess.run([args.official_python, "-m", "pip", "freeze"], capture_output=True, text=True).stdout.split()
+    freeze = subprocess.run(
+        [args.official_python, "-m", "pip", "freeze"], capture_output=True, text=True
+    ).stdout.split()
     pyver = subprocess.run([args.official_python, "--version"], capture_output=True, text=True).stdout.strip()
     provenance = {
         "technique": "pai",
@@ -95,9 +105,17 @@ def main():
         "unmodified": True,
         "patch": None,
         "shim": {"file": "bench/parity/cpu_shim.py", "sha256": sha256(HERE / "cpu_shim.py")},
-        "harness": {f: sha256(HERE / f) for f in ("pai_official.py", "tiny_llava15.py", "pai_ours.py", "pai_compare.py")},
+        "harness": {
+            f: sha256(HERE / f) for f in ("pai_official.py", "tiny_llava15.py", "pai_ours.py", "pai_compare.py")
+        },
         "harness_command": "bash bench/parity/regenerate.sh --pai /work/official/PAI",
-        "official_stack": {"python": pyver, "pip_freeze": freeze, "device": "cpu", "dtype": "float32", "attn_implementation": "eager"},
+        "official_stack": {
+            "python": pyver,
+            "pip_freeze": freeze,
+            "device": "cpu",
+            "dtype": "float32",
+            "attn_implementation": "eager",
+        },
         "notes": [
             "attn_implementation=eager: the official environment (environment.yml: torch 2.0.1, transformers 4.37.0) has no "
             "SDPA, so transformers ran eager attention; under SDPA 4.37 passes no prefill mask and the patched "
@@ -115,7 +133,12 @@ def main():
         "all_ids_equal": all(r["ids_equal"] for r in runs),
     }
     (fixtures / "provenance.json").write_text(json.dumps(provenance, indent=1) + "\n")
-    print("layout max abs diff", max(layout.values()), "runs max abs diff", provenance["max_abs_diff"]["all_runs_all_steps"])
+    print(
+        "layout max abs diff",
+        max(layout.values()),
+        "runs max abs diff",
+        provenance["max_abs_diff"]["all_runs_all_steps"],
+    )
     print("ids equal in every run:", provenance["all_ids_equal"])
 
 

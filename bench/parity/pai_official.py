@@ -97,7 +97,9 @@ def main():
     ap.add_argument("--pai", required=True, help="official PAI checkout (its own llava/ package is used)")
     ap.add_argument("--model", required=True, help="tiny_llava15.build() output directory")
     ap.add_argument("--out", required=True)
-    ap.add_argument("--scratch", help="also save full-vocabulary tensors here (outside the fixtures) for max-diff reports")
+    ap.add_argument(
+        "--scratch", help="also save full-vocabulary tensors here (outside the fixtures) for max-diff reports"
+    )
     args = ap.parse_args()
     full = {"layout": {}, "runs": []}
     sys.path.insert(0, str(Path(args.pai).resolve()))
@@ -182,7 +184,9 @@ def main():
                     "start_layer": START_LAYER,
                     "end_layer": END_LAYER,
                     "new_ids": new.tolist(),
-                    "sequences_scores": gen.sequences_scores.tolist() if getattr(gen, "sequences_scores", None) is not None else None,
+                    "sequences_scores": gen.sequences_scores.tolist()
+                    if getattr(gen, "sequences_scores", None) is not None
+                    else None,
                     "steps": [step_record(s) for s in gen.scores],
                 }
             )

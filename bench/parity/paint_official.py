@@ -118,7 +118,9 @@ class Recorder:
 
     def __call__(self, vit_attn, shared_dict, *a, **k):
         out = self.orig(vit_attn, shared_dict, *a, **k)
-        self.calls.append((vit_attn, {"top": shared_dict["top_tokens"].clone(), "bottom": shared_dict["bottom_tokens"].clone()}))
+        self.calls.append(
+            (vit_attn, {"top": shared_dict["top_tokens"].clone(), "bottom": shared_dict["bottom_tokens"].clone()})
+        )
         return out
 
 
@@ -233,7 +235,11 @@ def checkout_commit(checkout: Path) -> str:
     import os
 
     got = subprocess.run(["git", "-C", str(checkout), "rev-parse", "HEAD"], capture_output=True, text=True)
-    commit = got.stdout.strip() if got.returncode == 0 and (checkout / ".git").exists() else os.environ.get("PAINT_COMMIT", "")
+    commit = (
+        got.stdout.strip()
+        if got.returncode == 0 and (checkout / ".git").exists()
+        else os.environ.get("PAINT_COMMIT", "")
+    )
     if commit != OFFICIAL_COMMIT:
         raise SystemExit(f"{checkout}: commit {commit or '(unknown: set PAINT_COMMIT)'} is not {OFFICIAL_COMMIT}")
     return commit
@@ -289,7 +295,10 @@ def main():
         "(= python bench/parity/tiny_llava15.py MODEL; /work/venvs/official/bin/python "
         "bench/parity/paint_official.py --official /work/official/PAINT --model MODEL --out tests/fixtures/official/paint)",
         "model": {"builder": "bench/parity/tiny_llava15.py", **info},
-        "pixels": {"fn": f"tiny_llava15.fixed_pixels({N_IMAGES}, seed={info['seed']})", "sha256": tiny.tensor_sha256(pixels)},
+        "pixels": {
+            "fn": f"tiny_llava15.fixed_pixels({N_IMAGES}, seed={info['seed']})",
+            "sha256": tiny.tensor_sha256(pixels),
+        },
         "shim": {"source": SHIM, "sha256": hashlib.sha256(SHIM.encode()).hexdigest()},
         "precision": "float32 on CPU; the selection also in float16 (selection.json entries with dtype float16)",
         "official_stack": {"python": sys.version.split()[0], "pip_freeze": pip_freeze()},

@@ -44,16 +44,28 @@ def main():
             want_ids = case["once"]["new_ids"] if refresh == "once" else case["every_token"]["new_ids"]
             for ours, ref, prefix in zip(tech.steps, refs, prefixes):
                 s = ours.search
-                d_map = max(float(np.abs(r - arrays[f"{prefix}map{i}"].ravel()).max()) for i, r in enumerate(s.raw)) if len(s.raw) == ref["passes"] else float("nan")
+                d_map = (
+                    max(float(np.abs(r - arrays[f"{prefix}map{i}"].ravel()).max()) for i, r in enumerate(s.raw))
+                    if len(s.raw) == ref["passes"]
+                    else float("nan")
+                )
                 d_h = float(np.abs(s.h_star - arrays[f"{prefix}h_star"].ravel()).max())
                 d_e = float(np.abs(ours.grid_map - arrays[f"{prefix}enhanced"]).max())
-                cells = int((pm.official_quantise(torch.from_numpy(ours.grid_map)) != arrays[f"{prefix}grid_uint8"]).sum())
+                cells = int(
+                    (pm.official_quantise(torch.from_numpy(ours.grid_map)) != arrays[f"{prefix}grid_uint8"]).sum()
+                )
                 same_img = bool(np.array_equal(np.asarray(ours.image), arrays[f"{prefix}magnified"]))
                 blocked = [np.flatnonzero(b).tolist() for b in s.blocked] == ref["blocked"]
-                rows.append(f"{prefix:32s} passes {len(s.raw)}/{ref['passes']} blocked_equal {blocked} map {d_map:.1e} "
-                            f"h* {d_h:.1e} enhanced {d_e:.1e} 8bit_cells {cells} image_equal {same_img}")
-                worst = {"map": max(worst["map"], d_map), "h_star": max(worst["h_star"], d_h), "enhanced": max(worst["enhanced"], d_e),
-                         "cells": max(worst["cells"], cells)}
+                rows.append(
+                    f"{prefix:32s} passes {len(s.raw)}/{ref['passes']} blocked_equal {blocked} map {d_map:.1e} "
+                    f"h* {d_h:.1e} enhanced {d_e:.1e} 8bit_cells {cells} image_equal {same_img}"
+                )
+                worst = {
+                    "map": max(worst["map"], d_map),
+                    "h_star": max(worst["h_star"], d_h),
+                    "enhanced": max(worst["enhanced"], d_e),
+                    "cells": max(worst["cells"], cells),
+                }
             rows.append(f"{name} {refresh}: ids equal {ids == want_ids}")
     print("\n".join(rows))
     print("worst:", worst)

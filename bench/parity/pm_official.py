@@ -71,7 +71,10 @@ NEW_TOKENS = 4
 TOPK = 16
 # Fixed "text" ids around the image (no Vicuna tokenizer here): ~system prompt, then the question.
 PROMPTS = [
-    ([319, 13563, 1546, 263, 12758, 1404, 322, 385, 23116, 21082, 3148, 1001, 29901], [1317, 727, 263, 11203, 297, 278, 1967, 29973, 319, 1799, 29901]),
+    (
+        [319, 13563, 1546, 263, 12758, 1404, 322, 385, 23116, 21082, 3148, 1001, 29901],
+        [1317, 727, 263, 11203, 297, 278, 1967, 29973, 319, 1799, 29901],
+    ),
     ([3148, 1001, 29901], [20355, 915, 278, 1967, 29889, 319, 1799, 29901]),
 ]
 # scripts/pope/run_llava_pm.sh and scripts/mme/run_llava_pm.sh
@@ -126,7 +129,16 @@ class Trace:
 
     def __init__(self, module):
         self.events = []
-        for name in ("aggregate_layer_attention", "get_highlight_mask", "prepare_attention_mask", "revise_mask", "toImg", "invtrans", "attention_sampling", "process_images"):
+        for name in (
+            "aggregate_layer_attention",
+            "get_highlight_mask",
+            "prepare_attention_mask",
+            "revise_mask",
+            "toImg",
+            "invtrans",
+            "attention_sampling",
+            "process_images",
+        ):
             setattr(module, name, self.wrap(name, getattr(module, name)))
 
     def wrap(self, name, fn):
@@ -192,7 +204,9 @@ def load_official(official: Path, model_dir: Path):
     from llava.model import LcdLlavaLlamaForCausalLM
 
     pm_sample.evolve_pm_sampling()  # model_generate.py:24-25
-    model = LcdLlavaLlamaForCausalLM.from_pretrained(str(model_dir / "original"), torch_dtype=torch.float32, attn_implementation="eager")
+    model = LcdLlavaLlamaForCausalLM.from_pretrained(
+        str(model_dir / "original"), torch_dtype=torch.float32, attn_implementation="eager"
+    )
     tower = model.get_vision_tower()
     if not tower.is_loaded:
         tower.load_model()
@@ -252,8 +266,15 @@ def gen_kwargs(max_new: int, recorder: LogitsRecorder) -> dict:
     from transformers.generation.logits_process import LogitsProcessorList
 
     return dict(
-        do_sample=True, temperature=1.0, top_k=1, num_beams=1, max_new_tokens=max_new, use_cache=True,
-        output_scores=True, return_dict_in_generate=True, output_attentions=True,
+        do_sample=True,
+        temperature=1.0,
+        top_k=1,
+        num_beams=1,
+        max_new_tokens=max_new,
+        use_cache=True,
+        output_scores=True,
+        return_dict_in_generate=True,
+        output_attentions=True,
         logits_processor=LogitsProcessorList([recorder]),
     )
 
@@ -261,7 +282,9 @@ def gen_kwargs(max_new: int, recorder: LogitsRecorder) -> dict:
 def pixel_lut(image_processor) -> torch.Tensor:
     """(3, 256) the processor's value for every 8-bit level per channel (rescale + normalise only)."""
     ramp = np.repeat(np.arange(256, dtype=np.uint8).reshape(16, 16)[:, :, None], 3, axis=2)
-    out = image_processor.preprocess(Image.fromarray(ramp, "RGB"), do_resize=False, do_center_crop=False, return_tensors="pt")["pixel_values"][0]
+    out = image_processor.preprocess(
+        Image.fromarray(ramp, "RGB"), do_resize=False, do_center_crop=False, return_tensors="pt"
+    )["pixel_values"][0]
     return out.reshape(3, 256)
 
 
@@ -288,7 +311,10 @@ def step_arrays(prefix: str, step: dict, arrays: dict, vis_start: int) -> dict:
     arrays[f"{prefix}magnified"] = step["sampled_float"].astype(np.uint8)
     return {
         "passes": len(step["maps"]),
-        "blocked": [np.flatnonzero(~np.asarray(m[vis_start : vis_start + 576], dtype=bool)).tolist() for m in step["override_masks"]],
+        "blocked": [
+            np.flatnonzero(~np.asarray(m[vis_start : vis_start + 576], dtype=bool)).tolist()
+            for m in step["override_masks"]
+        ],
         "mask_lengths": [len(m) for m in step["override_masks"]],
         "highlight": [np.flatnonzero(h).tolist() for h in step["highlight"]],
         "sampled_is_integral": bool(np.all(step["sampled_float"] == np.round(step["sampled_float"]))),
@@ -297,11 +323,15 @@ def step_arrays(prefix: str, step: dict, arrays: dict, vis_start: int) -> dict:
     }
 
 
-def run_case(model, image_processor, pm_sample, trace, image, prompt, settings, out_dir, name, arrays, every: bool) -> dict:
+def run_case(
+    model, image_processor, pm_sample, trace, image, prompt, settings, out_dir, name, arrays, every: bool
+) -> dict:
     from experiments.utils.helper_functions import process_images_return_pad
     from llava.mm_utils import process_images
 
-    image_tensor, image_pad_pil, pad_mask = process_images_return_pad([image], image_processor, model.config)  # model_generate.py:91
+    image_tensor, image_pad_pil, pad_mask = process_images_return_pad(
+        [image], image_processor, model.config
+    )  # model_generate.py:91
     pad_mask = np.array(pad_mask, dtype=int)
     before, after = prompt
     input_ids = torch.tensor([[1, *before, tiny.IMAGE_TOKEN_INDEX, *after]])
@@ -329,7 +359,7 @@ def run_case(model, image_processor, pm_sample, trace, image, prompt, settings, 
         pix = process_images([mag], image_processor, model.config).to(dtype=torch.float32)
         gen = model.generate(input_ids=input_ids, images=pix, **gen_kwargs(NEW_TOKENS, rec))
     trace.steps()  # the plain generate calls process_images only above (discard)
-    case["once"]["new_ids"] = gen["sequences"][0, input_ids.shape[1]:].tolist()
+    case["once"]["new_ids"] = gen["sequences"][0, input_ids.shape[1] :].tolist()
     case["once"]["answer_logits"] = logits_record(rec.rows)
     # the unmagnified first-step logits (model_generate.py:305-313; resample_cd's original_scores)
     rec = LogitsRecorder()
@@ -346,7 +376,7 @@ def run_case(model, image_processor, pm_sample, trace, image, prompt, settings, 
         gen = model.generate(input_ids=input_ids, images=images, resample_args=ra, **gen_kwargs(NEW_TOKENS, rec))
     steps = trace.steps()
     case["every_token"] = {
-        "new_ids": gen["sequences"][0, input_ids.shape[1]:].tolist(),
+        "new_ids": gen["sequences"][0, input_ids.shape[1] :].tolist(),
         "logits": logits_record(rec.rows),
         "steps": [step_arrays(f"{name}/every/{i}/", s, arrays, vis_start) for i, s in enumerate(steps)],
     }
@@ -426,33 +456,87 @@ def main():
     for k, im in images.items():
         im.save(args.out / f"image_{k}.png")
     arrays, cases = {}, {}
-    plan = [("wide", 0, "pope", True), ("square", 1, "mme", True), ("tall", 0, "mme", False), ("wide", 1, "pope", False),
-            ("square", 0, "pope_iter1", False), ("wide", 0, "pope_exit", False)]
+    plan = [
+        ("wide", 0, "pope", True),
+        ("square", 1, "mme", True),
+        ("tall", 0, "mme", False),
+        ("wide", 1, "pope", False),
+        ("square", 0, "pope_iter1", False),
+        ("wide", 0, "pope_exit", False),
+    ]
     arrays["pixel_lut"] = pixel_lut(image_processor).numpy()
     for img, p, setting, every in plan[:1] if args.quick else plan:
         name = f"{img}_p{p}_{setting}"
-        cases[name] = {"image": img, "prompt_index": p, "settings": setting, **run_case(
-            model, image_processor, pm_sample, trace, images[img], PROMPTS[p], SETTINGS[setting], args.out, name, arrays, every)}
+        cases[name] = {
+            "image": img,
+            "prompt_index": p,
+            "settings": setting,
+            **run_case(
+                model,
+                image_processor,
+                pm_sample,
+                trace,
+                images[img],
+                PROMPTS[p],
+                SETTINGS[setting],
+                args.out,
+                name,
+                arrays,
+                every,
+            ),
+        }
         c = cases[name]
-        print(name, "once passes", c["once"]["passes"], "ids", c["once"]["new_ids"], "every",
-              c.get("every_token", {}).get("new_ids"), [s["passes"] for s in c.get("every_token", {}).get("steps", [])], flush=True)
+        print(
+            name,
+            "once passes",
+            c["once"]["passes"],
+            "ids",
+            c["once"]["new_ids"],
+            "every",
+            c.get("every_token", {}).get("new_ids"),
+            [s["passes"] for s in c.get("every_token", {}).get("steps", [])],
+            flush=True,
+        )
     pure = pure_functions(pm_sample, arrays)
     np.savez_compressed(args.out / "arrays.npz", **arrays)
     info = json.loads((args.model / "model_info.json").read_text())
     commit = os.environ.get("PM_COMMIT") or next(
-        (c for c in (subprocess.run(["git", "-C", str(d), "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
-                     for d in (args.official, Path("/work/.mirror/ShunqiM+PM/repo"))) if c.startswith(OFFICIAL_COMMIT)), "")
-    (args.out / "pm_official.json").write_text(json.dumps({"cases": cases, "pure": pure, "settings": SETTINGS, "new_tokens": NEW_TOKENS}, separators=(",", ":")))
+        (
+            c
+            for c in (
+                subprocess.run(
+                    ["git", "-C", str(d), "rev-parse", "HEAD"], capture_output=True, text=True
+                ).stdout.strip()
+                for d in (args.official, Path("/work/.mirror/ShunqiM+PM/repo"))
+            )
+            if c.startswith(OFFICIAL_COMMIT)
+        ),
+        "",
+    )
+    (args.out / "pm_official.json").write_text(
+        json.dumps(
+            {"cases": cases, "pure": pure, "settings": SETTINGS, "new_tokens": NEW_TOKENS}, separators=(",", ":")
+        )
+    )
     shim_src = (HERE / "cpu_shim.py").read_text()
     provenance = {
         "repository": "https://github.com/ShunqiM/PM",
         "commit": commit or OFFICIAL_COMMIT,
-        "files": ["experiments/utils/pm_sample.py", "experiments/utils/attention_resampler.py", "experiments/eval/model_generate.py",
-                  "experiments/API/API_LLaVA/main.py", "experiments/utils/helper_functions.py", "experiments/llava/"],
+        "files": [
+            "experiments/utils/pm_sample.py",
+            "experiments/utils/attention_resampler.py",
+            "experiments/eval/model_generate.py",
+            "experiments/API/API_LLaVA/main.py",
+            "experiments/utils/helper_functions.py",
+            "experiments/llava/",
+        ],
         "harness": "/work/venvs/official/bin/python bench/parity/pm_official.py --official /work/official/PM --model MODEL_DIR --out tests/fixtures/official/pm",
         "model": {"builder": "bench/parity/tiny_llava15.py", **info},
-        "shim": {"cpu_shim_sha256": hashlib.sha256(shim_src.encode()).hexdigest(), "stubs": STUBS,
-                 "stubs_sha256": hashlib.sha256(STUBS.encode()).hexdigest()},
+        "shim": {
+            "cpu_shim_sha256": hashlib.sha256(shim_src.encode()).hexdigest(),
+            "stubs": STUBS,
+            "stubs_sha256": hashlib.sha256(STUBS.encode()).hexdigest(),
+        },
         "harness_sha256": hashlib.sha256(Path(__file__).read_bytes()).hexdigest(),
         "decoding": "do_sample=True, temperature=1.0 (model_generate.py:698) with top_k=1 (deterministic)",
         "changes_to_official_behaviour": [

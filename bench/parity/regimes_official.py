@@ -52,7 +52,17 @@ from PIL import Image  # noqa: E402
 
 PM_COMMIT = "58c2c0fdc7199ecca92d3ef7ca0aa36a078296b6"
 V2_TOP_K = 5
-IMAGE_SIZES = [(640, 480), (480, 640), (500, 500), (640, 427), (427, 640), (800, 600), (336, 336), (1024, 512), (600, 600)]
+IMAGE_SIZES = [
+    (640, 480),
+    (480, 640),
+    (500, 500),
+    (640, 427),
+    (427, 640),
+    (800, 600),
+    (336, 336),
+    (1024, 512),
+    (600, 600),
+]
 
 
 def _fin(x):
@@ -84,33 +94,54 @@ def lochead(args, arrays: dict) -> dict:
         size = IMAGE_SIZES[i % len(IMAGE_SIZES)]
         bbox_img = v2_bbox.scale_bbox_to_image(bbox_grid, size, P)
         name = spec["name"]
-        arrays[f"lh/{name}/head_entropy"] = np.array([r["spatial_entropy"] for r in sorted(head_results, key=lambda r: r["head_idx"])], np.float64)
-        arrays[f"lh/{name}/head_components"] = np.array([r["num_components"] for r in sorted(head_results, key=lambda r: r["head_idx"])], np.int64)
+        arrays[f"lh/{name}/head_entropy"] = np.array(
+            [r["spatial_entropy"] for r in sorted(head_results, key=lambda r: r["head_idx"])], np.float64
+        )
+        arrays[f"lh/{name}/head_components"] = np.array(
+            [r["num_components"] for r in sorted(head_results, key=lambda r: r["head_idx"])], np.int64
+        )
         arrays[f"lh/{name}/v2_combined"] = combo.astype(np.float32)
         arrays[f"lh/{name}/sums"] = np.array(sums, np.float64)
-        out["samples"].append({
-            "name": name, "spec": spec, "stack_sha256": regimes.sha256(stack), "image_size": list(size),
-            "object_cells": regimes.blob_cells(regimes.blob(*spec["object"])),
-            "distractor_cells": regimes.blob_cells(regimes.blob(*spec["distractor"])),
-            "head": {
-                "threshold_idx": threshold_idx,
-                "ranking": [[r["layer"], r["head"]] for r in head_results],
-                "top10": [[r["layer"], r["head"], _fin(r["spatial_entropy"])] for r in head_results[:10]],
-            },
-            "v2": {
-                "threshold_value": float(v2_analyze.elbow_chord(sums)),
-                "kept": [[r["layer"], r["head"], _fin(r["spatial_entropy"]), int(r["num_components"])] for r in kept],
-                "top": [[r["layer"], r["head"]] for r in top],
-                "mask": ["".join(map(str, row)) for row in mask.astype(int).tolist()],
-                "bbox_grid": list(map(int, bbox_grid)),
-                "bbox_img": list(map(int, bbox_img)),
-                # how far the combined map's cells are from its mean (the box's threshold): ties would be CPU-dependent
-                "mean_margin": float(np.abs(combo.astype(np.float64) - float(combo.mean())).min()),
-            },
-        })
+        out["samples"].append(
+            {
+                "name": name,
+                "spec": spec,
+                "stack_sha256": regimes.sha256(stack),
+                "image_size": list(size),
+                "object_cells": regimes.blob_cells(regimes.blob(*spec["object"])),
+                "distractor_cells": regimes.blob_cells(regimes.blob(*spec["distractor"])),
+                "head": {
+                    "threshold_idx": threshold_idx,
+                    "ranking": [[r["layer"], r["head"]] for r in head_results],
+                    "top10": [[r["layer"], r["head"], _fin(r["spatial_entropy"])] for r in head_results[:10]],
+                },
+                "v2": {
+                    "threshold_value": float(v2_analyze.elbow_chord(sums)),
+                    "kept": [
+                        [r["layer"], r["head"], _fin(r["spatial_entropy"]), int(r["num_components"])] for r in kept
+                    ],
+                    "top": [[r["layer"], r["head"]] for r in top],
+                    "mask": ["".join(map(str, row)) for row in mask.astype(int).tolist()],
+                    "bbox_grid": list(map(int, bbox_grid)),
+                    "bbox_img": list(map(int, bbox_img)),
+                    # how far the combined map's cells are from its mean (the box's threshold): ties would be CPU-dependent
+                    "mean_margin": float(np.abs(combo.astype(np.float64) - float(combo.mean())).min()),
+                },
+            }
+        )
         s = out["samples"][-1]
-        print(name, "v2 box", s["v2"]["bbox_grid"], "top", [(k[0], k[1], round(k[2], 3) if k[2] is not None else None) for k in s["v2"]["kept"][:5]],
-              "HEAD thr", threshold_idx, "top3", s["head"]["top10"][:3], flush=True)
+        print(
+            name,
+            "v2 box",
+            s["v2"]["bbox_grid"],
+            "top",
+            [(k[0], k[1], round(k[2], 3) if k[2] is not None else None) for k in s["v2"]["kept"][:5]],
+            "HEAD thr",
+            threshold_idx,
+            "top3",
+            s["head"]["top10"][:3],
+            flush=True,
+        )
     return out
 
 
@@ -120,15 +151,30 @@ class ScriptedModel:
     def __init__(self, model: regimes.PMModel):
         self.m = model
         self.config = types.SimpleNamespace(is_encoder_decoder=False, image_aspect_ratio="pad")
-        self.generation_config = types.SimpleNamespace(pad_token_id=0, eos_token_id=None, output_scores=False, output_attentions=True,
-                                                       output_hidden_states=False, return_dict_in_generate=False)
+        self.generation_config = types.SimpleNamespace(
+            pad_token_id=0,
+            eos_token_id=None,
+            output_scores=False,
+            output_attentions=True,
+            output_hidden_states=False,
+            return_dict_in_generate=False,
+        )
         self.visible = []  # the key mask of every forward
 
     def prepare_inputs_for_generation(self, input_ids, **kwargs):
         return {"input_ids": input_ids, "images": kwargs.get("images")}
 
-    def __call__(self, input_ids=None, images=None, override_mask=None, return_dict=True, output_attentions=None,
-                 output_hidden_states=None, allow_modify=True, **kwargs):
+    def __call__(
+        self,
+        input_ids=None,
+        images=None,
+        override_mask=None,
+        return_dict=True,
+        output_attentions=None,
+        output_hidden_states=None,
+        allow_modify=True,
+        **kwargs,
+    ):
         T = self.m.length
         if override_mask is None:
             visible = np.ones(T, dtype=bool)
@@ -138,7 +184,9 @@ class ScriptedModel:
             visible = om > 0.5
         self.visible.append(visible)
         att = self.m.attention(visible)  # [L, H, T] float32
-        attentions = tuple(torch.from_numpy(np.ascontiguousarray(att[l]))[None, :, None, :] for l in range(att.shape[0]))
+        attentions = tuple(
+            torch.from_numpy(np.ascontiguousarray(att[l]))[None, :, None, :] for l in range(att.shape[0])
+        )
         logits = torch.zeros(1, input_ids.shape[1], 32)
         logits[..., 3] = 10.0
         return types.SimpleNamespace(attentions=attentions, logits=logits)
@@ -160,13 +208,19 @@ def pm(args, arrays: dict, out_dir: Path) -> dict:
 
     trace = pm_official.Trace(pm_sample)
     # LLaVA-1.5's processor settings (openai/clip-vit-large-patch14-336's preprocessor_config.json)
-    image_processor = CLIPImageProcessor(size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336},
-                                         image_mean=list(pm_official.tiny.CLIP_MEAN), image_std=[0.26862954, 0.26130258, 0.27577711])
+    image_processor = CLIPImageProcessor(
+        size={"shortest_edge": 336},
+        crop_size={"height": 336, "width": 336},
+        image_mean=list(pm_official.tiny.CLIP_MEAN),
+        image_std=[0.26862954, 0.26130258, 0.27577711],
+    )
     image = Image.fromarray(regimes.pm_image(), "RGB")
     cfg = types.SimpleNamespace(image_aspect_ratio="pad")
     image_tensor, image_pad_pil, pad_mask = process_images_return_pad([image], image_processor, cfg)
     pad_mask = np.array(pad_mask, dtype=int)
-    assert image_pad_pil.size == image.size and np.array_equal(np.asarray(image_pad_pil), np.asarray(image)), "a square image is its own padded view"
+    assert image_pad_pil.size == image.size and np.array_equal(np.asarray(image_pad_pil), np.asarray(image)), (
+        "a square image is its own padded view"
+    )
     out = {"settings": regimes.PM_SETTINGS, "before": regimes.PM_BEFORE, "after": regimes.PM_AFTER, "cases": {}}
     for spec in regimes.PM_SPECS:
         model = regimes.PMModel(spec)
@@ -178,10 +232,18 @@ def pm(args, arrays: dict, out_dir: Path) -> dict:
         ra = pm_official.resample_args(settings, image_pad_pil, pad_mask, image_processor, vis_start)
         torch.manual_seed(0)
         with torch.inference_mode():
-            pm_sample.sample(stub, input_ids, logits_processor=LogitsProcessorList(),
-                             stopping_criteria=StoppingCriteriaList([MaxLengthCriteria(max_length=input_ids.shape[1] + 1)]),
-                             pad_token_id=0, output_attentions=True, output_scores=False, return_dict_in_generate=False,
-                             resample_args=ra, images=image_tensor.float())
+            pm_sample.sample(
+                stub,
+                input_ids,
+                logits_processor=LogitsProcessorList(),
+                stopping_criteria=StoppingCriteriaList([MaxLengthCriteria(max_length=input_ids.shape[1] + 1)]),
+                pad_token_id=0,
+                output_attentions=True,
+                output_scores=False,
+                return_dict_in_generate=False,
+                resample_args=ra,
+                images=image_tensor.float(),
+            )
         (step,) = trace.steps()
         name = spec["name"]
         p = f"pm/{name}/"
@@ -193,14 +255,22 @@ def pm(args, arrays: dict, out_dir: Path) -> dict:
         arrays[f"{p}grid_uint8"] = step["grid_uint8"]
         arrays[f"{p}upsampled"] = step["upsampled"]
         arrays[f"{p}magnified"] = step["sampled_float"].astype(np.uint8)
-        blocked = [np.flatnonzero(~np.asarray(m[vis_start: vis_start + 576], dtype=bool)).tolist() for m in step["override_masks"]]
+        blocked = [
+            np.flatnonzero(~np.asarray(m[vis_start : vis_start + 576], dtype=bool)).tolist()
+            for m in step["override_masks"]
+        ]
         # the forwards the scripted model saw: 1 unmasked, one per refinement pass, then the answer forward on the magnified image
-        seen = [np.flatnonzero(~v[vis_start: vis_start + 576]).tolist() for v in stub.visible]
-        assert seen[0] == [] and seen[1:-1] == blocked and seen[-1] == [], "the override masks reached the scripted model"
-        stats = [float(m.sum().item()) / n_div for m in step["maps"][1:]]  # pm_sample.py:203's exit statistic, from the traced maps
+        seen = [np.flatnonzero(~v[vis_start : vis_start + 576]).tolist() for v in stub.visible]
+        assert seen[0] == [] and seen[1:-1] == blocked and seen[-1] == [], (
+            "the override masks reached the scripted model"
+        )
+        stats = [
+            float(m.sum().item()) / n_div for m in step["maps"][1:]
+        ]  # pm_sample.py:203's exit statistic, from the traced maps
         beta = settings["exit_threshold"]
         out["cases"][name] = {
-            "spec": spec, "weights_sha256": regimes.sha256(model.weights),
+            "spec": spec,
+            "weights_sha256": regimes.sha256(model.weights),
             "passes": len(step["maps"]) - 1,
             "highlight": [np.flatnonzero(h).tolist() for h in step["highlight"]],
             "blocked": blocked,
@@ -211,7 +281,17 @@ def pm(args, arrays: dict, out_dir: Path) -> dict:
             "magnified_pixels_sha256": pm_official.tiny.tensor_sha256(torch.from_numpy(step["magnified_pixels"])),
         }
         c = out["cases"][name]
-        print(name, "passes", c["passes"], "exit", c["exit"], [round(s, 3) for s in stats], "blocked", [len(b) for b in blocked], flush=True)
+        print(
+            name,
+            "passes",
+            c["passes"],
+            "exit",
+            c["exit"],
+            [round(s, 3) for s in stats],
+            "blocked",
+            [len(b) for b in blocked],
+            flush=True,
+        )
     return out
 
 
@@ -233,20 +313,39 @@ def main():
     freeze = subprocess.run([sys.executable, "-m", "pip", "freeze"], capture_output=True, text=True).stdout.split()
     provenance = {
         "repositories": {
-            "pm": {"repository": "https://github.com/ShunqiM/PM", "commit": PM_COMMIT,
-                   "files": ["experiments/utils/pm_sample.py", "experiments/utils/attention_resampler.py", "experiments/API/API_LLaVA/main.py",
-                             "experiments/utils/helper_functions.py", "experiments/llava/mm_utils.py"]},
-            "head": {"repository": "https://github.com/seilk/LocalizationHeads", "commit": lochead_official.HEAD_COMMIT, "files": ["localization_heads_finder.py"]},
-            "v2": {"repository": "https://github.com/liu-hanyu-97/LocalizationHeads (fork holding the authors' 9ffe219)", "commit": lochead_official.V2_COMMIT,
-                   "files": ["analyze.py", "bbox.py", "conf/logic/selection_v1.yaml"]},
+            "pm": {
+                "repository": "https://github.com/ShunqiM/PM",
+                "commit": PM_COMMIT,
+                "files": [
+                    "experiments/utils/pm_sample.py",
+                    "experiments/utils/attention_resampler.py",
+                    "experiments/API/API_LLaVA/main.py",
+                    "experiments/utils/helper_functions.py",
+                    "experiments/llava/mm_utils.py",
+                ],
+            },
+            "head": {
+                "repository": "https://github.com/seilk/LocalizationHeads",
+                "commit": lochead_official.HEAD_COMMIT,
+                "files": ["localization_heads_finder.py"],
+            },
+            "v2": {
+                "repository": "https://github.com/liu-hanyu-97/LocalizationHeads (fork holding the authors' 9ffe219)",
+                "commit": lochead_official.V2_COMMIT,
+                "files": ["analyze.py", "bbox.py", "conf/logic/selection_v1.yaml"],
+            },
         },
         "harness": "bash bench/parity/regenerate.sh --regimes /work/official/PM:/work/official/lochead_head:/work/official/lochead_v2 "
-                   "--python /work/venv/bin/python (runs regimes_official.py --out tests/fixtures/official/regimes in the official venv)",
+        "--python /work/venv/bin/python (runs regimes_official.py --out tests/fixtures/official/regimes in the official venv)",
         "inputs": "bench/parity/regimes.py (planted attention; rebuilt by the tests, checked by sha256)",
-        "shim": {"cpu_shim_sha256": sha(HERE / "cpu_shim.py"), "lochead_stubs_sha256": hashlib.sha256(lochead_official.STUBS.encode()).hexdigest(),
-                 "pm_stubs_sha256": hashlib.sha256(pm_official.STUBS.encode()).hexdigest(),
-                 "scripted_model": inspect.getsource(ScriptedModel),
-                 "harness_sha256": sha(Path(__file__)), "regimes_sha256": sha(HERE / "regimes.py")},
+        "shim": {
+            "cpu_shim_sha256": sha(HERE / "cpu_shim.py"),
+            "lochead_stubs_sha256": hashlib.sha256(lochead_official.STUBS.encode()).hexdigest(),
+            "pm_stubs_sha256": hashlib.sha256(pm_official.STUBS.encode()).hexdigest(),
+            "scripted_model": inspect.getsource(ScriptedModel),
+            "harness_sha256": sha(Path(__file__)),
+            "regimes_sha256": sha(HERE / "regimes.py"),
+        },
         "changes_to_official_behaviour": [
             "PM: pm_sample.sample runs with a scripted model as self (its forward returns planted attention for the given override_mask); "
             "sample's own code, and every function it calls, is unmodified",

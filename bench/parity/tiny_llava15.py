@@ -58,7 +58,9 @@ IMAGE_TOKEN_ID = 31999  # HF layout only; see the module docstring
 IMAGE_TOKEN_INDEX = -200  # the original layout's placeholder (llava/constants.py)
 N_IMAGE_TOKENS = 576
 TEXT = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32)
-VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2, image_size=336, patch_size=14)
+VISION = dict(
+    hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2, image_size=336, patch_size=14
+)
 LLAMA_COMMON = dict(
     vocab_size=VOCAB,
     max_position_embeddings=4096,
@@ -78,7 +80,9 @@ def hf_config():
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
 
     text = LlamaConfig(**TEXT, **LLAMA_COMMON, rope_parameters={"rope_type": "default", "rope_theta": ROPE_THETA})
-    vision = CLIPVisionConfig(**VISION, projection_dim=VISION["hidden_size"], hidden_act="quick_gelu", layer_norm_eps=1e-5)
+    vision = CLIPVisionConfig(
+        **VISION, projection_dim=VISION["hidden_size"], hidden_act="quick_gelu", layer_norm_eps=1e-5
+    )
     return LlavaConfig(
         vision_config=vision,
         text_config=text,
@@ -306,7 +310,9 @@ def load_hf(model_dir, attn_implementation: str = "sdpa"):
     path = Path(model_dir)
     if (path / "hf").is_dir():
         path = path / "hf"
-    return LlavaForConditionalGeneration.from_pretrained(path, attn_implementation=attn_implementation, dtype=torch.float32).eval()
+    return LlavaForConditionalGeneration.from_pretrained(
+        path, attn_implementation=attn_implementation, dtype=torch.float32
+    ).eval()
 
 
 # ---------------------------------------------------------------------------------------
@@ -372,8 +378,11 @@ def compare_legacy(seed: int = SEED) -> dict:
         smooth = torch.nn.functional.interpolate(coarse, size=(336, 336), mode="bilinear", align_corners=False)
         torch.set_num_threads(threads)
         old_px, new_px = smooth + 0.3 * legacy((n, 3, 336, 336), gen), fixed_pixels(n, seed)
-        out[f"pixels_{n}"] = {"legacy": tensor_sha256(old_px), "normal": tensor_sha256(new_px),
-                              "max_abs_diff": (old_px - new_px).abs().max().item()}
+        out[f"pixels_{n}"] = {
+            "legacy": tensor_sha256(old_px),
+            "normal": tensor_sha256(new_px),
+            "max_abs_diff": (old_px - new_px).abs().max().item(),
+        }
     return out
 
 

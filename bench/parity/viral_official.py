@@ -82,10 +82,18 @@ def install_shims(dinov2_dir: Path) -> dict:
 
         # hub/backbones.py _make_dinov2_model + models/vision_transformer.py vit_base, tiny widths
         model = DinoVisionTransformer(
-            img_size=vt.TEACHER["image_size"], patch_size=vt.TEACHER["patch_size"], init_values=1.0, ffn_layer="mlp",
-            block_chunks=0, num_register_tokens=0, interpolate_antialias=False, interpolate_offset=0.1,
-            embed_dim=vt.TEACHER["hidden_size"], depth=vt.TEACHER["num_hidden_layers"],
-            num_heads=vt.TEACHER["num_attention_heads"], mlp_ratio=vt.TEACHER["mlp_ratio"],
+            img_size=vt.TEACHER["image_size"],
+            patch_size=vt.TEACHER["patch_size"],
+            init_values=1.0,
+            ffn_layer="mlp",
+            block_chunks=0,
+            num_register_tokens=0,
+            interpolate_antialias=False,
+            interpolate_offset=0.1,
+            embed_dim=vt.TEACHER["hidden_size"],
+            depth=vt.TEACHER["num_hidden_layers"],
+            num_heads=vt.TEACHER["num_attention_heads"],
+            mlp_ratio=vt.TEACHER["mlp_ratio"],
             block_fn=functools.partial(Block, attn_class=MemEffAttention),
         )
         model.load_state_dict(vt.teacher_state(), strict=True)
@@ -98,11 +106,18 @@ def install_shims(dinov2_dir: Path) -> dict:
 def viral_config(model_dir: Path, scratch: Path) -> Path:
     """The tiny model's config plus the VRA keys of VIRAL's config.json (projector / teacher widths tiny)."""
     cfg = json.loads((model_dir / "original" / "config.json").read_text())
-    cfg.update({
-        "vra_loss": True, "target_layers": [vt.TARGET_LAYER], "use_multiple_projectors": False,
-        "vra_target": "dinov2-vit-b", "vra_weight": vt.VRA_WEIGHT, "projector_dim": vt.PROJECTOR_DIM, "z_dim": vt.Z_DIM,
-        "mm_projector_lr": 2e-5,
-    })
+    cfg.update(
+        {
+            "vra_loss": True,
+            "target_layers": [vt.TARGET_LAYER],
+            "use_multiple_projectors": False,
+            "vra_target": "dinov2-vit-b",
+            "vra_weight": vt.VRA_WEIGHT,
+            "projector_dim": vt.PROJECTOR_DIM,
+            "z_dim": vt.Z_DIM,
+            "mm_projector_lr": 2e-5,
+        }
+    )
     out = scratch / "viral_config"
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(cfg, indent=2))
@@ -146,9 +161,12 @@ def main() -> int:
     from peft import LoraConfig, get_peft_model
 
     # 1. the model as train.py:1042-1064 loads it
-    config = transformers.AutoConfig.from_pretrained(str(viral_config(args.model, args.scratch)), trust_remote_code=True)
-    model = LlavaLlamaForCausalLM.from_pretrained(str(args.model / "original"), config=config, torch_dtype=torch.float32,
-                                                  attn_implementation="eager")
+    config = transformers.AutoConfig.from_pretrained(
+        str(viral_config(args.model, args.scratch)), trust_remote_code=True
+    )
+    model = LlavaLlamaForCausalLM.from_pretrained(
+        str(args.model / "original"), config=config, torch_dtype=torch.float32, attn_implementation="eager"
+    )
     model.config.use_cache = False
     enc = model.alignment_encoder
     intended = vt.teacher_state()
@@ -158,7 +176,9 @@ def main() -> int:
     # the teacher as from_pretrained left it (for the record), then the intended one
     images = tiny.fixed_pixels(2)
     with torch.no_grad():
-        feats_reinit = enc.forward_features(torch.nn.functional.interpolate(images, size=(336, 336), mode="bilinear"))["x_norm_patchtokens"]
+        feats_reinit = enc.forward_features(torch.nn.functional.interpolate(images, size=(336, 336), mode="bilinear"))[
+            "x_norm_patchtokens"
+        ]
     enc.load_state_dict({**intended, "pos_embed": pos_resampled}, strict=True)
     with torch.no_grad():
         for name, p in model.alignment_projector.projector.named_parameters():
@@ -166,23 +186,49 @@ def main() -> int:
 
     # 2. LoRA (train.py:1091-1107), then the vision modules (train.py:1153-1187)
     targets = find_all_linear_names(model)
-    lora = LoraConfig(r=vt.LORA["r"], lora_alpha=vt.LORA["alpha"], target_modules=targets, lora_dropout=vt.LORA["dropout"],
-                      bias="none", task_type="CAUSAL_LM")
+    lora = LoraConfig(
+        r=vt.LORA["r"],
+        lora_alpha=vt.LORA["alpha"],
+        target_modules=targets,
+        lora_dropout=vt.LORA["dropout"],
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
     model = get_peft_model(model, lora)
     n_lora = vt.set_lora_a(model)
-    model_args = ModelArguments(model_name_or_path=str(args.model / "original"), version="v1", vision_tower=str(args.model / "original" / "clip"),
-                                mm_vision_select_layer=-2, mm_projector_type="mlp2x_gelu", mm_use_im_start_end=False,
-                                mm_use_im_patch_token=False, mm_patch_merge_type="flat", mm_vision_select_feature="patch")
+    model_args = ModelArguments(
+        model_name_or_path=str(args.model / "original"),
+        version="v1",
+        vision_tower=str(args.model / "original" / "clip"),
+        mm_vision_select_layer=-2,
+        mm_projector_type="mlp2x_gelu",
+        mm_use_im_start_end=False,
+        mm_use_im_patch_token=False,
+        mm_patch_merge_type="flat",
+        mm_vision_select_feature="patch",
+    )
     model.get_model().initialize_vision_modules(model_args=model_args, fsdp=None)
     model.get_vision_tower().to(dtype=torch.float32)
     base = model.base_model.model
     trainable = sorted(n for n, p in model.named_parameters() if p.requires_grad)
 
     # 3. the optimiser groups and schedule of LLaVATrainer with finetune_lora.sh's arguments
-    targs = TrainingArguments(output_dir=str(args.scratch / "trainer"), learning_rate=2e-4, mm_projector_lr=2e-5, weight_decay=0.0,
-                              warmup_ratio=0.03, lr_scheduler_type="cosine", use_cpu=True, report_to=[], lora_enable=True,
-                              lora_r=vt.LORA["r"], lora_alpha=vt.LORA["alpha"], per_device_train_batch_size=8,
-                              gradient_accumulation_steps=2, num_train_epochs=1)
+    targs = TrainingArguments(
+        output_dir=str(args.scratch / "trainer"),
+        learning_rate=2e-4,
+        mm_projector_lr=2e-5,
+        weight_decay=0.0,
+        warmup_ratio=0.03,
+        lr_scheduler_type="cosine",
+        use_cpu=True,
+        report_to=[],
+        lora_enable=True,
+        lora_r=vt.LORA["r"],
+        lora_alpha=vt.LORA["alpha"],
+        per_device_train_batch_size=8,
+        gradient_accumulation_steps=2,
+        num_train_epochs=1,
+    )
     trainer = LLaVATrainer(model=model, args=targs)
     optimizer = trainer.create_optimizer()
     total = 100
@@ -194,9 +240,26 @@ def main() -> int:
         kinds: dict = {}
         for p in g["params"]:
             n = names[id(p)]
-            kind = "lora" if "lora_" in n else "mm_projector" if "mm_projector" in n else "alignment_projector" if "alignment_projector" in n else "other"
+            kind = (
+                "lora"
+                if "lora_" in n
+                else "mm_projector"
+                if "mm_projector" in n
+                else "alignment_projector"
+                if "alignment_projector" in n
+                else "other"
+            )
             kinds[kind] = kinds.get(kind, 0) + 1
-        groups.append({"lr": g["initial_lr"], "lr_at_step0": g["lr"], "weight_decay": g["weight_decay"], "betas": list(g["betas"]), "eps": g["eps"], "params": kinds})
+        groups.append(
+            {
+                "lr": g["initial_lr"],
+                "lr_at_step0": g["lr"],
+                "weight_decay": g["weight_decay"],
+                "betas": list(g["betas"]),
+                "eps": g["eps"],
+                "params": kinds,
+            }
+        )
 
     # 4. one training step on a fixed batch
     input_ids, labels, attention_mask = official_batch()
@@ -224,7 +287,9 @@ def main() -> int:
     grad_norm_a = torch.zeros_like(grad_norm_b)
     for i, layer in enumerate(lm_layers):
         for j, name in enumerate(vt.LORA_MODULES):
-            mod = getattr(layer.self_attn if name.endswith(("q_proj", "k_proj", "v_proj", "o_proj")) else layer.mlp, name)
+            mod = getattr(
+                layer.self_attn if name.endswith(("q_proj", "k_proj", "v_proj", "o_proj")) else layer.mlp, name
+            )
             grad_norm_b[i, j] = mod.lora_B["default"].weight.grad.norm()
             grad_norm_a[i, j] = mod.lora_A["default"].weight.grad.norm()
     mm = base.model.mm_projector
@@ -239,10 +304,13 @@ def main() -> int:
         "pos_embed_resampled": pos_resampled,
         "projected": projected,
         # copies: clip_grad_norm_ below scales the .grad tensors in place
-        "grad.mm_projector.0.weight": mm[0].weight.grad.clone(), "grad.mm_projector.0.bias": mm[0].bias.grad.clone(),
-        "grad.mm_projector.2.weight": mm[2].weight.grad.clone(), "grad.mm_projector.2.bias": mm[2].bias.grad.clone(),
+        "grad.mm_projector.0.weight": mm[0].weight.grad.clone(),
+        "grad.mm_projector.0.bias": mm[0].bias.grad.clone(),
+        "grad.mm_projector.2.weight": mm[2].weight.grad.clone(),
+        "grad.mm_projector.2.bias": mm[2].bias.grad.clone(),
         f"grad.lora_B.{vt.TARGET_LAYER - 1}.q_proj": q.lora_B["default"].weight.grad.clone(),
-        "grad_norm.lora_B": grad_norm_b, "grad_norm.lora_A": grad_norm_a,
+        "grad_norm.lora_B": grad_norm_b,
+        "grad_norm.lora_A": grad_norm_a,
     }
     params = [p for g in optimizer.param_groups for p in g["params"]]
     total_norm = torch.nn.utils.clip_grad_norm_(params, targs.max_grad_norm)
@@ -251,7 +319,9 @@ def main() -> int:
         g["lr"] = g["initial_lr"]
     optimizer.step()  # the groups' own learning rates (the scheduler's factor at step 0 is recorded above)
     tensors["step_delta.mm_projector.0.bias"] = mm[0].bias.detach() - before["mm"]
-    tensors[f"step_delta.lora_B.{vt.TARGET_LAYER - 1}.q_proj.row0"] = q.lora_B["default"].weight[0].detach() - before["lora"]
+    tensors[f"step_delta.lora_B.{vt.TARGET_LAYER - 1}.q_proj.row0"] = (
+        q.lora_B["default"].weight[0].detach() - before["lora"]
+    )
 
     from safetensors.torch import save_file
 
@@ -263,29 +333,64 @@ def main() -> int:
     prov = {
         "repository": "cvlab-kaist/VIRAL",
         "commit": VIRAL_COMMIT,
-        "files": ["llava/model/language_model/llava_llama.py", "llava/model/llava_arch.py", "llava/train/train.py",
-                  "llava/train/llava_trainer.py", "scripts/v1_5/finetune_lora.sh", "config.json"],
-        "teacher_code": {"repository": "facebookresearch/dinov2", "commit": os.environ.get("DINOV2_COMMIT") or _git_head(args.dinov2) or "unknown (exported tree: set DINOV2_COMMIT)",
-                         "files": ["dinov2/hub/backbones.py", "dinov2/models/vision_transformer.py"]},
+        "files": [
+            "llava/model/language_model/llava_llama.py",
+            "llava/model/llava_arch.py",
+            "llava/train/train.py",
+            "llava/train/llava_trainer.py",
+            "scripts/v1_5/finetune_lora.sh",
+            "config.json",
+        ],
+        "teacher_code": {
+            "repository": "facebookresearch/dinov2",
+            "commit": os.environ.get("DINOV2_COMMIT")
+            or _git_head(args.dinov2)
+            or "unknown (exported tree: set DINOV2_COMMIT)",
+            "files": ["dinov2/hub/backbones.py", "dinov2/models/vision_transformer.py"],
+        },
         "command": "bash bench/parity/regenerate.sh --viral /work/official/VIRAL:/work/official/dinov2",
-        "stack": {"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__, "timm": timm.__version__},
+        "stack": {
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "peft": peft.__version__,
+            "timm": timm.__version__,
+        },
         "shim_sha256": hashlib.sha256((HERE / "cpu_shim.py").read_bytes()).hexdigest(),
         "harness_sha256": hashlib.sha256(Path(__file__).read_bytes()).hexdigest(),
         "model": {"seed": model_info["seed"], "fingerprint": model_info["fingerprint"]},
         "teacher": {"seed": vt.TEACHER_SEED, "fingerprint": vt.state_fingerprint(vt.teacher_state()), **vt.TEACHER},
-        "config": {"target_layers": [vt.TARGET_LAYER], "vra_weight": vt.VRA_WEIGHT, "projector_dim": vt.PROJECTOR_DIM,
-                   "z_dim": vt.Z_DIM, "alignment_loss": "direct", "lora": vt.LORA, "lora_target_modules": sorted(targets)},
+        "config": {
+            "target_layers": [vt.TARGET_LAYER],
+            "vra_weight": vt.VRA_WEIGHT,
+            "projector_dim": vt.PROJECTOR_DIM,
+            "z_dim": vt.Z_DIM,
+            "alignment_loss": "direct",
+            "lora": vt.LORA,
+            "lora_target_modules": sorted(targets),
+        },
         "precision": "float32 on CPU (the official recipe trains in bf16 on GPU)",
         "dropout": "all Dropout modules (LoRA dropout 0.05) in eval mode for a deterministic step",
-        "batch": {"samples": [[len(b), len(a), n] for b, a, n in vt.batch_ids()], "pixels": "tiny_llava15.fixed_pixels(2)"},
+        "batch": {
+            "samples": [[len(b), len(a), n] for b, a, n in vt.batch_ids()],
+            "pixels": "tiny_llava15.fixed_pixels(2)",
+        },
         "losses": {"ntp": logged.get("ntp loss"), "vra": logged.get("vra loss"), "total": float(out.loss)},
-        "optimizer": {"class": type(optimizer).__name__, "groups": groups, "max_grad_norm": targs.max_grad_norm,
-                      "grad_norm_before_clip": float(total_norm)},
+        "optimizer": {
+            "class": type(optimizer).__name__,
+            "groups": groups,
+            "max_grad_norm": targs.max_grad_norm,
+            "grad_norm_before_clip": float(total_norm),
+        },
         "schedule": {"total_steps": total, "warmup_steps": targs.get_warmup_steps(total), "lr_factors": lr_factors},
         "facts": {
-            "trainable_params": {"lora": sum("lora_" in n for n in trainable), "mm_projector": sum("mm_projector" in n for n in trainable),
-                                 "alignment_projector": sum("alignment_projector" in n for n in trainable),
-                                 "other": [n for n in trainable if not any(k in n for k in ("lora_", "mm_projector", "alignment_projector"))]},
+            "trainable_params": {
+                "lora": sum("lora_" in n for n in trainable),
+                "mm_projector": sum("mm_projector" in n for n in trainable),
+                "alignment_projector": sum("alignment_projector" in n for n in trainable),
+                "other": [
+                    n for n in trainable if not any(k in n for k in ("lora_", "mm_projector", "alignment_projector"))
+                ],
+            },
             "alignment_projector_requires_grad": any(p.requires_grad for p in base.alignment_projector.parameters()),
             "lora_a_overwritten": n_lora,
             "teacher_tensors_changed_by_from_pretrained": changed,
@@ -300,7 +405,9 @@ def main() -> int:
 
 def _git_head(path: Path) -> str | None:
     try:
-        return subprocess.run(["git", "-C", str(path), "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+        return subprocess.run(
+            ["git", "-C", str(path), "rev-parse", "HEAD"], capture_output=True, text=True, check=True
+        ).stdout.strip()
     except Exception:
         return None
 

@@ -52,16 +52,24 @@ def teacher_shapes() -> dict:
     }
     for i in range(TEACHER["num_hidden_layers"]):
         b = f"blocks.{i}."
-        shapes.update({
-            b + "norm1.weight": (d,), b + "norm1.bias": (d,),
-            b + "attn.qkv.weight": (3 * d, d), b + "attn.qkv.bias": (3 * d,),
-            b + "attn.proj.weight": (d, d), b + "attn.proj.bias": (d,),
-            b + "ls1.gamma": (d,),
-            b + "norm2.weight": (d,), b + "norm2.bias": (d,),
-            b + "mlp.fc1.weight": (f, d), b + "mlp.fc1.bias": (f,),
-            b + "mlp.fc2.weight": (d, f), b + "mlp.fc2.bias": (d,),
-            b + "ls2.gamma": (d,),
-        })
+        shapes.update(
+            {
+                b + "norm1.weight": (d,),
+                b + "norm1.bias": (d,),
+                b + "attn.qkv.weight": (3 * d, d),
+                b + "attn.qkv.bias": (3 * d,),
+                b + "attn.proj.weight": (d, d),
+                b + "attn.proj.bias": (d,),
+                b + "ls1.gamma": (d,),
+                b + "norm2.weight": (d,),
+                b + "norm2.bias": (d,),
+                b + "mlp.fc1.weight": (f, d),
+                b + "mlp.fc1.bias": (f,),
+                b + "mlp.fc2.weight": (d, f),
+                b + "mlp.fc2.bias": (d,),
+                b + "ls2.gamma": (d,),
+            }
+        )
     return shapes
 
 
@@ -102,7 +110,9 @@ def hf_teacher_state(hub: dict) -> dict:
     }
     for i in range(TEACHER["num_hidden_layers"]):
         b, e = f"blocks.{i}.", f"encoder.layer.{i}."
-        for part, (w, bias) in zip(("query", "key", "value"), zip(hub[b + "attn.qkv.weight"].split(d), hub[b + "attn.qkv.bias"].split(d))):
+        for part, (w, bias) in zip(
+            ("query", "key", "value"), zip(hub[b + "attn.qkv.weight"].split(d), hub[b + "attn.qkv.bias"].split(d))
+        ):
             out[e + f"attention.attention.{part}.weight"] = w.contiguous()
             out[e + f"attention.attention.{part}.bias"] = bias.contiguous()
         out[e + "attention.output.dense.weight"] = hub[b + "attn.proj.weight"]
@@ -147,11 +157,24 @@ def save_teacher(out_dir, seed: int = TEACHER_SEED) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     save_file(hf_teacher_state(teacher_state(seed)), str(out / "model.safetensors"), metadata={"format": "pt"})
     (out / "config.json").write_text(json.dumps(teacher_config(), indent=2))
-    (out / "preprocessor_config.json").write_text(json.dumps({
-        "image_processor_type": "BitImageProcessor", "do_resize": True, "size": {"shortest_edge": 256},
-        "do_center_crop": True, "crop_size": {"height": 224, "width": 224}, "do_rescale": True, "rescale_factor": 1 / 255,
-        "do_normalize": True, "image_mean": [0.485, 0.456, 0.406], "image_std": [0.229, 0.224, 0.225], "resample": 3,
-    }, indent=2))
+    (out / "preprocessor_config.json").write_text(
+        json.dumps(
+            {
+                "image_processor_type": "BitImageProcessor",
+                "do_resize": True,
+                "size": {"shortest_edge": 256},
+                "do_center_crop": True,
+                "crop_size": {"height": 224, "width": 224},
+                "do_rescale": True,
+                "rescale_factor": 1 / 255,
+                "do_normalize": True,
+                "image_mean": [0.485, 0.456, 0.406],
+                "image_std": [0.229, 0.224, 0.225],
+                "resample": 3,
+            },
+            indent=2,
+        )
+    )
     return {"seed": seed, "fingerprint": state_fingerprint(teacher_state(seed)), **TEACHER}
 
 
@@ -169,8 +192,11 @@ def compare_legacy(seed: int = TEACHER_SEED) -> dict:
     """The teacher drawn with torch.randn (the first fixtures' draw, CPU-dependent last bits) next to ``normal``'s."""
     old = teacher_state(seed, lambda shape, gen: torch.randn(tuple(shape), generator=gen, dtype=torch.float32))
     new = teacher_state(seed)
-    return {"legacy": state_fingerprint(old), "normal": state_fingerprint(new),
-            "max_abs_diff": max((new[k] - old[k]).abs().max().item() for k in new)}
+    return {
+        "legacy": state_fingerprint(old),
+        "normal": state_fingerprint(new),
+        "max_abs_diff": max((new[k] - old[k]).abs().max().item() for k in new),
+    }
 
 
 def draw(key: str, shape, seed: int = 0, scale: float | None = None) -> torch.Tensor:

@@ -61,8 +61,12 @@ import torch  # noqa: E402
 
 COMMIT = "8f380519c09587d15fba86c5bb3ebb6c2e0592ef"
 FORK_COMMIT = "9a200309ba27aed8faa663bb82fecba02b113d28"
-OFFICIAL_FILES = ["modified_llava_files/modeling_llama.py", "modified_llava_files/utils.py",
-                  "mllm/llava/llava_wrapper.py", "mllm/utils/attention_store.py"]
+OFFICIAL_FILES = [
+    "modified_llava_files/modeling_llama.py",
+    "modified_llava_files/utils.py",
+    "mllm/llava/llava_wrapper.py",
+    "mllm/utils/attention_store.py",
+]
 FORK_FILES = ["llava/model/llava_arch.py", "llava/model/language_model/llava_llama.py"]
 QUESTION = "Is there a red circle in the image?"
 DESCRIBE = "<image>\n describe the image"  # run_on_coco.py describe_prompt_text
@@ -79,11 +83,38 @@ KNOCKOUT_RUNS = [
     ("no_encoding_from_16", dict(max_layer_for_i2t_attn=15, min_token_for_i2t_attn_masking=0)),
     ("block_query_all_layers", dict(max_layer_for_i2t_attn=-1, min_token_for_i2t_attn_masking=0, block_query=True)),
     ("block_query_from_16", dict(max_layer_for_i2t_attn=15, min_token_for_i2t_attn_masking=0, block_query=True)),
-    ("block_query_unidirection_from_16", dict(max_layer_for_i2t_attn=15, min_token_for_i2t_attn_masking=0, block_query_unidirection=True)),
-    ("block_vis_to_all_from_16", dict(max_layer_for_i2t_attn=15, min_token_for_i2t_attn_masking=0, block_vis_to_all_from_layer=True)),
-    ("gen_not_4_to_20", dict(max_layer_for_i2t_attn=32, min_token_for_i2t_attn_masking=1, block_vis_to_gen_not_between_layers_4_to_20=True)),
-    ("query_not_4_to_20", dict(max_layer_for_i2t_attn=32, min_token_for_i2t_attn_masking=0, block_vis_to_query_not_between_layers_4_to_20=True)),
-    ("all_not_4_to_20", dict(max_layer_for_i2t_attn=32, min_token_for_i2t_attn_masking=0, block_vis_to_all_not_between_layers_4_to_20=True)),
+    (
+        "block_query_unidirection_from_16",
+        dict(max_layer_for_i2t_attn=15, min_token_for_i2t_attn_masking=0, block_query_unidirection=True),
+    ),
+    (
+        "block_vis_to_all_from_16",
+        dict(max_layer_for_i2t_attn=15, min_token_for_i2t_attn_masking=0, block_vis_to_all_from_layer=True),
+    ),
+    (
+        "gen_not_4_to_20",
+        dict(
+            max_layer_for_i2t_attn=32,
+            min_token_for_i2t_attn_masking=1,
+            block_vis_to_gen_not_between_layers_4_to_20=True,
+        ),
+    ),
+    (
+        "query_not_4_to_20",
+        dict(
+            max_layer_for_i2t_attn=32,
+            min_token_for_i2t_attn_masking=0,
+            block_vis_to_query_not_between_layers_4_to_20=True,
+        ),
+    ),
+    (
+        "all_not_4_to_20",
+        dict(
+            max_layer_for_i2t_attn=32,
+            min_token_for_i2t_attn_masking=0,
+            block_vis_to_all_not_between_layers_4_to_20=True,
+        ),
+    ),
 ]
 FASTV_RUNS = [(2, 0.5), (16, 0.05)]  # (-fastv_layer, -fastv_ratio)
 LOGITS: list = []
@@ -123,7 +154,9 @@ def install_official(official: Path, fork: Path, site: Path) -> None:
             shutil.rmtree(site / pkg)
         shutil.copytree(src, site / pkg, ignore=ignore)
     shutil.copy(official / "modified_llava_files/utils.py", site / "transformers/generation/utils.py")
-    shutil.copy(official / "modified_llava_files/modeling_llama.py", site / "transformers/models/llama/modeling_llama.py")
+    shutil.copy(
+        official / "modified_llava_files/modeling_llama.py", site / "transformers/models/llama/modeling_llama.py"
+    )
     for rel in FORK_FILES:
         shutil.copy(fork / rel, site / rel)
     sys.path.insert(0, str(official))
@@ -133,8 +166,9 @@ def install_official(official: Path, fork: Path, site: Path) -> None:
 def load_official(model_dir):
     from llava.model import LlavaLlamaForCausalLM
 
-    model = LlavaLlamaForCausalLM.from_pretrained(str(Path(model_dir) / "original"), torch_dtype=torch.float32,
-                                                  attn_implementation="eager")
+    model = LlavaLlamaForCausalLM.from_pretrained(
+        str(Path(model_dir) / "original"), torch_dtype=torch.float32, attn_implementation="eager"
+    )
     model.get_vision_tower().load_model()
     model.lm_head.register_forward_hook(lambda m, i, o: LOGITS.append(o[0, -1].detach().float().clone()))
     return model.eval()
@@ -183,26 +217,36 @@ def prompt_ids(w, question):
     ids = tokenizer_image_token(conv.get_prompt(), w.tokenizer, -200)
     cut = ids.index(-200)
     assert ids[0] == 1
-    return ids[1:cut], ids[cut + 1:]
+    return ids[1:cut], ids[cut + 1 :]
 
 
 def record(scores, ids, **extra):
     n = min(RECORDED_STEPS, len(ids))
-    return {**extra, "new_ids": ids[:n], "official_new_ids": ids,
-            "steps": [step_record(s[None]) for s in scores[:n]]}
+    return {**extra, "new_ids": ids[:n], "official_new_ids": ids, "steps": [step_record(s[None]) for s in scores[:n]]}
 
 
 def knockout(w, pixels, full):
     before, after = prompt_ids(w, QUESTION)
     img_start = 1 + len(before)
-    out = {"commit": COMMIT, "question": QUESTION, "ids_before_image": before, "ids_after_image": after,
-           "img_start": img_start, "prompt_len": 1 + len(before) + 576 + len(after),
-           "pixels_sha256": None, "topk": TOPK, "runs": []}
+    out = {
+        "commit": COMMIT,
+        "question": QUESTION,
+        "ids_before_image": before,
+        "ids_after_image": after,
+        "img_start": img_start,
+        "prompt_len": 1 + len(before) + 576 + len(after),
+        "pixels_sha256": None,
+        "topk": TOPK,
+        "runs": [],
+    }
     for name, kw in KNOCKOUT_RUNS:
         _, scores, ids = predict(w, pixels, QUESTION, topk_indices=None, **kw)
         full[name] = scores[:RECORDED_STEPS]
-        flags = {"max_layer": kw["max_layer_for_i2t_attn"], "min_token": kw["min_token_for_i2t_attn_masking"],
-                 **{k: v for k, v in kw.items() if k not in ("max_layer_for_i2t_attn", "min_token_for_i2t_attn_masking")}}
+        flags = {
+            "max_layer": kw["max_layer_for_i2t_attn"],
+            "min_token": kw["min_token_for_i2t_attn_masking"],
+            **{k: v for k, v in kw.items() if k not in ("max_layer_for_i2t_attn", "min_token_for_i2t_attn_masking")},
+        }
         out["runs"].append(record(scores, ids, name=name, flags=flags))
         print(name, len(ids), ids[:RECORDED_STEPS], flush=True)
     return out
@@ -211,9 +255,13 @@ def knockout(w, pixels, full):
 def selections(store):
     """store.get_top_k_indices as run_on_coco.py calls it (k = float(args.k)), then the json round trip."""
     sel, notes = {}, {}
-    for name, method, k in (("attn_over_gen_percentage", "attn_over_gen_percentage", K_FRACTION),
-                            ("attn_over_gen", "attn_over_gen", K_COUNT), ("attn_over_query", "attn_over_query", K_COUNT),
-                            ("norm", "norm", K_COUNT), ("norm_percentage", "norm_percentage", K_FRACTION)):
+    for name, method, k in (
+        ("attn_over_gen_percentage", "attn_over_gen_percentage", K_FRACTION),
+        ("attn_over_gen", "attn_over_gen", K_COUNT),
+        ("attn_over_query", "attn_over_query", K_COUNT),
+        ("norm", "norm", K_COUNT),
+        ("norm_percentage", "norm_percentage", K_FRACTION),
+    ):
         try:
             top = store.get_top_k_indices(float(k), method)
         except TypeError as e:  # [:k] with a float k
@@ -229,16 +277,31 @@ def prune(w, pixels, full):
     store, _, d_ids = predict(w, pixels, DESCRIBE, max_layer_for_i2t_attn=32, topk_indices=None)
     sel, notes = selections(store)
     img = store.image_tokens_mask.nonzero().squeeze()
-    out = {"commit": COMMIT, "describe": {"ids_before_image": d_before, "ids_after_image": d_after, "new_ids": d_ids},
-           "question": {"ids_before_image": q_before, "ids_after_image": q_after},
-           "img_start": int(img.min()), "k_fraction": K_FRACTION, "k_count": K_COUNT,
-           "selections": sel, "selection_notes": notes, "runs": []}
+    out = {
+        "commit": COMMIT,
+        "describe": {"ids_before_image": d_before, "ids_after_image": d_after, "new_ids": d_ids},
+        "question": {"ids_before_image": q_before, "ids_after_image": q_after},
+        "img_start": int(img.min()),
+        "k_fraction": K_FRACTION,
+        "k_count": K_COUNT,
+        "selections": sel,
+        "selection_notes": notes,
+        "runs": [],
+    }
     for s in ("attn_over_gen_percentage", "attn_over_query", "norm"):
         for name, min_token in (("decode_only", 1), ("no_encoding", 0)):
-            _, scores, ids = predict(w, pixels, QUESTION, max_layer_for_i2t_attn=-1, topk_indices=copy.deepcopy(sel[s]),
-                                     min_token_for_i2t_attn_masking=min_token)
+            _, scores, ids = predict(
+                w,
+                pixels,
+                QUESTION,
+                max_layer_for_i2t_attn=-1,
+                topk_indices=copy.deepcopy(sel[s]),
+                min_token_for_i2t_attn_masking=min_token,
+            )
             full[f"{s}/{name}"] = scores[:RECORDED_STEPS]
-            out["runs"].append(record(scores, ids, selection=s, name=name, flags=dict(max_layer=-1, min_token=min_token)))
+            out["runs"].append(
+                record(scores, ids, selection=s, name=name, flags=dict(max_layer=-1, min_token=min_token))
+            )
             print(s, name, len(ids), ids[:RECORDED_STEPS], flush=True)
     return out, store
 
@@ -248,21 +311,40 @@ def fastv(w, pixels, full):
     img_start = 1 + len(before)
     out = {"commit": COMMIT, "ids_before_image": before, "ids_after_image": after, "img_start": img_start, "runs": []}
     for layer, ratio in FASTV_RUNS:
+
         def seen(mod, args, kwargs):
             hidden = args[0] if args else kwargs["hidden_states"]
             if hidden.shape[1] > 1:  # the prefill: layer K gets keep_indexs as its position_ids
                 SEEN["positions"] = kwargs["position_ids"][0].tolist()
+
         h = w.model.model.layers[layer].register_forward_pre_hook(seen, with_kwargs=True)
-        _, scores, ids = predict(w, pixels, QUESTION, max_layer_for_i2t_attn=32, topk_indices=None,
-                                 min_token_for_i2t_attn_masking=1, fastv_layer=layer, fastv_ratio=ratio)
+        _, scores, ids = predict(
+            w,
+            pixels,
+            QUESTION,
+            max_layer_for_i2t_attn=32,
+            topk_indices=None,
+            min_token_for_i2t_attn_masking=1,
+            fastv_layer=layer,
+            fastv_ratio=ratio,
+        )
         h.remove()
         kept = SEEN.pop("positions")
         image = [p for p in kept if img_start <= p < img_start + 576]
         name = f"fastv_{layer}_{ratio}"
         full[name] = scores[:RECORDED_STEPS]
-        out["runs"].append(record(scores, ids, name=name, fastv_layer=layer, fastv_ratio=ratio,
-                                  kept_image_positions=sorted(set(image)), kept_positions_at_layer=kept,
-                                  last_image_token_in_topk=image.count(img_start + 575) > 1))
+        out["runs"].append(
+            record(
+                scores,
+                ids,
+                name=name,
+                fastv_layer=layer,
+                fastv_ratio=ratio,
+                kept_image_positions=sorted(set(image)),
+                kept_positions_at_layer=kept,
+                last_image_token_in_topk=image.count(img_start + 575) > 1,
+            )
+        )
         print(name, len(ids), ids[:RECORDED_STEPS], "duplicates:", len(image) - len(set(image)), flush=True)
     return out
 
@@ -272,29 +354,44 @@ def from_cache(w, store, selection, full):
     keys, values = list(store.keys), list(store.values)
     query = store.query_tokens_mask.nonzero().squeeze().cpu().numpy()  # attention.h5 "query_tokens_mask"
     prompt = f"{FOLLOWUP} ASSISTANT:"
-    out = {"commit": COMMIT, "followup_ids": w.tokenizer(prompt).input_ids, "cache_entries_full": keys[0].shape[-2],
-           "query_positions": query.tolist(), "topk": selection, "runs": []}
+    out = {
+        "commit": COMMIT,
+        "followup_ids": w.tokenizer(prompt).input_ids,
+        "cache_entries_full": keys[0].shape[-2],
+        "query_positions": query.tolist(),
+        "topk": selection,
+        "runs": [],
+    }
     w.model.set_attention_store(None)  # run_on_coco_from_cache.py's wrapper never ran predict_for_token
 
     def seen(mod, args, kwargs):
         if "entries" not in SEEN:
             SEEN["entries"] = kwargs["past_key_value"].get_seq_length(0)
             SEEN["first_position"] = int(kwargs["position_ids"][0, 0])
+
     h = w.model.model.layers[0].register_forward_pre_hook(seen, with_kwargs=True)
     for strategy in ("qs", "q", "s"):
         w.cache_strategy = strategy
         LOGITS.clear()
         SEEN.clear()
-        _, tokens, _ = w.predict_from_cache(prompt, None, output_path=None, write_to_disk=False,
-                                            kv=[(keys.copy(), values.copy(), None)], cache_strategy=strategy,
-                                            query_tokens_mask=[query], topk_indices=[copy.deepcopy(selection)])
+        _, tokens, _ = w.predict_from_cache(
+            prompt,
+            None,
+            output_path=None,
+            write_to_disk=False,
+            kv=[(keys.copy(), values.copy(), None)],
+            cache_strategy=strategy,
+            query_tokens_mask=[query],
+            topk_indices=[copy.deepcopy(selection)],
+        )
         scores = torch.stack(LOGITS)
         ids = scores.argmax(-1).tolist()
         # predict_from_cache's tokens: the prompt after BOS, then the new tokens
         assert tokens == [str(i) for i in out["followup_ids"][1:] + ids], "greedy ids differ from predict_from_cache's"
         full[strategy] = scores[:RECORDED_STEPS]
-        out["runs"].append(record(scores, ids, strategy=strategy, position_offset=SEEN["first_position"],
-                                  entries=SEEN["entries"]))
+        out["runs"].append(
+            record(scores, ids, strategy=strategy, position_offset=SEEN["first_position"], entries=SEEN["entries"])
+        )
         print(strategy, SEEN, len(ids), ids[:RECORDED_STEPS], flush=True)
     h.remove()
     return out
@@ -317,9 +414,14 @@ def main():
     model = load_official(args.model)
     w = wrapper(model)
     pixels = tiny.fixed_pixels(1)
-    files = {**{rel: sha256(official / rel) for rel in OFFICIAL_FILES},
-             **{f"OmriKaduri/LLaVA@{FORK_COMMIT[:7]}:{rel}": sha256(fork / rel) for rel in FORK_FILES}}
-    meta = {"official_files_sha256": files, "harness_sha256": {p: sha256(HERE / p) for p in ("vlminterp_official.py", "cpu_shim.py", "tiny_llava15.py")}}
+    files = {
+        **{rel: sha256(official / rel) for rel in OFFICIAL_FILES},
+        **{f"OmriKaduri/LLaVA@{FORK_COMMIT[:7]}:{rel}": sha256(fork / rel) for rel in FORK_FILES},
+    }
+    meta = {
+        "official_files_sha256": files,
+        "harness_sha256": {p: sha256(HERE / p) for p in ("vlminterp_official.py", "cpu_shim.py", "tiny_llava15.py")},
+    }
     (scratch / "official_meta.json").write_text(json.dumps(meta, indent=2))
     out = Path(args.out)
     if args.only != "reprompt":

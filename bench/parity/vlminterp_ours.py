@@ -40,9 +40,18 @@ def run_ours(model, pixels: torch.Tensor, golden: dict, run: dict):
     tech = Knockout(len(model.model.language_model.layers), **official_params(run["flags"]))
     req = Request(ids, tiny.IMAGE_TOKEN_ID, ids.shape[1], images=[pixels])
     with torch.no_grad():
-        out = tech.generate(model, req, input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=pixels,
-                            do_sample=False, max_new_tokens=len(run["steps"]), num_beams=1,
-                            output_scores=True, return_dict_in_generate=True)
+        out = tech.generate(
+            model,
+            req,
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            pixel_values=pixels,
+            do_sample=False,
+            max_new_tokens=len(run["steps"]),
+            num_beams=1,
+            output_scores=True,
+            return_dict_in_generate=True,
+        )
     return out, ids.shape[1]
 
 
@@ -77,11 +86,23 @@ def prune_technique(model, golden: dict, selection: str, prune_rows: str = "deco
     from methods.reprompt import Reprompt
 
     memoize_describe_pass()
-    score = {"attn_over_gen_percentage": "attn_over_gen", "attn_over_gen": "attn_over_gen",
-             "attn_over_query": "attn_over_query", "norm": "norm", "norm_percentage": "norm"}[selection]
+    score = {
+        "attn_over_gen_percentage": "attn_over_gen",
+        "attn_over_gen": "attn_over_gen",
+        "attn_over_query": "attn_over_query",
+        "norm": "norm",
+        "norm_percentage": "norm",
+    }[selection]
     k = golden["k_fraction"] if selection.endswith("_percentage") else golden["k_count"]
-    return Reprompt(len(model.model.language_model.layers), mode="prune", selection="describe", keep_ratio=k,
-                    describe_score=score, describe_tokens=len(golden["describe"]["new_ids"]), prune_rows=prune_rows)
+    return Reprompt(
+        len(model.model.language_model.layers),
+        mode="prune",
+        selection="describe",
+        keep_ratio=k,
+        describe_score=score,
+        describe_tokens=len(golden["describe"]["new_ids"]),
+        prune_rows=prune_rows,
+    )
 
 
 def selection_ours(model, pixels, golden: dict, selection: str):
@@ -109,9 +130,18 @@ def run_prune_ours(model, pixels, golden: dict, run: dict):
     ids = tiny.hf_ids(q["ids_before_image"], q["ids_after_image"])
     req = Request(ids, tiny.IMAGE_TOKEN_ID, ids.shape[1], images=[pixels])
     with torch.no_grad():
-        out = tech.generate(model, req, input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=pixels,
-                            do_sample=False, max_new_tokens=len(run["steps"]), num_beams=1,
-                            output_scores=True, return_dict_in_generate=True)
+        out = tech.generate(
+            model,
+            req,
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            pixel_values=pixels,
+            do_sample=False,
+            max_new_tokens=len(run["steps"]),
+            num_beams=1,
+            output_scores=True,
+            return_dict_in_generate=True,
+        )
     return out, ids.shape[1]
 
 
@@ -121,13 +151,26 @@ def run_fastv_ours(model, pixels, golden: dict, run: dict):
     from methods.technique import Request
 
     ids = tiny.hf_ids(golden["ids_before_image"], golden["ids_after_image"])
-    tech = Reprompt(len(model.model.language_model.layers), mode="fastv", fastv_layer=run["fastv_layer"],
-                    fastv_ratio=run["fastv_ratio"])
+    tech = Reprompt(
+        len(model.model.language_model.layers),
+        mode="fastv",
+        fastv_layer=run["fastv_layer"],
+        fastv_ratio=run["fastv_ratio"],
+    )
     req = Request(ids, tiny.IMAGE_TOKEN_ID, ids.shape[1], images=[pixels])
     with torch.no_grad():
-        out = tech.generate(model, req, input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=pixels,
-                            do_sample=False, max_new_tokens=len(run["steps"]), num_beams=1,
-                            output_scores=True, return_dict_in_generate=True)
+        out = tech.generate(
+            model,
+            req,
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            pixel_values=pixels,
+            do_sample=False,
+            max_new_tokens=len(run["steps"]),
+            num_beams=1,
+            output_scores=True,
+            return_dict_in_generate=True,
+        )
     return out, ids.shape[1]
 
 
@@ -140,14 +183,21 @@ def run_cache_ours(model, pixels, prune_golden: dict, golden: dict, run: dict):
     ids = tiny.hf_ids(d["ids_before_image"], d["ids_after_image"])
     pos = (ids[0] == tiny.IMAGE_TOKEN_ID).nonzero().flatten()
     rows, _, _, cache = reprompt.describe_pass(model, ids, pixels, pos, len(d["new_ids"]))
-    kept = dict(enumerate(reprompt.attn_over_gen(rows, reprompt.official_count(prune_golden["k_fraction"], pos.numel()))))
+    kept = dict(
+        enumerate(reprompt.attn_over_gen(rows, reprompt.official_count(prune_golden["k_fraction"], pos.numel())))
+    )
     kept = {l: pos[i] for l, i in kept.items()}
     query = torch.tensor(golden["query_positions"])
     ctx = reprompt.official_context(cache, query, kept, run["strategy"], pos.numel())
     suffix = torch.tensor([golden["followup_ids"]])
     with torch.no_grad():
-        out = model.generate(**_from_cache_inputs(model, ctx, suffix), do_sample=False, max_new_tokens=len(run["steps"]),
-                             output_scores=True, return_dict_in_generate=True)
+        out = model.generate(
+            **_from_cache_inputs(model, ctx, suffix),
+            do_sample=False,
+            max_new_tokens=len(run["steps"]),
+            output_scores=True,
+            return_dict_in_generate=True,
+        )
     return out, ctx
 
 
@@ -156,4 +206,10 @@ def _from_cache_inputs(model, ctx, suffix):
     n, s = ctx.entries, suffix.shape[1]
     ids = torch.cat([torch.zeros((1, n), dtype=suffix.dtype), suffix], dim=1)
     positions = torch.cat([ctx.positions, ctx.next_position + torch.arange(s)])[None]
-    return dict(input_ids=ids, attention_mask=torch.ones_like(ids), position_ids=positions, past_key_values=ctx.cache(), use_cache=True)
+    return dict(
+        input_ids=ids,
+        attention_mask=torch.ones_like(ids),
+        position_ids=positions,
+        past_key_values=ctx.cache(),
+        use_cache=True,
+    )

@@ -24,11 +24,21 @@ import torch
 
 
 def register(sub) -> None:
-    p = sub.add_parser("alignment", help="layer-wise CKNNA/CKA of image-token hidden states vs a teacher (VIRAL analysis)",
-                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", action="append", required=True,
-                   help="NAME=CHECKPOINT[,adapter=DIR] (repeatable; the first is the baseline of the plot)")
-    p.add_argument("--reference", default="self", help="teacher backbone directory, or 'self' (the first model's vision tower)")
+    p = sub.add_parser(
+        "alignment",
+        help="layer-wise CKNNA/CKA of image-token hidden states vs a teacher (VIRAL analysis)",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "--model",
+        action="append",
+        required=True,
+        help="NAME=CHECKPOINT[,adapter=DIR] (repeatable; the first is the baseline of the plot)",
+    )
+    p.add_argument(
+        "--reference", default="self", help="teacher backbone directory, or 'self' (the first model's vision tower)"
+    )
     p.add_argument("--teacher-image-size", type=int, default=None)
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--images", help="a directory of images (png/jpg), the first --num are used")
@@ -36,8 +46,12 @@ def register(sub) -> None:
     p.add_argument("--num", type=int, default=64, help="images taken from --images")
     p.add_argument("--prompt", default="describe this image .", help="the user text after the image")
     p.add_argument("--topk", type=int, default=10, help="CKNNA's k")
-    p.add_argument("--estimator", choices=("unbiased", "biased"), default="unbiased",
-                   help="CKNNA's HSIC estimator (the Platonic reference's default: unbiased)")
+    p.add_argument(
+        "--estimator",
+        choices=("unbiased", "biased"),
+        default="unbiased",
+        help="CKNNA's HSIC estimator (the Platonic reference's default: unbiased)",
+    )
     p.add_argument("--max-rows", type=int, default=2048, help="image tokens (rows) subsampled for the kernels")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--output-dir", required=True)
@@ -104,16 +118,29 @@ def run(args) -> int:
             teacher = viral.load_teacher(resolve_teacher(args.reference), model, args.teacher_image_size)
             ip = processor.image_processor
             if isinstance(teacher, viral.BackboneTeacher):
-                reference = [viral.teacher_targets_from_images(teacher, [im], grid, viral.crop_fraction(ip))[0] for im in images]
+                reference = [
+                    viral.teacher_targets_from_images(teacher, [im], grid, viral.crop_fraction(ip))[0] for im in images
+                ]
             else:
                 reference = [viral.teacher_targets(teacher, px, ip.image_mean, ip.image_std, grid)[0] for px in pixels]
         print(f"alignment: {name}: {len(images)} images, {len(per_image[0])} hidden_states entries")
     unbiased = args.estimator == "unbiased"
-    tables = {name: alignment.layerwise_alignment(s, reference, topk=args.topk, max_rows=args.max_rows, seed=args.seed, unbiased=unbiased)
-              for name, s in states.items()}
+    tables = {
+        name: alignment.layerwise_alignment(
+            s, reference, topk=args.topk, max_rows=args.max_rows, seed=args.seed, unbiased=unbiased
+        )
+        for name, s in states.items()
+    }
     metric = f"CKNNA ({args.estimator} HSIC, k={args.topk}, platonic-rep metrics.py) and CKA (biased HSIC), rows L2-normalised"
-    result = {"reference": args.reference, "models": args.model, "images": len(images), "topk": args.topk,
-              "estimator": args.estimator, "metric": metric, "tables": tables}
+    result = {
+        "reference": args.reference,
+        "models": args.model,
+        "images": len(images),
+        "topk": args.topk,
+        "estimator": args.estimator,
+        "metric": metric,
+        "tables": tables,
+    }
     (out / "alignment.json").write_text(json.dumps(result, indent=2))
     (out / "alignment.md").write_text(f"{metric}\n\n" + markdown_table(tables))
     print(f"alignment: {metric}")

@@ -51,9 +51,18 @@ class BenchContext:
 
 
 # --family: which real model's image geometry the random bench model has (testing.py builders)
-FAMILIES = {"llava": ("llava15", "llava15_shaped"), "llava_next": ("llava_next", "llava_next_shaped"),
-            "llava_onevision": ("llava_onevision", "llava_onevision_shaped"), "qwen2_5_vl": ("qwen2_5_vl", "qwen2_5_vl_shaped")}
-SHAPES = {"llava": "LLaVA-1.5", "llava_next": "LLaVA-NeXT", "llava_onevision": "LLaVA-OneVision", "qwen2_5_vl": "Qwen2.5-VL"}
+FAMILIES = {
+    "llava": ("llava15", "llava15_shaped"),
+    "llava_next": ("llava_next", "llava_next_shaped"),
+    "llava_onevision": ("llava_onevision", "llava_onevision_shaped"),
+    "qwen2_5_vl": ("qwen2_5_vl", "qwen2_5_vl_shaped"),
+}
+SHAPES = {
+    "llava": "LLaVA-1.5",
+    "llava_next": "LLaVA-NeXT",
+    "llava_onevision": "LLaVA-OneVision",
+    "qwen2_5_vl": "Qwen2.5-VL",
+}
 QWEN = "qwen2_5_vl_"  # the Qwen2.5-VL names (lmms_eval_plugins/models/qwen2_5_vl.py); the others are LLaVA's
 
 
@@ -94,8 +103,16 @@ def make_context(layers: int, new_tokens: int, hidden: int = 256, family: str = 
     msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": PROMPT}]}]
     text = processor.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
     inputs = dict(processor(images=[image], text=text, return_tensors="pt"))
-    req = Request(inputs["input_ids"], model.config.image_token_id, inputs["input_ids"].shape[1], [image], text, processor,
-                  config=model.config, inputs={k: inputs[k] for k in geometry_inputs(model) if k in inputs})
+    req = Request(
+        inputs["input_ids"],
+        model.config.image_token_id,
+        inputs["input_ids"].shape[1],
+        [image],
+        text,
+        processor,
+        config=model.config,
+        inputs={k: inputs[k] for k in geometry_inputs(model) if k in inputs},
+    )
     gen = {"max_new_tokens": new_tokens, "min_new_tokens": new_tokens, "do_sample": False}
     return BenchContext(model, plain, processor, image, inputs, req, gen)
 
@@ -230,7 +247,16 @@ def peak_memory_one(case: str, layers: int, new_tokens: int, hidden: int, family
 def peak_memory(case: str, layers: int, new_tokens: int, hidden: int, family: str = "llava") -> int | None:
     if not Path("/proc/self/clear_refs").exists():
         return None
-    cmd = [sys.executable, "-m", "lmms_eval_plugins.commands.bench", case, str(layers), str(new_tokens), str(hidden), family]
+    cmd = [
+        sys.executable,
+        "-m",
+        "lmms_eval_plugins.commands.bench",
+        case,
+        str(layers),
+        str(new_tokens),
+        str(hidden),
+        family,
+    ]
     out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     try:
         return int(out.stdout.strip().splitlines()[-1])
@@ -253,11 +279,23 @@ def main(args) -> int:
     for name, (fn, kind) in cases.items():
         passes = passes_of(fn, counter)
         t, _, ratio = time_against(fn, base_fns[kind], args.repeats)
-        rows.append({"case": name, "baseline": kind, "latency_s": t, "latency_ratio": ratio, "passes": passes, "baseline_passes": base[kind][1]})
+        rows.append(
+            {
+                "case": name,
+                "baseline": kind,
+                "latency_s": t,
+                "latency_ratio": ratio,
+                "passes": passes,
+                "baseline_passes": base[kind][1],
+            }
+        )
         print(f"{name}: {t * 1000:.1f} ms CPU ({ratio:.2f}x {kind}), {passes} passes", flush=True)
     counter.remove()
     if args.memory:
-        base_mem = {kind: peak_memory(f"baseline:{kind}", args.layers, args.new_tokens, args.hidden, args.family) for kind in base}
+        base_mem = {
+            kind: peak_memory(f"baseline:{kind}", args.layers, args.new_tokens, args.hidden, args.family)
+            for kind in base
+        }
         for row in rows:
             mem = peak_memory(row["case"], args.layers, args.new_tokens, args.hidden, args.family)
             ref = base_mem[row["baseline"]]
@@ -274,23 +312,40 @@ def main(args) -> int:
 
 def render(rows, args, base, ctx) -> str:
     geo = ctx.request.geometry
-    blocks = " + ".join(f"{b.name} {b.rows}x{b.cols}" + (f" + {b.newlines.numel()} newlines" if b.newlines.numel() else "") for b in geo.blocks)
+    blocks = " + ".join(
+        f"{b.name} {b.rows}x{b.cols}" + (f" + {b.newlines.numel()} newlines" if b.newlines.numel() else "")
+        for b in geo.blocks
+    )
     shape = SHAPES[args.family]
-    head = (f"{shape}-shaped random model ({args.layers} LM layers of width {args.hidden}; a {ctx.image.size[0]}x{ctx.image.size[1]} image = "
-            f"{geo.all_positions().numel()} image tokens: {blocks}), {args.new_tokens} new tokens, median of {args.repeats} interleaved rounds, CPU time, {torch.get_num_threads()} thread\n")
+    head = (
+        f"{shape}-shaped random model ({args.layers} LM layers of width {args.hidden}; a {ctx.image.size[0]}x{ctx.image.size[1]} image = "
+        f"{geo.all_positions().numel()} image tokens: {blocks}), {args.new_tokens} new tokens, median of {args.repeats} interleaved rounds, CPU time, {torch.get_num_threads()} thread\n"
+    )
     head += f"baseline greedy generate: {base['generate'][0] * 1000:.1f} ms, {base['generate'][1]} passes; plain forward: {base['forward'][0] * 1000:.1f} ms\n\n"
     lines = ["| case | vs | latency | forward passes | peak memory |", "|---|---|---|---|---|"]
     for r in rows:
         mem = "-" if r.get("memory_ratio") is None else f"{r['memory_ratio']:.2f}x ({r['peak_mib']:.0f} MiB)"
-        lines.append(f"| {r['case']} | {r['baseline']} | {r['latency_ratio']:.2f}x | {r['passes']} vs {r['baseline_passes']} | {mem} |")
+        lines.append(
+            f"| {r['case']} | {r['baseline']} | {r['latency_ratio']:.2f}x | {r['passes']} vs {r['baseline_passes']} | {mem} |"
+        )
     return head + "\n".join(lines)
 
 
 def register(sub) -> None:
     p = sub.add_parser("bench", help="latency / forward passes / peak memory of each technique vs greedy llava_hf")
-    p.add_argument("--family", default="llava", choices=sorted(FAMILIES), help="image geometry of the random model: LLaVA-1.5, LLaVA-NeXT or LLaVA-OneVision (anyres), or Qwen2.5-VL")
+    p.add_argument(
+        "--family",
+        default="llava",
+        choices=sorted(FAMILIES),
+        help="image geometry of the random model: LLaVA-1.5, LLaVA-NeXT or LLaVA-OneVision (anyres), or Qwen2.5-VL",
+    )
     p.add_argument("--layers", type=int, default=4, help="language-model layers of the random model")
-    p.add_argument("--hidden", type=int, default=256, help="its hidden size (heads of 64 dims); wider = closer to real per-token cost")
+    p.add_argument(
+        "--hidden",
+        type=int,
+        default=256,
+        help="its hidden size (heads of 64 dims); wider = closer to real per-token cost",
+    )
     p.add_argument("--new-tokens", type=int, default=8)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--only", default="", help="comma-separated substrings of case names")

@@ -53,7 +53,9 @@ class Run:
         if task not in self._samples:
             path = self.samples_file(task)
             found = path is not None and path.is_file()
-            self._samples[task] = {r["doc_id"]: r for r in map(json.loads, path.read_text().splitlines())} if found else None
+            self._samples[task] = (
+                {r["doc_id"]: r for r in map(json.loads, path.read_text().splitlines())} if found else None
+            )
         return self._samples[task]
 
 
@@ -151,7 +153,9 @@ def accuracy_outcomes(metric: str, aggregate, records: list, reported: float) ->
         outcomes = [float(aggregate([r])) for r in records]
     except Exception:  # noqa: BLE001 - one that needs more than one document is no mean of outcomes
         return None
-    if not set(outcomes) <= {0.0, 1.0} or not math.isclose(sum(outcomes) / len(outcomes), reported, rel_tol=1e-9, abs_tol=1e-12):
+    if not set(outcomes) <= {0.0, 1.0} or not math.isclose(
+        sum(outcomes) / len(outcomes), reported, rel_tol=1e-9, abs_tol=1e-12
+    ):
         return None
     return [o == 1.0 for o in outcomes]
 
@@ -175,9 +179,13 @@ def delta(base: Run, other: Run, task: str, metric: str, include_path: str | Non
         except Exception as e:  # noqa: BLE001 - any task's code: report, do not crash the table
             return plain(why_no_interval=f"its aggregation fails on the logged records ({type(e).__name__}: {e})")
         if not math.isclose(again, reported, rel_tol=1e-9, abs_tol=1e-12):
-            return plain(why_no_interval=f"its aggregation of the logged records gives {again:.6g}, the results file {reported:.6g}")
+            return plain(
+                why_no_interval=f"its aggregation of the logged records gives {again:.6g}, the results file {reported:.6g}"
+            )
     interval = paired_interval(lambda records: float(aggregate(records)), *paired)
-    outcomes = [accuracy_outcomes(metric, aggregate, records, reported) for records, reported in zip(paired, (b_value, o_value))]
+    outcomes = [
+        accuracy_outcomes(metric, aggregate, records, reported) for records, reported in zip(paired, (b_value, o_value))
+    ]
     p = mcnemar_p(*outcomes) if None not in outcomes else None
     return plain(interval=interval, p=p)
 
@@ -265,7 +273,9 @@ def run_pair(model, model_args, tasks, pretrained, output, limit=None, include_p
 
 def main(args) -> int:
     if args.run:
-        runs = run_pair(args.run, args.model_args, args.tasks, args.pretrained, args.output, args.limit, args.include_path)
+        runs = run_pair(
+            args.run, args.model_args, args.tasks, args.pretrained, args.output, args.limit, args.include_path
+        )
     else:
         if len(args.paths) < 2:
             raise SystemExit("give a baseline and at least one other result path, or --run MODEL")
@@ -285,7 +295,11 @@ def register(sub) -> None:
     p.add_argument("--tasks", default="shapeworld_pope_adversarial")
     p.add_argument("--pretrained", default="shapeworld-tiny")
     p.add_argument("--limit", type=int, default=None)
-    p.add_argument("--include_path", default=None, help="task directory (default: the package's task_configs); its aggregations re-score the per-sample logs")
+    p.add_argument(
+        "--include_path",
+        default=None,
+        help="task directory (default: the package's task_configs); its aggregations re-score the per-sample logs",
+    )
     p.add_argument("--output", default=os.path.join("results", "compare"))
     p.add_argument("--markdown", default=None, help="also write the table to this file")
     p.set_defaults(func=main)

@@ -17,28 +17,62 @@ def register(subparsers) -> None:
         ),
     )
     p.add_argument("--pretrained", required=True, help="checkpoint (hub id, local directory, or shapeworld-tiny)")
-    p.add_argument("--task", required=True, help="lmms-eval task with images and referring prompts (e.g. shapeworld_rec)")
+    p.add_argument(
+        "--task", required=True, help="lmms-eval task with images and referring prompts (e.g. shapeworld_rec)"
+    )
     p.add_argument("--split", default=None, help="split to search (default: the task's training split)")
     p.add_argument("--n", type=int, default=1000, help="samples per repeat (the paper's 1000)")
-    p.add_argument("--repeats", type=int, default=5, help="independent seeded draws of n samples, frequencies over all (the paper's 5)")
-    p.add_argument("--selection", default="ours", choices=("ours", "official", "official_v2"), help="per-sample head selection (docs/lochead.md)")
-    p.add_argument("--prompt", default="task", choices=("task", "official"), help="the task's prompt, or the official referseg prompt")
-    p.add_argument("--checkpoint-every", type=int, default=50, help="save partial counts every this many samples (a rerun resumes)")
+    p.add_argument(
+        "--repeats",
+        type=int,
+        default=5,
+        help="independent seeded draws of n samples, frequencies over all (the paper's 5)",
+    )
+    p.add_argument(
+        "--selection",
+        default="ours",
+        choices=("ours", "official", "official_v2"),
+        help="per-sample head selection (docs/lochead.md)",
+    )
+    p.add_argument(
+        "--prompt",
+        default="task",
+        choices=("task", "official"),
+        help="the task's prompt, or the official referseg prompt",
+    )
+    p.add_argument(
+        "--checkpoint-every", type=int, default=50, help="save partial counts every this many samples (a rerun resumes)"
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--per-sample", type=int, default=10, help="lowest-entropy heads kept per sample")
     p.add_argument("--connectivity", type=int, default=8, choices=(4, 8))
     p.add_argument("--include-path", action="append", default=[], help="extra lmms-eval task directory (repeatable)")
     p.add_argument("--output", default=None, help="also write the heads file here")
-    p.add_argument("--save-visuals", default=None, help="directory for PNGs: S_img curves with the knee, selected heads' maps")
+    p.add_argument(
+        "--save-visuals", default=None, help="directory for PNGs: S_img curves with the knee, selected heads' maps"
+    )
     p.add_argument("--max-visuals", type=int, default=8)
     p.add_argument("--top", type=int, default=20, help="rows of the printed table")
     p.add_argument("--no-cache", action="store_true", help="recompute even if a cached result exists")
-    p.add_argument("--block", default="base", choices=("base", "highres"),
-                   help="LLaVA-NeXT/OneVision: the block whose grid is searched (use the same block= as llava_lochead); base only elsewhere")
-    p.add_argument("--min-pixels", type=int, default=None,
-                   help="Qwen2.5-VL: the processor's min_pixels (default: the checkpoint's saved processor). Pass the "
-                   "min_pixels of your evaluation's --model_args: lmms-eval's qwen2_5_vl defaults to 200704, not the saved value")
-    p.add_argument("--max-pixels", type=int, default=None, help="Qwen2.5-VL: the processor's max_pixels (as --min-pixels; lmms-eval's default 1605632)")
+    p.add_argument(
+        "--block",
+        default="base",
+        choices=("base", "highres"),
+        help="LLaVA-NeXT/OneVision: the block whose grid is searched (use the same block= as llava_lochead); base only elsewhere",
+    )
+    p.add_argument(
+        "--min-pixels",
+        type=int,
+        default=None,
+        help="Qwen2.5-VL: the processor's min_pixels (default: the checkpoint's saved processor). Pass the "
+        "min_pixels of your evaluation's --model_args: lmms-eval's qwen2_5_vl defaults to 200704, not the saved value",
+    )
+    p.add_argument(
+        "--max-pixels",
+        type=int,
+        default=None,
+        help="Qwen2.5-VL: the processor's max_pixels (as --min-pixels; lmms-eval's default 1605632)",
+    )
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"))
     p.set_defaults(func=run)
@@ -58,8 +92,10 @@ def load(pretrained: str, args):
 
     model_type = getattr(AutoConfig.from_pretrained(pretrained), "model_type", None)
     if model_type not in FAMILIES:
-        raise ValueError(f"heads discovery runs on LLaVA-1.5, LLaVA-NeXT, LLaVA-OneVision and Qwen2.5-VL checkpoints "
-                         f"(model_type {', '.join(FAMILIES)}); {pretrained} is {model_type!r}")
+        raise ValueError(
+            f"heads discovery runs on LLaVA-1.5, LLaVA-NeXT, LLaVA-OneVision and Qwen2.5-VL checkpoints "
+            f"(model_type {', '.join(FAMILIES)}); {pretrained} is {model_type!r}"
+        )
     if model_type == "qwen2_5_vl":
         from ..qwen import check_qwen
 
@@ -69,15 +105,19 @@ def load(pretrained: str, args):
     if (args.min_pixels or args.max_pixels) and model_type != "qwen2_5_vl":
         raise ValueError(f"--min-pixels/--max-pixels are Qwen2.5-VL's; {pretrained} is {model_type!r}")
     if args.block != "base" and model_type not in ("llava_next", "llava_onevision"):
-        raise ValueError(f"--block {args.block}: a {model_type} image has one grid; --block is for LLaVA-NeXT/OneVision")
+        raise ValueError(
+            f"--block {args.block}: a {model_type} image has one grid; --block is for LLaVA-NeXT/OneVision"
+        )
     pixels = {k: v for k, v in (("min_pixels", args.min_pixels), ("max_pixels", args.max_pixels)) if v}
     processor = AutoProcessor.from_pretrained(pretrained, **pixels)
     cls = Llava if model_type == "llava" else AutoModelForImageTextToText
     model = cls.from_pretrained(pretrained, dtype=getattr(torch, args.dtype), device_map=args.device).eval()
     if model_type == "qwen2_5_vl":
         size = processor.image_processor.size
-        print(f"Qwen2.5-VL images at min_pixels={size['shortest_edge']}, max_pixels={size['longest_edge']} "
-              f"({'given' if pixels else 'saved with the checkpoint'}); evaluate with the same --model_args min_pixels/max_pixels")
+        print(
+            f"Qwen2.5-VL images at min_pixels={size['shortest_edge']}, max_pixels={size['longest_edge']} "
+            f"({'given' if pixels else 'saved with the checkpoint'}); evaluate with the same --model_args min_pixels/max_pixels"
+        )
     return model, processor
 
 
@@ -130,7 +170,9 @@ def run(args) -> int:
     print(("cached result: " if result is None else "heads file: ") + str(path))
     if args.output:
         print(f"written to {args.output}")
-    print(f"{doc.get('n_samples', '?')} samples of {doc.get('task', args.task)}/{doc.get('split', args.split)}; {doc['model_id']}")
+    print(
+        f"{doc.get('n_samples', '?')} samples of {doc.get('task', args.task)}/{doc.get('split', args.split)}; {doc['model_id']}"
+    )
     print(_table(doc["heads"], args.top))
     return 0
 

@@ -12,7 +12,19 @@ import platform
 import sys
 
 DIST = "lmms-eval-plugins"
-REPORTED = ("torch", "torchvision", "transformers", "lmms-eval", "accelerate", "peft", "datasets", "huggingface-hub", "filelock", "numpy", "pytest")
+REPORTED = (
+    "torch",
+    "torchvision",
+    "transformers",
+    "lmms-eval",
+    "accelerate",
+    "peft",
+    "datasets",
+    "huggingface-hub",
+    "filelock",
+    "numpy",
+    "pytest",
+)
 
 
 def version(dist: str) -> str | None:
@@ -38,7 +50,7 @@ def problems() -> list[str]:
     if lmms is None:
         found.append("lmms-eval is not installed; fix: pip install -r requirements.lock && pip install -e .")
     elif not lmms.startswith("0.7."):
-        found.append(f"lmms-eval {lmms} is outside the supported 0.7.x; fix: pip install \"lmms-eval>=0.7.3,<0.8\"")
+        found.append(f'lmms-eval {lmms} is outside the supported 0.7.x; fix: pip install "lmms-eval>=0.7.3,<0.8"')
     # Every range the package declares (transformers>=5, ...), checked against what is installed.
     for line in md.requires(DIST) or []:
         req = Requirement(line)
@@ -46,9 +58,9 @@ def problems() -> list[str]:
             continue  # an extra (e.g. [test]) or another platform's requirement
         have = version(req.name)
         if have is None:
-            found.append(f"{req.name} is not installed; fix: pip install \"{req}\"")
+            found.append(f'{req.name} is not installed; fix: pip install "{req}"')
         elif req.specifier and not req.specifier.contains(have, prereleases=True):
-            found.append(f"{req.name} {have} is outside the supported range {req.specifier}; fix: pip install \"{req}\"")
+            found.append(f'{req.name} {have} is outside the supported range {req.specifier}; fix: pip install "{req}"')
     return found
 
 

@@ -22,9 +22,15 @@ def register(subparsers):
     p.add_argument("--model_args", required=True, help="llava_knockout model_args, e.g. pretrained=shapeworld-tiny")
     p.add_argument("--tasks", required=True, help="comma-separated lmms-eval tasks")
     p.add_argument("--modes", default="generated,query,both", help=f"comma-separated query sets ({'|'.join(MODES)})")
-    p.add_argument("--windows", default="", help="comma-separated layer windows start:stop (stop exclusive), e.g. 0:2,2:4, "
-                   "or the official named windows after:L (layers > L) and not_4_to_20")
-    p.add_argument("--window_size", type=int, default=0, help="instead of --windows: sliding windows of this many layers")
+    p.add_argument(
+        "--windows",
+        default="",
+        help="comma-separated layer windows start:stop (stop exclusive), e.g. 0:2,2:4, "
+        "or the official named windows after:L (layers > L) and not_4_to_20",
+    )
+    p.add_argument(
+        "--window_size", type=int, default=0, help="instead of --windows: sliding windows of this many layers"
+    )
     p.add_argument("--stride", type=int, default=1, help="stride of the sliding windows")
     p.add_argument("--outside", action="store_true", help="block every layer outside each window instead")
     p.add_argument("--metric", default="", help="metric to plot (default: every numeric metric of each task)")
@@ -55,7 +61,9 @@ def parse_windows(spec: str, n_layers: int, window_size: int = 0, stride: int = 
         except ValueError:
             raise ValueError(f"window {part!r}: write start:stop, e.g. 0:2 (layers 0 and 1)") from None
         if not 0 <= a < b <= n_layers:
-            raise ValueError(f"window {part!r} is outside the model's {n_layers} layers (0 <= start < stop <= {n_layers})")
+            raise ValueError(
+                f"window {part!r} is outside the model's {n_layers} layers (0 <= start < stop <= {n_layers})"
+            )
         windows.append((a, b))
     if not windows:
         raise ValueError("give --windows start:stop,... or --window_size N")
@@ -77,7 +85,9 @@ def window_label(window) -> str:
     return window if isinstance(window, str) else f"{window[0]}:{window[1]}"
 
 
-def run_sweep(model_args, tasks, windows, modes, *, outside=False, limit=None, include_path=None, force_simple=False, log=print):
+def run_sweep(
+    model_args, tasks, windows, modes, *, outside=False, limit=None, include_path=None, force_simple=False, log=print
+):
     """Evaluate the empty window, then every (mode, window). Returns one row per (task, metric, mode, window)."""
     from lmms_eval.evaluator import simple_evaluate
     from lmms_eval.tasks import TaskManager
@@ -99,11 +109,23 @@ def run_sweep(model_args, tasks, windows, modes, *, outside=False, limit=None, i
         if isinstance(window, str):  # an official named window: its own layer set, never inverted
             lm.technique = Knockout(n_layers, mode=mode, window=window, last_row=last_row)
         else:
-            lm.technique = Knockout(n_layers, mode=mode, from_layer=window[0], to_layer=window[1], outside=invert, last_row=last_row)
+            lm.technique = Knockout(
+                n_layers, mode=mode, from_layer=window[0], to_layer=window[1], outside=invert, last_row=last_row
+            )
         t0 = time.time()
-        res = simple_evaluate(model=lm, tasks=list(tasks), limit=limit, task_manager=manager, log_samples=False, bootstrap_iters=0, verbosity="WARNING")
+        res = simple_evaluate(
+            model=lm,
+            tasks=list(tasks),
+            limit=limit,
+            task_manager=manager,
+            log_samples=False,
+            bootstrap_iters=0,
+            verbosity="WARNING",
+        )
         metrics = {task: numeric_metrics(res["results"][task]) for task in tasks}
-        log(f"knockout-sweep: mode={mode} window={window_label(window)}{' (outside)' if invert else ''}: {metrics} ({time.time() - t0:.0f}s)")
+        log(
+            f"knockout-sweep: mode={mode} window={window_label(window)}{' (outside)' if invert else ''}: {metrics} ({time.time() - t0:.0f}s)"
+        )
         return metrics
 
     # the reference: the empty window, never inverted (inverted, it would block every layer)
@@ -255,17 +277,27 @@ def main(args) -> int:
     from ..base import resolve_pretrained  # noqa: F401  (checkpoint names are resolved by the model class)
     from transformers import AutoConfig
 
-    pretrained = dict(kv.split("=", 1) for kv in args.model_args.split(",") if "=" in kv).get("pretrained", "llava-hf/llava-1.5-7b-hf")
+    pretrained = dict(kv.split("=", 1) for kv in args.model_args.split(",") if "=" in kv).get(
+        "pretrained", "llava-hf/llava-1.5-7b-hf"
+    )
     n_layers = AutoConfig.from_pretrained(resolve_pretrained(pretrained)).text_config.num_hidden_layers
     try:
         windows = parse_windows(args.windows, n_layers, args.window_size, args.stride)
     except ValueError as e:
         print(f"knockout-sweep: {e}")
         return 2
-    limit = int(args.limit) if args.limit is not None and float(args.limit).is_integer() and args.limit >= 1 else args.limit
+    limit = (
+        int(args.limit) if args.limit is not None and float(args.limit).is_integer() and args.limit >= 1 else args.limit
+    )
     rows = run_sweep(
-        args.model_args, tasks, windows, modes,
-        outside=args.outside, limit=limit, include_path=args.include_path, force_simple=args.force_simple,
+        args.model_args,
+        tasks,
+        windows,
+        modes,
+        outside=args.outside,
+        limit=limit,
+        include_path=args.include_path,
+        force_simple=args.force_simple,
     )
     out = Path(args.output_dir)
     csv_path, md_path = write_table(rows, out)

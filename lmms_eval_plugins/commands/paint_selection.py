@@ -93,8 +93,10 @@ def main(args) -> int:
         hits["all patches"][0] += int(on_object.sum())
         hits["all patches"][1] += on_object.size
     rows = {k: {"on_object": h / max(n, 1), "tokens_per_image": n / args.limit} for k, (h, n) in hits.items()}
-    print(f"{args.limit} ShapeWorld CHAIR scenes, grid {grid}, vision layers local={layers[0]} summary={layers[1]}, "
-          f"selection_source={args.source}")
+    print(
+        f"{args.limit} ShapeWorld CHAIR scenes, grid {grid}, vision layers local={layers[0]} summary={layers[1]}, "
+        f"selection_source={args.source}"
+    )
     print("| tokens | per image | on an object |\n|---|---|---|")
     for k, r in rows.items():
         print(f"| {k} | {r['tokens_per_image']:.1f} | {r['on_object']:.1%} |")
@@ -149,14 +151,20 @@ def compare(args) -> int:
 
     summary = {k: mean(k) for k in rows[0] if not isinstance(rows[0][k], tuple)}
     summary.update({k: pooled(k) for k in rows[0] if isinstance(rows[0][k], tuple)})
-    print(f"{args.limit} ShapeWorld CHAIR scenes, {args.pretrained}: grid {grid}, vision layers local={layers[0]} "
-          f"summary={layers[1]}, top_ratio={args.top_ratio}; CLS selection vs received-attention selection")
-    print("| set | Jaccard (mean) | chance Jaccard | size cls / received | Spearman of the scores | on an object: cls / received |")
+    print(
+        f"{args.limit} ShapeWorld CHAIR scenes, {args.pretrained}: grid {grid}, vision layers local={layers[0]} "
+        f"summary={layers[1]}, top_ratio={args.top_ratio}; CLS selection vs received-attention selection"
+    )
+    print(
+        "| set | Jaccard (mean) | chance Jaccard | size cls / received | Spearman of the scores | on an object: cls / received |"
+    )
     print("|---|---|---|---|---|---|")
     for kind in ("local", "summary"):
-        print(f"| {kind} | {summary[kind + ' jaccard']:.3f} | {summary[kind + ' chance']:.3f} | "
-              f"{summary[kind + ' size cls']:.1f} / {summary[kind + ' size received']:.1f} | {summary[kind + ' spearman']:.3f} | "
-              f"{summary[kind + ' on object cls']:.1%} / {summary[kind + ' on object received']:.1%} |")
+        print(
+            f"| {kind} | {summary[kind + ' jaccard']:.3f} | {summary[kind + ' chance']:.3f} | "
+            f"{summary[kind + ' size cls']:.1f} / {summary[kind + ' size received']:.1f} | {summary[kind + ' spearman']:.3f} | "
+            f"{summary[kind + ' on object cls']:.1%} / {summary[kind + ' on object received']:.1%} |"
+        )
     print(f"all patches on an object (chance): {summary['chance on object']:.1%}")
     if args.json:
         with open(args.json, "w") as f:

@@ -11,8 +11,12 @@ import argparse
 
 
 def register(sub) -> None:
-    p = sub.add_parser("viral-teacher", help="train the ShapeWorld teacher (dense per-patch labels) for VIRAL",
-                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = sub.add_parser(
+        "viral-teacher",
+        help="train the ShapeWorld teacher (dense per-patch labels) for VIRAL",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--output-dir", required=True)
     p.add_argument("--scenes", type=int, default=2000, help="ShapeWorld train scenes")
     p.add_argument("--steps", type=int, default=1000)

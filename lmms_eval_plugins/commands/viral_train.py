@@ -22,66 +22,150 @@ from methods.viral_train import PRESETS
 
 
 def register(sub) -> None:
-    p = sub.add_parser("viral-train", help="fine-tune with VIRAL's visual representation alignment (peft LoRA + accelerate)",
-                       description=__doc__, formatter_class=_Formatter)
-    p.add_argument("--preset", default=None, choices=sorted(PRESETS),
-                   help="official: cvlab-kaist/VIRAL's recipe (DINOv2 teacher through the official input path, layer 16, "
-                   "lambda 0.5, LoRA r128/alpha256 at 2e-4, multimodal projector at 2e-5, warm-up 3%% + cosine, no weight "
-                   "decay, effective batch 32, bf16 where supported, pad to square, and the official code's frozen VRA "
-                   "projector / re-drawn teacher Linear layers); flags given explicitly override it")
-    p.add_argument("--pretrained", default=None, help="base checkpoint: LLaVA-1.5, LLaVA-NeXT/OneVision or Qwen2.5-VL (directory, hub id, shapeworld-tiny, "
-                   "shapeworld-tiny-qwen)")
-    p.add_argument("--base-llm", default=None,
-                   help="instead of --pretrained, the official starting point: a base LLM directory (vicuna-7b-v1.5) ...")
+    p = sub.add_parser(
+        "viral-train",
+        help="fine-tune with VIRAL's visual representation alignment (peft LoRA + accelerate)",
+        description=__doc__,
+        formatter_class=_Formatter,
+    )
+    p.add_argument(
+        "--preset",
+        default=None,
+        choices=sorted(PRESETS),
+        help="official: cvlab-kaist/VIRAL's recipe (DINOv2 teacher through the official input path, layer 16, "
+        "lambda 0.5, LoRA r128/alpha256 at 2e-4, multimodal projector at 2e-5, warm-up 3%% + cosine, no weight "
+        "decay, effective batch 32, bf16 where supported, pad to square, and the official code's frozen VRA "
+        "projector / re-drawn teacher Linear layers); flags given explicitly override it",
+    )
+    p.add_argument(
+        "--pretrained",
+        default=None,
+        help="base checkpoint: LLaVA-1.5, LLaVA-NeXT/OneVision or Qwen2.5-VL (directory, hub id, shapeworld-tiny, "
+        "shapeworld-tiny-qwen)",
+    )
+    p.add_argument(
+        "--base-llm",
+        default=None,
+        help="instead of --pretrained, the official starting point: a base LLM directory (vicuna-7b-v1.5) ...",
+    )
     p.add_argument("--vision-tower", default=None, help="... a CLIP vision directory (clip-vit-large-patch14-336) ...")
-    p.add_argument("--mm-projector", default=None, help="... and the stage-1 projector (mm_projector.bin or .safetensors)")
-    p.add_argument("--data", required=True,
-                   help="LLaVA-format training data (JSON list or JSONL: image + conversations), or tasks:NAME[,NAME] for "
-                   "the training splits of lmms-eval tasks (their own prompts and targets)")
-    p.add_argument("--include-path", default=None, help="lmms-eval --include_path for --data tasks:... (e.g. task_configs)")
+    p.add_argument(
+        "--mm-projector", default=None, help="... and the stage-1 projector (mm_projector.bin or .safetensors)"
+    )
+    p.add_argument(
+        "--data",
+        required=True,
+        help="LLaVA-format training data (JSON list or JSONL: image + conversations), or tasks:NAME[,NAME] for "
+        "the training splits of lmms-eval tasks (their own prompts and targets)",
+    )
+    p.add_argument(
+        "--include-path", default=None, help="lmms-eval --include_path for --data tasks:... (e.g. task_configs)"
+    )
     p.add_argument("--data-split", default="train", help="which split of the tasks, for --data tasks:...")
     p.add_argument("--limit-per-task", type=int, default=None, help="documents per task, for --data tasks:...")
     p.add_argument("--image-folder", default="", help="root of the records' image paths")
     p.add_argument("--output-dir", required=True)
-    p.add_argument("--teacher", default="self",
-                   help="vision backbone directory (e.g. a saved facebook/dinov2-base), 'shapeworld-teacher' (shipped), "
-                   "'self' (the model's own vision tower; LLaVA-1.5 only) or 'none'")
-    p.add_argument("--teacher-image-size", type=int, default=None, help="teacher input size (default: its preprocessor's crop size)")
-    p.add_argument("--teacher-input", default="image", choices=["image", "pixels", "official"],
-                   help="what a backbone teacher sees: the original image re-processed with the LLM's field of view, "
-                   "the LLaVA pixels with the CLIP normalisation undone, or (official) the LLaVA pixels as they are "
-                   "into a DINOv2 whose position table is resampled to the LLM's grid")
-    p.add_argument("--teacher-reinit", dest="teacher_reinit", action="store_true", default=False,
-                   help="re-draw the teacher's Linear layers N(0, 0.02), as the official load path does (preset official)")
+    p.add_argument(
+        "--teacher",
+        default="self",
+        help="vision backbone directory (e.g. a saved facebook/dinov2-base), 'shapeworld-teacher' (shipped), "
+        "'self' (the model's own vision tower; LLaVA-1.5 only) or 'none'",
+    )
+    p.add_argument(
+        "--teacher-image-size",
+        type=int,
+        default=None,
+        help="teacher input size (default: its preprocessor's crop size)",
+    )
+    p.add_argument(
+        "--teacher-input",
+        default="image",
+        choices=["image", "pixels", "official"],
+        help="what a backbone teacher sees: the original image re-processed with the LLM's field of view, "
+        "the LLaVA pixels with the CLIP normalisation undone, or (official) the LLaVA pixels as they are "
+        "into a DINOv2 whose position table is resampled to the LLM's grid",
+    )
+    p.add_argument(
+        "--teacher-reinit",
+        dest="teacher_reinit",
+        action="store_true",
+        default=False,
+        help="re-draw the teacher's Linear layers N(0, 0.02), as the official load path does (preset official)",
+    )
     p.add_argument("--no-teacher-reinit", dest="teacher_reinit", action="store_false")
-    p.add_argument("--layer", type=_layers, default=viral.DEFAULTS["layer"],
-                   help="aligned LLM layer(s), 1-based over hidden_states; several as 8,16 (L_VRA is their mean)")
-    p.add_argument("--weight", type=float, default=viral.DEFAULTS["weight"], help="lambda of L_VRA (0: plain fine-tuning)")
-    p.add_argument("--loss", default="direct", choices=list(viral.LOSSES),
-                   help="direct: -cos(P(h), y); similarity: MSE of the token-token cosine (Gram) matrices")
-    p.add_argument("--no-projector", dest="use_projector", action="store_false",
-                   help="similarity loss on the hidden states themselves (the official use_projector=False)")
-    p.add_argument("--multiple-projectors", action="store_true", help="one projector per target layer (default: one shared)")
-    p.add_argument("--train-vra-projector", dest="train_vra_projector", action="store_true", default=True,
-                   help="train the VRA projector (default; preset official freezes it, as the official LoRA recipe does)")
+    p.add_argument(
+        "--layer",
+        type=_layers,
+        default=viral.DEFAULTS["layer"],
+        help="aligned LLM layer(s), 1-based over hidden_states; several as 8,16 (L_VRA is their mean)",
+    )
+    p.add_argument(
+        "--weight", type=float, default=viral.DEFAULTS["weight"], help="lambda of L_VRA (0: plain fine-tuning)"
+    )
+    p.add_argument(
+        "--loss",
+        default="direct",
+        choices=list(viral.LOSSES),
+        help="direct: -cos(P(h), y); similarity: MSE of the token-token cosine (Gram) matrices",
+    )
+    p.add_argument(
+        "--no-projector",
+        dest="use_projector",
+        action="store_false",
+        help="similarity loss on the hidden states themselves (the official use_projector=False)",
+    )
+    p.add_argument(
+        "--multiple-projectors", action="store_true", help="one projector per target layer (default: one shared)"
+    )
+    p.add_argument(
+        "--train-vra-projector",
+        dest="train_vra_projector",
+        action="store_true",
+        default=True,
+        help="train the VRA projector (default; preset official freezes it, as the official LoRA recipe does)",
+    )
     p.add_argument("--freeze-vra-projector", dest="train_vra_projector", action="store_false")
-    p.add_argument("--projector-init", default="torch", choices=["torch", "official"],
-                   help="official: N(0, 0.02) weights, zero biases (transformers 4.37's Llama _init_weights)")
-    p.add_argument("--proj-hidden", type=int, default=viral.DEFAULTS["proj_hidden"], help="hidden width of the VRA projector")
+    p.add_argument(
+        "--projector-init",
+        default="torch",
+        choices=["torch", "official"],
+        help="official: N(0, 0.02) weights, zero biases (transformers 4.37's Llama _init_weights)",
+    )
+    p.add_argument(
+        "--proj-hidden", type=int, default=viral.DEFAULTS["proj_hidden"], help="hidden width of the VRA projector"
+    )
     p.add_argument("--lora-r", type=int, default=128)
     p.add_argument("--lora-alpha", type=int, default=256)
     p.add_argument("--lora-dropout", type=float, default=0.05)
-    p.add_argument("--no-train-mm-projector", dest="train_mm_projector", action="store_false",
-                   help="freeze the multimodal projector (trained fully by default, as in LLaVA's LoRA recipe)")
+    p.add_argument(
+        "--no-train-mm-projector",
+        dest="train_mm_projector",
+        action="store_false",
+        help="freeze the multimodal projector (trained fully by default, as in LLaVA's LoRA recipe)",
+    )
     p.add_argument("--lr", type=float, default=2e-4)
     p.add_argument("--proj-lr", type=float, default=None, help="learning rate of the VRA projector (default: --lr)")
-    p.add_argument("--mm-projector-lr", type=float, default=None,
-                   help="learning rate of the multimodal projector (default: --lr; official 2e-5)")
-    p.add_argument("--schedule", default="ours", choices=["ours", "official"],
-                   help="official: transformers' cosine with ceil(ratio*steps) warm-up steps (the first step at lr 0)")
-    p.add_argument("--effective-batch", type=int, default=None,
-                   help="samples per optimizer step; sets --grad-accum = this / (batch size x processes) (official 32)")
-    p.add_argument("--pad-to-square", action="store_true", help="LLaVA-1.5's image_aspect_ratio=pad (the official data path)")
+    p.add_argument(
+        "--mm-projector-lr",
+        type=float,
+        default=None,
+        help="learning rate of the multimodal projector (default: --lr; official 2e-5)",
+    )
+    p.add_argument(
+        "--schedule",
+        default="ours",
+        choices=["ours", "official"],
+        help="official: transformers' cosine with ceil(ratio*steps) warm-up steps (the first step at lr 0)",
+    )
+    p.add_argument(
+        "--effective-batch",
+        type=int,
+        default=None,
+        help="samples per optimizer step; sets --grad-accum = this / (batch size x processes) (official 32)",
+    )
+    p.add_argument(
+        "--pad-to-square", action="store_true", help="LLaVA-1.5's image_aspect_ratio=pad (the official data path)"
+    )
     p.add_argument("--weight-decay", type=float, default=0.0)
     p.add_argument("--warmup-ratio", type=float, default=0.03)
     p.add_argument("--batch-size", type=int, default=4, help="per device")
@@ -91,15 +175,30 @@ def register(sub) -> None:
     p.add_argument("--max-length", type=int, default=2048)
     p.add_argument("--max-grad-norm", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16", "auto"],
-                   help="auto: bfloat16 where the device supports it (preset official), else float32")
-    p.add_argument("--no-cache-teacher", dest="cache_teacher", action="store_false",
-                   help="recompute teacher features every step (cached per sample by default)")
-    p.add_argument("--save-every", type=int, default=0, help="checkpoint every N optimizer steps (0: only the final output)")
+    p.add_argument(
+        "--dtype",
+        default="float32",
+        choices=["float32", "bfloat16", "float16", "auto"],
+        help="auto: bfloat16 where the device supports it (preset official), else float32",
+    )
+    p.add_argument(
+        "--no-cache-teacher",
+        dest="cache_teacher",
+        action="store_false",
+        help="recompute teacher features every step (cached per sample by default)",
+    )
+    p.add_argument(
+        "--save-every", type=int, default=0, help="checkpoint every N optimizer steps (0: only the final output)"
+    )
     p.add_argument("--keep-checkpoints", type=int, default=2)
     p.add_argument("--log-every", type=int, default=10)
-    p.add_argument("--resume", nargs="?", const=True, default=False,
-                   help="resume from the latest checkpoint in --output-dir, or from the given checkpoint directory")
+    p.add_argument(
+        "--resume",
+        nargs="?",
+        const=True,
+        default=False,
+        help="resume from the latest checkpoint in --output-dir, or from the given checkpoint directory",
+    )
     p.add_argument("--limit", type=int, default=None, help="use only the first N records")
     p.add_argument("--no-progress", dest="progress", action="store_false")
     p.set_defaults(func=run)
@@ -113,7 +212,12 @@ def _defaults_only_when_absent(p) -> None:
 
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
     for action in p._actions:
-        if action.dest in fields and action.dest != "preset" and action.default is not argparse.SUPPRESS and not action.required:
+        if (
+            action.dest in fields
+            and action.dest != "preset"
+            and action.default is not argparse.SUPPRESS
+            and not action.required
+        ):
             if action.help and "%(default)" not in action.help and action.default is not None:
                 action.help += f" (default: {action.default})"
             action.default = argparse.SUPPRESS
@@ -138,7 +242,9 @@ def run(args) -> int:
     values = {k: v for k, v in vars(args).items() if k in fields}
     values["explicit"] = tuple(values)
     if not values.get("pretrained") and not values.get("base_llm"):
-        raise SystemExit("viral-train: pass --pretrained (a LLaVA or Qwen2.5-VL checkpoint) or --base-llm/--vision-tower/--mm-projector")
+        raise SystemExit(
+            "viral-train: pass --pretrained (a LLaVA or Qwen2.5-VL checkpoint) or --base-llm/--vision-tower/--mm-projector"
+        )
     values["pretrained"] = resolve_pretrained(values["pretrained"]) if values.get("pretrained") else ""
     if "teacher" in values:
         values["teacher"] = resolve_teacher(values["teacher"])
@@ -146,9 +252,13 @@ def run(args) -> int:
     if args.data.startswith("tasks:"):
         from ..viral_data import task_records
 
-        records = task_records(args.data[len("tasks:"):].split(","), args.include_path, args.data_split, args.limit_per_task)
+        records = task_records(
+            args.data[len("tasks:") :].split(","), args.include_path, args.data_split, args.limit_per_task
+        )
         print(f"viral-train: {len(records)} training records from {args.data}")
     result = train(TrainConfig(**values), records)
-    print(f"viral-train: done at step {result['step']}: lm_loss={result.get('lm_loss')} vra_loss={result.get('vra_loss')}; "
-          f"adapter in {args.output_dir}/adapter")
+    print(
+        f"viral-train: done at step {result['step']}: lm_loss={result.get('lm_loss')} vra_loss={result.get('vra_loss')}; "
+        f"adapter in {args.output_dir}/adapter"
+    )
     return 0

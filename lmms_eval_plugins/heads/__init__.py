@@ -53,7 +53,9 @@ def load_task(task: str, include_path=None):
     paths = [p for p in (include_path or []) if p] or None
     manager = TaskManager(include_path=paths)
     if task not in manager.all_tasks:
-        raise DiscoveryError(f"unknown lmms-eval task {task!r}; add its directory with include_path (searched: {paths or 'lmms-eval defaults'})")
+        raise DiscoveryError(
+            f"unknown lmms-eval task {task!r}; add its directory with include_path (searched: {paths or 'lmms-eval defaults'})"
+        )
     loaded = manager.load_task_or_group([task])
     obj = loaded.get(task)
     if obj is None or isinstance(obj, dict):
@@ -110,11 +112,25 @@ def image_settings(model, processor, block: str = "base") -> dict:
     if family != "qwen2_5_vl":
         return {"block": block}
     size = getattr(getattr(processor, "image_processor", processor), "size", None)
-    size = dict(size) if isinstance(size, dict) else {k: getattr(size, k, None) for k in ("shortest_edge", "longest_edge")}
+    size = (
+        dict(size) if isinstance(size, dict) else {k: getattr(size, k, None) for k in ("shortest_edge", "longest_edge")}
+    )
     return {"block": block, "image_processor_size": size}
 
 
-def cache_path(model, task: str, split: str, n: int, seed: int, repeats: int, per_sample: int, connectivity: int, selection: str = "ours", prompt: str = "task", image: dict | None = None) -> Path:
+def cache_path(
+    model,
+    task: str,
+    split: str,
+    n: int,
+    seed: int,
+    repeats: int,
+    per_sample: int,
+    connectivity: int,
+    selection: str = "ours",
+    prompt: str = "task",
+    image: dict | None = None,
+) -> Path:
     settings = [_fingerprint(model), task, split, n, seed, repeats, per_sample, connectivity]
     key = json.dumps(settings if (selection, prompt) == ("ours", "task") else [*settings, selection, prompt])
     if image:  # non-LLaVA-1.5 families only: LLaVA-1.5's keys stay as they were
@@ -178,7 +194,11 @@ def discover_for_task(
 
             bar = tqdm(total=len(samples), desc=f"discover-heads {task}/{split}")
         visuals = _visual_writer(save_visuals, max_visuals, processor, not image) if save_visuals else None
-        resumed = lochead.DiscoveryResult.from_state(json.loads(partial.read_text())) if use_cache and partial.is_file() else None
+        resumed = (
+            lochead.DiscoveryResult.from_state(json.loads(partial.read_text()))
+            if use_cache and partial.is_file()
+            else None
+        )
         if bar is not None and resumed is not None:
             bar.update(resumed.n_samples)
 
@@ -192,8 +212,17 @@ def discover_for_task(
         try:
             state_of["result"] = resumed or lochead.DiscoveryResult(**lochead.model_geometry(model))
             result = lochead.discover_heads(
-                model, processor, samples, per_sample=per_sample, connectivity=connectivity, selection=selection,
-                prompt=prompt, progress=bar, on_sample=on_sample, result=state_of["result"], block=block,
+                model,
+                processor,
+                samples,
+                per_sample=per_sample,
+                connectivity=connectivity,
+                selection=selection,
+                prompt=prompt,
+                progress=bar,
+                on_sample=on_sample,
+                result=state_of["result"],
+                block=block,
             )
         finally:
             if bar is not None:
@@ -217,9 +246,17 @@ def discover_for_task(
             num_heads=result.num_heads,
             source=source,
             extra={
-                "task": task, "split": split, "n_samples": result.n_samples, "n": n, "repeats": repeats, "seed": seed,
-                "selection": selection, "prompt": prompt, "per_sample": per_sample,
-                "mean_knee_size": sum(result.knee_sizes) / max(1, len(result.knee_sizes)), **image,
+                "task": task,
+                "split": split,
+                "n_samples": result.n_samples,
+                "n": n,
+                "repeats": repeats,
+                "seed": seed,
+                "selection": selection,
+                "prompt": prompt,
+                "per_sample": per_sample,
+                "mean_knee_size": sum(result.knee_sizes) / max(1, len(result.knee_sizes)),
+                **image,
             },
         )
         partial.unlink(missing_ok=True)
@@ -247,7 +284,9 @@ def _visual_writer(directory, max_visuals: int, processor, head_boxes: bool = Tr
             return
         flat = s_img.flatten()
         values = flat.sort(descending=True).values.tolist()
-        render_curve(values, lochead.knee_index(values), title=f"sample {i}: S_img").save(out / f"sample{i:03d}_s_img.png")
+        render_curve(values, lochead.knee_index(values), title=f"sample {i}: S_img").save(
+            out / f"sample{i:03d}_s_img.png"
+        )
         if selected and head_boxes:  # the square grid's box drawn through the processor's geometry (LLaVA-1.5)
             head_maps = maps[[l for l, _ in selected], [h for _, h in selected]].reshape(-1, *grid)
             combined = lochead.combine_head_maps(head_maps[:3])
@@ -262,4 +301,6 @@ def _visual_writer(directory, max_visuals: int, processor, head_boxes: bool = Tr
 def _save_mean_curve(result: lochead.DiscoveryResult, directory) -> None:
     mean = (result.s_img_sum / max(result.n_samples, 1)).flatten()
     values = mean.sort(descending=True).values.tolist()
-    render_curve(values, lochead.knee_index(values), title="mean S_img over samples").save(Path(directory) / "s_img_curve.png")
+    render_curve(values, lochead.knee_index(values), title="mean S_img over samples").save(
+        Path(directory) / "s_img_curve.png"
+    )

@@ -7,13 +7,47 @@ from ..base import TechniqueSpec, wrapper_classes
 from ..params import Param
 
 PARAMS = (
-    Param("mode", str, DEFAULTS["mode"], "query rows that lose the image: generated|query|both|all|block_query", choices=QUERY_SETS),
-    Param("from_layer", int, DEFAULTS["from_layer"], "first blocked language-model layer (0-based; negative: from the end)"),
-    Param("to_layer", int, None, "one past the last blocked layer (default: the model's depth); = from_layer: none", optional=True),
+    Param(
+        "mode",
+        str,
+        DEFAULTS["mode"],
+        "query rows that lose the image: generated|query|both|all|block_query",
+        choices=QUERY_SETS,
+    ),
+    Param(
+        "from_layer",
+        int,
+        DEFAULTS["from_layer"],
+        "first blocked language-model layer (0-based; negative: from the end)",
+    ),
+    Param(
+        "to_layer",
+        int,
+        None,
+        "one past the last blocked layer (default: the model's depth); = from_layer: none",
+        optional=True,
+    ),
     Param("outside", bool, DEFAULTS["outside"], "block every layer OUTSIDE [from_layer, to_layer) instead"),
-    Param("last_row", str, DEFAULTS["last_row"], "the last prompt row (it predicts the first answer token) counts as", choices=LAST_ROW),
-    Param("window", str, None, "official layer flag instead of from/to: after:L (layers > L) or not_4_to_20", optional=True),
-    Param("newlines", bool, DEFAULTS["newlines"], "LLaVA-NeXT/OneVision: block the high-res row-newline keys too (default: yes, after layer 0 they carry image information)"),
+    Param(
+        "last_row",
+        str,
+        DEFAULTS["last_row"],
+        "the last prompt row (it predicts the first answer token) counts as",
+        choices=LAST_ROW,
+    ),
+    Param(
+        "window",
+        str,
+        None,
+        "official layer flag instead of from/to: after:L (layers > L) or not_4_to_20",
+        optional=True,
+    ),
+    Param(
+        "newlines",
+        bool,
+        DEFAULTS["newlines"],
+        "LLaVA-NeXT/OneVision: block the high-res row-newline keys too (default: yes, after layer 0 they carry image information)",
+    ),
 )
 
 # preset=official and the other run_on_coco.py flags (methods/knockout.py OFFICIAL_FLAGS)

@@ -19,16 +19,51 @@ from ..base import TechniqueSpec, wrapper_classes
 from ..params import ModelArgsError, Param
 
 PARAMS = (
-    Param("heads", str, "shipped", "shipped (heads/<model>.json) | auto (discover on discover_task) | self (each request's own best heads, as 9ffe219's pipeline) | all (mean of all heads) | random | <path.json>"),
+    Param(
+        "heads",
+        str,
+        "shipped",
+        "shipped (heads/<model>.json) | auto (discover on discover_task) | self (each request's own best heads, as 9ffe219's pipeline) | all (mean of all heads) | random | <path.json>",
+    ),
     Param("top_k", int, DEFAULTS["top_k"], "how many of the ranked heads are summed", low=1),
     Param("sigma", float, DEFAULTS["sigma"], "Gaussian smoothing of each head map (grid cells)", low=0.0),
-    Param("box_mode", str, DEFAULTS["box_mode"], "box of the largest component, or min/max box of all cells above the mean", choices=lochead.BOX_MODES),
+    Param(
+        "box_mode",
+        str,
+        DEFAULTS["box_mode"],
+        "box of the largest component, or min/max box of all cells above the mean",
+        choices=lochead.BOX_MODES,
+    ),
     Param("connectivity", int, DEFAULTS["connectivity"], "connected components: 4- or 8-neighbourhood", choices=(4, 8)),
     Param("decimals", int, DEFAULTS["decimals"], "decimals of the box coordinates in the answer", low=1, high=6),
-    Param("selection", str, DEFAULTS["selection"], "head selection: ours | official (8ce33b0) | official_v2 (9ffe219); see docs/lochead.md", choices=lochead.SELECTIONS),
-    Param("box_scaling", str, DEFAULTS["box_scaling"], "geometry: undo the processor's pad/crop | stretch: 9ffe219's grid box stretched onto the image", choices=lochead.BOX_SCALINGS),
-    Param("prompt", str, DEFAULTS["prompt"], "task: the lmms-eval task's prompt | official: the official referseg prompt (query row = the expression's last token)", choices=lochead.PROMPTS),
-    Param("block", str, "base", "LLaVA-NeXT/OneVision: read maps and box from the base crop's grid or the high-res (tiled) grid", choices=lochead.BLOCKS),
+    Param(
+        "selection",
+        str,
+        DEFAULTS["selection"],
+        "head selection: ours | official (8ce33b0) | official_v2 (9ffe219); see docs/lochead.md",
+        choices=lochead.SELECTIONS,
+    ),
+    Param(
+        "box_scaling",
+        str,
+        DEFAULTS["box_scaling"],
+        "geometry: undo the processor's pad/crop | stretch: 9ffe219's grid box stretched onto the image",
+        choices=lochead.BOX_SCALINGS,
+    ),
+    Param(
+        "prompt",
+        str,
+        DEFAULTS["prompt"],
+        "task: the lmms-eval task's prompt | official: the official referseg prompt (query row = the expression's last token)",
+        choices=lochead.PROMPTS,
+    ),
+    Param(
+        "block",
+        str,
+        "base",
+        "LLaVA-NeXT/OneVision: read maps and box from the base crop's grid or the high-res (tiled) grid",
+        choices=lochead.BLOCKS,
+    ),
     Param("check_model_id", bool, True, "refuse a heads file made for another model id"),
     Param("random_seed", int, 0, "seed of heads=random"),
     Param("discover_task", str, "", "heads=auto: lmms-eval task whose split is searched (e.g. shapeworld_rec)"),
@@ -37,7 +72,12 @@ PARAMS = (
     Param("discover_repeats", int, 5, "heads=auto: repeats with seeds seed..seed+repeats-1 (the paper: 5)", low=1),
     Param("discover_seed", int, 0, "heads=auto: sampling seed"),
     Param("include_path", str, "", "heads=auto: extra lmms-eval task directory (default: the project's task_configs)"),
-    Param("sam", str, "", "optional local SAM checkpoint directory (transformers SamModel): mask from the box + peak point"),
+    Param(
+        "sam",
+        str,
+        "",
+        "optional local SAM checkpoint directory (transformers SamModel): mask from the box + peak point",
+    ),
     Param("sam_box", bool, False, "answer with the SAM mask's box instead of the attention box (needs sam)"),
 )
 
@@ -77,8 +117,12 @@ def resolve_heads(p: dict, model):
         return lochead.random_heads(geo["num_layers"], geo["num_heads"], p["top_k"], p["random_seed"])
     if choice == "auto":
         if not p["discover_task"]:
-            raise ModelArgsError("heads=auto needs discover_task=<an lmms-eval task with a grounding train split>, e.g. discover_task=shapeworld_rec")
-        if getattr(model.config, "model_type", "llava") != "llava":  # discover with evaluation's processor (Qwen: its min/max pixels)
+            raise ModelArgsError(
+                "heads=auto needs discover_task=<an lmms-eval task with a grounding train split>, e.g. discover_task=shapeworld_rec"
+            )
+        if (
+            getattr(model.config, "model_type", "llava") != "llava"
+        ):  # discover with evaluation's processor (Qwen: its min/max pixels)
             return lambda processor: discover(p, model, processor)
         from transformers import AutoProcessor
 
@@ -93,7 +137,9 @@ def resolve_heads(p: dict, model):
         if lochead.read_heads_file(path).get("provenance", {}).get("official") is False:
             from loguru import logger
 
-            logger.warning(f"heads=shipped: {path.name} holds a third-party fork's hand-set heads, not the paper's (see its 'source')")
+            logger.warning(
+                f"heads=shipped: {path.name} holds a third-party fork's hand-set heads, not the paper's (see its 'source')"
+            )
         return lochead.load_heads(path, model, check_model_id=p["check_model_id"])
     return lochead.load_heads(choice, model, check_model_id=p["check_model_id"])
 
@@ -120,7 +166,9 @@ def visual_saver(directory: Path, max_visuals: int):
         if count["n"] >= max_visuals:
             return
         directory.mkdir(parents=True, exist_ok=True)
-        render_located(located.image or req.images[0], located, mask=located.mask).save(directory / f"lochead_{count['n']:04d}.png")
+        render_located(located.image or req.images[0], located, mask=located.mask).save(
+            directory / f"lochead_{count['n']:04d}.png"
+        )
         count["n"] += 1
 
     return save
@@ -135,7 +183,15 @@ SPEC = TechniqueSpec(
         # 8ce33b0 (HEAD): its prompt and head selection (discovery only; HEAD has no box code: the paper's box)
         "official": {"prompt": "official", "selection": "official", "top_k": 3, "sigma": 1.0, "box_mode": "minmax"},
         # 9ffe219: each request's own top-5 heads, its selection, its min/max box stretched onto the image
-        "official_v2": {"prompt": "official", "selection": "official_v2", "heads": "self", "top_k": 5, "sigma": 1.0, "box_mode": "minmax", "box_scaling": "stretch"},
+        "official_v2": {
+            "prompt": "official",
+            "selection": "official_v2",
+            "heads": "self",
+            "top_k": 5,
+            "sigma": 1.0,
+            "box_mode": "minmax",
+            "box_scaling": "stretch",
+        },
         "all_heads": {"heads": "all"},
         "random_head": {"heads": "random", "top_k": 1},
     },

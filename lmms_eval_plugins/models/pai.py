@@ -13,9 +13,27 @@ WINDOW_AND_CFG_PARAMS = (
     Param("start_layer", int, DEFAULTS["start_layer"], "first edited language-model layer (0-based)"),
     Param("end_layer", int, None, "one past the last edited layer (default: the model's depth)", optional=True),
     Param("use_cfg", bool, False, "classifier-free guidance against an image-free pass"),
-    Param("gamma", float, DEFAULTS["gamma"], "guidance strength: gamma*(c-u)+u on log-probabilities (1: no guidance)", low=0.0),
-    Param("cutoff", float, DEFAULTS["cutoff"], "plausibility cutoff (fraction of the top token's probability)", low=0.0, high=1.0),
-    Param("boost_first_step", bool, DEFAULTS["boost_first_step"], "with CFG, boost the first answer token too (official: no)"),
+    Param(
+        "gamma",
+        float,
+        DEFAULTS["gamma"],
+        "guidance strength: gamma*(c-u)+u on log-probabilities (1: no guidance)",
+        low=0.0,
+    ),
+    Param(
+        "cutoff",
+        float,
+        DEFAULTS["cutoff"],
+        "plausibility cutoff (fraction of the top token's probability)",
+        low=0.0,
+        high=1.0,
+    ),
+    Param(
+        "boost_first_step",
+        bool,
+        DEFAULTS["boost_first_step"],
+        "with CFG, boost the first answer token too (official: no)",
+    ),
     Param(
         "official_quirks",
         bool,
@@ -26,7 +44,12 @@ WINDOW_AND_CFG_PARAMS = (
 
 PARAMS = (
     Param("alpha", float, DEFAULTS["alpha"], "boost: a + alpha*|a| on image-token scores", low=0.0),
-    Param("newlines", bool, DEFAULTS["newlines"], "LLaVA-NeXT/OneVision: boost the high-res row-newline tokens too (default: grid tokens of every block only)"),
+    Param(
+        "newlines",
+        bool,
+        DEFAULTS["newlines"],
+        "LLaVA-NeXT/OneVision: boost the high-res row-newline tokens too (default: grid tokens of every block only)",
+    ),
     # PAI's own default follows the official scripts: CFG on (README.md:65,82 --use-cfg)
     *(dataclasses.replace(p, default=DEFAULTS["use_cfg"]) if p.name == "use_cfg" else p for p in WINDOW_AND_CFG_PARAMS),
 )

@@ -19,17 +19,66 @@ from .pai import WINDOW_AND_CFG_PARAMS
 PARAMS = (
     Param("alpha", float, DEFAULTS["alpha"], "margin on local (and spatial) tokens: a + alpha*|a|", low=0.0),
     Param("beta", float, DEFAULTS["beta"], "margin on summary tokens: a + beta*|a|", low=0.0),
-    Param("top_ratio", float, DEFAULTS["top_ratio"], "local tokens: top fraction of patches by layer-0 CLS attention", low=0.0, high=1.0),
-    Param("spatial_ratio", float, DEFAULTS["spatial_ratio"], "spatial tokens: fraction of patches (0: off)", low=0.0, high=1.0),
-    Param("spatial", str, DEFAULTS["spatial"], "spatial tokens: grid (ours, a stratified lattice) or official (top row sums of layer-0 attention)", choices=SPATIAL_VARIANTS),
-    Param("selection_precision", str, DEFAULTS["selection_precision"], "selection arithmetic: float32, or model (the vision tower's dtype, as the official code)", choices=SELECTION_PRECISIONS),
-    Param("selection_source", str, DEFAULTS["selection_source"], "local/summary tokens from: cls (the vision tower's CLS "
-          "attention, the paper's) or received (ours, a measured ablation: the attention each patch receives from the "
-          "patches; it does not reproduce the CLS selection, docs/paint.md)", choices=SELECTION_SOURCES),
+    Param(
+        "top_ratio",
+        float,
+        DEFAULTS["top_ratio"],
+        "local tokens: top fraction of patches by layer-0 CLS attention",
+        low=0.0,
+        high=1.0,
+    ),
+    Param(
+        "spatial_ratio",
+        float,
+        DEFAULTS["spatial_ratio"],
+        "spatial tokens: fraction of patches (0: off)",
+        low=0.0,
+        high=1.0,
+    ),
+    Param(
+        "spatial",
+        str,
+        DEFAULTS["spatial"],
+        "spatial tokens: grid (ours, a stratified lattice) or official (top row sums of layer-0 attention)",
+        choices=SPATIAL_VARIANTS,
+    ),
+    Param(
+        "selection_precision",
+        str,
+        DEFAULTS["selection_precision"],
+        "selection arithmetic: float32, or model (the vision tower's dtype, as the official code)",
+        choices=SELECTION_PRECISIONS,
+    ),
+    Param(
+        "selection_source",
+        str,
+        DEFAULTS["selection_source"],
+        "local/summary tokens from: cls (the vision tower's CLS "
+        "attention, the paper's) or received (ours, a measured ablation: the attention each patch receives from the "
+        "patches; it does not reproduce the CLS selection, docs/paint.md)",
+        choices=SELECTION_SOURCES,
+    ),
     Param("local_layer", int, DEFAULTS["local_layer"], "vision-tower layer whose CLS attention picks local tokens"),
-    Param("summary_layer", int, DEFAULTS["summary_layer"], "vision-tower layer whose CLS-attention outliers are summary tokens (-2: penultimate)"),
-    Param("head_modulation", str, DEFAULTS["head_modulation"], "scale margins per head by visual sensitivity", choices=HEAD_MODULATIONS),
-    Param("max_head_scale", float, DEFAULTS["max_head_scale"], "cap on the per-head scale (sensitivity / mean sensitivity)", low=1.0),
+    Param(
+        "summary_layer",
+        int,
+        DEFAULTS["summary_layer"],
+        "vision-tower layer whose CLS-attention outliers are summary tokens (-2: penultimate)",
+    ),
+    Param(
+        "head_modulation",
+        str,
+        DEFAULTS["head_modulation"],
+        "scale margins per head by visual sensitivity",
+        choices=HEAD_MODULATIONS,
+    ),
+    Param(
+        "max_head_scale",
+        float,
+        DEFAULTS["max_head_scale"],
+        "cap on the per-head scale (sensitivity / mean sensitivity)",
+        low=1.0,
+    ),
     *WINDOW_AND_CFG_PARAMS,
 )
 

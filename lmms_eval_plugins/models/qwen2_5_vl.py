@@ -24,7 +24,9 @@ def _qwen_spec(spec, technique: str, **changes):
 
 # selection=describe's text after the image, in Qwen's chat format (llava_reprompt's is LLaVA-1.5's "... ASSISTANT:")
 _REPROMPT_PARAMS = tuple(
-    dataclasses.replace(p, default="<|vision_end|>describe the image<|im_end|>\n<|im_start|>assistant\n") if p.name == "describe" else p
+    dataclasses.replace(p, default="<|vision_end|>describe the image<|im_end|>\n<|im_start|>assistant\n")
+    if p.name == "describe"
+    else p
     for p in reprompt.SPEC.params
 )
 

@@ -7,30 +7,116 @@ from pathlib import Path
 from loguru import logger
 
 from methods.hooks import num_layers
-from methods.reprompt import CACHE_STRATEGIES, DEFAULTS, DESCRIBE_SCORES, MODES, PRUNE_ROWS, SCORE_ROWS, SELECTIONS, Reprompt, forward_from
+from methods.reprompt import (
+    CACHE_STRATEGIES,
+    DEFAULTS,
+    DESCRIBE_SCORES,
+    MODES,
+    PRUNE_ROWS,
+    SCORE_ROWS,
+    SELECTIONS,
+    Reprompt,
+    forward_from,
+)
 
 from ..base import TechniqueSpec, wrapper_classes
 from ..params import Param
 
 PARAMS = (
-    Param("mode", str, DEFAULTS["mode"], "prune: mask unkept image keys; compressed: answer later questions from a compressed cache; fastv: the FastV baseline", choices=MODES),
-    Param("keep_ratio", float, DEFAULTS["keep_ratio"], "fraction of image tokens kept (at least one)", low=1e-6, high=1.0),
-    Param("score_from_layer", int, DEFAULTS["score_from_layer"], "first layer whose attention scores the image tokens (pooled)"),
+    Param(
+        "mode",
+        str,
+        DEFAULTS["mode"],
+        "prune: mask unkept image keys; compressed: answer later questions from a compressed cache; fastv: the FastV baseline",
+        choices=MODES,
+    ),
+    Param(
+        "keep_ratio", float, DEFAULTS["keep_ratio"], "fraction of image tokens kept (at least one)", low=1e-6, high=1.0
+    ),
+    Param(
+        "score_from_layer",
+        int,
+        DEFAULTS["score_from_layer"],
+        "first layer whose attention scores the image tokens (pooled)",
+    ),
     Param("score_to_layer", int, None, "one past the last scoring layer (default: the model's depth)", optional=True),
-    Param("score_rows", str, DEFAULTS["score_rows"], "rows whose attention scores: query (all prompt rows after the image) | last", choices=SCORE_ROWS),
-    Param("selection", str, DEFAULTS["selection"], "pooled: one kept set from layer-averaged scores; per_layer (prune only); describe: the official per-layer top-k from a describe-the-image pass per image (prune only)", choices=SELECTIONS),
-    Param("describe_score", str, DEFAULTS["describe_score"], "selection=describe: the official k_selection_method", choices=DESCRIBE_SCORES),
+    Param(
+        "score_rows",
+        str,
+        DEFAULTS["score_rows"],
+        "rows whose attention scores: query (all prompt rows after the image) | last",
+        choices=SCORE_ROWS,
+    ),
+    Param(
+        "selection",
+        str,
+        DEFAULTS["selection"],
+        "pooled: one kept set from layer-averaged scores; per_layer (prune only); describe: the official per-layer top-k from a describe-the-image pass per image (prune only)",
+        choices=SELECTIONS,
+    ),
+    Param(
+        "describe_score",
+        str,
+        DEFAULTS["describe_score"],
+        "selection=describe: the official k_selection_method",
+        choices=DESCRIBE_SCORES,
+    ),
     Param("describe", str, DEFAULTS["describe"], "selection=describe: text after the image in the describe pass"),
-    Param("describe_tokens", int, DEFAULTS["describe_tokens"], "selection=describe: most tokens the describe pass generates; it stops at EOS (official max_new_tokens=300)", low=1),
-    Param("prune_rows", str, DEFAULTS["prune_rows"], "rows that lose the unkept image keys: after_image | decode (official) | all (official min_token 0)", choices=PRUNE_ROWS),
+    Param(
+        "describe_tokens",
+        int,
+        DEFAULTS["describe_tokens"],
+        "selection=describe: most tokens the describe pass generates; it stops at EOS (official max_new_tokens=300)",
+        low=1,
+    ),
+    Param(
+        "prune_rows",
+        str,
+        DEFAULTS["prune_rows"],
+        "rows that lose the unkept image keys: after_image | decode (official) | all (official min_token 0)",
+        choices=PRUNE_ROWS,
+    ),
     Param("seed", int, DEFAULTS["seed"], "describe_score=random: seed of the per-layer permutations"),
-    Param("cache_strategy", str, "", "compressed: the official context from a describe pass (qs: system prompt + per-layer kept image entries + describe prompt; q; s); empty: ours", choices=("",) + CACHE_STRATEGIES),
-    Param("fastv_layer", int, DEFAULTS["fastv_layer"], "mode=fastv: first layer without the dropped image tokens (FastV's K)", low=1),
-    Param("fastv_ratio", float, DEFAULTS["fastv_ratio"], "mode=fastv: fraction of image tokens kept (int(n*R), plus the last one)", low=1e-6, high=1.0),
-    Param("keep_query", bool, DEFAULTS["keep_query"], "compressed: keep the first question's query tokens in the cache"),
-    Param("primer", str, DEFAULTS["primer"], "compressed: build each image's cache from this text (e.g. 'describe the image') and answer every question from it"),
-    Param("cache_size", int, DEFAULTS["cache_size"], "compressed: images whose compressed context is kept (LRU)", low=1),
-    Param("stats_file", str, "auto", "JSON report of KV entries and time to first token; auto: <--output_path>/reprompt_stats.json, empty: log only"),
+    Param(
+        "cache_strategy",
+        str,
+        "",
+        "compressed: the official context from a describe pass (qs: system prompt + per-layer kept image entries + describe prompt; q; s); empty: ours",
+        choices=("",) + CACHE_STRATEGIES,
+    ),
+    Param(
+        "fastv_layer",
+        int,
+        DEFAULTS["fastv_layer"],
+        "mode=fastv: first layer without the dropped image tokens (FastV's K)",
+        low=1,
+    ),
+    Param(
+        "fastv_ratio",
+        float,
+        DEFAULTS["fastv_ratio"],
+        "mode=fastv: fraction of image tokens kept (int(n*R), plus the last one)",
+        low=1e-6,
+        high=1.0,
+    ),
+    Param(
+        "keep_query", bool, DEFAULTS["keep_query"], "compressed: keep the first question's query tokens in the cache"
+    ),
+    Param(
+        "primer",
+        str,
+        DEFAULTS["primer"],
+        "compressed: build each image's cache from this text (e.g. 'describe the image') and answer every question from it",
+    ),
+    Param(
+        "cache_size", int, DEFAULTS["cache_size"], "compressed: images whose compressed context is kept (LRU)", low=1
+    ),
+    Param(
+        "stats_file",
+        str,
+        "auto",
+        "JSON report of KV entries and time to first token; auto: <--output_path>/reprompt_stats.json, empty: log only",
+    ),
 )
 
 
@@ -47,7 +133,9 @@ def _stats_path(value: str):
     from accelerate import PartialState
 
     rank = PartialState().process_index
-    return Path(out) / (f"reprompt_stats_rank{rank}.json" if PartialState().num_processes > 1 else "reprompt_stats.json")
+    return Path(out) / (
+        f"reprompt_stats_rank{rank}.json" if PartialState().num_processes > 1 else "reprompt_stats.json"
+    )
 
 
 def build(p, model):
@@ -64,13 +152,38 @@ SPEC = TechniqueSpec(
     presets={
         "prune_5pct": {"mode": "prune", "keep_ratio": 0.05},
         # OmriKaduri/vlm-interp run_on_coco.py -k 0.05 -k_selection_method attn_over_gen_percentage (default flags)
-        "official": {"mode": "prune", "keep_ratio": 0.05, "selection": "describe", "describe_score": "attn_over_gen", "prune_rows": "decode"},
-        "fastv": {"mode": "fastv", "fastv_layer": 2, "fastv_ratio": 0.5},  # FastV's K=2, R=50% (run_on_coco.py -fastv_*)
+        "official": {
+            "mode": "prune",
+            "keep_ratio": 0.05,
+            "selection": "describe",
+            "describe_score": "attn_over_gen",
+            "prune_rows": "decode",
+        },
+        "fastv": {
+            "mode": "fastv",
+            "fastv_layer": 2,
+            "fastv_ratio": 0.5,
+        },  # FastV's K=2, R=50% (run_on_coco.py -fastv_*)
         # run_on_coco.py -k 0.05 then run_on_coco_from_cache.py -cache_strategy qs (its default)
-        "official_reprompt": {"mode": "compressed", "keep_ratio": 0.05, "cache_strategy": "qs", "describe_score": "attn_over_gen"},
-        "official_no_encoding": {"mode": "prune", "keep_ratio": 0.05, "selection": "describe", "describe_score": "attn_over_gen", "prune_rows": "all"},
+        "official_reprompt": {
+            "mode": "compressed",
+            "keep_ratio": 0.05,
+            "cache_strategy": "qs",
+            "describe_score": "attn_over_gen",
+        },
+        "official_no_encoding": {
+            "mode": "prune",
+            "keep_ratio": 0.05,
+            "selection": "describe",
+            "describe_score": "attn_over_gen",
+            "prune_rows": "all",
+        },
         "compressed_5pct": {"mode": "compressed", "keep_ratio": 0.05},
-        "describe_primer": {"mode": "compressed", "keep_ratio": 0.05, "primer": "\nPlease describe this image in detail."},
+        "describe_primer": {
+            "mode": "compressed",
+            "keep_ratio": 0.05,
+            "primer": "\nPlease describe this image in detail.",
+        },
     },
     doc="Image-token pruning by attention (mode=prune) and re-prompting from a compressed image context (mode=compressed).",
 )
@@ -90,6 +203,11 @@ def bench_cases(ctx):
     kv = f"KV {context.entries} of {context.full_entries} entries"
     return {
         "prune 5%": lambda: prune.generate(ctx.model, ctx.request, **ctx.inputs, **ctx.gen_kwargs),
-        f"compressed follow-up 5% ({kv})": lambda: followup.generate(ctx.model, ctx.request, **ctx.inputs, **ctx.gen_kwargs),
-        f"compressed follow-up 5% prefill vs full prefill ({kv})": (lambda: forward_from(ctx.model, context, suffix), "forward"),
+        f"compressed follow-up 5% ({kv})": lambda: followup.generate(
+            ctx.model, ctx.request, **ctx.inputs, **ctx.gen_kwargs
+        ),
+        f"compressed follow-up 5% prefill vs full prefill ({kv})": (
+            lambda: forward_from(ctx.model, context, suffix),
+            "forward",
+        ),
     }

@@ -32,7 +32,9 @@ def builder(name: str):
 
     def build(params, model) -> Technique:
         if not params["adapter"]:
-            raise ModelArgsError(f"{name} needs adapter=DIR: the --output-dir of `lmms-plugins viral-train` (a peft LoRA adapter)")
+            raise ModelArgsError(
+                f"{name} needs adapter=DIR: the --output-dir of `lmms-plugins viral-train` (a peft LoRA adapter)"
+            )
         lora = merge_adapter(model, params["adapter"])
         return MergedAdapter(adapter=params["adapter"], r=lora.get("r"), lora_alpha=lora.get("lora_alpha"))
 
@@ -42,7 +44,9 @@ def builder(name: str):
 build = builder("llava_viral")
 
 
-PARAMS = (Param("adapter", str, "", "viral-train output directory (or peft LoRA adapter directory) merged into pretrained"),)
+PARAMS = (
+    Param("adapter", str, "", "viral-train output directory (or peft LoRA adapter directory) merged into pretrained"),
+)
 
 SPEC = TechniqueSpec(
     name="llava_viral",

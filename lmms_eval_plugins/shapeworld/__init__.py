@@ -7,7 +7,9 @@ from pathlib import Path
 
 CHECKPOINT_NAME = "shapeworld-tiny"
 QWEN_CHECKPOINT_NAME = "shapeworld-tiny-qwen"  # the same testbed in the Qwen2.5-VL architecture (train_qwen.py)
-LLAVA15_CHECKPOINT_NAME = "shapeworld-llava"  # LLaVA-1.5's own geometry: 336 px, 24x24 grid, 8 LM layers (train.py --arch llava-1.5)
+LLAVA15_CHECKPOINT_NAME = (
+    "shapeworld-llava"  # LLaVA-1.5's own geometry: 336 px, 24x24 grid, 8 LM layers (train.py --arch llava-1.5)
+)
 
 
 def checkpoint_path() -> Path:

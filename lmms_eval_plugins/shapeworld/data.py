@@ -41,7 +41,9 @@ REC_PROMPT = (
     "Please provide the bounding box coordinate of the region this sentence describes: "
 )
 # lmms_eval/tasks/countbench/countbench.yaml
-COUNT_PRE_PROMPT = "Look at the image carefully and count the objects. Answer with just a number, without any additional text. "
+COUNT_PRE_PROMPT = (
+    "Look at the image carefully and count the objects. Answer with just a number, without any additional text. "
+)
 COUNT_QUESTION = "How many {plural} are there?"
 # lmms_eval/tasks/cv_bench (2D relation); the question wording follows CV-Bench's
 # "relative positions" template with ShapeWorld's referring expressions.

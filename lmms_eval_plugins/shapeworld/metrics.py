@@ -34,7 +34,13 @@ def pope_scores(items) -> dict:
     recall = tp / (tp + fn) if tp + fn else 0
     f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0
     yes_ratio = sum(g == "yes" for _, g in preds) / n if n else 0
-    return {"pope_accuracy": accuracy, "pope_precision": precision, "pope_recall": recall, "pope_f1_score": f1, "pope_yes_ratio": yes_ratio}
+    return {
+        "pope_accuracy": accuracy,
+        "pope_precision": precision,
+        "pope_recall": recall,
+        "pope_f1_score": f1,
+        "pope_yes_ratio": yes_ratio,
+    }
 
 
 # lmms-eval aggregations (the task utils re-export them for their YAMLs)
@@ -73,7 +79,16 @@ SHAPE_SYNONYMS = {
     "diamond": ["diamond", "rhombus", "lozenge"],
     "cross": ["cross", "plus"],
 }
-_IRREGULAR_PLURALS = {"boxes": "box", "crosses": "cross", "discs": "disc", "disks": "disk", "rhombi": "rhombus", "rhombuses": "rhombus", "pluses": "plus", "plusses": "plus"}
+_IRREGULAR_PLURALS = {
+    "boxes": "box",
+    "crosses": "cross",
+    "discs": "disc",
+    "disks": "disk",
+    "rhombi": "rhombus",
+    "rhombuses": "rhombus",
+    "pluses": "plus",
+    "plusses": "plus",
+}
 WORD_TO_SHAPE = {}
 for _shape, _words in SHAPE_SYNONYMS.items():
     for _w in _words:
@@ -156,7 +171,20 @@ def rec_scores(items) -> dict:
 
 
 # ------------------------------------------------------------------------------ count
-NUMBER_WORDS = {"none": "0", "zero": "0", "one": "1", "two": "2", "three": "3", "four": "4", "five": "5", "six": "6", "seven": "7", "eight": "8", "nine": "9", "ten": "10"}
+NUMBER_WORDS = {
+    "none": "0",
+    "zero": "0",
+    "one": "1",
+    "two": "2",
+    "three": "3",
+    "four": "4",
+    "five": "5",
+    "six": "6",
+    "seven": "7",
+    "eight": "8",
+    "nine": "9",
+    "ten": "10",
+}
 
 
 def normalise_count(answer) -> str:

@@ -98,7 +98,9 @@ GEOMETRIES = {"llava": Geometry(), "llava-1.5": LLAVA15_GEOMETRY}
 
 
 def _pre_tokenizer():
-    return pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Split(Regex(PRETOKENIZE_PATTERN), behavior="isolated")])
+    return pre_tokenizers.Sequence(
+        [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Split(Regex(PRETOKENIZE_PATTERN), behavior="isolated")]
+    )
 
 
 def build_vocabulary() -> list:
@@ -111,7 +113,9 @@ def build_vocabulary() -> list:
             seen.add(w)
             words.append(w)
 
-    for w in list(SHAPES) + list(PLURALS.values()) + list(COLOUR_NAMES) + list(SIZE_CLASSES) + list(NUMBER_WORDS.values()):
+    for w in (
+        list(SHAPES) + list(PLURALS.values()) + list(COLOUR_NAMES) + list(SIZE_CLASSES) + list(NUMBER_WORDS.values())
+    ):
         add(w)
     for d in range(10):
         add(str(d))
@@ -131,7 +135,9 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.normalizer = normalizers.Lowercase()
     tok.pre_tokenizer = _pre_tokenizer()
-    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", vocab["<s>"])])
+    tok.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", vocab["<s>"])]
+    )
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok,
         bos_token="<s>",

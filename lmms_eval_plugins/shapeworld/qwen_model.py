@@ -23,7 +23,14 @@ from transformers import PreTrainedTokenizerFast
 
 from .model import _pre_tokenizer, build_vocabulary
 
-QWEN_SPECIAL_TOKENS = ["<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
+QWEN_SPECIAL_TOKENS = [
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+]
 # lmms-eval's qwen2_5_vl default system prompt, in the vocabulary so the model reads it
 SYSTEM_PROMPT = "You are a helpful assistant."
 EXTRA_WORDS = ["system", "user", "assistant", "you", "are", "a", "helpful"]
@@ -104,7 +111,13 @@ def build_processor(geometry: QwenGeometry = QwenGeometry(), tokenizer=None):
     from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor
 
     tokenizer = tokenizer or build_tokenizer()
-    kw = dict(min_pixels=geometry.pixels, max_pixels=geometry.pixels, patch_size=geometry.patch_size, merge_size=geometry.merge_size, temporal_patch_size=2)
+    kw = dict(
+        min_pixels=geometry.pixels,
+        max_pixels=geometry.pixels,
+        patch_size=geometry.patch_size,
+        merge_size=geometry.merge_size,
+        temporal_patch_size=2,
+    )
     return Qwen2_5_VLProcessor(
         image_processor=Qwen2VLImageProcessor(**kw),
         tokenizer=tokenizer,

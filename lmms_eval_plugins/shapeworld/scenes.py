@@ -84,7 +84,13 @@ class ShapeObject:
         return ((self.box[0] + self.box[2]) / 2.0, (self.box[1] + self.box[3]) / 2.0)
 
     def to_dict(self) -> dict:
-        return {"shape": self.shape, "colour": self.colour, "size": self.size, "box": list(self.box), "centre": list(self.centre)}
+        return {
+            "shape": self.shape,
+            "colour": self.colour,
+            "size": self.size,
+            "box": list(self.box),
+            "centre": list(self.centre),
+        }
 
 
 @dataclass
@@ -156,7 +162,15 @@ def _shape_points(shape: str, x: float, y: float, side: float):
         return ("ellipse", [x, y, x1 - 1, y1 - 1])
     if shape == "square":
         inset = side * 0.08
-        return ("polygon", [(x + inset, y + inset), (x1 - 1 - inset, y + inset), (x1 - 1 - inset, y1 - 1 - inset), (x + inset, y1 - 1 - inset)])
+        return (
+            "polygon",
+            [
+                (x + inset, y + inset),
+                (x1 - 1 - inset, y + inset),
+                (x1 - 1 - inset, y1 - 1 - inset),
+                (x + inset, y1 - 1 - inset),
+            ],
+        )
     if shape == "triangle":
         return ("polygon", [(cx, y), (x1 - 1, y1 - 1), (x, y1 - 1)])
     if shape == "diamond":
@@ -171,7 +185,23 @@ def _shape_points(shape: str, x: float, y: float, side: float):
         return ("polygon", pts)
     if shape == "cross":
         a = side / 3.0
-        return ("polygon", [(x + a, y), (x + 2 * a, y), (x + 2 * a, y + a), (x1 - 1, y + a), (x1 - 1, y + 2 * a), (x + 2 * a, y + 2 * a), (x + 2 * a, y1 - 1), (x + a, y1 - 1), (x + a, y + 2 * a), (x, y + 2 * a), (x, y + a), (x + a, y + a)])
+        return (
+            "polygon",
+            [
+                (x + a, y),
+                (x + 2 * a, y),
+                (x + 2 * a, y + a),
+                (x1 - 1, y + a),
+                (x1 - 1, y + 2 * a),
+                (x + 2 * a, y + 2 * a),
+                (x + 2 * a, y1 - 1),
+                (x + a, y1 - 1),
+                (x + a, y + 2 * a),
+                (x, y + 2 * a),
+                (x, y + a),
+                (x + a, y + a),
+            ],
+        )
     raise ValueError(f"unknown shape {shape!r}; valid: {SHAPES}")
 
 
@@ -231,7 +261,13 @@ def sample_scene(seed: int, config: WorldConfig = TRAIN_WORLD) -> Scene:
             for _try in range(200):
                 x = rng.randint(config.margin, config.canvas - config.margin - side)
                 y = rng.randint(config.margin, config.canvas - config.margin - side)
-                if all(x + side + config.margin <= px or px + ps + config.margin <= x or y + side + config.margin <= py or py + ps + config.margin <= y for (px, py, ps) in placed.values()):
+                if all(
+                    x + side + config.margin <= px
+                    or px + ps + config.margin <= x
+                    or y + side + config.margin <= py
+                    or py + ps + config.margin <= y
+                    for (px, py, ps) in placed.values()
+                ):
                     placed[k] = (x, y, side)
                     break
             else:

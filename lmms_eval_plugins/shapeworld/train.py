@@ -29,7 +29,16 @@ import torch.nn.functional as F
 
 from . import data, metrics
 from .model import GEOMETRIES, Geometry, build_model, geometry_dict
-from .scenes import COLOUR_NAMES, SHAPES, TEST_WORLD, TRAIN_WORLD, caption, derive_seed, sample_scene, unique_expressions
+from .scenes import (
+    COLOUR_NAMES,
+    SHAPES,
+    TEST_WORLD,
+    TRAIN_WORLD,
+    caption,
+    derive_seed,
+    sample_scene,
+    unique_expressions,
+)
 
 N_CLASSES = 1 + len(COLOUR_NAMES) * len(SHAPES)
 KINDS = ("caption", "pope", "count", "spatial", "rec")
@@ -46,7 +55,12 @@ def patch_objects(scene, label_img, grid: int) -> np.ndarray:
     get a patch."""
     lab = np.asarray(label_img)
     cell = lab.shape[0] // grid
-    cells = lab[: cell * grid, : cell * grid].reshape(grid, cell, grid, cell).transpose(0, 2, 1, 3).reshape(grid * grid, cell * cell)
+    cells = (
+        lab[: cell * grid, : cell * grid]
+        .reshape(grid, cell, grid, cell)
+        .transpose(0, 2, 1, 3)
+        .reshape(grid * grid, cell * cell)
+    )
     out = np.zeros(grid * grid, dtype=np.int64)
     best = np.zeros(grid * grid)
     for k in range(len(scene.objects)):
@@ -173,7 +187,10 @@ def word_alignment_loss(model, image_embeds, labels, shape_ids, colour_ids):
     emb = F.normalize(model.model.get_input_embeddings().weight, dim=-1)
     logits = F.normalize(image_embeds, dim=-1) @ emb.T / 0.1
     flat = logits.reshape(-1, logits.shape[-1])
-    return 0.5 * (F.cross_entropy(flat, shape_ids[labels].reshape(-1), ignore_index=-100) + F.cross_entropy(flat, colour_ids[labels].reshape(-1), ignore_index=-100))
+    return 0.5 * (
+        F.cross_entropy(flat, shape_ids[labels].reshape(-1), ignore_index=-100)
+        + F.cross_entropy(flat, colour_ids[labels].reshape(-1), ignore_index=-100)
+    )
 
 
 def lm_loss(logits, labels):
@@ -221,8 +238,14 @@ class YesNoProbe:
         ids, mask, _ = encode_batch(self.tok, [(p, "") for p, _ in self.examples], n_img)
         answer_pos = mask.sum(1) - 2  # last prompt token (before the eos encode_batch appended)
         model.eval()
-        logits = torch.cat([lm_logits(model, vision_features_at(model, pixels[s : s + 64]), ids[s : s + 64], mask[s : s + 64])[
-            torch.arange(min(64, len(ids) - s)), answer_pos[s : s + 64]] for s in range(0, len(ids), 64)])
+        logits = torch.cat(
+            [
+                lm_logits(model, vision_features_at(model, pixels[s : s + 64]), ids[s : s + 64], mask[s : s + 64])[
+                    torch.arange(min(64, len(ids) - s)), answer_pos[s : s + 64]
+                ]
+                for s in range(0, len(ids), 64)
+            ]
+        )
         model.train()
         last = logits
         says_yes = (last[:, self.yes] > last[:, self.no]).tolist()
@@ -240,7 +263,9 @@ class YesNoProbe:
         }
 
 
-def vision_stage(features, vparams, aux_head, pool, gen, steps: int, batch: int, log_every: int, log, t0: float, extra_loss=None) -> None:
+def vision_stage(
+    features, vparams, aux_head, pool, gen, steps: int, batch: int, log_every: int, log, t0: float, extra_loss=None
+) -> None:
     """Stage 1: the vision side learns each patch's colour x shape class (dense labels), so the
     language stages start from features that see the objects. ``features(idx)`` -> (batch, tokens, d);
     ``extra_loss(idx, feats)``, when given, is added (the llava-1.5 recipe's box targets)."""
@@ -267,10 +292,36 @@ def vision_stage(features, vparams, aux_head, pool, gen, steps: int, batch: int,
             run = []
 
 
-def language_stages(model, aux_head, forward, pool, gen, rng, tok, probe, align_steps: int, mix_steps: int, batch: int,
-                    warmup: int, log, t0: float, after_probe=None, *, mix=MIX, extra_aux=None, extra_params=(),
-                    on_step=None, step_cost=None, start_step: int = 0, opt_state=None, save_every: int = 0,
-                    save_state=None, stop_after: int | None = None, peak_lr: float = 1e-3, probe_every: int = 500) -> bool:
+def language_stages(
+    model,
+    aux_head,
+    forward,
+    pool,
+    gen,
+    rng,
+    tok,
+    probe,
+    align_steps: int,
+    mix_steps: int,
+    batch: int,
+    warmup: int,
+    log,
+    t0: float,
+    after_probe=None,
+    *,
+    mix=MIX,
+    extra_aux=None,
+    extra_params=(),
+    on_step=None,
+    step_cost=None,
+    start_step: int = 0,
+    opt_state=None,
+    save_every: int = 0,
+    save_state=None,
+    stop_after: int | None = None,
+    peak_lr: float = 1e-3,
+    probe_every: int = 500,
+) -> bool:
     """Stages 2 (captions) and 3 (the task mix): the whole model on the language loss, with the
     dense and word-alignment losses as auxiliaries. ``forward(idx, examples)`` -> (logits, labels,
     features for the dense head, image embeddings in the LM's space): the only architecture-specific part.
@@ -310,17 +361,25 @@ def language_stages(model, aux_head, forward, pool, gen, rng, tok, probe, align_
         opt.step()
         run.append((kind, loss_lm.item(), loss_aux.item()))
         if (step + 1) % 100 == 0:
-            per_kind = {k: np.mean([l for kk, l, _ in run if kk == k]) for k in KINDS if any(kk == k for kk, _, _ in run)}
+            per_kind = {
+                k: np.mean([l for kk, l, _ in run if kk == k]) for k in KINDS if any(kk == k for kk, _, _ in run)
+            }
             txt = " ".join(f"{k} {v:.3f}" for k, v in per_kind.items())
             done = sum(step_cost(s) for s in range(step + 1 - len(run), step + 1))
             eta = (time.time() - t_run) / done * sum(step_cost(s) for s in range(step + 1, total))
-            log(f"[{stage} {step + 1}/{total}] lm {np.mean([l for _, l, _ in run]):.3f} aux {np.mean([a for _, _, a in run]):.3f} | {txt} ({time.time() - t0:.0f}s, eta {eta / 60:.0f} min)")
+            log(
+                f"[{stage} {step + 1}/{total}] lm {np.mean([l for _, l, _ in run]):.3f} aux {np.mean([a for _, _, a in run]):.3f} | {txt} ({time.time() - t0:.0f}s, eta {eta / 60:.0f} min)"
+            )
             run, t_run = [], time.time()
         if (step + 1) % probe_every == 0 or step + 1 == total:
             log(f"  probe {step + 1}: " + " ".join(f"{k} {v:.3f}" for k, v in probe(model).items()))
             if after_probe is not None and step + 1 < total:
                 after_probe(step + 1)
-        if save_state is not None and step + 1 < total and ((save_every and (step + 1) % save_every == 0) or step + 1 == stop_after):
+        if (
+            save_state is not None
+            and step + 1 < total
+            and ((save_every and (step + 1) % save_every == 0) or step + 1 == stop_after)
+        ):
             save_state(step + 1, opt)
         if stop_after is not None and step + 1 >= stop_after and step + 1 < total:
             log(f"stopped after step {step + 1} (--stop-after); continue with --resume")
@@ -328,7 +387,16 @@ def language_stages(model, aux_head, forward, pool, gen, rng, tok, probe, align_
     return True
 
 
-def train(out: Path, seed: int = 0, pool_size: int = 6000, vision_steps: int = 300, align_steps: int = 200, mix_steps: int = 4000, batch: int = 16, log=print):
+def train(
+    out: Path,
+    seed: int = 0,
+    pool_size: int = 6000,
+    vision_steps: int = 300,
+    align_steps: int = 200,
+    mix_steps: int = 4000,
+    batch: int = 16,
+    log=print,
+):
     random.seed(seed)
     np.random.seed(seed)
     geometry = Geometry()
@@ -347,7 +415,18 @@ def train(out: Path, seed: int = 0, pool_size: int = 6000, vision_steps: int = 3
 
     # ---- stage 1: dense labels on the vision tower
     vparams = list(model.model.vision_tower.parameters()) + list(aux_head.parameters())
-    vision_stage(lambda idx: vision_features(model, pool.pixels[idx]), vparams, aux_head, pool, gen, vision_steps, 64, 100, log, t0)
+    vision_stage(
+        lambda idx: vision_features(model, pool.pixels[idx]),
+        vparams,
+        aux_head,
+        pool,
+        gen,
+        vision_steps,
+        64,
+        100,
+        log,
+        t0,
+    )
 
     # ---- stages 2 and 3: language model on top, dense loss as auxiliary
     def forward(idx, examples):
@@ -392,10 +471,14 @@ class ProgressivePool:
             self.scenes.append(scene)
             for g in grids:
                 objects[g].append(patch_objects(scene, lab, g))
-            boxes.append(np.array([[0.0] * 4] + [scene.normalised_box(k) for k in range(len(scene.objects))], dtype=np.float32))
+            boxes.append(
+                np.array([[0.0] * 4] + [scene.normalised_box(k) for k in range(len(scene.objects))], dtype=np.float32)
+            )
             chunk.append(img)
             if len(chunk) == 256 or i == n - 1:
-                pixels.append(processor.image_processor(images=chunk, return_tensors="pt")["pixel_values"].to(torch.float16))
+                pixels.append(
+                    processor.image_processor(images=chunk, return_tensors="pt")["pixel_values"].to(torch.float16)
+                )
                 chunk = []
         self._pixels = torch.cat(pixels)
         self._objects = {g: torch.from_numpy(np.stack(v)) for g, v in objects.items()}
@@ -403,7 +486,9 @@ class ProgressivePool:
         self._labels = {g: torch.stack([c[o] for c, o in zip(classes, v)]) for g, v in self._objects.items()}
         self._boxes = boxes
         self.grid = max(grids)
-        log(f"pool {family}: {n} scenes at {self._pixels.shape[-1]} px, grids {sorted(grids)}, rendered in {time.time() - t0:.0f}s")
+        log(
+            f"pool {family}: {n} scenes at {self._pixels.shape[-1]} px, grids {sorted(grids)}, rendered in {time.time() - t0:.0f}s"
+        )
 
     @property
     def labels(self) -> torch.Tensor:
@@ -426,14 +511,22 @@ class ProgressivePool:
 def vision_features_at(model, pixel_values):
     """``vision_features`` at any input size (CLIP's position table interpolated off its own size)."""
     size = model.config.vision_config.image_size
-    out = model.model.vision_tower(pixel_values, output_hidden_states=True, interpolate_pos_encoding=pixel_values.shape[-1] != size)
+    out = model.model.vision_tower(
+        pixel_values, output_hidden_states=True, interpolate_pos_encoding=pixel_values.shape[-1] != size
+    )
     return out.hidden_states[model.config.vision_feature_layer][:, 1:]
 
 
 def _save_state(path: Path, model, heads: dict, opt, step: int, gen, rng) -> None:
     """Everything a resumed run needs, written atomically; loaded with weights_only=True."""
-    state = {"step": step, "model": model.state_dict(), "heads": {k: h.state_dict() for k, h in heads.items()},
-             "opt": None if opt is None else opt.state_dict(), "gen": gen.get_state(), "rng": rng.getstate()}
+    state = {
+        "step": step,
+        "model": model.state_dict(),
+        "heads": {k: h.state_dict() for k, h in heads.items()},
+        "opt": None if opt is None else opt.state_dict(),
+        "gen": gen.get_state(),
+        "rng": rng.getstate(),
+    }
     tmp = path.with_suffix(".tmp")
     torch.save(state, tmp)
     os.replace(tmp, path)
@@ -450,14 +543,33 @@ def _load_state(path: Path) -> dict:
 
 def _architecture(config: dict) -> dict:
     """A config without what saving adds (dtype, name, architectures): what must match to load weights."""
-    return {k: _architecture(v) if isinstance(v, dict) else v for k, v in config.items() if k not in ("dtype", "_name_or_path", "architectures")}
+    return {
+        k: _architecture(v) if isinstance(v, dict) else v
+        for k, v in config.items()
+        if k not in ("dtype", "_name_or_path", "architectures")
+    }
 
 
-def train_llava15(out: Path, seed: int = 0, geometry: Geometry = GEOMETRIES["llava-1.5"], pool_size: int = 6000,
-                  vision_steps: int = 300, align_steps: int = 300, mix_steps: int = 2250, fine_steps: int = 250,
-                  batch: int = 16, coarse_grid: int | None = None, probe_size: int = 192, save_every: int = 250,
-                  resume: bool = False, stop_after: int | None = None, init_from: Path | None = None, peak_lr: float = 1e-3,
-                  probe_every: int = 500, log=print):
+def train_llava15(
+    out: Path,
+    seed: int = 0,
+    geometry: Geometry = GEOMETRIES["llava-1.5"],
+    pool_size: int = 6000,
+    vision_steps: int = 300,
+    align_steps: int = 300,
+    mix_steps: int = 2250,
+    fine_steps: int = 250,
+    batch: int = 16,
+    coarse_grid: int | None = None,
+    probe_size: int = 192,
+    save_every: int = 250,
+    resume: bool = False,
+    stop_after: int | None = None,
+    init_from: Path | None = None,
+    peak_lr: float = 1e-3,
+    probe_every: int = 500,
+    log=print,
+):
     """Train shapeworld-llava; returns (model, processor), or None when ``stop_after`` ended it early.
     ``init_from``: start from a saved checkpoint's weights (a further run with its own schedule)."""
     random.seed(seed)
@@ -468,13 +580,17 @@ def train_llava15(out: Path, seed: int = 0, geometry: Geometry = GEOMETRIES["lla
 
         source = LlavaForConditionalGeneration.from_pretrained(init_from, dtype=torch.float32)
         if _architecture(source.config.to_dict()) != _architecture(model.config.to_dict()):
-            raise SystemExit(f"--init-from {init_from}: its config differs from this geometry's ({geometry_dict(geometry)})")
+            raise SystemExit(
+                f"--init-from {init_from}: its config differs from this geometry's ({geometry_dict(geometry)})"
+            )
         model.load_state_dict(source.state_dict())
         log(f"weights from {init_from}")
     tok = processor.tokenizer
     full = geometry.grid
     coarse = coarse_grid or max(1, full // 2)
-    log(f"geometry {geometry_dict(geometry)}; grids {coarse} -> {full} (last {fine_steps} steps); parameters {sum(p.numel() for p in model.parameters())}")
+    log(
+        f"geometry {geometry_dict(geometry)}; grids {coarse} -> {full} (last {fine_steps} steps); parameters {sum(p.numel() for p in model.parameters())}"
+    )
     torch.manual_seed(seed)
     aux_head = torch.nn.Linear(geometry.vision_hidden, N_CLASSES)
     box_head = torch.nn.Linear(geometry.vision_hidden, 4)
@@ -509,9 +625,22 @@ def train_llava15(out: Path, seed: int = 0, geometry: Geometry = GEOMETRIES["lla
 
     if state is None:
         pool.grid = coarse
-        vparams = list(model.model.vision_tower.parameters()) + list(aux_head.parameters()) + list(box_head.parameters())
-        vision_stage(lambda idx: vision_features_at(model, pool.pixels(idx)), vparams, aux_head, pool, gen, vision_steps, 64, 100, log, t0,
-                     extra_loss=box_loss)
+        vparams = (
+            list(model.model.vision_tower.parameters()) + list(aux_head.parameters()) + list(box_head.parameters())
+        )
+        vision_stage(
+            lambda idx: vision_features_at(model, pool.pixels(idx)),
+            vparams,
+            aux_head,
+            pool,
+            gen,
+            vision_steps,
+            64,
+            100,
+            log,
+            t0,
+            extra_loss=box_loss,
+        )
         save(0, None)
         start, opt_state = 0, None
     else:
@@ -536,10 +665,33 @@ def train_llava15(out: Path, seed: int = 0, geometry: Geometry = GEOMETRIES["lla
         return lm_logits(model, feats, ids, mask, image_embeds), labels, feats, image_embeds
 
     finished = language_stages(
-        model, aux_head, forward, pool, gen, rng, tok, probe, align_steps, mix_steps, batch, min(200, max(1, total // 5)), log, t0,
-        mix=MIX_LLAVA15, extra_aux=box_loss, extra_params=box_head.parameters(), on_step=on_step,
-        step_cost=lambda s: FINE_STEP_COST if s >= switch else 1.0, start_step=start, opt_state=opt_state,
-        save_every=save_every, save_state=save, stop_after=stop_after, peak_lr=peak_lr, probe_every=probe_every)
+        model,
+        aux_head,
+        forward,
+        pool,
+        gen,
+        rng,
+        tok,
+        probe,
+        align_steps,
+        mix_steps,
+        batch,
+        min(200, max(1, total // 5)),
+        log,
+        t0,
+        mix=MIX_LLAVA15,
+        extra_aux=box_loss,
+        extra_params=box_head.parameters(),
+        on_step=on_step,
+        step_cost=lambda s: FINE_STEP_COST if s >= switch else 1.0,
+        start_step=start,
+        opt_state=opt_state,
+        save_every=save_every,
+        save_state=save,
+        stop_after=stop_after,
+        peak_lr=peak_lr,
+        probe_every=probe_every,
+    )
     if not finished:
         return None
     model.eval()
@@ -589,7 +741,14 @@ def generate_answers(model, processor, images, texts, max_new_tokens: int, batch
     """Greedy answers through the real processor and chat template.  Prompts are batched
     only with prompts of the same length, so no padding changes the computation."""
     tok = processor.tokenizer
-    prompts = [processor.apply_chat_template([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": t}]}], tokenize=False, add_generation_prompt=True) for t in texts]
+    prompts = [
+        processor.apply_chat_template(
+            [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": t}]}],
+            tokenize=False,
+            add_generation_prompt=True,
+        )
+        for t in texts
+    ]
     lengths = [len(tok(p)["input_ids"]) for p in prompts]
     answers = [None] * len(prompts)
     by_len = {}
@@ -599,7 +758,13 @@ def generate_answers(model, processor, images, texts, max_new_tokens: int, batch
         for s in range(0, len(group), batch):
             ids = group[s : s + batch]
             inputs = processor(images=[images[i] for i in ids], text=[prompts[i] for i in ids], return_tensors="pt")
-            out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id)
+            out = model.generate(
+                **inputs,
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                pad_token_id=tok.eos_token_id,
+                eos_token_id=tok.eos_token_id,
+            )
             for i, row in zip(ids, out[:, inputs["input_ids"].shape[1] :]):
                 answers[i] = tok.decode(row, skip_special_tokens=True)
     return answers
@@ -650,7 +815,9 @@ def parse_geometry(arch: str, overrides: str | None) -> Geometry:
     for item in overrides.split(","):
         key, _, value = item.partition("=")
         if key not in Geometry.__dataclass_fields__ or not value.isdigit():
-            raise SystemExit(f"--geometry: {item!r} is not KEY=INT with KEY one of {', '.join(Geometry.__dataclass_fields__)} (now {fields})")
+            raise SystemExit(
+                f"--geometry: {item!r} is not KEY=INT with KEY one of {', '.join(Geometry.__dataclass_fields__)} (now {fields})"
+            )
         changes[key] = int(value)
     import dataclasses
 
@@ -661,25 +828,52 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", required=True, type=Path)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--arch", default="llava", choices=["llava", "llava-1.5", "qwen2_5_vl"],
-                    help="llava: shapeworld-tiny (64 px, 8x8); llava-1.5: shapeworld-llava (336 px, 24x24, 8 LM layers, "
-                         "progressive resolution, resumable); qwen2_5_vl: shapeworld-tiny-qwen (train_qwen.py)")
+    ap.add_argument(
+        "--arch",
+        default="llava",
+        choices=["llava", "llava-1.5", "qwen2_5_vl"],
+        help="llava: shapeworld-tiny (64 px, 8x8); llava-1.5: shapeworld-llava (336 px, 24x24, 8 LM layers, "
+        "progressive resolution, resumable); qwen2_5_vl: shapeworld-tiny-qwen (train_qwen.py)",
+    )
     ap.add_argument("--pool-size", type=int, default=6000)
     ap.add_argument("--vision-steps", type=int, default=300)
     ap.add_argument("--align-steps", type=int, default=None, help="default 200 (llava), 300 (llava-1.5)")
     ap.add_argument("--mix-steps", type=int, default=None, help="default 4000 (llava), 2250 (llava-1.5)")
-    ap.add_argument("--fine-steps", type=int, default=250, help="llava-1.5: the last steps at the full grid (the rest at half the grid)")
-    ap.add_argument("--geometry", default=None, help="llava-1.5: KEY=INT,... overrides of the geometry (e.g. a small test configuration)")
-    ap.add_argument("--probe-size", type=int, default=192, help="llava-1.5: held-out yes/no questions (test world), at both grids")
+    ap.add_argument(
+        "--fine-steps",
+        type=int,
+        default=250,
+        help="llava-1.5: the last steps at the full grid (the rest at half the grid)",
+    )
+    ap.add_argument(
+        "--geometry",
+        default=None,
+        help="llava-1.5: KEY=INT,... overrides of the geometry (e.g. a small test configuration)",
+    )
+    ap.add_argument(
+        "--probe-size", type=int, default=192, help="llava-1.5: held-out yes/no questions (test world), at both grids"
+    )
     ap.add_argument("--probe-every", type=int, default=500, help="llava-1.5: language steps between probes")
     ap.add_argument("--save-every", type=int, default=250, help="llava-1.5: steps between saved training states")
     ap.add_argument("--resume", action="store_true", help="llava-1.5: continue from --out/training_state.pt")
-    ap.add_argument("--stop-after", type=int, default=None, help="llava-1.5: save the state and stop after this language step")
+    ap.add_argument(
+        "--stop-after", type=int, default=None, help="llava-1.5: save the state and stop after this language step"
+    )
     ap.add_argument("--lr", type=float, default=1e-3, help="llava-1.5: peak learning rate of the language stages")
-    ap.add_argument("--init-from", type=Path, default=None, help="llava-1.5: start from this checkpoint's weights (a further run with its own schedule)")
+    ap.add_argument(
+        "--init-from",
+        type=Path,
+        default=None,
+        help="llava-1.5: start from this checkpoint's weights (a further run with its own schedule)",
+    )
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--threads", type=int, default=2, help="torch threads (1 is faster when the 2 cores are shared)")
-    ap.add_argument("--eval-limit", type=int, default=None, help="docs per task for the final scores (default: full test splits; 0: no scores)")
+    ap.add_argument(
+        "--eval-limit",
+        type=int,
+        default=None,
+        help="docs per task for the final scores (default: full test splits; 0: no scores)",
+    )
     ap.add_argument("--score-only", action="store_true", help="only score an existing checkpoint at --out")
     args = ap.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -694,17 +888,38 @@ def main(argv=None):
     torch.set_num_threads(args.threads)
     if not args.score_only:
         if args.arch == "llava-1.5":
-            done = train_llava15(args.out, args.seed, parse_geometry(args.arch, args.geometry), args.pool_size,
-                                 args.vision_steps, args.align_steps if args.align_steps is not None else 300,
-                                 args.mix_steps if args.mix_steps is not None else 2250, args.fine_steps, args.batch,
-                                 probe_size=args.probe_size, save_every=args.save_every, resume=args.resume,
-                                 stop_after=args.stop_after, init_from=args.init_from, peak_lr=args.lr,
-                                 probe_every=args.probe_every, log=log)
+            done = train_llava15(
+                args.out,
+                args.seed,
+                parse_geometry(args.arch, args.geometry),
+                args.pool_size,
+                args.vision_steps,
+                args.align_steps if args.align_steps is not None else 300,
+                args.mix_steps if args.mix_steps is not None else 2250,
+                args.fine_steps,
+                args.batch,
+                probe_size=args.probe_size,
+                save_every=args.save_every,
+                resume=args.resume,
+                stop_after=args.stop_after,
+                init_from=args.init_from,
+                peak_lr=args.lr,
+                probe_every=args.probe_every,
+                log=log,
+            )
             if done is None:
                 return
         else:
-            train(args.out, args.seed, args.pool_size, args.vision_steps, args.align_steps if args.align_steps is not None else 200,
-                  args.mix_steps if args.mix_steps is not None else 4000, args.batch, log=log)
+            train(
+                args.out,
+                args.seed,
+                args.pool_size,
+                args.vision_steps,
+                args.align_steps if args.align_steps is not None else 200,
+                args.mix_steps if args.mix_steps is not None else 4000,
+                args.batch,
+                log=log,
+            )
     if args.eval_limit == 0:
         return
     scores = score_checkpoint(args.out, args.eval_limit, log=log)

@@ -27,7 +27,16 @@ import torch
 from . import data
 from .qwen_model import SYSTEM_PROMPT, QwenGeometry, build_model, geometry_dict
 from .scenes import TEST_WORLD, TRAIN_WORLD, derive_seed, sample_scene
-from .train import N_CLASSES, TASK_DOCS, doc_text, language_stages, patch_labels, save_checkpoint, score_answers, vision_stage
+from .train import (
+    N_CLASSES,
+    TASK_DOCS,
+    doc_text,
+    language_stages,
+    patch_labels,
+    save_checkpoint,
+    score_answers,
+    vision_stage,
+)
 
 
 def lmms_eval_image(image, pixels: int):
@@ -42,7 +51,10 @@ def lmms_eval_image(image, pixels: int):
 
 def chat_prompt(processor, text: str) -> str:
     """lmms-eval's message layout: system prompt, then the image before the text."""
-    messages = [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": [{"type": "image", "image": "x"}, {"type": "text", "text": text}]}]
+    messages = [
+        {"role": "system", "content": SYSTEM_PROMPT},
+        {"role": "user", "content": [{"type": "image", "image": "x"}, {"type": "text", "text": text}]},
+    ]
     return processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
 
@@ -62,7 +74,9 @@ class QwenScenePool:
         self.images = np.stack(images)
         self.labels = torch.from_numpy(np.stack(labels))
         ours, theirs = image_inputs(processor, self.images[:4]), processor_inputs(processor, self.images[:4])
-        assert torch.equal(ours[1], theirs[1]) and (ours[0] - theirs[0]).abs().max() < 1e-5, "image_inputs differs from the processor"
+        assert torch.equal(ours[1], theirs[1]) and (ours[0] - theirs[0]).abs().max() < 1e-5, (
+            "image_inputs differs from the processor"
+        )
         log(f"pool {family}: {n} scenes rendered in {time.time() - t0:.0f}s")
 
 
@@ -116,7 +130,13 @@ def encode_batch(processor, examples, n_image_tokens: int):
 
 def lm_logits(model, vision_out, ids, mask, mm_types, grid_thw):
     """The model's own forward (M-RoPE positions from the grid), reusing the vision output."""
-    return model(input_ids=ids, attention_mask=mask, mm_token_type_ids=mm_types, image_grid_thw=grid_thw, mm_encoder_outputs={"image": vision_out}).logits
+    return model(
+        input_ids=ids,
+        attention_mask=mask,
+        mm_token_type_ids=mm_types,
+        image_grid_thw=grid_thw,
+        mm_encoder_outputs={"image": vision_out},
+    ).logits
 
 
 class QwenYesNoProbe:
@@ -137,7 +157,9 @@ class QwenYesNoProbe:
                 imgs.append(img)
         self.pixels, self.grid_thw = image_inputs(processor, [np.asarray(i) for i in imgs])
         tok = processor.tokenizer
-        self.ids, self.mask, self.mm_types, _ = encode_batch(processor, [(p, "") for p, _ in self.examples], geometry.image_tokens)
+        self.ids, self.mask, self.mm_types, _ = encode_batch(
+            processor, [(p, "") for p, _ in self.examples], geometry.image_tokens
+        )
         self.yes, self.no = tok.convert_tokens_to_ids("yes"), tok.convert_tokens_to_ids("no")
         self.answer_pos = self.mask.sum(1) - 2
 
@@ -160,7 +182,16 @@ class QwenYesNoProbe:
         }
 
 
-def train(out: Path, seed: int = 0, pool_size: int = 3000, vision_steps: int = 300, align_steps: int = 200, mix_steps: int = 2800, batch: int = 16, log=print):
+def train(
+    out: Path,
+    seed: int = 0,
+    pool_size: int = 3000,
+    vision_steps: int = 300,
+    align_steps: int = 200,
+    mix_steps: int = 2800,
+    batch: int = 16,
+    log=print,
+):
     random.seed(seed)
     np.random.seed(seed)
     geometry = QwenGeometry()
@@ -179,8 +210,18 @@ def train(out: Path, seed: int = 0, pool_size: int = 3000, vision_steps: int = 3
 
     # ---- stage 1: dense labels on the merged vision tokens (tower + merger)
     vparams = list(model.model.visual.parameters()) + list(aux_head.parameters())
-    vision_stage(lambda idx: merged_tokens(model, *image_inputs(processor, pool.images[idx.numpy()]))[1],
-                 vparams, aux_head, pool, gen, vision_steps, 32, 50, log, t0)
+    vision_stage(
+        lambda idx: merged_tokens(model, *image_inputs(processor, pool.images[idx.numpy()]))[1],
+        vparams,
+        aux_head,
+        pool,
+        gen,
+        vision_steps,
+        32,
+        50,
+        log,
+        t0,
+    )
 
     # ---- stages 2 and 3: language model on top, dense + word-alignment losses as auxiliary
     def forward(idx, examples):
@@ -193,8 +234,23 @@ def train(out: Path, seed: int = 0, pool_size: int = 3000, vision_steps: int = 3
         save_checkpoint(model, processor, out / f"partial-{step}")
         model.train()
 
-    language_stages(model, aux_head, forward, pool, gen, rng, tok, probe, align_steps, mix_steps, batch,
-                    min(200, align_steps), log, t0, after_probe=save_partial)
+    language_stages(
+        model,
+        aux_head,
+        forward,
+        pool,
+        gen,
+        rng,
+        tok,
+        probe,
+        align_steps,
+        mix_steps,
+        batch,
+        min(200, align_steps),
+        log,
+        t0,
+        after_probe=save_partial,
+    )
 
     model.eval()
     out.mkdir(parents=True, exist_ok=True)
@@ -218,7 +274,13 @@ def generate_answers(model, processor, images, texts, max_new_tokens: int, batch
         for s in range(0, len(group), batch):
             ids = group[s : s + batch]
             inputs = processor(images=[images[i] for i in ids], text=[prompts[i] for i in ids], return_tensors="pt")
-            out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+            out = model.generate(
+                **inputs,
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                pad_token_id=tok.pad_token_id,
+                eos_token_id=tok.eos_token_id,
+            )
             for i, row in zip(ids, out[:, inputs["input_ids"].shape[1] :]):
                 answers[i] = tok.decode(row, skip_special_tokens=True)
     return answers
@@ -252,7 +314,9 @@ def main(argv=None):
     ap.add_argument("--align-steps", type=int, default=200)
     ap.add_argument("--mix-steps", type=int, default=2800)
     ap.add_argument("--batch", type=int, default=16)
-    ap.add_argument("--threads", type=int, default=1, help="torch threads (1 was ~2x faster than 2 on the shared 2-core machine)")
+    ap.add_argument(
+        "--threads", type=int, default=1, help="torch threads (1 was ~2x faster than 2 on the shared 2-core machine)"
+    )
     ap.add_argument("--eval-limit", type=int, default=None)
     ap.add_argument("--score-only", action="store_true")
     args = ap.parse_args(argv)
@@ -263,7 +327,16 @@ def main(argv=None):
 
     torch.set_num_threads(args.threads)
     if not args.score_only:
-        train(args.out, args.seed, args.pool_size, args.vision_steps, args.align_steps, args.mix_steps, args.batch, log=log)
+        train(
+            args.out,
+            args.seed,
+            args.pool_size,
+            args.vision_steps,
+            args.align_steps,
+            args.mix_steps,
+            args.batch,
+            log=log,
+        )
     scores = score_checkpoint(args.out, args.eval_limit, log=log)
     (args.out / "train_scores.json").write_text(json.dumps(scores, indent=1))
 

@@ -39,14 +39,20 @@ from lmms_eval_plugins.shapeworld.metrics import (  # noqa: E402,F401
 POPE_POSTFIX = " Please answer this question with one word."  # model_generate.py:66-67
 MME_POST_PROMPT = "\nAnswer the question using a single word or phrase."  # eval/MME/llava_mme.jsonl
 MME_SUBSETS = (  # model_generate.py:147
-    "existence", "count", "position", "color",
-    "commonsense_reasoning", "numerical_calculation", "text_translation", "code_reasoning",
+    "existence",
+    "count",
+    "position",
+    "color",
+    "commonsense_reasoning",
+    "numerical_calculation",
+    "text_translation",
+    "code_reasoning",
 )
 POPE_METRICS = ("pope_accuracy", "pope_precision", "pope_recall", "pope_f1_score", "pope_yes_ratio")
 
 
 def first_token_answer(results) -> str:
-    """"yes" if the first choice (yes) has the lower loss, else "no" (a tie answers "no", as
+    """ "yes" if the first choice (yes) has the lower loss, else "no" (a tie answers "no", as
     ``'yes' if p_yes > p_no else 'no'``). ``results``: one (loss, is_greedy) per choice."""
     loss_yes, loss_no = (r[0] if isinstance(r, (tuple, list)) else r for r in results[:2])
     return "yes" if loss_yes < loss_no else "no"
@@ -116,8 +122,14 @@ def shapeworld_doc_to_visual(doc):
 
 def shapeworld_pope_process_results(doc, results):
     pred, gt = first_token_answer(results), doc["answer"].lower().strip()
-    record = {"question_id": doc["question_id"], "score": float(pred == gt), "prediction": pred, "ground_truth": gt,
-              "size_class": doc["size_class"], "category": doc["category"]}
+    record = {
+        "question_id": doc["question_id"],
+        "score": float(pred == gt),
+        "prediction": pred,
+        "ground_truth": gt,
+        "size_class": doc["size_class"],
+        "category": doc["category"],
+    }
     return {m: record for m in POPE_METRICS}
 
 
@@ -126,8 +138,13 @@ def shapeworld_mme_docs(dataset):
     (ShapeWorld has no twin for the other 7 subsets), grouped per scene for MME's acc+, passed
     through the same 8-subset filter."""
     docs = [
-        {**d, "question_id": f"scene-{d['scene_seed']}", "category": "existence", "answer": d["answer"].capitalize(),
-         "question": d["question"] + " Please answer yes or no."}
+        {
+            **d,
+            "question_id": f"scene-{d['scene_seed']}",
+            "category": "existence",
+            "answer": d["answer"].capitalize(),
+            "question": d["question"] + " Please answer yes or no.",
+        }
         for d in data.pope_docs("random", dataset[0]["split"])
     ]
     return mme_official_docs(Dataset.from_list(docs))

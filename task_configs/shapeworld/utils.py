@@ -99,7 +99,12 @@ def chair_doc_to_text(doc):
 
 def chair_process_results(doc, results):
     pred = results[0] if results else ""
-    record = {"answer": list(doc["gt_object"]), "pred": metrics.caption_objects(pred), "image_id": int(doc["question_id"]), "caption": pred}
+    record = {
+        "answer": list(doc["gt_object"]),
+        "pred": metrics.caption_objects(pred),
+        "image_id": int(doc["question_id"]),
+        "caption": pred,
+    }
     return {f"coco_cap_{m}": record for m in ("chair_i", "chair_s", "recall")}
 
 
@@ -129,7 +134,13 @@ def rec_doc_to_text(doc):
 
 def rec_process_results(doc, results):
     pred = results[0] if results else ""
-    record = {"answer": doc["answer"], "pred": metrics.parse_box(pred), "ann_id": doc["question_id"], "bbox": list(doc["bbox"]), "size_class": doc["size_class"]}
+    record = {
+        "answer": doc["answer"],
+        "pred": metrics.parse_box(pred),
+        "ann_id": doc["question_id"],
+        "bbox": list(doc["bbox"]),
+        "size_class": doc["size_class"],
+    }
     return {f"refcoco_{m}": record for m in metrics.REC_METRICS}
 
 
@@ -195,7 +206,17 @@ def spatial_process_results(doc, results):
     response = results[0]
     letter = metrics.answer_letter(response)
     gt = doc["answer"].strip("()")
-    record = {"id": doc["idx"], "gt_content": gt, "pred_parsed": letter, "pred": response, "type": doc["type"], "task": doc["task"], "source": doc["source"], "size_class": doc["size_class"], "is_correct": letter == gt}
+    record = {
+        "id": doc["idx"],
+        "gt_content": gt,
+        "pred_parsed": letter,
+        "pred": response,
+        "type": doc["type"],
+        "task": doc["task"],
+        "source": doc["source"],
+        "size_class": doc["size_class"],
+        "is_correct": letter == gt,
+    }
     return {"cv_bench_acc": record}
 
 
