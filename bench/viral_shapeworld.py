@@ -151,7 +151,7 @@ def shapeworld_records(tasks: list[str], per_task: int | None) -> list[dict]:
     """Train-split docs of the ShapeWorld tasks as LLaVA records: the task's prompt text and the
     answer in the format the shipped checkpoint was trained with (yes/no, a digit, a letter)."""
     from lmms_eval_plugins.shapeworld import data
-    from lmms_eval_plugins.shapeworld.train import doc_text
+    from lmms_eval_plugins.shapeworld.scoring import doc_text
 
     makers = {
         "shapeworld_count": lambda: data.count_docs("train"),

@@ -27,16 +27,8 @@ import torch
 from . import data
 from .qwen_model import SYSTEM_PROMPT, QwenGeometry, build_model, geometry_dict
 from .scenes import TEST_WORLD, TRAIN_WORLD, derive_seed, sample_scene
-from .train import (
-    N_CLASSES,
-    TASK_DOCS,
-    doc_text,
-    language_stages,
-    patch_labels,
-    save_checkpoint,
-    score_answers,
-    vision_stage,
-)
+from .scoring import TASK_DOCS, doc_text, score_answers
+from .stages import N_CLASSES, language_stages, patch_labels, save_checkpoint, vision_stage
 
 
 def lmms_eval_image(image, pixels: int):
