@@ -383,7 +383,7 @@ def map_structure(path, n: int = 40) -> dict:
 
     from lmms_eval_plugins.shapeworld import data
     from methods.geometry import image_geometry
-    from methods.lochead import capture_image_maps
+    from methods.lochead_maps import capture_image_maps
 
     model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32).eval()
     processor = AutoProcessor.from_pretrained(path)

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -128,6 +128,107 @@ class ImageGeometry:
 
 
 # ---------------------------------------------------------------------------------------
+# The image processor's affine map (original image -> processed image), shared by every
+# family's block regions and by lochead's boxes
+# ---------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class ProcessorGeometry:
+    """Where the original image lands in the processed (model input) image, per axis:
+    processed = original * scale + offset, inside an out_w x out_h canvas. Built by
+    ``processor_geometry`` from the processor's own settings (pad, resize, center crop)."""
+
+    scale_x: float
+    scale_y: float
+    offset_x: float
+    offset_y: float
+    out_w: int
+    out_h: int
+    orig_w: int
+    orig_h: int
+
+    def to_original(self, box: Sequence[float]) -> list[float]:
+        """A box in fractions of the processed image -> fractions of the original image, clipped to 0..1."""
+        x1, y1, x2, y2 = box
+        xs = [(v * self.out_w - self.offset_x) / self.scale_x / self.orig_w for v in (x1, x2)]
+        ys = [(v * self.out_h - self.offset_y) / self.scale_y / self.orig_h for v in (y1, y2)]
+        clip = lambda v: min(1.0, max(0.0, v))  # noqa: E731
+        return [clip(xs[0]), clip(ys[0]), clip(xs[1]), clip(ys[1])]
+
+    def after_pad(self, pad) -> "ProcessorGeometry":
+        """This geometry (of a pad-to-square canvas) composed with the pad: original -> square -> processed."""
+        ox, oy = pad.offset
+        return ProcessorGeometry(
+            self.scale_x,
+            self.scale_y,
+            self.offset_x + ox * self.scale_x,
+            self.offset_y + oy * self.scale_y,
+            self.out_w,
+            self.out_h,
+            pad.orig_w,
+            pad.orig_h,
+        )
+
+    def to_processed(self, box: Sequence[float]) -> list[float]:
+        """A box in fractions of the original image -> fractions of the processed image (unclipped)."""
+        x1, y1, x2, y2 = box
+        fx = lambda v: (v * self.orig_w * self.scale_x + self.offset_x) / self.out_w  # noqa: E731
+        fy = lambda v: (v * self.orig_h * self.scale_y + self.offset_y) / self.out_h  # noqa: E731
+        return [fx(x1), fy(y1), fx(x2), fy(y2)]
+
+
+def _size_get(size, key):
+    if size is None:
+        return None
+    return size.get(key) if isinstance(size, dict) else getattr(size, key, None)
+
+
+def processor_geometry(image_processor, image_size: tuple[int, int]) -> ProcessorGeometry:
+    """The affine map original -> processed image of a transformers image processor.
+
+    Follows the processor's own steps: pad to a square (``do_pad``, LLaVA's expand2square,
+    image centred), resize (``shortest_edge`` keeping the aspect ratio, or an exact
+    height x width), center crop (``do_center_crop``, padding first if the crop is larger).
+    The HF port of llava-1.5 uses CLIPImageProcessor: shortest-edge resize + center crop.
+    """
+    w, h = image_size
+    sx = sy = 1.0
+    ox = oy = 0.0
+    cw, ch = w, h
+    if getattr(image_processor, "do_pad", False):
+        side = max(cw, ch)
+        ox += (side - cw) // 2
+        oy += (side - ch) // 2
+        cw = ch = side
+    if getattr(image_processor, "do_resize", True):
+        size = image_processor.size
+        short_edge = _size_get(size, "shortest_edge")
+        if _size_get(size, "height") and _size_get(size, "width"):
+            nh, nw = int(_size_get(size, "height")), int(_size_get(size, "width"))
+        elif short_edge:
+            short, long = (cw, ch) if cw <= ch else (ch, cw)
+            new_short, new_long = int(short_edge), int(int(short_edge) * long / short)
+            nw, nh = (new_short, new_long) if cw <= ch else (new_long, new_short)
+        else:
+            raise ValueError(f"unsupported image processor size {size!r}: need shortest_edge or height/width")
+        fx, fy = nw / cw, nh / ch
+        sx, sy, ox, oy = sx * fx, sy * fy, ox * fx, oy * fy
+        cw, ch = nw, nh
+    if getattr(image_processor, "do_center_crop", False):
+        crop = image_processor.crop_size
+        tw, th = int(_size_get(crop, "width")), int(_size_get(crop, "height"))
+        if tw > cw or th > ch:  # the processor pads before cropping
+            px, py = ((tw - cw) // 2 if tw > cw else 0), ((th - ch) // 2 if th > ch else 0)
+            ox, oy = ox + px, oy + py
+            cw, ch = max(cw, tw), max(ch, th)
+        top, left = int((ch - th) / 2.0), int((cw - tw) / 2.0)
+        ox, oy = ox - left, oy - top
+        cw, ch = tw, th
+    return ProcessorGeometry(sx, sy, ox, oy, cw, ch, w, h)
+
+
+# ---------------------------------------------------------------------------------------
 # Builders, one per model family
 # ---------------------------------------------------------------------------------------
 
@@ -223,8 +324,6 @@ def llava_geometry(config, processor, image_size, start, inputs) -> list[Block]:
 
 def _processed_region(image_processor, image_size) -> tuple[float, float, float, float]:
     """The region of the original image the processed (resized, cropped) image covers."""
-    from .lochead import processor_geometry  # the processor's affine map, shared with lochead's boxes
-
     g = processor_geometry(image_processor, image_size)
     w, h = image_size
     return (

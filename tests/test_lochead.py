@@ -12,7 +12,11 @@ from scipy import ndimage
 
 from methods import hooks
 from methods import lochead as L
-from methods.technique import Request
+from methods import lochead_heads as LH
+from methods import lochead_maps as LM
+from methods import lochead_official as LO
+from methods.geometry import processor_geometry
+from methods.technique import Request, RequestError
 
 # ------------------------------------------------------------------ selection arithmetic
 
@@ -29,35 +33,35 @@ def _knee_reference(values):
 
 def test_knee_is_the_point_farthest_from_the_chord():
     curve = [10.0, 6.0, 2.0, 1.5, 1.2, 1.0, 0.9, 0.8]
-    assert L.knee_index(curve) == _knee_reference(curve) == 2
+    assert LM.knee_index(curve) == _knee_reference(curve) == 2
     rng = np.random.default_rng(0)
     for _ in range(20):
         v = np.sort(rng.exponential(size=30))[::-1].tolist()
-        assert L.knee_index(v) == _knee_reference(v)
-    assert L.knee_index([3.0, 1.0]) == 0
+        assert LM.knee_index(v) == _knee_reference(v)
+    assert LM.knee_index([3.0, 1.0]) == 0
 
 
 def test_heads_above_knee_ranks_by_image_attention():
     s_img = torch.tensor([[9.0, 1.0, 1.2], [0.5, 8.5, 0.8]])
     # descending: 9 (0,0), 8.5 (1,1), 1.2 (0,2), 1, 0.8, 0.5: the knee is the foot of the drop,
     # 4.4 below the chord; heads at or above it are kept (the reference keeps S_img >= knee value)
-    assert L.knee_index([9.0, 8.5, 1.2, 1.0, 0.8, 0.5]) == _knee_reference([9.0, 8.5, 1.2, 1.0, 0.8, 0.5]) == 2
-    assert L.heads_above_knee(s_img) == [(0, 0), (1, 1), (0, 2)]
+    assert LM.knee_index([9.0, 8.5, 1.2, 1.0, 0.8, 0.5]) == _knee_reference([9.0, 8.5, 1.2, 1.0, 0.8, 0.5]) == 2
+    assert LM.heads_above_knee(s_img) == [(0, 0), (1, 1), (0, 2)]
     # raw axes, as in the reference code: x is the rank, y the attention sum (no rescaling)
     small = [0.9, 0.85, 0.12, 0.1, 0.08, 0.05]
-    assert L.knee_index(small) == _knee_reference(small)
+    assert LM.knee_index(small) == _knee_reference(small)
 
 
 @pytest.mark.parametrize("shape", [(24, 24), (5, 7), (2, 3)])
 @pytest.mark.parametrize("sigma", [0.5, 1.0, 2.0])
 def test_gaussian_smoothing_matches_scipy(shape, sigma):
     g = torch.rand(shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
-    ours = L.gaussian_smooth(g, sigma).numpy()
+    ours = LM.gaussian_smooth(g, sigma).numpy()
     ref = ndimage.gaussian_filter(g.numpy(), sigma)  # scipy defaults: mode reflect, truncate 4
     np.testing.assert_allclose(ours, ref, atol=1e-6)
     stack = torch.stack([g, 2 * g])
-    np.testing.assert_allclose(L.gaussian_smooth(stack, sigma)[1].numpy(), 2 * ref, atol=1e-6)
-    assert torch.equal(L.gaussian_smooth(g, 0), g)
+    np.testing.assert_allclose(LM.gaussian_smooth(stack, sigma)[1].numpy(), 2 * ref, atol=1e-6)
+    assert torch.equal(LM.gaussian_smooth(g, 0), g)
 
 
 @pytest.mark.parametrize("connectivity", [4, 8])
@@ -66,7 +70,7 @@ def test_connected_components_match_scipy(connectivity):
     gen = torch.Generator().manual_seed(3)
     for shape in [(24, 24), (7, 11), (1, 5)]:
         mask = torch.rand(shape, generator=gen) > 0.55
-        ours, n = L.connected_components(mask, connectivity)
+        ours, n = LM.connected_components(mask, connectivity)
         ref, n_ref = ndimage.label(mask.numpy(), structure)
         assert n == n_ref
         assert (ours.numpy() == ref).all()
@@ -85,21 +89,21 @@ def _entropy_reference(grid, connectivity):
 def test_spatial_entropy_by_component_mass():
     one_blob = torch.zeros(6, 6)
     one_blob[1:3, 1:3] = 1.0
-    assert L.spatial_entropy(one_blob) == pytest.approx(0.0)
+    assert LM.spatial_entropy(one_blob) == pytest.approx(0.0)
     two = torch.zeros(6, 6)
     two[0:2, 0:2] = 0.75  # mass 3
     two[4, 4] = 1.0  # mass 1: shares are mass, not cell count (4 cells vs 1)
-    assert L.spatial_entropy(two) == pytest.approx(-(0.75 * math.log(0.75) + 0.25 * math.log(0.25)))
+    assert LM.spatial_entropy(two) == pytest.approx(-(0.75 * math.log(0.75) + 0.25 * math.log(0.25)))
     diagonal = torch.zeros(4, 4)
     diagonal[0, 0] = diagonal[1, 1] = 1.0
-    assert L.spatial_entropy(diagonal, 8) == pytest.approx(0.0)  # touching corners: one component
-    assert L.spatial_entropy(diagonal, 4) == pytest.approx(math.log(2))
-    assert L.spatial_entropy(torch.ones(4, 4)) == math.inf  # uniform: nothing localised
+    assert LM.spatial_entropy(diagonal, 8) == pytest.approx(0.0)  # touching corners: one component
+    assert LM.spatial_entropy(diagonal, 4) == pytest.approx(math.log(2))
+    assert LM.spatial_entropy(torch.ones(4, 4)) == math.inf  # uniform: nothing localised
     gen = torch.Generator().manual_seed(5)
     for c in (4, 8):
         for _ in range(5):
             g = torch.rand(9, 9, generator=gen) ** 3
-            assert L.spatial_entropy(g, c) == pytest.approx(_entropy_reference(g, c))
+            assert LM.spatial_entropy(g, c) == pytest.approx(_entropy_reference(g, c))
 
 
 def test_sample_selection_keeps_low_entropy_heads_above_the_knee():
@@ -113,11 +117,11 @@ def test_sample_selection_keeps_low_entropy_heads_above_the_knee():
     maps[1, 2] = scattered.flatten()  # S_img 0.8, four blobs
     maps[0, 0] = 0.1 / 16  # S_img 0.1, uniform: at the knee (the foot of the drop), localises nothing
     maps[1, 0] = sharp.flatten() * 0.05  # S_img 0.04, localises but below the knee
-    selected, s_img, candidates, entropy = L.select_sample_heads(maps, (h, w), per_sample=1)
+    selected, s_img, candidates, entropy = LM.select_sample_heads(maps, (h, w), per_sample=1)
     assert candidates == [(0, 1), (1, 2), (0, 0)]
     assert entropy[(1, 2)] == pytest.approx(math.log(4)) and entropy[(0, 0)] == math.inf
     assert selected == [(0, 1)]
-    assert L.select_sample_heads(maps, (h, w), per_sample=10)[0] == [(0, 1), (1, 2)]  # inf is never selected
+    assert LM.select_sample_heads(maps, (h, w), per_sample=10)[0] == [(0, 1), (1, 2)]  # inf is never selected
     assert torch.allclose(s_img[0, 1], torch.tensor(0.8))
 
 
@@ -128,17 +132,17 @@ def test_box_of_largest_component_and_minmax_box():
     g = torch.zeros(8, 10)
     g[2:5, 1:4] = 1.0  # 9 cells: the largest component, rows 2..4, cols 1..3
     g[6, 8] = 5.0  # 1 cell, more mass per cell
-    assert L.box_from_grid(g, "component") == pytest.approx([1 / 10, 2 / 8, 4 / 10, 5 / 8])
-    assert L.box_from_grid(g, "minmax") == pytest.approx([1 / 10, 2 / 8, 9 / 10, 7 / 8])
-    assert L.box_from_grid(torch.ones(4, 4)) == [0.0, 0.0, 1.0, 1.0]
+    assert LM.box_from_grid(g, "component") == pytest.approx([1 / 10, 2 / 8, 4 / 10, 5 / 8])
+    assert LM.box_from_grid(g, "minmax") == pytest.approx([1 / 10, 2 / 8, 9 / 10, 7 / 8])
+    assert LM.box_from_grid(torch.ones(4, 4)) == [0.0, 0.0, 1.0, 1.0]
     with pytest.raises(ValueError, match="box_mode"):
-        L.box_from_grid(g, "biggest")
+        LM.box_from_grid(g, "biggest")
 
 
 def test_combined_map_is_the_sum_of_smoothed_head_maps():
     maps = torch.rand(3, 6, 6, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
     ref = sum(ndimage.gaussian_filter(m.numpy(), 1.0) for m in maps)
-    np.testing.assert_allclose(L.combine_head_maps(maps, 1.0).numpy(), ref, atol=1e-6)
+    np.testing.assert_allclose(LM.combine_head_maps(maps, 1.0).numpy(), ref, atol=1e-6)
 
 
 def _detect_red(image_processor, image, side):
@@ -172,7 +176,7 @@ def test_undo_preprocessing_on_non_square_images(geometry, size):
     image = Image.new("RGB", size, (255, 255, 255))
     ImageDraw.Draw(image).rectangle([box[0], box[1], box[2] - 1, box[3] - 1], fill=(255, 0, 0))
     truth = [box[0] / w, box[1] / h, box[2] / w, box[3] / h]
-    geo = L.processor_geometry(ip, size)
+    geo = processor_geometry(ip, size)
     detected = _detect_red(ip, image, side)
     px = 1.5 / side  # one processed pixel of resampling blur
     assert geo.to_processed(truth) == pytest.approx(detected, abs=px)
@@ -240,7 +244,7 @@ def byte_model(byte_ckpt):
     hooks.install(model)
     image = Image.new("RGB", (48, 32), (128, 128, 128))
     ImageDraw.Draw(image).rectangle([30, 4, 44, 20], fill=(215, 40, 40))
-    inputs = L.prompt_inputs(processor, image, "the red square")
+    inputs = LH.prompt_inputs(processor, image, "the red square")
     req = Request(
         input_ids=inputs["input_ids"],
         image_token_id=model.config.image_token_id,
@@ -262,7 +266,7 @@ def _eager_maps(ckpt, inputs, pos):
 def test_capture_matches_eager_attentions_and_stops_early(byte_ckpt, byte_model):
     model, _, inputs, req = byte_model
     ref = _eager_maps(byte_ckpt, inputs, req.image_pos)
-    maps = L.capture_image_maps(model, inputs, req.image_pos)
+    maps = LM.capture_image_maps(model, inputs, req.image_pos)
     assert maps.shape == (4, 4, 16)
     torch.testing.assert_close(maps, ref, atol=1e-5, rtol=1e-4)
     ran = []
@@ -271,7 +275,7 @@ def test_capture_matches_eager_attentions_and_stops_early(byte_ckpt, byte_model)
         for k, layer in enumerate(model.model.language_model.layers)
     ]
     try:
-        part = L.capture_image_maps(model, inputs, req.image_pos, [1, 0])
+        part = LM.capture_image_maps(model, inputs, req.image_pos, [1, 0])
     finally:
         for hd in handles:
             hd.remove()
@@ -306,14 +310,14 @@ def test_all_heads_and_random_heads(byte_model):
     model, _, inputs, req = byte_model
     every = L.LocHead("all").locate(model, req, **inputs)
     assert every.head_maps.shape == (16, 4, 4)
-    assert L.random_heads(4, 4, 3, seed=1) == L.random_heads(4, 4, 3, seed=1)
-    assert len(set(L.random_heads(4, 4, 16, seed=2))) == 16
+    assert LH.random_heads(4, 4, 3, seed=1) == LH.random_heads(4, 4, 3, seed=1)
+    assert len(set(LH.random_heads(4, 4, 16, seed=2))) == 16
 
 
 def test_request_without_image_fails_clearly(byte_model):
     model, _, inputs, req = byte_model
     req.images = []
-    with pytest.raises(L.RequestError, match="exactly one image"):
+    with pytest.raises(RequestError, match="exactly one image"):
         L.LocHead([(0, 0)]).generate(model, req, **inputs)
 
 
@@ -324,9 +328,9 @@ def test_heads_files_validate_against_the_model(byte_model, tmp_path):
     from lmms_eval_plugins.heads import shipped_heads_path
 
     model, *_ = byte_model
-    mid = L.model_id(model)
+    mid = LH.model_id(model)
     good = tmp_path / "good.json"
-    L.write_heads_file(
+    LH.write_heads_file(
         good,
         [{"layer": 3, "head": 1, "frequency": 0.5}, {"layer": 0, "head": 2}],
         model_id=mid,
@@ -334,31 +338,31 @@ def test_heads_files_validate_against_the_model(byte_model, tmp_path):
         num_heads=4,
         source="test",
     )
-    assert L.load_heads(good, model) == [(3, 1), (0, 2)]
+    assert LH.load_heads(good, model) == [(3, 1), (0, 2)]
 
     seven_b = shipped_heads_path("llava-hf/llava-1.5-7b-hf")
     doc = json.loads(seven_b.read_text())
-    assert [(h["layer"], h["head"]) for h in doc["heads"]] == list(L.FORK_HEADS_7B)
+    assert [(h["layer"], h["head"]) for h in doc["heads"]] == list(LH.FORK_HEADS_7B)
     assert doc["source"].startswith("NOT the paper's") and "selection_best.yaml" in doc["source"]
     assert doc["provenance"]["official"] is False and doc["provenance"]["discovered_here"] is False
-    with pytest.raises(L.HeadsFileError, match="made for model 'llava-hf/llava-1.5-7b-hf'"):
-        L.load_heads(seven_b, model)
-    with pytest.raises(L.HeadsFileError, match="num_layers=32"):
-        L.load_heads(seven_b, model, check_model_id=False)
+    with pytest.raises(LH.HeadsFileError, match="made for model 'llava-hf/llava-1.5-7b-hf'"):
+        LH.load_heads(seven_b, model)
+    with pytest.raises(LH.HeadsFileError, match="num_layers=32"):
+        LH.load_heads(seven_b, model, check_model_id=False)
     out_of_range = tmp_path / "range.json"
     out_of_range.write_text(json.dumps({"model_id": mid, "heads": [{"layer": 1, "head": 7}]}))
-    with pytest.raises(L.HeadsFileError, match="layer 1 head 7 .* outside this model's 4 layers x 4 heads"):
-        L.load_heads(out_of_range, model)
+    with pytest.raises(LH.HeadsFileError, match="layer 1 head 7 .* outside this model's 4 layers x 4 heads"):
+        LH.load_heads(out_of_range, model)
     corrupt = tmp_path / "corrupt.json"
     corrupt.write_text('{"model_id": "x", "heads": [{"layer": 1,')
-    with pytest.raises(L.HeadsFileError, match="not valid JSON"):
-        L.load_heads(corrupt, model)
+    with pytest.raises(LH.HeadsFileError, match="not valid JSON"):
+        LH.load_heads(corrupt, model)
     wrong_type = tmp_path / "types.json"
     wrong_type.write_text(json.dumps({"model_id": mid, "heads": [{"layer": "1", "head": 0}]}))
-    with pytest.raises(L.HeadsFileError, match="integer 'layer' and 'head'"):
-        L.load_heads(wrong_type, model)
-    with pytest.raises(L.HeadsFileError, match="does not exist"):
-        L.load_heads(tmp_path / "missing.json", model)
+    with pytest.raises(LH.HeadsFileError, match="integer 'layer' and 'head'"):
+        LH.load_heads(wrong_type, model)
+    with pytest.raises(LH.HeadsFileError, match="does not exist"):
+        LH.load_heads(tmp_path / "missing.json", model)
 
 
 def test_wrapper_refuses_a_bad_heads_file_at_construction(byte_ckpt, tmp_path):
@@ -366,7 +370,7 @@ def test_wrapper_refuses_a_bad_heads_file_at_construction(byte_ckpt, tmp_path):
 
     corrupt = tmp_path / "corrupt.json"
     corrupt.write_text("not json")
-    with pytest.raises(L.HeadsFileError, match="not valid JSON"):
+    with pytest.raises(LH.HeadsFileError, match="not valid JSON"):
         LlavaLocheadChat(pretrained=str(byte_ckpt), heads=str(corrupt))
     with pytest.raises(ValueError, match="no shipped heads file"):
         LlavaLocheadChat(pretrained=str(byte_ckpt))
@@ -379,19 +383,19 @@ def test_discovery_is_deterministic_and_counts_selections(byte_model):
         image = Image.new("RGB", (40 + 8 * i, 32), (128, 128, 128))
         ImageDraw.Draw(image).rectangle([4 * i, 4, 4 * i + 14, 20], fill=colour)
         samples.append((image, f"the square number {i}"))
-    first = L.discover_heads(model, processor, samples, per_sample=3)
-    second = L.discover_heads(model, processor, samples, per_sample=3)
+    first = LH.discover_heads(model, processor, samples, per_sample=3)
+    second = LH.discover_heads(model, processor, samples, per_sample=3)
     assert first.ranked() == second.ranked()
     assert first.n_samples == 3
     assert sum(r["count"] for r in first.ranked()) <= 3 * 3
     # independent: redo the per-sample selection from eager-free captured maps
     counts = {}
     for image, text in samples:
-        inputs = L.prompt_inputs(processor, image, text)
-        maps = L.capture_image_maps(
+        inputs = LH.prompt_inputs(processor, image, text)
+        maps = LM.capture_image_maps(
             model, inputs, hooks.image_positions(inputs["input_ids"], model.config.image_token_id)
         )
-        sel, *_ = L.select_sample_heads(maps, (4, 4), per_sample=3)
+        sel, *_ = LM.select_sample_heads(maps, (4, 4), per_sample=3)
         for lh in sel:
             counts[lh] = counts.get(lh, 0) + 1
     assert {(r["layer"], r["head"]): r["count"] for r in first.ranked()} == counts
@@ -477,15 +481,15 @@ def test_discovery_resumes_from_partial_counts(byte_model):
     """A discovery killed after k samples and resumed from its saved state counts exactly as one run."""
     model, processor, *_ = byte_model
     samples = [(Image.new("RGB", (40, 32 + 4 * i), (30 * i, 90, 160)), f"the thing {i}") for i in range(4)]
-    whole = L.discover_heads(model, processor, samples, per_sample=3, selection="official_v2")
-    part = L.discover_heads(model, processor, samples[:2], per_sample=3, selection="official_v2")
-    resumed = L.discover_heads(
+    whole = LH.discover_heads(model, processor, samples, per_sample=3, selection="official_v2")
+    part = LH.discover_heads(model, processor, samples[:2], per_sample=3, selection="official_v2")
+    resumed = LH.discover_heads(
         model,
         processor,
         samples,
         per_sample=3,
         selection="official_v2",
-        result=L.DiscoveryResult.from_state(json.loads(json.dumps(part.state()))),
+        result=LH.DiscoveryResult.from_state(json.loads(json.dumps(part.state()))),
     )
     assert resumed.n_samples == 4 and resumed.ranked() == whole.ranked()
 
@@ -515,15 +519,15 @@ class _PieceTokenizer:
 def test_official_prompt_ids_are_the_referseg_form():
     """system + '\\n' + image + '\\n' + query; the query's last token ends the prompt; '▁' (29871) dropped."""
     tok = _PieceTokenizer()
-    ids = L.official_prompt_ids(tok, "a red dog.", image_token_id=7, n_image_tokens=4)
+    ids = LO.official_prompt_ids(tok, "a red dog.", image_token_id=7, n_image_tokens=4)
     assert 29871 not in ids
     assert ids[0] == 1 and ids.count(7) == 4
     after = ids[ids.index(7) + 4 :]
     assert after[0] == 13 and after[-1] == tok.vocab["\u2581dog."]
     before = ids[1 : ids.index(7)]
     assert before[-1] == 13 and before[0] == tok.vocab["\u2581You"]
-    assert L.official_query("USER: <image>\nthe red dog ASSISTANT:") == "the red dog"
-    assert L.official_query("<image>\nthe red dog") == "the red dog"
+    assert LO.official_query("USER: <image>\nthe red dog ASSISTANT:") == "the red dog"
+    assert LO.official_query("<image>\nthe red dog") == "the red dog"
 
 
 def test_official_presets_parse(byte_ckpt):
@@ -576,8 +580,8 @@ def test_no_attention_carried_over_between_samples(byte_model):
     model, processor, *_ = byte_model
 
     def maps(image, text):
-        inputs = L.prompt_inputs(processor, image, text)
-        return L.capture_image_maps(
+        inputs = LH.prompt_inputs(processor, image, text)
+        return LM.capture_image_maps(
             model, inputs, hooks.image_positions(inputs["input_ids"], model.config.image_token_id)
         )
 
@@ -611,7 +615,7 @@ def test_discovery_killed_midway_resumes_from_the_partial_file(byte_model, tmp_p
     _, whole, _ = H.discover_for_task(model, processor, "tiny_rec", **kw)
 
     monkeypatch.setenv("LMMS_PLUGINS_CACHE", str(tmp_path / "killed"))
-    real = L.capture_image_maps
+    real = LH.capture_image_maps
     calls = {"n": 0}
 
     def dies_on_third(*a, **k):
@@ -620,7 +624,7 @@ def test_discovery_killed_midway_resumes_from_the_partial_file(byte_model, tmp_p
             raise KeyboardInterrupt("killed")
         return real(*a, **k)
 
-    monkeypatch.setattr(L, "capture_image_maps", dies_on_third)
+    monkeypatch.setattr(LH, "capture_image_maps", dies_on_third)  # the name discover_heads calls
     with pytest.raises(KeyboardInterrupt):
         H.discover_for_task(model, processor, "tiny_rec", **kw)
     partial = list((tmp_path / "killed" / "heads").glob("*.partial.json"))

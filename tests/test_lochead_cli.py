@@ -55,7 +55,7 @@ def test_heads_auto_discovers_caches_and_answers_through_the_chat_path(byte_ckpt
 
 
 def test_heads_file_through_the_simple_path(byte_ckpt, tmp_path):
-    from methods.lochead import write_heads_file
+    from methods.lochead_heads import write_heads_file
 
     heads = tmp_path / "heads.json"
     write_heads_file(
@@ -136,7 +136,7 @@ def test_preset_official_v2_through_the_chat_path(byte_ckpt, tmp_path):
 
 def test_pad_to_square_through_the_cli(byte_ckpt, tmp_path):
     """pad_to_square=true (the base wrapper's option): the processor gets squares, the box comes back in original fractions."""
-    from methods.lochead import write_heads_file
+    from methods.lochead_heads import write_heads_file
 
     heads = tmp_path / "heads.json"
     write_heads_file(

@@ -16,6 +16,8 @@ from test_qwen import PIXELS, build_tiny_qwen
 from lmms_eval_plugins import testing
 from methods import hooks
 from methods import lochead as L
+from methods import lochead_heads as LH
+from methods import lochead_maps as LM
 from methods.geometry import image_geometry
 
 TEXT = "Please provide the bounding box coordinate of the region this sentence describes: the red square"
@@ -46,7 +48,7 @@ def _load(ckpt, eager=False):
 
 def _discover(model, processor, block="base", selection="ours"):
     seen = []
-    result = L.discover_heads(
+    result = LH.discover_heads(
         model,
         processor,
         SAMPLES,
@@ -61,7 +63,7 @@ def _discover(model, processor, block="base", selection="ours"):
 def _eager_maps(model, processor, image, block):
     """The last prompt token's attention over the block's cells from a stock eager forward (no hooks)."""
     family = model.config.model_type
-    inputs = L.prompt_inputs(processor, image, TEXT, "task", family)
+    inputs = LH.prompt_inputs(processor, image, TEXT, "task", family)
     thw = {"image_grid_thw": inputs["image_grid_thw"]} if "image_grid_thw" in inputs else {}
     b = image_geometry(model.config, processor, image.size, inputs["input_ids"], thw).block(block)
     with torch.no_grad():
@@ -70,9 +72,9 @@ def _eager_maps(model, processor, image, block):
 
 
 def _ranking_from(maps_and_grids, num_layers, num_heads):
-    ref = L.DiscoveryResult(num_layers, num_heads)
+    ref = LH.DiscoveryResult(num_layers, num_heads)
     for maps, grid in maps_and_grids:
-        selected, s_img, candidates, entropy = L.select_sample_heads(maps, grid, 4, 8)
+        selected, s_img, candidates, entropy = LM.select_sample_heads(maps, grid, 4, 8)
         ref.add(selected, s_img, entropy, len(candidates))
     return ref.ranked()
 
@@ -86,7 +88,7 @@ def _check_against_eager(ckpt, block="base"):
     for (maps, grid), (ref, ref_grid) in zip(seen, reference):
         assert grid == ref_grid and maps.shape[-1] == grid[0] * grid[1]
         torch.testing.assert_close(maps, ref, rtol=1e-4, atol=1e-5)
-    geo = L.model_geometry(model)
+    geo = LH.model_geometry(model)
     assert result.ranked() == _ranking_from(reference, geo["num_layers"], geo["num_heads"])
     return seen
 
@@ -97,7 +99,7 @@ def test_qwen_discovery_reads_the_merged_grid_and_matches_an_eager_forward(qwen_
     seen = _check_against_eager(qwen_ckpt)
     config, processor = AutoConfig.from_pretrained(qwen_ckpt), AutoProcessor.from_pretrained(qwen_ckpt)
     for (image, _), (_maps, grid) in zip(SAMPLES, seen):
-        inputs = L.prompt_inputs(processor, image, TEXT, "task", "qwen2_5_vl")
+        inputs = LH.prompt_inputs(processor, image, TEXT, "task", "qwen2_5_vl")
         merge = config.vision_config.spatial_merge_size
         thw = inputs["image_grid_thw"][0]
         assert grid == (int(thw[1]) // merge, int(thw[2]) // merge)

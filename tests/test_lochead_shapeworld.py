@@ -8,6 +8,7 @@ from conftest import load
 from lmms_eval_plugins.shapeworld import checkpoint_path
 from methods import hooks
 from methods import lochead as L
+from methods import lochead_heads as LH
 from methods.technique import Request
 
 pytestmark = pytest.mark.skipif(
@@ -34,13 +35,13 @@ def shapeworld():
     model, processor = load(checkpoint_path())
     hooks.install(model)
     calib = _train_samples(40, seed=0)
-    result = L.discover_heads(model, processor, [(im, t) for im, t, _ in calib])
+    result = LH.discover_heads(model, processor, [(im, t) for im, t, _ in calib])
     return model, processor, calib, result
 
 
 def test_discovery_is_deterministic(shapeworld):
     model, processor, calib, result = shapeworld
-    again = L.discover_heads(model, processor, [(im, t) for im, t, _ in calib])
+    again = LH.discover_heads(model, processor, [(im, t) for im, t, _ in calib])
     assert again.ranked() == result.ranked()
     assert result.n_samples == 40 and result.ranked()[0]["frequency"] > 0.5
 
@@ -58,7 +59,7 @@ def test_selected_heads_beat_all_head_averaging_on_held_out_train_docs(shapeworl
     hits = {"top3": 0, "all": 0}
     techniques = {"top3": L.LocHead(top, top_k=3), "all": L.LocHead("all")}
     for image, text, doc in held_out:
-        inputs = L.prompt_inputs(processor, image, text)
+        inputs = LH.prompt_inputs(processor, image, text)
         req = Request(
             inputs["input_ids"], model.config.image_token_id, inputs["input_ids"].shape[1], [image], text, processor
         )

@@ -4,7 +4,7 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
-from methods import lochead as L
+from methods.geometry import processor_geometry
 from methods.technique import SquarePad, mean_colour, pad_to_square
 
 
@@ -52,7 +52,7 @@ def test_boxes_map_back_through_pad_and_processor(size):
         (xs.max().item() + 1) / side,
         (ys.max().item() + 1) / side,
     ]
-    geo = L.processor_geometry(ip, square.size).after_pad(pad)
+    geo = processor_geometry(ip, square.size).after_pad(pad)
     truth = [box[0] / w, box[1] / h, box[2] / w, box[3] / h]
     tol = 1.5 / side * pad.side / min(w, h)
     assert geo.to_original(detected) == pytest.approx(truth, abs=tol)

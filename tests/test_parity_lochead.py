@@ -24,7 +24,7 @@ import torch
 from PIL import Image
 
 from lmms_eval_plugins.testing import assert_ranked_alike, load_parity_script
-from methods import hooks, lochead
+from methods import hooks, lochead, lochead_heads, lochead_maps, lochead_official
 from methods.technique import Request
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -73,14 +73,14 @@ def captured(model, tiny, fixtures):
         ids = tiny.hf_ids(s["before"], s["after"])
         pos = hooks.image_positions(ids, tiny.IMAGE_TOKEN_ID)
         assert int(pos[0]) == s["begin_pos_vis"]
-        out.append(lochead.capture_image_maps(model, {"input_ids": ids, "pixel_values": pixels[i : i + 1]}, pos))
+        out.append(lochead_maps.capture_image_maps(model, {"input_ids": ids, "pixel_values": pixels[i : i + 1]}, pos))
     return out
 
 
 def test_capture_matches_official_attention(captured, fixtures):
     fx, arrays, _ = fixtures
     for i, maps in enumerate(captured):
-        sums = np.array(lochead._head_sums(maps))
+        sums = np.array(lochead_official._head_sums(maps))
         assert np.abs(sums - arrays[f"s{i}_sums"]).max() < MAP_ATOL
         for (l, h), ref in zip(arrays[f"s{i}_shown_heads"], arrays[f"s{i}_shown_maps"]):
             assert np.abs(maps[l, h].numpy() - ref).max() < MAP_ATOL
@@ -104,7 +104,7 @@ def test_head_entropy_on_official_maps_is_exact(fixtures):
     for i in range(len(fx["samples"])):
         for (l, h), m in zip(arrays[f"s{i}_shown_heads"], arrays[f"s{i}_shown_maps"]):
             ref = arrays[f"s{i}_head_entropy"][l * 32 + h]
-            se = lochead.official_spatial_entropy(torch.from_numpy(m).reshape(GRID))[0]
+            se = lochead_official.official_spatial_entropy(torch.from_numpy(m).reshape(GRID))[0]
             if math.isfinite(ref):
                 assert abs(se - ref) < ENTROPY_ATOL
 
@@ -116,8 +116,10 @@ def test_head_ranking_matches_official(captured, fixtures):
     fx, arrays, _ = fixtures
     flips = 0
     for i, (maps, s) in enumerate(zip(captured, fx["samples"])):
-        assert lochead.official_elbow_head_index(lochead._head_sums(maps)) == s["head"]["threshold_idx"]
-        ranked = lochead.rank_heads_official(maps, GRID)
+        assert (
+            lochead_official.official_elbow_head_index(lochead_official._head_sums(maps)) == s["head"]["threshold_idx"]
+        )
+        ranked = lochead_official.rank_heads_official(maps, GRID)
         same = _agree({(r["layer"], r["head"]): r["spatial_entropy"] for r in ranked}, arrays[f"s{i}_head_entropy"])
         flips += 32 * 32 - len(same)
         # the order is compared outside near-ties of the official entropies (the values agree within
@@ -127,7 +129,7 @@ def test_head_ranking_matches_official(captured, fixtures):
         assert_ranked_alike(
             ours, [tuple(lh) for lh in s["head"]["ranking"] if tuple(lh) in same], ref_entropy, CAPTURED_ENTROPY_ATOL
         )
-        top10 = [tuple(lh) for lh in lochead.select_heads(maps, GRID, "official", per_sample=10)]
+        top10 = [tuple(lh) for lh in lochead_official.select_heads(maps, GRID, "official", per_sample=10)]
         ref10 = [tuple(t[:2]) for t in s["head"]["top10"] if t[2] is not None][:10]
         assert len(top10) == len(ref10), f"sample {i}"
         assert_ranked_alike(top10, ref10, ref_entropy, CAPTURED_ENTROPY_ATOL)
@@ -138,10 +140,10 @@ def test_v2_selection_and_box_match_official(captured, fixtures):
     """9ffe219: elbow value, 2x-mean entropy, layers 0-1 and bottom-row heads dropped; the top-5 box."""
     fx, arrays, _ = fixtures
     for i, (maps, s) in enumerate(zip(captured, fx["samples"])):
-        assert lochead.official_elbow_value(lochead._head_sums(maps)) == pytest.approx(
+        assert lochead_official.official_elbow_value(lochead_official._head_sums(maps)) == pytest.approx(
             s["v2"]["threshold_value"], abs=1e-6
         )
-        kept = lochead.rank_heads_official_v2(maps, GRID)
+        kept = lochead_official.rank_heads_official_v2(maps, GRID)
         ref_kept = [tuple(lh) for lh in s["v2"]["kept"]]
         ref_se = dict(zip(ref_kept, arrays[f"s{i}_v2_kept_entropy"]))
         ours_se = {(r["layer"], r["head"]): r["spatial_entropy"] for r in kept}
@@ -152,13 +154,13 @@ def test_v2_selection_and_box_match_official(captured, fixtures):
         assert all(b >= a - 2 * CAPTURED_ENTROPY_ATOL for a, b in zip(along, along[1:]))
         top = [(r["layer"], r["head"]) for r in kept[: fx["v2_top_k"]]]
         assert [list(lh) for lh in top] == s["v2"]["top"]
-        combined = lochead.combine_head_maps(torch.stack([maps[l, h].reshape(GRID) for l, h in top]), 1.0)
+        combined = lochead_maps.combine_head_maps(torch.stack([maps[l, h].reshape(GRID) for l, h in top]), 1.0)
         assert np.abs(combined.numpy() - arrays[f"s{i}_v2_combined"]).max() < MAP_ATOL
         mask = ["".join("1" if v else "0" for v in row) for row in (combined > combined.mean()).tolist()]
         assert mask == s["v2"]["mask"]
-        grid_box = lochead.official_box_grid(combined)
+        grid_box = lochead_official.official_box_grid(combined)
         assert list(grid_box) == s["v2"]["bbox_grid"]
-        assert list(lochead.official_box_pixels(grid_box, s["image_size"], 24)) == s["v2"]["bbox_img"]
+        assert list(lochead_official.official_box_pixels(grid_box, s["image_size"], 24)) == s["v2"]["bbox_img"]
 
 
 def test_preset_official_v2_answers_the_official_box(model, tiny, fixtures):
@@ -190,15 +192,15 @@ def test_entropy_and_box_on_synthetic_maps(fixtures, name):
     ref = fx["synthetic"][name]
     grid = torch.from_numpy(arrays[f"syn_{name}"])
     for version, factor in (("head", 1.0), ("v2", 2.0)):
-        se, _, n = lochead.official_spatial_entropy(grid, factor)
+        se, _, n = lochead_official.official_spatial_entropy(grid, factor)
         expected = ref[version]["entropy"]
         assert (se if math.isfinite(se) else None) == (
             pytest.approx(expected, abs=ENTROPY_ATOL) if expected is not None else None
         )
         assert n == ref[version]["num_components"]
-    grid_box = lochead.official_box_grid(lochead.combine_head_maps(grid[None], 1.0))
+    grid_box = lochead_official.official_box_grid(lochead_maps.combine_head_maps(grid[None], 1.0))
     assert list(grid_box) == ref["v2"]["bbox_grid"]
-    assert list(lochead.official_box_pixels(grid_box, (640, 480), 24)) == ref["v2"]["bbox_img"]
+    assert list(lochead_official.official_box_pixels(grid_box, (640, 480), 24)) == ref["v2"]["bbox_img"]
 
 
 def test_elbows(fixtures):
@@ -207,19 +209,24 @@ def test_elbows(fixtures):
     fx, _, _ = fixtures
     for name, ref in fx["elbow"].items():
         values = ref["values"]
-        idx = lochead.official_elbow_head_index(values)
+        idx = lochead_official.official_elbow_head_index(values)
         assert idx == ref["head_index"] or values[idx] == values[ref["head_index"]], name
-        assert lochead.official_elbow_value(values) == ref["v2_value"]
+        assert lochead_official.official_elbow_value(values) == ref["v2_value"]
 
 
 def test_frequency_ranking_over_official_top10(captured, fixtures):
     """Neither official version ranks by selection frequency (the paper's step); ours over HEAD's top-10s."""
     fx, _, _ = fixtures
-    result = lochead.DiscoveryResult(num_layers=32, num_heads=32)
+    result = lochead_heads.DiscoveryResult(num_layers=32, num_heads=32)
     for maps, _sample in zip(captured, fx["samples"]):
-        ranked = lochead.rank_heads_official(maps, GRID)
+        ranked = lochead_official.rank_heads_official(maps, GRID)
         entropy = {(r["layer"], r["head"]): r["spatial_entropy"] for r in ranked}
-        result.add(lochead.select_heads(maps, GRID, "official", 10), lochead.image_attention_sum(maps), entropy, 0)
+        result.add(
+            lochead_official.select_heads(maps, GRID, "official", 10),
+            lochead_maps.image_attention_sum(maps),
+            entropy,
+            0,
+        )
     counts = {}
     for s in fx["samples"]:
         for l, h, e in s["head"]["top10"]:
@@ -244,13 +251,13 @@ def test_whole_analyses_on_synthetic_stacks(fixtures, name):
     ref = fx["synthetic_stacks"][name]
     stack = torch.from_numpy(arrays[f"stack_{name}"])
     fin = lambda e: e if math.isfinite(e) else None  # noqa: E731
-    kept = lochead.rank_heads_official_v2(stack, GRID)
+    kept = lochead_official.rank_heads_official_v2(stack, GRID)
     assert [[r["layer"], r["head"]] for r in kept] == [k[:2] for k in ref["v2_kept"]]
     for r, k in zip(kept, ref["v2_kept"]):
         assert (fin(r["spatial_entropy"]) is None) == (k[2] is None)
         if k[2] is not None:
             assert r["spatial_entropy"] == pytest.approx(k[2], abs=ENTROPY_ATOL)
-    ranked = lochead.rank_heads_official(stack, GRID)
+    ranked = lochead_official.rank_heads_official(stack, GRID)
     assert [[r["layer"], r["head"]] for r in ranked] == [k[:2] for k in ref["head_ranking"]]
     for r, k in zip(ranked, ref["head_ranking"]):
         assert (fin(r["spatial_entropy"]) is None) == (k[2] is None)

@@ -33,7 +33,7 @@ import torch
 from PIL import Image
 
 from lmms_eval_plugins.testing import assert_ranked_alike, load_parity_script
-from methods import lochead, pm
+from methods import lochead_maps, lochead_official, pm, pm_magnify, pm_search
 
 ROOT = Path(__file__).resolve().parents[1]
 FIX = ROOT / "tests" / "fixtures" / "official" / "regimes"
@@ -110,8 +110,10 @@ def test_v2_selection_and_box_on_planted_maps(fx, arrays, stacks, name):
     s = next(x for x in fx["lochead"]["samples"] if x["name"] == name)
     stack = stacks[name]
     ref = s["v2"]
-    assert lochead.official_elbow_value(lochead._head_sums(stack)) == pytest.approx(ref["threshold_value"], abs=1e-7)
-    kept = lochead.rank_heads_official_v2(stack, GRID)
+    assert lochead_official.official_elbow_value(lochead_official._head_sums(stack)) == pytest.approx(
+        ref["threshold_value"], abs=1e-7
+    )
+    kept = lochead_official.rank_heads_official_v2(stack, GRID)
     ref_kept = {(k[0], k[1]): k[2] for k in ref["kept"]}
     assert {(r["layer"], r["head"]) for r in kept} == set(ref_kept), "kept heads"
     for r in kept:
@@ -123,14 +125,14 @@ def test_v2_selection_and_box_on_planted_maps(fx, arrays, stacks, name):
     )
     top = [(r["layer"], r["head"]) for r in kept[: fx["lochead"]["v2_top_k"]]]
     assert [list(lh) for lh in top] == ref["top"]
-    combined = lochead.combine_head_maps(torch.stack([stack[l, h].reshape(GRID) for l, h in top]), 1.0)
+    combined = lochead_maps.combine_head_maps(torch.stack([stack[l, h].reshape(GRID) for l, h in top]), 1.0)
     np.testing.assert_allclose(combined.numpy(), arrays[f"lh/{name}/v2_combined"], atol=MAP_ATOL, rtol=0)
     assert ref["mean_margin"] > 2 * MAP_ATOL, "a cell at the mean: the mask would be CPU-dependent"
     mask = ["".join("1" if v else "0" for v in row) for row in (combined > combined.mean()).tolist()]
     assert mask == ref["mask"]
-    box = lochead.official_box_grid(combined)
+    box = lochead_official.official_box_grid(combined)
     assert list(box) == ref["bbox_grid"]
-    assert list(lochead.official_box_pixels(box, tuple(s["image_size"]), 24)) == ref["bbox_img"]
+    assert list(lochead_official.official_box_pixels(box, tuple(s["image_size"]), 24)) == ref["bbox_img"]
 
 
 @pytest.mark.parametrize("name", LOCHEAD_NAMES)
@@ -138,8 +140,8 @@ def test_head_ranking_on_planted_maps(fx, arrays, stacks, name):
     """HEAD analyze_attention_file against ours (official_elbow_head_index, rank_heads_official, select_heads)."""
     s = next(x for x in fx["lochead"]["samples"] if x["name"] == name)
     stack = stacks[name]
-    assert lochead.official_elbow_head_index(lochead._head_sums(stack)) == s["head"]["threshold_idx"]
-    ranked = lochead.rank_heads_official(stack, GRID)
+    assert lochead_official.official_elbow_head_index(lochead_official._head_sums(stack)) == s["head"]["threshold_idx"]
+    ranked = lochead_official.rank_heads_official(stack, GRID)
     ref_e = arrays[f"lh/{name}/head_entropy"]
     ours_e = np.full(32 * 32, np.nan)
     for r in ranked:
@@ -151,7 +153,7 @@ def test_head_ranking_on_planted_maps(fx, arrays, stacks, name):
     assert_ranked_alike(
         [(r["layer"], r["head"]) for r in ranked], [tuple(lh) for lh in s["head"]["ranking"]], value, ENTROPY_ATOL
     )
-    top10 = [tuple(lh) for lh in lochead.select_heads(stack, GRID, "official", per_sample=10)]
+    top10 = [tuple(lh) for lh in lochead_official.select_heads(stack, GRID, "official", per_sample=10)]
     ref10 = [tuple(t[:2]) for t in s["head"]["top10"] if t[2] is not None]
     assert_ranked_alike(top10, ref10, value, ENTROPY_ATOL)
 
@@ -200,7 +202,7 @@ def _case(fx, name):
     return c, spec, fx["pm"]["settings"][spec["settings"]]
 
 
-def _check_search(search: pm.Search, c: dict, arrays, name: str, exact_maps: bool) -> None:
+def _check_search(search: pm_search.Search, c: dict, arrays, name: str, exact_maps: bool) -> None:
     p = f"pm/{name}/"
     assert search.iterations == c["passes"], "the stopping pass"
     assert len(search.raw) == c["passes"] + 1
@@ -216,13 +218,13 @@ def _check_search(search: pm.Search, c: dict, arrays, name: str, exact_maps: boo
     np.testing.assert_array_equal(search.h_star.astype(np.float32).ravel(), arrays[f"{p}h_star"].ravel())
 
 
-def _check_magnification(t: pm.PerceptionMagnifier, search: pm.Search, arrays, name: str) -> None:
+def _check_magnification(t: pm.PerceptionMagnifier, search: pm_search.Search, arrays, name: str) -> None:
     p = f"pm/{name}/"
     view = Image.fromarray(R.pm_image(), "RGB")
     grid_map, density, image = t.perceive(search, view, GRID)
     np.testing.assert_allclose(grid_map, arrays[f"{p}enhanced"], atol=1e-6, rtol=0)
     np.testing.assert_array_equal(
-        pm.official_quantise(torch.from_numpy(arrays[f"{p}enhanced"])), arrays[f"{p}grid_uint8"]
+        pm_magnify.official_quantise(torch.from_numpy(arrays[f"{p}enhanced"])), arrays[f"{p}grid_uint8"]
     )
     np.testing.assert_array_equal(density, arrays[f"{p}upsampled"])
     np.testing.assert_array_equal(np.asarray(image), arrays[f"{p}magnified"])
@@ -243,12 +245,12 @@ def test_pm_search_on_official_maps(fx, arrays, name):
         assert asked[-1] == c["blocked"][i], f"pass {i + 1}: ours blocks other tokens than the official loop"
         return arrays[f"{p}map{i + 1}"]
 
-    search = pm.refine(
+    search = pm_search.refine(
         arrays[f"{p}map0"], forward_blocked, t.divisor, t.params["beta"], t.params["max_iter"], official=True
     )
     _check_search(search, c, arrays, name, exact_maps=True)
     for i, h in enumerate(c["highlight"]):  # the 2-means of each pass, on the official current map
-        assert np.flatnonzero(pm.official_two_means(arrays[f"{p}map{i}"] / t.divisor)).tolist() == h, (
+        assert np.flatnonzero(pm_search.official_two_means(arrays[f"{p}map{i}"] / t.divisor)).tolist() == h, (
             f"pass {i} highlight"
         )
     _check_magnification(t, search, arrays, name)
@@ -266,7 +268,7 @@ def test_pm_end_to_end_on_the_scripted_model(fx, arrays, name):
     def layer_map(blocked=None):
         return t.layer_map(torch.from_numpy(model.image_attention(blocked))[t.layers.start : t.layers.stop])
 
-    search = pm.refine(layer_map(), layer_map, t.divisor, t.params["beta"], t.params["max_iter"], official=True)
+    search = pm_search.refine(layer_map(), layer_map, t.divisor, t.params["beta"], t.params["max_iter"], official=True)
     _check_search(search, c, arrays, name, exact_maps=False)
     _check_magnification(t, search, arrays, name)
 

@@ -25,7 +25,7 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parents[1]))
 import tiny_llava15 as tiny  # noqa: E402
 
-from methods import hooks, lochead  # noqa: E402
+from methods import hooks, lochead_maps, lochead_official  # noqa: E402
 
 GRID = (24, 24)
 
@@ -49,20 +49,22 @@ def main():
     for i, s in enumerate(fx["samples"]):
         with open(Path(a.scratch) / f"sample{i}.pkl", "rb") as f:
             ref = pickle.load(f)[:, :, 0].float()
-        head = lochead.rank_heads_official(ref, GRID)
+        head = lochead_official.rank_heads_official(ref, GRID)
         m["on_official_maps"]["head_ranking_equal"] += [[r["layer"], r["head"]] for r in head] == s["head"]["ranking"]
-        kept = lochead.rank_heads_official_v2(ref, GRID)
+        kept = lochead_official.rank_heads_official_v2(ref, GRID)
         m["on_official_maps"]["v2_kept_equal"] += [[r["layer"], r["head"]] for r in kept] == s["v2"]["kept"]
         top = [(r["layer"], r["head"]) for r in kept[:5]]
-        box = lochead.official_box_grid(
-            lochead.combine_head_maps(torch.stack([ref[l, h].reshape(GRID) for l, h in top]), 1.0)
+        box = lochead_official.official_box_grid(
+            lochead_maps.combine_head_maps(torch.stack([ref[l, h].reshape(GRID) for l, h in top]), 1.0)
         )
         m["on_official_maps"]["v2_box_equal"] += list(box) == s["v2"]["bbox_grid"]
         ids = tiny.hf_ids(s["before"], s["after"])
         pos = hooks.image_positions(ids, tiny.IMAGE_TOKEN_ID)
-        ours = lochead.capture_image_maps(model, {"input_ids": ids, "pixel_values": pixels[i : i + 1]}, pos)
+        ours = lochead_maps.capture_image_maps(model, {"input_ids": ids, "pixel_values": pixels[i : i + 1]}, pos)
         m["capture"]["max_abs_diff"] = max(m["capture"]["max_abs_diff"], float((ours - ref).abs().max()))
-        e_ours = {(r["layer"], r["head"]): r["spatial_entropy"] for r in lochead.rank_heads_official(ours, GRID)}
+        e_ours = {
+            (r["layer"], r["head"]): r["spatial_entropy"] for r in lochead_official.rank_heads_official(ours, GRID)
+        }
         for r in head:
             e, o = r["spatial_entropy"], e_ours[(r["layer"], r["head"])]
             if math.isfinite(e) != math.isfinite(o) or (math.isfinite(e) and abs(e - o) > 2e-5):

@@ -122,7 +122,8 @@ def load(pretrained: str, args):
 
 
 def run(args) -> int:
-    from methods import hooks, lochead
+    from methods import hooks, lochead_heads
+    from methods.technique import RequestError
 
     from ..base import resolve_pretrained
     from ..heads import DiscoveryError, discover_for_task
@@ -164,7 +165,7 @@ def run(args) -> int:
             model_name=args.pretrained,  # "shapeworld-tiny", not the directory it resolves to
             block=args.block,
         )
-    except (DiscoveryError, lochead.HeadsFileError, lochead.RequestError) as e:
+    except (DiscoveryError, lochead_heads.HeadsFileError, RequestError) as e:
         print(f"error: {e}")
         return 2
     print(("cached result: " if result is None else "heads file: ") + str(path))

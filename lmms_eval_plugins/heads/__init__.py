@@ -1,6 +1,6 @@
 """Localization-heads files shipped with the package, and head discovery over an lmms-eval task.
 
-Heads files are JSON (``methods.lochead.write_heads_file``): model id, the model's
+Heads files are JSON (``methods.lochead_heads.write_heads_file``): model id, the model's
 layers x heads, where the heads came from, and the ranked heads (layer, head, 0-based,
 with their selection frequency). ``<model basename>.json`` in this directory is what
 ``heads=shipped`` loads. Discovery reads any lmms-eval task's split through lmms-eval's
@@ -16,7 +16,10 @@ import os
 import random
 from pathlib import Path
 
-from methods import lochead
+from methods import lochead_heads
+from methods.geometry import processor_geometry
+from methods.lochead import Located
+from methods.lochead_maps import box_from_grid, combine_head_maps, knee_index
 from methods.lochead_visuals import render_curve, render_located
 
 HEADS_DIR = Path(__file__).resolve().parent
@@ -95,7 +98,7 @@ def task_samples(task_obj, split: str, n: int, seed: int, repeats: int = 1) -> l
 def _fingerprint(model) -> str:
     """Model id, config and a few weights: a retrained checkpoint under the same name gets a new cache entry."""
     h = hashlib.sha256()
-    h.update(lochead.model_id(model).encode())
+    h.update(lochead_heads.model_id(model).encode())
     h.update(model.config.to_json_string(use_diff=False).encode())
     for name, p in sorted(model.named_parameters())[:: max(1, len(list(model.parameters())) // 16)]:
         h.update(name.encode())
@@ -136,7 +139,7 @@ def cache_path(
     if image:  # non-LLaVA-1.5 families only: LLaVA-1.5's keys stay as they were
         key = json.dumps([json.loads(key), image], sort_keys=True)
     digest = hashlib.sha256(key.encode()).hexdigest()[:12]
-    name = Path(lochead.model_id(model).rstrip("/")).name
+    name = Path(lochead_heads.model_id(model).rstrip("/")).name
     return cache_dir() / f"{name}-{task}-{split}-n{n}-s{seed}-{digest}.json"
 
 
@@ -162,7 +165,7 @@ def discover_for_task(
     progress: bool = True,
     model_name: str | None = None,
     block: str = "base",
-) -> tuple[Path, dict, lochead.DiscoveryResult | None]:
+) -> tuple[Path, dict, lochead_heads.DiscoveryResult | None]:
     """Discover the localization heads of ``model`` on ``task``; returns (heads file, its contents, result).
 
     A cached result for the same model, task, split, n, seed and settings is reused
@@ -185,7 +188,7 @@ def discover_for_task(
     partial = cached.with_name(cached.stem + ".partial.json")
     result = None
     if use_cache and cached.is_file():
-        doc = lochead.read_heads_file(cached)
+        doc = lochead_heads.read_heads_file(cached)
     else:
         samples = task_samples(task_obj, split, n, seed, repeats)
         bar = None
@@ -195,7 +198,7 @@ def discover_for_task(
             bar = tqdm(total=len(samples), desc=f"discover-heads {task}/{split}")
         visuals = _visual_writer(save_visuals, max_visuals, processor, not image) if save_visuals else None
         resumed = (
-            lochead.DiscoveryResult.from_state(json.loads(partial.read_text()))
+            lochead_heads.DiscoveryResult.from_state(json.loads(partial.read_text()))
             if use_cache and partial.is_file()
             else None
         )
@@ -210,8 +213,8 @@ def discover_for_task(
 
         state_of = {}
         try:
-            state_of["result"] = resumed or lochead.DiscoveryResult(**lochead.model_geometry(model))
-            result = lochead.discover_heads(
+            state_of["result"] = resumed or lochead_heads.DiscoveryResult(**lochead_heads.model_geometry(model))
+            result = lochead_heads.discover_heads(
                 model,
                 processor,
                 samples,
@@ -238,10 +241,10 @@ def discover_for_task(
             f"discovered by `lmms-plugins discover-heads` on {task}/{split}: {result.n_samples} samples "
             f"(n={n} x repeats={repeats}, seeds {seed}..{seed + repeats - 1}), {rule}, prompt={prompt}, ranked by selection frequency"
         )
-        doc = lochead.write_heads_file(
+        doc = lochead_heads.write_heads_file(
             cached,
             result.ranked(),
-            model_id=model_name or lochead.model_id(model),
+            model_id=model_name or lochead_heads.model_id(model),
             num_layers=result.num_layers,
             num_heads=result.num_heads,
             source=source,
@@ -266,7 +269,7 @@ def discover_for_task(
     return cached, doc, result
 
 
-def _write_partial(path: Path, result: lochead.DiscoveryResult) -> None:
+def _write_partial(path: Path, result: lochead_heads.DiscoveryResult) -> None:
     """Atomically save the counts so far (a killed discovery resumes from them)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
@@ -284,23 +287,19 @@ def _visual_writer(directory, max_visuals: int, processor, head_boxes: bool = Tr
             return
         flat = s_img.flatten()
         values = flat.sort(descending=True).values.tolist()
-        render_curve(values, lochead.knee_index(values), title=f"sample {i}: S_img").save(
-            out / f"sample{i:03d}_s_img.png"
-        )
+        render_curve(values, knee_index(values), title=f"sample {i}: S_img").save(out / f"sample{i:03d}_s_img.png")
         if selected and head_boxes:  # the square grid's box drawn through the processor's geometry (LLaVA-1.5)
             head_maps = maps[[l for l, _ in selected], [h for _, h in selected]].reshape(-1, *grid)
-            combined = lochead.combine_head_maps(head_maps[:3])
-            box = lochead.box_from_grid(combined)
-            geometry = lochead.processor_geometry(getattr(processor, "image_processor", processor), image.size)
-            located = lochead.Located(geometry.to_original(box), box, list(selected), head_maps, combined, geometry)
+            combined = combine_head_maps(head_maps[:3])
+            box = box_from_grid(combined)
+            geometry = processor_geometry(getattr(processor, "image_processor", processor), image.size)
+            located = Located(geometry.to_original(box), box, list(selected), head_maps, combined, geometry)
             render_located(image, located).save(out / f"sample{i:03d}_heads.png")
 
     return write
 
 
-def _save_mean_curve(result: lochead.DiscoveryResult, directory) -> None:
+def _save_mean_curve(result: lochead_heads.DiscoveryResult, directory) -> None:
     mean = (result.s_img_sum / max(result.n_samples, 1)).flatten()
     values = mean.sort(descending=True).values.tolist()
-    render_curve(values, lochead.knee_index(values), title="mean S_img over samples").save(
-        Path(directory) / "s_img_curve.png"
-    )
+    render_curve(values, knee_index(values), title="mean S_img over samples").save(Path(directory) / "s_img_curve.png")

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from methods import lochead
+from methods import lochead, lochead_heads, lochead_maps, lochead_official
 from methods.lochead import DEFAULTS, LocHead
 
 from ..base import TechniqueSpec, wrapper_classes
@@ -32,7 +32,7 @@ PARAMS = (
         str,
         DEFAULTS["box_mode"],
         "box of the largest component, or min/max box of all cells above the mean",
-        choices=lochead.BOX_MODES,
+        choices=lochead_maps.BOX_MODES,
     ),
     Param("connectivity", int, DEFAULTS["connectivity"], "connected components: 4- or 8-neighbourhood", choices=(4, 8)),
     Param("decimals", int, DEFAULTS["decimals"], "decimals of the box coordinates in the answer", low=1, high=6),
@@ -41,7 +41,7 @@ PARAMS = (
         str,
         DEFAULTS["selection"],
         "head selection: ours | official (8ce33b0) | official_v2 (9ffe219); see docs/lochead.md",
-        choices=lochead.SELECTIONS,
+        choices=lochead_official.SELECTIONS,
     ),
     Param(
         "box_scaling",
@@ -101,7 +101,7 @@ def discover(p: dict, model, processor) -> list[tuple[int, int]]:
         max_visuals=p["max_visuals"],
         block=p["block"],
     )
-    return lochead.load_heads(path, model)
+    return lochead_heads.load_heads(path, model)
 
 
 def resolve_heads(p: dict, model):
@@ -110,11 +110,11 @@ def resolve_heads(p: dict, model):
     from ..heads import shipped_heads, shipped_heads_path
 
     choice = p["heads"]
-    geo = lochead.model_geometry(model)
+    geo = lochead_heads.model_geometry(model)
     if choice in ("all", "self"):
         return choice
     if choice == "random":
-        return lochead.random_heads(geo["num_layers"], geo["num_heads"], p["top_k"], p["random_seed"])
+        return lochead_heads.random_heads(geo["num_layers"], geo["num_heads"], p["top_k"], p["random_seed"])
     if choice == "auto":
         if not p["discover_task"]:
             raise ModelArgsError(
@@ -126,22 +126,22 @@ def resolve_heads(p: dict, model):
             return lambda processor: discover(p, model, processor)
         from transformers import AutoProcessor
 
-        return discover(p, model, AutoProcessor.from_pretrained(lochead.model_id(model)))
+        return discover(p, model, AutoProcessor.from_pretrained(lochead_heads.model_id(model)))
     if choice == "shipped":
-        path = shipped_heads_path(lochead.model_id(model))
+        path = shipped_heads_path(lochead_heads.model_id(model))
         if not path.is_file():
             raise ModelArgsError(
-                f"no shipped heads file for {lochead.model_id(model)!r} (shipped: {', '.join(shipped_heads())}); "
+                f"no shipped heads file for {lochead_heads.model_id(model)!r} (shipped: {', '.join(shipped_heads())}); "
                 "use heads=auto with discover_task=..., heads=<path.json> from `lmms-plugins discover-heads`, or heads=all"
             )
-        if lochead.read_heads_file(path).get("provenance", {}).get("official") is False:
+        if lochead_heads.read_heads_file(path).get("provenance", {}).get("official") is False:
             from loguru import logger
 
             logger.warning(
                 f"heads=shipped: {path.name} holds a third-party fork's hand-set heads, not the paper's (see its 'source')"
             )
-        return lochead.load_heads(path, model, check_model_id=p["check_model_id"])
-    return lochead.load_heads(choice, model, check_model_id=p["check_model_id"])
+        return lochead_heads.load_heads(path, model, check_model_id=p["check_model_id"])
+    return lochead_heads.load_heads(choice, model, check_model_id=p["check_model_id"])
 
 
 def build(p: dict, model) -> LocHead:
@@ -206,7 +206,7 @@ def bench_cases(ctx) -> dict:
 
     Compare with ``--new-tokens 25``: "[0.12, 0.34, 0.56, 0.78]" is about 25 LLaMA tokens.
     """
-    geo = lochead.model_geometry(ctx.model)
+    geo = lochead_heads.model_geometry(ctx.model)
     n_layers, n_heads = geo["num_layers"], geo["num_heads"]
     like_7b = min(n_layers - 1, round(14 * n_layers / 32))  # the 7B heads sit in layer 14 of 32
     cases = {
