@@ -39,8 +39,8 @@ def main(argv=None) -> dict:
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
     from lmms_eval_plugins.testing import llava15_shaped
-    from methods import viral
-    from methods.viral_train import LM_TARGETS
+    from methods import viral, viral_teachers
+    from methods.viral_setup import LM_TARGETS
 
     torch.manual_seed(0)
     ckpt = llava15_shaped(tempfile.mkdtemp(), text_layers=args.layers)
@@ -64,7 +64,7 @@ def main(argv=None) -> dict:
     d = model.config.text_config.hidden_size
     n_grid = viral.grid_count(model)
     layer = max(1, args.layers // 2)  # the paper's 16 of 32
-    self_teacher = viral.EncoderTeacher(model)
+    self_teacher = viral_teachers.EncoderTeacher(model)
     ip = processor.image_processor
     variants = {
         "lm": dict(projector=None, targets=lambda: None, weight=0.0),
@@ -75,7 +75,7 @@ def main(argv=None) -> dict:
         ),
         "self": dict(
             projector=viral.VraProjector(d, self_teacher.dim, 2048),
-            targets=lambda: viral.teacher_targets(
+            targets=lambda: viral_teachers.teacher_targets(
                 self_teacher, batch["pixel_values"], ip.image_mean, ip.image_std, viral.llm_grid(model)
             ),
             weight=0.5,

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from methods import viral
+from methods import viral_teachers
 
 from .shapeworld import scenes as sw
 
@@ -80,7 +80,7 @@ def make_split(n: int, tag: str, image_size: int, grid: int, world: str = "train
     for i in range(n):
         scene = sw.scene_from_seed(sw.derive_seed("viral-teacher", tag, i), world)
         image, labels = scene.render(with_labels=True)
-        xs.append(viral.teacher_pixels([image], image_size, MEAN, STD)[0])
+        xs.append(viral_teachers.teacher_pixels([image], image_size, MEAN, STD)[0])
         ys.append(torch.from_numpy(patch_labels(scene, grid, labels)))
     return torch.stack(xs), torch.stack(ys)
 

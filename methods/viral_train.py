@@ -22,28 +22,26 @@ Output directory:
                                 resumed with ``resume=True`` (latest) or a path
 Nothing is pickled: tensors go to safetensors, everything else to JSON.
 
-Data: LLaVA's instruction format, a JSON list or JSONL of
-  {"image": "relative/path.png", "conversations": [{"from": "human", "value": "<image>\\n..."},
-                                                   {"from": "gpt", "value": "..."}, ...]}
-with ``image_folder`` as the root of the image paths. The loss is on the assistant turns only.
+Data: LLaVA-format conversation records (methods/conversation_data.py); the model, LoRA, projector,
+teacher and optimiser groups are built by methods/viral_setup.py.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import time
 import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
-from PIL import Image
 
-from . import viral
+from lmms_eval_plugins.params import Param, parse_params  # pure (no lmms-eval import): the one preset rule
 
-LM_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
+from . import viral, viral_teachers
+from .conversation_data import ConversationDataset, EpochSampler, collate, read_records
+from .viral_setup import build, layers_of, lr_lambda, official_lr_lambda, param_groups, resolve_dtype
 
 
 @dataclasses.dataclass
@@ -55,7 +53,7 @@ class TrainConfig:
     teacher: str = "self"  # a vision backbone directory, "self" (the model's own vision tower) or "none"
     teacher_image_size: int | None = None
     teacher_input: str = "image"  # "image": re-process the original image; "pixels": convert the LLaVA pixels;
-    # "official": the LLaVA pixels as they are into DINOv2 with its position table resampled (viral.OfficialTeacher)
+    # "official": the LLaVA pixels as they are into DINOv2 with its position table resampled (OfficialTeacher)
     preset: str | None = None  # "official": PRESETS["official"] fills every field the caller did not set
     explicit: tuple = ()  # fields the caller set (the CLI's given flags); without it, "not set" means "at its default"
     layer: Any = viral.DEFAULTS["layer"]  # one layer or a list (1-based over hidden_states)
@@ -133,38 +131,30 @@ PRESETS = {
 }
 
 
-def apply_preset(cfg: "TrainConfig") -> "TrainConfig":
-    """Fill every field the caller did not set (``cfg.explicit``, else: still at its dataclass default)
-    with the preset's value."""
+class _Setting(Param):
+    """A TrainConfig field as a ``parse_params`` parameter: its value is already a Python value (from
+    argparse or the caller), taken as given; model_args' string conversion would turn "none" into None."""
+
+    def parse(self, raw: Any) -> Any:
+        return raw
+
+
+def apply_preset(cfg: TrainConfig) -> TrainConfig:
+    """The settings of the run: the config's values < the preset < what the caller set, by the rule
+    every wrapper's model_args follow (``params.parse_params``). What the caller set: ``cfg.explicit``
+    (the CLI's given flags, so a flag equal to its default still wins), else every field that is not
+    at its dataclass default. The config's values, not the dataclass defaults, are the bottom layer:
+    a field set but left out of ``explicit`` keeps its value where the preset has none."""
     if not cfg.preset:
         return cfg
-    if cfg.preset not in PRESETS:
-        raise ValueError(f"preset={cfg.preset!r}: use one of {', '.join(PRESETS)}")
-    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
-
-    def unset(key):
-        return key not in cfg.explicit if cfg.explicit else getattr(cfg, key) == defaults[key]
-
-    for key, value in PRESETS[cfg.preset].items():
-        if key == "effective_batch" and not unset("grad_accum"):
-            continue  # an explicit --grad-accum wins over the preset's effective batch
-        if unset(key):
-            setattr(cfg, key, value)
-    return cfg
-
-
-def resolve_dtype(name: str) -> torch.dtype:
-    if name == "auto":
-        return torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float32
-    return getattr(torch, name)
-
-
-def layers_of(cfg) -> list[int]:
-    if isinstance(cfg.layer, (list, tuple)):
-        return [int(x) for x in cfg.layer]
-    if isinstance(cfg.layer, str):
-        return [int(x) for x in cfg.layer.split(",") if x.strip()]
-    return [int(cfg.layer)]
+    fields = [f for f in dataclasses.fields(cfg) if f.name not in ("preset", "explicit")]
+    explicit = set(cfg.explicit) or {f.name for f in fields if getattr(cfg, f.name) != f.default}
+    given = {f.name: getattr(cfg, f.name) for f in fields if f.name in explicit}
+    settings = [_Setting(f.name, object, getattr(cfg, f.name), "") for f in fields]
+    values = parse_params(settings, {**given, "preset": cfg.preset}, PRESETS, owner="viral-train")
+    if "grad_accum" in given and "effective_batch" not in given:  # an explicit grad_accum wins over the preset's
+        values["effective_batch"] = cfg.effective_batch
+    return dataclasses.replace(cfg, **values)
 
 
 def recipe(cfg) -> dict:
@@ -209,194 +199,6 @@ def recipe(cfg) -> dict:
         )
     out["reproduced_official_bugs"] = notes
     return out
-
-
-# ---------------------------------------------------------------------------------------
-# Data
-# ---------------------------------------------------------------------------------------
-
-
-def read_records(path: str) -> list[dict]:
-    p = Path(path)
-    if not p.exists():
-        raise FileNotFoundError(f"training data {p} not found (expected LLaVA-format JSON or JSONL)")
-    text = p.read_text()
-    records = (
-        json.loads(text)
-        if text.lstrip().startswith("[")
-        else [json.loads(line) for line in text.splitlines() if line.strip()]
-    )
-    for i, r in enumerate(records):
-        if "conversations" not in r:
-            raise ValueError(f"{p}: record {i} has no 'conversations' (LLaVA format: image + conversations)")
-    return records
-
-
-def _turns(conversations: list[dict]) -> list[tuple[str, str]]:
-    turns, user = [], None
-    for msg in conversations:
-        role = msg.get("from", msg.get("role"))
-        value = msg.get("value", msg.get("content", ""))
-        if role in ("human", "user"):
-            user = value
-        elif role in ("gpt", "assistant") and user is not None:
-            turns.append((user, value))
-            user = None
-    return turns
-
-
-def expand2square(image, background):
-    """LLaVA-1.5's pad-to-square (llava/mm_utils.py expand2square): the image centred on a square of
-    ``background`` (the processor's mean colour, 0-255)."""
-    w, h = image.size
-    if w == h:
-        return image
-    side = max(w, h)
-    out = Image.new(image.mode, (side, side), background)
-    out.paste(image, ((side - w) // 2, (side - h) // 2))
-    return out
-
-
-# What a processor returns per image (concatenated over the batch in ``collate``) and per token (padded).
-IMAGE_KEYS = ("pixel_values", "image_sizes", "image_grid_thw")
-TOKEN_KEYS = ("mm_token_type_ids",)
-
-
-def encode_conversation(
-    processor, image, conversations: list[dict], max_length: int, pad_to_square: bool = False
-) -> dict:
-    """input_ids, labels (assistant tokens only) and the processor's image inputs for one record
-    (``IMAGE_KEYS`` as the processor returns them for one image, ``TOKEN_KEYS`` per token)."""
-    image_token = getattr(processor, "image_token", "<image>")
-    if pad_to_square and image is not None:
-        image = expand2square(image, tuple(int(x * 255) for x in processor.image_processor.image_mean))
-    messages = []
-    for k, (user, answer) in enumerate(_turns(conversations)):
-        text = user.replace(image_token, "").strip()
-        content = ([{"type": "image"}] if k == 0 and image is not None else []) + [{"type": "text", "text": text}]
-        messages.append({"role": "user", "content": content})
-        messages.append({"role": "assistant", "content": [{"type": "text", "text": answer}]})
-    if not messages:
-        raise ValueError("a record without any (human, gpt) turn")
-    images = [image] if image is not None else None
-
-    def ids(text):
-        kw = {"images": images} if images else {}
-        return processor(text=text, return_tensors="pt", **kw)
-
-    full = ids(processor.apply_chat_template(messages, tokenize=False))
-    input_ids = full["input_ids"][0]
-    labels = torch.full_like(input_ids, -100)
-    for k in range(1, len(messages), 2):  # assistant turn k: tokens between its prompt and its end
-        start = ids(processor.apply_chat_template(messages[:k], tokenize=False, add_generation_prompt=True))[
-            "input_ids"
-        ].shape[1]
-        end = ids(processor.apply_chat_template(messages[: k + 1], tokenize=False))["input_ids"].shape[1]
-        labels[start:end] = input_ids[start:end]
-    item = {"input_ids": input_ids[:max_length], "labels": labels[:max_length]}
-    for key in TOKEN_KEYS:
-        if key in full:
-            item[key] = full[key][0][:max_length]
-    if images:
-        item.update({key: full[key] for key in IMAGE_KEYS if key in full})
-    return item
-
-
-class ConversationDataset(torch.utils.data.Dataset):
-    """LLaVA-format records, encoded lazily (and remembered) per index."""
-
-    def __init__(
-        self,
-        records: list[dict],
-        processor,
-        image_folder: str = "",
-        max_length: int = 2048,
-        pad_to_square: bool = False,
-    ):
-        self.records, self.processor, self.folder, self.max_length = (
-            records,
-            processor,
-            Path(image_folder or "."),
-            max_length,
-        )
-        self.pad_to_square = pad_to_square
-        self._cache: dict[int, dict] = {}
-
-    def __len__(self):
-        return len(self.records)
-
-    def image(self, i: int):
-        r = self.records[i]
-        if r.get("image") is None:
-            return None
-        if isinstance(r["image"], Image.Image):
-            return r["image"].convert("RGB")
-        return Image.open(self.folder / r["image"]).convert("RGB")
-
-    def __getitem__(self, i: int) -> dict:
-        if i not in self._cache:
-            self._cache[i] = encode_conversation(
-                self.processor, self.image(i), self.records[i]["conversations"], self.max_length, self.pad_to_square
-            )
-        return {**self._cache[i], "index": i}
-
-
-def collate(items: list[dict], pad_id: int) -> dict:
-    n = max(len(it["input_ids"]) for it in items)
-    batch = {
-        "input_ids": torch.full((len(items), n), pad_id, dtype=torch.long),
-        "attention_mask": torch.zeros(len(items), n, dtype=torch.long),
-        "labels": torch.full((len(items), n), -100, dtype=torch.long),
-        "index": torch.tensor([it["index"] for it in items]),
-    }
-    for key in TOKEN_KEYS:
-        if key in items[0]:
-            batch[key] = torch.zeros(len(items), n, dtype=items[0][key].dtype)
-    for b, it in enumerate(items):
-        m = len(it["input_ids"])
-        batch["input_ids"][b, :m] = it["input_ids"]
-        batch["attention_mask"][b, :m] = 1
-        batch["labels"][b, :m] = it["labels"]
-        for key in TOKEN_KEYS:
-            if key in batch:
-                batch[key][b, :m] = it[key]
-    with_image = [it for it in items if "pixel_values" in it]
-    if with_image:
-        if len(with_image) != len(items):
-            raise ValueError(
-                "mixing text-only and image samples in one batch is not supported; use batch_size 1 or separate the data"
-            )
-        for key in IMAGE_KEYS:
-            if key in items[0]:
-                batch[key] = _concat([it[key] for it in items])
-    return batch
-
-
-def _concat(tensors: list[torch.Tensor]) -> torch.Tensor:
-    """Per-image processor outputs joined along dim 0; anyres crops (B, n_crops, ...) zero-padded to the
-    largest count (the model reads each image's own crops from ``image_sizes``)."""
-    if tensors[0].ndim == 5 and len({t.shape[1] for t in tensors}) > 1:
-        most = max(t.shape[1] for t in tensors)
-        tensors = [torch.cat([t, t.new_zeros(t.shape[0], most - t.shape[1], *t.shape[2:])], dim=1) for t in tensors]
-    return torch.cat(tensors)
-
-
-class EpochSampler(torch.utils.data.Sampler):
-    """A seeded permutation per epoch: the same order after a resume. (Not named ``set_epoch``:
-    accelerate would drive that with its own iteration counter, which restarts at 0 on resume.)"""
-
-    def __init__(self, n: int, seed: int):
-        self.n, self.seed, self.epoch = n, seed, 0
-
-    def use_epoch(self, epoch: int):
-        self.epoch = epoch
-
-    def __iter__(self):
-        g = torch.Generator().manual_seed(self.seed * 100003 + self.epoch)
-        return iter(torch.randperm(self.n, generator=g).tolist())
-
-    def __len__(self):
-        return self.n
 
 
 # ---------------------------------------------------------------------------------------
@@ -449,266 +251,8 @@ def latest_checkpoint(output_dir: Path) -> Path | None:
 
 
 # ---------------------------------------------------------------------------------------
-# Training
+# The loop
 # ---------------------------------------------------------------------------------------
-
-
-def official_lr_lambda(total: int, warmup_ratio: float):
-    """The official schedule: transformers' ``get_cosine_schedule_with_warmup`` as LLaVATrainer builds it
-    (warm-up steps = ceil(ratio * total); factor step / warmup, so the first optimizer step runs at lr 0,
-    then 0.5 * (1 + cos(pi * progress)))."""
-    warmup = math.ceil(total * warmup_ratio)
-
-    def f(step: int) -> float:
-        if step < warmup:
-            return step / max(1, warmup)
-        progress = (step - warmup) / max(1, total - warmup)
-        return max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
-
-    return f
-
-
-def param_groups(model, projector, cfg) -> list[dict]:
-    """AdamW groups. The official ones (llava/train/llava_trainer.py:160-194, with finetune_lora.sh's
-    --learning_rate 2e-4 --mm_projector_lr 2e-5 --weight_decay 0): every trainable parameter outside the
-    multimodal projector at ``lr`` (LoRA, and the VRA projector when it is trained), the multimodal
-    projector at ``mm_projector_lr``; weight decay only on non-bias, non-norm weights."""
-    mm_lr = cfg.mm_projector_lr if cfg.mm_projector_lr is not None else cfg.lr
-    mm_name = viral.family(model.config).mm_projector
-    groups = {}
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        is_mm = mm_name in name or "mm_projector" in name
-        decay = cfg.weight_decay if (p.ndim > 1 and "norm" not in name) else 0.0
-        key = ("mm" if is_mm else "main", decay)
-        groups.setdefault(key, {"params": [], "lr": mm_lr if is_mm else cfg.lr, "weight_decay": decay, "name": key[0]})[
-            "params"
-        ].append(p)
-    if projector is not None and any(p.requires_grad for p in projector.parameters()):
-        groups[("vra", 0)] = {
-            "params": [p for p in projector.parameters() if p.requires_grad],
-            "lr": cfg.proj_lr or cfg.lr,
-            "weight_decay": cfg.weight_decay,
-            "name": "vra_projector",
-        }
-    return list(groups.values())
-
-
-def init_projector_official(projector, std: float = 0.02) -> None:
-    """The VRA projector as the official code leaves it: transformers 4.37's ``_init_weights`` of the
-    Llama model (weights N(0, initializer_range=0.02), biases 0), applied by ``from_pretrained`` to every
-    module missing from the checkpoint."""
-    with torch.no_grad():
-        for m in projector.modules():
-            if isinstance(m, torch.nn.Linear):
-                m.weight.normal_(0.0, std)
-                if m.bias is not None:
-                    m.bias.zero_()
-
-
-def lr_lambda(total: int, warmup: int):
-    def f(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        progress = (step - warmup) / max(1, total - warmup)
-        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-
-    return f
-
-
-def wrap_lora(model, cfg):
-    """Freeze the model, LoRA on the language model's linear layers (train.py:169-182 targets the same
-    q/k/v/o/gate/up/down projections), the multimodal projector trained fully (saved with the adapter;
-    Qwen2.5-VL: the vision merger)."""
-    from peft import LoraConfig, get_peft_model
-
-    model.requires_grad_(False)
-    lora = LoraConfig(
-        r=cfg.lora_r,
-        lora_alpha=cfg.lora_alpha,
-        lora_dropout=cfg.lora_dropout,
-        target_modules=LM_TARGETS,
-        modules_to_save=[viral.family(model.config).mm_projector] if cfg.train_mm_projector else None,
-    )
-    return get_peft_model(model, lora)
-
-
-def make_projector(cfg, d_model: int, d_teacher: int):
-    """The VRA projector(s): one shared by the target layers, or one per layer; None without a projector."""
-    if not cfg.use_projector:
-        if cfg.loss != "similarity":
-            raise ValueError(
-                "use_projector=False needs loss='similarity' (the direct loss compares P(h) with the teacher's width)"
-            )
-        return None
-    n = len(layers_of(cfg)) if cfg.multiple_projectors else 1
-    torch.manual_seed(cfg.seed)
-    projs = [viral.VraProjector(d_model, d_teacher, cfg.proj_hidden) for _ in range(n)]
-    for p in projs:
-        if cfg.projector_init == "official":
-            init_projector_official(p)
-        p.requires_grad_(cfg.train_vra_projector)
-    return projs[0] if n == 1 else torch.nn.ModuleList(projs)
-
-
-def load_base(cfg):
-    """(model, processor): ``pretrained`` (LLaVA-1.5, LLaVA-NeXT/OneVision or Qwen2.5-VL) or, with
-    ``base_llm``, assembled from a base LLM, a vision tower and a stage-1 projector (the official
-    starting point: vicuna-7b-v1.5 + the pretrain projector)."""
-    from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
-
-    dtype = resolve_dtype(cfg.dtype)
-    if cfg.base_llm:
-        return assemble_llava(cfg.base_llm, cfg.vision_tower, cfg.mm_projector, dtype=dtype)
-    viral.family(AutoConfig.from_pretrained(cfg.pretrained))  # a clear error before loading anything else
-    model = AutoModelForImageTextToText.from_pretrained(cfg.pretrained, dtype=dtype)
-    return model, AutoProcessor.from_pretrained(cfg.pretrained)
-
-
-# LLaVA-1.5's conversation template "v1" (llava/conversation.py conv_vicuna_v1: system, " USER: ", " ASSISTANT: ",
-# answers closed by </s>), images first in the user turn as "<image>\n".
-VICUNA_V1_TEMPLATE = (
-    "{{ bos_token }}A chat between a curious human and an artificial intelligence assistant. The assistant gives helpful, "
-    "detailed, and polite answers to the human's questions."
-    "{% for message in messages %}{% if message['role'] == 'user' %} USER: "
-    "{% for c in message['content'] %}{% if c['type'] == 'image' %}<image>\n{% endif %}{% endfor %}"
-    "{% for c in message['content'] %}{% if c['type'] == 'text' %}{{ c['text'] }}{% endif %}{% endfor %}"
-    "{% else %} ASSISTANT: {% for c in message['content'] %}{% if c['type'] == 'text' %}{{ c['text'] }}{% endif %}{% endfor %}"
-    "{{ eos_token }}{% endif %}{% endfor %}{% if add_generation_prompt %} ASSISTANT:{% endif %}"
-)
-OFFICIAL_PARTS = {
-    "base_llm": "lmsys/vicuna-7b-v1.5",
-    "vision_tower": "openai/clip-vit-large-patch14-336",
-    "mm_projector": "liuhaotian/llava-v1.5-mlp2x-336px-pretrain-vicuna-7b-v1.5 (mm_projector.bin)",
-}
-
-
-def assemble_llava(base_llm, vision_tower, mm_projector, dtype=torch.float32, image_token: str = "<image>"):
-    """(LlavaForConditionalGeneration, LlavaProcessor) from the official starting point's parts: a causal LM
-    directory (Vicuna-7B-v1.5), a CLIP vision directory (ViT-L/14-336) and the stage-1 projector
-    (LLaVA's ``mm_projector.bin`` or a safetensors file, keys ``...mm_projector.0|2.weight|bias``).
-    Features from the penultimate CLIP layer without CLS, ``mlp2x_gelu`` (LLaVA-1.5's settings); the
-    tokenizer gains ``<image>`` if it lacks it; the chat template is LLaVA-1.5's "v1"."""
-    from transformers import (
-        AutoModelForCausalLM,
-        AutoTokenizer,
-        CLIPImageProcessor,
-        CLIPVisionModel,
-        LlavaConfig,
-        LlavaForConditionalGeneration,
-        LlavaProcessor,
-    )
-
-    for key, path in (("base_llm", base_llm), ("vision_tower", vision_tower), ("mm_projector", mm_projector)):
-        if not path or not Path(path).exists():
-            raise FileNotFoundError(
-                f"--{key.replace('_', '-')} {path!r} not found: the official starting point needs a local "
-                f"copy of {OFFICIAL_PARTS[key]}"
-            )
-    llm = AutoModelForCausalLM.from_pretrained(base_llm, dtype=dtype)
-    tokenizer = AutoTokenizer.from_pretrained(base_llm)
-    clip = CLIPVisionModel.from_pretrained(vision_tower, dtype=dtype)
-    image_processor = CLIPImageProcessor.from_pretrained(vision_tower)
-    if image_token not in tokenizer.get_vocab():
-        tokenizer.add_tokens([image_token], special_tokens=True)
-    if tokenizer.pad_token is None:  # LLaVA's v1 recipe pads with unk
-        tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token
-    vc = clip.config
-    config = LlavaConfig(
-        vision_config=vc.to_dict(),
-        text_config=llm.config.to_dict(),
-        image_token_id=tokenizer.convert_tokens_to_ids(image_token),
-        vision_feature_layer=-2,
-        vision_feature_select_strategy="default",
-        projector_hidden_act="gelu",
-        image_seq_length=(vc.image_size // vc.patch_size) ** 2,
-        tie_word_embeddings=llm.config.tie_word_embeddings,
-    )
-    config.vision_config.model_type, config.text_config.model_type = vc.model_type, llm.config.model_type
-    model = LlavaForConditionalGeneration(config).to(dtype)
-    model.model.language_model.load_state_dict(llm.model.state_dict())
-    model.lm_head.load_state_dict(llm.lm_head.state_dict())
-    model.model.vision_tower.load_state_dict(clip.state_dict())
-    weights = _load_tensors(mm_projector)
-    mapping = {"linear_1": "mm_projector.0.", "linear_2": "mm_projector.2."}
-    state = {}
-    for ours, theirs in mapping.items():
-        for part in ("weight", "bias"):
-            hits = [v for k, v in weights.items() if k.endswith(theirs + part)]
-            if len(hits) != 1:
-                raise ValueError(
-                    f"{mm_projector}: expected one '*{theirs}{part}' tensor (LLaVA's stage-1 mm_projector), found {len(hits)}"
-                )
-            state[f"{ours}.{part}"] = hits[0].to(dtype)
-    model.model.multi_modal_projector.load_state_dict(state)
-    if len(tokenizer) > model.config.text_config.vocab_size:
-        model.resize_token_embeddings(len(tokenizer))
-    processor = LlavaProcessor(
-        image_processor=image_processor,
-        tokenizer=tokenizer,
-        patch_size=vc.patch_size,
-        vision_feature_select_strategy="default",
-        num_additional_image_tokens=1,
-        chat_template=VICUNA_V1_TEMPLATE,
-        image_token=image_token,
-    )
-    return model.eval(), processor
-
-
-def _load_tensors(path) -> dict:
-    path = Path(path)
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(str(path))
-    return torch.load(str(path), map_location="cpu", weights_only=True)  # tensors only: no code is unpickled
-
-
-def build(cfg: TrainConfig):
-    """Model (peft), processor, teacher, projector: everything but the loop."""
-    cfg = apply_preset(cfg)
-    model, processor = load_base(cfg)
-    fam = viral.family(model.config)
-    reads_llava = cfg.teacher == "self" or cfg.teacher_input != "image"
-    if cfg.weight and not fam.own_encoder and cfg.teacher not in (None, "", "none") and reads_llava:
-        raise ValueError(
-            f"VIRAL on {model.config.model_type}: teacher={cfg.teacher!r} with teacher_input={cfg.teacher_input!r} is "
-            "LLaVA-1.5 only (it reads the LLaVA pixels or the LLaVA vision tower); pass a vision backbone directory "
-            "(--teacher DIR, e.g. shapeworld-teacher or a saved facebook/dinov2-base) with --teacher-input image"
-        )
-    if cfg.weight:
-        for layer in layers_of(cfg):
-            viral.check_layer(layer, len(viral.decoder_layers(model)))
-    peft_model = wrap_lora(model, cfg)
-    teacher = None
-    if cfg.weight:
-        if cfg.teacher_input == "official":
-            teacher = viral.OfficialTeacher.from_pretrained(cfg.teacher, viral.llm_grid(model))
-        else:
-            teacher = viral.load_teacher(cfg.teacher, peft_model, cfg.teacher_image_size)
-        if teacher is not None and cfg.teacher_reinit:
-            reinit_linear(teacher, cfg.seed)
-    projector = None
-    if teacher is not None:
-        projector = make_projector(cfg, model.config.text_config.hidden_size, teacher.dim)
-    return peft_model, processor, teacher, projector
-
-
-def reinit_linear(teacher, seed: int, std: float = 0.02) -> int:
-    """The official load path's effect on the teacher: every Linear layer of the backbone re-drawn
-    N(0, std) with zero bias (transformers 4.37 ``from_pretrained`` initialises modules missing from the
-    LLM checkpoint with LlamaPreTrainedModel._init_weights). Returns how many layers."""
-    gen = torch.Generator().manual_seed(seed + 7919)
-    n = 0
-    with torch.no_grad():
-        for m in teacher.modules():
-            if isinstance(m, torch.nn.Linear):
-                m.weight.copy_(torch.randn(m.weight.shape, generator=gen) * std)
-                if m.bias is not None:
-                    m.bias.zero_()
-                n += 1
-    return n
 
 
 def train(cfg: TrainConfig, records: list[dict] | None = None) -> dict:
@@ -768,7 +312,7 @@ def train(cfg: TrainConfig, records: list[dict] | None = None) -> dict:
         model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
         if projector is not None:
             projector.to(accelerator.device)
-    if teacher is not None and not isinstance(teacher, viral.EncoderTeacher):
+    if teacher is not None and not isinstance(teacher, viral_teachers.EncoderTeacher):
         teacher.to(accelerator.device)
     base = accelerator.unwrap_model(model)
     image_token_id = base.config.image_token_id
@@ -777,8 +321,8 @@ def train(cfg: TrainConfig, records: list[dict] | None = None) -> dict:
     source = {
         "mean": ip.image_mean,
         "std": ip.image_std,
-        "crop": viral.crop_fraction(ip),
-        "from_images": cfg.teacher_input == "image" and isinstance(teacher, viral.BackboneTeacher),
+        "crop": viral_teachers.crop_fraction(ip),
+        "from_images": cfg.teacher_input == "image" and isinstance(teacher, viral_teachers.BackboneTeacher),
     }
 
     step = 0
@@ -915,10 +459,10 @@ def _targets(teacher, pixel_values, index, cache, grid, data, source, aligned=No
 
     def compute(rows):
         if source["from_images"]:
-            return viral.teacher_targets_from_images(
+            return viral_teachers.teacher_targets_from_images(
                 teacher, [data.image(int(index[b])) for b in rows], grid, source["crop"]
             )
-        return viral.teacher_targets(teacher, pixel_values[rows], source["mean"], source["std"], grid)
+        return viral_teachers.teacher_targets(teacher, pixel_values[rows], source["mean"], source["std"], grid)
 
     if cache is None:
         return compute(list(range(len(index)))).to(pixel_values.device)
@@ -935,8 +479,8 @@ def _targets_per_grid(teacher, index, cache, data, aligned, device):
     for b, i in enumerate(index.tolist()):
         a = aligned[b]
         if a is not None and (i not in cache or tuple(cache[i].shape[:1]) != (a.grid[0] * a.grid[1],)):
-            crop = None if a.whole_image else viral.crop_fraction(data.processor.image_processor)
-            cache[i] = viral.teacher_targets_from_images(teacher, [data.image(i)], a.grid, crop)[0].cpu()
+            crop = None if a.whole_image else viral_teachers.crop_fraction(data.processor.image_processor)
+            cache[i] = viral_teachers.teacher_targets_from_images(teacher, [data.image(i)], a.grid, crop)[0].cpu()
     out = [cache[i].to(device) if aligned[b] is not None else None for b, i in enumerate(index.tolist())]
     shapes = {t.shape for t in out if t is not None}
     return torch.stack(out) if len(shapes) == 1 and all(t is not None for t in out) else out

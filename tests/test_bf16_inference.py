@@ -55,7 +55,7 @@ def checkpoints(tmp_path_factory):
     from test_qwen import build_tiny_qwen
     from transformers import AutoModelForImageTextToText
 
-    from methods.viral_train import LM_TARGETS
+    from methods.viral_setup import LM_TARGETS
 
     root = tmp_path_factory.mktemp("bf16")
     paths = {

@@ -10,16 +10,8 @@ from transformers import AttentionInterface, AttentionMaskInterface
 from transformers.integrations.sdpa_attention import repeat_kv
 from transformers.masking_utils import sdpa_mask
 
-from methods.paint import (
-    Paint,
-    head_sensitivity_weights,
-    iqr_outliers,
-    select_local,
-    select_tokens,
-    spatial_grid,
-    spatial_official,
-    token_margins,
-)
+from methods.paint import Paint, head_sensitivity_weights, token_margins
+from methods.paint_selection import iqr_outliers, select_local, select_tokens, spatial_grid, spatial_official
 from methods.technique import Request
 
 # --- selection arithmetic on hand-made maps ---

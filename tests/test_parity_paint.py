@@ -20,7 +20,8 @@ import pytest
 import torch
 
 from methods import hooks
-from methods.paint import Paint, cls_attention, select_tokens, spatial_official, spatial_row_sums
+from methods.paint import Paint
+from methods.paint_selection import cls_attention, select_tokens, spatial_official, spatial_row_sums
 from methods.technique import Request
 
 REPO = Path(__file__).resolve().parents[1]

@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from methods import viral, viral_train
+from methods import viral, viral_setup, viral_teachers, viral_train
 
 ROOT = Path(__file__).resolve().parents[1]
 FIX = ROOT / "tests" / "fixtures" / "official" / "viral"
@@ -48,7 +48,7 @@ def teacher(fixtures, tmp_path_factory):
     path = tmp_path_factory.mktemp("teacher")
     vt.save_teacher(path, prov["teacher"]["seed"])
     torch.set_num_threads(1)
-    return viral.OfficialTeacher.from_pretrained(path, grid=(24, 24))
+    return viral_teachers.OfficialTeacher.from_pretrained(path, grid=(24, 24))
 
 
 def test_position_table_resampled_as_timm(fixtures, teacher):
@@ -78,9 +78,9 @@ def step(fixtures, teacher):
     cfg = viral_train.TrainConfig(pretrained="", data="", output_dir="", preset="official", teacher="unused")
     cfg = viral_train.apply_preset(cfg)
     cfg.proj_hidden = vt.PROJECTOR_DIM
-    peft_model = viral_train.wrap_lora(model, cfg)
+    peft_model = viral_setup.wrap_lora(model, cfg)
     assert vt.set_lora_a(peft_model) == prov["facts"]["lora_a_overwritten"]
-    projector = viral_train.make_projector(cfg, tiny.TEXT["hidden_size"], teacher.dim)
+    projector = viral_setup.make_projector(cfg, tiny.TEXT["hidden_size"], teacher.dim)
     with torch.no_grad():
         for name, value in vt.projector_state(tiny.TEXT["hidden_size"]).items():
             projector.net.get_parameter(name).copy_(value)
@@ -109,7 +109,7 @@ def step(fixtures, teacher):
     )
     h.remove()
     res["loss"].backward()
-    groups = viral_train.param_groups(peft_model, projector, cfg)
+    groups = viral_setup.param_groups(peft_model, projector, cfg)
     optimizer = torch.optim.AdamW(groups, betas=(0.9, 0.999), eps=1e-8)
     layer = viral.decoder_layers(peft_model)[vt.TARGET_LAYER - 1]
     mm = dict(peft_model.named_modules())
@@ -209,7 +209,7 @@ def test_optimiser_groups_and_one_step(fixtures, step):
 
 def test_schedule_is_the_official_cosine_with_warmup(fixtures):
     sched = fixtures[1]["schedule"]
-    f = viral_train.official_lr_lambda(sched["total_steps"], 0.03)
+    f = viral_setup.official_lr_lambda(sched["total_steps"], 0.03)
     assert [f(s) for s in range(sched["total_steps"] + 1)] == pytest.approx(sched["lr_factors"], abs=1e-12)
     assert f(0) == 0.0  # the first optimizer step runs at lr 0, as in the official Trainer
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 from PIL import Image
 
-from methods import viral
+from methods import viral, viral_teachers
 
 from conftest import make_inputs
 
@@ -136,9 +136,9 @@ def test_text_only_batch_has_no_vra_term(tiny):
 def test_gradient_reaches_layers_up_to_l_and_projector_not_teacher(tiny, tmp_path):
     model, processor, _ = tiny
     batch = _batch(processor)
-    teacher = viral.BackboneTeacher.from_pretrained(_save_tiny_dinov2(tmp_path / "dino"))
+    teacher = viral_teachers.BackboneTeacher.from_pretrained(_save_tiny_dinov2(tmp_path / "dino"))
     mean, std = processor.image_processor.image_mean, processor.image_processor.image_std
-    targets = viral.teacher_targets(teacher, batch["pixel_values"], mean, std, viral.llm_grid(model))
+    targets = viral_teachers.teacher_targets(teacher, batch["pixel_values"], mean, std, viral.llm_grid(model))
     proj = viral.VraProjector(64, teacher.dim, hidden=16)
     layer = 2
     model.zero_grad()
@@ -158,7 +158,9 @@ def test_gradient_reaches_layers_up_to_l_and_projector_not_teacher(tiny, tmp_pat
     assert grad_norm(model.model.multi_modal_projector) > 0  # the image tokens' own path
     assert all(p.grad is None for p in teacher.parameters())  # the teacher is frozen
     assert not targets.requires_grad
-    self_targets = viral.teacher_targets(viral.EncoderTeacher(model), batch["pixel_values"], mean, std, (4, 4))
+    self_targets = viral_teachers.teacher_targets(
+        viral_teachers.EncoderTeacher(model), batch["pixel_values"], mean, std, (4, 4)
+    )
     assert not self_targets.requires_grad  # the own-encoder teacher's targets carry no gradient either
 
 
@@ -188,7 +190,7 @@ def _save_tiny_dinov2(path, image_size=32, patch=8, hidden=24, mean=(0.5, 0.4, 0
 def test_backbone_teacher_uses_its_own_normalisation(tmp_path, tiny):
     model, processor, _ = tiny
     path = _save_tiny_dinov2(tmp_path / "dino")
-    teacher = viral.BackboneTeacher.from_pretrained(path)
+    teacher = viral_teachers.BackboneTeacher.from_pretrained(path)
     assert (teacher.image_size, teacher.patch_size, teacher.dim) == (32, 8, 24)
     # an image at the LLaVA input size: the CLIP processor only rescales and normalises it
     rng = np.random.default_rng(0)
@@ -204,23 +206,23 @@ def test_backbone_teacher_uses_its_own_normalisation(tmp_path, tiny):
     assert grid == (4, 4) and torch.allclose(feats, ref, atol=1e-4)
     assert not any(p.requires_grad for p in teacher.parameters())
     # a teacher at another resolution is resampled to the LLM grid
-    small = viral.BackboneTeacher.from_pretrained(path, image_size=16)
-    y = viral.teacher_targets(
+    small = viral_teachers.BackboneTeacher.from_pretrained(path, image_size=16)
+    y = viral_teachers.teacher_targets(
         small, pix, processor.image_processor.image_mean, processor.image_processor.image_std, (4, 4)
     )
     assert y.shape == (1, 16, 24)
     with pytest.raises(FileNotFoundError, match="config.json"):
-        viral.BackboneTeacher.from_pretrained(tmp_path)
+        viral_teachers.BackboneTeacher.from_pretrained(tmp_path)
 
 
 def test_encoder_teacher_is_the_towers_feature_layer(tiny):
     model, processor, inputs = tiny
-    teacher = viral.load_teacher("self", model)
+    teacher = viral_teachers.load_teacher("self", model)
     feats, grid = teacher.features(inputs["pixel_values"])
     with torch.no_grad():
         ref = model.model.vision_tower(inputs["pixel_values"], output_hidden_states=True).hidden_states[-2][:, 1:]
     assert grid == (4, 4) and torch.allclose(feats, ref) and teacher.dim == 32
-    assert viral.load_teacher("none", model) is None
+    assert viral_teachers.load_teacher("none", model) is None
 
 
 def test_teacher_pixels_reproduce_the_llava_processor_geometry(tiny):
@@ -232,7 +234,7 @@ def test_teacher_pixels_reproduce_the_llava_processor_geometry(tiny):
         img = Image.fromarray(rng.integers(0, 256, size=(size[1], size[0], 3), dtype=np.uint8))
         ip = processor.image_processor
         want = ip(images=[img], return_tensors="pt")["pixel_values"]
-        got = viral.teacher_pixels([img], 32, ip.image_mean, ip.image_std, viral.crop_fraction(ip))
+        got = viral_teachers.teacher_pixels([img], 32, ip.image_mean, ip.image_std, viral_teachers.crop_fraction(ip))
         assert got.shape == want.shape and torch.allclose(got, want, atol=2e-2), (
             (got - want).abs().max()
         )  # <= one 8-bit grey level
@@ -285,9 +287,9 @@ def test_other_local_teachers_load_and_give_patch_features(kind, tmp_path):
         )
         DepthAnythingForDepthEstimation(cfg).save_pretrained(tmp_path)
         want_grid, want_dim = (4, 4), 16
-    teacher = viral.BackboneTeacher.from_pretrained(tmp_path)
+    teacher = viral_teachers.BackboneTeacher.from_pretrained(tmp_path)
     feats, grid = teacher.features_from_images([Image.new("RGB", (50, 40), (200, 30, 30))])
     assert grid == want_grid and feats.shape == (1, want_grid[0] * want_grid[1], want_dim) and teacher.dim == want_dim
     assert torch.isfinite(feats).all()
-    targets = viral.teacher_targets_from_images(teacher, [Image.new("RGB", (50, 40))], (3, 3))
+    targets = viral_teachers.teacher_targets_from_images(teacher, [Image.new("RGB", (50, 40))], (3, 3))
     assert targets.shape == (1, 9, want_dim)

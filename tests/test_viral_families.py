@@ -15,7 +15,8 @@ from test_qwen import PIXELS, _cli, _image, _inputs, _wrapper, stock, tiny_qwen 
 from test_viral import _save_tiny_dinov2
 
 from methods import viral
-from methods.viral_train import ConversationDataset, TrainConfig, collate, train
+from methods.conversation_data import ConversationDataset, collate
+from methods.viral_train import TrainConfig, train
 
 SIZES = ((100, 37), (37, 100))  # Qwen at PIXELS: merged grids 3x7 and 7x3
 
@@ -146,7 +147,7 @@ def test_viral_train_on_qwen_gives_an_adapter_that_qwen2_5_vl_viral_merges(qwen_
 
 
 def viral_targets():
-    from methods.viral_train import LM_TARGETS
+    from methods.viral_setup import LM_TARGETS
 
     return LM_TARGETS
 

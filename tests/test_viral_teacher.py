@@ -8,7 +8,7 @@ import torch
 
 from lmms_eval_plugins import viral_teacher as vt
 from lmms_eval_plugins.shapeworld import scenes as sw
-from methods import viral
+from methods import viral_teachers
 
 
 def test_patch_labels_follow_the_objects():
@@ -39,7 +39,7 @@ def test_patch_labels_follow_the_objects():
 
 @pytest.mark.skipif(not (vt.teacher_path() / "config.json").exists(), reason="teacher not trained yet")
 def test_shipped_teacher_loads_as_a_backbone():
-    teacher = viral.BackboneTeacher.from_pretrained(vt.resolve_teacher(vt.TEACHER_NAME))
+    teacher = viral_teachers.BackboneTeacher.from_pretrained(vt.resolve_teacher(vt.TEACHER_NAME))
     info = json.loads((vt.teacher_path() / "teacher_info.json").read_text())
     assert teacher.image_size == info["image_size"] and teacher.patch_size == info["patch"]
     image = sw.scene_from_seed(1, "test").render()

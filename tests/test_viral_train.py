@@ -250,7 +250,7 @@ def parts(base_ckpt, tmp_path_factory):
 
 
 def test_assembled_llava_from_parts_equals_the_checkpoint(parts):
-    from methods.viral_train import assemble_llava
+    from methods.viral_setup import assemble_llava
 
     root, model, proc = parts
     assembled, aproc = assemble_llava(root / "llm", root / "clip", root / "mm_projector.bin")

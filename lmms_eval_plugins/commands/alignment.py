@@ -88,7 +88,7 @@ def load_images(args) -> list:
 def run(args) -> int:
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
-    from methods import alignment, viral
+    from methods import alignment, viral, viral_teachers
 
     from ..base import resolve_pretrained
     from ..viral_teacher import resolve_teacher
@@ -115,14 +115,17 @@ def run(args) -> int:
         states[name] = per_image
         if reference is None:  # reference features on the first model's grid
             grid = viral.llm_grid(model)
-            teacher = viral.load_teacher(resolve_teacher(args.reference), model, args.teacher_image_size)
+            teacher = viral_teachers.load_teacher(resolve_teacher(args.reference), model, args.teacher_image_size)
             ip = processor.image_processor
-            if isinstance(teacher, viral.BackboneTeacher):
+            if isinstance(teacher, viral_teachers.BackboneTeacher):
                 reference = [
-                    viral.teacher_targets_from_images(teacher, [im], grid, viral.crop_fraction(ip))[0] for im in images
+                    viral_teachers.teacher_targets_from_images(teacher, [im], grid, viral_teachers.crop_fraction(ip))[0]
+                    for im in images
                 ]
             else:
-                reference = [viral.teacher_targets(teacher, px, ip.image_mean, ip.image_std, grid)[0] for px in pixels]
+                reference = [
+                    viral_teachers.teacher_targets(teacher, px, ip.image_mean, ip.image_std, grid)[0] for px in pixels
+                ]
         print(f"alignment: {name}: {len(images)} images, {len(per_image[0])} hidden_states entries")
     unbiased = args.estimator == "unbiased"
     tables = {

@@ -21,7 +21,8 @@ import numpy as np
 import torch
 
 from methods import hooks
-from methods.paint import DEFAULTS, TokenSelector, cls_attention, image_geometry
+from methods.paint import DEFAULTS, image_geometry
+from methods.paint_selection import TokenSelector, cls_attention
 
 
 def spearman(a: torch.Tensor, b: torch.Tensor) -> float:

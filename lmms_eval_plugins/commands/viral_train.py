@@ -206,8 +206,9 @@ def register(sub) -> None:
 
 
 def _defaults_only_when_absent(p) -> None:
-    """TrainConfig fields get no argparse default (shown in the help instead), so that ``run`` sees which
-    flags were given: --preset fills only the others."""
+    """TrainConfig fields get no argparse default (shown in the help instead), so that ``run`` sees only the
+    flags given: the explicit layer of defaults < preset < explicit (methods/viral_train.py ``apply_preset``,
+    through params.parse_params as every wrapper's model_args), so a flag equal to its default still wins."""
     from methods.viral_train import TrainConfig
 
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
