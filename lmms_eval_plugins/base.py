@@ -31,7 +31,7 @@ from loguru import logger
 from methods import hooks
 from methods.technique import Request, Technique, mean_colour, pad_to_square
 
-from .params import ModelArgsError, Param, parse_params
+from methods.params import ModelArgsError, Param, parse_params
 
 # llava_hf's own constructor arguments, passed through untouched (except the defaults noted).
 LLAVA_HF_ARGS = (

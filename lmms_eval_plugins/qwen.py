@@ -41,7 +41,7 @@ from .base import (
     refuse_family,
     wrapper_classes,
 )
-from .params import ModelArgsError
+from methods.params import ModelArgsError
 
 FAMILY = "qwen2_5_vl"
 

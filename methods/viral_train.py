@@ -37,7 +37,7 @@ from typing import Any
 
 import torch
 
-from lmms_eval_plugins.params import Param, parse_params  # pure (no lmms-eval import): the one preset rule
+from .params import Param, parse_params
 
 from . import viral, viral_teachers
 from .conversation_data import ConversationDataset, EpochSampler, collate, read_records

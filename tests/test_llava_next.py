@@ -11,7 +11,7 @@ import torch
 from conftest import REPO, make_inputs
 
 from lmms_eval_plugins import testing
-from lmms_eval_plugins.params import ModelArgsError
+from methods.params import ModelArgsError
 
 FAMILIES = ("llava_next", "llava_onevision")
 SIZE = (100, 37)  # NeXT: a 1x3 tiling (4 crops), un-padded 4x10 grid; OneVision: shrunk to 3x8 by interpolation

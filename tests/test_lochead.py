@@ -453,7 +453,7 @@ def test_sam_masks_are_optional(byte_model, tmp_path):
 
 def test_wrapper_param_checks(byte_ckpt):
     from lmms_eval_plugins.models.lochead import LlavaLocheadChat
-    from lmms_eval_plugins.params import ModelArgsError
+    from methods.params import ModelArgsError
 
     with pytest.raises(ModelArgsError, match="sam_box=true needs sam"):
         LlavaLocheadChat(pretrained=str(byte_ckpt), heads="all", sam_box=True)
@@ -532,7 +532,7 @@ def test_official_prompt_ids_are_the_referseg_form():
 
 def test_official_presets_parse(byte_ckpt):
     from lmms_eval_plugins.models.lochead import SPEC
-    from lmms_eval_plugins.params import parse_params
+    from methods.params import parse_params
     from lmms_eval_plugins.base import COMMON_PARAMS
 
     v2 = parse_params((*SPEC.params, *COMMON_PARAMS), {"preset": "official_v2"}, SPEC.presets, owner=SPEC.name)

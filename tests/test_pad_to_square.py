@@ -85,7 +85,7 @@ def test_pad_to_square_is_a_common_parameter():
     """Declared once in the base wrapper's COMMON_PARAMS, so every wrapper parses it (here: llava_lochead)."""
     from lmms_eval_plugins.base import COMMON_PARAMS
     from lmms_eval_plugins.models.lochead import SPEC
-    from lmms_eval_plugins.params import parse_params
+    from methods.params import parse_params
 
     params = parse_params((*SPEC.params, *COMMON_PARAMS), {"pad_to_square": "true"}, SPEC.presets, owner=SPEC.name)
     assert params["pad_to_square"] is True

@@ -242,7 +242,7 @@ def test_edit_matches_eager_reference(request, ckpt_name, mod, spatial, variant)
 
 def test_bad_settings_are_refused(tiny_ckpt):
     from lmms_eval_plugins.models.paint import PARAMS, SPEC
-    from lmms_eval_plugins.params import ModelArgsError, parse_params
+    from methods.params import ModelArgsError, parse_params
 
     model, _ = load(tiny_ckpt)
     with pytest.raises(ValueError, match="summary_layer=5 is outside the vision tower's 3 layers"):

@@ -8,7 +8,7 @@ import torch
 from conftest import load, make_inputs
 
 from lmms_eval_plugins.commands.paint_selection import chance_jaccard, jaccard, spearman
-from lmms_eval_plugins.params import ModelArgsError
+from methods.params import ModelArgsError
 from methods.paint import NO_CLS_MEASURED, Paint, token_margins
 from methods.paint_selection import TokenSelector, received_attention
 from methods.technique import Request

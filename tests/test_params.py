@@ -2,7 +2,7 @@
 
 import pytest
 
-from lmms_eval_plugins.params import ModelArgsError, Param, parse_params
+from methods.params import ModelArgsError, Param, parse_params
 
 PARAMS = (
     Param("alpha", float, 0.2, "boost", low=0.0),

@@ -73,7 +73,7 @@ def test_official_presets_parse_and_build():
     """Every official preset of llava_knockout / llava_reprompt resolves and builds its technique."""
     from lmms_eval_plugins.models.knockout import PARAMS as KO, SPEC as KO_SPEC
     from lmms_eval_plugins.models.reprompt import PARAMS as RP, SPEC as RP_SPEC
-    from lmms_eval_plugins.params import parse_params
+    from methods.params import parse_params
     from methods.knockout import OFFICIAL_FLAGS, Knockout
     from methods.reprompt import DEFAULTS, Reprompt
 

@@ -15,7 +15,7 @@ from conftest import REPO, TASKS
 from PIL import Image
 
 from lmms_eval_plugins import testing
-from lmms_eval_plugins.params import ModelArgsError
+from methods.params import ModelArgsError
 from methods import hooks
 from methods.geometry import image_geometry
 

@@ -155,7 +155,7 @@ def test_llava_viral_through_the_lmms_eval_cli(trained, base_ckpt, tmp_path):
 
 def test_llava_viral_without_adapter_says_what_to_pass(base_ckpt):
     from lmms_eval_plugins.models.viral import LlavaViralChat
-    from lmms_eval_plugins.params import ModelArgsError
+    from methods.params import ModelArgsError
 
     with pytest.raises(ModelArgsError, match="llava_viral needs adapter=DIR"):
         LlavaViralChat(pretrained=str(base_ckpt))

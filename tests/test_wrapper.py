@@ -7,7 +7,7 @@ import torch
 from conftest import make_inputs
 
 from lmms_eval_plugins.base import TechniqueError, TechniqueModel
-from lmms_eval_plugins.params import ModelArgsError
+from methods.params import ModelArgsError
 
 
 def _pai(**kw):

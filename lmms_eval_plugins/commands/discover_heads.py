@@ -127,7 +127,7 @@ def run(args) -> int:
 
     from ..base import resolve_pretrained
     from ..heads import DiscoveryError, discover_for_task
-    from ..params import ModelArgsError
+    from methods.params import ModelArgsError
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     if args.n < 1 or args.repeats < 1 or args.per_sample < 1:

@@ -4,7 +4,7 @@ from methods.hooks import num_layers
 from methods.knockout import DEFAULTS, LAST_ROW, OFFICIAL_FLAGS, QUERY_SETS, Knockout
 
 from ..base import TechniqueSpec, wrapper_classes
-from ..params import Param
+from methods.params import Param
 
 PARAMS = (
     Param(

@@ -16,7 +16,7 @@ from methods import lochead, lochead_heads, lochead_maps, lochead_official
 from methods.lochead import DEFAULTS, LocHead
 
 from ..base import TechniqueSpec, wrapper_classes
-from ..params import ModelArgsError, Param
+from methods.params import ModelArgsError, Param
 
 PARAMS = (
     Param(

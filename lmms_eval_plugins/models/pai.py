@@ -6,7 +6,7 @@ from methods.hooks import num_layers
 from methods.pai import DEFAULTS, Pai
 
 from ..base import TechniqueSpec, wrapper_classes
-from ..params import Param
+from methods.params import Param
 
 # The layer window and the image-free guidance, shared with llava_paint (CFG off by default there).
 WINDOW_AND_CFG_PARAMS = (

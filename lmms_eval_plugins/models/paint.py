@@ -13,7 +13,7 @@ from methods.paint import (
 )
 
 from ..base import TechniqueSpec, wrapper_classes
-from ..params import Param
+from methods.params import Param
 from .pai import WINDOW_AND_CFG_PARAMS
 
 PARAMS = (

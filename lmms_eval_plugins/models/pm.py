@@ -18,7 +18,7 @@ from methods.pm import (
 )
 
 from ..base import TechniqueSpec, wrapper_classes
-from ..params import Param
+from methods.params import Param
 from ..visuals import rank_prefix, visuals_dir
 
 PARAMS = (

@@ -20,7 +20,7 @@ from methods.reprompt import (
 )
 
 from ..base import TechniqueSpec, wrapper_classes
-from ..params import Param
+from methods.params import Param
 
 PARAMS = (
     Param(

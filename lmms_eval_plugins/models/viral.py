@@ -12,7 +12,7 @@ from methods.viral import merge_adapter
 from methods.technique import Technique
 
 from ..base import TechniqueSpec, wrapper_classes
-from ..params import ModelArgsError, Param
+from methods.params import ModelArgsError, Param
 
 
 class MergedAdapter(Technique):
