@@ -25,13 +25,13 @@ The arithmetic is the official one (LALBJ/PAI @ 9bbd8bd, ``CFG.py``), one functi
 
 from __future__ import annotations
 
-import inspect
 import math
 
 import torch
 from transformers import LogitsProcessor
 
 from . import hooks, positions
+from .kv_cache import cache_of, with_cache
 
 
 def guide(cond: torch.Tensor, uncond: torch.Tensor, gamma: float, cutoff: float) -> torch.Tensor:
@@ -68,11 +68,6 @@ def parent_rows(previous: torch.Tensor, current: torch.Tensor) -> torch.Tensor |
     return parents
 
 
-def _cache_arg(model) -> str:
-    """transformers renamed ``past_key_values`` to ``cache`` during 5.x; use whichever the model takes."""
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-
-
 class ImageFreeGuidance(LogitsProcessor):
     """A logits processor that runs the image-free prompt alongside generation, with its own KV cache.
 
@@ -105,11 +100,11 @@ class ImageFreeGuidance(LogitsProcessor):
                 out = self.model(
                     input_ids=new,
                     use_cache=True,
-                    **{_cache_arg(self.model): self.cache},
+                    **with_cache(self.cache),
                     **positions.explicit(self.model, new, start=self.next_position),
                 )
                 self.next_position += 1
-        self.cache = out.get("cache", out.get("past_key_values"))
+        self.cache = cache_of(out)
         self.previous = input_ids
         return guide(scores, out.logits[:, -1], self.gamma, self.cutoff)
 

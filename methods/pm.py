@@ -11,8 +11,10 @@ the original image (padded with the mean colour, as LLaVA-1.5 preprocesses), and
 by inverse-transform sampling of the row/column max marginals (bilinear) give a new image, on
 which the answer is generated again.
 
-This module holds the arithmetic (pure numpy/torch, tested on hand-made inputs) and
-``PerceptionMagnifier``, which runs it on a LLaVA model. It imports no lmms-eval.
+The arithmetic is pure numpy/torch, tested on hand-made inputs: the map and the search in
+methods/pm_search.py, the magnified image in methods/pm_magnify.py; what differs per model family
+in methods/pm_families.py. This module holds ``PerceptionMagnifier``, which runs them on a model.
+It imports no lmms-eval.
 
 Where the defaults differ from the reference code (github ShunqiM/PM @ 58c2c0f), on purpose;
 each difference is a named option, and ``preset=official_pope`` / ``official_mme`` (``OFFICIAL``)
@@ -43,13 +45,25 @@ from __future__ import annotations
 import dataclasses
 import json
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
 from PIL import Image
 
-from . import hooks, positions
+from . import hooks
+from .kv_cache import with_cache
+from .pm_families import FAMILIES
+from .pm_magnify import (
+    VIEWS,
+    magnify,
+    official_enhance,
+    official_magnify,
+    official_quantise,
+    official_upsample,
+    perception_density,
+    to_rgb,
+)
+from .pm_search import Search, deep_layers, official_layer_sum, refine, token_map
 from .technique import Request, RequestError, Technique
 
 # Paper settings (Sec. 4 and the reference scripts): POPE alpha 15, k 5, beta 0.4; MME alpha 10, k 3, beta 0.3.
@@ -87,474 +101,10 @@ DEFAULTS = {
 }
 REFRESH = ("once", "every_token", "every_n")
 BLOCK_ROWS = ("auto", "all", "text", "last", "first_all")
-VIEWS = ("pad", "crop")
 LAYER_MAPS = ("mean", "official")
 TWO_MEANS = ("stable", "official")
 MAP_QUANT = ("float", "uint8")
 SAMPLERS = ("centres", "official")
-PAPER_DEPTH, PAPER_DEEP_LAYER = 32, 12
-
-# ---------------------------------------------------------------------------------------
-# The arithmetic
-# ---------------------------------------------------------------------------------------
-
-
-def deep_layers(n_layers: int, deep_layer: int | None = None) -> range:
-    """0-based indices of the deep layers l >= L (L 1-based; default 12 of 32 scaled to the depth)."""
-    if deep_layer is None:
-        deep_layer = max(1, int(PAPER_DEEP_LAYER * n_layers / PAPER_DEPTH + 0.5))
-    if not 1 <= deep_layer <= n_layers:
-        raise ValueError(f"deep_layer={deep_layer} is outside the model's layers 1..{n_layers} (1-based)")
-    return range(deep_layer - 1, n_layers)
-
-
-def token_map(probs: torch.Tensor) -> np.ndarray:
-    """(layers, heads, tokens) attention of the last query -> (tokens,): max over heads, sum over layers."""
-    return probs.float().amax(dim=1).sum(dim=0).double().cpu().numpy()
-
-
-def two_means_high(values: np.ndarray) -> np.ndarray:
-    """The high cluster of a 1-D 2-means (Lloyd from the min and max), as a boolean mask.
-
-    Each value goes to the nearer centre (a tie goes to the low one); iterate until the
-    assignment no longer changes. A constant input has no high cluster.
-    """
-    v = np.asarray(values, dtype=np.float64).ravel()
-    lo, hi = v.min(), v.max()
-    if not hi > lo:
-        return np.zeros(v.shape, dtype=bool)
-    high = None
-    for _ in range(100):  # 1-D Lloyd converges in a few steps; the cap only guards against cycling
-        new = np.abs(v - hi) < np.abs(v - lo)
-        if high is not None and np.array_equal(new, high):
-            break
-        high = new
-        lo, hi = v[~high].mean(), v[high].mean()
-    return high.reshape(np.shape(values))
-
-
-def official_two_means(values: np.ndarray) -> np.ndarray:
-    """The reference's highlight mask (attention_resampler.py:263-299), in its dtype.
-
-    Centres start at [min, max] (in the map's dtype); at most 10 Lloyd steps, each assigning
-    by ``argmin`` of the distances (a tie goes to the low centre), then updating a centre only
-    if its cluster is not empty, and stopping early once both centres moved < 1e-4. The high
-    cluster is the one with the larger centre by ``argmax`` (a tie picks cluster 0), read from
-    the assignment made before the last update. So a constant map whose mean equals its value
-    exactly (e.g. zeros) blocks every token, while float32 rounding of the mean can leave the
-    same map with nothing blocked.
-    """
-    flat = np.asarray(values).ravel()
-    centers = np.array([flat.min(), flat.max()])
-    for _ in range(10):
-        assign = np.argmin(np.abs(flat[:, None] - centers), axis=1)
-        previous = centers.copy()
-        for i in range(2):
-            if np.sum(assign == i) > 0:
-                centers[i] = flat[assign == i].mean()
-        if np.all(np.abs(centers - previous) < 1e-4):
-            break
-    return (assign == np.argmax(centers)).reshape(np.shape(values))
-
-
-def official_layer_sum(per_layer: list[np.ndarray]) -> np.ndarray:
-    """The reference's deep map (attention_resampler.py:186-246, map_constructor='original'):
-    each layer's max over heads as float32 (the attention dtype; fp16 on the authors' GPUs),
-    stacked and summed over layers by numpy in that dtype."""
-    return np.sum(np.stack([np.asarray(m, dtype=np.float32) for m in per_layer], axis=0), axis=0)
-
-
-@dataclasses.dataclass
-class Search:
-    """What the iterative refinement found. ``maps[i]``: the layer-averaged map of pass i (0: unmasked)."""
-
-    h_star: np.ndarray  # (tokens,)
-    iterations: int  # refinement passes (re-forwards) run
-    blocked: list  # cumulative blocked-token masks, one per refinement pass
-    maps: list
-    raw: list = dataclasses.field(default_factory=list)  # the layer sums as returned (before the division)
-    exit_sums: list = dataclasses.field(default_factory=list)  # the exit statistic after each re-forward
-
-    @property
-    def sums(self) -> list[float]:
-        """The exit statistic of each pass: map sum / number of deep layers."""
-        return [float(m.sum()) for m in self.maps]
-
-
-def refine(
-    first_map: np.ndarray,
-    forward_blocked: Callable[[np.ndarray], np.ndarray],
-    n_layers: int,
-    beta: float,
-    max_iter: int,
-    official: bool = False,
-) -> Search:
-    """PM's iterative search for the perceived tokens (model_generate.py:343-418, pm_sample.py:158-225).
-
-    first_map: the layer-summed map of the unmasked pass; forward_blocked(blocked) returns the
-    same map with the ``blocked`` tokens hidden from the model. Each pass: average in the
-    current map over the tokens still visible, 2-means it, block its high cluster, re-forward,
-    and stop when the new map's sum / n_layers <= beta or after ``max_iter`` re-forwards.
-    H* = sum of maps / number of passes in which each token was visible (the last re-forward
-    only decides the stop, as in the reference).
-
-    official=True: the maps keep the dtype they come in (float32 there), the split is
-    ``official_two_means`` and the exit statistic is float(map sum) / n_layers
-    (model_generate.py:385); a split with no high cluster does not stop the search (the
-    reference re-forwards the same mask until ``max_iter``).
-    """
-    dtype = None if official else np.float64
-    split = official_two_means if official else two_means_high
-    raw = np.asarray(first_map, dtype=dtype)
-    current = raw / n_layers
-    total = np.zeros(current.shape, dtype=np.float64)
-    seen = np.zeros(current.shape, dtype=np.float64)
-    visible = np.ones(current.shape, dtype=bool)
-    search = Search(h_star=current, iterations=0, blocked=[], maps=[current], raw=[raw])
-    while search.iterations < max_iter:
-        seen += visible
-        total += current
-        search.h_star = total / np.maximum(seen, 1)
-        high = split(current)
-        if not high.any() and not official:  # a flat map: nothing stands out, nothing to block
-            break
-        visible &= ~high
-        search.blocked.append(~visible)
-        raw = np.asarray(forward_blocked(~visible), dtype=dtype)
-        current = raw / n_layers
-        search.iterations += 1
-        search.maps.append(current)
-        search.raw.append(raw)
-        stat = float(raw.sum()) / n_layers if official else current.sum()
-        search.exit_sums.append(float(stat))
-        if stat <= beta:
-            break
-    return search
-
-
-def enhance(grid: np.ndarray, alpha: float, kernel: int) -> np.ndarray:
-    """min-max -> standardise (sample std, as torch's) -> x alpha -> sigmoid -> k x k box filter (edge-replicated)."""
-    g = np.asarray(grid, dtype=np.float64)
-    span = g.max() - g.min()
-    g = (g - g.min()) / span if span > 0 else np.zeros_like(g)
-    sd = g.std(ddof=1) if g.size > 1 else 0.0
-    z = (g - g.mean()) / sd if sd > 0 else np.zeros_like(g)
-    s = 1.0 / (1.0 + np.exp(-alpha * z))
-    if kernel > 1:
-        r = kernel // 2
-        p = np.pad(s, r, mode="edge")
-        c = np.cumsum(np.cumsum(np.pad(p, ((1, 0), (1, 0))), axis=0), axis=1)  # summed-area table
-        h, w = s.shape
-        s = (
-            c[kernel : kernel + h, kernel : kernel + w]
-            - c[:h, kernel : kernel + w]
-            - c[kernel : kernel + h, :w]
-            + c[:h, :w]
-        ) / kernel**2
-    return s
-
-
-def upsample(grid: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """Bicubic upsampling of the grid map to ``size`` = (width, height), clipped at 0."""
-    img = Image.fromarray(np.asarray(grid, dtype=np.float32), mode="F").resize(size, Image.BICUBIC)
-    return np.clip(np.asarray(img, dtype=np.float64), 0.0, None)
-
-
-def inverse_cdf(marginal: np.ndarray, n_out: int) -> np.ndarray:
-    """Source pixel-centre coordinates for ``n_out`` output pixels: inverse-transform sampling.
-
-    The marginal is a density over pixel cells [i, i+1); output pixel j takes the source point
-    where the cumulative density reaches (j + 0.5) / n_out. A uniform density gives j*N/n_out
-    scaled centres, i.e. the identity when n_out == N. The mapping is monotone.
-    """
-    m = np.clip(np.nan_to_num(np.asarray(marginal, dtype=np.float64), nan=0.0), 0.0, None)
-    if not m.max() > 0:
-        m = np.ones_like(m)
-    m = np.maximum(m, m.max() * 1e-12)  # strictly increasing CDF: every row keeps a sliver
-    edges = np.concatenate([[0.0], np.cumsum(m)])
-    edges /= edges[-1]
-    u = (np.arange(n_out) + 0.5) / n_out
-    return np.interp(u, edges, np.arange(len(m) + 1, dtype=np.float64)) - 0.5
-
-
-def _bilinear_rows(a: np.ndarray, coords: np.ndarray, axis: int) -> np.ndarray:
-    n = a.shape[axis]
-    c = np.clip(coords, 0, n - 1)
-    i0 = np.floor(c).astype(np.int64)
-    i1 = np.minimum(i0 + 1, n - 1)
-    f = (c - i0).astype(np.float32)
-    shape = [1] * a.ndim
-    shape[axis] = -1
-    f = f.reshape(shape)
-    return np.take(a, i0, axis=axis) * (1 - f) + np.take(a, i1, axis=axis) * f
-
-
-def magnify(
-    image: Image.Image | np.ndarray, density: np.ndarray, out_size: tuple[int, int] | None = None
-) -> Image.Image:
-    """Resample ``image`` so that rows/columns get output space in proportion to the density's
-    row/column maxima (separable inverse-CDF sampling, bilinear). out_size = (width, height)."""
-    arr = np.asarray(image)
-    squeeze = arr.ndim == 2
-    if squeeze:
-        arr = arr[:, :, None]
-    h, w = arr.shape[:2]
-    if density.shape != (h, w):
-        raise ValueError(f"density {density.shape} does not match the image {(h, w)}")
-    out_w, out_h = out_size or (w, h)
-    ys = inverse_cdf(density.max(axis=1), out_h)
-    xs = inverse_cdf(density.max(axis=0), out_w)
-    out = _bilinear_rows(_bilinear_rows(arr.astype(np.float32), ys, 0), xs, 1)
-    out = np.clip(np.rint(out), 0, 255).astype(np.uint8)
-    return Image.fromarray(out[:, :, 0] if squeeze else out)
-
-
-def official_enhance(grid: np.ndarray, alpha: float, kernel: int) -> torch.Tensor:
-    """revise_mask (API_LLaVA/main.py:55-70) in float32 torch: min-max (``normalize(.., "min")``,
-    :39-45), subtract the mean, divide by the unbiased std, x alpha, sigmoid, clamp to [0, 1]
-    (``enhance``, :47-53), then a k x k mean filter with replicate padding (Conv2d, :60-66).
-    A constant map gives NaN (0/0), as there."""
-    m = torch.Tensor(np.asarray(grid))  # torch.Tensor(...) as model_generate.py:403: float32
-    m = (m - m.min()) / (m.max() - m.min())
-    m = torch.sigmoid((m - m.mean()) / m.std() * alpha).clamp(0, 1)
-    r = (kernel - 1) // 2
-    weight = torch.ones(1, 1, kernel, kernel) / kernel**2
-    return torch.nn.functional.conv2d(torch.nn.functional.pad(m[None, None], (r, r, r, r), mode="replicate"), weight)[
-        0, 0
-    ]
-
-
-def official_quantise(grid: torch.Tensor) -> np.ndarray:
-    """toImg (API_LLaVA/main.py:24-25): torchvision's ToPILImage on a float map multiplies by 255
-    and truncates with ``.byte()`` (NaN becomes 0 on this platform)."""
-    return grid.mul(255).byte().numpy()
-
-
-def official_upsample(grid8: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """invtrans (API_LLaVA/main.py:27-28): PIL bicubic resize of the 8-bit map to ``size`` = (width, height)."""
-    return np.asarray(Image.fromarray(np.asarray(grid8, dtype=np.uint8), mode="L").resize(size, Image.BICUBIC))
-
-
-def official_inverse_sampling(marginal: np.ndarray, n_out: int) -> np.ndarray:
-    """cumulative_distribution + inverse_sampling (attention_resampler.py:43-54): cdf = cumsum / last,
-    then source indices at ``linspace(0, 1, n_out)`` by linear interpolation of (cdf -> 0..N-1),
-    extrapolated outside. A flat marginal samples u * N - 1 for u in linspace(0, 1, n_out), i.e.
-    -1 .. N-1: about a pixel's shift, an N/(N-1) zoom, and a first row/column at -1, off the image."""
-    from scipy.interpolate import interp1d
-
-    cdf = np.cumsum(marginal)
-    cdf = cdf / cdf[-1]
-    return interp1d(cdf, np.arange(len(cdf)), bounds_error=False, fill_value="extrapolate")(np.linspace(0, 1, n_out))
-
-
-def official_magnify(
-    image: Image.Image | np.ndarray, density: np.ndarray, out_size: tuple[int, int] | None = None
-) -> Image.Image:
-    """attention_sampling(method='bilinear') (attention_resampler.py:56-108) then ``astype(np.uint8)``
-    (model_generate.py:509-511): marginals are the row/column maxima, each channel is sampled by
-    ``scipy.ndimage.map_coordinates(order=1)`` (constant 0 outside; on a uint8 image it rounds to
-    uint8 itself, so the final truncation keeps integers). out_size = (width, height)."""
-    from scipy.ndimage import map_coordinates
-
-    arr = np.asarray(image)
-    h, w = arr.shape[:2]
-    if density.shape != (h, w):
-        raise ValueError(f"density {density.shape} does not match the image {(h, w)}")
-    out_w, out_h = out_size or (w, h)
-    xs = official_inverse_sampling(np.max(density, axis=0), out_w)
-    ys = official_inverse_sampling(np.max(density, axis=1), out_h)
-    gx, gy = np.meshgrid(xs, ys)
-    out = np.zeros((out_h, out_w, arr.shape[2]))
-    for c in range(arr.shape[2]):
-        out[:, :, c] = map_coordinates(arr[:, :, c], [gy, gx], order=1)
-    return Image.fromarray(out.astype(np.uint8), "RGB")
-
-
-def to_rgb(image: Image.Image) -> Image.Image:
-    """RGB as the HF image processors see it (RGBA composited on white, grayscale repeated)."""
-    from transformers.image_transforms import convert_to_rgb
-
-    return convert_to_rgb(image) if image.mode != "RGB" else image
-
-
-def square_view(image: Image.Image, mode: str = "pad", fill=(0, 0, 0)) -> Image.Image:
-    """The square the model's image grid covers: the image padded to a centred square with
-    ``fill`` (LLaVA-1.5's expand2square), or its central square (a centre-cropping processor)."""
-    image = to_rgb(image)
-    w, h = image.size
-    if w == h:
-        return image
-    if mode == "pad":
-        s = max(w, h)
-        out = Image.new("RGB", (s, s), tuple(int(c) for c in fill))
-        out.paste(image, ((s - w) // 2, (s - h) // 2))
-        return out
-    if mode == "crop":
-        s = min(w, h)
-        left, top = (w - s) // 2, (h - s) // 2
-        return image.crop((left, top, left + s, top + s))
-    raise ValueError(f"view={mode!r}: use one of {VIEWS}")
-
-
-def perception_density(
-    h_star: np.ndarray, grid: int | tuple[int, int], size: tuple[int, int], alpha: float, kernel: int
-):
-    """H* over the token grid (side, or rows x cols) -> (enhanced grid map, density at ``size`` = (width, height))."""
-    g = enhance(np.asarray(h_star).reshape(_grid_hw(grid)), alpha, kernel)
-    return g, upsample(g, size)
-
-
-def _grid_hw(grid: int | tuple[int, int]) -> tuple[int, int]:
-    return (grid, grid) if isinstance(grid, int) else tuple(grid)
-
-
-# ---------------------------------------------------------------------------------------
-# Running it on a model: what differs per family
-# ---------------------------------------------------------------------------------------
-
-
-def image_grid(model) -> int | None:
-    """LLaVA-1.5's square grid side (vision image_size / patch_size); None for a family whose grid
-    depends on the image (Qwen2.5-VL: ``Request.geometry``)."""
-    vc = model.config.vision_config
-    size = getattr(vc, "image_size", None)
-    return size // vc.patch_size if size else None
-
-
-def embed(model, input_ids: torch.Tensor, pixel_values: torch.Tensor) -> torch.Tensor:
-    """Input embeddings with the image features scattered in, as LlavaModel.forward builds them."""
-    m, cfg = model.model, model.config
-    emb = m.get_input_embeddings()(input_ids)
-    out = m.get_image_features(
-        pixel_values=pixel_values.to(model.device, model.dtype),
-        vision_feature_layer=cfg.vision_feature_layer,
-        vision_feature_select_strategy=cfg.vision_feature_select_strategy,
-        return_dict=True,
-    )
-    feats = torch.cat(list(out.pooler_output), dim=0).to(emb.device, emb.dtype)
-    mask = m.get_placeholder_mask(input_ids, inputs_embeds=emb, image_features=feats)
-    return emb.masked_scatter(mask, feats)
-
-
-class LlavaFamily:
-    """LLaVA-1.5 (``llava``): one square grid; the map pass and the magnification run on the
-    square view of the image (``view``: padded as LLaVA-1.5 preprocesses, or centre-cropped);
-    the language model's own 1-D positions (none passed: arange after the cache)."""
-
-    views = VIEWS
-
-    def view(self, req: Request, mode: str) -> Image.Image:
-        fill = (0, 0, 0)
-        if mode == "pad":
-            mean = getattr(req.processor.image_processor, "image_mean", None) or (0.0, 0.0, 0.0)
-            fill = tuple(int(c * 255) for c in mean)
-        return square_view(req.images[0], mode, fill)
-
-    def pixels(self, req: Request, image: Image.Image) -> torch.Tensor:
-        return req.processor.image_processor(images=[image], return_tensors="pt")["pixel_values"]
-
-    def embed(self, model, req: Request, input_ids: torch.Tensor, pixel_values: torch.Tensor) -> torch.Tensor:
-        return embed(model, input_ids, pixel_values)
-
-    def positions(self, model, req: Request, length: int) -> None:
-        return None
-
-
-class _WholeImage:
-    """A family whose mapped block sees the whole image the processor got (no pad, no crop): the view
-    is that image, and the magnified image, of the same size, must process to the prompt's own
-    ``size_key`` (so the prompt's image tokens, and their positions, stay)."""
-
-    views = ("pad",)  # the parameter's default; there is nothing to pad or crop
-    size_key = ""
-
-    def view(self, req: Request, mode: str) -> Image.Image:
-        return to_rgb(req.images[0])
-
-    def pixels(self, req: Request, image: Image.Image) -> torch.Tensor:
-        out = req.processor.image_processor(images=[image], return_tensors="pt")
-        given = req.inputs.get(self.size_key)
-        if given is None or not torch.equal(torch.as_tensor(out[self.size_key]).cpu(), torch.as_tensor(given).cpu()):
-            raise RequestError(
-                f"pm: the magnified image ({image.size[0]}x{image.size[1]}) processes to {self.size_key} "
-                f"{torch.as_tensor(out[self.size_key]).tolist()}, not the prompt's {None if given is None else torch.as_tensor(given).tolist()}; "
-                "is the processor the one that made the prompt?"
-            )
-        return out["pixel_values"]
-
-
-class QwenFamily(_WholeImage):
-    """Qwen2.5-VL (``qwen2_5_vl``): one rows x cols merged grid over the whole image the processor
-    got (no padding, no crop), so the view is that image and the magnified image keeps its size,
-    hence its ``image_grid_thw``; every pass of PM's own passes gets the M-RoPE positions of
-    ``get_rope_index`` (text after the image resumes at start + max(h, w) / merge), continued as
-    text after the prompt, as ``generate`` does with its cached ``rope_deltas``."""
-
-    size_key = "image_grid_thw"
-
-    def embed(self, model, req: Request, input_ids: torch.Tensor, pixel_values: torch.Tensor) -> torch.Tensor:
-        """Input embeddings with the merged image features scattered in, as Qwen2_5_VLModel.forward builds them."""
-        m = model.model
-        emb = m.get_input_embeddings()(input_ids)
-        out = m.get_image_features(pixel_values.to(model.device), self._thw(req).to(model.device), return_dict=True)
-        return _scatter_image(m, input_ids, emb, out.pooler_output)
-
-    def positions(self, model, req: Request, length: int) -> torch.Tensor:
-        """(3, 1, length) M-RoPE positions of the request's first ``length`` tokens (later ones: text
-        continuing after the prompt, where ``generate``'s cached rope_deltas put them)."""
-        pos = positions.prompt_positions(model, req.input_ids, self._thw(req).to(req.input_ids.device))
-        n = pos.shape[-1]
-        if length > n:
-            pos = positions.extend(pos, positions.next_position(pos), length - n)
-        return positions.position_ids(pos)[..., :length]
-
-    @staticmethod
-    def _thw(req: Request) -> torch.Tensor:
-        thw = req.inputs.get("image_grid_thw")
-        if thw is None:
-            raise RequestError("pm: a qwen2_5_vl request needs the processor's image_grid_thw (Request.inputs)")
-        return thw
-
-
-class AnyresFamily(_WholeImage, LlavaFamily):
-    """LLaVA-NeXT / LLaVA-OneVision (``llava_next``, ``llava_onevision``): the map is over the **base
-    block** (``req.geometry.base``: the whole image squashed to the tower's square, one fixed
-    side x side grid that sees every region once, as LLaVA-1.5's); the high-res tiles and their
-    newlines are neither mapped nor blocked. The view is the image the processor got, whole (the
-    base block covers it); the magnified image keeps its size, so ``image_sizes``, the anyres tiling
-    and the token count stay (checked); the base crop and every tile are cut from the magnified
-    image. 1-D positions, as LLaVA-1.5."""
-
-    size_key = "image_sizes"
-
-    def embed(self, model, req: Request, input_ids: torch.Tensor, pixel_values: torch.Tensor) -> torch.Tensor:
-        """Input embeddings with the packed anyres features (base, high-res rows, newlines) scattered in, as the model's forward."""
-        m, cfg = model.model, model.config
-        emb = m.get_input_embeddings()(input_ids)
-        out = m.get_image_features(
-            pixel_values=pixel_values.to(model.device, model.dtype),
-            image_sizes=torch.as_tensor(req.inputs["image_sizes"]).to(model.device),
-            vision_feature_layer=cfg.vision_feature_layer,
-            vision_feature_select_strategy=cfg.vision_feature_select_strategy,
-            return_dict=True,
-        )
-        return _scatter_image(m, input_ids, emb, out.pooler_output)
-
-
-def _scatter_image(m, input_ids: torch.Tensor, emb: torch.Tensor, pooled) -> torch.Tensor:
-    """The image features put at the image tokens, as the models' forwards do (OneVision's and
-    Qwen's placeholder masks come as (image, video))."""
-    feats = torch.cat(list(pooled), dim=0).to(emb.device, emb.dtype)
-    mask = m.get_placeholder_mask(input_ids, inputs_embeds=emb, image_features=feats)
-    return emb.masked_scatter(mask[0] if isinstance(mask, tuple) else mask, feats)
-
-
-FAMILIES = {
-    "llava": LlavaFamily(),
-    "llava_next": AnyresFamily(),
-    "llava_onevision": AnyresFamily(),
-    "qwen2_5_vl": QwenFamily(),
-}
 
 
 def contrast(magnified: torch.Tensor, original: torch.Tensor, cd: float) -> torch.Tensor:
@@ -910,7 +460,7 @@ class _LanguageModel:
             kw["position_ids"] = self.positions[..., past : past + embeds.shape[1]]
         with hooks.edited(self.model, *edits, modules=self.modules):
             out = self.lm(
-                inputs_embeds=embeds, past_key_values=cache, use_cache=True, attention_mask=attention_mask, **kw
+                inputs_embeds=embeds, **with_cache(cache), use_cache=True, attention_mask=attention_mask, **kw
             )
         return out.last_hidden_state
 

@@ -19,6 +19,13 @@ kept (at least one).
   the kept image tokens and (``keep_query``) the query tokens of that pass, and stored under
   the image's content hash. Later requests on the same image are answered from that cache,
   without the image: only their own query text is prefilled.
+- ``mode=fastv``: the FastV baseline: layer K-1's last prompt row scores the image, and from layer K
+  on the dropped image tokens are gone as keys for every row from the image on.
+
+Each mode is one subclass of ``Reprompt`` (``Prune``, ``Compressed``, ``FastV``), sharing its scorer
+and records; ``Reprompt(n_layers, mode=...)`` builds the mode's class. The pure scoring and the
+official selections are in methods/reprompt_scoring.py, the compressed context in
+methods/reprompt_context.py.
 
 Positions: every kept entry keeps the rotary position it was computed at (its keys carry
 it already), and appended tokens continue after the original context (``next_position``:
@@ -28,27 +35,28 @@ these explicit ``position_ids``, so the model sees the same relative distances a
 full context. On Qwen2.5-VL the positions are M-RoPE's three rows (methods/positions.py):
 the kept entries keep their (t, h, w) positions, appended text continues at the context's
 largest position + 1 (after the image: start + max(h, w) / merge), and every prefill of a
-prompt we build (scoring, describe, primer) passes them explicitly. Hence: keep_ratio=1 reproduces the full-context answer, and the compressed
-answer equals a full forward of the same token sequence with the dropped image keys blocked
-for the appended rows (both are tested).
+prompt we build (scoring, describe, primer) passes them explicitly. Hence: keep_ratio=1 reproduces
+the full-context answer, and the compressed answer equals a full forward of the same token sequence
+with the dropped image keys blocked for the appended rows (both are tested).
 """
 
 from __future__ import annotations
 
 import collections
-import dataclasses
 import hashlib
 import json
 import time
 from pathlib import Path
 
 import torch
-from transformers import DynamicCache, LogitsProcessor, LogitsProcessorList
+from transformers import LogitsProcessor, LogitsProcessorList
 
 from . import hooks, positions
+from . import reprompt_scoring as scoring
+from .kv_cache import cache_of
+from .reprompt_context import IMAGE_KEYS, TOKEN_KEYS, CompressedContext, compress, generate_from, official_context
 from .technique import Request, RequestError, Technique, layer_range
 
-MODES = ("prune", "compressed", "fastv")
 SELECTIONS = ("pooled", "per_layer", "describe")
 SCORE_ROWS = ("query", "last")
 DESCRIBE_SCORES = ("attn_over_gen", "attn_over_query", "norm", "random")  # run_on_coco.py -k_selection_method
@@ -72,58 +80,7 @@ DEFAULTS = {
     "fastv_ratio": 0.5,
     "cache_strategy": "",
 }
-# What a prefill needs of lmms-eval's inputs: per-token ones (cut to the prompt; mm_token_type_ids:
-# Qwen2.5-VL under transformers 5) and per-image ones (image_sizes: LLaVA-NeXT/OneVision tiling;
-# image_grid_thw: Qwen2.5-VL's patch grid).
-TOKEN_KEYS = ("input_ids", "attention_mask", "mm_token_type_ids")
-IMAGE_KEYS = ("pixel_values", "image_sizes", "image_grid_thw")
-FORWARD_KEYS = TOKEN_KEYS + IMAGE_KEYS
-
-# ---------------------------------------------------------------------------------------
-# Scoring and selection (pure)
-# ---------------------------------------------------------------------------------------
-
-
-def n_keep(n_image: int, keep_ratio: float) -> int:
-    """How many image tokens survive: round(keep_ratio * n), at least one."""
-    return min(n_image, max(1, round(keep_ratio * n_image)))
-
-
-def attention_scores(maps: dict[int, torch.Tensor]) -> torch.Tensor:
-    """(layers, keys): each layer's (batch, heads, rows, keys) map averaged over batch, heads and rows,
-    layers in ascending order."""
-    return torch.stack([maps[layer].float().mean(dim=(0, 1, 2)) for layer in sorted(maps)])
-
-
-def top_tokens(scores: torch.Tensor, keep_ratio: float) -> torch.Tensor:
-    """Indices (ascending) of the top keep_ratio of a 1-D score vector; ties go to the earlier token."""
-    k = n_keep(scores.numel(), keep_ratio)
-    order = sorted(range(scores.numel()), key=lambda i: (-float(scores[i]), i))
-    return torch.tensor(sorted(order[:k]), dtype=torch.long)
-
-
-def select(
-    maps: dict[int, torch.Tensor], keep_ratio: float, selection: str = "pooled"
-) -> dict[int | None, torch.Tensor]:
-    """Kept image-token indices: {None: indices} pooled over the captured layers, or {layer: indices}."""
-    scores = attention_scores(maps)
-    if selection == "pooled":
-        return {None: top_tokens(scores.mean(0), keep_ratio)}
-    return {layer: top_tokens(scores[i], keep_ratio) for i, layer in enumerate(sorted(maps))}
-
-
-# ---------------------------------------------------------------------------------------
-# The official selection (OmriKaduri/vlm-interp @ 8f38051, run_on_coco.py with -k):
-# a describe-the-image generation, then per-layer top-k (mllm/utils/attention_store.py)
-# ---------------------------------------------------------------------------------------
-
-
-def official_count(k: float, n_image: int) -> int:
-    """Tokens kept: ``int(k * n)`` for a fraction (``*_percentage`` methods and ``random``), ``int(k)`` for a count.
-
-    attention_store.py get_top_k_indices_attn_over_gen / get_top_k_indices_norm / get_k_random_indices.
-    """
-    return int(k * n_image) if k < 1 else int(k)
+CACHE_STRATEGIES = ("qs", "q", "s")
 
 
 def image_extras(kwargs: dict) -> dict:
@@ -140,71 +97,6 @@ def prefill_inputs(model, kwargs: dict, prompt_len: int) -> dict:
     return {**out, **positions.explicit(model, out["input_ids"], kwargs.get("image_grid_thw"))}
 
 
-def describe_pass(model, ids, pixel_values, image_pos, n_tokens: int, **image_kwargs):
-    """attention_store.py ``__call__`` over run_on_coco.py's describe generation: per layer, the newest
-    query row of every forward call over the image keys, stacked (steps, heads, image tokens); the
-    prefill's hidden states (``set_hidden_states``: the first call's, embeddings first); the new ids; and
-    the cache after the last call (``set_kv``, what run_on_coco_from_cache.py compresses).
-    Greedy, at most ``n_tokens`` steps, stopping at EOS as chat_step_by_step's ``generate`` does
-    (``max_new_tokens=300``): the mean over steps is over the description only."""
-    n_layers = hooks.num_layers(model)
-    cap = hooks.Capture(layers=range(n_layers), rows=hooks.Rows.last(), keys=image_pos)
-    with torch.no_grad(), hooks.edited(model, cap):
-        out = model.generate(
-            input_ids=ids,
-            attention_mask=torch.ones_like(ids),
-            pixel_values=pixel_values,
-            **image_kwargs,
-            do_sample=False,
-            num_beams=1,
-            max_new_tokens=n_tokens,
-            output_hidden_states=True,
-            return_dict_in_generate=True,
-        )
-    rows = {l: torch.cat([m[0, :, -1:, :] for m in cap.maps[l]], dim=1).transpose(0, 1) for l in cap.maps}
-    hidden = out.hidden_states[0]
-    return rows, hidden, out.sequences[:, ids.shape[1] :], out.past_key_values
-
-
-def rank_per_layer(scores: torch.Tensor, count: int) -> list[torch.Tensor]:
-    """Per layer ``argsort(descending=True)[:count]`` (image-relative indices, ranked), attention_store.py."""
-    return [scores[l].argsort(descending=True)[:count] for l in range(scores.shape[0])]
-
-
-def attn_over_gen(rows: dict, count: int) -> list[torch.Tensor]:
-    """get_top_k_indices_attn_over_gen: mean over the generation steps, then over heads; top-k per layer."""
-    mean = torch.stack([rows[l].float().mean(dim=0).mean(dim=0) for l in sorted(rows)])
-    return rank_per_layer(mean, count)
-
-
-def attn_over_query(rows: dict, count: int) -> list[torch.Tensor]:
-    """get_top_k_indices_attn_over_query: the first call's row only (the last prompt row), mean over heads."""
-    return rank_per_layer(torch.stack([rows[l][0].float().mean(dim=0) for l in sorted(rows)]), count)
-
-
-def hidden_norm(hidden, image_pos, n_layers: int, count: int) -> list[torch.Tensor]:
-    """get_top_k_indices_norm: L2 norm of the prefill's image hidden states; layer l reads hidden_states[l]
-    (the input of layer l: embeddings for layer 0), as LlamaModel indexes ``topk_indices[layer_idx]``."""
-    norms = torch.stack([hidden[l][0, image_pos].float().norm(dim=-1) for l in range(n_layers)])
-    return rank_per_layer(norms, count)
-
-
-def random_tokens(n_image: int, n_layers: int, count: int, seed: int) -> list[torch.Tensor]:
-    """get_k_random_indices: an independent ``randperm(n)[:count]`` per layer (ours from a seeded generator)."""
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randperm(n_image, generator=g)[:count] for _ in range(n_layers)]
-
-
-def fastv_kept(last_row: torch.Tensor, ratio: float) -> torch.Tensor:
-    """FastV as vlm-interp's LlamaModel.forward selects (``fastv_ratio``/``fastv_layer`` block): layer K-1's
-    last prompt row over the image, mean over heads, ``topk(int(n * ratio))``; the last image token is
-    always kept too (``arange(img_max, seq_len)`` starts at it). last_row: (heads, n_image).
-    Image-relative indices, ascending, each once (the official keeps a duplicate when the last token ranks too)."""
-    n = last_row.shape[-1]
-    top = last_row.float().mean(dim=0).topk(int(n * ratio)).indices
-    return torch.unique(torch.cat([top, torch.tensor([n - 1])]))
-
-
 def image_hash(images) -> str:
     """Content hash of the request's original images (mode, size and pixels)."""
     h = hashlib.sha1()
@@ -216,136 +108,6 @@ def image_hash(images) -> str:
         h.update(f"{im.mode}{im.size}".encode())
         h.update(im.tobytes())
     return h.hexdigest()
-
-
-# ---------------------------------------------------------------------------------------
-# The compressed context
-# ---------------------------------------------------------------------------------------
-
-
-@dataclasses.dataclass
-class CompressedContext:
-    """Kept KV entries of one context, with the positions they were computed at."""
-
-    keys: list[torch.Tensor]  # per LM layer: (batch, kv_heads, kept, head_dim)
-    values: list[torch.Tensor]
-    positions: torch.Tensor  # (kept,) original positions; (3, kept) with M-RoPE (methods/positions.py)
-    next_position: int  # position of the first appended token (on every M-RoPE row)
-    full_entries: int  # entries of the same context uncompressed
-    image_kept: int
-    image_total: int
-
-    @property
-    def entries(self) -> int:
-        return int(self.positions.shape[-1])
-
-    def cache(self) -> DynamicCache:
-        """A fresh DynamicCache holding copies of the kept entries (generation appends to it)."""
-        cache = DynamicCache()
-        for layer, (k, v) in enumerate(zip(self.keys, self.values)):
-            cache.update(k.clone(), v.clone(), layer)
-        return cache
-
-
-def compress(
-    cache,
-    keep_positions: torch.Tensor,
-    next_position: int,
-    full_entries: int,
-    image_kept: int,
-    image_total: int,
-    prompt_positions: torch.Tensor | None = None,
-):
-    """Keep the cache entries at ``keep_positions`` (ascending cache slots). ``prompt_positions``: the rotary
-    positions of every slot ((n,) or M-RoPE's (3, n)); default: a slot's index is its position."""
-    keep = keep_positions.to(torch.long)
-    keys, values = [], []
-    for layer in cache.layers:
-        idx = keep.to(layer.keys.device)
-        keys.append(layer.keys.index_select(-2, idx).clone())
-        values.append(layer.values.index_select(-2, idx).clone())
-    kept_positions = keep.cpu() if prompt_positions is None else prompt_positions.cpu()[..., keep.cpu()]
-    return CompressedContext(keys, values, kept_positions, next_position, full_entries, image_kept, image_total)
-
-
-CACHE_STRATEGIES = ("qs", "q", "s")
-
-
-def official_context(
-    cache,
-    query_positions: torch.Tensor,
-    kept: dict,
-    strategy: str,
-    image_total: int,
-    prompt_positions: torch.Tensor | None = None,
-) -> CompressedContext:
-    """llava_wrapper.py ``chat_step_by_step_from_cache``: per layer, the describe pass's cache cut to
-    ``qs`` = [system prompt, that layer's kept image entries (ascending), user prompt], ``q`` = the query
-    entries only, ``s`` = the kept image entries only. The system prompt is the query positions before
-    the first gap (the image). New tokens continue at ``max(query) + 1`` (q, qs) or ``max(kept) + 1`` (s).
-    kept: {layer: absolute positions}; query_positions: ascending non-image prompt positions (cache slots).
-    prompt_positions: the describe prompt's rotary positions when they are not its slots (M-RoPE's (3, n)):
-    new tokens then continue at the largest kept position + 1."""
-    q = query_positions.to(torch.long).cpu()
-    gap = int(((q[1:] - q[:-1]) != 1).nonzero()[0][0])
-    system, user = q[: gap + 1], q[gap + 1 :]
-    keys, values = [], []
-    for layer, entry in enumerate(cache.layers):
-        image = torch.sort(kept[layer].to(torch.long).cpu()).values
-        idx = {"qs": torch.cat([system, image, user]), "q": q, "s": image}[strategy].to(entry.keys.device)
-        keys.append(entry.keys.index_select(-2, idx).clone())
-        values.append(entry.values.index_select(-2, idx).clone())
-    last = q if strategy != "s" else torch.cat([k.to(torch.long).cpu() for k in kept.values()])
-    n = keys[0].shape[-2]
-    if prompt_positions is None:
-        nxt, placeholders = int(last.max()) + 1, torch.arange(n)
-    else:
-        nxt, placeholders = (
-            positions.next_position(prompt_positions.cpu()[..., last]),
-            torch.arange(n).expand(prompt_positions.shape[0], n),
-        )
-    # per-layer entries differ in position (image part); ``positions`` only sizes the placeholders
-    return CompressedContext(
-        keys,
-        values,
-        placeholders,
-        nxt,
-        int(cache.layers[0].keys.shape[-2]),
-        0 if strategy == "q" else int(next(iter(kept.values())).numel()),
-        image_total,
-    )
-
-
-def generate_from(model, ctx: CompressedContext, suffix_ids: torch.Tensor, **gen_kwargs) -> torch.Tensor:
-    """Generate after ``suffix_ids`` appended to the compressed context; returns the new tokens only.
-
-    The cached slots are represented in ``input_ids`` by placeholders that are never embedded
-    (generate prefills only the uncached tail); ``position_ids`` carry the original positions.
-    """
-    n, s = ctx.entries, suffix_ids.shape[1]
-    device = suffix_ids.device
-    pad = model.generation_config.pad_token_id or 0
-    ids = torch.cat([torch.full((1, n), pad, dtype=suffix_ids.dtype, device=device), suffix_ids], dim=1)
-    pos = positions.position_ids(positions.extend(ctx.positions.to(device), ctx.next_position, s))
-    for k in FORWARD_KEYS:
-        gen_kwargs.pop(k, None)
-    gen_kwargs["use_cache"] = True  # the compressed context IS a cache
-    out = model.generate(
-        input_ids=ids,
-        attention_mask=torch.ones_like(ids),
-        position_ids=pos,
-        past_key_values=ctx.cache(),
-        **gen_kwargs,
-    )
-    return out[:, n + s :]
-
-
-def forward_from(model, ctx: CompressedContext, suffix_ids: torch.Tensor):
-    """One forward of ``suffix_ids`` after the compressed context (logits of the suffix rows)."""
-    pos = positions.extend(ctx.positions[..., :0].to(suffix_ids.device), ctx.next_position, suffix_ids.shape[1])
-    return model(
-        input_ids=suffix_ids, position_ids=positions.position_ids(pos), past_key_values=ctx.cache(), use_cache=True
-    )
 
 
 class FirstTokenClock(LogitsProcessor):
@@ -376,30 +138,57 @@ def _with_clock(kwargs) -> FirstTokenClock:
 
 
 # ---------------------------------------------------------------------------------------
-# The technique
+# The technique: one base (the scorer, the records), one subclass per mode
 # ---------------------------------------------------------------------------------------
 
 
 class Reprompt(Technique):
-    """mode=prune or mode=compressed (see the module docstring)."""
+    """What every mode shares: the parameters, the scorer (which image tokens to keep, from one prefill's
+    attention or from the official describe pass) and the per-request records. ``Reprompt(n_layers,
+    mode=..., ...)`` builds the class registered for ``mode`` (as ``pathlib.Path()`` builds a ``PosixPath``):
+    a new mode is one more ``class X(Reprompt, mode="x")`` with its own ``generate`` and ``forward``."""
 
     name = "reprompt"
+    mode = ""
+    modes: dict[str, type[Reprompt]] = {}  # mode -> its class, filled by ``class X(Reprompt, mode=...)``
+    unused: tuple[str, ...] = ()  # parameters the mode never reads, left out of describe()
+    cache_strategies: tuple[str, ...] = ()  # the official cache_strategy values the mode takes
+
+    def __init_subclass__(cls, mode: str | None = None, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if mode is not None:  # a subclass of a mode's class (no mode=) does not take the mode over
+            cls.mode = mode
+            Reprompt.modes[mode] = cls
+
+    def __new__(cls, *args, **params):
+        if cls is Reprompt:
+            mode = params.get("mode", DEFAULTS["mode"])
+            if mode not in Reprompt.modes:
+                raise ValueError(f"reprompt: mode={mode!r} is not one of {', '.join(Reprompt.modes)}")
+            cls = Reprompt.modes[mode]
+        return super().__new__(cls)
 
     def __init__(self, n_layers: int, **params):
-        super().__init__(**{**DEFAULTS, **params})
+        super().__init__(**{**DEFAULTS, **params, "mode": self.mode})
+        self.check(self.params)
+        self.n_layers = n_layers
         p = self.params
-        if p["mode"] not in MODES:
-            raise ValueError(f"reprompt: mode={p['mode']!r} is not one of {', '.join(MODES)}")
+        self.score_layers = layer_range(
+            p["score_from_layer"], p["score_to_layer"], n_layers, default_start=0, name="reprompt scoring"
+        )
+        self.records: list[dict] = []
+        self.stats_path: Path | None = None  # JSON summary (+ .jsonl per request), written after every request
+        self.log = None  # optional callable(str): a summary line every `log_every` requests
+        self.log_every = 50
+
+    def check(self, p: dict) -> None:
+        """A ValueError for settings the mode cannot serve; a mode adds its own after these."""
         count = p["selection"] == "describe" and p["keep_ratio"] >= 1 and float(p["keep_ratio"]).is_integer()
         if not (0 < p["keep_ratio"] <= 1 or count):  # describe: a whole number is a count (official -k 28)
             raise ValueError(f"reprompt: keep_ratio={p['keep_ratio']} must be in (0, 1] (the paper keeps 0.02-0.05)")
-        if p["cache_strategy"] and (p["cache_strategy"] not in CACHE_STRATEGIES or p["mode"] != "compressed"):
+        if p["cache_strategy"] and p["cache_strategy"] not in self.cache_strategies:
             raise ValueError(
                 f"reprompt: cache_strategy={p['cache_strategy']!r} needs mode=compressed and one of {', '.join(CACHE_STRATEGIES)}"
-            )
-        if p["selection"] in ("per_layer", "describe") and p["mode"] == "compressed" and not p["cache_strategy"]:
-            raise ValueError(
-                f"reprompt: selection={p['selection']} needs mode=prune (a compressed cache keeps one token set for all layers)"
             )
         if p["describe_score"] not in DESCRIBE_SCORES:
             raise ValueError(
@@ -407,16 +196,12 @@ class Reprompt(Technique):
             )
         if p["prune_rows"] not in PRUNE_ROWS:
             raise ValueError(f"reprompt: prune_rows={p['prune_rows']!r} is not one of {', '.join(PRUNE_ROWS)}")
-        self.selections: collections.OrderedDict[str, dict] = collections.OrderedDict()  # image hash -> per-layer kept
-        self.n_layers = n_layers
-        self.score_layers = layer_range(
-            p["score_from_layer"], p["score_to_layer"], n_layers, default_start=0, name="reprompt scoring"
-        )
-        self.contexts: collections.OrderedDict[tuple, CompressedContext] = collections.OrderedDict()
-        self.records: list[dict] = []
-        self.stats_path: Path | None = None  # JSON summary (+ .jsonl per request), written after every request
-        self.log = None  # optional callable(str): a summary line every `log_every` requests
-        self.log_every = 50
+
+    def describe(self):
+        d = {**super().describe(), "score_layers": f"{self.score_layers.start}..{self.score_layers.stop - 1}"}
+        for key in self.unused:
+            d.pop(key)
+        return d
 
     # --- scoring ---
 
@@ -437,7 +222,7 @@ class Reprompt(Technique):
         cap = self._capture(req, p)
         with torch.no_grad(), hooks.edited(model, cap):
             model(**prefill, use_cache=False)
-        return select(cap.latest(), self.params["keep_ratio"], self.params["selection"])
+        return scoring.select(cap.latest(), self.params["keep_ratio"], self.params["selection"])
 
     # --- the official selection: a describe pass per image, reused for every question on it ---
 
@@ -456,20 +241,84 @@ class Reprompt(Technique):
         self, model, ids, pixel_values, image_pos, image_kwargs: dict | None = None
     ) -> dict[int, torch.Tensor]:
         """{layer: kept image-relative indices} from one describe pass (attention_store.get_top_k_indices)."""
-        p, n_layers, n = self.params, self.n_layers, image_pos.numel()
-        count = official_count(p["keep_ratio"], n)
-        if p["describe_score"] == "random":
-            return dict(enumerate(random_tokens(n, n_layers, count, p["seed"])))
-        rows, hidden, _, _ = describe_pass(
-            model, ids, pixel_values, image_pos, p["describe_tokens"], **(image_kwargs or {})
+        if self.params["describe_score"] == "random":  # needs no describe pass
+            return self.rank_described(None, None, image_pos)
+        rows, hidden, _, _ = scoring.describe_pass(
+            model, ids, pixel_values, image_pos, self.params["describe_tokens"], **(image_kwargs or {})
         )
-        if p["describe_score"] == "attn_over_gen":
-            kept = attn_over_gen(rows, count)
-        elif p["describe_score"] == "attn_over_query":
-            kept = attn_over_query(rows, count)
-        else:
-            kept = hidden_norm(hidden, image_pos, n_layers, count)
-        return dict(enumerate(kept))
+        return self.rank_described(rows, hidden, image_pos)
+
+    def rank_described(self, rows, hidden, image_pos) -> dict[int, torch.Tensor]:
+        """{layer: kept image-relative indices} by ``describe_score`` from a describe pass's rows and hidden states."""
+        p, n = self.params, image_pos.numel()
+        count = scoring.official_count(p["keep_ratio"], n)
+        rank = {
+            "attn_over_gen": lambda: scoring.attn_over_gen(rows, count),
+            "attn_over_query": lambda: scoring.attn_over_query(rows, count),
+            "norm": lambda: scoring.hidden_norm(hidden, image_pos, self.n_layers, count),
+            "random": lambda: scoring.random_tokens(n, self.n_layers, count, p["seed"]),
+        }[p["describe_score"]]
+        return dict(enumerate(rank()))
+
+    # --- the compressed context (mode=compressed; mode=prune's generation cuts its cache too) ---
+
+    def build_context(
+        self, model, req: Request, cache, kept: torch.Tensor, query_end: int, keep_query=None
+    ) -> CompressedContext:
+        """Compress a cache over [prefix, image, query up to query_end)."""
+        keep_query = self.params["keep_query"] if keep_query is None else keep_query
+        pos = req.image_pos
+        img_start, img_end = int(pos[0]), int(pos[-1]) + 1
+        parts = [torch.arange(img_start), pos[kept].cpu()]
+        if keep_query:
+            parts.append(torch.arange(img_end, query_end))
+        full = query_end if keep_query else img_end
+        # each slot's rotary position (M-RoPE: three rows); appended text continues after the context's largest
+        rotary = positions.prompt_positions(model, req.input_ids[:, :query_end], req.inputs.get("image_grid_thw")).cpu()
+        next_position = positions.next_position(rotary[..., :full])
+        return compress(cache, torch.cat(parts), next_position, full, int(kept.numel()), int(pos.numel()), rotary)
+
+    # --- bookkeeping ---
+
+    def _log(self, record: dict) -> None:
+        self.records.append(record)
+        if self.stats_path is not None:
+            self.stats_path.parent.mkdir(parents=True, exist_ok=True)
+            with open(self.stats_path.with_suffix(".jsonl"), "a") as f:
+                f.write(json.dumps(record) + "\n")
+            self.stats_path.write_text(json.dumps({"config": self.describe(), **self.summary()}, indent=1))
+        if self.log is not None and len(self.records) % self.log_every == 1:
+            self.log(f"reprompt after {len(self.records)} requests: {json.dumps(self.summary())}")
+
+    def summary(self) -> dict:
+        """KV entries kept vs full and time to first token, compressed answers vs full-context ones."""
+        comp = [r for r in self.records if r["compressed"]]
+        full = [r for r in self.records if not r["compressed"]]
+
+        def mean(rs, k):
+            vals = [r[k] for r in rs if r.get(k) is not None]
+            return sum(vals) / len(vals) if vals else None
+
+        out = {"requests": len(self.records), "compressed_answers": len(comp), "full_answers": len(full)}
+        out["kv_entries_compressed"] = mean(comp, "kv_entries")
+        out["kv_entries_full"] = mean(comp, "kv_full")
+        if out["kv_entries_compressed"]:
+            out["kv_reduction"] = out["kv_entries_full"] / out["kv_entries_compressed"]
+        out["ttft_compressed_s"] = mean(comp, "ttft_s")
+        out["ttft_full_s"] = mean(full, "ttft_s")
+        if out["ttft_compressed_s"] and out["ttft_full_s"]:
+            out["ttft_ratio"] = out["ttft_compressed_s"] / out["ttft_full_s"]
+        return out
+
+
+class Prune(Reprompt, mode="prune"):
+    """mode=prune: the dropped image tokens masked as keys (see the module docstring)."""
+
+    unused = ("keep_query", "primer", "cache_size")
+
+    def __init__(self, n_layers: int, **params):
+        super().__init__(n_layers, **params)
+        self.selections: collections.OrderedDict[str, dict] = collections.OrderedDict()  # image hash -> per-layer kept
 
     def describe_selection(self, model, req: Request, inputs: dict) -> dict[int, torch.Tensor]:
         key = image_hash(req.images)
@@ -480,28 +329,6 @@ class Reprompt(Technique):
             while len(self.selections) > self.params["cache_size"]:
                 self.selections.popitem(last=False)
         return self.selections[key]
-
-    # --- FastV ---
-
-    def fastv_edits(self, model, req: Request, kwargs) -> list[hooks.AttnEdit]:
-        """One scoring prefill (layer K-1, last prompt row), then the dropped image tokens removed from
-        layer K on for every row from the image on: their keys are gone, so their own rows are never read,
-        which equals cutting them out of the sequence with the kept tokens' positions unchanged."""
-        K, pos, p = self.params["fastv_layer"], req.image_pos, req.prompt_len
-        if not 1 <= K < self.n_layers:
-            raise ValueError(f"reprompt: fastv_layer={K} must be in [1, {self.n_layers - 1}]")
-        cap = hooks.Capture(layers=[K - 1], rows=hooks.Rows.span(p - 1, p), keys=pos)
-        prefill = prefill_inputs(model, kwargs, p)
-        with torch.no_grad(), hooks.edited(model, cap):
-            model(**prefill, use_cache=False)
-        kept = fastv_kept(cap.latest()[K - 1][0, :, -1], self.params["fastv_ratio"])
-        dropped = torch.ones(pos.numel(), dtype=torch.bool)
-        dropped[kept] = False
-        if not dropped.any():
-            return []
-        return [hooks.Block(layers=range(K, self.n_layers), rows=hooks.Rows.span(int(pos[0])), keys=pos[dropped])]
-
-    # --- prune ---
 
     def _prune_rows(self, req: Request) -> hooks.Rows:
         """after_image: every row after the image (ours); decode: rows >= prompt_len, i.e. decode steps only
@@ -531,15 +358,17 @@ class Reprompt(Technique):
             return self.describe_selection(model, req, kwargs)
         return self.kept_image_tokens(model, req, kwargs)
 
-    def _prune_forward(self, model, req: Request, kwargs):
+    def forward(self, model, req: Request, **kwargs):
+        req.require_one_image(self.name)
         kept = self._kept(model, req, kwargs)
         with hooks.edited(model, *self.prune_edits(req, kept)):
             return model(**kwargs)
 
-    def _prune_generate(self, model, req: Request, kwargs):
+    def generate(self, model, req: Request, **kwargs):
         """Pooled selection: the scoring prefill's cache cut to [prefix, kept image tokens], and the query
         re-prefilled after it, which equals masking the dropped keys (tested) but decodes over the kept
         entries only. Per-layer selection: the key masks."""
+        req.require_one_image(self.name)
         if self.params["selection"] in ("per_layer", "describe") or self.params["prune_rows"] != "after_image":
             kept = self._kept(model, req, kwargs)
             with hooks.edited(model, *self.prune_edits(req, kept)):
@@ -550,8 +379,8 @@ class Reprompt(Technique):
         prefill = prefill_inputs(model, kwargs, p)
         with torch.no_grad(), hooks.edited(model, cap):
             out = model(**prefill, use_cache=True)
-        kept = select(cap.latest(), self.params["keep_ratio"])[None]
-        ctx = self.build_context(model, req, out.past_key_values, kept, p, keep_query=False)
+        kept = scoring.select(cap.latest(), self.params["keep_ratio"])[None]
+        ctx = self.build_context(model, req, cache_of(out), kept, p, keep_query=False)
         img_end = int(req.image_pos[-1]) + 1
         new = generate_from(model, ctx, req.input_ids[:, img_end:p], **kwargs)
         suffix = p - img_end
@@ -568,27 +397,34 @@ class Reprompt(Technique):
         )
         return torch.cat([req.input_ids, new.to(req.input_ids.device)], dim=1)
 
-    # --- compressed ---
+
+class Compressed(Reprompt, mode="compressed"):
+    """mode=compressed: later questions on an image answered from its compressed context (see the module
+    docstring); with ``cache_strategy``, the official context from a describe pass answers every question."""
+
+    cache_strategies = CACHE_STRATEGIES
+
+    def __init__(self, n_layers: int, **params):
+        super().__init__(n_layers, **params)
+        self.contexts: collections.OrderedDict[tuple, CompressedContext] = collections.OrderedDict()
+
+    def check(self, p: dict) -> None:
+        super().check(p)
+        if p["selection"] in ("per_layer", "describe") and not p["cache_strategy"]:
+            raise ValueError(
+                f"reprompt: selection={p['selection']} needs mode=prune (a compressed cache keeps one token set for all layers)"
+            )
+
+    def forward(self, model, req: Request, **kwargs):
+        req.require_one_image(self.name)
+        raise RequestError(
+            "reprompt mode=compressed answers generate_until tasks (it reuses one cache across questions); "
+            "for loglikelihood / multiple_choice tasks use mode=prune"
+        )
 
     def context_key(self, req: Request) -> tuple:
         img_start = int(req.image_pos[0])
         return image_hash(req.images), tuple(req.input_ids[0, :img_start].tolist())
-
-    def build_context(
-        self, model, req: Request, cache, kept: torch.Tensor, query_end: int, keep_query=None
-    ) -> CompressedContext:
-        """Compress a cache over [prefix, image, query up to query_end)."""
-        keep_query = self.params["keep_query"] if keep_query is None else keep_query
-        pos = req.image_pos
-        img_start, img_end = int(pos[0]), int(pos[-1]) + 1
-        parts = [torch.arange(img_start), pos[kept].cpu()]
-        if keep_query:
-            parts.append(torch.arange(img_end, query_end))
-        full = query_end if keep_query else img_end
-        # each slot's rotary position (M-RoPE: three rows); appended text continues after the context's largest
-        rotary = positions.prompt_positions(model, req.input_ids[:, :query_end], req.inputs.get("image_grid_thw")).cpu()
-        next_position = positions.next_position(rotary[..., :full])
-        return compress(cache, torch.cat(parts), next_position, full, int(kept.numel()), int(pos.numel()), rotary)
 
     def _remember(self, key, ctx: CompressedContext):
         self.contexts[key] = ctx
@@ -624,10 +460,10 @@ class Reprompt(Technique):
                 use_cache=True,
                 **extras,
             )
-        kept = select(cap.latest(), self.params["keep_ratio"])[None]
-        return self.build_context(model, primed, out.past_key_values, kept, ids.shape[1])
+        kept = scoring.select(cap.latest(), self.params["keep_ratio"])[None]
+        return self.build_context(model, primed, cache_of(out), kept, ids.shape[1])
 
-    def _official_compressed_generate(self, model, req: Request, kwargs):
+    def _official_generate(self, model, req: Request, kwargs):
         """run_on_coco.py + run_on_coco_from_cache.py: one describe pass per image (per-layer top-k of
         ``describe_score``, its cache compressed by ``cache_strategy``); EVERY question, the first included,
         is answered from that context without the image: [BOS] + the request's text after the image."""
@@ -639,16 +475,9 @@ class Reprompt(Technique):
             ids, pos = self.describe_ids(req), req.image_pos
             grid = kwargs.get("image_grid_thw")
             extras = {**image_extras(kwargs), **positions.explicit(model, ids, grid)}
-            rows, hidden, _, cache = describe_pass(
+            rows, hidden, _, cache = scoring.describe_pass(
                 model, ids, kwargs["pixel_values"], pos, self.params["describe_tokens"], **extras
             )
-            count = official_count(self.params["keep_ratio"], pos.numel())
-            kept = {
-                "attn_over_gen": lambda: attn_over_gen(rows, count),
-                "attn_over_query": lambda: attn_over_query(rows, count),
-                "norm": lambda: hidden_norm(hidden, pos, self.n_layers, count),
-                "random": lambda: random_tokens(pos.numel(), self.n_layers, count, self.params["seed"]),
-            }[self.params["describe_score"]]()
             in_image = torch.zeros(ids.shape[1], dtype=torch.bool)
             in_image[pos.cpu()] = True
             query = (~in_image).nonzero().flatten()
@@ -656,7 +485,7 @@ class Reprompt(Technique):
             ctx = official_context(
                 cache,
                 query,
-                {l: pos[i].cpu() for l, i in enumerate(kept)},
+                {l: pos[i].cpu() for l, i in self.rank_described(rows, hidden, pos).items()},
                 self.params["cache_strategy"],
                 pos.numel(),
                 rotary,
@@ -678,9 +507,12 @@ class Reprompt(Technique):
         self._log(record)
         return torch.cat([req.input_ids, new.to(req.input_ids.device)], dim=1)
 
-    def _compressed_generate(self, model, req: Request, kwargs):
+    def generate(self, model, req: Request, **kwargs):
+        """Ours: the first question on an image answered in full and its cache compressed for the next ones
+        (with ``primer``: the primer's context built first, and every question answered from it)."""
+        req.require_one_image(self.name)
         if self.params["cache_strategy"]:
-            return self._official_compressed_generate(model, req, kwargs)
+            return self._official_generate(model, req, kwargs)
         key = self.context_key(req)
         img_end = int(req.image_pos[-1]) + 1
         ctx = self.contexts.get(key)
@@ -708,75 +540,45 @@ class Reprompt(Technique):
         clock = _with_clock(kwargs)
         with hooks.edited(model, cap):
             out = model.generate(**{**kwargs, "use_cache": True}, return_dict_in_generate=True)
-        kept = select({layer: maps[0] for layer, maps in cap.maps.items()}, self.params["keep_ratio"])[None]
-        self._remember(key, self.build_context(model, req, out.past_key_values, kept, req.prompt_len))
+        kept = scoring.select({layer: maps[0] for layer, maps in cap.maps.items()}, self.params["keep_ratio"])[None]
+        self._remember(key, self.build_context(model, req, cache_of(out), kept, req.prompt_len))
         record.update(
             kv_entries=req.prompt_len, kv_full=req.prompt_len, image_kept=int(req.image_pos.numel()), ttft_s=clock.first
         )
         self._log(record)
         return out.sequences
 
-    # --- bookkeeping ---
 
-    def _log(self, record: dict) -> None:
-        self.records.append(record)
-        if self.stats_path is not None:
-            self.stats_path.parent.mkdir(parents=True, exist_ok=True)
-            with open(self.stats_path.with_suffix(".jsonl"), "a") as f:
-                f.write(json.dumps(record) + "\n")
-            self.stats_path.write_text(json.dumps({"config": self.describe(), **self.summary()}, indent=1))
-        if self.log is not None and len(self.records) % self.log_every == 1:
-            self.log(f"reprompt after {len(self.records)} requests: {json.dumps(self.summary())}")
+class FastV(Reprompt, mode="fastv"):
+    """mode=fastv: the FastV baseline (``fastv_layer`` K, ``fastv_ratio`` R; see ``fastv_edits``)."""
 
-    def summary(self) -> dict:
-        """KV entries kept vs full and time to first token, compressed answers vs full-context ones."""
-        comp = [r for r in self.records if r["compressed"]]
-        full = [r for r in self.records if not r["compressed"]]
-
-        def mean(rs, k):
-            vals = [r[k] for r in rs if r.get(k) is not None]
-            return sum(vals) / len(vals) if vals else None
-
-        out = {"requests": len(self.records), "compressed_answers": len(comp), "full_answers": len(full)}
-        out["kv_entries_compressed"] = mean(comp, "kv_entries")
-        out["kv_entries_full"] = mean(comp, "kv_full")
-        if out["kv_entries_compressed"]:
-            out["kv_reduction"] = out["kv_entries_full"] / out["kv_entries_compressed"]
-        out["ttft_compressed_s"] = mean(comp, "ttft_s")
-        out["ttft_full_s"] = mean(full, "ttft_s")
-        if out["ttft_compressed_s"] and out["ttft_full_s"]:
-            out["ttft_ratio"] = out["ttft_compressed_s"] / out["ttft_full_s"]
-        return out
-
-    # --- entry points ---
+    def fastv_edits(self, model, req: Request, kwargs) -> list[hooks.AttnEdit]:
+        """One scoring prefill (layer K-1, last prompt row), then the dropped image tokens removed from
+        layer K on for every row from the image on: their keys are gone, so their own rows are never read,
+        which equals cutting them out of the sequence with the kept tokens' positions unchanged."""
+        K, pos, p = self.params["fastv_layer"], req.image_pos, req.prompt_len
+        if not 1 <= K < self.n_layers:
+            raise ValueError(f"reprompt: fastv_layer={K} must be in [1, {self.n_layers - 1}]")
+        cap = hooks.Capture(layers=[K - 1], rows=hooks.Rows.span(p - 1, p), keys=pos)
+        prefill = prefill_inputs(model, kwargs, p)
+        with torch.no_grad(), hooks.edited(model, cap):
+            model(**prefill, use_cache=False)
+        kept = scoring.fastv_kept(cap.latest()[K - 1][0, :, -1], self.params["fastv_ratio"])
+        dropped = torch.ones(pos.numel(), dtype=torch.bool)
+        dropped[kept] = False
+        if not dropped.any():
+            return []
+        return [hooks.Block(layers=range(K, self.n_layers), rows=hooks.Rows.span(int(pos[0])), keys=pos[dropped])]
 
     def generate(self, model, req: Request, **kwargs):
         req.require_one_image(self.name)
-        if self.params["mode"] == "fastv":
-            with hooks.edited(model, *self.fastv_edits(model, req, kwargs)):
-                return model.generate(**kwargs)
-        if self.params["mode"] == "prune":
-            return self._prune_generate(model, req, kwargs)
-        return self._compressed_generate(model, req, kwargs)
+        with hooks.edited(model, *self.fastv_edits(model, req, kwargs)):
+            return model.generate(**kwargs)
 
     def forward(self, model, req: Request, **kwargs):
         req.require_one_image(self.name)
-        if self.params["mode"] == "compressed":
-            raise RequestError(
-                "reprompt mode=compressed answers generate_until tasks (it reuses one cache across questions); "
-                "for loglikelihood / multiple_choice tasks use mode=prune"
-            )
-        if self.params["mode"] == "fastv":
-            with hooks.edited(model, *self.fastv_edits(model, req, kwargs)):
-                return model(**kwargs)
-        return self._prune_forward(model, req, kwargs)
-
-    def describe(self):
-        d = {**super().describe(), "score_layers": f"{self.score_layers.start}..{self.score_layers.stop - 1}"}
-        if self.params["mode"] == "prune":
-            d.pop("keep_query"), d.pop("primer"), d.pop("cache_size")
-        return d
+        with hooks.edited(model, *self.fastv_edits(model, req, kwargs)):
+            return model(**kwargs)
 
 
-def kv_bytes(ctx: CompressedContext) -> int:
-    return sum(t.numel() * t.element_size() for t in (*ctx.keys, *ctx.values))
+MODES = tuple(Reprompt.modes)

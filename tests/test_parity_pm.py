@@ -24,7 +24,7 @@ from PIL import Image
 
 from lmms_eval_plugins.testing import load_parity_script
 from methods import hooks
-from methods import pm
+from methods import pm, pm_families, pm_magnify, pm_search
 from methods.technique import Request
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -109,7 +109,10 @@ def _run(model, processor, tiny, fixtures, name, refresh):
         input_ids=ids, image_token_id=tiny.IMAGE_TOKEN_ID, prompt_len=ids.shape[1], images=[image], processor=processor
     )
     t = pm.PerceptionMagnifier(
-        hooks.num_layers(model), pm.image_grid(model), refresh=refresh, **_params(data["settings"][case["settings"]])
+        hooks.num_layers(model),
+        pm_families.image_grid(model),
+        refresh=refresh,
+        **_params(data["settings"][case["settings"]]),
     )
     t.keep_steps = True
     view = t._view(req)
@@ -141,18 +144,18 @@ def _check_step(ours: pm.Magnified, ref: dict, arrays, prefix: str, tiny, proces
     np.testing.assert_allclose(s.h_star, h_star.ravel(), atol=MAP_ATOL / 20)
     np.testing.assert_allclose(ours.grid_map, arrays[f"{prefix}enhanced"], atol=1e-5)
     # each step exactly, from the official input of that step
-    enhanced = pm.official_enhance(h_star, settings["enhance_coe"], settings["kernel_size"])
+    enhanced = pm_magnify.official_enhance(h_star, settings["enhance_coe"], settings["kernel_size"])
     np.testing.assert_allclose(enhanced.numpy(), arrays[f"{prefix}enhanced"], atol=1e-6)
     grid8 = arrays[f"{prefix}grid_uint8"]
-    np.testing.assert_array_equal(pm.official_quantise(torch.from_numpy(arrays[f"{prefix}enhanced"])), grid8)
-    density = pm.official_upsample(grid8, ours.view.size)
+    np.testing.assert_array_equal(pm_magnify.official_quantise(torch.from_numpy(arrays[f"{prefix}enhanced"])), grid8)
+    density = pm_magnify.official_upsample(grid8, ours.view.size)
     np.testing.assert_array_equal(density, arrays[f"{prefix}upsampled"])
-    magnified = pm.official_magnify(ours.view, density)
+    magnified = pm_magnify.official_magnify(ours.view, density)
     np.testing.assert_array_equal(np.asarray(magnified), arrays[f"{prefix}magnified"])
     pv = processor.image_processor(images=[magnified])["pixel_values"]
     assert tiny.tensor_sha256(pv) == ref["magnified_pixels_sha256"], "pixels of the magnified image"
     # end to end: the x255 truncation turns ~1e-7 attention noise into at most one level in a few cells
-    ours8 = pm.official_quantise(torch.from_numpy(ours.grid_map)).astype(int)
+    ours8 = pm_magnify.official_quantise(torch.from_numpy(ours.grid_map)).astype(int)
     diff = np.abs(ours8 - grid8.astype(int))
     assert diff.max() <= 1 and (diff > 0).sum() <= 3, f"8-bit map: {(diff > 0).sum()} cells differ"
     if not diff.any():
@@ -222,7 +225,7 @@ def test_every_token_matches_official(model, processor, tiny, fixtures, name):
 def test_two_means_matches_official_on_synthetic_maps(fixtures):
     data, arrays, _ = fixtures
     for key, expected in data["pure"]["highlight"].items():
-        got = np.flatnonzero(pm.official_two_means(arrays[f"pure/map/{key}"])).tolist()
+        got = np.flatnonzero(pm_search.official_two_means(arrays[f"pure/map/{key}"])).tolist()
         assert got == expected, key
     # the quirks, as recorded: zeros block everything, a float32 constant 0.01 blocks nothing, one-hot blocks its token
     assert len(data["pure"]["highlight"]["zeros"]) == 576 and data["pure"]["highlight"]["flat"] == []
@@ -234,12 +237,12 @@ def test_enhance_quantise_upsample_match_official(fixtures):
     for key in ("flat", "onehot", "random32", "skewed"):
         for kernel, coe in ((3, 10), (5, 15)):
             k = f"{key}_{kernel}_{coe}"
-            enh = pm.official_enhance(arrays[f"pure/map/{key}"], coe, kernel)
+            enh = pm_magnify.official_enhance(arrays[f"pure/map/{key}"], coe, kernel)
             np.testing.assert_allclose(enh.numpy(), arrays[f"pure/enhanced/{k}"], atol=1e-6, equal_nan=True)
-            grid8 = pm.official_quantise(enh)
+            grid8 = pm_magnify.official_quantise(enh)
             np.testing.assert_array_equal(grid8, arrays[f"pure/grid_uint8/{k}"], err_msg=k)
             np.testing.assert_array_equal(
-                pm.official_upsample(grid8, (160, 160)), arrays[f"pure/upsampled/{k}"], err_msg=k
+                pm_magnify.official_upsample(grid8, (160, 160)), arrays[f"pure/upsampled/{k}"], err_msg=k
             )
 
 
@@ -249,13 +252,16 @@ def test_sampler_matches_official(fixtures):
     for key in ("flat_uint8", "onehot_uint8", "random_uint8", "random_float", "band_uint8"):
         heat = arrays[f"pure/heat/{key}"]
         np.testing.assert_allclose(
-            pm.official_inverse_sampling(heat.max(axis=0), 64), arrays[f"pure/inverse/{key}"], rtol=0, atol=1e-12
+            pm_magnify.official_inverse_sampling(heat.max(axis=0), 64),
+            arrays[f"pure/inverse/{key}"],
+            rtol=0,
+            atol=1e-12,
         )
         for h, w in ((48, 64), (30, 40)):
-            got = np.asarray(pm.official_magnify(image, heat, (w, h)))
+            got = np.asarray(pm_magnify.official_magnify(image, heat, (w, h)))
             np.testing.assert_array_equal(got, arrays[f"pure/sampled/{key}_{h}x{w}"], err_msg=f"{key} {h}x{w}")
     # the -1..N-1 grid on a flat map: first column sampled off the image (black)
-    flat = pm.official_inverse_sampling(np.ones(64), 64)
+    flat = pm_magnify.official_inverse_sampling(np.ones(64), 64)
     assert flat[0] == pytest.approx(-1.0) and flat[-1] == pytest.approx(63.0)
 
 

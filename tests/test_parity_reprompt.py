@@ -54,7 +54,7 @@ def test_per_layer_selection_is_the_official_one(model, pixels, golden, selectio
 
 
 def test_official_count():
-    from methods.reprompt import official_count
+    from methods.reprompt_scoring import official_count
 
     assert official_count(0.05, 576) == 28  # int(), not round(): 28.8 -> 28
     assert official_count(28, 576) == 28
@@ -104,7 +104,7 @@ def test_fastv_matches_the_official_code(model, pixels, name):
 
 
 def test_fastv_keeps_the_official_tokens():
-    from methods.reprompt import fastv_kept
+    from methods.reprompt_scoring import fastv_kept
 
     row = torch.zeros(2, 10)
     row[:, 3], row[:, 7] = 1.0, 0.5
@@ -134,14 +134,16 @@ def test_compressed_context_matches_the_official_cache_strategies(model, pixels,
 def test_describe_pass_stops_at_eos(model, pixels, golden):
     """chat_step_by_step's generate stops at EOS (max_new_tokens=300 is a cap): the describe rows are the
     description's steps only, not a forced continuation past EOS."""
-    from methods import reprompt
+    from methods import reprompt_scoring
 
     d = golden["describe"]
     ids = tiny.hf_ids(d["ids_before_image"], d["ids_after_image"])
     pos = (ids[0] == tiny.IMAGE_TOKEN_ID).nonzero().flatten()
     eos = model.generation_config.eos_token_id
     model.generation_config.eos_token_id = d["new_ids"][2]  # the official pass's third token, as if it were EOS
-    describe_pass = getattr(reprompt.describe_pass, "original", reprompt.describe_pass)  # not the memoized one
+    describe_pass = getattr(
+        reprompt_scoring.describe_pass, "original", reprompt_scoring.describe_pass
+    )  # not the memoized one
     try:
         rows, _, new, _ = describe_pass(model, ids, pixels, pos, 10)
     finally:

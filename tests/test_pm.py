@@ -9,7 +9,7 @@ import torch
 from conftest import load, make_inputs
 from PIL import Image, ImageDraw
 
-from methods import hooks, pm
+from methods import hooks, pm, pm_families, pm_magnify, pm_search
 from methods.technique import Request, RequestError
 
 # ---------------------------------------------------------------------------------------
@@ -20,7 +20,7 @@ from methods.technique import Request, RequestError
 @pytest.mark.parametrize("shape", [(37, 37, 3), (20, 53, 3), (1, 1, 3), (64, 3, 3)])
 def test_uniform_map_is_the_identity(shape):
     img = np.random.default_rng(0).integers(0, 256, shape, dtype=np.uint8)
-    out = np.asarray(pm.magnify(img, np.full(shape[:2], 0.37)))
+    out = np.asarray(pm_magnify.magnify(img, np.full(shape[:2], 0.37)))
     assert np.array_equal(out, img)
 
 
@@ -28,7 +28,7 @@ def test_uniform_map_to_another_size_is_a_plain_rescale():
     # a linear ramp resampled at pixel centres stays a ramp (up to interpolation error)
     ramp = np.tile(np.linspace(0, 255, 40), (40, 1))
     img = np.stack([ramp] * 3, -1).astype(np.uint8)
-    out = np.asarray(pm.magnify(img, np.ones((40, 40)), out_size=(80, 20))).astype(float)
+    out = np.asarray(pm_magnify.magnify(img, np.ones((40, 40)), out_size=(80, 20))).astype(float)
     want = np.interp((np.arange(80) + 0.5) / 2 - 0.5, np.arange(40), img[0, :, 0].astype(float))
     assert out.shape == (20, 80, 3)
     assert np.abs(out[5, :, 0] - want).max() <= 0.5
@@ -36,7 +36,7 @@ def test_uniform_map_to_another_size_is_a_plain_rescale():
 
 def test_inverse_cdf_hand_computed():
     # density 3 on cell 1, 1 elsewhere (4 cells, total 6): cumulative edges 0, 1/6, 4/6, 5/6, 1
-    xs = pm.inverse_cdf(np.array([1.0, 3.0, 1.0, 1.0]), 6)
+    xs = pm_magnify.inverse_cdf(np.array([1.0, 3.0, 1.0, 1.0]), 6)
     u = (np.arange(6) + 0.5) / 6
     want = np.interp(u, [0, 1 / 6, 4 / 6, 5 / 6, 1], [0, 1, 2, 3, 4]) - 0.5
     np.testing.assert_allclose(xs, want, atol=1e-12)
@@ -50,7 +50,7 @@ def test_concentrated_map_enlarges_exactly_that_region_and_keeps_order():
     density[a:b, a:b] = strength  # rows and columns a..b-1 have max = strength
     width = b - a
     share = strength * width / (strength * width + (n - width))  # of the output, along each axis
-    ys = pm.inverse_cdf(density.max(axis=1), n)
+    ys = pm_magnify.inverse_cdf(density.max(axis=1), n)
     assert np.all(np.diff(ys) > 0)  # monotone: order of rows preserved
     inside = np.sum((ys >= a - 0.5) & (ys < b - 0.5))
     assert abs(inside - share * n) <= 1
@@ -64,7 +64,7 @@ def test_concentrated_map_enlarges_exactly_that_region_and_keeps_order():
     # the rest shrinks, and the square stays where the CDF puts it
     img = Image.new("RGB", (n, n), (0, 0, 0))
     ImageDraw.Draw(img).rectangle([22, 22, 25, 25], fill=(255, 255, 255))  # 4x4 px
-    out = np.asarray(pm.magnify(img, density))[:, :, 0]
+    out = np.asarray(pm_magnify.magnify(img, density))[:, :, 0]
     rows = np.nonzero(out.max(axis=1) > 127)[0]
     span = rows.max() - rows.min() + 1
     assert abs(span - 4 * strength * n / (strength * width + n - width)) <= 2
@@ -74,19 +74,19 @@ def test_concentrated_map_enlarges_exactly_that_region_and_keeps_order():
 
 def test_magnify_rejects_a_mismatched_density():
     with pytest.raises(ValueError, match="does not match"):
-        pm.magnify(np.zeros((4, 5, 3), np.uint8), np.ones((5, 4)))
+        pm_magnify.magnify(np.zeros((4, 5, 3), np.uint8), np.ones((5, 4)))
 
 
 def test_two_means_hand_computed():
-    assert pm.two_means_high(np.array([0.0, 0, 1, 1, 10])).tolist() == [False, False, False, False, True]
+    assert pm_search.two_means_high(np.array([0.0, 0, 1, 1, 10])).tolist() == [False, False, False, False, True]
     # first split at 5 puts 5.5 high; the centres (0.9 -> 2.25, 9.36) move the split to 5.8: 5.5 goes low
     v = np.array([0, 3, 3, 3, 5.5, 10, 10, 10, 10, 10, 10])
-    assert pm.two_means_high(v).tolist() == [False] * 5 + [True] * 6
+    assert pm_search.two_means_high(v).tolist() == [False] * 5 + [True] * 6
     # a tie (equal distance to both centres) goes to the low cluster
-    assert pm.two_means_high(np.array([0.0, 5.0, 10.0])).tolist() == [False, False, True]
+    assert pm_search.two_means_high(np.array([0.0, 5.0, 10.0])).tolist() == [False, False, True]
     # a constant map has no high cluster
-    assert not pm.two_means_high(np.full(7, 0.2)).any()
-    assert pm.two_means_high(np.array([[0.0, 1.0], [0.0, 0.9]])).shape == (2, 2)
+    assert not pm_search.two_means_high(np.full(7, 0.2)).any()
+    assert pm_search.two_means_high(np.array([[0.0, 1.0], [0.0, 0.9]])).shape == (2, 2)
 
 
 def test_refine_hand_computed():
@@ -98,7 +98,7 @@ def test_refine_hand_computed():
         seen.append(tuple(blocked.tolist()))
         return np.array(replies[seen[-1]], dtype=float)
 
-    s = pm.refine(np.array([8.0, 2, 2, 0]), forward_blocked, n_layers=2, beta=1.5, max_iter=8)
+    s = pm_search.refine(np.array([8.0, 2, 2, 0]), forward_blocked, n_layers=2, beta=1.5, max_iter=8)
     # pass 0: map [4,1,1,0] (sum 6): block token 0; pass 1: [0,2,1,1] (sum 4 > 1.5): block token 1;
     # pass 2: [0,0,.5,.5] (sum 1 <= 1.5): stop. H* = (sum of maps 0..1) / visible counts [1,2,2,2]
     assert seen == list(replies)
@@ -106,14 +106,14 @@ def test_refine_hand_computed():
     assert s.sums == [6.0, 4.0, 1.0]
     np.testing.assert_allclose(s.h_star, [4.0, 1.5, 1.0, 0.5])
 
-    s = pm.refine(np.array([8.0, 2, 2, 0]), forward_blocked, n_layers=2, beta=1.5, max_iter=1)
+    s = pm_search.refine(np.array([8.0, 2, 2, 0]), forward_blocked, n_layers=2, beta=1.5, max_iter=1)
     assert s.iterations == 1 and s.sums == [6.0, 4.0]
     np.testing.assert_allclose(s.h_star, [4.0, 1.0, 1.0, 0.0])  # only pass 0 is averaged
 
-    s = pm.refine(np.array([8.0, 2, 2, 0]), forward_blocked, n_layers=2, beta=10.0, max_iter=8)
+    s = pm_search.refine(np.array([8.0, 2, 2, 0]), forward_blocked, n_layers=2, beta=10.0, max_iter=8)
     assert s.iterations == 1  # the exit test comes after the first re-forward, as in the reference
 
-    flat = pm.refine(np.full(4, 3.0), forward_blocked, n_layers=3, beta=0.0, max_iter=8)
+    flat = pm_search.refine(np.full(4, 3.0), forward_blocked, n_layers=3, beta=0.0, max_iter=8)
     assert flat.iterations == 0 and np.allclose(flat.h_star, 1.0)
 
 
@@ -139,33 +139,33 @@ def test_enhance_hand_computed():
     g = np.array([[0.0, 1.0], [0.0, 0.0]])
     # mean 0.25, sample std 0.5: z = [[-0.5, 1.5], [-0.5, -0.5]]
     want = 1 / (1 + np.exp(-2.0 * np.array([[-0.5, 1.5], [-0.5, -0.5]])))
-    np.testing.assert_allclose(pm.enhance(g, 2.0, 1), want)
+    np.testing.assert_allclose(pm_magnify.enhance(g, 2.0, 1), want)
     grid = np.random.default_rng(1).random((6, 5)) * 0.03
     for k in (1, 3, 5):
-        np.testing.assert_allclose(pm.enhance(grid, 15.0, k), _enhance_by_hand(grid, 15.0, k), rtol=1e-10)
-    assert np.all(pm.enhance(grid, 0.0, 3) == 0.5)  # alpha 0: a uniform map
-    assert np.all(pm.enhance(np.full((3, 3), 7.0), 15.0, 3) == 0.5)  # a flat map stays flat
+        np.testing.assert_allclose(pm_magnify.enhance(grid, 15.0, k), _enhance_by_hand(grid, 15.0, k), rtol=1e-10)
+    assert np.all(pm_magnify.enhance(grid, 0.0, 3) == 0.5)  # alpha 0: a uniform map
+    assert np.all(pm_magnify.enhance(np.full((3, 3), 7.0), 15.0, 3) == 0.5)  # a flat map stays flat
 
 
 def test_square_view_pads_like_llava_and_crops_like_clip():
     img = Image.new("RGB", (30, 10), (255, 0, 0))
-    v = pm.square_view(img, "pad", (1, 2, 3))
+    v = pm_magnify.square_view(img, "pad", (1, 2, 3))
     a = np.asarray(v)
     assert v.size == (30, 30)
     assert (a[:10] == (1, 2, 3)).all() and (a[10:20] == (255, 0, 0)).all() and (a[20:] == (1, 2, 3)).all()
-    assert pm.square_view(img, "crop").size == (10, 10)
-    assert pm.square_view(Image.new("L", (5, 5), 9), "pad").mode == "RGB"
+    assert pm_magnify.square_view(img, "crop").size == (10, 10)
+    assert pm_magnify.square_view(Image.new("L", (5, 5), 9), "pad").mode == "RGB"
     rgba = Image.new("RGBA", (4, 4), (0, 0, 0, 0))
-    assert np.asarray(pm.square_view(rgba, "pad")).min() == 255  # transparent -> white, as HF processors do
+    assert np.asarray(pm_magnify.square_view(rgba, "pad")).min() == 255  # transparent -> white, as HF processors do
 
 
 def test_deep_layers_scale_with_depth():
-    assert pm.deep_layers(32) == range(11, 32)  # l >= 12 of 32, 1-based
-    assert pm.deep_layers(40) == range(14, 40)
-    assert pm.deep_layers(4) == range(1, 4)
-    assert pm.deep_layers(6, deep_layer=6) == range(5, 6)
+    assert pm_search.deep_layers(32) == range(11, 32)  # l >= 12 of 32, 1-based
+    assert pm_search.deep_layers(40) == range(14, 40)
+    assert pm_search.deep_layers(4) == range(1, 4)
+    assert pm_search.deep_layers(6, deep_layer=6) == range(5, 6)
     with pytest.raises(ValueError, match="outside"):
-        pm.deep_layers(4, deep_layer=5)
+        pm_search.deep_layers(4, deep_layer=5)
 
 
 # ---------------------------------------------------------------------------------------
@@ -185,7 +185,7 @@ def _request(model, processor, inputs, image, text=None):
 
 
 def _technique(model, **params):
-    return pm.PerceptionMagnifier(hooks.num_layers(model), pm.image_grid(model), **params)
+    return pm.PerceptionMagnifier(hooks.num_layers(model), pm_families.image_grid(model), **params)
 
 
 def _square_inputs(processor, size=32):
@@ -244,7 +244,7 @@ def test_narrower_blocking_matches_the_hook_layer_block(square, rows):
         block = hooks.Block(layers=range(hooks.num_layers(model)), rows=row_spec, keys=pos[torch.as_tensor(blocked)])
         with torch.no_grad(), hooks.edited(model, block, cap):
             model(**inputs)
-        np.testing.assert_allclose(s.maps[i] * len(t.layers), pm.token_map(cap.stacked()[:, 0, :, 0]), atol=1e-5)
+        np.testing.assert_allclose(s.maps[i] * len(t.layers), pm_search.token_map(cap.stacked()[:, 0, :, 0]), atol=1e-5)
 
 
 def test_magnification_off_equals_llava_hf(square):
@@ -357,7 +357,7 @@ def test_saved_visuals(square, tmp_path):
         with Image.open(tmp_path / f"0000_{kind}.png") as im:
             assert im.format == "PNG" and im.size == image.size
     trace = json.loads((tmp_path / "0000_search.json").read_text())
-    assert len(trace["h_star"]) == pm.image_grid(model) ** 2 and trace["iterations"] == len(trace["sums"]) - 1
+    assert len(trace["h_star"]) == pm_families.image_grid(model) ** 2 and trace["iterations"] == len(trace["sums"]) - 1
 
 
 def test_visuals_dir_resolution(tmp_path):
@@ -371,7 +371,7 @@ def test_visuals_dir_resolution(tmp_path):
 
 def test_wrapper_parameters_and_presets():
     from lmms_eval_plugins.models.pm import SPEC
-    from lmms_eval_plugins.params import ModelArgsError, parse_params
+    from methods.params import ModelArgsError, parse_params
 
     p = parse_params(SPEC.params, {"preset": "mme"}, SPEC.presets, owner=SPEC.name)
     assert (p["alpha"], p["kernel"], p["beta"]) == (10.0, 3, 0.3)

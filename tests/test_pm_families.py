@@ -16,7 +16,7 @@ from conftest import make_inputs
 from test_qwen import SIZE, _cli, _image, _inputs, tiny_qwen  # noqa: F401  (the tiny model fixture)
 
 from lmms_eval_plugins import testing
-from methods import hooks, pm
+from methods import hooks, pm, pm_families, pm_search
 from methods.technique import Request
 
 GEOMETRY_INPUTS = {"qwen2_5_vl": "image_grid_thw", "llava_next": "image_sizes", "llava_onevision": "image_sizes"}
@@ -67,7 +67,7 @@ def _ready(model, processor, inputs, image):
 
 
 def _technique(model, **params):
-    return pm.PerceptionMagnifier(hooks.num_layers(model), pm.image_grid(model), **params)
+    return pm.PerceptionMagnifier(hooks.num_layers(model), pm_families.image_grid(model), **params)
 
 
 def test_pm_language_model_pass_has_the_models_positions_and_logits(qwen):
@@ -76,7 +76,7 @@ def test_pm_language_model_pass_has_the_models_positions_and_logits(qwen):
     from transformers import DynamicCache
 
     model, _, inputs, req = qwen
-    family = pm.FAMILIES[req.family]
+    family = pm_families.FAMILIES[req.family]
     ids = inputs["input_ids"]
     n = ids.shape[1]
     want, delta = model.model.get_rope_index(ids, inputs["mm_token_type_ids"], inputs["image_grid_thw"])
@@ -101,7 +101,7 @@ def test_anyres_embeddings_equal_the_models(family):
     from transformers import DynamicCache
 
     model, _, inputs, req = family
-    f = pm.FAMILIES[req.family]
+    f = pm_families.FAMILIES[req.family]
     with torch.no_grad():
         emb = f.embed(model, req, inputs["input_ids"], inputs["pixel_values"])
         run = pm._LanguageModel(model, f.positions(model, req, emb.shape[1]))
@@ -131,7 +131,7 @@ def test_map_passes_equal_full_forwards_with_the_blocked_keys(family, rows):
         with torch.no_grad(), hooks.edited(model, block, cap):
             model(**inputs)
         np.testing.assert_allclose(
-            s.maps[i] * len(t.layers), pm.token_map(cap.stacked()[:, 0, :, 0]), atol=1e-5, err_msg=f"pass {i}"
+            s.maps[i] * len(t.layers), pm_search.token_map(cap.stacked()[:, 0, :, 0]), atol=1e-5, err_msg=f"pass {i}"
         )
 
 

@@ -16,7 +16,9 @@ from test_qwen import PIXELS, _inputs, tiny_qwen  # noqa: F401  (the module-scop
 
 from lmms_eval_plugins import testing
 from methods import guidance, hooks, positions
-from methods.reprompt import Reprompt, forward_from, generate_from
+from methods.kv_cache import cache_of, with_cache
+from methods.reprompt import Reprompt
+from methods.reprompt_context import forward_from, generate_from
 from methods.technique import Request
 
 GREEDY = {"max_new_tokens": 6, "min_new_tokens": 6, "do_sample": False}
@@ -71,7 +73,7 @@ def test_compressed_cache_equals_the_blocked_full_forward(qwen, keep_query):
     kept = tech.kept_image_tokens(model, req, in1)[None]
     with torch.no_grad():
         out = model(**in1, use_cache=True)
-    ctx = tech.build_context(model, req, out.past_key_values, kept, req.prompt_len)
+    ctx = tech.build_context(model, req, cache_of(out), kept, req.prompt_len)
     pos = req.image_pos
     img_end = int(pos[-1]) + 1
     assert ctx.positions.shape == (3, ctx.entries)
@@ -89,7 +91,7 @@ def test_compressed_cache_equals_the_blocked_full_forward(qwen, keep_query):
                 image_grid_thw=in1["image_grid_thw"],
                 mm_token_type_ids=(seq == model.config.image_token_id).int(),
             ).logits[:, prefix.shape[1] :]
-        inferred = model(input_ids=suffix, past_key_values=ctx.cache(), use_cache=True).logits
+        inferred = model(input_ids=suffix, **with_cache(ctx.cache()), use_cache=True).logits
     diff, wrong = (got - want).abs().max().item(), (inferred - want).abs().max().item()
     print(f"keep_query={keep_query}: explicit M-RoPE max diff {diff:.2e}, inferred positions {wrong:.2e}")
     assert diff < 2e-5
@@ -105,7 +107,7 @@ def test_generation_from_a_cut_cache_continues_at_the_right_positions(qwen):
         # an uncompressed context (every image token kept, query re-prefilled after it) = plain generate
         tech = Reprompt(4, mode="compressed", keep_ratio=1.0, keep_query=False)
         out = model(**in1, use_cache=True)
-        ctx = tech.build_context(model, req, out.past_key_values, torch.arange(req.image_pos.numel()), req.prompt_len)
+        ctx = tech.build_context(model, req, cache_of(out), torch.arange(req.image_pos.numel()), req.prompt_len)
         full = generate_from(model, ctx, in1["input_ids"][:, img_end:], **GREEDY)
         # pruning at 25%: the cut cache + re-prefilled query = the same prompt with the dropped keys masked
         prune = Reprompt(4, mode="prune", keep_ratio=0.25)

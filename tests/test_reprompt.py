@@ -7,16 +7,10 @@ import torch
 from conftest import load, make_inputs
 
 from methods import hooks
-from methods.reprompt import (
-    CompressedContext,
-    Reprompt,
-    attention_scores,
-    compress,
-    forward_from,
-    n_keep,
-    select,
-    top_tokens,
-)
+from methods.kv_cache import cache_of
+from methods.reprompt import Reprompt
+from methods.reprompt_context import CompressedContext, compress, forward_from
+from methods.reprompt_scoring import attention_scores, n_keep, select, top_tokens
 from methods.technique import Request, RequestError
 
 GREEDY = dict(max_new_tokens=6, min_new_tokens=6, do_sample=False)
@@ -165,7 +159,7 @@ def _context(tech, model, processor, image, inputs):
     kept = tech.kept_image_tokens(model, req, inputs)[None]
     with torch.no_grad():
         out = model(**inputs, use_cache=True)
-    return req, kept, tech.build_context(model, req, out.past_key_values, kept, req.prompt_len)
+    return req, kept, tech.build_context(model, req, cache_of(out), kept, req.prompt_len)
 
 
 @pytest.mark.parametrize("keep_query", [True, False])

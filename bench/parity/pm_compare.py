@@ -27,7 +27,7 @@ def main():
     args = ap.parse_args()
     import test_parity_pm as t
 
-    from methods import pm
+    from methods import pm_magnify
 
     t.FIX = Path(args.fixtures)
     data, arrays, prov = fixtures = t.load_fixtures()
@@ -52,7 +52,9 @@ def main():
                 d_h = float(np.abs(s.h_star - arrays[f"{prefix}h_star"].ravel()).max())
                 d_e = float(np.abs(ours.grid_map - arrays[f"{prefix}enhanced"]).max())
                 cells = int(
-                    (pm.official_quantise(torch.from_numpy(ours.grid_map)) != arrays[f"{prefix}grid_uint8"]).sum()
+                    (
+                        pm_magnify.official_quantise(torch.from_numpy(ours.grid_map)) != arrays[f"{prefix}grid_uint8"]
+                    ).sum()
                 )
                 same_img = bool(np.array_equal(np.asarray(ours.image), arrays[f"{prefix}magnified"]))
                 blocked = [np.flatnonzero(b).tolist() for b in s.blocked] == ref["blocked"]

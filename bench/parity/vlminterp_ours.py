@@ -63,11 +63,11 @@ _DESCRIBE: dict = {}
 def memoize_describe_pass() -> None:
     """The fixtures' describe pass is the official 300 greedy steps; every selection, pruned run and context
     here starts from the same one, so run it once per (model, ids, pixels, steps)."""
-    from methods import reprompt
+    from methods import reprompt_scoring
 
-    if getattr(reprompt.describe_pass, "memoized", False):
+    if getattr(reprompt_scoring.describe_pass, "memoized", False):
         return
-    original = reprompt.describe_pass
+    original = reprompt_scoring.describe_pass
 
     def describe_pass(model, ids, pixel_values, image_pos, n_tokens, **image_kwargs):
         if image_kwargs:  # not the fixtures' case (one 336 px image)
@@ -78,7 +78,7 @@ def memoize_describe_pass() -> None:
         return _DESCRIBE[key]
 
     describe_pass.memoized, describe_pass.original = True, original
-    reprompt.describe_pass = describe_pass
+    reprompt_scoring.describe_pass = describe_pass
 
 
 def prune_technique(model, golden: dict, selection: str, prune_rows: str = "decode"):
@@ -107,13 +107,13 @@ def prune_technique(model, golden: dict, selection: str, prune_rows: str = "deco
 
 def selection_ours(model, pixels, golden: dict, selection: str):
     """(per-layer kept absolute positions in ranked order, describe-pass new ids)."""
-    from methods import reprompt
+    from methods import reprompt_scoring
 
     tech = prune_technique(model, golden, selection)
     d = golden["describe"]
     ids = tiny.hf_ids(d["ids_before_image"], d["ids_after_image"])
     pos = (ids[0] == tiny.IMAGE_TOKEN_ID).nonzero().flatten()
-    rows, hidden, new, _ = reprompt.describe_pass(model, ids, pixels, pos, tech.params["describe_tokens"])
+    rows, hidden, new, _ = reprompt_scoring.describe_pass(model, ids, pixels, pos, tech.params["describe_tokens"])
     kept = tech.official_selection(model, ids, pixels, pos)
     return {l: pos[idx] for l, idx in kept.items()}, new[0].tolist()
 
@@ -176,19 +176,23 @@ def run_fastv_ours(model, pixels, golden: dict, run: dict):
 
 def run_cache_ours(model, pixels, prune_golden: dict, golden: dict, run: dict):
     """The official compressed context from our describe pass (HF layout), then greedy answers (scores per step)."""
-    from methods import reprompt
+    from methods import reprompt_context, reprompt_scoring
 
     memoize_describe_pass()
     d = prune_golden["describe"]
     ids = tiny.hf_ids(d["ids_before_image"], d["ids_after_image"])
     pos = (ids[0] == tiny.IMAGE_TOKEN_ID).nonzero().flatten()
-    rows, _, _, cache = reprompt.describe_pass(model, ids, pixels, pos, len(d["new_ids"]))
+    rows, _, _, cache = reprompt_scoring.describe_pass(model, ids, pixels, pos, len(d["new_ids"]))
     kept = dict(
-        enumerate(reprompt.attn_over_gen(rows, reprompt.official_count(prune_golden["k_fraction"], pos.numel())))
+        enumerate(
+            reprompt_scoring.attn_over_gen(
+                rows, reprompt_scoring.official_count(prune_golden["k_fraction"], pos.numel())
+            )
+        )
     )
     kept = {l: pos[i] for l, i in kept.items()}
     query = torch.tensor(golden["query_positions"])
-    ctx = reprompt.official_context(cache, query, kept, run["strategy"], pos.numel())
+    ctx = reprompt_context.official_context(cache, query, kept, run["strategy"], pos.numel())
     suffix = torch.tensor([golden["followup_ids"]])
     with torch.no_grad():
         out = model.generate(
@@ -202,7 +206,9 @@ def run_cache_ours(model, pixels, prune_golden: dict, golden: dict, run: dict):
 
 
 def _from_cache_inputs(model, ctx, suffix):
-    """generate() inputs for a compressed context (as methods.reprompt.generate_from builds them)."""
+    """generate() inputs for a compressed context (as methods.reprompt_context.generate_from builds them)."""
+    from methods.kv_cache import with_cache
+
     n, s = ctx.entries, suffix.shape[1]
     ids = torch.cat([torch.zeros((1, n), dtype=suffix.dtype), suffix], dim=1)
     positions = torch.cat([ctx.positions, ctx.next_position + torch.arange(s)])[None]
@@ -210,6 +216,6 @@ def _from_cache_inputs(model, ctx, suffix):
         input_ids=ids,
         attention_mask=torch.ones_like(ids),
         position_ids=positions,
-        past_key_values=ctx.cache(),
         use_cache=True,
+        **with_cache(ctx.cache()),
     )

@@ -1,6 +1,6 @@
 """`llava_pm`: the Perception Magnifier (methods/pm.py) inside lmms-eval's llava_hf (LLaVA-1.5);
 the same spec runs as `qwen2_5_vl_pm` (models/qwen2_5_vl.py; the family differences are
-methods/pm.py's ``FAMILIES``)."""
+methods/pm_families.py's ``FAMILIES``)."""
 
 from methods.hooks import num_layers
 from methods.pm import (
@@ -12,10 +12,10 @@ from methods.pm import (
     REFRESH,
     SAMPLERS,
     TWO_MEANS,
-    VIEWS,
     PerceptionMagnifier,
-    image_grid,
 )
+from methods.pm_families import image_grid
+from methods.pm_magnify import VIEWS
 
 from ..base import TechniqueSpec, wrapper_classes
 from methods.params import Param

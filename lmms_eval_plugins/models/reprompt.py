@@ -16,8 +16,8 @@ from methods.reprompt import (
     SCORE_ROWS,
     SELECTIONS,
     Reprompt,
-    forward_from,
 )
+from methods.reprompt_context import forward_from
 
 from ..base import TechniqueSpec, wrapper_classes
 from methods.params import Param
