@@ -25,8 +25,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import functools
-import inspect
 import sys
 from typing import Iterable, Sequence
 
@@ -322,17 +320,37 @@ def install(model) -> str:
     return HOOKED_PREFIX + current
 
 
-@functools.lru_cache(maxsize=None)
-def calls_attention_interface(cls: type) -> bool:
-    """Whether ``cls.forward`` dispatches through transformers' attention registry
-    (``ALL_ATTENTION_FUNCTIONS``, i.e. ``AttentionInterface``): exactly the modules our hooked
-    function sees. Pooling heads built on ``nn.MultiheadAttention`` (SigLIP's) do not."""
-    forward = getattr(cls, "forward", None)
-    try:
-        source = inspect.getsource(forward)
-    except (OSError, TypeError):
-        return False
-    return "ALL_ATTENTION_FUNCTIONS" in source
+def _attention_recorders(model) -> list[tuple[type | None, str | None, str | None]]:
+    """(class, layer name, class-name suffix) of every module that transformers itself records as
+    "attentions" (``output_attentions``), from each sub-model's ``_can_record_outputs``: the modeling
+    code's own declaration of its attention modules, i.e. the modules whose forward calls the
+    ``AttentionInterface`` registry. Pooling heads built on ``nn.MultiheadAttention`` (SigLIP's) are not
+    declared, and so are not found."""
+    found = []
+    for mod in model.modules():
+        spec = (getattr(type(mod), "_can_record_outputs", None) or {}).get("attentions")
+        for rec in spec if isinstance(spec, (list, tuple)) else [spec]:
+            if rec is None:
+                continue
+            if isinstance(rec, type):
+                found.append((rec, None, None))
+            elif isinstance(rec, str):  # a class name (LLaVA-OneVision declares its LM's this way)
+                found.append((None, None, rec))
+            else:  # transformers' OutputRecorder
+                found.append((rec.target_class, rec.layer_name, rec.class_name))
+    return list(dict.fromkeys(found))
+
+
+def _recorded(name: str, mod, recorders) -> bool:
+    for cls, layer_name, class_name in recorders:
+        if cls is not None and not isinstance(mod, cls):
+            continue
+        if class_name and not type(mod).__name__.endswith(class_name):
+            continue
+        if layer_name and layer_name not in name:
+            continue
+        return True
+    return False
 
 
 def _sub_configs(model) -> dict[str, list]:
@@ -360,15 +378,20 @@ def _tower_of(mod_config, sub: dict) -> str | None:
 def attention_modules(model) -> dict[str, list[torch.nn.Module]]:
     """The attention modules of the language model ("lm") and vision tower ("vision"), in layer order.
 
-    No per-family name patterns: an attention module is one whose forward calls the
-    ``AttentionInterface`` registry (``calls_attention_interface``), and its tower is the
-    sub-config it was built from (``config.text_config`` or ``config.vision_config``).
-    This finds LLaVA-1.5/NeXT (CLIP + Llama), OneVision (SigLIP + Qwen2) and Qwen2.5-VL (fused-qkv
-    windowed vision attention + Qwen2 LM) alike."""
+    No per-family name patterns: an attention module is one the modeling code declares as recording
+    "attentions" (``_attention_recorders``), and its tower is the sub-config it was built from
+    (``config.text_config`` or ``config.vision_config``). This finds LLaVA-1.5/NeXT (CLIP + Llama),
+    OneVision (SigLIP + Qwen2) and Qwen2.5-VL (fused-qkv windowed vision attention + Qwen2 LM) alike."""
+    recorders = _attention_recorders(model)
+    if not recorders:
+        raise ValueError(
+            f"{type(model).__name__} declares no attention modules (no _can_record_outputs['attentions'] in "
+            "any sub-model): the hook layer needs a transformers 5 model class"
+        )
     found = {t: [] for t in TOWERS}
     sub = _sub_configs(model)
-    for mod in model.modules():
-        if not calls_attention_interface(type(mod)):
+    for name, mod in model.named_modules():
+        if not _recorded(name, mod, recorders):
             continue
         tower = _tower_of(getattr(mod, "config", None), sub)
         if tower is not None:

@@ -279,7 +279,7 @@ def _tiny_qwen2_5_vl():
 
 @pytest.mark.parametrize("family", ["llava_next", "llava_onevision", "qwen2_5_vl"])
 def test_attention_modules_found_without_name_patterns(tmp_path, family):
-    """LM and vision attention of every family: found by 'calls AttentionInterface' + its sub-config,
+    """LM and vision attention of every family: found by the modeling code's recorded "attentions" + its sub-config,
     in layer order; SigLIP's nn.MultiheadAttention pooling head is not one of them."""
     from transformers import AutoModelForImageTextToText
 
@@ -318,3 +318,14 @@ def test_idle_hook_layer_is_bit_identical_on_anyres_families(tmp_path, family):
         # and an edit does reach both towers
         with hooks.edited(hooked, hooks.Boost(layers=[0], tower="vision", rows=hooks.Rows.all(), alpha=1.0)):
             assert not torch.equal(plain(**inputs).logits, hooked(**inputs).logits)
+
+
+def test_a_model_that_declares_no_attention_modules_is_refused():
+    class Plain(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.config = type("C", (), {"_attn_implementation": "sdpa"})()
+            self.attn = torch.nn.MultiheadAttention(8, 2)
+
+    with pytest.raises(ValueError, match="declares no attention modules"):
+        hooks.attention_modules(Plain())
