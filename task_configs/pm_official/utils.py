@@ -16,19 +16,13 @@ ShapeWorld twins (``shapeworld_*_first_token``) run the same scoring on the Shap
 docs, so the tasks are tested here without downloads. Metrics keep lmms-eval's names.
 """
 
-import os
-import sys
-
-try:
-    from lmms_eval_plugins.shapeworld import data
-except ImportError:  # running from a source checkout that is not pip-installed
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-    from lmms_eval_plugins.shapeworld import data
-
 from datasets import Dataset
 
+# the plugin is installed (pip install -e .) wherever lmms-eval can load its model names
+from lmms_eval_plugins.shapeworld import data
+
 # lmms-eval's aggregations over per-doc records {"prediction", "ground_truth"} (YAML: !function utils.pope_aggregate_*)
-from lmms_eval_plugins.shapeworld.metrics import (  # noqa: E402,F401
+from lmms_eval_plugins.shapeworld.metrics import (  # noqa: F401
     pope_aggregate_accuracy,
     pope_aggregate_f1_score,
     pope_aggregate_precision,
