@@ -4,7 +4,7 @@
     python bench/qwen_shapeworld.py --out results/qwen_shapeworld [--pretrained PATH] [--limit N]
 
 Prints one markdown row per run and writes table.md and runs.json under --out. The rows
-mirror the LLaVA table in the README (PAI alpha 0.2 without CFG, and preset=paper with CFG;
+mirror the LLaVA table in docs/shapeworld.md (PAI alpha 0.2 without CFG, and preset=paper with CFG;
 knockout of the image keys for the generated / query rows in every layer; lochead boxes from
 all heads and from each request's own heads; re-prompting: pruning at 5% / 25% and compressed
 follow-ups at 25%).

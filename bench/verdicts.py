@@ -1,10 +1,10 @@
-"""Every claim of the README's "the paper's claim here" column, re-measured through the real CLI, with a verdict.
+"""Every claim in docs/shapeworld.md's "the paper's claim here" column, re-measured through the CLI, with a verdict.
 
     python bench/verdicts.py --pretrained shapeworld-llava --out results/verdicts            # everything, resumable
     python bench/verdicts.py --pretrained shapeworld-llava --out DIR --only pm,lochead_official_vs_all
     python bench/verdicts.py --pretrained shapeworld-llava --out DIR --table-only          # re-read DIR (same flags)
 
-Each claim (``CLAIMS``, one README row) compares two lmms-eval runs (``RUNS``) on the same documents:
+Each claim (``CLAIMS``, one row of that table) compares two lmms-eval runs (``RUNS``) on the same documents:
 a technique at ``preset=official`` or the paper's setting, against the run the paper compares it with
 (greedy ``llava_hf``, all heads, random heads, an equal-budget fine-tune without the alignment loss).
 Every run goes through the real lmms-eval CLI with ``--log_samples``, full 300-document test splits
@@ -83,7 +83,7 @@ class EvalRun:
 
 @dataclasses.dataclass(frozen=True)
 class Claim:
-    """One README row: ``other`` vs ``base`` (names in RUNS) on ``metric``, pooled over ``tasks``."""
+    """One row of the claims table: ``other`` vs ``base`` (names in RUNS) on ``metric``, pooled over ``tasks``."""
 
     name: str
     technique: str
@@ -131,7 +131,7 @@ RUNS: dict[str, EvalRun] = {
     "viral_intended": EvalRun("llava_viral", "adapter={adapter[official_intended]}", needs="viral:official_intended"),
 }
 
-# One claim per entry, as the README rows: name, technique, baseline run, technique run, tasks (pooled),
+# One claim per entry, as the table's rows: name, technique, baseline run, technique run, tasks (pooled),
 # metric, the paper's direction; then the claim, with the paper's figure where lmms_eval_plugins/paper_figures.py
 # has it.
 # fmt: off
