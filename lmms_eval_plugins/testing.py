@@ -52,6 +52,35 @@ def build_tokenizer(words=WORDS, extra_specials=()):
     return fast
 
 
+def _tower_config(config_class, image_size, patch_size, hidden, layers, heads, **extra):
+    """A tiny vision tower's config (CLIP or SigLIP): MLP twice the width."""
+    return config_class(
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        image_size=image_size,
+        patch_size=patch_size,
+        **extra,
+    )
+
+
+def _lm_config(config_class, tok, hidden, layers, heads, kv_heads):
+    """A tiny language model's config (Llama or Qwen2) over ``tok``: MLP twice the width, 4096 positions."""
+    return config_class(
+        vocab_size=len(tok),
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        max_position_embeddings=4096,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
+
+
 def build_tiny_llava(
     out_dir,
     *,
@@ -81,27 +110,16 @@ def build_tiny_llava(
     out.mkdir(parents=True, exist_ok=True)
     tok = build_tokenizer()
     config = LlavaConfig(
-        vision_config=CLIPVisionConfig(
-            hidden_size=vision_hidden,
-            intermediate_size=2 * vision_hidden,
-            num_hidden_layers=vision_layers,
-            num_attention_heads=vision_heads,
-            image_size=image_size,
-            patch_size=patch_size,
+        vision_config=_tower_config(
+            CLIPVisionConfig,
+            image_size,
+            patch_size,
+            vision_hidden,
+            vision_layers,
+            vision_heads,
             projection_dim=vision_hidden,
         ),
-        text_config=LlamaConfig(
-            vocab_size=len(tok),
-            hidden_size=text_hidden,
-            intermediate_size=2 * text_hidden,
-            num_hidden_layers=text_layers,
-            num_attention_heads=text_heads,
-            num_key_value_heads=kv_heads,
-            max_position_embeddings=4096,
-            bos_token_id=tok.bos_token_id,
-            eos_token_id=tok.eos_token_id,
-            pad_token_id=tok.pad_token_id,
-        ),
+        text_config=_lm_config(LlamaConfig, tok, text_hidden, text_layers, text_heads, kv_heads),
         image_token_id=tok.convert_tokens_to_ids("<image>"),
         vision_feature_layer=-2,
         vision_feature_select_strategy="default",
@@ -165,27 +183,16 @@ def build_tiny_llava_next(
     tok = tokenizer or build_tokenizer()
     pinpoints = pinpoints or tiny_pinpoints(image_size)
     config = LlavaNextConfig(
-        vision_config=CLIPVisionConfig(
-            hidden_size=vision_hidden,
-            intermediate_size=2 * vision_hidden,
-            num_hidden_layers=vision_layers,
-            num_attention_heads=vision_heads,
-            image_size=image_size,
-            patch_size=patch_size,
+        vision_config=_tower_config(
+            CLIPVisionConfig,
+            image_size,
+            patch_size,
+            vision_hidden,
+            vision_layers,
+            vision_heads,
             projection_dim=vision_hidden,
         ),
-        text_config=LlamaConfig(
-            vocab_size=len(tok),
-            hidden_size=text_hidden,
-            intermediate_size=2 * text_hidden,
-            num_hidden_layers=text_layers,
-            num_attention_heads=text_heads,
-            num_key_value_heads=kv_heads,
-            max_position_embeddings=4096,
-            bos_token_id=tok.bos_token_id,
-            eos_token_id=tok.eos_token_id,
-            pad_token_id=tok.pad_token_id,
-        ),
+        text_config=_lm_config(LlamaConfig, tok, text_hidden, text_layers, text_heads, kv_heads),
         image_token_id=tok.convert_tokens_to_ids("<image>"),
         image_grid_pinpoints=pinpoints,
         vision_feature_layer=-2,
@@ -247,26 +254,10 @@ def build_tiny_llava_onevision(
     tok = tokenizer or build_tokenizer(extra_specials=("<video>",))
     pinpoints = pinpoints or tiny_pinpoints(image_size)
     config = LlavaOnevisionConfig(
-        vision_config=SiglipVisionConfig(
-            hidden_size=vision_hidden,
-            intermediate_size=2 * vision_hidden,
-            num_hidden_layers=vision_layers,
-            num_attention_heads=vision_heads,
-            image_size=image_size,
-            patch_size=patch_size,
+        vision_config=_tower_config(
+            SiglipVisionConfig, image_size, patch_size, vision_hidden, vision_layers, vision_heads
         ),
-        text_config=Qwen2Config(
-            vocab_size=len(tok),
-            hidden_size=text_hidden,
-            intermediate_size=2 * text_hidden,
-            num_hidden_layers=text_layers,
-            num_attention_heads=text_heads,
-            num_key_value_heads=kv_heads,
-            max_position_embeddings=4096,
-            bos_token_id=tok.bos_token_id,
-            eos_token_id=tok.eos_token_id,
-            pad_token_id=tok.pad_token_id,
-        ),
+        text_config=_lm_config(Qwen2Config, tok, text_hidden, text_layers, text_heads, kv_heads),
         image_token_id=tok.convert_tokens_to_ids("<image>"),
         video_token_id=tok.convert_tokens_to_ids("<video>"),
         image_grid_pinpoints=pinpoints,
