@@ -18,7 +18,7 @@ It imports no lmms-eval.
 
 Where the defaults differ from the reference code (github ShunqiM/PM @ 58c2c0f), on purpose;
 each difference is a named option, and ``preset=official_pope`` / ``official_mme`` (``OFFICIAL``)
-switch them all to the reference's arithmetic, proven against its fixtures
+switch them all to the reference's arithmetic, checked against its fixtures
 (tests/test_parity_pm.py; the parity table is in docs/pm.md):
 - ``layer_map``: the exit test and H* divide the layer sum by the number of deep layers
   actually summed (21 of 32); the reference divides by n_layers - L = 20 (``official``);
@@ -71,7 +71,7 @@ PRESETS = {
     "pope": {"alpha": 15.0, "kernel": 5, "beta": 0.4},
     "mme": {"alpha": 10.0, "kernel": 3, "beta": 0.3},
 }
-# The official code's arithmetic (ShunqiM/PM @ 58c2c0f), proven against its fixtures
+# The official code's arithmetic (ShunqiM/PM @ 58c2c0f), checked against its fixtures
 # (tests/test_parity_pm.py); each switch is one documented difference (docs/pm.md, parity table).
 OFFICIAL = {
     "layer_map": "official",
@@ -97,7 +97,7 @@ DEFAULTS = {
     "sampler": "centres",  # centres (pixel centres, identity on a flat map) | official (linspace(0,1,N) over cumsum)
     "single_layer": False,  # the official --single_layer: the map of layer L alone
     "resample_cd": 0.0,  # the official --resample_cd: logits + cd * (logits - original-image logits)
-    "temperature": None,  # None: the task's decoding; a value: sample at it, top_k 50 (the official runs: 1.0)
+    "temperature": None,  # None: the task's decoding; a value: sample at it, top_k 50 (official: T=1, no top-k)
 }
 REFRESH = ("once", "every_token", "every_n")
 BLOCK_ROWS = ("auto", "all", "text", "last", "first_all")
@@ -307,8 +307,12 @@ class PerceptionMagnifier(Technique):
     # --- lmms-eval entry points ---------------------------------------------------------
 
     def decoding(self, kwargs: dict) -> dict:
-        """The official runs sample at T=1 (model_generate.py:698) with transformers 4.37's default
-        top_k=50 and no top_p; ``temperature`` set replaces the task's decoding with that."""
+        """``temperature`` set replaces the task's decoding with sampling at it, top_k=50, top_p=1.0.
+
+        Not the official sampler: the official runs sample at T=1 (model_generate.py:698) with
+        ``top_k=args.top_k`` = None (model_generate.py:644, not set by the scripts), which transformers
+        4.37 copies into the generation config, so it adds no top-k warper and samples from the full
+        vocabulary."""
         t = self.params["temperature"]
         if t is None:
             return kwargs

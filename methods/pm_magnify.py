@@ -4,7 +4,7 @@ Post-processing (min-max, standardise, x alpha, sigmoid, k x k box filter), upsa
 square view of the original image (padded with the mean colour, as LLaVA-1.5 preprocesses), and
 magnification by inverse-transform sampling of the row/column max marginals (bilinear). Pure
 numpy/torch/PIL, tested on hand-made inputs; the ``official_*`` functions are the reference's
-arithmetic (github ShunqiM/PM @ 58c2c0f), proven against its fixtures (tests/test_parity_pm.py).
+arithmetic (github ShunqiM/PM @ 58c2c0f), checked against its fixtures (tests/test_parity_pm.py).
 """
 
 from __future__ import annotations

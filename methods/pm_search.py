@@ -6,7 +6,7 @@ is PM's iterative search: 2-means the current map, hide its high cluster from th
 re-forward, and repeat until the remaining attention is at most ``beta``; H* averages the maps over
 the passes in which each token was visible. Pure numpy/torch on hand-made inputs; the model passes
 are a callback (methods/pm.py runs them). The ``official_*`` functions are the reference's
-arithmetic (github ShunqiM/PM @ 58c2c0f), proven against its fixtures (tests/test_parity_pm.py).
+arithmetic (github ShunqiM/PM @ 58c2c0f), checked against its fixtures (tests/test_parity_pm.py).
 """
 
 from __future__ import annotations

@@ -1,12 +1,13 @@
 """Knockout against golden fixtures of OmriKaduri/vlm-interp @ 8f38051 (tests/fixtures/official/knockout).
 
-bench/parity/vlminterp_official.py ran the official code unmodified on the official stack (transformers
+bench/parity/vlminterp_official.py ran the official code without edits on the official stack (transformers
 4.37.2 with the repository's patched ``modeling_llama.py`` and generation ``utils.py`` copied in, its LLaVA
-fork over llava-torch 1.2.2.post1, ``LlavaWrapper.chat_step_by_step``; CPU, fp32, eager) on the tiny
-LLaVA-1.5-shaped model, for every run_on_coco.py flag and two layer windows. Here the same model is rebuilt
-from its seed in the llava-hf layout and ``llava_knockout`` runs the matching official preset for the
-fixture's first 6 greedy steps. Ids must be equal and the top-16 scores of every step within ATOL
-(summation order differs between the stacks).
+fork over llava-torch 1.2.2.post1, ``LlavaWrapper.chat_step_by_step``; CPU, fp32, eager; four of those files
+are reconstructions, see bench/parity/README.md) on the tiny LLaVA-1.5-shaped model, for every run_on_coco.py
+flag and two layer windows: 12 runs, all run here. The fixtures store each run's 300 greedy ids
+(``official_new_ids``), but only the first 6 steps are compared: ``llava_knockout`` runs the matching official
+preset for 6 greedy steps, whose ids must equal the fixture's first 6 and whose top-16 scores must be within
+ATOL (summation order differs between the stacks). Steps 7-300 are not compared.
 """
 
 import json

@@ -183,7 +183,8 @@ CASES = ["wide_p0_pope", "square_p1_mme", "tall_p0_mme", "wide_p1_pope", "square
 
 @pytest.mark.parametrize("name", CASES)
 def test_once_matches_official(model, processor, tiny, fixtures, name):
-    """refresh=once (the official QA path): passes, blocked sets, H*, 8-bit map, magnified image, ids."""
+    """refresh=once against step 0 of the official per-token path + the official answer generate (the QA
+    loop itself is not in the fixtures): passes, blocked sets, H*, 8-bit map, magnified image, ids."""
     if name not in fixtures[0]["cases"]:
         pytest.skip("case not in the fixtures")
     case, t, pv, new_ids = _run(model, processor, tiny, fixtures, name, "once")

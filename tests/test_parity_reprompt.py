@@ -1,12 +1,19 @@
 """Pruning, FastV and the compressed context against golden fixtures of OmriKaduri/vlm-interp @ 8f38051
 (tests/fixtures/official/reprompt).
 
-bench/parity/vlminterp_official.py ran the official code unmodified (see its docstring and provenance.json):
+bench/parity/vlminterp_official.py ran the official code without edits (four of its six files are
+reconstructions: see its docstring, bench/parity/README.md and provenance.json):
 run_on_coco.py's describe pass (``chat_step_by_step``, 300 greedy steps), ``TokenAttentionStore.get_top_k_indices``
 (attn_over_gen with int(k*576) and with a count, attn_over_query, norm, norm with int(k*576)), then the question
 with the unkept image keys removed in decode steps only (min_token_for_i2t_attn_masking=1) or in every row (0);
 FastV (``-fastv_layer``/``-fastv_ratio``); and ``predict_from_cache`` for the three cache strategies. Here
 ``llava_reprompt`` runs on the llava-hf layout of the same tiny model (the describe pass once, memoized).
+
+What is compared: the describe pass's 300 greedy ids and the five selections (28 kept positions in each of
+32 layers); then, for each answer run, only its first 6 greedy steps (ids and top-16 scores; the fixtures
+also store all 300 ids, ``official_new_ids``, which are not compared): 2 of the 6 pruned runs in CI (the
+``preset=official`` selection, attn_over_gen_percentage; ``PARITY_FULL=1``: all 6), 1 of the 2 FastV runs
+(K=2 is skipped, see below) and the 3 cache strategies.
 """
 
 import json

@@ -425,7 +425,7 @@ def test_single_layer_and_official_divisor():
 
 
 def test_official_sampling_option(square):
-    """temperature=1.0 samples as the official runs (T=1, top_k 50) whatever the task asks."""
+    """temperature=1.0 samples at T=1 with top_k 50 whatever the task asks (the official runs: T=1, no top-k)."""
     model, processor, inputs, image = square
     t = _technique(model, temperature=1.0)
     assert t.decoding({"do_sample": False, "max_new_tokens": 2}) == {

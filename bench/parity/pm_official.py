@@ -19,11 +19,14 @@ settings (scripts/pope/run_llava_pm.sh), and ``process_images_return_pad``
 
 The two paths:
 
-- ``once`` (the QA path, model_generate.py:319-418 then 557-561): its map is step 0 of the per-token
-  path (the same calls: the unmasked first forward, then re-forwards of the whole prompt with
-  ``override_mask``, exit on ``sum_attention``), so the harness runs ``sample`` with
-  ``max_new_tokens=1`` and records that step, then the official ``generate`` on the magnified
-  image's pixels gives the answer ids (model_generate.py:557-561).
+- ``once`` (stands in for the QA path, model_generate.py:319-418 then 557-561, which is not run):
+  the harness runs ``sample`` with ``max_new_tokens=1`` and records its step 0 (the unmasked first
+  forward, then re-forwards of the whole prompt with ``override_mask``, exit on ``sum_attention``:
+  the same map, 2-means, mask and exit code as the QA loop, which instead re-forwards through a
+  sampled ``generate`` per pass and reads its first step's attentions), then the official
+  ``generate`` on the magnified image's pixels gives the answer ids and logits
+  (model_generate.py:557-561). The QA path's P(yes)/P(no) scoring (model_generate.py:565-581) is
+  not recorded.
 - ``every_token`` (``--resample_during_sampling``): ``sample`` with ``max_new_tokens=NEW_TOKENS``.
 
 Observation only: the functions ``sample`` looks up in its module (``aggregate_layer_attention``,
@@ -343,7 +346,7 @@ def run_case(
     case["pixels_sum"] = float(image_tensor.double().sum())
     images = image_tensor.to(dtype=torch.float32)
 
-    # once: step 0 of the per-token path = the QA path's map (see the module docstring)
+    # once: step 0 of the per-token path, standing in for the QA path's map (see the module docstring)
     rec = LogitsRecorder()
     ra = resample_args(settings, image_pad_pil, pad_mask, image_processor, vis_start)
     with torch.inference_mode(), accept_resample_args():

@@ -1,4 +1,4 @@
-"""Golden knockout / pruning / FastV / re-prompting fixtures from OmriKaduri/vlm-interp @ 8f38051, run unmodified.
+"""Golden knockout / pruning / FastV / re-prompting fixtures from OmriKaduri/vlm-interp @ 8f38051, run without edits.
 
 Runs in the official stack's venv (transformers 4.37.2 + llava-torch 1.2.2.post1, CPU, fp32):
 
@@ -6,7 +6,11 @@ Runs in the official stack's venv (transformers 4.37.2 + llava-torch 1.2.2.post1
         --llava-fork /work/official/vlm-interp/llava_fork_files --model BUILD_DIR \
         --out tests/fixtures/official --scratch DIR
 
-What is official here, unmodified (their sha256 go to provenance.json):
+What is official here, run without edits (their sha256 go to provenance.json). Four of the six files are
+reconstructions, not checkouts (bench/parity/README.md, "vlm-interp"): the two ``modified_llava_files/``
+and the two fork files were rebuilt from transformers 4.37.2 / llava-torch 1.2.2.post1 plus the hunks read
+from the look-up tool's pages; the fork's ``llava_llama.py`` has since matched a snapshot byte for byte,
+its ``llava_arch.py`` has not:
 - ``modified_llava_files/modeling_llama.py`` and ``modified_llava_files/utils.py`` copied over transformers
   4.37.2's ``models/llama/modeling_llama.py`` and ``generation/utils.py`` in a scratch copy of the package,
   which is what the repository's ``update_local_env_llava.sh`` does to site-packages;

@@ -95,7 +95,7 @@ PARAMS = (
         "temperature",
         float,
         None,
-        "sample at this temperature with top_k 50, as the official runs (1.0); default: the task's decoding",
+        "sample at this temperature with top_k 50 (the official runs use 1.0 over the full vocabulary, no top-k); default: the task's decoding",
         low=1e-3,
         high=10.0,
         optional=True,
