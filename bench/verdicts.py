@@ -53,7 +53,14 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from lmms_eval_plugins.commands.compare import NO_LOG, Run, first_error, load_run, task_aggregation  # noqa: E402
+from lmms_eval_plugins.commands.compare import (  # noqa: E402
+    Run,
+    first_error,
+    load_run,
+    metric_rows,
+    paired_records,
+    task_aggregation,
+)
 from lmms_eval_plugins.paths import CHECKPOINTS, tasks_dir  # noqa: E402
 from lmms_eval_plugins.stats import CONFIDENCE, N_RESAMPLES, SEED, paired_interval, verdict  # noqa: E402
 
@@ -263,13 +270,6 @@ def _record(value):
     return ast.literal_eval(value) if isinstance(value, str) else value
 
 
-def _reported(run: Run, task: str, metric: str) -> float | None:
-    for key, value in run.results.get("results", {}).get(task, {}).items():
-        if key.split(",")[0] == metric and isinstance(value, (int, float)):
-            return float(value)
-    return None
-
-
 def measure(claim: Claim, base: Run, other: Run, include_path=None, find_aggregation=task_aggregation) -> Measured:
     """The claim's paired delta and interval from both runs' per-sample logs: per task, the records
     paired by doc_id and the task's aggregation checked against the results file; a doc_id's records
@@ -280,28 +280,25 @@ def measure(claim: Claim, base: Run, other: Run, include_path=None, find_aggrega
     units: dict[int, tuple[list, list]] = {}
     aggregate = None
     for task in claim.tasks:
-        logs = [run.samples(task) for run in (base, other)]
-        if any(log is None for log in logs):
-            return Measured(why=f"{task}: {NO_LOG}")
-        if logs[0].keys() != logs[1].keys():
-            return Measured(why=f"{task}: the two per-sample logs hold different documents")
+        paired = paired_records(base, other, task, claim.metric)
+        if isinstance(paired, str):
+            return Measured(why=f"{task}: {paired}")
         agg = find_aggregation(task, claim.metric, include_path)
         if agg is None:
             return Measured(why=f"{task}: no aggregation of {claim.metric} found")
         if aggregate is not None and agg.__name__ != aggregate.__name__:
             return Measured(why=f"{task}: another aggregation than the other tasks' ({agg.__name__})")
         aggregate = aggregate or agg
-        for run, log in zip((base, other), logs):
-            records = [_record(log[i][claim.metric]) for i in sorted(log) if claim.metric in log[i]]
-            reported = _reported(run, task, claim.metric)
-            if len(records) != len(log) or reported is None:
-                return Measured(why=f"{task}: no per-document or reported {claim.metric}")
-            if abs(float(agg(records)) - reported) > 1e-9 * max(1.0, abs(reported)):
+        records = [[_record(r) for r in side] for side in paired]
+        for run, side in zip((base, other), records):
+            reported = metric_rows(run.results).get((task, claim.metric))
+            if reported is None:
+                return Measured(why=f"{task}: no reported {claim.metric}")
+            if abs(float(agg(side)) - reported) > 1e-9 * max(1.0, abs(reported)):
                 return Measured(
                     why=f"{task}: re-aggregating the logged records does not give the reported {claim.metric}"
                 )
-        for i in sorted(logs[0]):
-            b, o = _record(logs[0][i][claim.metric]), _record(logs[1][i][claim.metric])
+        for i, b, o in zip(sorted(base.samples(task)), *records):  # paired_records' order: doc_id
             if all(isinstance(b, dict) and b.get(k) == v for k, v in claim.subset):
                 pair = units.setdefault(i, ([], []))
                 pair[0].append(b)
