@@ -175,7 +175,7 @@ def check_geometry(path, sizes=CHECK_SIZES) -> dict:
     from PIL import Image
     from transformers import AutoConfig, AutoProcessor
 
-    from methods.geometry import image_geometry
+    from methods.families import image_geometry
 
     config, processor = AutoConfig.from_pretrained(path), AutoProcessor.from_pretrained(path)
     counts = {}
@@ -382,7 +382,7 @@ def map_structure(path, n: int = 40) -> dict:
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     from lmms_eval_plugins.shapeworld import data
-    from methods.geometry import image_geometry
+    from methods.families import image_geometry
     from methods.lochead_maps import capture_image_maps
 
     model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32).eval()

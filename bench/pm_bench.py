@@ -23,7 +23,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from lmms_eval_plugins.testing import llava15_shaped
-from methods import hooks, pm, pm_families, pm_search
+from methods import hooks, pm, pm_view, pm_search
 from methods.technique import Request
 
 PROMPT = (
@@ -144,7 +144,7 @@ class forced_passes:
 
 def build_cases(ckpt, model, inputs, req, new_tokens=2, long_tokens=8):
     """name -> (callable, kind); kind "pope" cases compare with greedy, "long" with greedy (long)."""
-    n_layers, grid = hooks.num_layers(model), pm_families.image_grid(model)
+    n_layers, grid = hooks.num_layers(model), pm_view.image_grid(model)
     pope = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
     long = dict(max_new_tokens=long_tokens, min_new_tokens=long_tokens, do_sample=False)
 
@@ -242,7 +242,7 @@ def run(layers: int = 4, repeats: int = 5, new_tokens: int = 2, long_tokens: int
         "model": {
             "text_layers": layers,
             "deep_layers (0-based)": f"{cases['pm_once (paper defaults)'].technique.layers.start}..{layers - 1}",
-            "image_tokens": pm_families.image_grid(model) ** 2,
+            "image_tokens": pm_view.image_grid(model) ** 2,
             "prompt_tokens": int(inputs["input_ids"].shape[1]),
             "image": "640x480",
             "pope_new_tokens": new_tokens,

@@ -24,7 +24,7 @@ sys.path.insert(0, str(REPO))
 
 from lmms_eval_plugins.base import resolve_pretrained  # noqa: E402
 from lmms_eval_plugins.shapeworld import data  # noqa: E402
-from methods import hooks, pm, pm_families  # noqa: E402
+from methods import hooks, pm, pm_view  # noqa: E402
 from methods.technique import Request  # noqa: E402
 
 
@@ -51,7 +51,7 @@ def main():
     model = LlavaForConditionalGeneration.from_pretrained(ckpt).eval()
     processor = AutoProcessor.from_pretrained(ckpt)
     hooks.install(model)
-    n_layers, grid = hooks.num_layers(model), pm_families.image_grid(model)
+    n_layers, grid = hooks.num_layers(model), pm_view.image_grid(model)
     knobs = {"kernel": a.kernel, "alpha": a.alpha}
     refined, flat = (
         pm.PerceptionMagnifier(n_layers, grid, **knobs),

@@ -28,7 +28,7 @@ from typing import Any, Callable, Sequence
 import torch
 from loguru import logger
 
-from methods import hooks
+from methods import families, hooks
 from methods.technique import Request, Technique, mean_colour, pad_to_square
 
 from methods.params import ModelArgsError, Param, parse_params
@@ -89,8 +89,8 @@ def resolve_pretrained(name: str) -> str:
 
 
 # The model types lmms-eval's llava_hf loads whose image tokens are interleaved with the text
-# (one image_token_id per token; methods/geometry.py knows their layouts).
-LLAVA_FAMILIES = ("llava", "llava_next", "llava_onevision")
+# (one image_token_id per token): the family adapters that sit on llava_hf (methods/families/).
+LLAVA_FAMILIES = tuple(sorted(t for t, f in families.ADAPTERS.items() if f.lmms_eval_model == "llava_hf"))
 
 
 def check_interleaved_llava(pretrained: str, revision: str | None = None, trust_remote_code: bool = False):
@@ -188,14 +188,10 @@ def prompt_length(input_ids, labels=None) -> int:
     return input_ids.shape[1]
 
 
-def llava_request(model, processor: RecordingProcessor, model_kwargs: dict) -> Request:
-    """The ``Request`` of one llava_hf generate/forward call (the LLaVA family's adapter)."""
-    return family_request(model, processor, model_kwargs, ("image_sizes",))
-
-
-def family_request(model, processor: RecordingProcessor, model_kwargs: dict, geometry_inputs: tuple) -> Request:
-    """The ``Request`` of one generate/forward call; ``geometry_inputs`` name the processor outputs
-    the family's geometry needs (``image_sizes`` for anyres LLaVA, ``image_grid_thw`` for Qwen2.5-VL)."""
+def family_request(model, processor: RecordingProcessor, model_kwargs: dict) -> Request:
+    """The ``Request`` of one generate/forward call, with the processor outputs the family's adapter
+    names (``request_inputs``: ``image_sizes`` for anyres LLaVA, ``image_grid_thw`` for Qwen2.5-VL)."""
+    geometry_inputs = families.adapter(model.config).request_inputs
     input_ids = model_kwargs["input_ids"]
     return Request(
         input_ids=input_ids,
@@ -213,8 +209,8 @@ def family_request(model, processor: RecordingProcessor, model_kwargs: dict, geo
 class TechniqueModel:
     """What lmms-eval sees as ``self.model``: the real model, with generate/forward run by the technique.
 
-    ``make_request(model, processor, model_kwargs) -> Request`` is the family's adapter
-    (``llava_request`` by default; see ``TechniqueMixin.build_request``)."""
+    ``make_request(model, processor, model_kwargs) -> Request`` builds the request (``family_request``
+    by default; see ``TechniqueMixin.build_request``)."""
 
     def __init__(self, model, technique: Technique, processor: RecordingProcessor, name: str, make_request=None):
         self.__dict__.update(
@@ -222,7 +218,7 @@ class TechniqueModel:
             _technique=technique,
             _processor=processor,
             _name=name,
-            _make_request=make_request or llava_request,
+            _make_request=make_request or family_request,
         )
 
     def __getattr__(self, name):
@@ -351,7 +347,7 @@ class TechniqueMixin:
     def build_request(self, model, processor: RecordingProcessor, model_kwargs: dict) -> Request:
         """The ``Request`` a technique sees for one generate/forward call of the family's class
         (``model_kwargs``: what the class passed to ``model.generate`` / ``model(...)``)."""
-        return llava_request(model, processor, model_kwargs)
+        return family_request(model, processor, model_kwargs)
 
     def loglikelihood(self, requests):
         if _calling_response_cache() is not None:

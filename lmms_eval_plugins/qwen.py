@@ -1,4 +1,4 @@
-"""The Qwen2.5-VL family adapter: the techniques inside lmms-eval's own ``qwen2_5_vl`` classes.
+"""The Qwen2.5-VL wrappers: the techniques inside lmms-eval's own ``qwen2_5_vl`` classes.
 
 Everything family-independent (parameters, presets, recipe logging, TechniqueError,
 cache/resume, accelerate sharding) is ``base.TechniqueMixin``'s; this module fills in its
@@ -8,15 +8,15 @@ family seams only:
   resize every image with ``qwen_vl_utils`` at their ``min_pixels``/``max_pixels`` (defaults
   200704 / 1605632, *not* the checkpoint's saved ones) and call ``self.processor``;
 - the checkpoint check: ``model_type == "qwen2_5_vl"``;
-- the request: ``image_grid_thw`` travels with it, so the geometry (methods/geometry.py) is one
-  non-square merged grid; the image a technique sees is the one the processor got (already
+- the request: ``image_grid_thw`` travels with it (the family adapter, methods/families/qwen2_5_vl.py,
+  names it), so the geometry is one non-square merged grid; the image a technique sees is the one the processor got (already
   resized by qwen_vl_utils), and every map or box is in fractions of it (= of the original:
   Qwen resizes without cropping or padding);
 - ``dtype``: lmms-eval's class always loads bfloat16 (also on CPU); ``dtype=float32`` (or
   ``float16``, ``auto``) loads the weights in that dtype instead. The default stays bfloat16,
   so an idle wrapper equals stock ``qwen2_5_vl`` with the same ``--model_args``.
 
-Which technique runs on this family and which refuses (and why) is in ``QWEN_SUPPORT``,
+Which technique runs on this family and which refuses (and why) is in each spec's ``refused``,
 the README's support matrix and docs/qwen.md.
 """
 
@@ -30,14 +30,10 @@ from pathlib import Path
 
 from loguru import logger
 
-from methods.technique import Request
-
 from .base import (
-    RecordingProcessor,
     TechniqueMixin,
     TechniqueSpec,
     _device_args,
-    family_request,
     refuse_family,
     wrapper_classes,
 )
@@ -98,11 +94,6 @@ def saved_pixels(pretrained: str) -> tuple[int, int] | None:
     return None
 
 
-def qwen_request(model, processor: RecordingProcessor, model_kwargs: dict) -> Request:
-    """The ``Request`` of one qwen2_5_vl generate/forward call (the grid comes from ``image_grid_thw``)."""
-    return family_request(model, processor, model_kwargs, ("image_grid_thw",))
-
-
 @contextlib.contextmanager
 def loading_dtype(dtype: str):
     """lmms-eval's qwen2_5_vl hard-codes ``torch_dtype="bfloat16"``; load in ``dtype`` instead
@@ -158,9 +149,6 @@ class QwenTechniqueMixin(TechniqueMixin):
 
     def device_args(self, base: dict) -> dict:
         return _device_args(base)
-
-    def build_request(self, model, processor: RecordingProcessor, model_kwargs: dict) -> Request:
-        return qwen_request(model, processor, model_kwargs)
 
 
 def qwen_wrapper_classes(spec: TechniqueSpec, module: str):

@@ -17,6 +17,7 @@ import torch
 from PIL import Image
 
 from . import technique
+from .families import IMAGE_KEYS
 
 
 def read_records(path: str) -> list[dict]:
@@ -48,8 +49,8 @@ def _turns(conversations: list[dict]) -> list[tuple[str, str]]:
     return turns
 
 
-# What a processor returns per image (concatenated over the batch in ``collate``) and per token (padded).
-IMAGE_KEYS = ("pixel_values", "image_sizes", "image_grid_thw")
+# What a processor returns per image (``IMAGE_KEYS``, concatenated over the batch in ``collate``) and per
+# token (padded).
 TOKEN_KEYS = ("mm_token_type_ids",)
 
 

@@ -1,20 +1,13 @@
 """One geometry object per image: where its tokens are in the LM sequence and what they see.
 
-Every technique reads image positions and grids from here, never from constants. A family
-adapter (a *builder*, keyed by ``config.model_type``) is the only code that knows a family's
-layout; adding a family means registering a builder, not touching techniques.
+Every technique reads image positions and grids from an ``ImageGeometry``, never from constants.
+The family adapters (methods/families/, one module per family) are the only code that knows a
+family's layout; ``families.image_geometry`` builds one image's geometry through them. This module
+holds the types and the family-free arithmetic (the processor's affine map, grid blocks).
 
-An image is one or more **blocks**, each a ``rows x cols`` grid of tokens in row-major order:
-
-- LLaVA-1.5 (``llava``): one block, the vision tower's square grid (CLS dropped);
-- LLaVA-NeXT (``llava_next``) and LLaVA-OneVision (``llava_onevision``): the **base** block
-  (the whole image squashed to the tower's square input) followed by the **highres** block
-  (the anyres tiles stitched together, the padding removed as the processor's
-  ``_get_unpadded_features`` does, and for OneVision shrunk by interpolation when larger than
-  ``anyres_max_N`` tiles), with one newline token after each high-res row; newlines share the
-  image token id;
-- Qwen2.5-VL (``qwen2_5_vl``): one non-square block,
-  ``image_grid_thw[1:] / spatial_merge_size``.
+An image is one or more **blocks**, each a ``rows x cols`` grid of tokens in row-major order
+(LLaVA-1.5: one square grid; LLaVA-NeXT/OneVision: ``base`` then ``highres`` with row newlines;
+Qwen2.5-VL: one non-square grid).
 
 Each block also knows the region of the image given to the processor it covers
 (``region``: x0, y0, x1, y1 in fractions of that image; outside 0..1 where the block sees
@@ -25,7 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Callable, Sequence
+from typing import Sequence
 
 import torch
 
@@ -229,56 +222,8 @@ def processor_geometry(image_processor, image_size: tuple[int, int]) -> Processo
 
 
 # ---------------------------------------------------------------------------------------
-# Builders, one per model family
+# Helpers the family adapters (methods/families/) build their blocks with
 # ---------------------------------------------------------------------------------------
-
-# builder(config, processor, image_size (W, H), start, inputs) -> list[Block] | (list[Block], others)
-BUILDERS: dict[str, Callable[..., Any]] = {}
-
-
-def builder(*model_types: str):
-    """Register a family's builder: ``fn(config, processor, image_size, start, inputs)`` returning its
-    blocks in sequence order (or ``(blocks, others)`` with the positions of image tokens of no cell)."""
-
-    def register(fn):
-        for t in model_types:
-            BUILDERS[t] = fn
-        return fn
-
-    return register
-
-
-def supported_families() -> tuple[str, ...]:
-    return tuple(sorted(BUILDERS))
-
-
-def image_geometry(config, processor, image_size, input_ids: torch.Tensor, inputs: dict | None = None) -> ImageGeometry:
-    """The geometry of the (single) image of one prompt, checked against the prompt's image tokens.
-
-    config: the model config; processor: the checkpoint's processor (or its image processor);
-    image_size: (W, H) of the image given to the processor; input_ids: (1, n); inputs: the
-    processor's other outputs, for families whose layout needs them (``image_grid_thw``)."""
-    family = getattr(config, "model_type", None)
-    if family not in BUILDERS:
-        raise GeometryError(
-            f"no image geometry for model_type {family!r}; supported: {', '.join(supported_families())}"
-        )
-    token_id = image_token_id(config)
-    where = (input_ids[0] == token_id).nonzero().flatten().cpu()
-    if where.numel() == 0:
-        raise GeometryError("the prompt has no image token")
-    start = int(where[0])
-    built = BUILDERS[family](config, processor, tuple(int(v) for v in image_size), start, inputs or {})
-    blocks, others = built if isinstance(built, tuple) else (built, torch.empty(0, dtype=torch.long))
-    geo = ImageGeometry(family, tuple(int(v) for v in image_size), tuple(blocks), others)
-    expected = geo.all_positions()
-    if expected.numel() != where.numel() or not torch.equal(expected, where):
-        raise GeometryError(
-            f"{family}: the prompt has {where.numel()} image tokens at {_span_text(where)}, but the config and processor "
-            f"predict {expected.numel()} for a {image_size[0]}x{image_size[1]} image "
-            f"({', '.join(f'{b.name} {b.rows}x{b.cols}' for b in blocks)}); one image per prompt is supported"
-        )
-    return geo
 
 
 def image_token_id(config) -> int:
@@ -289,12 +234,7 @@ def image_token_id(config) -> int:
     )
 
 
-def _span_text(pos: torch.Tensor) -> str:
-    contiguous = int(pos[-1] - pos[0]) + 1 == pos.numel()
-    return f"{int(pos[0])}..{int(pos[-1])}" + ("" if contiguous else " (not contiguous)")
-
-
-def _grid_block(name, rows, cols, start, region, newline: bool = False) -> tuple[Block, int]:
+def grid_block(name, rows, cols, start, region, newline: bool = False) -> tuple[Block, int]:
     """A rows x cols block starting at ``start`` (with a newline after each row if asked); returns it and its end."""
     width = cols + (1 if newline else 0)
     idx = torch.arange(rows * width).view(rows, width) + start
@@ -303,26 +243,7 @@ def _grid_block(name, rows, cols, start, region, newline: bool = False) -> tuple
     return Block(name, rows, cols, positions, newlines, region), start + rows * width
 
 
-def _image_processor(processor):
-    return getattr(processor, "image_processor", processor)
-
-
-# -- LLaVA-1.5 -------------------------------------------------------------------------
-
-
-@builder("llava")
-def llava_geometry(config, processor, image_size, start, inputs) -> list[Block]:
-    """One square grid (vision image_size / patch_size), CLS dropped under the 'default' strategy;
-    it covers what the image processor keeps (CLIP: shortest-edge resize + centre crop)."""
-    vc = config.vision_config
-    side = vc.image_size // vc.patch_size
-    extra = 1 if getattr(config, "vision_feature_select_strategy", "default") == "full" else 0  # CLS kept, first
-    region = _processed_region(_image_processor(processor), image_size)
-    block, _ = _grid_block("image", side, side, start + extra, region)
-    return [block], torch.arange(start, start + extra)
-
-
-def _processed_region(image_processor, image_size) -> tuple[float, float, float, float]:
+def processed_region(image_processor, image_size) -> tuple[float, float, float, float]:
     """The region of the original image the processed (resized, cropped) image covers."""
     g = processor_geometry(image_processor, image_size)
     w, h = image_size
@@ -332,58 +253,6 @@ def _processed_region(image_processor, image_size) -> tuple[float, float, float,
         (g.out_w - g.offset_x) / g.scale_x / w,
         (g.out_h - g.offset_y) / g.scale_y / h,
     )
-
-
-# -- LLaVA-NeXT / LLaVA-OneVision (anyres) ----------------------------------------------
-
-
-def unpadded_grid(orig_w: int, orig_h: int, rows: int, cols: int) -> tuple[int, int, tuple[float, float, float, float]]:
-    """The stitched tiles' grid (rows x cols) with the resize padding removed, as the processor's
-    ``_get_unpadded_features`` and the model's ``unpad_image`` do; returns (rows, cols, region)."""
-    if orig_w / orig_h > cols / rows:  # wider than the tiling: padding above and below
-        scale = cols / orig_w
-        new_h = int(round(orig_h * scale, 7))
-        pad = (rows - new_h) // 2
-        kept = rows - 2 * pad
-        top = (pad - (rows - orig_h * scale) / 2) / (orig_h * scale)
-        return kept, cols, (0.0, top, 1.0, top + kept / (orig_h * scale))
-    scale = rows / orig_h
-    new_w = int(round(orig_w * scale, 7))
-    pad = (cols - new_w) // 2
-    kept = cols - 2 * pad
-    left = (pad - (cols - orig_w * scale) / 2) / (orig_w * scale)
-    return rows, kept, (left, 0.0, left + kept / (orig_w * scale), 1.0)
-
-
-def anyres_tiling(config, image_size) -> tuple[int, int]:
-    """(tile rows, tile cols) that anyres picks for an image (W, H): the best pinpoint resolution / tower size."""
-    from transformers.image_processing_utils import select_best_resolution
-
-    w, h = image_size
-    side = config.vision_config.image_size
-    bh, bw = select_best_resolution((h, w), config.image_grid_pinpoints)
-    return bh // side, bw // side
-
-
-@builder("llava_next", "llava_onevision")
-def anyres_geometry(config, processor, image_size, start, inputs) -> list[Block]:
-    """Base block (the whole image squashed to the tower's square), then the un-padded high-res
-    block with one newline per row (OneVision: shrunk by interpolation past anyres_max_N tiles)."""
-    vc = config.vision_config
-    side = vc.image_size // vc.patch_size
-    strategy = getattr(config, "vision_feature_select_strategy", "default")
-    if strategy != "default" and config.model_type == "llava_next":
-        raise GeometryError(f"llava_next with vision_feature_select_strategy={strategy!r} is not supported (CLS kept)")
-    base, pos = _grid_block("base", side, side, start, (0.0, 0.0, 1.0, 1.0))
-    tile_rows, tile_cols = anyres_tiling(config, image_size)
-    rows, cols, region = unpadded_grid(image_size[0], image_size[1], side * tile_rows, side * tile_cols)
-    if config.model_type == "llava_onevision":
-        max_tiles = int(str(getattr(config, "vision_aspect_ratio", "anyres_max_9")).removeprefix("anyres_max_"))
-        ratio = math.sqrt(rows * cols / (max_tiles * side**2))
-        if ratio > 1.1:  # the model interpolates the grid down; it still covers the same region
-            rows, cols = int(rows // ratio), int(cols // ratio)
-    highres, _ = _grid_block("highres", rows, cols, pos, region, newline=True)
-    return [base, highres]
 
 
 def single_block(image_pos: torch.Tensor, image_size=None) -> ImageGeometry:
@@ -396,37 +265,3 @@ def single_block(image_pos: torch.Tensor, image_size=None) -> ImageGeometry:
         )
     block = Block("image", side, side, image_pos.cpu(), torch.empty(0, dtype=torch.long), (0.0, 0.0, 1.0, 1.0))
     return ImageGeometry("llava", tuple(image_size or (0, 0)), (block,))
-
-
-# -- Qwen2.5-VL ------------------------------------------------------------------------
-
-
-@builder("qwen2_5_vl")
-def qwen2_5_vl_geometry(config, processor, image_size, start, inputs) -> list[Block]:
-    """One contiguous non-square block: the merged grid ``image_grid_thw[1:] / spatial_merge_size``,
-    row-major (the merger keeps raster order), covering the whole image given to the processor
-    (Qwen resizes to multiples of patch x merge without cropping or padding). Without
-    ``image_grid_thw`` the grid is the processor's own ``smart_resize`` of ``image_size``."""
-    merge = config.vision_config.spatial_merge_size
-    thw = inputs.get("image_grid_thw")
-    if thw is not None:
-        if len(thw) != 1:
-            raise GeometryError(f"qwen2_5_vl: {len(thw)} images in the prompt; one image per prompt is supported")
-        t, h, w = (int(v) for v in thw[0])
-    else:
-        from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
-
-        ip = _image_processor(processor)
-        size = ip.size
-        get = (lambda k: size.get(k)) if isinstance(size, dict) else (lambda k: getattr(size, k, None))
-        factor = ip.patch_size * ip.merge_size
-        rh, rw = smart_resize(
-            image_size[1], image_size[0], factor=factor, min_pixels=get("shortest_edge"), max_pixels=get("longest_edge")
-        )
-        t, h, w = 1, rh // ip.patch_size, rw // ip.patch_size
-    if t != 1:
-        raise GeometryError(f"qwen2_5_vl: image_grid_thw has t={t}; images only (videos are not supported)")
-    # named "base": the one block that sees the whole image at the tower's resolution (what
-    # techniques with a block choice, e.g. lochead's block=base, read)
-    block, _ = _grid_block("base", h // merge, w // merge, start, (0.0, 0.0, 1.0, 1.0))
-    return [block]

@@ -245,8 +245,8 @@ class LocHead(Technique):
         return located
 
     def anyres_block(self, req: Request):
-        """The geometry block the maps are read from on anyres models (None: LLaVA-1.5's single grid)."""
-        if req.config is None or req.family == "llava":
+        """The geometry block the maps are read from (None: LLaVA-1.5's single square grid, read from the tokens)."""
+        if req.config is None or req.adapter.square_grid:
             return None
         if self.params["prompt"] != "task":
             raise RequestError(

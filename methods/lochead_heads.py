@@ -18,7 +18,7 @@ from typing import Iterable, Sequence
 
 import torch
 
-from . import hooks
+from . import families, hooks
 from .lochead import BLOCKS
 from .lochead_maps import capture_image_maps, image_attention_sum, image_grid, select_sample_heads
 from .lochead_official import official_prompt_ids, rank_heads_official, rank_heads_official_v2, select_heads
@@ -228,10 +228,6 @@ class DiscoveryResult:
         return "\n".join(rows)
 
 
-# lmms-eval 0.7.3 qwen2_5_vl's default system_prompt (its messages start with it)
-QWEN_SYSTEM = "You are a helpful assistant."
-
-
 def prompt_inputs(processor, image, text: str, prompt: str = "task", family: str = "llava") -> dict:
     """Processor inputs for one image + text: the processor's chat template (as lmms-eval's chat llava_hf
     builds them; Qwen2.5-VL: with lmms-eval qwen2_5_vl's system message first, the image resized by the
@@ -239,8 +235,9 @@ def prompt_inputs(processor, image, text: str, prompt: str = "task", family: str
     token = getattr(processor, "image_token", "<image>")
     text = text.replace(token, "").replace("<image>", "").strip()
     msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
-    if family == "qwen2_5_vl":
-        msgs.insert(0, {"role": "system", "content": QWEN_SYSTEM})
+    system = families.adapter(family).system_prompt
+    if system is not None:  # as the family's lmms-eval class puts it first
+        msgs.insert(0, {"role": "system", "content": system})
     chat = processor.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
     inputs = processor(images=[image], text=chat, return_tensors="pt")
     if prompt == "official":
@@ -255,9 +252,8 @@ def sample_grid(model, processor, image, inputs: dict, block: str = "base") -> t
     """(positions, (rows, cols)) of the grid one discovery sample's maps are read over: LLaVA-1.5's square
     grid (``image_grid``), else the ``block`` of the family's geometry (methods/geometry.py), built from the
     same Request evaluation builds, so discovery and ``LocHead.locate`` read the same cells."""
-    family = getattr(model.config, "model_type", "llava")
     input_ids = inputs["input_ids"]
-    if family == "llava":
+    if families.adapter(getattr(model.config, "model_type", "llava")).square_grid:
         pos = hooks.image_positions(input_ids, model.config.image_token_id)
         return pos, image_grid(model, pos.numel())
     req = Request(
@@ -267,7 +263,7 @@ def sample_grid(model, processor, image, inputs: dict, block: str = "base") -> t
         images=[image],
         processor=processor,
         config=model.config,
-        inputs={k: inputs[k] for k in ("image_grid_thw",) if inputs.get(k) is not None},
+        inputs={k: inputs[k] for k in families.adapter(model.config).request_inputs if inputs.get(k) is not None},
     )
     b = req.geometry.block(block)
     if b.rows * b.cols == 0:
@@ -297,7 +293,7 @@ def discover_heads(
     lochead's ``block``); LLaVA-1.5 and Qwen2.5-VL have one block (Qwen: the rows x cols merged grid).
     """
     family = getattr(model.config, "model_type", "llava")
-    if family != "llava" and prompt != "task":
+    if prompt != "task" and not families.adapter(family).square_grid:
         raise RequestError(f"discovery with prompt={prompt} is LLaVA-1.5 only; use prompt=task on {family}")
     if block not in BLOCKS:
         raise ValueError(f"block must be one of {BLOCKS}, not {block!r}")

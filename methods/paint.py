@@ -40,13 +40,11 @@ from pathlib import Path
 
 import torch
 
-from . import hooks
+from . import families, hooks
 from .pai import GuidedTechnique
 from .paint_selection import TokenSelection, TokenSelector, official_spatial_count
 from .technique import Request, RequestError, layer_range
 
-# Anyres families whose vision tower has a CLS token (the selection reads CLS attention of the base crop).
-ANYRES_WITH_CLS = ("llava_next",)
 # What the CLS-free candidate (selection_source=received) measured against the CLS selection on
 # the two CLIP towers with CLS (docs/paint.md, `lmms-plugins paint-selection --compare --limit 150`).
 NO_CLS_MEASURED = (
@@ -55,10 +53,12 @@ NO_CLS_MEASURED = (
     "Jaccard 0.09 and 0.10 vs chance 0.11 and 0.13, Spearman -0.09 and -0.20 (shapeworld-tiny; the "
     "LLaVA-1.5-shaped tiny CLIP), summary tokens only partly (Jaccard 0.42 and 0.31); see docs/paint.md"
 )
-# Why PAINT refuses the other families (README support matrix).
+# Why PAINT refuses the families whose tower has no CLS token (their adapters say so; README support matrix).
 REFUSED = {
-    "llava_onevision": "its SigLIP vision tower has no CLS token, and PAINT's local/summary selection is CLS attention "
-    f"(clip_encoder.py); {NO_CLS_MEASURED}",
+    model_type: f"its {family.vision_tower} has no CLS token, and PAINT's local/summary selection is CLS attention "
+    f"(clip_encoder.py); {NO_CLS_MEASURED}"
+    for model_type, family in families.ADAPTERS.items()
+    if not family.vision_cls
 }
 SELECTION_SOURCES = ("cls", "received")
 
@@ -311,7 +311,9 @@ class Paint(GuidedTechnique):
         what it means for LLaVA-1.5; the high-res tiles' tokens are left unedited (each tile's CLS
         only sees its tile: a selection per tile would be a different method)."""
         n_patches = self.grid[0] * self.grid[1]
-        if req.family in ANYRES_WITH_CLS:
+        if req.config is not None and not req.adapter.vision_cls:
+            raise RequestError(f"paint does not support {req.family}: {REFUSED[req.family]}")
+        if req.config is not None and not req.adapter.square_grid:
             if self.params["spatial"] == "official" and official_spatial_count(self.grid, self.params["spatial_ratio"]):
                 raise RequestError(
                     "paint: spatial=official boosts the token after the image grid, which on "
@@ -322,11 +324,7 @@ class Paint(GuidedTechnique):
                 raise RequestError(
                     f"paint: the base block is {base.rows}x{base.cols} but the vision tower gives {self.grid}"
                 )
-            return int(base.positions[0]), 0
-        if req.config is not None and req.family != "llava":
-            raise RequestError(
-                f"paint does not support {req.family}: its selection needs the vision tower's CLS attention"
-            )
+            return int(base.positions[0]), req.adapter.cls_crop
         n_img = req.image_pos.numel()
         if n_img != n_patches + self.patch_offset:
             raise RequestError(

@@ -12,8 +12,9 @@ by inverse-transform sampling of the row/column max marginals (bilinear) give a 
 which the answer is generated again.
 
 The arithmetic is pure numpy/torch, tested on hand-made inputs: the map and the search in
-methods/pm_search.py, the magnified image in methods/pm_magnify.py; what differs per model family
-in methods/pm_families.py. This module holds ``PerceptionMagnifier``, which runs them on a model.
+methods/pm_search.py, the magnified image in methods/pm_magnify.py; the view, pixels, embeddings and
+positions on any family in methods/pm_view.py (from the family adapters, methods/families/). This module holds
+``PerceptionMagnifier``, which runs them on a model.
 It imports no lmms-eval.
 
 Where the defaults differ from the reference code (github ShunqiM/PM @ 58c2c0f), on purpose;
@@ -52,7 +53,7 @@ from PIL import Image
 
 from . import hooks
 from .kv_cache import with_cache
-from .pm_families import FAMILIES
+from . import pm_view
 from .pm_magnify import (
     VIEWS,
     magnify,
@@ -145,7 +146,7 @@ class Magnified:
 
 
 class PerceptionMagnifier(Technique):
-    """PM on a LLaVA-1.5 or Qwen2.5-VL model (``FAMILIES``): ``generate`` (lmms-eval's generation)
+    """PM on any family with an adapter (methods/families/): ``generate`` (lmms-eval's generation)
     and ``forward`` (loglikelihood). ``grid``: LLaVA-1.5's square side, for the recipe log (None when
     it depends on the image); each request's grid is ``req.geometry``'s."""
 
@@ -269,21 +270,16 @@ class PerceptionMagnifier(Technique):
         official = p["two_means"] == "official"
         search = refine(first_map, forward_blocked, self.divisor, p["beta"], p["max_iter"], official=official)
         grid_map, density, image = self.perceive(search, view, req.geometry.base.grid_hw)
-        pv = FAMILIES[req.family].pixels(req, image)
+        pv = pm_view.pixels(req, image)
         mag = Magnified(view, image, pv, search, grid_map, density, forwards[0])
         if self.keep_steps:
             self.steps.append(mag)
         return mag
 
-    def _check(self, req: Request):
-        """The request's family adapter; a RequestError unless it is one image whose tokens are all grid cells."""
+    def _check(self, req: Request) -> None:
+        """A RequestError unless the request is one image whose tokens are all grid cells."""
         req.require_one_image(self.name)
-        family = FAMILIES.get(req.family)
-        if family is None:
-            raise RequestError(
-                f"{self.name} does not support {req.family} checkpoints; supported: {', '.join(FAMILIES)}"
-            )
-        if self.params["view"] not in family.views:
+        if self.params["view"] not in pm_view.views(req):
             raise RequestError(
                 f"{self.name}: view={self.params['view']} does not apply to {req.family} (its grid covers the whole image); leave view at its default"
             )
@@ -293,16 +289,15 @@ class PerceptionMagnifier(Technique):
                 f"{self.name}: {geo.others.numel()} image token(s) of no grid cell (a kept CLS token: "
                 "vision_feature_select_strategy=full); the map needs every image token to be a cell"
             )
-        return family
 
     def _view(self, req: Request) -> Image.Image:
         """The image the map pass and the magnification see (the family's view)."""
-        return FAMILIES[req.family].view(req, self.params["view"])
+        return pm_view.view(req, self.params["view"])
 
-    def _view_pixels(self, req: Request, family, view: Image.Image, given: torch.Tensor) -> torch.Tensor:
+    def _view_pixels(self, req: Request, view: Image.Image, given: torch.Tensor) -> torch.Tensor:
         if view is req.images[0]:  # what lmms-eval already processed
             return given
-        return family.pixels(req, view).to(given.device, given.dtype)
+        return pm_view.pixels(req, view).to(given.device, given.dtype)
 
     # --- lmms-eval entry points ---------------------------------------------------------
 
@@ -324,16 +319,16 @@ class PerceptionMagnifier(Technique):
         if not req.images and req.image_pos.numel() == 0:
             self.image_free += 1  # nothing to magnify: the base model's answer
             return model.generate(**kwargs)
-        family = self._check(req)
+        self._check(req)
         self.samples += 1
         view = self._view(req)
-        pv_view = self._view_pixels(req, family, view, kwargs["pixel_values"])
+        pv_view = self._view_pixels(req, view, kwargs["pixel_values"])
         if self.params["refresh"] == "once":
-            mag = self._magnify_prompt(model, req, family, view, pv_view, req.input_ids)
+            mag = self._magnify_prompt(model, req, view, pv_view, req.input_ids)
             out = model.generate(**{**kwargs, "pixel_values": mag.pixel_values.to(pv_view.device, pv_view.dtype)})
             self.last["generated"] = out.shape[1] - req.input_ids.shape[1]
             return out
-        return self._generate_refreshing(model, req, family, view, pv_view, kwargs)
+        return self._generate_refreshing(model, req, view, pv_view, kwargs)
 
     @torch.no_grad()
     def forward(self, model, req: Request, **kwargs):
@@ -342,11 +337,11 @@ class PerceptionMagnifier(Technique):
         if not req.images and req.image_pos.numel() == 0:
             self.image_free += 1
             return model(**kwargs)
-        family = self._check(req)
+        self._check(req)
         self.samples += 1
         view = self._view(req)
-        pv_view = self._view_pixels(req, family, view, kwargs["pixel_values"])
-        mag = self._magnify_prompt(model, req, family, view, pv_view, req.input_ids[:, : req.prompt_len])
+        pv_view = self._view_pixels(req, view, kwargs["pixel_values"])
+        mag = self._magnify_prompt(model, req, view, pv_view, req.input_ids[:, : req.prompt_len])
         out = model(**{**kwargs, "pixel_values": mag.pixel_values.to(pv_view.device, pv_view.dtype)})
         cd = self.params["resample_cd"]
         if cd:  # model_generate.py:572-574: scores + cd * (scores - original_scores)
@@ -356,11 +351,11 @@ class PerceptionMagnifier(Technique):
                 out.loss = causal_lm_loss(out.logits, kwargs["labels"])
         return out
 
-    def _magnify_prompt(self, model, req, family, view, pv_view, prompt_ids) -> Magnified:
+    def _magnify_prompt(self, model, req, view, pv_view, prompt_ids) -> Magnified:
         from transformers import DynamicCache
 
-        emb = family.embed(model, req, prompt_ids, pv_view)
-        run = _LanguageModel(model, family.positions(model, req, prompt_ids.shape[1]))
+        emb = pm_view.embed(model, req, prompt_ids, pv_view)
+        run = _LanguageModel(model, pm_view.pass_positions(model, req, prompt_ids.shape[1]))
         mag = self.magnify_at(model, req, view, emb, DynamicCache(config=model.config.text_config), run, 0)
         self._record(mag, refreshes=1)
         return mag
@@ -383,7 +378,7 @@ class PerceptionMagnifier(Technique):
 
     # --- open-ended generation with a refreshed map ---------------------------------------
 
-    def _generate_refreshing(self, model, req: Request, family, view, pv_view, kwargs):
+    def _generate_refreshing(self, model, req: Request, view, pv_view, kwargs):
         """Decode token by token; every ``refresh_n`` tokens (1 for every_token) the map is recomputed
         from the original-image stream at the newest query and the image magnified anew."""
         from transformers import DynamicCache
@@ -398,10 +393,10 @@ class PerceptionMagnifier(Technique):
         eos = sorted(set([eos] if isinstance(eos, int) else (eos or [])))
         min_new = kwargs.get("min_new_tokens") or 0
         pick = _token_picker(kwargs)
-        run = _LanguageModel(model, family.positions(model, req, req.input_ids.shape[1] + max_new))
+        run = _LanguageModel(model, pm_view.pass_positions(model, req, req.input_ids.shape[1] + max_new))
         embed_tokens = model.model.get_input_embeddings()
         ids = req.input_ids
-        emb_orig = family.embed(model, req, ids, pv_view)
+        emb_orig = pm_view.embed(model, req, ids, pv_view)
         cache_orig, orig_len = DynamicCache(config=model.config.text_config), 0
         cache_mag = None
         forwards = refreshes = iterations = 0
@@ -414,7 +409,7 @@ class PerceptionMagnifier(Technique):
                 forwards += mag.map_forwards
                 if refreshes == 1:
                     self._record(mag, refreshes=1)
-                prompt = family.embed(model, req, req.input_ids, mag.pixel_values.to(pv_view.device, pv_view.dtype))
+                prompt = pm_view.embed(model, req, req.input_ids, mag.pixel_values.to(pv_view.device, pv_view.dtype))
                 emb_mag = torch.cat(
                     [prompt, embed_tokens(ids[:, prompt.shape[1] :])], dim=1
                 )  # answer tokens: plain embeddings

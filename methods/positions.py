@@ -1,4 +1,4 @@
-"""Token positions per family: the one place that knows 1-D RoPE from Qwen2.5-VL's M-RoPE.
+"""Token positions: 1-D RoPE or M-RoPE, as the family adapter (methods/families/) says.
 
 A prompt's positions are ``(n,)`` for 1-D RoPE (``0..n-1``: LLaVA) or ``(3, n)`` for M-RoPE
 (Qwen2.5-VL: temporal/height/width rows from ``model.model.get_rope_index``; an image's tokens
@@ -18,11 +18,13 @@ from __future__ import annotations
 
 import torch
 
-MROPE_FAMILIES = ("qwen2_5_vl",)
+from . import families
 
 
 def is_mrope(model) -> bool:
-    return getattr(model.config, "model_type", None) in MROPE_FAMILIES
+    """Whether the model's family adapter (methods/families/) says it uses multi-axis positions."""
+    family = families.ADAPTERS.get(getattr(model.config, "model_type", None))
+    return family is not None and family.mrope
 
 
 def prompt_positions(model, input_ids: torch.Tensor, image_grid_thw: torch.Tensor | None = None) -> torch.Tensor:
@@ -34,12 +36,10 @@ def prompt_positions(model, input_ids: torch.Tensor, image_grid_thw: torch.Tenso
     n = input_ids.shape[1]
     if not is_mrope(model):
         return torch.arange(n, device=input_ids.device)
-    types = (input_ids == model.config.image_token_id).int()
-    grid = image_grid_thw if bool(types.any()) else None
-    if grid is None and bool(types.any()):
+    has_image = bool((input_ids == model.config.image_token_id).any())
+    if image_grid_thw is None and has_image:
         raise ValueError("M-RoPE positions of a prompt with image tokens need its image_grid_thw")
-    pos, _ = model.model.get_rope_index(input_ids[:1], mm_token_type_ids=types[:1], image_grid_thw=grid)
-    return pos[:, 0]
+    return families.adapter(model.config).rope_index(model, input_ids, image_grid_thw if has_image else None)
 
 
 def next_position(positions: torch.Tensor) -> int:

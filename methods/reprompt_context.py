@@ -10,13 +10,13 @@ import torch
 from transformers import DynamicCache
 
 from . import positions
+from .families import IMAGE_KEYS
 from .kv_cache import with_cache
 
 # What a prefill needs of lmms-eval's inputs: per-token ones (cut to the prompt; mm_token_type_ids:
-# Qwen2.5-VL under transformers 5) and per-image ones (image_sizes: LLaVA-NeXT/OneVision tiling;
-# image_grid_thw: Qwen2.5-VL's patch grid). Generating after a context, the context stands for them all.
+# Qwen2.5-VL under transformers 5) and per-image ones (``families.IMAGE_KEYS``: pixels and each family's
+# layout inputs). Generating after a context, the context stands for them all.
 TOKEN_KEYS = ("input_ids", "attention_mask", "mm_token_type_ids")
-IMAGE_KEYS = ("pixel_values", "image_sizes", "image_grid_thw")
 FORWARD_KEYS = TOKEN_KEYS + IMAGE_KEYS
 
 

@@ -13,7 +13,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from . import hooks
+from . import families, hooks
+from .geometry import GeometryError
 
 if TYPE_CHECKING:
     from .geometry import ImageGeometry
@@ -122,13 +123,21 @@ class Request:
         """The image's token positions; ``newlines=False`` leaves out the row-newline tokens of anyres
         models (LLaVA-NeXT/OneVision), which share the image token id but are a learned separator.
         LLaVA-1.5 has one block and no newlines: no geometry needed."""
-        if newlines or self.family == "llava":
+        if newlines or not self.adapter.row_newlines:
             return self.image_pos
         return self.geometry.positions(newlines=False).to(self.input_ids.device)
 
     @property
     def family(self) -> str:
         return getattr(self.config, "model_type", "llava")
+
+    @property
+    def adapter(self) -> "families.Family":
+        """The family adapter (methods/families/); LLaVA-1.5's for a hand-built request without a config."""
+        try:
+            return families.adapter(self.family)
+        except GeometryError as e:
+            raise RequestError(str(e)) from e
 
     @property
     def geometry(self) -> "ImageGeometry":
@@ -140,13 +149,13 @@ class Request:
         return cached
 
     def _build_geometry(self):
-        from .geometry import GeometryError, image_geometry, single_block
+        from .geometry import single_block
 
         if self.config is None:  # a hand-built request (tests, scripts): one contiguous square block
             return single_block(self.image_pos, self.images[0].size if self.images else None)
         try:
             size = self.images[0].size if self.images else None
-            return image_geometry(self.config, self.processor, size, self.input_ids, self.inputs)
+            return families.image_geometry(self.config, self.processor, size, self.input_ids, self.inputs)
         except GeometryError as e:
             raise RequestError(str(e)) from e
 

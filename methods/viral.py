@@ -21,7 +21,7 @@ token-token cosine matrices); several layers, with one shared projector or one e
 Samples whose image-token count differs from the grid count (e.g. a different image
 layout) and text-only samples are left out of L_VRA (they still count in L_LM).
 
-Families (``FAMILIES``, the one place that knows them): how a batch becomes, per sample, the LM
+Families (their adapters' ``aligned_block``, methods/families/): how a batch becomes, per sample, the LM
 positions of the aligned image tokens and their rows x cols grid (``aligned_tokens``):
 - ``llava`` (LLaVA-1.5): every image token, the tower's square grid (unchanged rule: a sample
   counts when its image-token count equals the grid's);
@@ -45,6 +45,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from . import families
 
 DEFAULTS = {"layer": 16, "weight": 0.5, "proj_hidden": 2048}
 
@@ -214,59 +216,15 @@ class Aligned:
     whole_image: bool  # the block sees the whole image (teacher: squashed) vs the LLaVA-1.5 processor's crop
 
 
-def _llava_aligned(config, batch, image_token_id, n_grid):
-    """LLaVA-1.5: every image token of a sample whose count equals the (square) grid's."""
-    vc = config.vision_config
-    side = vc.image_size // vc.patch_size
-    n = n_grid or side * side
-    grid = (side, side) if n == side * side else square_grid(n)
-    is_img = batch["input_ids"] == image_token_id
-    return [Aligned(row.nonzero().flatten(), grid, False) if int(row.sum()) == n else None for row in is_img]
-
-
-def _geometry_aligned(config, batch, image_token_id, n_grid):
-    """Any family with a geometry builder: the base block of each sample's image (one image per
-    sample; ``image_sizes`` (H, W) / ``image_grid_thw`` are per image, in sample order)."""
-    from .geometry import image_geometry
-
-    sizes, thw = batch.get("image_sizes"), batch.get("image_grid_thw")
-    out, k = [], 0
-    for b, row in enumerate(batch["input_ids"]):
-        if not bool((row == image_token_id).any()):
-            out.append(None)
-            continue
-        size = tuple(int(v) for v in sizes[k].tolist()[::-1]) if sizes is not None else (0, 0)
-        inputs = {"image_grid_thw": thw[k : k + 1]} if thw is not None else {}
-        base = image_geometry(config, None, size, batch["input_ids"][b : b + 1], inputs).base
-        out.append(Aligned(base.positions, base.grid_hw, tuple(base.region) == (0.0, 0.0, 1.0, 1.0)))
-        k += 1
-    return out
-
-
-@dataclasses.dataclass(frozen=True)
-class Family:
-    aligned: object  # (config, batch, image_token_id, n_grid) -> list[Aligned | None]
-    mm_projector: str  # the module trained fully next to LoRA (LLaVA's multimodal projector, Qwen's merger)
-    own_encoder: bool  # LLaVA-1.5's path: one square grid for every sample, the "self" teacher and the teacher
-    # inputs that read the LLaVA pixels (pixels, official); else per-image grids and a backbone teacher on the image
-
-
-FAMILIES = {
-    "llava": Family(_llava_aligned, "multi_modal_projector", True),
-    "llava_next": Family(_geometry_aligned, "multi_modal_projector", False),
-    "llava_onevision": Family(_geometry_aligned, "multi_modal_projector", False),
-    "qwen2_5_vl": Family(_geometry_aligned, "merger", False),
-}
-
-
-def family(config) -> Family:
-    """The VIRAL family entry of a model config; a clear error for anything else."""
+def family(config):
+    """The family adapter (methods/families/) of a model config, for VIRAL; a clear error for anything else."""
     mt = getattr(config, "model_type", None)
-    if mt not in FAMILIES:
-        raise ValueError(f"VIRAL supports model_type {', '.join(FAMILIES)}; this checkpoint is {mt!r}")
-    if mt == "llava" and getattr(config, "vision_feature_select_strategy", "default") != "default":
+    if mt not in families.ADAPTERS:
+        raise ValueError(f"VIRAL supports model_type {', '.join(families.supported())}; this checkpoint is {mt!r}")
+    fam = families.adapter(config)
+    if fam.square_grid and getattr(config, "vision_feature_select_strategy", "default") != "default":
         raise ValueError("VIRAL needs vision_feature_select_strategy='default' (one image token per patch, no CLS)")
-    return FAMILIES[mt]
+    return fam
 
 
 def aligned_tokens(config, batch: dict, image_token_id: int | None = None, n_grid: int | None = None) -> list:
@@ -276,7 +234,19 @@ def aligned_tokens(config, batch: dict, image_token_id: int | None = None, n_gri
         from .geometry import image_token_id as token_id
 
         image_token_id = token_id(config)
-    return family(config).aligned(config, batch, image_token_id, n_grid)
+    fam = family(config)
+    sizes, thw = batch.get("image_sizes"), batch.get("image_grid_thw")
+    out, k = [], 0  # k: the image of the next sample with one (image inputs come per image, in sample order)
+    for b, row in enumerate(batch["input_ids"]):
+        if not bool((row == image_token_id).any()):
+            out.append(None)
+            continue
+        size = tuple(int(v) for v in sizes[k].tolist()[::-1]) if sizes is not None else (0, 0)  # (H, W) -> (W, H)
+        inputs = {"image_grid_thw": thw[k : k + 1]} if thw is not None else {}
+        found = fam.aligned_block(config, batch["input_ids"][b : b + 1], image_token_id, inputs, size, n_grid)
+        out.append(Aligned(*found) if found is not None else None)
+        k += 1
+    return out
 
 
 def vra_loss_samples(feats: list, targets: list, projector, kind: str = "direct") -> torch.Tensor:

@@ -37,7 +37,7 @@ def build(cfg):
     model, processor = load_base(cfg)
     fam = viral.family(model.config)
     reads_llava = cfg.teacher == "self" or cfg.teacher_input != "image"
-    if cfg.weight and not fam.own_encoder and cfg.teacher not in (None, "", "none") and reads_llava:
+    if cfg.weight and not fam.square_grid and cfg.teacher not in (None, "", "none") and reads_llava:
         raise ValueError(
             f"VIRAL on {model.config.model_type}: teacher={cfg.teacher!r} with teacher_input={cfg.teacher_input!r} is "
             "LLaVA-1.5 only (it reads the LLaVA pixels or the LLaVA vision tower); pass a vision backbone directory "

@@ -1,6 +1,6 @@
 """Fine-tuning a LLaVA or Qwen2.5-VL checkpoint with VIRAL's alignment loss, on peft LoRA and accelerate.
 
-Families (methods/viral.py ``FAMILIES``): LLaVA-1.5, LLaVA-NeXT / OneVision (the base block is
+Families (their adapters, methods/families/): LLaVA-1.5, LLaVA-NeXT / OneVision (the base block is
 aligned) and Qwen2.5-VL (the merged tokens, rows x cols). Batches are the checkpoint's own
 processor's output (``image_sizes``, ``image_grid_thw``, ``mm_token_type_ids`` kept); on the
 families other than LLaVA-1.5 the teacher is a backbone directory seeing the original image
@@ -316,7 +316,7 @@ def train(cfg: TrainConfig, records: list[dict] | None = None) -> dict:
         teacher.to(accelerator.device)
     base = accelerator.unwrap_model(model)
     image_token_id = base.config.image_token_id
-    grid = viral.llm_grid(base) if viral.family(base.config).own_encoder else None  # else per image, from the geometry
+    grid = viral.llm_grid(base) if viral.family(base.config).square_grid else None  # else per image, from the geometry
     ip = processor.image_processor
     source = {
         "mean": ip.image_mean,

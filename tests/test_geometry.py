@@ -6,7 +6,8 @@ from PIL import Image
 from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
 
 from lmms_eval_plugins import testing
-from methods import geometry
+from methods import families, geometry
+from methods.families import anyres as anyres_family
 
 # (W, H): square, 2:1 both ways, odd aspects that leave padding, extreme ones (OneVision shrinks, degenerate rows)
 SIZES = [
@@ -39,14 +40,14 @@ def test_token_count_matches_processor(anyres, size):
     family, _, config, processor = anyres
     inputs = processor(images=[Image.new("RGB", size)], text=PROMPT, return_tensors="pt")
     n_image = int((inputs["input_ids"] == config.image_token_id).sum())
-    geo = geometry.image_geometry(config, processor, size, inputs["input_ids"])  # raises on any mismatch
+    geo = families.image_geometry(config, processor, size, inputs["input_ids"])  # raises on any mismatch
     base, high = geo.blocks
     assert geo.family == family and geo.all_positions().numel() == n_image
     assert (base.rows, base.cols) == (4, 4) and base.newlines.numel() == 0
     assert high.newlines.numel() == high.rows
     assert int(base.positions[0]) == int((inputs["input_ids"][0] == config.image_token_id).nonzero()[0])
     # the processor's own arithmetic for the high-res part (un-padded features + newlines)
-    tiles = geometry.anyres_tiling(config, size)
+    tiles = anyres_family.anyres_tiling(config, size)
     assert tiles[0] * tiles[1] + 1 == inputs["pixel_values"].shape[1]  # the tower's crops: base + tiles
 
 
@@ -65,10 +66,10 @@ def test_newlines_and_grids_match_the_model(anyres):
         with torch.no_grad():
             model(**inputs)
         is_newline = (seen["embeds"][0] == newline).all(-1).nonzero().flatten()
-        geo = geometry.image_geometry(config, processor, size, inputs["input_ids"])
+        geo = families.image_geometry(config, processor, size, inputs["input_ids"])
         assert torch.equal(is_newline, geo.newlines), size
         high = geo.block("highres")
-        tiles = geometry.anyres_tiling(config, size)
+        tiles = anyres_family.anyres_tiling(config, size)
         shrunk += high.rows * high.cols < (4 * tiles[0]) * (4 * tiles[1]) * 0.6
     if family == "llava_onevision":
         assert shrunk >= 3  # the interpolation branch is exercised
@@ -77,12 +78,12 @@ def test_newlines_and_grids_match_the_model(anyres):
 def test_regions_undo_the_resize_padding():
     # 100x20 on an 8x8 stitched grid: scaled by 8/100 the image is 1.6 rows high, centred; the model keeps
     # rows 3..4 (padding (8 - round(1.6)) // 2 = 3 each side), which see y from -0.125 to 1.125 of the image
-    rows, cols, region = geometry.unpadded_grid(100, 20, 8, 8)
+    rows, cols, region = anyres_family.unpadded_grid(100, 20, 8, 8)
     assert (rows, cols) == (2, 8)
     assert region == pytest.approx((0.0, -0.125, 1.0, 1.125))
-    rows, cols, region = geometry.unpadded_grid(20, 100, 8, 8)  # and transposed
+    rows, cols, region = anyres_family.unpadded_grid(20, 100, 8, 8)  # and transposed
     assert (rows, cols) == (8, 2) and region == pytest.approx((-0.125, 0.0, 1.125, 1.0))
-    assert geometry.unpadded_grid(64, 32, 4, 8) == (4, 8, (0.0, 0.0, 1.0, 1.0))  # exact fit: nothing removed
+    assert anyres_family.unpadded_grid(64, 32, 4, 8) == (4, 8, (0.0, 0.0, 1.0, 1.0))  # exact fit: nothing removed
 
 
 def test_llava15_is_one_block_over_the_centre_crop(tiny_ckpt):
@@ -90,7 +91,7 @@ def test_llava15_is_one_block_over_the_centre_crop(tiny_ckpt):
     processor = AutoProcessor.from_pretrained(tiny_ckpt)
     size = (40, 30)
     inputs = processor(images=[Image.new("RGB", size)], text=PROMPT, return_tensors="pt")
-    geo = geometry.image_geometry(config, processor, size, inputs["input_ids"])
+    geo = families.image_geometry(config, processor, size, inputs["input_ids"])
     (block,) = geo.blocks
     assert (block.rows, block.cols) == (4, 4) and block.newlines.numel() == 0
     assert torch.equal(geo.all_positions(), (inputs["input_ids"][0] == config.image_token_id).nonzero().flatten())
@@ -103,7 +104,7 @@ def test_mismatch_is_refused(anyres):
     family, _, config, processor = anyres
     inputs = processor(images=[Image.new("RGB", (100, 37))], text=PROMPT, return_tensors="pt")
     with pytest.raises(geometry.GeometryError, match="predict"):
-        geometry.image_geometry(config, processor, (37, 100), inputs["input_ids"])  # the wrong image size
+        families.image_geometry(config, processor, (37, 100), inputs["input_ids"])  # the wrong image size
 
 
 def test_unknown_family_is_named(tiny_ckpt):
@@ -112,4 +113,4 @@ def test_unknown_family_is_named(tiny_ckpt):
     with pytest.raises(
         geometry.GeometryError, match="no image geometry for model_type 'paligemma'; supported: llava, llava_next"
     ):
-        geometry.image_geometry(config, None, (10, 10), torch.tensor([[1, 2]]))
+        families.image_geometry(config, None, (10, 10), torch.tensor([[1, 2]]))

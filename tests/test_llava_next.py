@@ -99,9 +99,9 @@ def test_reprompt_keeping_every_token_answers_like_llava_hf(anyres, baseline):
 
 
 def _edits(lm, inputs):
-    from lmms_eval_plugins.base import llava_request
+    from lmms_eval_plugins.base import family_request
 
-    req = llava_request(lm._model, lm._image_processor, dict(inputs))
+    req = family_request(lm._model, lm._image_processor, dict(inputs))
     req.require_one_image("test")
     return req, lm.technique.recipe(lm._model, req)
 

@@ -18,7 +18,7 @@ from methods import hooks
 from methods import lochead as L
 from methods import lochead_heads as LH
 from methods import lochead_maps as LM
-from methods.geometry import image_geometry
+from methods.families import image_geometry
 
 TEXT = "Please provide the bounding box coordinate of the region this sentence describes: the red square"
 SIZES = [(100, 37), (48, 40), (37, 90)]  # non-square: Qwen 3x7 / 4x5 / 7x3 merged grids at PIXELS; NeXT several tiles

@@ -37,7 +37,7 @@ def test_converted_next_keeps_llava15_weights_and_geometry(tmp_path):
 
     from lmms_eval_plugins.paths import CHECKPOINTS
     from lmms_eval_plugins.shapeworld.data import rec_docs, render_doc
-    from methods.geometry import image_geometry
+    from methods.families import image_geometry
 
     src = CHECKPOINTS["shapeworld-tiny"]
     path = bench.convert(src, tmp_path / "next", newline="mean", newline_scenes=8)

@@ -24,7 +24,7 @@ from PIL import Image
 
 from lmms_eval_plugins.testing import load_parity_script
 from methods import hooks
-from methods import pm, pm_families, pm_magnify, pm_search
+from methods import pm, pm_view, pm_magnify, pm_search
 from methods.technique import Request
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -110,7 +110,7 @@ def _run(model, processor, tiny, fixtures, name, refresh):
     )
     t = pm.PerceptionMagnifier(
         hooks.num_layers(model),
-        pm_families.image_grid(model),
+        pm_view.image_grid(model),
         refresh=refresh,
         **_params(data["settings"][case["settings"]]),
     )

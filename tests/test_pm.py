@@ -9,7 +9,7 @@ import torch
 from conftest import load, make_inputs
 from PIL import Image, ImageDraw
 
-from methods import hooks, pm, pm_families, pm_magnify, pm_search
+from methods import hooks, pm, pm_view, pm_magnify, pm_search
 from methods.technique import Request, RequestError
 
 # ---------------------------------------------------------------------------------------
@@ -185,7 +185,7 @@ def _request(model, processor, inputs, image, text=None):
 
 
 def _technique(model, **params):
-    return pm.PerceptionMagnifier(hooks.num_layers(model), pm_families.image_grid(model), **params)
+    return pm.PerceptionMagnifier(hooks.num_layers(model), pm_view.image_grid(model), **params)
 
 
 def _square_inputs(processor, size=32):
@@ -357,7 +357,7 @@ def test_saved_visuals(square, tmp_path):
         with Image.open(tmp_path / f"0000_{kind}.png") as im:
             assert im.format == "PNG" and im.size == image.size
     trace = json.loads((tmp_path / "0000_search.json").read_text())
-    assert len(trace["h_star"]) == pm_families.image_grid(model) ** 2 and trace["iterations"] == len(trace["sums"]) - 1
+    assert len(trace["h_star"]) == pm_view.image_grid(model) ** 2 and trace["iterations"] == len(trace["sums"]) - 1
 
 
 def test_visuals_dir_resolution(tmp_path):

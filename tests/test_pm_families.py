@@ -16,7 +16,7 @@ from conftest import make_inputs
 from test_qwen import SIZE, _cli, _image, _inputs, tiny_qwen  # noqa: F401  (the tiny model fixture)
 
 from lmms_eval_plugins import testing
-from methods import hooks, pm, pm_families, pm_search
+from methods import hooks, pm, pm_view, pm_search
 from methods.technique import Request
 
 GEOMETRY_INPUTS = {"qwen2_5_vl": "image_grid_thw", "llava_next": "image_sizes", "llava_onevision": "image_sizes"}
@@ -67,7 +67,7 @@ def _ready(model, processor, inputs, image):
 
 
 def _technique(model, **params):
-    return pm.PerceptionMagnifier(hooks.num_layers(model), pm_families.image_grid(model), **params)
+    return pm.PerceptionMagnifier(hooks.num_layers(model), pm_view.image_grid(model), **params)
 
 
 def test_pm_language_model_pass_has_the_models_positions_and_logits(qwen):
@@ -76,11 +76,10 @@ def test_pm_language_model_pass_has_the_models_positions_and_logits(qwen):
     from transformers import DynamicCache
 
     model, _, inputs, req = qwen
-    family = pm_families.FAMILIES[req.family]
     ids = inputs["input_ids"]
     n = ids.shape[1]
     want, delta = model.model.get_rope_index(ids, inputs["mm_token_type_ids"], inputs["image_grid_thw"])
-    pos = family.positions(model, req, n + 3)
+    pos = pm_view.pass_positions(model, req, n + 3)
     assert torch.equal(pos[..., :n], want)
     assert torch.equal(
         pos[..., n:], (torch.arange(n, n + 3) + delta[0]).view(1, 1, 3).expand(3, 1, 3)
@@ -88,7 +87,7 @@ def test_pm_language_model_pass_has_the_models_positions_and_logits(qwen):
     assert int(delta) < 0  # the image's rows x cols share positions: not the 1-D arange
     with torch.no_grad():
         full = model(**inputs).logits
-        emb = family.embed(model, req, ids, inputs["pixel_values"])
+        emb = pm_view.embed(model, req, ids, inputs["pixel_values"])
         ours = model.lm_head(pm._LanguageModel(model, pos)(emb, DynamicCache(config=model.config.text_config)))
         flat = model.lm_head(pm._LanguageModel(model)(emb, DynamicCache(config=model.config.text_config)))
     assert (ours - full).abs().max() < 1e-5
@@ -101,10 +100,9 @@ def test_anyres_embeddings_equal_the_models(family):
     from transformers import DynamicCache
 
     model, _, inputs, req = family
-    f = pm_families.FAMILIES[req.family]
     with torch.no_grad():
-        emb = f.embed(model, req, inputs["input_ids"], inputs["pixel_values"])
-        run = pm._LanguageModel(model, f.positions(model, req, emb.shape[1]))
+        emb = pm_view.embed(model, req, inputs["input_ids"], inputs["pixel_values"])
+        run = pm._LanguageModel(model, pm_view.pass_positions(model, req, emb.shape[1]))
         ours = model.lm_head(run(emb, DynamicCache(config=model.config.text_config)))
         full = model(**inputs).logits
     assert (ours - full).abs().max() < 1e-5

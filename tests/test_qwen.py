@@ -17,7 +17,7 @@ from PIL import Image
 from lmms_eval_plugins import testing
 from methods.params import ModelArgsError
 from methods import hooks
-from methods.geometry import image_geometry
+from methods.families import image_geometry
 
 PIXELS = {"min_pixels": 12544, "max_pixels": 20000}  # a 48x40 image -> 112x140 -> 4x5 merged grid
 SIZE = (100, 37)
@@ -89,9 +89,9 @@ def _request(lm):
 
 
 def _edits(lm, inputs):
-    from lmms_eval_plugins.qwen import qwen_request
+    from lmms_eval_plugins.base import family_request
 
-    req = qwen_request(lm._model, lm.processor, dict(inputs))
+    req = family_request(lm._model, lm.processor, dict(inputs))
     req.require_one_image("test")
     return req, lm.technique.recipe(lm._model, req)
 

@@ -57,18 +57,14 @@ FAMILIES = {
     "llava_onevision": ("llava_onevision", "llava_onevision_shaped"),
     "qwen2_5_vl": ("qwen2_5_vl", "qwen2_5_vl_shaped"),
 }
-SHAPES = {
-    "llava": "LLaVA-1.5",
-    "llava_next": "LLaVA-NeXT",
-    "llava_onevision": "LLaVA-OneVision",
-    "qwen2_5_vl": "Qwen2.5-VL",
-}
 QWEN = "qwen2_5_vl_"  # the Qwen2.5-VL names (lmms_eval_plugins/models/qwen2_5_vl.py); the others are LLaVA's
 
 
 def geometry_inputs(model) -> tuple:
-    """The processor outputs the family's geometry needs (as ``family_request`` in base.py / qwen.py)."""
-    return ("image_grid_thw",) if model.config.model_type == "qwen2_5_vl" else ("image_sizes",)
+    """The processor outputs the family's geometry needs (its adapter's, as ``base.family_request``)."""
+    from methods import families
+
+    return families.adapter(model.config).request_inputs
 
 
 def bench_model_dir(layers: int, hidden: int = 256, family: str = "llava") -> Path:
@@ -316,7 +312,9 @@ def render(rows, args, base, ctx) -> str:
         f"{b.name} {b.rows}x{b.cols}" + (f" + {b.newlines.numel()} newlines" if b.newlines.numel() else "")
         for b in geo.blocks
     )
-    shape = SHAPES[args.family]
+    from methods import families
+
+    shape = families.adapter(args.family).display_name
     head = (
         f"{shape}-shaped random model ({args.layers} LM layers of width {args.hidden}; a {ctx.image.size[0]}x{ctx.image.size[1]} image = "
         f"{geo.all_positions().numel()} image tokens: {blocks}), {args.new_tokens} new tokens, median of {args.repeats} interleaved rounds, CPU time, {torch.get_num_threads()} thread\n"

@@ -78,9 +78,6 @@ def register(subparsers) -> None:
     p.set_defaults(func=run)
 
 
-FAMILIES = ("llava", "llava_next", "llava_onevision", "qwen2_5_vl")
-
-
 def load(pretrained: str, args):
     """(model, processor) of a checkpoint of a supported family, loaded with its family's class; the
     Qwen2.5-VL processor at --min-pixels/--max-pixels (default: its saved ones). ValueError: refused."""
@@ -88,13 +85,16 @@ def load(pretrained: str, args):
     from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
     from transformers import LlavaForConditionalGeneration as Llava
 
+    from methods import families
+
     from ..base import check_interleaved_llava
 
     model_type = getattr(AutoConfig.from_pretrained(pretrained), "model_type", None)
-    if model_type not in FAMILIES:
+    if model_type not in families.ADAPTERS:
+        names = ", ".join(dict.fromkeys(f.display_name for f in families.ADAPTERS.values()))
         raise ValueError(
-            f"heads discovery runs on LLaVA-1.5, LLaVA-NeXT, LLaVA-OneVision and Qwen2.5-VL checkpoints "
-            f"(model_type {', '.join(FAMILIES)}); {pretrained} is {model_type!r}"
+            f"heads discovery runs on {names} checkpoints "
+            f"(model_type {', '.join(families.supported())}); {pretrained} is {model_type!r}"
         )
     if model_type == "qwen2_5_vl":
         from ..qwen import check_qwen

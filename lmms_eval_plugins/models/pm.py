@@ -1,6 +1,6 @@
 """`llava_pm`: the Perception Magnifier (methods/pm.py) inside lmms-eval's llava_hf (LLaVA-1.5);
 the same spec runs as `qwen2_5_vl_pm` (models/qwen2_5_vl.py; the family differences are
-methods/pm_families.py's ``FAMILIES``)."""
+the family adapters, methods/families/, and methods/pm_view.py)."""
 
 from methods.hooks import num_layers
 from methods.pm import (
@@ -14,7 +14,7 @@ from methods.pm import (
     TWO_MEANS,
     PerceptionMagnifier,
 )
-from methods.pm_families import image_grid
+from methods.pm_view import image_grid
 from methods.pm_magnify import VIEWS
 
 from ..base import TechniqueSpec, wrapper_classes

@@ -3,23 +3,19 @@
 Each name is its LLaVA twin's spec (same parameters, methods/ arithmetic, recipe logging)
 on the Qwen2.5-VL family adapter (lmms_eval_plugins/qwen.py). A technique that cannot run
 correctly on Qwen2.5-VL yet is still registered and refuses at construction with the
-reason (``QWEN_REFUSED``), never silently wrong; the README support matrix repeats them.
+reason (its spec's ``refused``), never silently wrong; the README support matrix repeats them.
 """
 
 import dataclasses
 
-from ..qwen import FAMILY, qwen_wrapper_classes
+from ..qwen import qwen_wrapper_classes
 from . import knockout, lochead, pai, paint, pm, reprompt, viral
-
-QWEN_REFUSED = {
-    "paint": "PAINT selects local and summary tokens from the vision tower's CLS attention; the Qwen2.5-VL vision tower "
-    "has no CLS token (windowed attention over patches, merged 2x2), and " + paint.NO_CLS_MEASURED,
-}
 
 
 def _qwen_spec(spec, technique: str, **changes):
-    refused = {FAMILY: QWEN_REFUSED[technique]} if technique in QWEN_REFUSED else {}
-    return dataclasses.replace(spec, name=f"qwen2_5_vl_{technique}", aliases=(), refused=refused, **changes)
+    """The LLaVA twin's spec under its qwen2_5_vl_ name; its ``refused`` already names the families the
+    technique refuses and why (PAINT: towers without CLS, from the family adapters)."""
+    return dataclasses.replace(spec, name=f"qwen2_5_vl_{technique}", aliases=(), **changes)
 
 
 # selection=describe's text after the image, in Qwen's chat format (llava_reprompt's is LLaVA-1.5's "... ASSISTANT:")
