@@ -17,6 +17,7 @@ subclass lmms-eval's own ``llava_hf`` classes and change only this:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -93,9 +94,8 @@ def resolve_pretrained(name: str) -> str:
 LLAVA_FAMILIES = tuple(sorted(t for t, f in families.ADAPTERS.items() if f.lmms_eval_model == "llava_hf"))
 
 
-def check_interleaved_llava(pretrained: str, revision: str | None = None, trust_remote_code: bool = False):
-    """The checkpoint's config; refuse, with a message, checkpoints that are not interleaved LLaVA models
-    (LLaVA-1.5, LLaVA-NeXT, LLaVA-OneVision HF ports)."""
+def read_config(pretrained: str, revision: str | None = None, trust_remote_code: bool = False):
+    """The checkpoint's config, or a ModelArgsError saying why it cannot be read."""
     from transformers import AutoConfig
 
     if os.path.isdir(pretrained) and not (Path(pretrained) / "config.json").exists():
@@ -103,19 +103,55 @@ def check_interleaved_llava(pretrained: str, revision: str | None = None, trust_
             f"pretrained={pretrained} is a directory without config.json: not a transformers checkpoint"
         )
     try:
-        config = AutoConfig.from_pretrained(
-            pretrained, revision=revision or "main", trust_remote_code=trust_remote_code
-        )
+        return AutoConfig.from_pretrained(pretrained, revision=revision or "main", trust_remote_code=trust_remote_code)
     except Exception as e:
         raise ModelArgsError(f"pretrained={pretrained}: cannot read its config ({e})") from e
+
+
+def check_interleaved_llava(pretrained: str, revision: str | None = None, trust_remote_code: bool = False):
+    """The checkpoint's config; refuse, with a message, checkpoints that are not interleaved LLaVA models
+    (LLaVA-1.5, LLaVA-NeXT, LLaVA-OneVision HF ports)."""
+    config = read_config(pretrained, revision, trust_remote_code)
     if getattr(config, "model_type", None) not in LLAVA_FAMILIES or getattr(config, "image_token_id", None) is None:
         raise ModelArgsError(
             f"pretrained={pretrained} is a {getattr(config, 'model_type', 'unknown')!r} checkpoint; these techniques need "
             f"an interleaved LLaVA checkpoint (model_type {' / '.join(LLAVA_FAMILIES)} with image_token_id), "
             "e.g. llava-hf/llava-1.5-7b-hf, llava-hf/llava-v1.6-mistral-7b-hf, "
-            "llava-hf/llava-onevision-qwen2-7b-ov-hf or shapeworld-tiny"
+            f"llava-hf/llava-onevision-qwen2-7b-ov-hf or shapeworld-tiny; {other_families('llava_hf')}"
         )
     return config
+
+
+def other_families(lmms_eval_model: str) -> str:
+    """Where the other families' checkpoints go (a message's tail): "Qwen2.5-VL checkpoints go to the qwen2_5_vl_* names, ..."."""
+    names = {}
+    for _, fam in sorted(families.ADAPTERS.items()):
+        if fam.lmms_eval_model != lmms_eval_model:
+            names.setdefault(fam.name_prefix, []).append(fam.display_name)
+    return ", ".join(f"{' / '.join(shown)} checkpoints go to the {prefix}_* names" for prefix, shown in names.items())
+
+
+@contextlib.contextmanager
+def loading_dtype(module_name: str, class_name: str, dtype: str):
+    """lmms-eval classes that hard-code ``torch_dtype=torch.bfloat16`` (qwen2_5_vl, gemma3) load in ``dtype``
+    instead, for the duration of their constructor: ``class_name`` as ``module_name`` imported it."""
+    module = sys.modules[module_name]
+    real = getattr(module, class_name)
+    if dtype == "bfloat16":
+        yield
+        return
+
+    class _Loader:
+        @staticmethod
+        def from_pretrained(name, **kwargs):
+            kwargs.pop("torch_dtype", None)
+            return real.from_pretrained(name, dtype=dtype, **kwargs)
+
+    setattr(module, class_name, _Loader)
+    try:
+        yield
+    finally:
+        setattr(module, class_name, real)
 
 
 def refuse_family(spec: TechniqueSpec, model_type: str | None, pretrained: str) -> None:
@@ -166,6 +202,36 @@ class RecordingProcessor:
             # used for its length (to mask labels), so hand the request's image back.
             kwargs["images"] = self.last_images  # already padded
         return self._processor(*args, **kwargs)
+
+    def apply_chat_template(self, conversation, *args, **kwargs):
+        """Classes that hand images inside chat messages (lmms-eval's gemma3: JPEG data URLs) reach the
+        processor through here: each image is loaded as the processor would load it, padded with
+        pad_to_square, recorded, and handed on as that PIL image, so the processor sees what is recorded."""
+        if not kwargs.get("tokenize"):
+            return self._processor.apply_chat_template(conversation, *args, **kwargs)
+        from transformers.image_utils import load_image
+
+        batched = bool(conversation) and isinstance(conversation[0], list)
+        copied, items = [], []
+        for conv in conversation if batched else [conversation]:
+            copied.append([dict(m) for m in conv])
+            for m in copied[-1]:
+                if isinstance(m.get("content"), list):
+                    m["content"] = [dict(block) for block in m["content"]]
+                    items += [block for block in m["content"] if block.get("type") == "image"]
+        images = []
+        for block in items:
+            key = next(k for k in ("image", "url", "path", "base64") if k in block)
+            images.append(load_image(block.pop(key)))
+        padded, flat = self._pad(images)
+        for block, image in zip(items, padded):
+            block["image"] = image
+        self.__dict__["last_images"] = flat
+        text = self._processor.apply_chat_template(
+            copied, add_generation_prompt=kwargs.get("add_generation_prompt", False), tokenize=False
+        )
+        self.__dict__["last_text"] = text[0] if isinstance(text, list) else text
+        return self._processor.apply_chat_template(copied if batched else copied[0], *args, **kwargs)
 
     def __getattr__(self, name):
         return getattr(self._processor, name)
@@ -410,8 +476,8 @@ def _device_args(base: dict) -> dict:
 
 def _shard_requests(lm) -> None:
     """llava_hf only shards requests for GPU distributed types; do it for any backend (CPU/gloo too)."""
-    acc = lm.accelerator
-    if acc.num_processes > 1:
+    acc = getattr(lm, "accelerator", None)  # gemma3 keeps one only with several processes
+    if acc is not None and acc.num_processes > 1:
         lm._rank = acc.process_index
         lm._world_size = acc.num_processes
 

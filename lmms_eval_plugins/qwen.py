@@ -22,10 +22,7 @@ the README's support matrix and docs/qwen.md.
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import sys
 from pathlib import Path
 
 from loguru import logger
@@ -34,6 +31,9 @@ from .base import (
     TechniqueMixin,
     TechniqueSpec,
     _device_args,
+    loading_dtype,
+    other_families,
+    read_config,
     refuse_family,
     wrapper_classes,
 )
@@ -61,21 +61,12 @@ DTYPES = ("bfloat16", "float32", "float16", "auto")
 
 def check_qwen(pretrained: str):
     """The checkpoint's config; a ModelArgsError for anything but a Qwen2.5-VL checkpoint."""
-    from transformers import AutoConfig
-
-    if os.path.isdir(pretrained) and not (Path(pretrained) / "config.json").exists():
-        raise ModelArgsError(
-            f"pretrained={pretrained} is a directory without config.json: not a transformers checkpoint"
-        )
-    try:
-        config = AutoConfig.from_pretrained(pretrained)
-    except Exception as e:
-        raise ModelArgsError(f"pretrained={pretrained}: cannot read its config ({e})") from e
+    config = read_config(pretrained)
     if getattr(config, "model_type", None) != FAMILY:
         raise ModelArgsError(
             f"pretrained={pretrained} is a {getattr(config, 'model_type', 'unknown')!r} checkpoint; the qwen2_5_vl_* "
             "wrappers need a Qwen2.5-VL checkpoint (model_type qwen2_5_vl), e.g. Qwen/Qwen2.5-VL-7B-Instruct or "
-            "shapeworld-tiny-qwen; LLaVA checkpoints go to the llava_* names"
+            f"shapeworld-tiny-qwen; {other_families(FAMILY)}"
         )
     return config
 
@@ -94,29 +85,6 @@ def saved_pixels(pretrained: str) -> tuple[int, int] | None:
     return None
 
 
-@contextlib.contextmanager
-def loading_dtype(dtype: str):
-    """lmms-eval's qwen2_5_vl hard-codes ``torch_dtype="bfloat16"``; load in ``dtype`` instead
-    (only for the duration of its constructor)."""
-    module = sys.modules["lmms_eval.models.simple.qwen2_5_vl"]
-    real = module.Qwen2_5_VLForConditionalGeneration
-    if dtype == "bfloat16":
-        yield
-        return
-
-    class _Loader:
-        @staticmethod
-        def from_pretrained(name, **kwargs):
-            kwargs.pop("torch_dtype", None)
-            return real.from_pretrained(name, dtype=dtype, **kwargs)
-
-    module.Qwen2_5_VLForConditionalGeneration = _Loader
-    try:
-        yield
-    finally:
-        module.Qwen2_5_VLForConditionalGeneration = real
-
-
 class QwenTechniqueMixin(TechniqueMixin):
     """TechniqueMixin in front of lmms-eval's qwen2_5_vl (simple or chat); only the family seams differ."""
 
@@ -128,7 +96,7 @@ class QwenTechniqueMixin(TechniqueMixin):
     def __init__(self, pretrained: str | None = None, dtype: str = "bfloat16", **kwargs):
         if str(dtype) not in DTYPES:
             raise ModelArgsError(f"{self.spec.name}: dtype={dtype!r}; valid: {', '.join(DTYPES)}")
-        with loading_dtype(str(dtype)):
+        with loading_dtype("lmms_eval.models.simple.qwen2_5_vl", "Qwen2_5_VLForConditionalGeneration", str(dtype)):
             super().__init__(pretrained=pretrained, **kwargs)
         self._warn_pixels()
 

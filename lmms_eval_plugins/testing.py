@@ -52,6 +52,27 @@ def build_tokenizer(words=WORDS, extra_specials=()):
     return fast
 
 
+def byte_level_tokenizer(extra_specials=(), named: dict | None = None):
+    """A byte-level BPE tokenizer without merges (every byte a token, as SentencePiece's byte fallback can
+    write anything): answers such as lochead's boxes decode back exactly."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<s>", "</s>", "<unk>", *extra_specials]
+    vocab = {t: i for i, t in enumerate(specials + sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        pad_token="<pad>",
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        extra_special_tokens=dict(named or {}),
+    )
+
+
 def _tower_config(config_class, image_size, patch_size, hidden, layers, heads, **extra):
     """A tiny vision tower's config (CLIP or SigLIP): MLP twice the width."""
     return config_class(
@@ -492,3 +513,90 @@ def load_parity_script(name: str):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+# Gemma 3's chat format (turns between <start_of_turn> and <end_of_turn>, the assistant is "model"); the
+# processor expands each <start_of_image> into <start_of_image> + image soft tokens + <end_of_image>.
+GEMMA3_CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}<start_of_turn>"
+    "{{ 'model' if message['role'] == 'assistant' else message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}{% for item in message['content'] %}"
+    "{% if item['type'] == 'image' %}<start_of_image>{% elif item['type'] == 'text' %}{{ item['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}<end_of_turn>\n{% endfor %}{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}"
+)
+GEMMA3_SPECIALS = ("<start_of_turn>", "<end_of_turn>", "<start_of_image>", "<image_soft_token>", "<end_of_image>")
+
+
+def build_tiny_gemma3(
+    out_dir,
+    *,
+    image_size: int = 64,
+    patch_size: int = 8,
+    tokens_per_image: int = 16,
+    vision_hidden: int = 32,
+    text_hidden: int = 64,
+    text_layers: int = 4,
+    sliding_window: int = 24,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+) -> Path:
+    """A random Gemma 3 checkpoint: SigLIP tower, the projector's average pool to ``tokens_per_image``
+    tokens, a Gemma 3 language model alternating sliding-window (``sliding_window`` keys) and global
+    layers, and the real Gemma3Processor (squash resize, image soft tokens between boi and eoi)."""
+    from transformers import (
+        Gemma3Config,
+        Gemma3ForConditionalGeneration,
+        Gemma3ImageProcessor,
+        Gemma3Processor,
+        Gemma3TextConfig,
+        SiglipVisionConfig,
+    )
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tok = byte_level_tokenizer(
+        GEMMA3_SPECIALS,
+        named={"image_token": "<image_soft_token>", "boi_token": "<start_of_image>", "eoi_token": "<end_of_image>"},
+    )
+    heads = 4
+    text = Gemma3TextConfig(
+        vocab_size=len(tok),
+        hidden_size=text_hidden,
+        intermediate_size=2 * text_hidden,
+        num_hidden_layers=text_layers,
+        num_attention_heads=heads,
+        num_key_value_heads=heads // 2,
+        head_dim=text_hidden // heads,
+        query_pre_attn_scalar=text_hidden // heads,
+        sliding_window=sliding_window,
+        layer_types=["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(text_layers)],
+        max_position_embeddings=4096,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
+    vision = _tower_config(SiglipVisionConfig, image_size, patch_size, vision_hidden, 2, 4)
+    config = Gemma3Config(
+        text_config=text,
+        vision_config=vision,
+        mm_tokens_per_image=tokens_per_image,
+        boi_token_index=tok.convert_tokens_to_ids("<start_of_image>"),
+        eoi_token_index=tok.convert_tokens_to_ids("<end_of_image>"),
+        image_token_index=tok.convert_tokens_to_ids("<image_soft_token>"),
+    )
+    torch.manual_seed(seed)
+    model = Gemma3ForConditionalGeneration(config).to(dtype).eval()
+    model.generation_config.pad_token_id = tok.pad_token_id
+    model.generation_config.eos_token_id = tok.eos_token_id
+    model.save_pretrained(out)
+    image_processor = Gemma3ImageProcessor(
+        size={"height": image_size, "width": image_size}, image_mean=[0.5] * 3, image_std=[0.5] * 3
+    )
+    processor = Gemma3Processor(
+        image_processor=image_processor,
+        tokenizer=tok,
+        chat_template=GEMMA3_CHAT_TEMPLATE,
+        image_seq_length=tokens_per_image,
+    )
+    processor.save_pretrained(out)
+    return out

@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 
 from . import technique
-from .families import IMAGE_KEYS
+from .families import IMAGE_KEYS, TOKEN_INPUTS
 
 
 def read_records(path: str) -> list[dict]:
@@ -51,7 +51,7 @@ def _turns(conversations: list[dict]) -> list[tuple[str, str]]:
 
 # What a processor returns per image (``IMAGE_KEYS``, concatenated over the batch in ``collate``) and per
 # token (padded).
-TOKEN_KEYS = ("mm_token_type_ids",)
+TOKEN_KEYS = TOKEN_INPUTS
 
 
 def encode_conversation(

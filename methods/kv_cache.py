@@ -24,3 +24,12 @@ def with_cache(cache) -> dict:
 def cache_of(out):
     """The KV cache a forward (``use_cache=True``) or ``generate(return_dict_in_generate=True)`` returned."""
     return getattr(out, CACHE_KEY)
+
+
+def full_cache():
+    """A cache whose every layer keeps every entry, for a prefill whose cache is then cut by position.
+    A model with sliding-window layers (Gemma 3) would otherwise give those layers a cache that keeps
+    only its window; the window itself stays in the attention mask, built from positions."""
+    from transformers import DynamicCache
+
+    return DynamicCache()

@@ -17,6 +17,7 @@ import torch
 from scipy import ndimage
 
 from . import hooks
+from .families import IMAGE_KEYS, TOKEN_INPUTS
 from .technique import RequestError
 
 BOX_MODES = ("component", "minmax")
@@ -179,16 +180,9 @@ class StopAfter(hooks.AttnEdit):
         raise _PrefillDone()
 
 
-# image_grid_thw, mm_token_type_ids: Qwen2.5-VL (the model derives its M-RoPE positions from them)
-FORWARD_KEYS = (
-    "input_ids",
-    "attention_mask",
-    "pixel_values",
-    "image_sizes",
-    "position_ids",
-    "image_grid_thw",
-    "mm_token_type_ids",
-)
+# What a prefill takes of the processor's inputs: tokens, every family's image and per-token inputs
+# (families.IMAGE_KEYS, TOKEN_INPUTS: Qwen's M-RoPE, Gemma 3's bidirectional image mask), and positions.
+FORWARD_KEYS = ("input_ids", "attention_mask", "position_ids", *IMAGE_KEYS, *TOKEN_INPUTS)
 
 
 def image_grid(model, n_tokens: int) -> tuple[int, int]:

@@ -51,7 +51,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from . import hooks
+from . import families, hooks
 from .kv_cache import with_cache
 from . import pm_view
 from .pm_magnify import (
@@ -143,6 +143,19 @@ class Magnified:
     grid_map: np.ndarray  # enhanced map over the token grid
     density: np.ndarray  # at the view's resolution
     map_forwards: int  # language-model passes spent on the map (1 + refinement passes)
+
+
+# PM's own language-model passes (methods/pm.py ``_LanguageModel``) build a causal mask and reuse the KV
+# prefix up to the first blocked image token; where image tokens attend to each other in both directions,
+# both are wrong. Measured on the tiny random Gemma 3 of tests/test_gemma3.py: such a pass differs from the
+# model's own forward by 0.107 in the logits (0.014 on the answer row), and a prefix cut inside the image
+# by 0.013 even with the model's own mask mapping.
+BIDIRECTIONAL_MEASURED = (
+    "its language model lets image tokens attend to each other in both directions, and PM's own passes "
+    "(a causal mask; the KV prefix reused up to the first blocked image token) do not reproduce that: "
+    "0.107 max logit difference from the model's own forward on a tiny random Gemma 3 (tests/test_gemma3.py)"
+)
+REFUSED = {t: BIDIRECTIONAL_MEASURED for t, f in families.ADAPTERS.items() if f.bidirectional_image}
 
 
 class PerceptionMagnifier(Technique):
@@ -279,6 +292,8 @@ class PerceptionMagnifier(Technique):
     def _check(self, req: Request) -> None:
         """A RequestError unless the request is one image whose tokens are all grid cells."""
         req.require_one_image(self.name)
+        if req.config is not None and req.adapter.bidirectional_image:
+            raise RequestError(f"{self.name} does not support {req.family}: {BIDIRECTIONAL_MEASURED}")
         if self.params["view"] not in pm_view.views(req):
             raise RequestError(
                 f"{self.name}: view={self.params['view']} does not apply to {req.family} (its grid covers the whole image); leave view at its default"

@@ -53,7 +53,7 @@ from transformers import LogitsProcessor, LogitsProcessorList
 
 from . import hooks, positions
 from . import reprompt_scoring as scoring
-from .kv_cache import cache_of
+from .kv_cache import cache_of, full_cache, with_cache
 from .reprompt_context import IMAGE_KEYS, TOKEN_KEYS, CompressedContext, compress, generate_from, official_context
 from .technique import Request, RequestError, Technique, layer_range
 
@@ -378,7 +378,7 @@ class Prune(Reprompt, mode="prune"):
         cap = self._capture(req, p)
         prefill = prefill_inputs(model, kwargs, p)
         with torch.no_grad(), hooks.edited(model, cap):
-            out = model(**prefill, use_cache=True)
+            out = model(**prefill, use_cache=True, **with_cache(full_cache()))
         kept = scoring.select(cap.latest(), self.params["keep_ratio"])[None]
         ctx = self.build_context(model, req, cache_of(out), kept, p, keep_query=False)
         img_end = int(req.image_pos[-1]) + 1
@@ -458,6 +458,7 @@ class Compressed(Reprompt, mode="compressed"):
                 attention_mask=torch.ones_like(ids),
                 pixel_values=kwargs["pixel_values"],
                 use_cache=True,
+                **with_cache(full_cache()),
                 **extras,
             )
         kept = scoring.select(cap.latest(), self.params["keep_ratio"])[None]
@@ -539,7 +540,9 @@ class Compressed(Reprompt, mode="compressed"):
         cap = self._capture(req, req.prompt_len)
         clock = _with_clock(kwargs)
         with hooks.edited(model, cap):
-            out = model.generate(**{**kwargs, "use_cache": True}, return_dict_in_generate=True)
+            out = model.generate(
+                **{**kwargs, "use_cache": True, **with_cache(full_cache())}, return_dict_in_generate=True
+            )
         kept = scoring.select({layer: maps[0] for layer, maps in cap.maps.items()}, self.params["keep_ratio"])[None]
         self._remember(key, self.build_context(model, req, cache_of(out), kept, req.prompt_len))
         record.update(

@@ -10,13 +10,13 @@ import torch
 from transformers import DynamicCache
 
 from . import positions
-from .families import IMAGE_KEYS
+from .families import IMAGE_KEYS, TOKEN_INPUTS
 from .kv_cache import with_cache
 
-# What a prefill needs of lmms-eval's inputs: per-token ones (cut to the prompt; mm_token_type_ids:
-# Qwen2.5-VL under transformers 5) and per-image ones (``families.IMAGE_KEYS``: pixels and each family's
-# layout inputs). Generating after a context, the context stands for them all.
-TOKEN_KEYS = ("input_ids", "attention_mask", "mm_token_type_ids")
+# What a prefill needs of lmms-eval's inputs: per-token ones (cut to the prompt; ``families.TOKEN_INPUTS``:
+# Qwen's mm_token_type_ids, Gemma 3's token_type_ids) and per-image ones (``families.IMAGE_KEYS``: pixels and
+# each family's layout inputs). Generating after a context, the context stands for them all.
+TOKEN_KEYS = ("input_ids", "attention_mask", *TOKEN_INPUTS)
 FORWARD_KEYS = TOKEN_KEYS + IMAGE_KEYS
 
 

@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_every_adapter_answers_the_questions_techniques_ask():
-    assert set(families.supported()) >= {"llava", "llava_next", "llava_onevision", "qwen2_5_vl"}
+    assert set(families.supported()) >= {"gemma3", "llava", "llava_next", "llava_onevision", "qwen2_5_vl"}
     for model_type, fam in families.ADAPTERS.items():
         assert model_type in fam.model_types and fam.display_name
         assert type(fam).blocks is not families.Family.blocks, model_type  # its own layout
@@ -24,7 +24,7 @@ def test_every_adapter_answers_the_questions_techniques_ask():
 
 
 def test_unknown_family_is_named_with_the_supported_ones():
-    with pytest.raises(GeometryError, match="model_type 'paligemma'; supported: llava, llava_next"):
+    with pytest.raises(GeometryError, match="model_type 'paligemma'; supported: gemma3, llava, llava_next"):
         families.adapter("paligemma")
 
 

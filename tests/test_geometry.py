@@ -111,6 +111,7 @@ def test_unknown_family_is_named(tiny_ckpt):
     config = AutoConfig.from_pretrained(tiny_ckpt)
     config.model_type = "paligemma"
     with pytest.raises(
-        geometry.GeometryError, match="no image geometry for model_type 'paligemma'; supported: llava, llava_next"
+        geometry.GeometryError,
+        match="no image geometry for model_type 'paligemma'; supported: gemma3, llava, llava_next",
     ):
         families.image_geometry(config, None, (10, 10), torch.tensor([[1, 2]]))

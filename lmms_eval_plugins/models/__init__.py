@@ -1,4 +1,7 @@
-"""One module per registered model name. model name -> (module, class name, aliases)."""
+"""One module per registered model name. model name -> (module, class name, aliases).
+
+A name has a simple class and a chat class (``<class name>Chat``), except where lmms-eval 0.7.3 has
+only a simple class for the family (``SIMPLE_ONLY``: its ``gemma3``)."""
 
 MODELS = {
     "llava_pai": ("pai", "LlavaPai", ()),
@@ -16,4 +19,13 @@ MODELS = {
     "qwen2_5_vl_knockout": ("qwen2_5_vl", "Qwen25VlKnockout", ()),
     "qwen2_5_vl_reprompt": ("qwen2_5_vl", "Qwen25VlReprompt", ()),
     "qwen2_5_vl_viral": ("qwen2_5_vl", "Qwen25VlViral", ()),
+    # Gemma 3 (lmms-eval's gemma3 class; lmms_eval_plugins/gemma3.py): one module for all seven
+    "gemma3_pai": ("gemma3", "Gemma3Pai", ()),
+    "gemma3_pm": ("gemma3", "Gemma3Pm", ()),
+    "gemma3_paint": ("gemma3", "Gemma3Paint", ()),
+    "gemma3_lochead": ("gemma3", "Gemma3Lochead", ()),
+    "gemma3_knockout": ("gemma3", "Gemma3Knockout", ()),
+    "gemma3_reprompt": ("gemma3", "Gemma3Reprompt", ()),
+    "gemma3_viral": ("gemma3", "Gemma3Viral", ()),
 }
+SIMPLE_ONLY = ("gemma3",)  # modules whose names have no chat class

@@ -4,6 +4,7 @@ the family adapters, methods/families/, and methods/pm_view.py)."""
 
 from methods.hooks import num_layers
 from methods.pm import (
+    REFUSED,
     BLOCK_ROWS,
     DEFAULTS,
     LAYER_MAPS,
@@ -128,6 +129,7 @@ SPEC = TechniqueSpec(
     build=build,
     presets={name: dict(values) for name, values in PRESETS.items()},
     doc="Perception Magnifier: magnify the attended image regions (iteratively refined attention map) and answer again.",
+    refused=REFUSED,
 )
 
 LlavaPm, LlavaPmChat = wrapper_classes(SPEC, __name__)

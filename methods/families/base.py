@@ -21,7 +21,9 @@ class Family:
     model_types: tuple[str, ...] = ()  # the config.model_type values it covers
     display_name = ""  # as users name the family (README support matrix, messages)
     lmms_eval_model = "llava_hf"  # the lmms-eval class the family's wrappers sit on
+    name_prefix = "llava"  # the family's model names: <name_prefix>_<technique> (llava_pm, qwen2_5_vl_pm)
     request_inputs: tuple[str, ...] = ()  # processor outputs (besides pixel_values) its geometry reads
+    token_inputs: tuple[str, ...] = ()  # per-token processor outputs its forward reads (masks, positions)
     # Every image token is a cell of one square grid over the tower's single square input (LLaVA-1.5):
     # the layout the papers' official code is written for (lochead's official prompt, PM's square view).
     square_grid = False
@@ -30,6 +32,9 @@ class Family:
     cls_crop: int | None = None  # the tower crop whose CLS sees the whole image (None: the tower's only crop)
     vision_tower = "CLIP vision tower"  # as messages name it ("its SigLIP vision tower has no CLS token")
     mrope = False  # multi-axis rotary positions (rope_index); else 1-D arange
+    # Image tokens attend to each other in both directions in the LM (a mask the model's own forward
+    # builds, e.g. from token_type_ids): a pass of a technique's own over the LM must rebuild it.
+    bidirectional_image = False
     mm_projector = "multi_modal_projector"  # the module between tower and LM (VIRAL trains it fully)
     system_prompt: str | None = None  # the system message lmms-eval's chat class puts first
 

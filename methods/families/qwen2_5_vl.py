@@ -13,7 +13,9 @@ class Qwen25VL(Family):
     model_types = ("qwen2_5_vl",)
     display_name = "Qwen2.5-VL"
     lmms_eval_model = "qwen2_5_vl"
+    name_prefix = "qwen2_5_vl"
     request_inputs = ("image_grid_thw",)
+    token_inputs = ("mm_token_type_ids",)  # transformers 5: which tokens are image tokens, for M-RoPE
     vision_cls = False
     vision_tower = "Qwen2.5-VL vision tower (windowed attention over patches, merged 2x2)"
     mrope = True

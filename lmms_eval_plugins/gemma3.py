@@ -1,0 +1,92 @@
+"""The Gemma 3 wrappers: the techniques inside lmms-eval's own ``gemma3`` class (simple only in 0.7.3).
+
+Everything family-independent is ``base.TechniqueMixin``'s; the family itself (geometry, embeddings,
+its facts) is its adapter, methods/families/gemma3.py. This module fills in the seams:
+
+- the class: lmms-eval 0.7.3's ``gemma3`` (``lmms_eval.models.simple.gemma3.Gemma3``), which hands each
+  image to ``self.processor.apply_chat_template`` as a JPEG data URL (``RecordingProcessor`` loads and
+  records it the way the processor does) and generates only (its ``loglikelihood`` raises);
+- the checkpoint check: ``model_type == "gemma3"``;
+- ``trust_remote_code``: lmms-eval's class defaults it to true for the tokenizer; these names keep it off
+  unless asked (``trust_remote_code=true``);
+- ``dtype``: the class always loads bfloat16; ``dtype=float32`` (or ``float16``, ``auto``) loads the
+  weights in that dtype instead (the class still casts pixel_values to bfloat16; SigLIP casts them back
+  to its own dtype). The default stays bfloat16, so an idle wrapper equals stock ``gemma3``.
+"""
+
+from __future__ import annotations
+
+from methods.params import ModelArgsError
+
+from .base import (
+    TechniqueMixin,
+    TechniqueSpec,
+    _device_args,
+    loading_dtype,
+    other_families,
+    read_config,
+    refuse_family,
+    wrapper_classes,
+)
+
+FAMILY = "gemma3"
+
+# lmms-eval 0.7.3 gemma3's own constructor arguments, passed through untouched.
+GEMMA3_ARGS = (
+    "device",
+    "device_map",
+    "batch_size",
+    "trust_remote_code",
+    "use_cache",
+    "attn_implementation",
+    "min_pixels",
+    "max_pixels",
+    "max_num_frames",
+    "interleave_visuals",
+    "system_prompt",
+    "reasoning_prompt",
+)
+DTYPES = ("bfloat16", "float32", "float16", "auto")
+
+
+def check_gemma3(pretrained: str, revision=None, trust_remote_code: bool = False):
+    """The checkpoint's config; a ModelArgsError for anything but a Gemma 3 (image-text) checkpoint."""
+    config = read_config(pretrained, revision, trust_remote_code)
+    if getattr(config, "model_type", None) != FAMILY:
+        raise ModelArgsError(
+            f"pretrained={pretrained} is a {getattr(config, 'model_type', 'unknown')!r} checkpoint; the gemma3_* "
+            "wrappers need a Gemma 3 image-text checkpoint (model_type gemma3), e.g. google/gemma-3-4b-it; "
+            + other_families("gemma3")
+        )
+    return config
+
+
+class Gemma3TechniqueMixin(TechniqueMixin):
+    """TechniqueMixin in front of lmms-eval's gemma3; only the family seams differ."""
+
+    family = FAMILY
+    family_args = GEMMA3_ARGS
+    default_pretrained = "google/gemma-3-27b-it"  # lmms-eval's own default
+    processor_attr = "processor"
+
+    def __init__(self, pretrained: str | None = None, dtype: str = "bfloat16", **kwargs):
+        if str(dtype) not in DTYPES:
+            raise ModelArgsError(f"{self.spec.name}: dtype={dtype!r}; valid: {', '.join(DTYPES)}")
+        kwargs.setdefault("trust_remote_code", False)  # lmms-eval's class would default it to true
+        with loading_dtype("lmms_eval.models.simple.gemma3", "Gemma3ForConditionalGeneration", str(dtype)):
+            super().__init__(pretrained=pretrained, **kwargs)
+
+    def check_checkpoint(self, pretrained: str, revision, trust_remote_code: bool) -> None:
+        config = check_gemma3(pretrained, revision, trust_remote_code)
+        refuse_family(self.spec, config.model_type, pretrained)
+
+    def device_args(self, base: dict) -> dict:
+        return _device_args(base)
+
+
+def gemma3_wrapper_classes(spec: TechniqueSpec, module: str):
+    """The simple lmms-eval class of one gemma3_* name (lmms-eval 0.7.3 has no chat gemma3 class)."""
+    from lmms_eval.models.simple.gemma3 import Gemma3
+
+    simple, _ = wrapper_classes(spec, module, mixin=Gemma3TechniqueMixin, bases=(Gemma3, Gemma3))
+    return simple
