@@ -537,6 +537,8 @@ def build_tiny_gemma3(
     text_hidden: int = 64,
     text_layers: int = 4,
     sliding_window: int = 24,
+    vision_layers: int = 2,
+    layer_types: list | None = None,
     seed: int = 0,
     dtype: torch.dtype = torch.float32,
 ) -> Path:
@@ -569,13 +571,14 @@ def build_tiny_gemma3(
         head_dim=text_hidden // heads,
         query_pre_attn_scalar=text_hidden // heads,
         sliding_window=sliding_window,
-        layer_types=["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(text_layers)],
+        layer_types=layer_types
+        or ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(text_layers)],
         max_position_embeddings=4096,
         bos_token_id=tok.bos_token_id,
         eos_token_id=tok.eos_token_id,
         pad_token_id=tok.pad_token_id,
     )
-    vision = _tower_config(SiglipVisionConfig, image_size, patch_size, vision_hidden, 2, 4)
+    vision = _tower_config(SiglipVisionConfig, image_size, patch_size, vision_hidden, vision_layers, 4)
     config = Gemma3Config(
         text_config=text,
         vision_config=vision,
@@ -600,3 +603,25 @@ def build_tiny_gemma3(
     )
     processor.save_pretrained(out)
     return out
+
+
+def gemma3_shaped(out_dir, text_layers: int = 4, text_hidden: int = 256, seed: int = 0) -> Path:
+    """Gemma 3's geometry (896 px SigLIP input of 14 px patches, a 64x64 patch grid pooled to 16x16 = 256
+    image tokens; five sliding-window layers of 1024 keys to one global, the last layer global) with a few
+    small layers."""
+    return build_tiny_gemma3(
+        out_dir,
+        image_size=896,
+        patch_size=14,
+        tokens_per_image=256,
+        vision_hidden=64,
+        vision_layers=3,
+        text_hidden=text_hidden,
+        text_layers=text_layers,
+        sliding_window=1024,
+        layer_types=[
+            "full_attention" if (i + 1) % 6 == 0 or i == text_layers - 1 else "sliding_attention"
+            for i in range(text_layers)
+        ],
+        seed=seed,
+    )

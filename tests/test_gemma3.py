@@ -299,6 +299,81 @@ def test_compressed_context_equals_the_blocked_full_forward(hooked, tiny_gemma3)
     assert (got - want).abs().max() < 2e-5
 
 
+def test_viral_aligns_the_grid_and_gemma3_viral_merges_the_adapter(tiny_gemma3, stock, tmp_path):
+    """viral-train on Gemma 3: the aligned tokens are the 16 soft tokens on their 4x4 grid (the whole image),
+    the projector trained next to LoRA is multi_modal_projector, and gemma3_viral merges the adapter."""
+    import json
+    import math
+
+    from test_viral import _save_tiny_dinov2
+
+    from methods import viral
+    from methods.conversation_data import ConversationDataset, collate
+    from methods.viral_train import TrainConfig, train
+
+    records = [
+        {
+            "image": _image(size),
+            "conversations": [
+                {"from": "human", "value": "<image>\nis there a red square in the image?"},
+                {"from": "gpt", "value": "yes"},
+            ],
+        }
+        for size in ((100, 37), (37, 100), (48, 40), (64, 64))
+    ]
+    processor = _processor(tiny_gemma3)
+    data = ConversationDataset(records[:2], processor)
+    batch = collate([data[0], data[1]], processor.tokenizer.pad_token_id)
+    assert "token_type_ids" in batch  # Gemma 3's image mask travels with the training batch
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(tiny_gemma3)
+    for row, aligned in zip(batch["input_ids"], viral.aligned_tokens(config, batch)):
+        soft = (row == config.image_token_id).nonzero().flatten()
+        assert torch.equal(aligned.positions, soft) and aligned.grid == (4, 4) and aligned.whole_image
+    cfg = TrainConfig(
+        pretrained=str(tiny_gemma3),
+        data="",
+        output_dir=str(tmp_path / "run"),
+        teacher=str(_save_tiny_dinov2(tmp_path / "teacher")),
+        layer=2,
+        weight=0.5,
+        proj_hidden=16,
+        lora_r=4,
+        lora_alpha=8,
+        lora_dropout=0.0,
+        lr=5e-2,
+        batch_size=2,
+        max_steps=2,
+        log_every=1,
+        progress=False,
+        warmup_ratio=0.0,
+    )
+    train(cfg, records)
+    log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert len(log) == 2 and all(math.isfinite(row["vra_loss"]) for row in log)
+    saved = json.loads((tmp_path / "run" / "adapter" / "adapter_config.json").read_text())
+    assert saved["modules_to_save"] == ["multi_modal_projector"]
+    lm = _wrapper("viral", tiny_gemma3, adapter=str(tmp_path / "run"))
+    with torch.no_grad():
+        assert not torch.equal(lm.model(**_inputs(lm.processor)).logits, stock[2])
+
+
+def test_bench_context_gemma3(tmp_path, monkeypatch):
+    """`lmms-plugins bench --family gemma3`: Gemma 3's geometry (896 px, 256 tokens on a 16x16 grid), its own
+    names benched but the refused ones (PAINT, PM), idle hooks = the plain model."""
+    from lmms_eval_plugins.commands import bench
+
+    monkeypatch.setenv("LMMS_PLUGINS_CACHE", str(tmp_path))
+    ctx = bench.make_context(layers=4, new_tokens=2, hidden=64, family="gemma3")
+    assert ctx.request.geometry.base.grid_hw == (16, 16) and ctx.request.image_pos.numel() == 256
+    cases = bench.all_cases(ctx)
+    names = {k.split(":")[0].split(" ")[0] for k in cases if k.startswith("gemma3_")}
+    assert names == {"gemma3_pai", "gemma3_lochead", "gemma3_knockout", "gemma3_reprompt"}
+    with torch.no_grad():
+        assert torch.equal(cases["hooks idle (generate)"][0](), bench.baselines(ctx)["generate"]())
+
+
 # ---------------------------------------------------------------------------------- the real CLI
 
 

@@ -3,8 +3,8 @@
 The model has LLaVA-1.5's geometry (336 px, 14 px patches, a 24x24 grid of 576 image tokens,
 a POPE-style prompt of ~40 text tokens) with a few small random layers, so the ratios measure
 the techniques' overheads, not a particular checkpoint; ``--family`` gives it LLaVA-NeXT's,
-LLaVA-OneVision's or Qwen2.5-VL's geometry instead (Qwen2.5-VL: the qwen2_5_vl_* names are
-benched). For each case it reports:
+LLaVA-OneVision's, Qwen2.5-VL's or Gemma 3's geometry instead (and benches that family's names:
+qwen2_5_vl_*, gemma3_*). For each case it reports:
 
 - latency: the median over --repeats rounds of (case / baseline), each round timing the baseline
   and the case back to back in CPU time on one torch thread (robust to other jobs on the machine);
@@ -56,8 +56,18 @@ FAMILIES = {
     "llava_next": ("llava_next", "llava_next_shaped"),
     "llava_onevision": ("llava_onevision", "llava_onevision_shaped"),
     "qwen2_5_vl": ("qwen2_5_vl", "qwen2_5_vl_shaped"),
+    "gemma3": ("gemma3", "gemma3_shaped"),
 }
-QWEN = "qwen2_5_vl_"  # the Qwen2.5-VL names (lmms_eval_plugins/models/qwen2_5_vl.py); the others are LLaVA's
+
+
+def family_names(model) -> dict:
+    """The registered names of the model's family (its adapter's ``name_prefix``) -> their technique."""
+    from methods import families
+
+    from ..models import MODELS
+
+    prefix = families.adapter(model.config).name_prefix + "_"
+    return {name: name.removeprefix(prefix) for name in MODELS if name.startswith(prefix)}
 
 
 def geometry_inputs(model) -> tuple:
@@ -115,7 +125,7 @@ def make_context(layers: int, new_tokens: int, hidden: int = 256, family: str = 
 
 def core_cases(ctx: BenchContext) -> dict:
     m, n = ctx.model, hooks.num_layers(ctx.model)
-    pai_name = QWEN + "pai" if m.config.model_type == "qwen2_5_vl" else "llava_pai"
+    pai_name = next(name for name, technique in family_names(m).items() if technique == "pai")
     deep = range(n // 3, n)  # the deepest 2/3 of the layers
     pai = Pai(n, use_cfg=False)
 
@@ -149,14 +159,13 @@ def all_cases(ctx: BenchContext) -> dict:
 
     cases = dict(core_cases(ctx))
     model_type = ctx.model.config.model_type
-    for name, (module, _, _) in MODELS.items():
-        if name.startswith(QWEN) != (model_type == "qwen2_5_vl"):
-            continue  # each family benches its own names
+    for name, technique in family_names(ctx.model).items():  # each family benches its own names
+        module = MODELS[name][0]
         try:
             mod = importlib.import_module(f"lmms_eval_plugins.models.{module}")
-            if name.startswith(QWEN):  # one module, one spec per technique; the cases are its LLaVA twin's
-                spec = mod.SPECS[name.removeprefix(QWEN)]
-                mod = importlib.import_module(f"lmms_eval_plugins.models.{name.removeprefix(QWEN)}")
+            if module != technique:  # one module, one spec per technique; the cases are its LLaVA twin's
+                spec = mod.SPECS[technique]
+                mod = importlib.import_module(f"lmms_eval_plugins.models.{technique}")
             else:
                 spec = getattr(mod, "SPEC", None)
         except ModuleNotFoundError:

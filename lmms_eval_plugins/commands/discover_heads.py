@@ -79,8 +79,9 @@ def register(subparsers) -> None:
 
 
 def load(pretrained: str, args):
-    """(model, processor) of a checkpoint of a supported family, loaded with its family's class; the
-    Qwen2.5-VL processor at --min-pixels/--max-pixels (default: its saved ones). ValueError: refused."""
+    """(model, processor) of a checkpoint of a family with an adapter (methods/families/), loaded with its
+    family's class; the Qwen2.5-VL processor at --min-pixels/--max-pixels (default: its saved ones).
+    ValueError: refused."""
     import torch
     from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
     from transformers import LlavaForConditionalGeneration as Llava
@@ -91,20 +92,17 @@ def load(pretrained: str, args):
 
     model_type = getattr(AutoConfig.from_pretrained(pretrained), "model_type", None)
     if model_type not in families.ADAPTERS:
-        names = ", ".join(dict.fromkeys(f.display_name for f in families.ADAPTERS.values()))
+        names = ", ".join(dict.fromkeys(f.display_name for _, f in sorted(families.ADAPTERS.items())))
         raise ValueError(
             f"heads discovery runs on {names} checkpoints "
             f"(model_type {', '.join(families.supported())}); {pretrained} is {model_type!r}"
         )
-    if model_type == "qwen2_5_vl":
-        from ..qwen import check_qwen
-
-        check_qwen(pretrained)
-    else:
+    family = families.adapter(model_type)
+    if family.lmms_eval_model == "llava_hf":
         check_interleaved_llava(pretrained)
     if (args.min_pixels or args.max_pixels) and model_type != "qwen2_5_vl":
         raise ValueError(f"--min-pixels/--max-pixels are Qwen2.5-VL's; {pretrained} is {model_type!r}")
-    if args.block != "base" and model_type not in ("llava_next", "llava_onevision"):
+    if args.block != "base" and not family.row_newlines:
         raise ValueError(
             f"--block {args.block}: a {model_type} image has one grid; --block is for LLaVA-NeXT/OneVision"
         )

@@ -108,11 +108,14 @@ def _fingerprint(model) -> str:
 
 def image_settings(model, processor, block: str = "base") -> dict:
     """What decides the grid beyond the model (part of the cache key, recorded in the heads file): none for
-    LLaVA-1.5; the block for LLaVA-NeXT/OneVision; also the processor's min/max pixels (its ``size``) for Qwen2.5-VL."""
-    family = getattr(model.config, "model_type", "llava")
-    if family == "llava":
+    LLaVA-1.5; the block for the others (LLaVA-NeXT/OneVision, Gemma 3); also the processor's min/max pixels (its
+    ``size``) for Qwen2.5-VL, whose grid follows them."""
+    from methods import families
+
+    family = families.adapter(getattr(model.config, "model_type", "llava"))
+    if family.square_grid:
         return {}
-    if family != "qwen2_5_vl":
+    if "image_grid_thw" not in family.request_inputs:  # the grid does not depend on the processor's pixel bounds
         return {"block": block}
     size = getattr(getattr(processor, "image_processor", processor), "size", None)
     size = (
