@@ -426,7 +426,12 @@ class TechniqueMixin:
         # the pair reaches the task's process_results intact.
         from lmms_eval.api.instance import GenerationResult
 
-        return [GenerationResult(text=r) for r in super().loglikelihood(requests)]
+        return [GenerationResult(text=r) for r in self.score_continuations(requests)]
+
+    def score_continuations(self, requests) -> list:
+        """(score, is_greedy) per loglikelihood request: the family class's own ``loglikelihood``; a family
+        whose lmms-eval class has none overrides this with ``chat_loglikelihood``."""
+        return super().loglikelihood(requests)
 
     def generate_until(self, requests):
         """With --use_cache, answer in chunks through the cache, so a killed run loses at most one chunk.
@@ -458,6 +463,35 @@ class TechniqueMixin:
         if technique is None:  # still inside llava_hf's constructor
             return model
         return TechniqueModel(model, technique, getattr(self, self.processor_attr), self.spec.name, self.build_request)
+
+
+def chat_loglikelihood(lm, requests, encode) -> list[tuple[float, bool]]:
+    """loglikelihood for lmms-eval classes that have none (0.7.3's qwen2_5_vl and gemma3), in the convention of
+    its llava_hf, which the tasks here read (task_configs/pm_official): per request (score, is_greedy) with
+    score = the continuation tokens' mean negative log-likelihood after the prompt (a loss: lower is more
+    likely) and is_greedy = every continuation token is the argmax of the logits before it.
+
+    ``encode(context, continuation, visuals) -> (prompt_inputs, full_inputs)``: the family's processor
+    outputs for the prompt alone and for prompt + continuation, built as the class builds a generation
+    prompt. The forward goes through ``lm.model`` (the technique, with ``labels`` marking the continuation)."""
+    res = []
+    for context, doc_to_target, doc_to_visual, doc_id, task, split in [r.args for r in requests]:
+        doc = lm.task_dict[task][split][doc_id]
+        continuation = doc_to_target if isinstance(doc_to_target, str) else doc_to_target(doc)
+        visuals = doc_to_visual(doc)
+        visuals = [v for group in visuals for v in (group if isinstance(group, list) else [group])]
+        prompt, full = encode(context.replace("<image>", ""), str(continuation), visuals)
+        n = prompt["input_ids"].shape[1]
+        full = {k: v.to(lm.device) if hasattr(v, "to") else v for k, v in full.items()}
+        labels = full["input_ids"].clone()
+        labels[:, :n] = -100
+        with torch.inference_mode():
+            logits = lm.model(**full, labels=labels).logits
+        target = full["input_ids"][:, n:]
+        pred = logits[:, n - 1 : -1].float()
+        nll = -torch.log_softmax(pred, dim=-1).gather(-1, target[..., None]).mean()
+        res.append((float(nll), bool((pred.argmax(-1) == target).all())))
+    return res
 
 
 def _device_args(base: dict) -> dict:

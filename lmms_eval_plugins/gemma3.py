@@ -5,7 +5,8 @@ its facts) is its adapter, methods/families/gemma3.py. This module fills in the 
 
 - the class: lmms-eval 0.7.3's ``gemma3`` (``lmms_eval.models.simple.gemma3.Gemma3``), which hands each
   image to ``self.processor.apply_chat_template`` as a JPEG data URL (``RecordingProcessor`` loads and
-  records it the way the processor does) and generates only (its ``loglikelihood`` raises);
+  records it the way the processor does); its ``loglikelihood`` raises, so these names bring their own
+  (``base.chat_loglikelihood``: llava_hf's convention, the prompt built as the class's generation builds it);
 - the checkpoint check: ``model_type == "gemma3"``;
 - ``trust_remote_code``: lmms-eval's class defaults it to true for the tokenizer; these names keep it off
   unless asked (``trust_remote_code=true``);
@@ -19,6 +20,7 @@ from __future__ import annotations
 from methods.params import ModelArgsError
 
 from .base import (
+    chat_loglikelihood,
     TechniqueMixin,
     TechniqueSpec,
     _device_args,
@@ -82,6 +84,26 @@ class Gemma3TechniqueMixin(TechniqueMixin):
 
     def device_args(self, base: dict) -> dict:
         return _device_args(base)
+
+    def score_continuations(self, requests) -> list:
+        """lmms-eval's gemma3 has no loglikelihood; ours (``chat_loglikelihood``) builds the prompt as its
+        generation does: system message, the images (as its JPEG data URLs), the context."""
+        return chat_loglikelihood(self, requests, self._encode_continuation)
+
+    def _encode_continuation(self, context: str, continuation: str, visuals: list):
+        from transformers.image_utils import load_image
+
+        images = [load_image(self._encode_image_data_url(v)) for v in visuals]  # what its processor loads
+        messages = [
+            {"role": "system", "content": [{"type": "text", "text": self.system_prompt}]},
+            {"role": "user", "content": [{"type": "image"} for _ in images] + [{"type": "text", "text": context}]},
+        ]
+        prompt = self.processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        encoded = [
+            self.processor(text=[t], images=[images] if images else None, return_tensors="pt")
+            for t in (prompt, prompt + continuation)
+        ]
+        return encoded[0], encoded[1]
 
 
 def gemma3_wrapper_classes(spec: TechniqueSpec, module: str):

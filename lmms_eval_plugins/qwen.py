@@ -31,6 +31,7 @@ from .base import (
     TechniqueMixin,
     TechniqueSpec,
     _device_args,
+    chat_loglikelihood,
     loading_dtype,
     other_families,
     read_config,
@@ -117,6 +118,31 @@ class QwenTechniqueMixin(TechniqueMixin):
 
     def device_args(self, base: dict) -> dict:
         return _device_args(base)
+
+    def score_continuations(self, requests) -> list:
+        """lmms-eval's qwen2_5_vl has no loglikelihood; ours (``chat_loglikelihood``) builds the prompt as its
+        generation does: system message, the images (as its data URLs, at min/max_pixels through
+        qwen_vl_utils), the context."""
+        return chat_loglikelihood(self, requests, self._encode_continuation)
+
+    def _encode_continuation(self, context: str, continuation: str, visuals: list):
+        from qwen_vl_utils import process_vision_info
+
+        encode = getattr(self, "_encode_image_data_url", lambda image: image)
+        images = [
+            {"type": "image", "image": encode(v), "max_pixels": self.max_pixels, "min_pixels": self.min_pixels}
+            for v in visuals
+        ]
+        messages = [
+            {"role": "system", "content": self.system_prompt},
+            {"role": "user", "content": images + [{"type": "text", "text": context}]},
+        ]
+        prompt = self.processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        image_inputs, _ = process_vision_info([messages])
+        encoded = [
+            self.processor(text=[t], images=image_inputs, return_tensors="pt") for t in (prompt, prompt + continuation)
+        ]
+        return encoded[0], encoded[1]
 
 
 def qwen_wrapper_classes(spec: TechniqueSpec, module: str):

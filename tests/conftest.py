@@ -82,6 +82,7 @@ CLI_TESTS = {
     "test_qwen.py": {
         "test_cli_every_working_name_answers_like_stock_when_idle",
         "test_cli_active_techniques_and_a_refusal",
+        "test_cli_first_token_pope_on_qwen_and_gemma3",
     },
     "test_qwen_reprompt.py": {"test_cli_reprompt_and_pai_cfg"},
     "test_shapeworld_llava.py": {"test_stock_llava_hf_and_a_wrapper_load_it_in_the_cli"},

@@ -417,3 +417,34 @@ def test_cli_gemma3_names(tiny_gemma3, tmp_path):
     assert all(str(s["filtered_resps"]).count(",") >= 3 for s in samples["lochead"])
     for key in ("paint", "pm"):
         assert testing.results_of(tmp_path / key) is None and f"gemma3_{key} does not support gemma3" in log, key
+
+
+# ---------------------------------------------------------------------------------- loglikelihood
+
+
+def _ll_request(context, target, image):
+    from types import SimpleNamespace
+
+    return SimpleNamespace(args=(context, target, lambda doc: [doc["image"]], 0, "t", "test"))
+
+
+def test_loglikelihood_is_the_mean_continuation_loss_and_greedy_flag(tiny_gemma3):
+    """lmms-eval's gemma3 has no loglikelihood; ours gives llava_hf's (mean NLL of the continuation, greedy)
+    pair: the loss equals transformers' own label loss of the same sequence, and is_greedy is true exactly
+    for the model's own greedy continuation."""
+    lm = _wrapper("pai", tiny_gemma3, alpha=0.0, use_cfg=False, dtype="float32")
+    image = _image()
+    lm.task_dict = {"t": {"test": [{"image": image}]}}
+    context = "<image>is there a red square in the image ?"
+    prompt, _ = lm._encode_continuation(context.replace("<image>", ""), "x", [image])
+    with torch.no_grad():
+        out = lm._model.generate(**prompt, max_new_tokens=3, do_sample=False)
+    greedy = lm.processor.decode(out[0, prompt["input_ids"].shape[1] :])
+    scores = lm.score_continuations([_ll_request(context, greedy, image), _ll_request(context, "no", image)])
+    for (score, is_greedy), cont, want_greedy in zip(scores, (greedy, "no"), (True, False)):
+        p, full = lm._encode_continuation(context.replace("<image>", ""), cont, [image])
+        labels = full["input_ids"].clone()
+        labels[:, : p["input_ids"].shape[1]] = -100
+        with torch.no_grad():
+            loss = lm._model(**full, labels=labels).loss
+        assert score == pytest.approx(float(loss), rel=1e-5) and is_greedy is want_greedy, cont

@@ -324,3 +324,58 @@ def test_cli_active_techniques_and_a_refusal(tiny_qwen, tmp_path):
     assert all(s["filtered_resps"] and str(s["filtered_resps"]).count(",") >= 3 for s in samples)
     res, log, _ = _cli("qwen2_5_vl_paint", tiny_qwen, tmp_path / "paint")
     assert res is None and "qwen2_5_vl_paint does not support qwen2_5_vl checkpoints" in log and "no CLS token" in log
+
+
+# ---------------------------------------------------------------------------------- loglikelihood
+
+
+def test_loglikelihood_is_the_mean_continuation_loss_and_greedy_flag(tiny_qwen):
+    """lmms-eval's qwen2_5_vl has no loglikelihood; ours gives llava_hf's (mean NLL of the continuation,
+    greedy) pair, the prompt built as the class's generation builds it: the loss equals transformers' own
+    label loss of the same sequence, and is_greedy is true exactly for the model's greedy continuation."""
+    from types import SimpleNamespace
+
+    from lmms_eval_plugins.models.qwen2_5_vl import Qwen25VlPai
+
+    lm = Qwen25VlPai(pretrained=str(tiny_qwen), device="cpu", alpha=0.0, use_cfg=False, dtype="float32", **PIXELS)
+    image = _image()
+    lm.task_dict = {"t": {"test": [{"image": image}]}}
+    context = "<image>is there a red square in the image?"
+    prompt, _ = lm._encode_continuation("is there a red square in the image?", "x", [image])
+    with torch.no_grad():
+        out = lm._model.generate(**prompt, max_new_tokens=2, do_sample=False)
+    greedy = lm.processor.decode(out[0, prompt["input_ids"].shape[1] :])
+    requests = [SimpleNamespace(args=(context, c, lambda doc: [doc["image"]], 0, "t", "test")) for c in (greedy, " no")]
+    for (score, is_greedy), cont, want in zip(lm.score_continuations(requests), (greedy, " no"), (True, False)):
+        p, full = lm._encode_continuation("is there a red square in the image?", cont, [image])
+        labels = full["input_ids"].clone()
+        labels[:, : p["input_ids"].shape[1]] = -100
+        with torch.no_grad():
+            loss = lm._model(**full, labels=labels).loss
+        assert score == pytest.approx(float(loss), rel=1e-5) and is_greedy is want, cont
+
+
+def test_cli_first_token_pope_on_qwen_and_gemma3(tiny_qwen, tmp_path):
+    """First-token POPE (a loglikelihood task) through the CLI on the two families whose lmms-eval classes
+    have no loglikelihood: qwen2_5_vl_pai (--force_simple) and gemma3_pai, idle and active."""
+    task = "shapeworld_pope_random_first_token"
+    gemma = testing.build_tiny_gemma3(tmp_path / "gemma3")
+    pixels = f",min_pixels={PIXELS['min_pixels']},max_pixels={PIXELS['max_pixels']}"
+    for name, ckpt, extra in (
+        ("qwen2_5_vl_pai", tiny_qwen, pixels + ",alpha=0,use_cfg=false"),
+        ("qwen2_5_vl_pai", tiny_qwen, pixels + ",alpha=1.0,start_layer=0"),
+        ("gemma3_pai", gemma, ",alpha=0,use_cfg=false"),
+        ("gemma3_knockout", gemma, ",mode=both"),
+    ):
+        out = tmp_path / f"{name}{extra.count('alpha=0')}"
+        res, log = testing.run_lmms_eval(
+            name,
+            f"pretrained={ckpt},device=cpu,device_map=cpu" + extra,
+            task,
+            out,
+            include_path=REPO / "task_configs",
+            extra=["--limit", "4", "--force_simple"],
+            cwd=REPO,
+        )
+        assert res is not None, (name, log[-3000:])
+        assert 0.0 <= res["results"][task]["pope_accuracy,none"] <= 1.0 and len(testing.read_samples(out, task)) == 4
