@@ -494,6 +494,23 @@ def chat_loglikelihood(lm, requests, encode) -> list[tuple[float, bool]]:
     return res
 
 
+class Bfloat16ClassMixin(TechniqueMixin):
+    """For lmms-eval classes that always load bfloat16 (qwen2_5_vl, gemma3): a ``dtype`` model_arg loads the
+    weights in another dtype instead (default bfloat16: an idle wrapper equals the stock class)."""
+
+    loads: tuple[str, str] = ("", "")  # (module, model class name) whose from_pretrained the class calls
+    DTYPES = ("bfloat16", "float32", "float16", "auto")
+
+    def __init__(self, pretrained: str | None = None, dtype: str = "bfloat16", **kwargs):
+        if str(dtype) not in self.DTYPES:
+            raise ModelArgsError(f"{self.spec.name}: dtype={dtype!r}; valid: {', '.join(self.DTYPES)}")
+        with loading_dtype(*self.loads, str(dtype)):
+            super().__init__(pretrained=pretrained, **kwargs)
+
+    def device_args(self, base: dict) -> dict:
+        return _device_args(base)
+
+
 def _device_args(base: dict) -> dict:
     """Default device/device_map, one device per process under accelerate."""
     from accelerate import PartialState

@@ -20,11 +20,9 @@ from __future__ import annotations
 from methods.params import ModelArgsError
 
 from .base import (
-    chat_loglikelihood,
-    TechniqueMixin,
+    Bfloat16ClassMixin,
     TechniqueSpec,
-    _device_args,
-    loading_dtype,
+    chat_loglikelihood,
     other_families,
     read_config,
     refuse_family,
@@ -48,7 +46,6 @@ GEMMA3_ARGS = (
     "system_prompt",
     "reasoning_prompt",
 )
-DTYPES = ("bfloat16", "float32", "float16", "auto")
 
 
 def check_gemma3(pretrained: str, revision=None, trust_remote_code: bool = False):
@@ -63,27 +60,22 @@ def check_gemma3(pretrained: str, revision=None, trust_remote_code: bool = False
     return config
 
 
-class Gemma3TechniqueMixin(TechniqueMixin):
+class Gemma3TechniqueMixin(Bfloat16ClassMixin):
     """TechniqueMixin in front of lmms-eval's gemma3; only the family seams differ."""
 
     family = FAMILY
     family_args = GEMMA3_ARGS
     default_pretrained = "google/gemma-3-27b-it"  # lmms-eval's own default
     processor_attr = "processor"
+    loads = ("lmms_eval.models.simple.gemma3", "Gemma3ForConditionalGeneration")
 
-    def __init__(self, pretrained: str | None = None, dtype: str = "bfloat16", **kwargs):
-        if str(dtype) not in DTYPES:
-            raise ModelArgsError(f"{self.spec.name}: dtype={dtype!r}; valid: {', '.join(DTYPES)}")
+    def __init__(self, pretrained: str | None = None, **kwargs):
         kwargs.setdefault("trust_remote_code", False)  # lmms-eval's class would default it to true
-        with loading_dtype("lmms_eval.models.simple.gemma3", "Gemma3ForConditionalGeneration", str(dtype)):
-            super().__init__(pretrained=pretrained, **kwargs)
+        super().__init__(pretrained=pretrained, **kwargs)
 
     def check_checkpoint(self, pretrained: str, revision, trust_remote_code: bool) -> None:
         config = check_gemma3(pretrained, revision, trust_remote_code)
         refuse_family(self.spec, config.model_type, pretrained)
-
-    def device_args(self, base: dict) -> dict:
-        return _device_args(base)
 
     def score_continuations(self, requests) -> list:
         """lmms-eval's gemma3 has no loglikelihood; ours (``chat_loglikelihood``) builds the prompt as its

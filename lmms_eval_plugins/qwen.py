@@ -28,11 +28,9 @@ from pathlib import Path
 from loguru import logger
 
 from .base import (
-    TechniqueMixin,
+    Bfloat16ClassMixin,
     TechniqueSpec,
-    _device_args,
     chat_loglikelihood,
-    loading_dtype,
     other_families,
     read_config,
     refuse_family,
@@ -57,7 +55,6 @@ QWEN_ARGS = (
     "interleave_visuals",
     "reasoning_prompt",
 )
-DTYPES = ("bfloat16", "float32", "float16", "auto")
 
 
 def check_qwen(pretrained: str):
@@ -86,19 +83,17 @@ def saved_pixels(pretrained: str) -> tuple[int, int] | None:
     return None
 
 
-class QwenTechniqueMixin(TechniqueMixin):
+class QwenTechniqueMixin(Bfloat16ClassMixin):
     """TechniqueMixin in front of lmms-eval's qwen2_5_vl (simple or chat); only the family seams differ."""
 
     family = FAMILY
     family_args = QWEN_ARGS
     default_pretrained = "Qwen/Qwen2.5-VL-3B-Instruct"  # lmms-eval's own default
     processor_attr = "processor"
+    loads = ("lmms_eval.models.simple.qwen2_5_vl", "Qwen2_5_VLForConditionalGeneration")
 
-    def __init__(self, pretrained: str | None = None, dtype: str = "bfloat16", **kwargs):
-        if str(dtype) not in DTYPES:
-            raise ModelArgsError(f"{self.spec.name}: dtype={dtype!r}; valid: {', '.join(DTYPES)}")
-        with loading_dtype("lmms_eval.models.simple.qwen2_5_vl", "Qwen2_5_VLForConditionalGeneration", str(dtype)):
-            super().__init__(pretrained=pretrained, **kwargs)
+    def __init__(self, pretrained: str | None = None, **kwargs):
+        super().__init__(pretrained=pretrained, **kwargs)
         self._warn_pixels()
 
     def _warn_pixels(self) -> None:
@@ -115,9 +110,6 @@ class QwenTechniqueMixin(TechniqueMixin):
         self._pretrained_path = pretrained
         config = check_qwen(pretrained)
         refuse_family(self.spec, config.model_type, pretrained)
-
-    def device_args(self, base: dict) -> dict:
-        return _device_args(base)
 
     def score_continuations(self, requests) -> list:
         """lmms-eval's qwen2_5_vl has no loglikelihood; ours (``chat_loglikelihood``) builds the prompt as its
