@@ -57,6 +57,12 @@ def test_wheel_carries_the_task_configs_and_checkpoints(tmp_path):
     for f in (REPO / "task_configs").rglob("*"):
         if f.is_file() and "__pycache__" not in f.parts:
             assert f"lmms_eval_plugins/task_configs/{f.relative_to(REPO / 'task_configs').as_posix()}" in names
+    # every module of the two packages: a subpackage missing from setup.cfg's list installs
+    # without its files, and only a non-editable install notices
+    for top in ("methods", "lmms_eval_plugins"):
+        for f in (REPO / top).rglob("*.py"):
+            if "__pycache__" not in f.parts:
+                assert f.relative_to(REPO).as_posix() in names, f"{f.relative_to(REPO)}: add its package to setup.cfg"
     for name, path in CHECKPOINTS.items():
         rel = path.relative_to(REPO).as_posix()
         assert f"{rel}/config.json" in names, name
