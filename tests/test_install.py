@@ -63,6 +63,8 @@ def test_wheel_carries_the_task_configs_and_checkpoints(tmp_path):
         for f in (REPO / top).rglob("*.py"):
             if "__pycache__" not in f.parts:
                 assert f.relative_to(REPO).as_posix() in names, f"{f.relative_to(REPO)}: add its package to setup.cfg"
+    for f in (REPO / "lmms_eval_plugins" / "recipes").glob("*.yaml"):  # data the package reads
+        assert f.relative_to(REPO).as_posix() in names, f.name
     for name, path in CHECKPOINTS.items():
         rel = path.relative_to(REPO).as_posix()
         assert f"{rel}/config.json" in names, name

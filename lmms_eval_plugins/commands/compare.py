@@ -2,6 +2,7 @@
 
     lmms-plugins compare results/llava_hf results/llava_pai          # first = baseline
     lmms-plugins compare --run llava_pai --model_args alpha=0.5 --tasks shapeworld_pope_adversarial
+    lmms-plugins compare --baseline published:llava-1.5-7b results/llava_pm       # published, not re-run
 
 With --run, both models go through the real lmms-eval CLI on the same checkpoint
 (default: the bundled shapeworld-tiny), one after the other, then the table is printed.
@@ -233,6 +234,46 @@ def table(runs: list, include_path: str | None = None) -> str:
     return "\n".join(lines)
 
 
+def published_table(model: str, run: Run) -> str:
+    """``run`` beside the published numbers of a stock model (lmms_eval_plugins/recipes/published_baselines.yaml)
+    on the same tasks and metrics: no interval (a published number has no per-sample log)."""
+    from ..recipes import published, published_model
+
+    key = published_model(model)
+    models, cells = published()
+    if key is None:
+        raise SystemExit(f"no published baselines for {model!r}; models: {', '.join(models)}")
+    ours = metric_rows(run.results)
+    head = ["task", "metric", "n", f"{key} (published)", model_label(run.results), "delta", "source"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    notes = []
+    for cell in cells:
+        values = [ours.get((cell.task, m)) for m in cell.metric]
+        if cell.model != key or None in values:
+            continue
+        value = sum(values) * cell.scale
+        n = run.results.get("n-samples", {}).get(cell.task, {}).get("effective", "")
+        tier = f"[{cell.tier}{', check' if cell.check else ''}]"
+        metric = " + ".join(cell.metric)
+        lines.append(
+            f"| {cell.task} | {metric} | {n} | {cell.value:g} | {value:.4g} | {value - cell.value:+.4g} | {tier} {cell.source} |"
+        )
+        if cell.setting:
+            notes.append(f"- {cell.task} {metric}: published setting: {cell.setting}")
+    if len(lines) == 2:
+        raise SystemExit(
+            f"no published number for {key} on the run's tasks and metrics ({', '.join(sorted({t for t, _ in ours}))})"
+        )
+    lines += [
+        "",
+        "Published, not re-run: no interval, and the published setting may differ from the run's (notes below). "
+        "Values in the published unit (lmms-eval's value x the cell's scale). [P]: the model's own authors; "
+        "[S]: another paper's baseline row, second-hand; check: value, metric or checkpoint uncertain.",
+        *notes,
+    ]
+    return "\n".join(lines)
+
+
 def first_error(log: str) -> str:
     """The first error an lmms-eval log reports (the CLI exits 0 even then), colour codes removed:
     a logged ERROR line, else the first exception line of a traceback."""
@@ -276,6 +317,14 @@ def main(args) -> int:
         runs = run_pair(
             args.run, args.model_args, args.tasks, args.pretrained, args.output, args.limit, args.include_path
         )
+    elif args.baseline:
+        if not args.baseline.startswith("published:") or len(args.paths) != 1:
+            raise SystemExit("--baseline published:MODEL takes one result path (e.g. llava-1.5-7b or a checkpoint id)")
+        text = published_table(args.baseline.removeprefix("published:"), load_run(args.paths[0]))
+        print(text)
+        if args.markdown:
+            Path(args.markdown).write_text(text + "\n")
+        return 0
     else:
         if len(args.paths) < 2:
             raise SystemExit("give a baseline and at least one other result path, or --run MODEL")
@@ -290,6 +339,11 @@ def main(args) -> int:
 def register(sub) -> None:
     p = sub.add_parser("compare", help="technique vs llava_hf table from lmms-eval results (or run both)")
     p.add_argument("paths", nargs="*", help="result files or output directories; the first is the baseline")
+    p.add_argument(
+        "--baseline",
+        metavar="published:MODEL",
+        help="the published numbers of a stock model (recipes/published_baselines.yaml) as the baseline of one result path",
+    )
     p.add_argument("--run", metavar="MODEL", help="run llava_hf and MODEL through the lmms-eval CLI first")
     p.add_argument("--model_args", default="", help="extra model_args for MODEL (besides pretrained/device)")
     p.add_argument("--tasks", default="shapeworld_pope_adversarial")
