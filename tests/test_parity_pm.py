@@ -8,11 +8,16 @@ images and token ids. No official code or stack is needed.
 
 Tolerances: maps are attention probabilities computed by a different attention implementation
 (transformers 4.37 eager vs our hook layer), so they agree to ~1e-6; every discrete decision
-(blocked sets, exit, 8-bit map, magnified pixels, ids) must be equal.
+(blocked sets, exit, 8-bit map, magnified pixels, ids) must be equal. Logits: the fixtures store,
+per decoding step, the official raw logits' top 16 (values, ids) and their sum over the 32000-id
+vocabulary; ours agree within LOGIT_ATOL at those ids (measured at most 1e-5, on AVX-512 and on
+``ATEN_CPU_CAPABILITY=default``) and within SUM_ATOL on the sum (32000 fp32 roundings: measured at
+most 5.5e-3). Scaling the answer pass's pixels by 1.01 moves the top-16 logits by 3e-3 or more.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import types
 from pathlib import Path
@@ -30,6 +35,8 @@ from methods.technique import Request
 ROOT = Path(__file__).resolve().parents[1]
 FIX = ROOT / "tests" / "fixtures" / "official" / "pm"
 MAP_ATOL = 1e-5
+LOGIT_ATOL = 1e-4
+SUM_ATOL = 2e-2
 
 pytestmark = pytest.mark.skipif(not (FIX / "pm_official.json").exists(), reason="PM fixtures not generated")
 
@@ -132,6 +139,37 @@ def _run(model, processor, tiny, fixtures, name, refresh):
     return case, t, pv, out[0, ids.shape[1] :].tolist()
 
 
+@contextlib.contextmanager
+def logit_rows(model):
+    """Records each decoding step's raw logits: the newest row of every ``lm_head`` call (generate's
+    prefill and steps; the per-token loop calls it on that row alone). PM's map passes run the
+    language model without ``lm_head``, so only the answer's steps are recorded."""
+    rows: list[torch.Tensor] = []
+
+    def keep(module, inputs, out):
+        rows.append((out[:, -1] if out.dim() == 3 else out).detach().double().clone())
+
+    handle = model.lm_head.register_forward_hook(keep)
+    try:
+        yield rows
+    finally:
+        handle.remove()
+
+
+def _check_logits(rows: list, ref: dict, what: str) -> None:
+    """Our per-step logits against the official record (``logits_record`` in bench/parity/pm_official.py):
+    the values at the official top-16 ids, our own top-16 values (the same set up to near-ties) and
+    the sum over the vocabulary."""
+    ours = torch.cat(rows)
+    assert ours.shape[0] == len(ref["sum"]), f"{what}: {ours.shape[0]} steps, official {len(ref['sum'])}"
+    want = np.asarray(ref["topk_values"])
+    at_ids = ours.gather(-1, torch.tensor(ref["topk_indices"])).numpy()
+    np.testing.assert_allclose(at_ids, want, rtol=0, atol=LOGIT_ATOL, err_msg=f"{what}: logits at the official top 16")
+    top = ours.topk(want.shape[1], dim=-1).values.numpy()
+    np.testing.assert_allclose(top, want, rtol=0, atol=LOGIT_ATOL, err_msg=f"{what}: our top-16 logits")
+    np.testing.assert_allclose(ours.sum(-1).numpy(), ref["sum"], rtol=0, atol=SUM_ATOL, err_msg=f"{what}: logit sums")
+
+
 def _check_step(ours: pm.Magnified, ref: dict, arrays, prefix: str, tiny, processor, settings: dict) -> None:
     """One map + magnification: the search end to end, then each post-processing step exactly
     from the official value of the step before it."""
@@ -184,13 +222,18 @@ CASES = ["wide_p0_pope", "square_p1_mme", "tall_p0_mme", "wide_p1_pope", "square
 @pytest.mark.parametrize("name", CASES)
 def test_once_matches_official(model, processor, tiny, fixtures, name):
     """refresh=once against step 0 of the official per-token path + the official answer generate (the QA
-    loop itself is not in the fixtures): passes, blocked sets, H*, 8-bit map, magnified image, ids."""
+    loop itself is not in the fixtures): passes, blocked sets, H*, 8-bit map, magnified image, ids, and
+    the logits of every answer step (and of the unmagnified first step)."""
     if name not in fixtures[0]["cases"]:
         pytest.skip("case not in the fixtures")
-    case, t, pv, new_ids = _run(model, processor, tiny, fixtures, name, "once")
+    with logit_rows(model) as rows:
+        case, t, pv, new_ids = _run(model, processor, tiny, fixtures, name, "once")
     assert tiny.tensor_sha256(pv) == case["pixels_sha256"], (
         "the padded view's pixels (official process_images_return_pad)"
     )
+    ids = tiny.hf_ids(case["prompt"]["before"], case["prompt"]["after"])
+    with torch.no_grad(), logit_rows(model) as original:  # the unmagnified first step (the model itself)
+        model(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=pv)
     _check_step(
         t.steps[0],
         case["once"],
@@ -201,14 +244,18 @@ def test_once_matches_official(model, processor, tiny, fixtures, name):
         fixtures[0]["settings"][case["settings"]],
     )
     assert new_ids == case["once"]["new_ids"]
+    _check_logits(original, case["original_logits"], "original image, first step")
+    _check_logits(rows[:1], case["once"]["first_logits_magnified"], "magnified image, first step")
+    _check_logits(rows, case["once"]["answer_logits"], "answer on the magnified image")
 
 
 @pytest.mark.parametrize("name", CASES[:2])
 def test_every_token_matches_official(model, processor, tiny, fixtures, name):
-    """refresh=every_token (the official --resample_during_sampling): every step's map, image and the ids."""
+    """refresh=every_token (the official --resample_during_sampling): every step's map, image, logits and the ids."""
     if "every_token" not in fixtures[0]["cases"].get(name, {}):
         pytest.skip("case not in the fixtures")
-    case, t, _, new_ids = _run(model, processor, tiny, fixtures, name, "every_token")
+    with logit_rows(model) as rows:
+        case, t, _, new_ids = _run(model, processor, tiny, fixtures, name, "every_token")
     ref = case["every_token"]
     assert len(t.steps) == len(ref["steps"])
     for i, (ours, r) in enumerate(zip(t.steps, ref["steps"])):
@@ -216,6 +263,7 @@ def test_every_token_matches_official(model, processor, tiny, fixtures, name):
             ours, r, fixtures[1], f"{name}/every/{i}/", tiny, processor, fixtures[0]["settings"][case["settings"]]
         )
     assert new_ids == ref["new_ids"]
+    _check_logits(rows, ref["logits"], "every_token steps")
 
 
 # ---------------------------------------------------------------------------------------

@@ -4,7 +4,9 @@
 
 Runs the same cases as tests/test_parity_pm.py (our venv, no official stack) and prints, per
 case and step, the max abs differences of the maps, H* and the enhanced map, how many cells of
-the 8-bit map differ, whether the magnified image and the ids are equal. docs/pm.md quotes it.
+the 8-bit map differ, whether the magnified image and the ids are equal, and the max abs
+differences of the answer's logits at the official top-16 ids and of their vocabulary sums.
+docs/pm.md quotes it.
 """
 
 from __future__ import annotations
@@ -34,11 +36,12 @@ def main():
     tiny = t._tiny()
     model = t.build_model(tiny, prov)
     processor = t.official_processor(tiny, arrays)
-    worst = {"map": 0.0, "h_star": 0.0, "enhanced": 0.0, "cells": 0}
+    worst = {"map": 0.0, "h_star": 0.0, "enhanced": 0.0, "cells": 0, "logits": 0.0, "logit_sum": 0.0}
     rows = []
     for name, case in data["cases"].items():
         for refresh in ("once", "every_token") if "every_token" in case else ("once",):
-            _, tech, _, ids = t._run(model, processor, tiny, fixtures, name, refresh)
+            with t.logit_rows(model) as logit_rows:
+                _, tech, _, ids = t._run(model, processor, tiny, fixtures, name, refresh)
             refs = [case["once"]] if refresh == "once" else case["every_token"]["steps"]
             prefixes = [f"{name}/once/"] if refresh == "once" else [f"{name}/every/{i}/" for i in range(len(refs))]
             want_ids = case["once"]["new_ids"] if refresh == "once" else case["every_token"]["new_ids"]
@@ -62,13 +65,25 @@ def main():
                     f"{prefix:32s} passes {len(s.raw)}/{ref['passes']} blocked_equal {blocked} map {d_map:.1e} "
                     f"h* {d_h:.1e} enhanced {d_e:.1e} 8bit_cells {cells} image_equal {same_img}"
                 )
-                worst = {
+                worst |= {
                     "map": max(worst["map"], d_map),
                     "h_star": max(worst["h_star"], d_h),
                     "enhanced": max(worst["enhanced"], d_e),
                     "cells": max(worst["cells"], cells),
                 }
-            rows.append(f"{name} {refresh}: ids equal {ids == want_ids}")
+            ref_logits = case["once"]["answer_logits"] if refresh == "once" else case["every_token"]["logits"]
+            ours = torch.cat(logit_rows)
+            d_l = float(
+                (
+                    ours.gather(-1, torch.tensor(ref_logits["topk_indices"]))
+                    - torch.tensor(ref_logits["topk_values"], dtype=torch.float64)
+                )
+                .abs()
+                .max()
+            )
+            d_s = float((ours.sum(-1) - torch.tensor(ref_logits["sum"])).abs().max())
+            worst["logits"], worst["logit_sum"] = max(worst["logits"], d_l), max(worst["logit_sum"], d_s)
+            rows.append(f"{name} {refresh}: ids equal {ids == want_ids} logits (top 16) {d_l:.1e} sums {d_s:.1e}")
     print("\n".join(rows))
     print("worst:", worst)
 
