@@ -73,11 +73,11 @@ def byte_level_tokenizer(extra_specials=(), named: dict | None = None):
     )
 
 
-def _tower_config(config_class, image_size, patch_size, hidden, layers, heads, **extra):
-    """A tiny vision tower's config (CLIP or SigLIP): MLP twice the width."""
+def _tower_config(config_class, image_size, patch_size, hidden, layers, heads, mlp=None, **extra):
+    """A tiny vision tower's config (CLIP or SigLIP): MLP twice the width unless ``mlp`` is given."""
     return config_class(
         hidden_size=hidden,
-        intermediate_size=2 * hidden,
+        intermediate_size=mlp or 2 * hidden,
         num_hidden_layers=layers,
         num_attention_heads=heads,
         image_size=image_size,
@@ -86,12 +86,13 @@ def _tower_config(config_class, image_size, patch_size, hidden, layers, heads, *
     )
 
 
-def _lm_config(config_class, tok, hidden, layers, heads, kv_heads):
-    """A tiny language model's config (Llama or Qwen2) over ``tok``: MLP twice the width, 4096 positions."""
+def _lm_config(config_class, tok, hidden, layers, heads, kv_heads, mlp=None):
+    """A tiny language model's config (Llama or Qwen2) over ``tok``: MLP twice the width unless ``mlp`` is
+    given, 4096 positions."""
     return config_class(
         vocab_size=len(tok),
         hidden_size=hidden,
-        intermediate_size=2 * hidden,
+        intermediate_size=mlp or 2 * hidden,
         num_hidden_layers=layers,
         num_attention_heads=heads,
         num_key_value_heads=kv_heads,
@@ -118,19 +119,56 @@ def build_tiny_llava(
     dtype: torch.dtype = torch.float32,
 ) -> Path:
     """Write a random interleaved LLaVA checkpoint to ``out_dir`` and return its path."""
-    from transformers import (
-        CLIPImageProcessor,
-        CLIPVisionConfig,
-        LlamaConfig,
-        LlavaConfig,
-        LlavaForConditionalGeneration,
-        LlavaProcessor,
-    )
+    from transformers import LlavaForConditionalGeneration
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tok = build_tokenizer()
-    config = LlavaConfig(
+    config = tiny_llava_config(
+        tok,
+        image_size=image_size,
+        patch_size=patch_size,
+        vision_hidden=vision_hidden,
+        vision_layers=vision_layers,
+        vision_heads=vision_heads,
+        text_hidden=text_hidden,
+        text_layers=text_layers,
+        text_heads=text_heads,
+        kv_heads=kv_heads,
+    )
+    torch.manual_seed(seed)
+    model = LlavaForConditionalGeneration(config).to(dtype).eval()
+    model.generation_config.pad_token_id = tok.pad_token_id
+    model.save_pretrained(out)
+    tiny_llava_processor(tok, image_size, patch_size).save_pretrained(out)
+    return out
+
+
+def tiny_llava_config(
+    tok,
+    *,
+    image_size: int,
+    patch_size: int,
+    vision_hidden: int,
+    vision_layers: int,
+    vision_heads: int,
+    text_hidden: int,
+    text_layers: int,
+    text_heads: int,
+    kv_heads: int,
+    vision_mlp: int | None = None,
+    text_mlp: int | None = None,
+    vocab_size: int | None = None,
+):
+    """The config of an interleaved LLaVA over ``tok``: a CLIP tower (CLS, penultimate-layer features), a Llama
+    LM and LLaVA-1.5's two-layer GELU projector. MLPs twice the width and the tokenizer's vocabulary unless given
+    (``lmms-plugins bench --shape`` gives LLaVA-1.5-7B's)."""
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
+
+    text_config = _lm_config(LlamaConfig, tok, text_hidden, text_layers, text_heads, kv_heads, text_mlp)
+    if vocab_size is not None:
+        text_config.vocab_size = vocab_size
+    return LlavaConfig(
         vision_config=_tower_config(
             CLIPVisionConfig,
             image_size,
@@ -138,24 +176,27 @@ def build_tiny_llava(
             vision_hidden,
             vision_layers,
             vision_heads,
+            vision_mlp,
             projection_dim=vision_hidden,
         ),
-        text_config=_lm_config(LlamaConfig, tok, text_hidden, text_layers, text_heads, kv_heads),
+        text_config=text_config,
         image_token_id=tok.convert_tokens_to_ids("<image>"),
         vision_feature_layer=-2,
         vision_feature_select_strategy="default",
         projector_hidden_act="gelu",
     )
-    torch.manual_seed(seed)
-    model = LlavaForConditionalGeneration(config).to(dtype).eval()
-    model.generation_config.pad_token_id = tok.pad_token_id
-    model.save_pretrained(out)
+
+
+def tiny_llava_processor(tok, image_size: int, patch_size: int):
+    """LLaVA-1.5's processor over ``tok``: resize the short side, centre-crop a square, one token per patch."""
+    from transformers import CLIPImageProcessor, LlavaProcessor
+
     image_processor = CLIPImageProcessor(
         size={"shortest_edge": image_size},
         crop_size={"height": image_size, "width": image_size},
         do_center_crop=True,
     )
-    processor = LlavaProcessor(
+    return LlavaProcessor(
         image_processor=image_processor,
         tokenizer=tok,
         patch_size=patch_size,
@@ -163,8 +204,6 @@ def build_tiny_llava(
         num_additional_image_tokens=1,
         chat_template=CHAT_TEMPLATE,
     )
-    processor.save_pretrained(out)
-    return out
 
 
 # A few anyres pinpoints for tiny towers: a non-square image picks a 1x2, 2x1, 1x3 or 3x1 tiling.

@@ -7,20 +7,32 @@ LLaVA-OneVision's, Qwen2.5-VL's or Gemma 3's geometry instead (and benches that 
 qwen2_5_vl_*, gemma3_*). For each case it reports:
 
 - latency: the median over --repeats rounds of (case / baseline), each round timing the baseline
-  and the case back to back in CPU time on one torch thread (robust to other jobs on the machine);
+  and the case back to back in CPU time on one torch thread (robust to other jobs on the machine;
+  on a CUDA device, wall time with the device synchronised), and per new token for generate cases;
 - forward passes: language-model forward calls per sample (prefill + decode steps + extras);
-- peak memory: extra resident memory during one sample, measured in a fresh process per case
-  (peak RSS reset after loading via /proc/self/clear_refs), as a ratio to the baseline.
+- peak memory: on a CPU with --memory, extra resident memory during one sample, measured in a fresh
+  process per case (peak RSS reset after loading via /proc/self/clear_refs); on CUDA, the allocator's
+  peak above what was allocated before the sample; as a ratio to the baseline ("n/a" when not measured).
 
 Cases come from ``bench_cases(ctx)`` in each registered wrapper module, plus the hook layer's own.
 Each case is (callable, baseline) with baseline "generate" (greedy generate) or "forward" (one
-plain forward), or just a callable (baseline "generate").
+plain forward), or just a callable (baseline "generate"). A case whose default layers do not exist in
+the bench model adapts them (``fit_layer``: the paper's layer scaled to the model's depth), and the
+output says so.
+
+``--shape llava-1.5-7b`` gives the random model LLaVA-1.5-7B's widths (``SHAPES``) at a depth chosen per
+run (``--layers``, ``--vision-layers``; ``--depth full``: all 32 + 24 layers), ``--set`` overrides any width
+(tests run the preset's code path at a tiny width). ``--device cuda --dtype bfloat16`` builds it directly on
+the GPU (nothing to download) and times wall-clock with CUDA synchronised, peak memory from
+``torch.cuda.max_memory_allocated``; the same code runs on a CPU.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import importlib
+import itertools
 import json
 import os
 import statistics
@@ -33,10 +45,27 @@ import torch
 from PIL import Image, ImageDraw
 
 from methods import hooks
+from methods.pai import DEFAULTS as pai_defaults
 from methods.pai import Pai
 from methods.technique import Request
 
 PROMPT = "Is there a red circle in the image ? Answer the question using a single word or phrase ."
+
+
+# The depths the papers' default layers were chosen for: LLaVA-1.5-7B's 32 LM and 24 CLIP layers.
+PAPER_DEPTHS = {"lm": 32, "vision": 24}
+# Layer parameters of the techniques' defaults, and the tower each counts in.
+LAYER_PARAMS = {"start_layer": "lm", "local_layer": "vision", "summary_layer": "vision"}
+
+
+def fit_layer(layer: int, n: int, paper_depth: int) -> int:
+    """A default layer index (negative: from the end) on a model ``n`` layers deep. Unchanged where that layer
+    exists; otherwise the same relative depth: the index on the paper's model scaled to ``n`` layers (as PM
+    scales its deep layer 12 of 32), rounded down and clamped to the model's layers."""
+    if -n <= layer < n:
+        return layer
+    absolute = layer + paper_depth if layer < 0 else layer
+    return min(max(int(absolute * n / paper_depth), 0), n - 1)
 
 
 @dataclasses.dataclass
@@ -48,6 +77,139 @@ class BenchContext:
     inputs: dict
     request: Request
     gen_kwargs: dict
+    adapted: dict = dataclasses.field(default_factory=dict)  # notes on adapted layer defaults, printed
+
+    def fit_layers(self, name: str, defaults: dict) -> dict:
+        """The layer parameters of ``defaults`` that this model does not have, adapted by ``fit_layer``
+        (pass them to the technique); each adaptation is noted for the output."""
+        depth = {tower: hooks.num_layers(self.model, tower) for tower in PAPER_DEPTHS}
+        fitted = {}
+        for key, tower in LAYER_PARAMS.items():
+            layer = defaults.get(key)
+            if layer is None:
+                continue
+            new = fit_layer(layer, depth[tower], PAPER_DEPTHS[tower])
+            if new != layer:
+                fitted[key] = new
+                self.adapted[f"{name}: {key} {layer} -> {new}"] = (
+                    f"layer {layer} of {PAPER_DEPTHS[tower]} scaled to {depth[tower]} {tower} layers"
+                )
+        return fitted
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelShape:
+    """A real model's widths, built with random weights at the depth of ``text_layers`` / ``vision_layers``."""
+
+    text_hidden: int
+    text_heads: int
+    kv_heads: int
+    text_mlp: int
+    vocab_size: int
+    text_layers: int
+    vision_hidden: int
+    vision_heads: int
+    vision_mlp: int
+    vision_layers: int
+    image_size: int
+    patch_size: int
+
+
+# --shape: the full-depth widths of real models (llava-hf/llava-1.5-7b-hf's config: Vicuna-7B, CLIP ViT-L/14
+# at 336 px = 576 image tokens, the mlp2x_gelu projector 1024 -> 4096 -> 4096)
+SHAPES = {
+    "llava-1.5-7b": ModelShape(
+        text_hidden=4096,
+        text_heads=32,
+        kv_heads=32,
+        text_mlp=11008,
+        vocab_size=32000,
+        text_layers=32,
+        vision_hidden=1024,
+        vision_heads=16,
+        vision_mlp=4096,
+        vision_layers=24,
+        image_size=336,
+        patch_size=14,
+    ),
+}
+SHAPE_VISION_LAYERS = 2  # --shape's default CLIP depth (--layers' default 4 is the LM's)
+
+
+def resolve_shape(
+    name: str, layers: int | None = None, vision_layers: int | None = None, depth: str = "reduced", overrides=()
+) -> ModelShape:
+    """The preset ``name`` at its full depth (``depth="full"``) or at ``layers`` LM and ``vision_layers`` CLIP
+    layers, with ``overrides`` (``field=value`` strings or pairs) on any field."""
+    shape = SHAPES[name]
+    if depth != "full":
+        shape = dataclasses.replace(shape, text_layers=layers or 4, vision_layers=vision_layers or SHAPE_VISION_LAYERS)
+    fields = {f.name for f in dataclasses.fields(ModelShape)}
+    changes = {}
+    for item in overrides:
+        key, value = item.split("=", 1) if isinstance(item, str) else item
+        if key.strip() not in fields:
+            raise ValueError(f"--set {key}: not a shape field; use one of {', '.join(sorted(fields))}")
+        changes[key.strip()] = int(value)
+    return dataclasses.replace(shape, **changes)
+
+
+def shape_tokenizer(vocab_size: int):
+    """The word-level test tokenizer padded with filler words to ``vocab_size`` entries, so every id the
+    random model can generate decodes."""
+    from .. import testing
+
+    n = len(testing.build_tokenizer())
+    if vocab_size < n:
+        raise ValueError(f"vocab_size={vocab_size} is below the bench tokenizer's {n} tokens")
+    return testing.build_tokenizer(words=[*testing.WORDS, *(f"filler{i}" for i in range(vocab_size - n))])
+
+
+def shape_config(shape: ModelShape, tok=None):
+    """The LlavaConfig of ``shape`` (testing.tiny_llava_config, the builder of every bench LLaVA)."""
+    from .. import testing
+
+    tok = tok or shape_tokenizer(shape.vocab_size)
+    return testing.tiny_llava_config(
+        tok,
+        image_size=shape.image_size,
+        patch_size=shape.patch_size,
+        vision_hidden=shape.vision_hidden,
+        vision_layers=shape.vision_layers,
+        vision_heads=shape.vision_heads,
+        vision_mlp=shape.vision_mlp,
+        text_hidden=shape.text_hidden,
+        text_layers=shape.text_layers,
+        text_heads=shape.text_heads,
+        kv_heads=shape.kv_heads,
+        text_mlp=shape.text_mlp,
+        vocab_size=shape.vocab_size,
+    )
+
+
+def build_shaped(shape: ModelShape, device: str, dtype: torch.dtype, seed: int = 0):
+    """(model, processor) of ``shape`` with random weights, initialised directly on ``device`` in ``dtype``
+    (a full-depth 7B model never exists in float32 or on the host)."""
+    from transformers import LlavaForConditionalGeneration
+
+    from .. import testing
+
+    tok = shape_tokenizer(shape.vocab_size)
+    config = shape_config(shape, tok)
+    torch.manual_seed(seed)
+    with torch.device(device):
+        model = LlavaForConditionalGeneration._from_config(config, dtype=dtype, attn_implementation="sdpa")
+    model.generation_config.pad_token_id = tok.pad_token_id
+    return model.eval(), testing.tiny_llava_processor(tok, shape.image_size, shape.patch_size)
+
+
+def twin(model, attn_implementation: str):
+    """Another model object over the same weight tensors (no second copy of the weights), with its own
+    config and attention implementation: the plain baseline beside the hooked model, the eager one."""
+    shared = itertools.chain(model.parameters(), model.buffers())
+    other = copy.deepcopy(model, memo={id(t): t for t in shared})
+    other.set_attn_implementation(attn_implementation)
+    return other.eval()
 
 
 # --family: which real model's image geometry the random bench model has (testing.py builders)
@@ -97,18 +259,38 @@ def bench_image(size: int = 336) -> Image.Image:
     return img
 
 
-def make_context(layers: int, new_tokens: int, hidden: int = 256, family: str = "llava") -> BenchContext:
-    from transformers import AutoModelForImageTextToText, AutoProcessor
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
-    d = bench_model_dir(layers, hidden, family)
-    processor = AutoProcessor.from_pretrained(d)
-    plain = AutoModelForImageTextToText.from_pretrained(d).eval()
-    model = AutoModelForImageTextToText.from_pretrained(d).eval()
+
+def make_context(
+    layers: int,
+    new_tokens: int,
+    hidden: int = 256,
+    family: str = "llava",
+    *,
+    shape: ModelShape | None = None,
+    device: str = "cpu",
+    dtype: str = "float32",
+) -> BenchContext:
+    """The bench model, its plain twin and one POPE-style request: the family's small random model
+    (``layers`` x ``hidden``, cached on disk), or ``shape`` (built in memory on ``device``)."""
+    if shape is not None:
+        plain, processor = build_shaped(shape, device, DTYPES[dtype])
+    else:
+        from transformers import AutoModelForImageTextToText, AutoProcessor
+
+        d = bench_model_dir(layers, hidden, family)
+        processor = AutoProcessor.from_pretrained(d)
+        plain = AutoModelForImageTextToText.from_pretrained(d, dtype=DTYPES[dtype]).to(device).eval()
+    model = twin(plain, plain.config._attn_implementation or "sdpa")
     hooks.install(model)
     image = bench_image()
     msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": PROMPT}]}]
     text = processor.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
-    inputs = dict(processor(images=[image], text=text, return_tensors="pt"))
+    inputs = {
+        k: v.to(device, dtype=DTYPES[dtype] if v.is_floating_point() else None)
+        for k, v in processor(images=[image], text=text, return_tensors="pt").items()
+    }
     req = Request(
         inputs["input_ids"],
         model.config.image_token_id,
@@ -127,7 +309,7 @@ def core_cases(ctx: BenchContext) -> dict:
     m, n = ctx.model, hooks.num_layers(ctx.model)
     pai_name = next(name for name, technique in family_names(m).items() if technique == "pai")
     deep = range(n // 3, n)  # the deepest 2/3 of the layers
-    pai = Pai(n, use_cfg=False)
+    pai = Pai(n, use_cfg=False, **ctx.fit_layers("pai", pai_defaults))
 
     def capture():
         cap = hooks.Capture(layers=deep, keys=ctx.request.image_pos)
@@ -138,20 +320,32 @@ def core_cases(ctx: BenchContext) -> dict:
     eager = {}
 
     def output_attentions_eager():
-        if "model" not in eager:  # loaded once, outside the timed region after the warm-up
-            from transformers import AutoModelForImageTextToText
-
-            eager["model"] = AutoModelForImageTextToText.from_pretrained(
-                ctx.model.name_or_path, attn_implementation="eager"
-            ).eval()
+        if "model" not in eager:  # made once, outside the timed region after the warm-up
+            eager["model"] = twin(ctx.plain, "eager")
         return eager["model"](**ctx.inputs, output_attentions=True)
 
-    return {
+    cases = {
         "hooks idle (generate)": (lambda: m.generate(**ctx.inputs, **ctx.gen_kwargs), "generate"),
         "capture last row, deepest 2/3 layers": (capture, "forward"),
         "output_attentions=True (eager)": (output_attentions_eager, "forward"),
         f"{pai_name} (no CFG)": (lambda: pai.generate(m, ctx.request, **ctx.inputs, **ctx.gen_kwargs), "generate"),
     }
+    if flash_attention_available(ctx.plain):  # stock on the fastest kernel, against stock sdpa
+        flash = twin(ctx.plain, "flash_attention_2")
+        cases["stock, flash_attention_2 (generate)"] = (
+            lambda: flash.generate(**ctx.inputs, **ctx.gen_kwargs),
+            "generate",
+        )
+    return cases
+
+
+def flash_attention_available(model) -> bool:
+    """flash-attention 2 is installed and the model is on a CUDA device in 16-bit."""
+    from transformers.utils import is_flash_attn_2_available
+
+    return (
+        model.device.type == "cuda" and model.dtype in (torch.float16, torch.bfloat16) and is_flash_attn_2_available()
+    )
 
 
 def all_cases(ctx: BenchContext) -> dict:
@@ -209,23 +403,45 @@ def passes_of(fn, counter: ForwardCounter) -> int:
     return counter.n
 
 
-def time_against(fn, base_fn, repeats: int) -> tuple[float, float, float]:
+def cuda_clock() -> float:
+    torch.cuda.synchronize()
+    return time.perf_counter()
+
+
+def clock_for(device: str):
+    """CPU: this process's CPU time (the command runs torch on one thread, so it is the compute a sample costs,
+    not the time spent waiting for a core); CUDA: wall time with the device synchronised."""
+    return cuda_clock if torch.device(device).type == "cuda" else time.process_time
+
+
+def time_against(fn, base_fn, repeats: int, clock=time.process_time) -> tuple[float, float, float]:
     """(case seconds, baseline seconds, ratio): ``repeats`` rounds, each timing the baseline and then the
     case back to back, so drift and other jobs on the machine hit both alike; the ratio is the median of
-    the per-round ratios. Time is this process's CPU time (the command runs torch on one thread, so it
-    is the compute a sample costs, not the time spent waiting for a core)."""
+    the per-round ratios. ``clock``: see ``clock_for``."""
     case_t, base_t, ratios = [], [], []
     with torch.no_grad():
         for _ in range(repeats):
-            t0 = time.process_time()
+            t0 = clock()
             base_fn()
-            t1 = time.process_time()
+            t1 = clock()
             fn()
-            t2 = time.process_time()
+            t2 = clock()
             base_t.append(t1 - t0)
             case_t.append(t2 - t1)
             ratios.append((t2 - t1) / max(t1 - t0, 1e-9))
     return statistics.median(case_t), statistics.median(base_t), statistics.median(ratios)
+
+
+def cuda_peak_kib(fn) -> int:
+    """Extra peak CUDA memory (KiB) of one call: ``torch.cuda.max_memory_allocated`` above what was allocated
+    before it."""
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    with torch.no_grad():
+        fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - before) // 1024
 
 
 def _rss_kb(field: str) -> int:
@@ -235,33 +451,56 @@ def _rss_kb(field: str) -> int:
     return 0
 
 
-def peak_memory_one(case: str, layers: int, new_tokens: int, hidden: int, family: str = "llava") -> int:
+def context_spec(args) -> dict:
+    """The bench model and request of a run, as JSON-able ``make_context`` arguments (a fresh process of a
+    memory measurement rebuilds the same model from it)."""
+    shape_name = getattr(args, "shape", None)
+    shape = None
+    if shape_name:
+        if getattr(args, "hidden", None) is not None:
+            raise ValueError("--hidden is the small model's width; with --shape use --set text_hidden=...")
+        if args.family != "llava":
+            raise ValueError(f"--shape {shape_name} is a LLaVA-1.5 shape; it needs --family llava")
+        overrides = [item for group in getattr(args, "set", None) or [] for item in group.split(",") if item]
+        shape = dataclasses.asdict(
+            resolve_shape(shape_name, args.layers, args.vision_layers, getattr(args, "depth", "reduced"), overrides)
+        )
+    elif getattr(args, "vision_layers", None) or getattr(args, "set", None) or getattr(args, "depth", None) == "full":
+        raise ValueError("--vision-layers, --set and --depth full choose a --shape's depth and widths; add --shape")
+    return {
+        "layers": shape["text_layers"] if shape else (args.layers or 4),
+        "new_tokens": args.new_tokens,
+        "hidden": shape["text_hidden"] if shape else (args.hidden or 256),
+        "family": args.family,
+        "shape": shape,
+        "device": getattr(args, "device", "cpu"),
+        "dtype": getattr(args, "dtype", "float32"),
+    }
+
+
+def context_of(spec: dict) -> BenchContext:
+    shape = ModelShape(**spec["shape"]) if spec["shape"] else None
+    return make_context(**{**spec, "shape": shape})
+
+
+def peak_memory_one(case: str, spec: dict) -> int:
     """Extra peak RSS (KiB) of one sample of ``case``, in this (fresh) process."""
-    ctx = make_context(layers, new_tokens, hidden, family)
+    ctx = context_of(spec)
     cases = {**{f"baseline:{k}": (v, k) for k, v in baselines(ctx).items()}, **all_cases(ctx)}
     fn = cases[case][0]
     with torch.no_grad():
         if case.startswith("output_attentions"):
-            fn()  # load the eager model first: its loading is not the case's cost
+            fn()  # make the eager twin first: it is not the case's cost
         before = _rss_kb("VmRSS")
         Path("/proc/self/clear_refs").write_text("5")  # reset the peak to the current RSS
         fn()
         return max(_rss_kb("VmHWM") - before, 0)
 
 
-def peak_memory(case: str, layers: int, new_tokens: int, hidden: int, family: str = "llava") -> int | None:
+def peak_memory(case: str, spec: dict) -> int | None:
     if not Path("/proc/self/clear_refs").exists():
         return None
-    cmd = [
-        sys.executable,
-        "-m",
-        "lmms_eval_plugins.commands.bench",
-        case,
-        str(layers),
-        str(new_tokens),
-        str(hidden),
-        family,
-    ]
+    cmd = [sys.executable, "-m", "lmms_eval_plugins.commands.bench", case, json.dumps(spec)]
     out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     try:
         return int(out.stdout.strip().splitlines()[-1])
@@ -272,41 +511,53 @@ def peak_memory(case: str, layers: int, new_tokens: int, hidden: int, family: st
 
 def main(args) -> int:
     torch.manual_seed(0)
-    torch.set_num_threads(1)  # CPU time = compute per sample (see time_against)
-    ctx = make_context(args.layers, args.new_tokens, args.hidden, args.family)
+    torch.set_num_threads(1)  # CPU time = compute per sample (see clock_for)
+    try:
+        spec = context_spec(args)
+    except ValueError as err:
+        print(f"lmms-plugins bench: {err}", file=sys.stderr)
+        return 2
+    ctx = context_of(spec)
     cases = all_cases(ctx)
     if args.only:
         cases = {k: v for k, v in cases.items() if any(s in k for s in args.only.split(","))}
+    on_cuda = ctx.plain.device.type == "cuda"
+    clock = clock_for(spec["device"])
     counter = ForwardCounter(ctx.model, ctx.plain)
     base_fns = baselines(ctx)
-    base = {kind: (time_against(fn, fn, args.repeats)[1], passes_of(fn, counter)) for kind, fn in base_fns.items()}
+    base = {
+        kind: (time_against(fn, fn, args.repeats, clock)[1], passes_of(fn, counter)) for kind, fn in base_fns.items()
+    }
     rows = []
     for name, (fn, kind) in cases.items():
         passes = passes_of(fn, counter)
-        t, _, ratio = time_against(fn, base_fns[kind], args.repeats)
+        t, base_t, ratio = time_against(fn, base_fns[kind], args.repeats, clock)
         rows.append(
             {
                 "case": name,
                 "baseline": kind,
                 "latency_s": t,
                 "latency_ratio": ratio,
+                "ms_per_new_token": t * 1000 / spec["new_tokens"] if kind == "generate" else None,
+                "baseline_ms_per_new_token": base_t * 1000 / spec["new_tokens"] if kind == "generate" else None,
                 "passes": passes,
                 "baseline_passes": base[kind][1],
             }
         )
-        print(f"{name}: {t * 1000:.1f} ms CPU ({ratio:.2f}x {kind}), {passes} passes", flush=True)
+        print(f"{name}: {t * 1000:.1f} ms ({ratio:.2f}x {kind}), {passes} passes", flush=True)
     counter.remove()
-    if args.memory:
-        base_mem = {
-            kind: peak_memory(f"baseline:{kind}", args.layers, args.new_tokens, args.hidden, args.family)
-            for kind in base
-        }
-        for row in rows:
-            mem = peak_memory(row["case"], args.layers, args.new_tokens, args.hidden, args.family)
+    if on_cuda:  # in this process: the allocator's own peak, no fresh process needed
+        base_mem = {kind: cuda_peak_kib(fn) for kind, fn in base_fns.items()}
+        mems = [cuda_peak_kib(fn) for fn, _ in cases.values()]
+    elif args.memory:
+        base_mem = {kind: peak_memory(f"baseline:{kind}", spec) for kind in base}
+        mems = [peak_memory(row["case"], spec) for row in rows]
+    if on_cuda or args.memory:
+        for row, mem in zip(rows, mems):
             ref = base_mem[row["baseline"]]
             row["peak_mib"] = None if mem is None else mem / 1024
             row["memory_ratio"] = None if not (mem is not None and ref) else mem / ref
-    text = render(rows, args, base, ctx)
+    text = render(rows, spec, args.repeats, base, ctx)
     print(text)
     if args.markdown:
         Path(args.markdown).write_text(text + "\n")
@@ -315,25 +566,78 @@ def main(args) -> int:
     return 0
 
 
-def render(rows, args, base, ctx) -> str:
+def describe_model(spec: dict, ctx: BenchContext) -> str:
+    """What the random model is: the shape's widths and depth, or the family's small model."""
     geo = ctx.request.geometry
     blocks = " + ".join(
         f"{b.name} {b.rows}x{b.cols}" + (f" + {b.newlines.numel()} newlines" if b.newlines.numel() else "")
         for b in geo.blocks
     )
+    image = f"a {ctx.image.size[0]}x{ctx.image.size[1]} image = {geo.all_positions().numel()} image tokens: {blocks}"
+    if spec["shape"]:
+        s = ModelShape(**spec["shape"])
+        full = SHAPES["llava-1.5-7b"]
+        return (
+            f"LLaVA-1.5-7B-shaped random model (LM {s.text_layers} of {full.text_layers} layers: hidden "
+            f"{s.text_hidden}, {s.text_heads} heads, MLP {s.text_mlp}, vocab {s.vocab_size}; CLIP {s.vision_layers} of "
+            f"{full.vision_layers} layers: hidden {s.vision_hidden}, {s.vision_heads} heads, MLP {s.vision_mlp}, "
+            f"{s.image_size} px / {s.patch_size} px patches; mlp2x_gelu projector; {image})"
+        )
     from methods import families
 
-    shape = families.adapter(args.family).display_name
-    head = (
-        f"{shape}-shaped random model ({args.layers} LM layers of width {args.hidden}; a {ctx.image.size[0]}x{ctx.image.size[1]} image = "
-        f"{geo.all_positions().numel()} image tokens: {blocks}), {args.new_tokens} new tokens, median of {args.repeats} interleaved rounds, CPU time, {torch.get_num_threads()} thread\n"
+    shape = families.adapter(spec["family"]).display_name
+    return f"{shape}-shaped random model ({spec['layers']} LM layers of width {spec['hidden']}; {image})"
+
+
+def render(rows, spec: dict, repeats: int, base, ctx) -> str:
+    plain = ctx.plain
+    weights = sum(p.numel() * p.element_size() for p in plain.parameters()) / 2**30
+    if plain.device.type == "cuda":
+        where = f"wall time on {torch.cuda.get_device_name(plain.device)} (CUDA synchronised)"
+        memory = "peak memory: torch.cuda.max_memory_allocated above the allocation before the sample"
+    else:
+        where = f"CPU time, {torch.get_num_threads()} thread"
+        memory = "peak memory: " + (
+            "extra peak RSS of one sample, a fresh process per case" if any("peak_mib" in r for r in rows) else "n/a"
+        )
+    flash = (
+        "flash_attention_2 installed: its stock row below"
+        if flash_attention_available(plain)
+        else "flash_attention_2: not used (not installed, or not a 16-bit CUDA model)"
     )
-    head += f"baseline greedy generate: {base['generate'][0] * 1000:.1f} ms, {base['generate'][1]} passes; plain forward: {base['forward'][0] * 1000:.1f} ms\n\n"
-    lines = ["| case | vs | latency | forward passes | peak memory |", "|---|---|---|---|---|"]
+    head = (
+        f"{describe_model(spec, ctx)}, {spec['new_tokens']} new tokens, {spec['dtype']} on {plain.device.type} "
+        f"(weights {weights:.2f} GiB, shared by stock and the hooked model), median of {repeats} interleaved rounds, "
+        f"{where}\n"
+    )
+    head += (
+        f"attention: stock {plain.config._attn_implementation}; techniques {ctx.model.config._attn_implementation} "
+        "(a layer without an edit calls the same sdpa function, so it keeps stock's kernel; only edited query "
+        f"rows are recomputed eagerly); {flash}\n"
+    )
+    if ctx.adapted:
+        head += "default layers adapted to this depth: " + "; ".join(f"{k} ({v})" for k, v in ctx.adapted.items())
+        head += "\n"
+    per_token = base["generate"][0] * 1000 / spec["new_tokens"]
+    head += (
+        f"baseline greedy generate: {base['generate'][0] * 1000:.1f} ms ({per_token:.1f} ms per new token), "
+        f"{base['generate'][1]} passes; plain forward: {base['forward'][0] * 1000:.1f} ms; {memory}\n\n"
+    )
+    lines = [
+        "| case | vs | latency | ms per new token | forward passes | peak memory |",
+        "|---|---|---|---|---|---|",
+    ]
     for r in rows:
-        mem = "-" if r.get("memory_ratio") is None else f"{r['memory_ratio']:.2f}x ({r['peak_mib']:.0f} MiB)"
+        if r.get("memory_ratio") is not None:
+            mem = f"{r['memory_ratio']:.2f}x ({r['peak_mib']:.0f} MiB)"
+        else:
+            mem = "n/a" if r.get("peak_mib") is None else f"{r['peak_mib']:.0f} MiB"
+        tok = "-"
+        if r["ms_per_new_token"] is not None:  # against the baseline timed in the same rounds
+            tok = f"{r['ms_per_new_token']:.1f} vs {r['baseline_ms_per_new_token']:.1f}"
         lines.append(
-            f"| {r['case']} | {r['baseline']} | {r['latency_ratio']:.2f}x | {r['passes']} vs {r['baseline_passes']} | {mem} |"
+            f"| {r['case']} | {r['baseline']} | {r['latency_ratio']:.2f}x | {tok} | {r['passes']} vs "
+            f"{r['baseline_passes']} | {mem} |"
         )
     return head + "\n".join(lines)
 
@@ -346,21 +650,55 @@ def register(sub) -> None:
         choices=sorted(FAMILIES),
         help="image geometry of the random model: LLaVA-1.5, LLaVA-NeXT or LLaVA-OneVision (anyres), or Qwen2.5-VL",
     )
-    p.add_argument("--layers", type=int, default=4, help="language-model layers of the random model")
+    p.add_argument(
+        "--shape",
+        default=None,
+        choices=sorted(SHAPES),
+        help="a real model's widths (random weights) instead of the small model: llava-1.5-7b = hidden 4096, 32 "
+        "heads, MLP 11008, vocab 32000, CLIP-L/14 at 336 px (1024, 16 heads, MLP 4096), mlp2x_gelu",
+    )
+    p.add_argument("--layers", type=int, default=None, help="language-model layers of the random model (default 4)")
+    p.add_argument(
+        "--vision-layers",
+        type=int,
+        default=None,
+        help=f"with --shape: CLIP layers (default {SHAPE_VISION_LAYERS})",
+    )
+    p.add_argument(
+        "--depth",
+        default="reduced",
+        choices=["reduced", "full"],
+        help="with --shape: full = the real model's depth (32 LM + 24 CLIP layers for llava-1.5-7b)",
+    )
+    p.add_argument(
+        "--set",
+        action="append",
+        default=None,
+        metavar="FIELD=VALUE[,...]",
+        help="with --shape: override widths, e.g. text_hidden=64,text_heads=2 (fields: "
+        + ", ".join(f.name for f in dataclasses.fields(ModelShape))
+        + ")",
+    )
     p.add_argument(
         "--hidden",
         type=int,
-        default=256,
-        help="its hidden size (heads of 64 dims); wider = closer to real per-token cost",
+        default=None,
+        help="the small model's hidden size (default 256, heads of 64 dims); wider = closer to real per-token cost",
     )
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N: where the model is built and run")
+    p.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
     p.add_argument("--new-tokens", type=int, default=8)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--only", default="", help="comma-separated substrings of case names")
-    p.add_argument("--memory", action="store_true", help="also measure peak memory (one fresh process per case)")
+    p.add_argument(
+        "--memory",
+        action="store_true",
+        help="CPU: also measure peak memory (one fresh process per case); CUDA measures it always",
+    )
     p.add_argument("--markdown", default=None)
     p.add_argument("--json", default=None)
     p.set_defaults(func=main)
 
 
-if __name__ == "__main__":  # one memory measurement, in a fresh process
-    print(peak_memory_one(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), *sys.argv[5:6]))
+if __name__ == "__main__":  # one memory measurement, in a fresh process: CASE SPEC_JSON
+    print(peak_memory_one(sys.argv[1], json.loads(sys.argv[2])))

@@ -128,8 +128,10 @@ LlavaPaint, LlavaPaintChat = wrapper_classes(SPEC, __name__)
 def bench_cases(ctx):
     """One sample of each variant, timed by `lmms-plugins bench` against greedy generate."""
 
+    fitted = ctx.fit_layers("paint", DEFAULTS)  # default layers the bench model lacks, adapted
+
     def run(**params):
-        technique = Paint.for_model(ctx.model, **params)
+        technique = Paint.for_model(ctx.model, **{**fitted, **params})
         return lambda: technique.generate(ctx.model, ctx.request, **ctx.inputs, **ctx.gen_kwargs)
 
     return {
