@@ -89,3 +89,42 @@ def test_pad_to_square_is_a_common_parameter():
 
     params = parse_params((*SPEC.params, *COMMON_PARAMS), {"pad_to_square": "true"}, SPEC.presets, owner=SPEC.name)
     assert params["pad_to_square"] is True
+
+
+OFFICIAL_PRESETS = {
+    "llava_lochead": ("official", "official_v2"),
+    "llava_knockout": (
+        "official",
+        "official_no_encoding",
+        "official_block_query",
+        "official_block_query_unidirection",
+        "official_block_vis_to_all_from_layer",
+        "official_gen_not_4_to_20",
+        "official_query_not_4_to_20",
+        "official_all_not_4_to_20",
+    ),
+    "llava_reprompt": ("official", "official_no_encoding", "official_reprompt", "fastv"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(OFFICIAL_PRESETS))
+def test_official_presets_pad_to_square_as_the_official_llava(name):
+    """The official code preprocesses with LLaVA-1.5's process_images (image_aspect_ratio=pad: expand2square), so
+    every official preset pads (and every official_* preset is listed here); an explicit pad_to_square=false after
+    the preset wins; the other presets keep the checkpoint's processor alone."""
+    import importlib
+
+    from lmms_eval_plugins.base import COMMON_PARAMS
+    from methods.params import parse_params
+
+    spec = importlib.import_module(f"lmms_eval_plugins.models.{name.removeprefix('llava_')}").SPEC
+    assert spec.name == name
+    params = (*spec.params, *COMMON_PARAMS)
+    official = OFFICIAL_PRESETS[name]
+    assert {p for p in spec.presets if p.startswith("official")} <= set(official)
+    for preset in spec.presets:
+        got = parse_params(params, {"preset": preset}, spec.presets, owner=name)["pad_to_square"]
+        assert got is (preset in official), f"{name} preset={preset}: pad_to_square={got}"
+    for preset in official:
+        off = parse_params(params, {"preset": preset, "pad_to_square": "false"}, spec.presets, owner=name)
+        assert off["pad_to_square"] is False

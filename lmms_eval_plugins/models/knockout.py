@@ -50,8 +50,11 @@ PARAMS = (
     ),
 )
 
-# preset=official and the other run_on_coco.py flags (methods/knockout.py OFFICIAL_FLAGS)
-OFFICIAL_PRESETS = {name: {"mode": m, "last_row": r, "window": w} for name, (m, r, w) in OFFICIAL_FLAGS.items()}
+# preset=official and the other run_on_coco.py flags (methods/knockout.py OFFICIAL_FLAGS); the official
+# wrapper's process_images pads to a square (llava-v1.5-7b's image_aspect_ratio=pad: expand2square)
+OFFICIAL_PRESETS = {
+    name: {"mode": m, "last_row": r, "window": w, "pad_to_square": True} for name, (m, r, w) in OFFICIAL_FLAGS.items()
+}
 
 SPEC = TechniqueSpec(
     name="llava_knockout",

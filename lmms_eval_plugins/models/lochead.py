@@ -180,10 +180,19 @@ SPEC = TechniqueSpec(
     build=build,
     presets={
         "paper": {"top_k": 3, "sigma": 1.0, "box_mode": "minmax"},
-        # 8ce33b0 (HEAD): its prompt and head selection (discovery only; HEAD has no box code: the paper's box)
-        "official": {"prompt": "official", "selection": "official", "top_k": 3, "sigma": 1.0, "box_mode": "minmax"},
+        # 8ce33b0 (HEAD): its prompt and head selection (discovery only; HEAD has no box code: the paper's box).
+        # Both official versions run LLaVA-1.5's process_images (image_aspect_ratio=pad: expand2square).
+        "official": {
+            "prompt": "official",
+            "selection": "official",
+            "top_k": 3,
+            "sigma": 1.0,
+            "box_mode": "minmax",
+            "pad_to_square": True,
+        },
         # 9ffe219: each request's own top-5 heads, its selection, its min/max box stretched onto the image
         "official_v2": {
+            "pad_to_square": True,
             "prompt": "official",
             "selection": "official_v2",
             "heads": "self",

@@ -151,8 +151,10 @@ SPEC = TechniqueSpec(
     build=build,
     presets={
         "prune_5pct": {"mode": "prune", "keep_ratio": 0.05},
-        # OmriKaduri/vlm-interp run_on_coco.py -k 0.05 -k_selection_method attn_over_gen_percentage (default flags)
+        # OmriKaduri/vlm-interp run_on_coco.py -k 0.05 -k_selection_method attn_over_gen_percentage (default flags);
+        # every official preset pads to a square, as the official wrapper's process_images (image_aspect_ratio=pad)
         "official": {
+            "pad_to_square": True,
             "mode": "prune",
             "keep_ratio": 0.05,
             "selection": "describe",
@@ -160,18 +162,21 @@ SPEC = TechniqueSpec(
             "prune_rows": "decode",
         },
         "fastv": {
+            "pad_to_square": True,
             "mode": "fastv",
             "fastv_layer": 2,
             "fastv_ratio": 0.5,
         },  # FastV's K=2, R=50% (run_on_coco.py -fastv_*)
         # run_on_coco.py -k 0.05 then run_on_coco_from_cache.py -cache_strategy qs (its default)
         "official_reprompt": {
+            "pad_to_square": True,
             "mode": "compressed",
             "keep_ratio": 0.05,
             "cache_strategy": "qs",
             "describe_score": "attn_over_gen",
         },
         "official_no_encoding": {
+            "pad_to_square": True,
             "mode": "prune",
             "keep_ratio": 0.05,
             "selection": "describe",
