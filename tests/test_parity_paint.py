@@ -199,3 +199,36 @@ def test_fp16_head_sum_decides_a_boundary_tie():
     summary = torch.tensor(case["cls_layer_m2"], dtype=torch.float16)[None, :, None]
     wide = select_tokens(cls_attention(rows, torch.float32), cls_attention(summary, torch.float32), GRID, 0.25, 0.0)
     assert len(set(_ids(wide.local)) ^ set(case["local_tokens"])) == 2
+
+
+def test_iqr_rule_uses_the_official_linear_percentile():
+    """get_top_ratio (clip_encoder.py:16-29) calls ``np.percentile(attn_np, 25/75)``: numpy's default method,
+    ``linear``. On 0..16, 27, 28, 29 (n = 20) linear puts Q1 at 4 + 0.75 = 4.75 and Q3 at 14 + 0.25 = 14.25, so the
+    bound is 14.25 + 1.5 * 9.5 = 28.5 and only 29 (index 19) is an outlier; every other numpy method gives
+    another set (lower/higher/midpoint/hazen/weibull/*_unbiased: none; nearest: 28 and 29)."""
+    import numpy as np
+
+    from methods.paint_selection import iqr_outliers
+
+    row = torch.tensor([*range(17), 27, 28, 29], dtype=torch.float32)
+    assert iqr_outliers(row[None])[0].nonzero().flatten().tolist() == [19]
+    x = row.numpy()
+    for method in ("lower", "higher", "nearest", "midpoint", "hazen", "weibull", "median_unbiased"):
+        q1, q3 = np.percentile(x, 25, method=method), np.percentile(x, 75, method=method)
+        assert np.flatnonzero(x > q3 + 1.5 * (q3 - q1)).tolist() != [19], method  # the row tells the methods apart
+
+
+def test_iqr_rule_runs_in_the_maps_dtype():
+    """The official map is the fp16 model's head sum, and get_top_ratio takes percentiles of it as a float16
+    array; ours does the same (selection_precision=model keeps the map in the tower's dtype). In units of 1/1024
+    above 1 the row is 0, 7, 9, 15, 19, 21, 37, 50: exactly, Q1 = 8.5, Q3 = 25, bound 49.75, so 50 is an
+    outlier; in float16 (spacing 1/1024 there) the bound rounds to 50, and 50 > 50 is false. A float32 map of
+    the same values keeps the exact answer. Fails if the rule casts the map to another precision first."""
+    from methods.paint_selection import iqr_outliers
+
+    units = torch.tensor([0, 7, 9, 15, 19, 21, 37, 50], dtype=torch.float64)
+    row = 1 + units / 1024  # every value exact in float16
+    assert iqr_outliers(row.to(torch.float16)[None])[0].nonzero().flatten().tolist() == []
+    assert iqr_outliers(row.to(torch.float32)[None])[0].nonzero().flatten().tolist() == [7]
+    # the official presets select in the model's precision (fp16 there)
+    assert OFFICIAL["selection_precision"] == "model"
