@@ -219,3 +219,96 @@ def _from_cache_inputs(model, ctx, suffix):
         use_cache=True,
         **with_cache(ctx.cache()),
     )
+
+
+# --- every stored greedy step, teacher-forced ---
+# The fixtures store all 300 greedy ids of each official run (``official_new_ids``) but scores for the first
+# 6 steps only. One forward over the prompt and the official ids (the technique's ``forward``: the same edits,
+# rows >= prompt_len are the decode rows) gives our logits at every step given the official prefix; our greedy
+# run reproduces the 300 ids exactly when each official id is our argmax there. Where two logits are within the
+# scores' tolerance (a near-tie), either pick is consistent with the official logits, so such a step passes
+# when the official id is within ``tie`` of our max; the next steps still condition on the official ids.
+
+
+def forced_steps(new_ids: list[int]) -> list[int]:
+    """The official ids a teacher-forced forward can feed: all of them up to the first that is the llava-hf
+    layout's image token id (31999, an ordinary vocabulary id in the original layout, where the image is
+    -200): in one forward it would count as an image placeholder, while a decode step embeds it as text."""
+    return new_ids[: new_ids.index(tiny.IMAGE_TOKEN_ID) + 1] if tiny.IMAGE_TOKEN_ID in new_ids else new_ids
+
+
+def _forced(tech, model, pixels, prompt: torch.Tensor, new_ids: list[int]) -> torch.Tensor:
+    """(steps, vocab) logits of each greedy step of ``new_ids`` after ``prompt``, through ``tech.forward``
+    (``new_ids`` as ``forced_steps`` cuts them)."""
+    from methods.technique import Request
+
+    new_ids = forced_steps(new_ids)
+    n = prompt.shape[1]
+    full = torch.cat([prompt, torch.tensor([new_ids[:-1]], dtype=prompt.dtype)], dim=1)
+    req = Request(full, tiny.IMAGE_TOKEN_ID, n, images=[pixels])
+    with torch.no_grad():
+        out = tech.forward(model, req, input_ids=full, attention_mask=torch.ones_like(full), pixel_values=pixels)
+    return out.logits[0, n - 1 :].float()
+
+
+def forced_ours(model, pixels, golden: dict, run: dict) -> torch.Tensor:
+    """Knockout: our logits at each of the run's ``official_new_ids`` steps."""
+    from methods.knockout import Knockout
+
+    ids = tiny.hf_ids(golden["ids_before_image"], golden["ids_after_image"])
+    tech = Knockout(len(model.model.language_model.layers), **official_params(run["flags"]))
+    return _forced(tech, model, pixels, ids, run["official_new_ids"])
+
+
+def forced_prune_ours(model, pixels, golden: dict, run: dict) -> torch.Tensor:
+    """Pruning with the describe selection: our logits at each of the run's ``official_new_ids`` steps."""
+    prune_rows = "decode" if run["flags"]["min_token"] == 1 else "all"
+    tech = prune_technique(model, golden, run["selection"], prune_rows)
+    d, q = golden["describe"], golden["question"]
+    d_ids = tiny.hf_ids(d["ids_before_image"], d["ids_after_image"])
+    tech.describe_ids = lambda req: d_ids
+    ids = tiny.hf_ids(q["ids_before_image"], q["ids_after_image"])
+    return _forced(tech, model, pixels, ids, run["official_new_ids"])
+
+
+def forced_fastv_ours(model, pixels, golden: dict, run: dict) -> torch.Tensor:
+    """FastV: our logits at each of the run's ``official_new_ids`` steps."""
+    from methods.reprompt import Reprompt
+
+    ids = tiny.hf_ids(golden["ids_before_image"], golden["ids_after_image"])
+    tech = Reprompt(
+        len(model.model.language_model.layers),
+        mode="fastv",
+        fastv_layer=run["fastv_layer"],
+        fastv_ratio=run["fastv_ratio"],
+    )
+    return _forced(tech, model, pixels, ids, run["official_new_ids"])
+
+
+def forced_cache_ours(model, pixels, prune_golden: dict, golden: dict, run: dict) -> torch.Tensor:
+    """Compressed context: our logits at each of the run's ``official_new_ids`` steps (one forward of the
+    follow-up and the official ids after the context, ``reprompt_context.forward_from``)."""
+    from methods import reprompt_context, reprompt_scoring
+
+    memoize_describe_pass()
+    d = prune_golden["describe"]
+    ids = tiny.hf_ids(d["ids_before_image"], d["ids_after_image"])
+    pos = (ids[0] == tiny.IMAGE_TOKEN_ID).nonzero().flatten()
+    rows, _, _, cache = reprompt_scoring.describe_pass(model, ids, pixels, pos, len(d["new_ids"]))
+    count = reprompt_scoring.official_count(prune_golden["k_fraction"], pos.numel())
+    kept = {l: pos[i] for l, i in enumerate(reprompt_scoring.attn_over_gen(rows, count))}
+    ctx = reprompt_context.official_context(
+        cache, torch.tensor(golden["query_positions"]), kept, run["strategy"], pos.numel()
+    )
+    suffix = torch.tensor([golden["followup_ids"] + forced_steps(run["official_new_ids"])[:-1]])
+    with torch.no_grad():
+        logits = reprompt_context.forward_from(model, ctx, suffix).logits
+    return logits[0, len(golden["followup_ids"]) - 1 :].float()
+
+
+def step_mismatches(logits: torch.Tensor, want: list[int]) -> list[tuple[int, int, int, float]]:
+    """(step, our argmax, official id, our max - our logit of the official id) where they differ."""
+    assert logits.shape[0] == len(want), (logits.shape, len(want))
+    top = logits.argmax(-1)
+    gap = logits.max(-1).values - logits.gather(-1, torch.tensor(want)[:, None])[:, 0]
+    return [(i, int(top[i]), w, float(gap[i])) for i, w in enumerate(want) if int(top[i]) != w]
