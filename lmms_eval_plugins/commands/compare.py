@@ -183,7 +183,13 @@ def delta(base: Run, other: Run, task: str, metric: str, include_path: str | Non
             return plain(
                 why_no_interval=f"its aggregation of the logged records gives {again:.6g}, the results file {reported:.6g}"
             )
-    interval = paired_interval(lambda records: float(aggregate(records)), *paired)
+    try:
+        interval = paired_interval(lambda records: float(aggregate(records)), *paired)
+    except Exception as e:  # noqa: BLE001 - e.g. MME's aggregation needs both questions of an image in a resample
+        return plain(
+            why_no_interval=f"its aggregation fails on a resample of documents ({type(e).__name__}: {e}): "
+            "the metric needs groups of documents kept together"
+        )
     outcomes = [
         accuracy_outcomes(metric, aggregate, records, reported) for records, reported in zip(paired, (b_value, o_value))
     ]

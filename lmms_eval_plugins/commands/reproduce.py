@@ -145,6 +145,7 @@ class Cell:
     base_label: str = ""  # "" for a run; the published cell's label otherwise
     interval: tuple[float, float] | None = None
     why: str = ""  # why there is no value
+    no_interval: str = ""  # why a delta of two runs has no interval
 
 
 def _value(run: Run | None, task: str, metrics: tuple[str, ...]) -> float | None:
@@ -196,6 +197,7 @@ def measure(recipe: Recipe, rows, jobs: dict[str, Job], *, testbed, limit, pretr
             if run and base_run and len(metrics) == 1 and not row.relative:
                 d = delta(base_run, run, task, metrics[0], str(tasks_dir()))
                 cell.interval = d.interval and (d.interval[0] * row.scale, d.interval[1] * row.scale)
+                cell.no_interval = d.why_no_interval
         elif not testbed:
             published = published_value(pretrained_id, task, metrics)
             if published is not None:
@@ -251,6 +253,8 @@ def table(recipe: Recipe, rows, cells, *, testbed: bool, ckpt: str) -> str:
             )
             + " |"
         )
+        if c.no_interval:
+            notes.append(f"- {row.name}: no interval: {c.no_interval}")
         if row.claim:
             notes.append(f"- {row.name}: the paper's claim: {row.claim}")
         if row.paper and row.paper.differs:
