@@ -145,10 +145,9 @@ def run_prune_ours(model, pixels, golden: dict, run: dict):
     return out, ids.shape[1]
 
 
-def run_fastv_ours(model, pixels, golden: dict, run: dict):
-    """``llava_reprompt mode=fastv`` on the fixture question (fastv_official.json)."""
+def fastv_technique(model, golden: dict, run: dict):
+    """``llava_reprompt mode=fastv`` at the run's layer and ratio, and the fixture question's ids."""
     from methods.reprompt import Reprompt
-    from methods.technique import Request
 
     ids = tiny.hf_ids(golden["ids_before_image"], golden["ids_after_image"])
     tech = Reprompt(
@@ -157,6 +156,14 @@ def run_fastv_ours(model, pixels, golden: dict, run: dict):
         fastv_layer=run["fastv_layer"],
         fastv_ratio=run["fastv_ratio"],
     )
+    return tech, ids
+
+
+def run_fastv_ours(model, pixels, golden: dict, run: dict):
+    """``llava_reprompt mode=fastv`` on the fixture question (fastv_official.json)."""
+    from methods.technique import Request
+
+    tech, ids = fastv_technique(model, golden, run)
     req = Request(ids, tiny.IMAGE_TOKEN_ID, ids.shape[1], images=[pixels])
     with torch.no_grad():
         out = tech.generate(
@@ -273,15 +280,7 @@ def forced_prune_ours(model, pixels, golden: dict, run: dict) -> torch.Tensor:
 
 def forced_fastv_ours(model, pixels, golden: dict, run: dict) -> torch.Tensor:
     """FastV: our logits at each of the run's ``official_new_ids`` steps."""
-    from methods.reprompt import Reprompt
-
-    ids = tiny.hf_ids(golden["ids_before_image"], golden["ids_after_image"])
-    tech = Reprompt(
-        len(model.model.language_model.layers),
-        mode="fastv",
-        fastv_layer=run["fastv_layer"],
-        fastv_ratio=run["fastv_ratio"],
-    )
+    tech, ids = fastv_technique(model, golden, run)
     return _forced(tech, model, pixels, ids, run["official_new_ids"])
 
 
