@@ -161,6 +161,15 @@ def refuse_family(spec: TechniqueSpec, model_type: str | None, pretrained: str) 
         raise ModelArgsError(f"{spec.name} does not support {model_type} checkpoints (pretrained={pretrained}): {why}")
 
 
+def check_layers_routed(name: str, model, pretrained: str) -> None:
+    """ModelArgsError when a layer the technique edits or reads does not go through AttentionInterface
+    (hooks.UnroutedLayers: a hybrid linear-attention stack), naming the technique and the layer type."""
+    try:
+        hooks.attention_modules(model)
+    except hooks.UnroutedLayers as e:
+        raise ModelArgsError(f"{name} cannot run on pretrained={pretrained}: {e}") from None
+
+
 class RecordingProcessor:
     """The processor as lmms-eval uses it, remembering the last call's images and text
     (a technique such as the Perception Magnifier needs the original full-resolution image)."""
@@ -383,6 +392,7 @@ class TechniqueMixin:
         super().__init__(pretrained=pretrained, **base)
         _shard_requests(self)
         hooks.install(self._model)
+        check_layers_routed(spec.name, self._model, pretrained)
         self.technique_params = params
         self.technique = spec.build(params, self._model)
         processor = getattr(self, self.processor_attr)

@@ -389,6 +389,7 @@ def attention_modules(model) -> dict[str, list[torch.nn.Module]]:
             "any sub-model): the hook layer needs a transformers 5 model class"
         )
     found = {t: [] for t in TOWERS}
+    names = {t: [] for t in TOWERS}
     sub = _sub_configs(model)
     for name, mod in model.named_modules():
         if not _recorded(name, mod, recorders):
@@ -396,7 +397,53 @@ def attention_modules(model) -> dict[str, list[torch.nn.Module]]:
         tower = _tower_of(getattr(mod, "config", None), sub)
         if tower is not None:
             found[tower].append(mod)
+            names[tower].append(name)
+    for tower in TOWERS:
+        _check_every_layer_routed(model, tower, names[tower])
     return found
+
+
+class UnroutedLayers(ValueError):
+    """Some layers of a tower mix tokens without ``AttentionInterface`` (linear attention, state-space
+    layers): edits there would be silent no-ops, and layer numbers would skip them."""
+
+
+def _check_every_layer_routed(model, tower: str, names: list[str]) -> None:
+    """Refuse a tower whose layer stack has layers without a found attention module.
+
+    Techniques number layers 0..n-1 as the list of attention modules; in a hybrid stack (Qwen3.5's
+    Gated DeltaNet layers between full-attention ones) that list skips layers, so "layer 12" would be
+    another layer and the skipped ones could not be edited at all. The stack is the ``ModuleList`` that
+    holds the attention modules (``...layers.<i>.self_attn``)."""
+    stacks: dict[str, set[int]] = {}
+    for name in names:
+        parts = name.split(".")
+        at = max((i for i, p in enumerate(parts) if p.isdigit()), default=None)
+        if at is None:
+            continue
+        stacks.setdefault(".".join(parts[:at]), set()).add(int(parts[at]))
+    for stack_name, indices in stacks.items():
+        stack = model.get_submodule(stack_name)
+        missing = [i for i in range(len(stack)) if i not in indices]
+        if not missing:
+            continue
+        mixers = sorted({_mixer_text(stack[i]) for i in missing})
+        raise UnroutedLayers(
+            f"{tower} layers {_compact(missing)} of {len(stack)} in {type(model).__name__} ({'; '.join(mixers)}) do not "
+            "route their token mixing through transformers' AttentionInterface, so the hook layer can neither edit nor "
+            "read them (an edit would be a silent no-op, and layer numbers would skip them); the techniques here need "
+            "every layer to be softmax attention"
+        )
+
+
+def _mixer_text(layer: torch.nn.Module) -> str:
+    """A layer's type and its token mixer's (the children that are not norms or MLPs)."""
+    kids = [
+        f"{n}: {type(c).__name__}"
+        for n, c in layer.named_children()
+        if not any(w in type(c).__name__.lower() for w in ("norm", "mlp", "moe", "dropout"))
+    ]
+    return f"{type(layer).__name__} with {', '.join(kids)}" if kids else type(layer).__name__
 
 
 @contextlib.contextmanager

@@ -329,3 +329,62 @@ def test_a_model_that_declares_no_attention_modules_is_refused():
 
     with pytest.raises(ValueError, match="declares no attention modules"):
         hooks.attention_modules(Plain())
+
+
+def _hybrid_llava(out_dir=None):
+    """A tiny LLaVA whose LM is Qwen3.5's hybrid stack: Gated DeltaNet (linear attention, no
+    AttentionInterface) in layers 0..2, softmax attention in layer 3. Saved with a processor when
+    ``out_dir`` is given."""
+    from transformers import LlavaForConditionalGeneration, Qwen3_5TextConfig
+
+    from lmms_eval_plugins import testing
+
+    tok = testing.build_tokenizer()
+    cfg = testing.tiny_llava_config(
+        tok, image_size=32, patch_size=8, vision_hidden=32, vision_layers=2, vision_heads=4,
+        text_hidden=64, text_layers=4, text_heads=4, kv_heads=2,
+    )  # fmt: skip
+    cfg.text_config = Qwen3_5TextConfig(
+        vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, linear_num_key_heads=2, linear_num_value_heads=2,
+        linear_key_head_dim=16, linear_value_head_dim=16,
+        layer_types=["linear_attention"] * 3 + ["full_attention"],
+        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = LlavaForConditionalGeneration(cfg).eval()
+    if out_dir is not None:
+        model.generation_config.pad_token_id = tok.pad_token_id
+        model.save_pretrained(out_dir)
+        testing.tiny_llava_processor(tok, 32, 8).save_pretrained(out_dir)
+    return model
+
+
+def test_layers_that_bypass_attention_interface_are_refused():
+    """A hybrid LM (linear-attention layers between softmax ones): the attention-module list would skip
+    layers 0..2, so "layer 0" would silently be layer 3 and edits of the others no-ops. Refused instead,
+    naming the layers and their mixer."""
+    model = _hybrid_llava()
+    message = r"lm layers 0\.\.2 of 4 in LlavaForConditionalGeneration \(Qwen3_5DecoderLayer with linear_attn: Qwen3_5GatedDeltaNet\)"
+    with pytest.raises(hooks.UnroutedLayers, match=message):
+        hooks.attention_modules(model)
+    with pytest.raises(hooks.UnroutedLayers, match="AttentionInterface"):
+        hooks.num_layers(model, "vision")  # whichever tower is asked, the model is refused
+    with pytest.raises(hooks.UnroutedLayers), hooks.edited(model, hooks.Boost(layers=[0], alpha=1.0)):
+        pass
+
+
+@pytest.mark.parametrize("technique", ["pai", "paint", "knockout", "lochead", "pm", "reprompt", "viral"])
+def test_every_wrapper_refuses_a_hybrid_language_model(tmp_path_factory, technique):
+    """Each llava_<technique> refuses at construction, naming itself and the layer type (never a silent no-op)."""
+    import importlib
+
+    from methods.params import ModelArgsError
+
+    ckpt = tmp_path_factory.getbasetemp() / "hybrid_llava"
+    if not (ckpt / "config.json").exists():
+        _hybrid_llava(ckpt)
+    module = importlib.import_module(f"lmms_eval_plugins.models.{technique}")
+    cls = getattr(module, f"Llava{technique.capitalize()}Chat")
+    with pytest.raises(ModelArgsError, match=rf"llava_{technique} cannot run on .*Qwen3_5GatedDeltaNet"):
+        cls(pretrained=str(ckpt), device="cpu")
