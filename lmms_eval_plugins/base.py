@@ -504,8 +504,13 @@ class Bfloat16ClassMixin(TechniqueMixin):
     def __init__(self, pretrained: str | None = None, dtype: str = "bfloat16", **kwargs):
         if str(dtype) not in self.DTYPES:
             raise ModelArgsError(f"{self.spec.name}: dtype={dtype!r}; valid: {', '.join(self.DTYPES)}")
-        with loading_dtype(*self.loads, str(dtype)):
+        with self.loading(str(dtype)):
             super().__init__(pretrained=pretrained, **kwargs)
+
+    def loading(self, dtype: str):
+        """The context in which the class's constructor loads the weights in ``dtype`` (default: ``loads``' class
+        patched by ``loading_dtype``; a class that resolves its model class otherwise overrides this)."""
+        return loading_dtype(*self.loads, dtype)
 
     def device_args(self, base: dict) -> dict:
         return _device_args(base)
