@@ -761,3 +761,22 @@ def build_tiny_qwen3_vl(
     )
     processor.save_pretrained(out)
     return out
+
+
+def qwen3_vl_shaped(out_dir, text_layers: int = 4, text_hidden: int = 256, seed: int = 0) -> Path:
+    """Qwen3-VL's vision geometry (16 px patches merged 2x2, the released processors' pixel bounds 65536 /
+    16777216: a 448x336 image becomes 448x320, a 10x14 merged grid of 140 tokens) with DeepStack after the
+    first min(3, text_layers) LM layers (the released models inject 3) and a few small layers."""
+    ds = min(3, text_layers)
+    return build_tiny_qwen3_vl(
+        out_dir,
+        vision_hidden=64,
+        vision_layers=ds,
+        deepstack_layers=tuple(range(ds)),
+        text_hidden=text_hidden,
+        text_layers=text_layers,
+        min_pixels=65536,
+        max_pixels=16777216,
+        weight_std=None,
+        seed=seed,
+    )

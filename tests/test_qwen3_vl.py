@@ -503,3 +503,86 @@ def test_cli_qwen3_vl_names(tiny_qwen3, tmp_path):
             0.0 <= res["results"][pope]["pope_accuracy,none"] <= 1.0
             and len(testing.read_samples(tmp_path / key, pope)) == 3
         )
+
+
+def test_bench_context_qwen3_vl(tmp_path, monkeypatch):
+    """`lmms-plugins bench --family qwen3_vl`: Qwen3-VL's geometry (448x336 -> 448x320: a 10x14 merged grid), its own names
+    benched but PAINT (refused), idle hooks = the plain model."""
+    from lmms_eval_plugins.commands import bench
+
+    monkeypatch.setenv("LMMS_PLUGINS_CACHE", str(tmp_path))
+    ctx = bench.make_context(layers=3, new_tokens=2, hidden=64, family="qwen3_vl")
+    assert ctx.request.geometry.base.grid_hw == (10, 14) and ctx.request.image_pos.numel() == 140
+    cases = bench.all_cases(ctx)
+    names = {k.split(":")[0].split(" ")[0] for k in cases if k.startswith("qwen3_vl_")}
+    assert names >= {"qwen3_vl_pai", "qwen3_vl_lochead", "qwen3_vl_knockout", "qwen3_vl_reprompt", "qwen3_vl_pm"}
+    assert "qwen3_vl_paint" not in names
+    with torch.no_grad():
+        assert torch.equal(cases["hooks idle (generate)"][0](), bench.baselines(ctx)["generate"]())
+
+
+def test_viral_aligns_the_merged_grid_and_qwen3_vl_viral_merges_the_adapter(tiny_qwen3, stock, tmp_path):
+    """viral-train on Qwen3-VL: the aligned tokens are the merged image tokens on their rows x cols grid, the merger
+    is trained next to LoRA, and qwen3_vl_viral merges the adapter (a change from stock)."""
+    import json
+    import math
+
+    from test_viral import _save_tiny_dinov2
+    from transformers import AutoConfig
+
+    from methods import viral
+    from methods.conversation_data import ConversationDataset, collate
+    from methods.viral_train import TrainConfig, train
+
+    records = [
+        {
+            "image": _resized(size),
+            "conversations": [
+                {"from": "human", "value": "<image>\nis there a red square in the image?"},
+                {"from": "gpt", "value": "yes"},
+            ],
+        }
+        for size in ((100, 37), (37, 100), (48, 40), (64, 64))
+    ]
+    processor = _processor(tiny_qwen3)
+    data = ConversationDataset(records[:2], processor)
+    batch = collate([data[0], data[1]], processor.tokenizer.pad_token_id)
+    config = AutoConfig.from_pretrained(tiny_qwen3)
+    for row, thw, aligned in zip(batch["input_ids"], batch["image_grid_thw"], viral.aligned_tokens(config, batch)):
+        pads = (row == config.image_token_id).nonzero().flatten()
+        assert torch.equal(aligned.positions, pads) and aligned.grid == (int(thw[1]) // 2, int(thw[2]) // 2)
+    cfg = TrainConfig(
+        pretrained=str(tiny_qwen3),
+        data="",
+        output_dir=str(tmp_path / "run"),
+        teacher=str(_save_tiny_dinov2(tmp_path / "teacher")),
+        layer=3,
+        weight=0.5,
+        proj_hidden=16,
+        lora_r=4,
+        lora_alpha=8,
+        lora_dropout=0.0,
+        lr=5e-2,
+        batch_size=2,
+        max_steps=2,
+        log_every=1,
+        progress=False,
+        warmup_ratio=0.0,
+    )
+    train(cfg, records)
+    log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert len(log) == 2 and all(math.isfinite(row["vra_loss"]) for row in log)
+    saved = json.loads((tmp_path / "run" / "adapter" / "adapter_config.json").read_text())
+    assert saved["modules_to_save"] == ["merger"]
+    lm = _wrapper("viral", tiny_qwen3, adapter=str(tmp_path / "run"))
+    with torch.no_grad():
+        assert not torch.equal(lm.model(**_inputs(lm.processor)).logits, stock[2])
+
+
+def test_heads_discovery_reads_the_merged_grid_and_matches_an_eager_forward(tiny_qwen3):
+    """discover-heads on Qwen3-VL: each sample's maps over its rows x cols merged grid equal a stock eager
+    forward's attention (DeepStack is the model's own forward there), and so does the ranking."""
+    from test_lochead_families import _check_against_eager
+
+    seen = _check_against_eager(tiny_qwen3)
+    assert len({g for _, g in seen}) == 3 and any(r != c for _, (r, c) in seen)
