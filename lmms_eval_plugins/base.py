@@ -161,6 +161,11 @@ def refuse_family(spec: TechniqueSpec, model_type: str | None, pretrained: str) 
         raise ModelArgsError(f"{spec.name} does not support {model_type} checkpoints (pretrained={pretrained}): {why}")
 
 
+# The image options a class may call its processor with (lmms-eval's qwen3_vl: do_resize=False), recorded so
+# that a technique re-processes an image as the prompt's was.
+IMAGE_CALL_KEYS = ("do_resize", "size", "min_pixels", "max_pixels")
+
+
 class RecordingProcessor:
     """The processor as lmms-eval uses it, remembering the last call's images and text
     (a technique such as the Perception Magnifier needs the original full-resolution image)."""
@@ -170,6 +175,7 @@ class RecordingProcessor:
         self.__dict__["last_images"] = []
         self.__dict__["last_pads"] = []
         self.__dict__["last_text"] = None
+        self.__dict__["last_image_kwargs"] = {}
         self.__dict__["_pad_fill"] = mean_colour(processor) if pad_to_square else None
 
     def _pad(self, images):
@@ -192,6 +198,7 @@ class RecordingProcessor:
             else:
                 flat = []
             self.__dict__["last_images"] = flat
+            self.__dict__["last_image_kwargs"] = {k: kwargs[k] for k in IMAGE_CALL_KEYS if k in kwargs}
             text = kwargs.get("text")
             self.__dict__["last_text"] = text[0] if isinstance(text, list) else text
             if not images:  # transformers 5 fails on images=[]; the technique reports "no image" itself
@@ -227,6 +234,7 @@ class RecordingProcessor:
         for block, image in zip(items, padded):
             block["image"] = image
         self.__dict__["last_images"] = flat
+        self.__dict__["last_image_kwargs"] = {}
         text = self._processor.apply_chat_template(
             copied, add_generation_prompt=kwargs.get("add_generation_prompt", False), tokenize=False
         )
@@ -269,6 +277,7 @@ def family_request(model, processor: RecordingProcessor, model_kwargs: dict) -> 
         pads=list(processor.last_pads),
         config=model.config,
         inputs={k: model_kwargs[k] for k in geometry_inputs if model_kwargs.get(k) is not None},
+        image_kwargs=dict(processor.last_image_kwargs),
     )
 
 

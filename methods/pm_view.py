@@ -51,7 +51,7 @@ def view(req: Request, mode: str) -> Image.Image:
 
 def pixels(req: Request, image: Image.Image) -> torch.Tensor:
     """The processor's pixel_values of ``image``; off a square grid, checked to keep the prompt's layout."""
-    out = req.processor.image_processor(images=[image], return_tensors="pt")
+    out = req.processor.image_processor(images=[image], return_tensors="pt", **req.image_kwargs)
     if req.adapter.square_grid:
         return out["pixel_values"]
     for key in req.adapter.request_inputs:

@@ -471,6 +471,18 @@ def test_cli_qwen3_vl_names(tiny_qwen3, tmp_path):
         for key, (m, extra, task) in runs.items()
     ]
     pope = "shapeworld_pope_random_first_token"
+    # the chat class resizes a 336 px ShapeWorld image at qwen_vl_utils' defaults (not min/max_pixels) and the
+    # processor does not resize again: PM's magnified image must be processed alike (Request.image_kwargs)
+    configs.append(
+        {
+            "model": "qwen3_vl_pm",
+            "model_args": args + ",max_iter=2",
+            "tasks": "shapeworld_pope_random",
+            "output_path": str(tmp_path / "pm_shapeworld"),
+            "include_path": str(REPO / "task_configs"),
+            "limit": 2,
+        }
+    )
     for key, extra in (("pope_idle", ",alpha=0,use_cfg=false"), ("pope_pm", "")):
         name = "qwen3_vl_pai" if key == "pope_idle" else "qwen3_vl_pm"
         configs.append(
@@ -496,6 +508,7 @@ def test_cli_qwen3_vl_names(tiny_qwen3, tmp_path):
     assert rec is not None and 0.0 <= rec["results"]["tiny_rec"]["refcoco_IoU,none"] <= 1.0, log[-3000:]
     assert testing.results_of(tmp_path / "paint") is None and "qwen3_vl_paint does not support qwen3_vl" in log
     assert testing.results_of(tmp_path / "viral") is None and "qwen3_vl_viral needs adapter=DIR" in log
+    assert testing.results_of(tmp_path / "pm_shapeworld") is not None, log[-3000:]
     for key in ("pope_idle", "pope_pm"):
         res = testing.results_of(tmp_path / key)
         assert res is not None, (key, log[-3000:])
@@ -586,3 +599,24 @@ def test_heads_discovery_reads_the_merged_grid_and_matches_an_eager_forward(tiny
 
     seen = _check_against_eager(tiny_qwen3)
     assert len({g for _, g in seen}) == 3 and any(r != c for _, (r, c) in seen)
+
+
+def test_pm_reprocesses_the_magnified_image_as_the_class_processed_the_prompt(qwen3):
+    """lmms-eval's qwen3_vl calls the processor with do_resize=False on an image qwen_vl_utils already resized (the
+    chat class at qwen_vl_utils' own bounds, not min/max_pixels): PM's magnified image goes through the processor
+    with the same options (Request.image_kwargs), so it keeps the prompt's grid; without them the processor's
+    saved bounds would resize it and PM refuses the request."""
+    import dataclasses
+
+    from methods.technique import RequestError
+
+    model, processor, _, _, _ = qwen3
+    big = Image.new("RGB", (320, 320), (30, 30, 200))  # 102400 px: above the tiny processor's max_pixels (25600)
+    msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "is there a red square?"}]}]
+    prompt = processor.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+    inputs = dict(processor(text=[prompt], images=[big], do_resize=False, return_tensors="pt"))
+    req = dataclasses.replace(_request(model, processor, inputs, big), image_kwargs={"do_resize": False})
+    assert [int(v) for v in inputs["image_grid_thw"][0]] == [1, 20, 20]
+    assert torch.equal(pm_view.pixels(req, big), inputs["pixel_values"])
+    with pytest.raises(RequestError, match="processes to image_grid_thw"):
+        pm_view.pixels(dataclasses.replace(req, image_kwargs={}), big)
