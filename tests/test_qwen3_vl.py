@@ -620,3 +620,24 @@ def test_pm_reprocesses_the_magnified_image_as_the_class_processed_the_prompt(qw
     assert torch.equal(pm_view.pixels(req, big), inputs["pixel_values"])
     with pytest.raises(RequestError, match="processes to image_grid_thw"):
         pm_view.pixels(dataclasses.replace(req, image_kwargs={}), big)
+
+
+def test_knockout_sweep_loads_the_checkpoint_familys_class_and_keeps_the_deepstack_choice(tiny_qwen3, monkeypatch):
+    """`lmms-plugins knockout-sweep` on a Qwen3-VL checkpoint: qwen3_vl_knockout's class (not llava_knockout's),
+    and every swept window keeps deepstack=drop."""
+    import lmms_eval.evaluator
+
+    from lmms_eval_plugins.commands import knockout_sweep
+    from lmms_eval_plugins.models.qwen3_vl import Qwen3VlKnockoutChat
+
+    seen = []
+
+    def fake_evaluate(model, tasks, **kwargs):
+        seen.append((type(model), model.technique.injection, list(model.technique.layers)))
+        return {"results": {t: {"exact,none": 0.5} for t in tasks}}
+
+    monkeypatch.setattr(lmms_eval.evaluator, "simple_evaluate", fake_evaluate)
+    monkeypatch.chdir(REPO)
+    args = f"pretrained={tiny_qwen3},device=cpu,min_pixels={PIXELS['min_pixels']},max_pixels={PIXELS['max_pixels']}"
+    knockout_sweep.run_sweep(args + ",deepstack=drop", ["tiny_yesno"], [(0, 2)], ["both"], include_path="tests/tasks")
+    assert seen == [(Qwen3VlKnockoutChat, "drop", []), (Qwen3VlKnockoutChat, "drop", [0, 1])]
