@@ -239,14 +239,20 @@ def test_pruned_generation_equals_the_masked_generation(qwen3):
 
 
 def test_cfg_image_free_pass_equals_the_forward_of_the_text_prompt(qwen3):
-    """PAI's CFG pass: the image-free prompt at explicit positions (no image, so no DeepStack) == the model's forward."""
-    model, processor, _, _, _ = qwen3
-    msgs = [{"role": "user", "content": "is there a red square ?"}]
-    ids = processor(text=[processor.apply_chat_template(msgs, tokenize=False)], return_tensors="pt")["input_ids"]
+    """PAI's CFG pass while decoding (methods/guidance.py): the image-free prompt plus the generated tokens at their
+    own explicit positions (no image, so no DeepStack) == a direct forward of that text; the positions the model
+    would infer from the image prompt's cached rope_deltas do not give it."""
+    from test_qwen_reprompt import _image_free_log_probs
+
+    model, _, inputs, _, _ = qwen3
     with torch.no_grad():
-        ours = model(input_ids=ids, **positions.explicit(model, ids)).logits
-        want = model(input_ids=ids).logits
-    assert (ours - want).abs().max() < 1e-5
+        new = model.generate(**inputs, **GREEDY)[:, inputs["input_ids"].shape[1] :]
+        assert model.model.rope_deltas is not None and int(model.model.rope_deltas) != 0
+        text, got = _image_free_log_probs(model, inputs, new)
+        seq = torch.cat([text, new], dim=1)
+        own = torch.arange(seq.shape[1]).expand(3, 1, -1)
+        want = torch.log_softmax(model(input_ids=seq, position_ids=own).logits[0, text.shape[1] - 1 :], dim=-1)
+    assert (got - want).abs().max() < 1e-5  # 4.8e-6 on this checkpoint; the cached rope_deltas' positions: 2.8
 
 
 # ---------------------------------------------------------------------------------- knockout and DeepStack
