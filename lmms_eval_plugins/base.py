@@ -170,6 +170,11 @@ def check_layers_routed(name: str, model, pretrained: str) -> None:
         raise ModelArgsError(f"{name} cannot run on pretrained={pretrained}: {e}") from None
 
 
+# The image options a class may call its processor with (lmms-eval's qwen3_vl: do_resize=False), recorded so
+# that a technique re-processes an image as the prompt's was.
+IMAGE_CALL_KEYS = ("do_resize", "size", "min_pixels", "max_pixels")
+
+
 class RecordingProcessor:
     """The processor as lmms-eval uses it, remembering the last call's images and text
     (a technique such as the Perception Magnifier needs the original full-resolution image)."""
@@ -179,6 +184,7 @@ class RecordingProcessor:
         self.__dict__["last_images"] = []
         self.__dict__["last_pads"] = []
         self.__dict__["last_text"] = None
+        self.__dict__["last_image_kwargs"] = {}
         self.__dict__["_pad_fill"] = mean_colour(processor) if pad_to_square else None
 
     def _pad(self, images):
@@ -201,6 +207,7 @@ class RecordingProcessor:
             else:
                 flat = []
             self.__dict__["last_images"] = flat
+            self.__dict__["last_image_kwargs"] = {k: kwargs[k] for k in IMAGE_CALL_KEYS if k in kwargs}
             text = kwargs.get("text")
             self.__dict__["last_text"] = text[0] if isinstance(text, list) else text
             if not images:  # transformers 5 fails on images=[]; the technique reports "no image" itself
@@ -236,6 +243,7 @@ class RecordingProcessor:
         for block, image in zip(items, padded):
             block["image"] = image
         self.__dict__["last_images"] = flat
+        self.__dict__["last_image_kwargs"] = {}
         text = self._processor.apply_chat_template(
             copied, add_generation_prompt=kwargs.get("add_generation_prompt", False), tokenize=False
         )
@@ -278,6 +286,7 @@ def family_request(model, processor: RecordingProcessor, model_kwargs: dict) -> 
         pads=list(processor.last_pads),
         config=model.config,
         inputs={k: model_kwargs[k] for k in geometry_inputs if model_kwargs.get(k) is not None},
+        image_kwargs=dict(processor.last_image_kwargs),
     )
 
 
@@ -514,8 +523,13 @@ class Bfloat16ClassMixin(TechniqueMixin):
     def __init__(self, pretrained: str | None = None, dtype: str = "bfloat16", **kwargs):
         if str(dtype) not in self.DTYPES:
             raise ModelArgsError(f"{self.spec.name}: dtype={dtype!r}; valid: {', '.join(self.DTYPES)}")
-        with loading_dtype(*self.loads, str(dtype)):
+        with self.loading(str(dtype)):
             super().__init__(pretrained=pretrained, **kwargs)
+
+    def loading(self, dtype: str):
+        """The context in which the class's constructor loads the weights in ``dtype`` (default: ``loads``' class
+        patched by ``loading_dtype``; a class that resolves its model class otherwise overrides this)."""
+        return loading_dtype(*self.loads, dtype)
 
     def device_args(self, base: dict) -> dict:
         return _device_args(base)

@@ -91,6 +91,10 @@ class QwenTechniqueMixin(Bfloat16ClassMixin):
     default_pretrained = "Qwen/Qwen2.5-VL-3B-Instruct"  # lmms-eval's own default
     processor_attr = "processor"
     loads = ("lmms_eval.models.simple.qwen2_5_vl", "Qwen2_5_VLForConditionalGeneration")
+    # how the class's generation calls qwen_vl_utils.process_vision_info and the processor (loglikelihood builds
+    # its prompts alike; Qwen3-VL's class passes image_patch_size=16 and do_resize=False)
+    vision_info_kwargs: dict = {}
+    processor_kwargs: dict = {}
 
     def __init__(self, pretrained: str | None = None, **kwargs):
         super().__init__(pretrained=pretrained, **kwargs)
@@ -129,12 +133,17 @@ class QwenTechniqueMixin(Bfloat16ClassMixin):
             {"role": "system", "content": self.system_prompt},
             {"role": "user", "content": images + [{"type": "text", "text": context}]},
         ]
-        prompt = self.processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        image_inputs, _ = process_vision_info([messages])
+        prompt = self._chat_prompt(messages)
+        image_inputs, _ = process_vision_info([messages], **self.vision_info_kwargs)
         encoded = [
-            self.processor(text=[t], images=image_inputs, return_tensors="pt") for t in (prompt, prompt + continuation)
+            self.processor(text=[t], images=image_inputs, return_tensors="pt", **self.processor_kwargs)
+            for t in (prompt, prompt + continuation)
         ]
         return encoded[0], encoded[1]
+
+    def _chat_prompt(self, messages: list) -> str:
+        """The generation prompt of one conversation, as the class's generation builds it."""
+        return self.processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
 
 def qwen_wrapper_classes(spec: TechniqueSpec, module: str):

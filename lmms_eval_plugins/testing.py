@@ -664,3 +664,119 @@ def gemma3_shaped(out_dir, text_layers: int = 4, text_hidden: int = 256, seed: i
         ],
         seed=seed,
     )
+
+
+def build_tiny_qwen3_vl(
+    out_dir,
+    *,
+    vision_hidden: int = 32,
+    vision_layers: int = 3,
+    deepstack_layers: tuple = (0, 1),
+    text_hidden: int = 64,
+    text_layers: int = 4,
+    min_pixels: int = 64 * 64,
+    max_pixels: int = 160 * 160,
+    weight_std: float | None = 0.15,
+    seed: int = 0,
+) -> Path:
+    """A random Qwen3-VL checkpoint: 16 px patches merged 2x2, learned positions of the tower, DeepStack
+    features from the vision layers ``deepstack_layers`` added after the first len(deepstack_layers) LM
+    layers, interleaved M-RoPE, the ShapeWorld Qwen tokenizer and Qwen's chat template, and the real
+    Qwen3VLProcessor (min/max pixels as given). ``weight_std``: matrices redrawn wider than the default
+    init, so greedy answers depend on the image (None keeps the init)."""
+    from transformers import (
+        Qwen2VLImageProcessor,
+        Qwen3VLConfig,
+        Qwen3VLForConditionalGeneration,
+        Qwen3VLProcessor,
+    )
+    from transformers.models.qwen3_vl.video_processing_qwen3_vl import Qwen3VLVideoProcessor
+
+    from .shapeworld.qwen_model import CHAT_TEMPLATE, build_tokenizer
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tok = build_tokenizer()
+    ids = tok.convert_tokens_to_ids
+    heads = 4
+    head_dim = text_hidden // heads
+    third = head_dim // 2 // 3
+    text = dict(
+        vocab_size=len(tok),
+        hidden_size=text_hidden,
+        intermediate_size=2 * text_hidden,
+        num_hidden_layers=text_layers,
+        num_attention_heads=heads,
+        num_key_value_heads=heads // 2,
+        head_dim=head_dim,
+        max_position_embeddings=4096,
+        rope_parameters={
+            "rope_type": "default",
+            "rope_theta": 5000000.0,
+            "mrope_section": [head_dim // 2 - 2 * third, third, third],
+            "mrope_interleaved": True,
+        },
+        bos_token_id=None,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
+    vision = dict(
+        depth=vision_layers,
+        hidden_size=vision_hidden,
+        intermediate_size=2 * vision_hidden,
+        num_heads=2,
+        patch_size=16,
+        spatial_merge_size=2,
+        temporal_patch_size=2,
+        out_hidden_size=text_hidden,
+        num_position_embeddings=64,
+        deepstack_visual_indexes=list(deepstack_layers),
+    )
+    config = Qwen3VLConfig(
+        text_config=text,
+        vision_config=vision,
+        image_token_id=ids("<|image_pad|>"),
+        video_token_id=ids("<|video_pad|>"),
+        vision_start_token_id=ids("<|vision_start|>"),
+        vision_end_token_id=ids("<|vision_end|>"),
+    )
+    torch.manual_seed(seed)
+    model = Qwen3VLForConditionalGeneration(config).eval()
+    if weight_std is not None:
+        g = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.dim() == 2:
+                    p.copy_(torch.randn(p.shape, generator=g) * weight_std)
+    model.generation_config.pad_token_id = tok.pad_token_id
+    model.generation_config.eos_token_id = tok.eos_token_id
+    model.save_pretrained(out)
+    kw = dict(patch_size=16, merge_size=2, temporal_patch_size=2, image_mean=[0.5] * 3, image_std=[0.5] * 3)
+    size = {"shortest_edge": min_pixels, "longest_edge": max_pixels}
+    processor = Qwen3VLProcessor(
+        image_processor=Qwen2VLImageProcessor(size=size, **kw),
+        tokenizer=tok,
+        video_processor=Qwen3VLVideoProcessor(size=size, **kw),
+        chat_template=CHAT_TEMPLATE,
+    )
+    processor.save_pretrained(out)
+    return out
+
+
+def qwen3_vl_shaped(out_dir, text_layers: int = 4, text_hidden: int = 256, seed: int = 0) -> Path:
+    """Qwen3-VL's vision geometry (16 px patches merged 2x2, the released processors' pixel bounds 65536 /
+    16777216: a 448x336 image becomes 448x320, a 10x14 merged grid of 140 tokens) with DeepStack after the
+    first min(3, text_layers) LM layers (the released models inject 3) and a few small layers."""
+    ds = min(3, text_layers)
+    return build_tiny_qwen3_vl(
+        out_dir,
+        vision_hidden=64,
+        vision_layers=ds,
+        deepstack_layers=tuple(range(ds)),
+        text_hidden=text_hidden,
+        text_layers=text_layers,
+        min_pixels=65536,
+        max_pixels=16777216,
+        weight_std=None,
+        seed=seed,
+    )

@@ -34,10 +34,16 @@ is every layer, ``after:<depth>`` none) and ``not_4_to_20`` is ``layer_idx < 4 o
 
 from __future__ import annotations
 
+import contextlib
+
 from . import hooks
 from .technique import Request, RequestError, Technique
 
 QUERY_SETS = ("generated", "query", "both", "all", "block_query")
+# Image features a family adds to the hidden states of its first LM layers (Qwen3-VL's DeepStack): the
+# knockout cuts attention edges only ("keep": the injected features stay in the image positions' own
+# states, read wherever those keys are not blocked), or also switches the injection off ("drop").
+INJECTION = ("keep", "drop")
 LAST_ROW = ("generated", "query")
 DEFAULTS = {
     "mode": "query",
@@ -128,9 +134,13 @@ class Knockout(Technique):
 
     name = "knockout"
 
-    def __init__(self, n_layers: int, **params):
+    def __init__(self, n_layers: int, injection: str | None = None, **params):
+        """injection: None (a family without per-layer image features) or one of INJECTION."""
         super().__init__(**{**DEFAULTS, **params})
         p = self.params
+        if injection is not None and injection not in INJECTION:
+            raise ValueError(f"knockout: injection={injection!r} is not one of {', '.join(INJECTION)}")
+        self.injection = injection
         if p["mode"] not in QUERY_SETS:
             raise ValueError(f"knockout: mode={p['mode']!r} is not one of {', '.join(QUERY_SETS)}")
         if p["window"]:
@@ -158,5 +168,18 @@ class Knockout(Technique):
             )
         return edits
 
+    def _injected(self, model, req: Request):
+        """injection=drop: the family's per-layer image features off for this call (its adapter's ``injection_off``)."""
+        return req.adapter.injection_off(model) if self.injection == "drop" else contextlib.nullcontext()
+
+    def generate(self, model, req: Request, **kwargs):
+        with self._injected(model, req):
+            return super().generate(model, req, **kwargs)
+
+    def forward(self, model, req: Request, **kwargs):
+        with self._injected(model, req):
+            return super().forward(model, req, **kwargs)
+
     def describe(self):
-        return {**super().describe(), "layers": hooks._compact(self.layers) if self.layers else "none"}
+        extra = {} if self.injection is None else {"injection": self.injection}
+        return {**super().describe(), "layers": hooks._compact(self.layers) if self.layers else "none", **extra}

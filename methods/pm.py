@@ -43,6 +43,7 @@ read only the captured rows (never ``output_attentions``); none computes logits.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 from pathlib import Path
@@ -369,8 +370,8 @@ class PerceptionMagnifier(Technique):
     def _magnify_prompt(self, model, req, view, pv_view, prompt_ids) -> Magnified:
         from transformers import DynamicCache
 
-        emb = pm_view.embed(model, req, prompt_ids, pv_view)
-        run = _LanguageModel(model, pm_view.pass_positions(model, req, prompt_ids.shape[1]))
+        emb, extras = pm_view.lm_inputs(model, req, prompt_ids, pv_view)
+        run = _LanguageModel(model, pm_view.pass_positions(model, req, prompt_ids.shape[1]), extras)
         mag = self.magnify_at(model, req, view, emb, DynamicCache(config=model.config.text_config), run, 0)
         self._record(mag, refreshes=1)
         return mag
@@ -411,27 +412,31 @@ class PerceptionMagnifier(Technique):
         run = _LanguageModel(model, pm_view.pass_positions(model, req, req.input_ids.shape[1] + max_new))
         embed_tokens = model.model.get_input_embeddings()
         ids = req.input_ids
-        emb_orig = pm_view.embed(model, req, ids, pv_view)
+        emb_orig, extras_orig = pm_view.lm_inputs(model, req, ids, pv_view)
+        run_orig, run_mag = run.with_image(extras_orig), None
         cache_orig, orig_len = DynamicCache(config=model.config.text_config), 0
         cache_mag = None
         forwards = refreshes = iterations = 0
         for step in range(max_new):
             if step % every == 0:
-                mag = self.magnify_at(model, req, view, emb_orig, cache_orig, run, orig_len, first=refreshes == 0)
+                mag = self.magnify_at(model, req, view, emb_orig, cache_orig, run_orig, orig_len, first=refreshes == 0)
                 orig_len = emb_orig.shape[1]
                 refreshes += 1
                 iterations += mag.search.iterations
                 forwards += mag.map_forwards
                 if refreshes == 1:
                     self._record(mag, refreshes=1)
-                prompt = pm_view.embed(model, req, req.input_ids, mag.pixel_values.to(pv_view.device, pv_view.dtype))
+                prompt, extras_mag = pm_view.lm_inputs(
+                    model, req, req.input_ids, mag.pixel_values.to(pv_view.device, pv_view.dtype)
+                )
+                run_mag = run.with_image(extras_mag)
                 emb_mag = torch.cat(
                     [prompt, embed_tokens(ids[:, prompt.shape[1] :])], dim=1
                 )  # answer tokens: plain embeddings
                 cache_mag = DynamicCache(config=model.config.text_config)
-                hidden = run(emb_mag, cache_mag)
+                hidden = run_mag(emb_mag, cache_mag)
             else:
-                hidden = run(embed_tokens(ids[:, -1:]), cache_mag)
+                hidden = run_mag(embed_tokens(ids[:, -1:]), cache_mag)
             forwards += 1
             logits = model.lm_head(hidden[:, -1]).float()
             if step < min_new and eos:
@@ -454,13 +459,23 @@ class _LanguageModel:
     """The language model alone (no vision tower, no lm_head), filling a KV cache.
 
     positions: None (the model's own 1-D arange after the cache: LLaVA), or the family's position
-    ids of the whole stream, (3, 1, length) for M-RoPE; each call takes the slice after the cache."""
+    ids of the whole stream, (3, 1, length) for M-RoPE; each call takes the slice after the cache.
+    extras: the language model's other image inputs for the stream's image (the adapter's ``lm_inputs``:
+    Qwen3-VL's DeepStack features), sliced the same way by the adapter's ``lm_slice``; {} for most families."""
 
-    def __init__(self, model, positions: torch.Tensor | None = None):
+    def __init__(self, model, positions: torch.Tensor | None = None, extras: dict | None = None):
         self.model = model
         self.lm = model.model.language_model
         self.modules = hooks.attention_modules(model)
         self.positions = positions
+        self.extras = extras or {}
+        self.family = families.adapter(model.config)
+
+    def with_image(self, extras: dict) -> "_LanguageModel":
+        """The same language model for a stream over another image (its own ``lm_inputs`` extras)."""
+        run = copy.copy(self)
+        run.extras = extras or {}
+        return run
 
     def __call__(self, embeds, cache, capture: hooks.Capture | None = None, attention_mask=None):
         edits = [capture] if capture is not None else []
@@ -472,6 +487,9 @@ class _LanguageModel:
                     f"pm: positions for {self.positions.shape[-1]} tokens, asked for {past + embeds.shape[1]}"
                 )
             kw["position_ids"] = self.positions[..., past : past + embeds.shape[1]]
+        if self.extras:
+            past = cache.get_seq_length()
+            kw.update(self.family.lm_slice(self.extras, past, past + embeds.shape[1]))
         with hooks.edited(self.model, *edits, modules=self.modules):
             out = self.lm(
                 inputs_embeds=embeds, **with_cache(cache), use_cache=True, attention_mask=attention_mask, **kw

@@ -9,6 +9,7 @@ What differs per family comes from its adapter (methods/families/):
   prompt's own layout inputs (``request_inputs``: anyres ``image_sizes``, Qwen's
   ``image_grid_thw``), so the prompt's image tokens and their positions stay (checked);
 - ``embed_image``: the input embeddings with the image features put in, as the model's forward;
+  ``lm_inputs`` adds what else the forward hands the language model for the image (DeepStack);
 - ``mrope``: PM's passes get the family's multi-axis positions of the prompt, continued as text
   after it (as ``generate`` does with Qwen's cached ``rope_deltas``); 1-D families get none (the
   model's own arange after the cache).
@@ -50,7 +51,7 @@ def view(req: Request, mode: str) -> Image.Image:
 
 def pixels(req: Request, image: Image.Image) -> torch.Tensor:
     """The processor's pixel_values of ``image``; off a square grid, checked to keep the prompt's layout."""
-    out = req.processor.image_processor(images=[image], return_tensors="pt")
+    out = req.processor.image_processor(images=[image], return_tensors="pt", **req.image_kwargs)
     if req.adapter.square_grid:
         return out["pixel_values"]
     for key in req.adapter.request_inputs:
@@ -67,6 +68,12 @@ def pixels(req: Request, image: Image.Image) -> torch.Tensor:
 def embed(model, req: Request, input_ids: torch.Tensor, pixel_values: torch.Tensor) -> torch.Tensor:
     """Input embeddings with the image features scattered in, as the family's forward builds them."""
     return req.adapter.embed_image(model, input_ids, pixel_values, req.inputs)
+
+
+def lm_inputs(model, req: Request, input_ids: torch.Tensor, pixel_values: torch.Tensor) -> tuple[torch.Tensor, dict]:
+    """(input embeddings, the language model's other image inputs) for PM's own passes, as the family's
+    forward builds them (Qwen3-VL: DeepStack's per-layer features; most families: none)."""
+    return req.adapter.lm_inputs(model, input_ids, pixel_values, req.inputs)
 
 
 def pass_positions(model, req: Request, length: int) -> torch.Tensor | None:

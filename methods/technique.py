@@ -109,6 +109,9 @@ class Request:
     inputs: dict = dataclasses.field(
         default_factory=dict
     )  # processor outputs a family's geometry needs (image_grid_thw)
+    # the image options the lmms-eval class called the processor with (qwen3_vl: do_resize=False, the image
+    # already resized by qwen_vl_utils): re-processing an image (PM's magnified view) passes them again
+    image_kwargs: dict = dataclasses.field(default_factory=dict)
 
     def __post_init__(self):
         if self.input_ids.shape[0] != 1:

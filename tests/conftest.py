@@ -85,6 +85,7 @@ CLI_TESTS = {
         "test_cli_first_token_pope_on_qwen_and_gemma3",
     },
     "test_qwen_reprompt.py": {"test_cli_reprompt_and_pai_cfg"},
+    "test_qwen3_vl.py": {"test_cli_qwen3_vl_names"},
     "test_recipes.py": {"test_reproduce_on_the_testbed_through_the_cli_writes_the_table_and_resumes"},
     "test_shapeworld_llava.py": {"test_stock_llava_hf_and_a_wrapper_load_it_in_the_cli"},
     "test_viral_families.py": {"test_qwen2_5_vl_viral_through_the_lmms_eval_cli"},

@@ -1,6 +1,6 @@
 """Every registered model name in dtype=bfloat16 through the real lmms-eval CLI (bf16 runs on CPU).
 
-Tiny random checkpoints of each family (LLaVA-1.5, Qwen2.5-VL, LLaVA-NeXT, LLaVA-OneVision, Gemma 3) answer
+Tiny random checkpoints of each family (LLaVA-1.5, Qwen2.5-VL, LLaVA-NeXT, LLaVA-OneVision, Gemma 3, Qwen3-VL) answer
 two docs of a ShapeWorld task; the viral names merge a LoRA adapter with non-zero B (so the merge
 itself runs in bf16). One lmms-eval process evaluates the whole list (``--config``). A run passes
 when its results file has the task's metrics and generation ran for every doc; lmms-eval turns an
@@ -18,6 +18,7 @@ from lmms_eval_plugins.models import MODELS
 POPE, REC = "shapeworld_pope_random", "shapeworld_rec"
 METRIC = {POPE: "pope_accuracy,none", REC: "refcoco_IoU,none"}
 QWEN_PIXELS = ",min_pixels=12544,max_pixels=20000"
+QWEN3_PIXELS = ",min_pixels=4096,max_pixels=25600"  # testing.build_tiny_qwen3_vl's defaults
 TECHNIQUES = ("pai", "pm", "paint", "knockout", "reprompt", "viral")
 
 # (run id, model name, checkpoint, extra model_args, task, refusal reason or None)
@@ -53,6 +54,11 @@ CASES = [
         for t in TECHNIQUES
     ],
     ("gemma3-lochead", "gemma3_lochead", "gemma3", ",heads=all", REC, None),  # its tokenizer is byte-level
+    *[
+        (f"qwen3-{t}", f"qwen3_vl_{t}", "qwen3", QWEN3_PIXELS, POPE, "no CLS token" if t == "paint" else None)
+        for t in TECHNIQUES
+    ],
+    ("qwen3-lochead", "qwen3_vl_lochead", "qwen3", QWEN3_PIXELS + ",heads=all", REC, None),
 ]
 
 
@@ -77,8 +83,10 @@ def checkpoints(tmp_path_factory):
         "next": testing.build_tiny_llava_next(root / "next"),
         "onevision": testing.build_tiny_llava_onevision(root / "onevision"),
         "gemma3": testing.build_tiny_gemma3(root / "gemma3"),
+        "qwen3": testing.build_tiny_qwen3_vl(root / "qwen3"),
     }
-    for family in ("llava", "qwen", "next", "onevision", "gemma3"):  # random B: the merged adapter changes the weights
+    # random B: the merged adapter changes the weights
+    for family in ("llava", "qwen", "next", "onevision", "gemma3", "qwen3"):
         model = AutoModelForImageTextToText.from_pretrained(paths[family])
         lora = LoraConfig(r=4, lora_alpha=8, init_lora_weights=False, target_modules=LM_TARGETS)
         get_peft_model(model, lora).save_pretrained(root / f"{family}_adapter")

@@ -219,6 +219,7 @@ FAMILIES = {
     "llava_onevision": ("llava_onevision", "llava_onevision_shaped"),
     "qwen2_5_vl": ("qwen2_5_vl", "qwen2_5_vl_shaped"),
     "gemma3": ("gemma3", "gemma3_shaped"),
+    "qwen3_vl": ("qwen3_vl", "qwen3_vl_shaped"),
 }
 
 

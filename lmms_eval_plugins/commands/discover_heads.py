@@ -12,7 +12,7 @@ def register(subparsers) -> None:
         description=(
             "One prefill per sample: the last prompt token's attention over the image grid for every (layer, head); "
             "heads above the knee of the sorted S_img curve; the lowest-spatial-entropy ones per sample; ranked by "
-            "selection frequency. LLaVA-1.5 (square grid), LLaVA-NeXT/OneVision (--block), Qwen2.5-VL (rows x cols merged grid, "
+            "selection frequency. LLaVA-1.5 (square grid), LLaVA-NeXT/OneVision (--block), Qwen2.5-VL and Qwen3-VL (rows x cols merged grid, "
             "--min-pixels/--max-pixels). Example: lmms-plugins discover-heads --pretrained shapeworld-tiny --task shapeworld_rec"
         ),
     )
@@ -64,14 +64,14 @@ def register(subparsers) -> None:
         "--min-pixels",
         type=int,
         default=None,
-        help="Qwen2.5-VL: the processor's min_pixels (default: the checkpoint's saved processor). Pass the "
+        help="Qwen2.5-VL, Qwen3-VL: the processor's min_pixels (default: the checkpoint's saved processor). Pass the "
         "min_pixels of your evaluation's --model_args: lmms-eval's qwen2_5_vl defaults to 200704, not the saved value",
     )
     p.add_argument(
         "--max-pixels",
         type=int,
         default=None,
-        help="Qwen2.5-VL: the processor's max_pixels (as --min-pixels; lmms-eval's default 1605632)",
+        help="Qwen2.5-VL, Qwen3-VL: the processor's max_pixels (as --min-pixels; lmms-eval's default 1605632)",
     )
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"))
@@ -80,7 +80,7 @@ def register(subparsers) -> None:
 
 def load(pretrained: str, args):
     """(model, processor) of a checkpoint of a family with an adapter (methods/families/), loaded with its
-    family's class; the Qwen2.5-VL processor at --min-pixels/--max-pixels (default: its saved ones).
+    family's class; the Qwen2.5-VL or Qwen3-VL processor at --min-pixels/--max-pixels (default: its saved ones).
     ValueError: refused."""
     import torch
     from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
@@ -100,8 +100,9 @@ def load(pretrained: str, args):
     family = families.adapter(model_type)
     if family.lmms_eval_model == "llava_hf":
         check_interleaved_llava(pretrained)
-    if (args.min_pixels or args.max_pixels) and model_type != "qwen2_5_vl":
-        raise ValueError(f"--min-pixels/--max-pixels are Qwen2.5-VL's; {pretrained} is {model_type!r}")
+    resizes = "image_grid_thw" in family.request_inputs  # Qwen's processors: min/max pixels set the grid
+    if (args.min_pixels or args.max_pixels) and not resizes:
+        raise ValueError(f"--min-pixels/--max-pixels are Qwen2.5-VL's and Qwen3-VL's; {pretrained} is {model_type!r}")
     if args.block != "base" and not family.row_newlines:
         raise ValueError(
             f"--block {args.block}: a {model_type} image has one grid; --block is for LLaVA-NeXT/OneVision"
@@ -110,10 +111,10 @@ def load(pretrained: str, args):
     processor = AutoProcessor.from_pretrained(pretrained, **pixels)
     cls = Llava if model_type == "llava" else AutoModelForImageTextToText
     model = cls.from_pretrained(pretrained, dtype=getattr(torch, args.dtype), device_map=args.device).eval()
-    if model_type == "qwen2_5_vl":
+    if resizes:
         size = processor.image_processor.size
         print(
-            f"Qwen2.5-VL images at min_pixels={size['shortest_edge']}, max_pixels={size['longest_edge']} "
+            f"{family.display_name} images at min_pixels={size['shortest_edge']}, max_pixels={size['longest_edge']} "
             f"({'given' if pixels else 'saved with the checkpoint'}); evaluate with the same --model_args min_pixels/max_pixels"
         )
     return model, processor

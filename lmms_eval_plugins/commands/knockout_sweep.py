@@ -1,7 +1,7 @@
 """`lmms-plugins knockout-sweep`: a task's metric under attention knockout, per layer window and query set.
 
-The model is loaded once (lmms-eval's Python API, the same `llava_knockout` class the CLI
-uses); for every (window, mode) its technique is swapped and the tasks are evaluated again.
+The model is loaded once (lmms-eval's Python API, the same class the CLI uses: the checkpoint family's
+`<family>_knockout`, e.g. `llava_knockout`, `qwen2_5_vl_knockout`, `qwen3_vl_knockout`); for every (window, mode) its technique is swapped and the tasks are evaluated again.
 The empty window (no edit: exactly `llava_hf`) is always evaluated first as the reference.
 Writes sweep.csv, sweep.md, sweep.json and one PNG line plot per (task, metric) into --output_dir.
 """
@@ -19,7 +19,11 @@ COLORS = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189), (255, 1
 
 def register(subparsers):
     p = subparsers.add_parser("knockout-sweep", help="metric vs knockout layer window, one line per query set")
-    p.add_argument("--model_args", required=True, help="llava_knockout model_args, e.g. pretrained=shapeworld-tiny")
+    p.add_argument(
+        "--model_args",
+        required=True,
+        help="<family>_knockout model_args (the checkpoint's family picks the class), e.g. pretrained=shapeworld-tiny",
+    )
     p.add_argument("--tasks", required=True, help="comma-separated lmms-eval tasks")
     p.add_argument("--modes", default="generated,query,both", help=f"comma-separated query sets ({'|'.join(MODES)})")
     p.add_argument(
@@ -85,6 +89,28 @@ def window_label(window) -> str:
     return window if isinstance(window, str) else f"{window[0]}:{window[1]}"
 
 
+def _pretrained(model_args: str) -> str:
+    return dict(kv.split("=", 1) for kv in model_args.split(",") if "=" in kv).get(
+        "pretrained", "llava-hf/llava-1.5-7b-hf"
+    )
+
+
+def knockout_classes(pretrained: str):
+    """The (simple, chat) classes of the checkpoint family's ``<name_prefix>_knockout`` name (its adapter says
+    which); a family whose lmms-eval class has no chat variant gives its simple class twice."""
+    import importlib
+
+    from methods import families
+
+    from ..base import read_config, resolve_pretrained
+    from ..models import MODELS, SIMPLE_ONLY
+
+    prefix = families.adapter(read_config(resolve_pretrained(pretrained)), "knockout-sweep").name_prefix
+    module, name, _ = MODELS[f"{prefix}_knockout"]
+    found = importlib.import_module(f"lmms_eval_plugins.models.{module}")
+    return getattr(found, name), getattr(found, name if module in SIMPLE_ONLY else name + "Chat")
+
+
 def run_sweep(
     model_args, tasks, windows, modes, *, outside=False, limit=None, include_path=None, force_simple=False, log=print
 ):
@@ -95,22 +121,27 @@ def run_sweep(
     from methods.hooks import num_layers
     from methods.knockout import Knockout
 
-    from ..models.knockout import LlavaKnockout, LlavaKnockoutChat
-
-    cls = LlavaKnockout if force_simple else LlavaKnockoutChat
-    lm = cls.create_from_arg_string(model_args, {"batch_size": 1})
+    simple, chat = knockout_classes(_pretrained(model_args))
+    lm = (simple if force_simple else chat).create_from_arg_string(model_args, {"batch_size": 1})
     n_layers = num_layers(lm._model)
     last_row = lm.technique_params["last_row"]
+    injection = lm.technique.injection  # e.g. qwen3_vl_knockout's deepstack=keep|drop, kept for every window
     manager = _task_manager(TaskManager, tasks, include_path)
     model = lm._model  # lmms-eval's evaluate() ends with lm.clean(), which deletes it from the instance
 
     def evaluate(mode, window, invert=outside):
         lm._model = model
         if isinstance(window, str):  # an official named window: its own layer set, never inverted
-            lm.technique = Knockout(n_layers, mode=mode, window=window, last_row=last_row)
+            lm.technique = Knockout(n_layers, injection, mode=mode, window=window, last_row=last_row)
         else:
             lm.technique = Knockout(
-                n_layers, mode=mode, from_layer=window[0], to_layer=window[1], outside=invert, last_row=last_row
+                n_layers,
+                injection,
+                mode=mode,
+                from_layer=window[0],
+                to_layer=window[1],
+                outside=invert,
+                last_row=last_row,
             )
         t0 = time.time()
         res = simple_evaluate(
@@ -277,9 +308,7 @@ def main(args) -> int:
     from ..base import resolve_pretrained  # noqa: F401  (checkpoint names are resolved by the model class)
     from transformers import AutoConfig
 
-    pretrained = dict(kv.split("=", 1) for kv in args.model_args.split(",") if "=" in kv).get(
-        "pretrained", "llava-hf/llava-1.5-7b-hf"
-    )
+    pretrained = _pretrained(args.model_args)
     n_layers = AutoConfig.from_pretrained(resolve_pretrained(pretrained)).text_config.num_hidden_layers
     try:
         windows = parse_windows(args.windows, n_layers, args.window_size, args.stride)

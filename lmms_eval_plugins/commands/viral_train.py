@@ -7,7 +7,7 @@
 then evaluate: lmms-eval --model llava_viral --model_args pretrained=BASE,adapter=runs/viral ...
 
 Families: LLaVA-1.5 (every image token, the square grid), LLaVA-NeXT/OneVision (the base block
-only) and Qwen2.5-VL (the merged tokens, rows x cols; evaluate with qwen2_5_vl_viral and the
+only), Qwen2.5-VL and Qwen3-VL (the merged tokens, rows x cols; evaluate with qwen2_5_vl_viral / qwen3_vl_viral and the
 min_pixels/max_pixels the processor was trained at). Beyond LLaVA-1.5 the teacher is a
 backbone directory seeing the original image (--teacher DIR --teacher-input image).
 """
@@ -40,7 +40,7 @@ def register(sub) -> None:
     p.add_argument(
         "--pretrained",
         default=None,
-        help="base checkpoint: LLaVA-1.5, LLaVA-NeXT/OneVision or Qwen2.5-VL (directory, hub id, shapeworld-tiny, "
+        help="base checkpoint: LLaVA-1.5, LLaVA-NeXT/OneVision Qwen2.5-VL or Qwen3-VL (directory, hub id, shapeworld-tiny, "
         "shapeworld-tiny-qwen)",
     )
     p.add_argument(
@@ -244,7 +244,7 @@ def run(args) -> int:
     values["explicit"] = tuple(values)
     if not values.get("pretrained") and not values.get("base_llm"):
         raise SystemExit(
-            "viral-train: pass --pretrained (a LLaVA or Qwen2.5-VL checkpoint) or --base-llm/--vision-tower/--mm-projector"
+            "viral-train: pass --pretrained (a LLaVA, Qwen2.5-VL or Qwen3-VL checkpoint) or --base-llm/--vision-tower/--mm-projector"
         )
     values["pretrained"] = resolve_pretrained(values["pretrained"]) if values.get("pretrained") else ""
     if "teacher" in values:

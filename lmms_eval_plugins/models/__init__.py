@@ -27,5 +27,13 @@ MODELS = {
     "gemma3_knockout": ("gemma3", "Gemma3Knockout", ()),
     "gemma3_reprompt": ("gemma3", "Gemma3Reprompt", ()),
     "gemma3_viral": ("gemma3", "Gemma3Viral", ()),
+    # Qwen3-VL (lmms-eval's qwen3_vl classes; lmms_eval_plugins/qwen3_vl.py): one module for all seven
+    "qwen3_vl_pai": ("qwen3_vl", "Qwen3VlPai", ()),
+    "qwen3_vl_pm": ("qwen3_vl", "Qwen3VlPm", ()),
+    "qwen3_vl_paint": ("qwen3_vl", "Qwen3VlPaint", ()),
+    "qwen3_vl_lochead": ("qwen3_vl", "Qwen3VlLochead", ()),
+    "qwen3_vl_knockout": ("qwen3_vl", "Qwen3VlKnockout", ()),
+    "qwen3_vl_reprompt": ("qwen3_vl", "Qwen3VlReprompt", ()),
+    "qwen3_vl_viral": ("qwen3_vl", "Qwen3VlViral", ()),
 }
 SIMPLE_ONLY = ("gemma3",)  # modules whose names have no chat class

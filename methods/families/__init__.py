@@ -7,6 +7,7 @@ here, imported below, with its tests and a row of the README's support matrix.
 """
 
 from . import anyres, gemma3, llava, qwen2_5_vl  # noqa: F401  (registers the adapters)
+from . import qwen3_vl  # noqa: F401  (Qwen3-VL: DeepStack, interleaved M-RoPE)
 from .base import ADAPTERS, Family, adapter, image_geometry, register, supported
 
 # Every per-image processor output a forward over an image needs, over all families: pixel_values,

@@ -10,6 +10,8 @@ registers it with ``@register``.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from ..geometry import GeometryError, ImageGeometry, image_token_id
@@ -37,6 +39,9 @@ class Family:
     bidirectional_image = False
     mm_projector = "multi_modal_projector"  # the module between tower and LM (VIRAL trains it fully)
     system_prompt: str | None = None  # the system message lmms-eval's chat class puts first
+    # Image features are also added to the hidden states after the first LM layers, at the image positions
+    # (Qwen3-VL's DeepStack): a pass of a technique's own over the LM must add them too (``lm_inputs``).
+    deepstack = False
 
     def blocks(self, config, processor, image_size, start: int, inputs: dict):
         """The image's blocks in sequence order (or ``(blocks, others)``: image tokens of no cell)."""
@@ -46,6 +51,21 @@ class Family:
         """Input embeddings of ``input_ids`` with the image features put at the image tokens, as the
         model's forward builds them; ``inputs``: the request's ``request_inputs``."""
         raise NotImplementedError
+
+    def lm_inputs(self, model, input_ids: torch.Tensor, pixel_values: torch.Tensor, inputs: dict):
+        """(input embeddings, the language model's other image inputs) as the model's forward builds them, for a
+        pass of a technique's own over ``model.model.language_model``; default: ``embed_image`` and nothing else."""
+        return self.embed_image(model, input_ids, pixel_values, inputs), {}
+
+    def lm_slice(self, extras: dict, start: int, stop: int) -> dict:
+        """``lm_inputs``' extras for a pass over stream positions start..stop (after a cache of ``start``
+        entries; positions past the prompt are text); default: nothing."""
+        return {}
+
+    def injection_off(self, model):
+        """A context in which image features enter the LM only through the input embeddings (no per-layer
+        injection such as DeepStack); default: nothing to switch off."""
+        return contextlib.nullcontext()
 
     def rope_index(self, model, input_ids: torch.Tensor, image_grid_thw) -> torch.Tensor:
         """(3, n) multi-axis positions of a (1, n) prompt (``mrope`` families only)."""

@@ -31,7 +31,9 @@ class Qwen25VL(Family):
         thw = inputs.get("image_grid_thw")
         if thw is not None:
             if len(thw) != 1:
-                raise GeometryError(f"qwen2_5_vl: {len(thw)} images in the prompt; one image per prompt is supported")
+                raise GeometryError(
+                    f"{config.model_type}: {len(thw)} images in the prompt; one image per prompt is supported"
+                )
             t, h, w = (int(v) for v in thw[0])
         else:
             from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
@@ -49,7 +51,9 @@ class Qwen25VL(Family):
             )
             t, h, w = 1, rh // ip.patch_size, rw // ip.patch_size
         if t != 1:
-            raise GeometryError(f"qwen2_5_vl: image_grid_thw has t={t}; images only (videos are not supported)")
+            raise GeometryError(
+                f"{config.model_type}: image_grid_thw has t={t}; images only (videos are not supported)"
+            )
         # named "base": the one block that sees the whole image at the tower's resolution (what
         # techniques with a block choice, e.g. lochead's block=base, read)
         block, _ = grid_block("base", h // merge, w // merge, start, (0.0, 0.0, 1.0, 1.0))
