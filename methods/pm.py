@@ -91,6 +91,7 @@ DEFAULTS = {
     "refresh": "once",  # once | every_token | every_n
     "refresh_n": 8,
     "block_rows": "auto",  # auto | all | text | last | first_all
+    "refine": "exact",  # exact | fast (refinement passes recompute only the last row; not the reference's)
     "view": "pad",  # pad (LLaVA-1.5) | crop (what a centre-cropping processor shows)
     "layer_map": "mean",  # mean (divide by the layers summed) | official (float32 sum / (n_layers - L))
     "two_means": "stable",  # stable (until the assignment is stable) | official (10 steps or a 1e-4 shift)
@@ -102,6 +103,7 @@ DEFAULTS = {
 }
 REFRESH = ("once", "every_token", "every_n")
 BLOCK_ROWS = ("auto", "all", "text", "last", "first_all")
+REFINE = ("exact", "fast")
 LAYER_MAPS = ("mean", "official")
 TWO_MEANS = ("stable", "official")
 MAP_QUANT = ("float", "uint8")
@@ -179,6 +181,7 @@ class PerceptionMagnifier(Technique):
         for key, choices in (
             ("refresh", REFRESH),
             ("block_rows", BLOCK_ROWS),
+            ("refine", REFINE),
             ("view", VIEWS),
             ("layer_map", LAYER_MAPS),
             ("two_means", TWO_MEANS),
@@ -217,8 +220,11 @@ class PerceptionMagnifier(Technique):
     def block_rows(self, first: bool = True) -> str:
         """Who cannot see the blocked tokens in a refinement pass. first_all: the reference's
         per-token path, whose first step re-forwards the whole prompt with the mask on every row
-        and later steps only the newest token (pm_sample.py:180-194); its QA path masks every row."""
+        and later steps only the newest token (pm_sample.py:180-194); its QA path masks every row.
+        refine=fast: always the last row (what the map reads), whatever ``block_rows`` says."""
         rows = self.params["block_rows"]
+        if self.params["refine"] == "fast":  # only the row the map reads, against the unmasked cache
+            return "last"
         if rows == "first_all":
             return "all" if first or self.params["refresh"] == "once" else "last"
         if rows != "auto":

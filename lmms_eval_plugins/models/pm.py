@@ -10,6 +10,7 @@ from methods.pm import (
     LAYER_MAPS,
     MAP_QUANT,
     PRESETS,
+    REFINE,
     REFRESH,
     SAMPLERS,
     TWO_MEANS,
@@ -50,6 +51,15 @@ PARAMS = (
         "who cannot see blocked tokens: all later tokens, text tokens, or the last query only "
         "(auto: all for once, last otherwise; first_all: all at the first map, last after, as the reference's per-token path)",
         choices=BLOCK_ROWS,
+    ),
+    Param(
+        "refine",
+        str,
+        DEFAULTS["refine"],
+        "refinement passes: exact (recompute every row the block_rows mask changes, reusing the rest) or fast "
+        "(recompute only the last row, the one the map reads, against the unmasked cache: not the reference's "
+        "arithmetic, see docs/pm.md for how often it agrees); never set by a preset",
+        choices=REFINE,
     ),
     Param(
         "view",
