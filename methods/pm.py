@@ -145,6 +145,7 @@ class Magnified:
     grid_map: np.ndarray  # enhanced map over the token grid
     density: np.ndarray  # at the view's resolution
     map_forwards: int  # language-model passes spent on the map (1 + refinement passes)
+    pass_starts: list = dataclasses.field(default_factory=list)  # first position each of those passes recomputed
 
 
 # PM's own language-model passes (methods/pm.py ``_LanguageModel``) build a causal mask and reuse the KV
@@ -269,6 +270,7 @@ class PerceptionMagnifier(Technique):
         kv = _cache_tensors(cache)
         rows = self.block_rows(first)
         forwards = [1]
+        starts = [start]
 
         def forward_blocked(blocked: np.ndarray) -> np.ndarray:
             hidden = pos[torch.as_tensor(blocked, device=pos.device)]
@@ -283,6 +285,7 @@ class PerceptionMagnifier(Technique):
             cap = hooks.Capture(layers=self.layers, keys=pos)
             run(emb[:, frm:], _cache_prefix(kv, frm, model.config.text_config), capture=cap, attention_mask=mask)
             forwards[0] += 1
+            starts.append(frm)
             return self.layer_map(cap.stacked()[:, 0, :, 0])
 
         p = self.params
@@ -290,7 +293,7 @@ class PerceptionMagnifier(Technique):
         search = refine(first_map, forward_blocked, self.divisor, p["beta"], p["max_iter"], official=official)
         grid_map, density, image = self.perceive(search, view, req.geometry.base.grid_hw)
         pv = pm_view.pixels(req, image)
-        mag = Magnified(view, image, pv, search, grid_map, density, forwards[0])
+        mag = Magnified(view, image, pv, search, grid_map, density, forwards[0], starts)
         if self.keep_steps:
             self.steps.append(mag)
         return mag
@@ -388,6 +391,7 @@ class PerceptionMagnifier(Technique):
             "iterations": s.iterations,
             "sums": s.sums,
             "map_forwards": mag.map_forwards,
+            "pass_starts": mag.pass_starts,
             "refreshes": refreshes,
         }
         if self.visuals_dir is not None and refreshes == 1:
@@ -454,6 +458,35 @@ class PerceptionMagnifier(Technique):
             generated=ids.shape[1] - req.input_ids.shape[1],
         )
         return ids
+
+
+def replay_passes(model, req: Request, pixel_values: torch.Tensor, mag: Magnified) -> None:
+    """The language-model passes of one ``refresh=once`` search, replayed on ``model`` without PM: the
+    image embeddings, the map pass over the prompt, then each refinement pass from the position it
+    recomputed (``mag.pass_starts``), on the same KV prefix and with the same key mask, but with no
+    capture, no search, no magnification. What the passes alone cost (the bench's reference for PM's
+    overhead); give it a plain model (sdpa, no hook layer) and the search of the same request."""
+    from transformers import DynamicCache
+
+    config = model.config.text_config
+    lm = model.model.language_model
+    ids = req.input_ids[:, : req.prompt_len]
+    emb = pm_view.embed(model, req, ids, pixel_values)
+    n = emb.shape[1]
+    positions = pm_view.pass_positions(model, req, n)
+
+    def run(frm, cache, mask=None):
+        kw = {} if positions is None else {"position_ids": positions[..., frm:n]}
+        lm(inputs_embeds=emb[:, frm:], **with_cache(cache), use_cache=True, attention_mask=mask, **kw)
+
+    cache = DynamicCache(config=config)
+    run(0, cache)
+    kv = _cache_tensors(cache)
+    pos = req.geometry.base.positions.to(emb.device)
+    for frm, blocked in zip(mag.pass_starts[1:], mag.search.blocked):
+        mask = torch.ones((1, n), dtype=torch.long, device=emb.device)
+        mask[0, pos[torch.as_tensor(blocked, device=pos.device)]] = 0
+        run(frm, _cache_prefix(kv, frm, config), mask)
 
 
 class _LanguageModel:

@@ -125,3 +125,25 @@ def test_refine_parameter_is_declared_and_never_preset():
         pm.PerceptionMagnifier(4, 4, refine="quick")
     t = pm.PerceptionMagnifier(32, 24, **{**pm.PRESETS["official_pope"], "refine": "fast"})
     assert t.block_rows(first=True) == "last" and t.describe()["refine"] == "fast"
+
+
+def test_replayed_passes_are_the_searchs_passes_on_a_plain_model(tiny_ckpt, llava):
+    """The bench's reference for PM's overhead: the same language-model passes (one per map pass, each
+    recomputing from the same start) on a plain model, which stays unhooked."""
+    model, _, inputs, req = llava
+    plain, _ = load(tiny_ckpt)
+    t = _technique(model, beta=0.0, max_iter=3)
+    t.generate(model, req, **inputs, max_new_tokens=1, do_sample=False)
+    mag = t.last_magnified
+    assert len(mag.pass_starts) == mag.map_forwards == 1 + mag.search.iterations
+    assert mag.pass_starts[0] == 0 and all(s >= int(req.geometry.base.positions[0]) for s in mag.pass_starts[1:])
+    calls = []
+    handle = plain.model.language_model.register_forward_hook(lambda m, a, kw, out: calls.append(out), with_kwargs=True)
+    try:
+        with torch.no_grad():
+            pm.replay_passes(plain, req, inputs["pixel_values"], mag)
+    finally:
+        handle.remove()
+    assert len(calls) == mag.map_forwards
+    assert plain.config._attn_implementation == "sdpa"
+    assert [c.last_hidden_state.shape[1] for c in calls] == [req.prompt_len - s for s in mag.pass_starts]
