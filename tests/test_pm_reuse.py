@@ -147,3 +147,12 @@ def test_replayed_passes_are_the_searchs_passes_on_a_plain_model(tiny_ckpt, llav
     assert len(calls) == mag.map_forwards
     assert plain.config._attn_implementation == "sdpa"
     assert [c.last_hidden_state.shape[1] for c in calls] == [req.prompt_len - s for s in mag.pass_starts]
+
+
+@pytest.mark.parametrize("params,wrong", [({"refine": "fast"}, "all"), ({}, "last"), ({"block_rows": "text"}, "all")])
+def test_the_comparison_tells_the_modes_apart(llava, params, wrong):
+    """The full recomputation above is specific: against the rows another mode masks it fails."""
+    model, _, inputs, req = llava
+    t = _technique(model, **{"beta": 0.0, "max_iter": 3, **params})
+    with pytest.raises(AssertionError):
+        _check_passes_equal_full_recomputation(model, inputs, req, t, wrong)
