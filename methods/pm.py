@@ -38,7 +38,10 @@ Cost per sample with ``refresh=once`` (the reference's QA path): one map pass on
 image, ``k`` refinement passes (1 <= k <= max_iter), then ordinary generation on the magnified
 image (one prefill plus one step per further token). Refinement passes reuse the pass-0 KV
 cache up to the first blocked image token and the image embeddings (no vision tower), and
-read only the captured rows (never ``output_attentions``); none computes logits.
+read only the captured rows (never ``output_attentions``); none computes logits. Each recomputes
+exactly the rows its ``block_rows`` mask can change (all: from the first blocked token; text: the text
+after the image; last: the last row alone). ``refine=fast`` (never preset; not the reference's search)
+recomputes only the last row, the one the map reads, whatever the mask: one decode step per pass.
 """
 
 from __future__ import annotations
