@@ -38,7 +38,10 @@ Cost per sample with ``refresh=once`` (the reference's QA path): one map pass on
 image, ``k`` refinement passes (1 <= k <= max_iter), then ordinary generation on the magnified
 image (one prefill plus one step per further token). Refinement passes reuse the pass-0 KV
 cache up to the first blocked image token and the image embeddings (no vision tower), and
-read only the captured rows (never ``output_attentions``); none computes logits.
+read only the captured rows (never ``output_attentions``); none computes logits. Each recomputes
+exactly the rows its ``block_rows`` mask can change (all: from the first blocked token; text: the text
+after the image; last: the last row alone). ``refine=fast`` (never preset; not the reference's search)
+recomputes only the last row, the one the map reads, whatever the mask: one decode step per pass.
 """
 
 from __future__ import annotations
@@ -92,6 +95,7 @@ DEFAULTS = {
     "refresh": "once",  # once | every_token | every_n
     "refresh_n": 8,
     "block_rows": "auto",  # auto | all | text | last | first_all
+    "refine": "exact",  # exact | fast (refinement passes recompute only the last row; not the reference's)
     "view": "pad",  # pad (LLaVA-1.5) | crop (what a centre-cropping processor shows)
     "layer_map": "mean",  # mean (divide by the layers summed) | official (float32 sum / (n_layers - L))
     "two_means": "stable",  # stable (until the assignment is stable) | official (10 steps or a 1e-4 shift)
@@ -103,6 +107,7 @@ DEFAULTS = {
 }
 REFRESH = ("once", "every_token", "every_n")
 BLOCK_ROWS = ("auto", "all", "text", "last", "first_all")
+REFINE = ("exact", "fast")
 LAYER_MAPS = ("mean", "official")
 TWO_MEANS = ("stable", "official")
 MAP_QUANT = ("float", "uint8")
@@ -144,6 +149,7 @@ class Magnified:
     grid_map: np.ndarray  # enhanced map over the token grid
     density: np.ndarray  # at the view's resolution
     map_forwards: int  # language-model passes spent on the map (1 + refinement passes)
+    pass_starts: list = dataclasses.field(default_factory=list)  # first position each of those passes recomputed
 
 
 # PM's own language-model passes (methods/pm.py ``_LanguageModel``) build a causal mask and reuse the KV
@@ -180,6 +186,7 @@ class PerceptionMagnifier(Technique):
         for key, choices in (
             ("refresh", REFRESH),
             ("block_rows", BLOCK_ROWS),
+            ("refine", REFINE),
             ("view", VIEWS),
             ("layer_map", LAYER_MAPS),
             ("two_means", TWO_MEANS),
@@ -218,8 +225,11 @@ class PerceptionMagnifier(Technique):
     def block_rows(self, first: bool = True) -> str:
         """Who cannot see the blocked tokens in a refinement pass. first_all: the reference's
         per-token path, whose first step re-forwards the whole prompt with the mask on every row
-        and later steps only the newest token (pm_sample.py:180-194); its QA path masks every row."""
+        and later steps only the newest token (pm_sample.py:180-194); its QA path masks every row.
+        refine=fast: always the last row (what the map reads), whatever ``block_rows`` says."""
         rows = self.params["block_rows"]
+        if self.params["refine"] == "fast":  # only the row the map reads, against the unmasked cache
+            return "last"
         if rows == "first_all":
             return "all" if first or self.params["refresh"] == "once" else "last"
         if rows != "auto":
@@ -264,6 +274,7 @@ class PerceptionMagnifier(Technique):
         kv = _cache_tensors(cache)
         rows = self.block_rows(first)
         forwards = [1]
+        starts = [start]
 
         def forward_blocked(blocked: np.ndarray) -> np.ndarray:
             hidden = pos[torch.as_tensor(blocked, device=pos.device)]
@@ -278,6 +289,7 @@ class PerceptionMagnifier(Technique):
             cap = hooks.Capture(layers=self.layers, keys=pos)
             run(emb[:, frm:], _cache_prefix(kv, frm, model.config.text_config), capture=cap, attention_mask=mask)
             forwards[0] += 1
+            starts.append(frm)
             return self.layer_map(cap.stacked()[:, 0, :, 0])
 
         p = self.params
@@ -285,7 +297,7 @@ class PerceptionMagnifier(Technique):
         search = refine(first_map, forward_blocked, self.divisor, p["beta"], p["max_iter"], official=official)
         grid_map, density, image = self.perceive(search, view, req.geometry.base.grid_hw)
         pv = pm_view.pixels(req, image)
-        mag = Magnified(view, image, pv, search, grid_map, density, forwards[0])
+        mag = Magnified(view, image, pv, search, grid_map, density, forwards[0], starts)
         if self.keep_steps:
             self.steps.append(mag)
         return mag
@@ -383,6 +395,7 @@ class PerceptionMagnifier(Technique):
             "iterations": s.iterations,
             "sums": s.sums,
             "map_forwards": mag.map_forwards,
+            "pass_starts": mag.pass_starts,
             "refreshes": refreshes,
         }
         if self.visuals_dir is not None and refreshes == 1:
@@ -453,6 +466,35 @@ class PerceptionMagnifier(Technique):
             generated=ids.shape[1] - req.input_ids.shape[1],
         )
         return ids
+
+
+def replay_passes(model, req: Request, pixel_values: torch.Tensor, mag: Magnified) -> None:
+    """The language-model passes of one ``refresh=once`` search, replayed on ``model`` without PM: the
+    image embeddings, the map pass over the prompt, then each refinement pass from the position it
+    recomputed (``mag.pass_starts``), on the same KV prefix and with the same key mask, but with no
+    capture, no search, no magnification. What the passes alone cost (the bench's reference for PM's
+    overhead); give it a plain model (sdpa, no hook layer) and the search of the same request."""
+    from transformers import DynamicCache
+
+    config = model.config.text_config
+    lm = model.model.language_model
+    ids = req.input_ids[:, : req.prompt_len]
+    emb = pm_view.embed(model, req, ids, pixel_values)
+    n = emb.shape[1]
+    positions = pm_view.pass_positions(model, req, n)
+
+    def run(frm, cache, mask=None):
+        kw = {} if positions is None else {"position_ids": positions[..., frm:n]}
+        lm(inputs_embeds=emb[:, frm:], **with_cache(cache), use_cache=True, attention_mask=mask, **kw)
+
+    cache = DynamicCache(config=config)
+    run(0, cache)
+    kv = _cache_tensors(cache)
+    pos = req.geometry.base.positions.to(emb.device)
+    for frm, blocked in zip(mag.pass_starts[1:], mag.search.blocked):
+        mask = torch.ones((1, n), dtype=torch.long, device=emb.device)
+        mask[0, pos[torch.as_tensor(blocked, device=pos.device)]] = 0
+        run(frm, _cache_prefix(kv, frm, config), mask)
 
 
 class _LanguageModel:

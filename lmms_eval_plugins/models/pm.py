@@ -10,10 +10,12 @@ from methods.pm import (
     LAYER_MAPS,
     MAP_QUANT,
     PRESETS,
+    REFINE,
     REFRESH,
     SAMPLERS,
     TWO_MEANS,
     PerceptionMagnifier,
+    replay_passes,
 )
 from methods.pm_view import image_grid
 from methods.pm_magnify import VIEWS
@@ -50,6 +52,15 @@ PARAMS = (
         "who cannot see blocked tokens: all later tokens, text tokens, or the last query only "
         "(auto: all for once, last otherwise; first_all: all at the first map, last after, as the reference's per-token path)",
         choices=BLOCK_ROWS,
+    ),
+    Param(
+        "refine",
+        str,
+        DEFAULTS["refine"],
+        "refinement passes: exact (recompute every row the block_rows mask changes, reusing the rest) or fast "
+        "(recompute only the last row, the one the map reads, against the unmasked cache: not the reference's "
+        "arithmetic, see docs/pm.md for how often it agrees); never set by a preset",
+        choices=REFINE,
     ),
     Param(
         "view",
@@ -136,11 +147,24 @@ LlavaPm, LlavaPmChat = wrapper_classes(SPEC, __name__)
 
 
 def bench_cases(ctx):
-    """One POPE-style sample with the map once (the default), and with the map every token."""
+    """One POPE-style sample with the map once (the default, exact), with refine=fast, and with the map every
+    token; and the passes of the exact sample's search replayed on the plain model without PM (the vision tower,
+    the map pass and each refinement pass from the same position, then stock generate): what its passes alone
+    cost, the reference for PM's own overhead."""
     n, grid = num_layers(ctx.model), image_grid(ctx.model)
     once = PerceptionMagnifier(n, grid)
+    fast = PerceptionMagnifier(n, grid, refine="fast")
     every = PerceptionMagnifier(n, grid, refresh="every_token")
+
+    def passes_alone():
+        if once.last_magnified is None:  # the search to replay (the warm-up call runs it)
+            once.generate(ctx.model, ctx.request, **ctx.inputs, **ctx.gen_kwargs)
+        replay_passes(ctx.plain, ctx.request, ctx.inputs["pixel_values"], once.last_magnified)
+        return ctx.plain.generate(**ctx.inputs, **ctx.gen_kwargs)
+
     return {
         "pm_once": lambda: once.generate(ctx.model, ctx.request, **ctx.inputs, **ctx.gen_kwargs),
+        "pm_passes_alone: the once search's passes on the plain model + stock generate": passes_alone,
+        "pm_fast: once, refine=fast": lambda: fast.generate(ctx.model, ctx.request, **ctx.inputs, **ctx.gen_kwargs),
         "pm_every_token": lambda: every.generate(ctx.model, ctx.request, **ctx.inputs, **ctx.gen_kwargs),
     }
