@@ -24,7 +24,7 @@ def test_every_adapter_answers_the_questions_techniques_ask():
 
 
 def test_unknown_family_is_named_with_the_supported_ones():
-    with pytest.raises(GeometryError, match="model_type 'paligemma'; supported: gemma3, llava, llava_next"):
+    with pytest.raises(GeometryError, match="model_type 'paligemma'; supported: gemma3, internvl, llava, llava_next"):
         families.adapter("paligemma")
 
 

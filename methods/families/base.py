@@ -37,10 +37,15 @@ class Family:
     bidirectional_image = False
     mm_projector = "multi_modal_projector"  # the module between tower and LM (VIRAL trains it fully)
     system_prompt: str | None = None  # the system message lmms-eval's chat class puts first
+    patches_per_token = 1  # tower patches behind each image token (InternVL's pixel shuffle: 4)
 
     def blocks(self, config, processor, image_size, start: int, inputs: dict):
         """The image's blocks in sequence order (or ``(blocks, others)``: image tokens of no cell)."""
         raise NotImplementedError
+
+    def process_image(self, processor, image) -> dict:
+        """The image processor's outputs for one image, as the family's processor makes them in a prompt."""
+        return processor.image_processor(images=[image], return_tensors="pt")
 
     def embed_image(self, model, input_ids: torch.Tensor, pixel_values: torch.Tensor, inputs: dict) -> torch.Tensor:
         """Input embeddings of ``input_ids`` with the image features put at the image tokens, as the
