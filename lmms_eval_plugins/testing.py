@@ -780,3 +780,83 @@ def qwen3_vl_shaped(out_dir, text_layers: int = 4, text_hidden: int = 256, seed:
         weight_std=None,
         seed=seed,
     )
+
+
+INTERNVL_CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}{% for item in message['content'] %}"
+    "{% if item['type'] == 'image' %}<IMG_CONTEXT>\n{% elif item['type'] == 'text' %}{{ item['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+INTERNVL_SPECIALS = ("<|im_start|>", "<|im_end|>", "<img>", "</img>", "<IMG_CONTEXT>", "<video>")
+
+
+def build_tiny_internvl(
+    out_dir,
+    *,
+    image_size: int = 64,
+    patch_size: int = 8,
+    max_patches: int = 6,
+    vision_hidden: int = 32,
+    vision_layers: int = 2,
+    text_hidden: int = 64,
+    text_layers: int = 4,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+) -> Path:
+    """A random InternVL (HF-native ``InternVLForConditionalGeneration``): an InternViT-style tower with a
+    CLS token, pixel shuffle (downsample ratio 0.5: each LM token is a 2x2 group of patches), a Qwen2
+    language model, and the real InternVLProcessor (dynamic tiles of ``image_size`` px plus a thumbnail,
+    up to ``max_patches`` tiles; the image's tokens between ``<img>`` and ``</img>``)."""
+    from transformers import (
+        GotOcr2ImageProcessor,
+        InternVLConfig,
+        InternVLForConditionalGeneration,
+        InternVLProcessor,
+        InternVLVideoProcessor,
+        InternVLVisionConfig,
+        Qwen2Config,
+    )
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tok = byte_level_tokenizer(
+        INTERNVL_SPECIALS,
+        named={
+            "start_image_token": "<img>",
+            "end_image_token": "</img>",
+            "context_image_token": "<IMG_CONTEXT>",
+            "video_token": "<video>",
+        },
+    )
+    text = _lm_config(Qwen2Config, tok, text_hidden, text_layers, 4, 2)
+    vision = _tower_config(InternVLVisionConfig, [image_size] * 2, [patch_size] * 2, vision_hidden, vision_layers, 4)
+    tokens_per_tile = (image_size // patch_size // 2) ** 2
+    config = InternVLConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_id=tok.context_image_token_id,
+        image_seq_length=tokens_per_tile,
+        downsample_ratio=0.5,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(seed)
+    model = InternVLForConditionalGeneration(config).to(dtype).eval()
+    model.generation_config.pad_token_id = tok.pad_token_id
+    model.generation_config.eos_token_id = tok.eos_token_id
+    model.save_pretrained(out)
+    image_processor = GotOcr2ImageProcessor(
+        size={"height": image_size, "width": image_size},
+        max_patches=max_patches,
+        image_mean=[0.5] * 3,
+        image_std=[0.5] * 3,
+    )
+    processor = InternVLProcessor(
+        image_processor=image_processor,
+        tokenizer=tok,
+        video_processor=InternVLVideoProcessor(size={"height": image_size, "width": image_size}),
+        chat_template=INTERNVL_CHAT_TEMPLATE,
+        image_seq_length=tokens_per_tile,
+    )
+    processor.save_pretrained(out)
+    return out

@@ -60,6 +60,18 @@ REFUSED = {
     for model_type, family in families.ADAPTERS.items()
     if not family.vision_cls
 }
+# Towers with CLS whose image tokens each merge several patches (InternVL's pixel shuffle): the CLS
+# attention ranks patches, but PAINT edits tokens one for one; a pooled selection is not validated.
+REFUSED.update(
+    {
+        model_type: f"its image tokens each merge {family.patches_per_token} patches of its {family.vision_tower} "
+        "(pixel shuffle), while PAINT's local/summary selection ranks single patches by CLS attention and edits the "
+        "image token of each selected patch (clip_encoder.py); a selection pooled over each token's patches is a "
+        "different method, not validated"
+        for model_type, family in families.ADAPTERS.items()
+        if family.vision_cls and family.patches_per_token > 1
+    }
+)
 SELECTION_SOURCES = ("cls", "received")
 
 DEFAULTS = {

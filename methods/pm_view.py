@@ -30,6 +30,8 @@ def image_grid(model) -> int | None:
     depends on the image (Qwen2.5-VL: ``Request.geometry``)."""
     vc = model.config.vision_config
     size = getattr(vc, "image_size", None)
+    if isinstance(size, (list, tuple)):  # an (h, w) tower input (InternViT): tiles, never one square grid
+        return None
     return size // vc.patch_size if size else None
 
 
@@ -51,7 +53,7 @@ def view(req: Request, mode: str) -> Image.Image:
 
 def pixels(req: Request, image: Image.Image) -> torch.Tensor:
     """The processor's pixel_values of ``image``; off a square grid, checked to keep the prompt's layout."""
-    out = req.processor.image_processor(images=[image], return_tensors="pt", **req.image_kwargs)
+    out = req.adapter.process_image(req.processor, image, **req.image_kwargs)
     if req.adapter.square_grid:
         return out["pixel_values"]
     for key in req.adapter.request_inputs:

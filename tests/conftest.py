@@ -76,6 +76,7 @@ CLI_FILES = {
 CLI_TESTS = {
     "test_llava_next.py": {"test_technique_through_the_cli", "test_lochead_through_the_cli"},
     "test_gemma3.py": {"test_cli_gemma3_names"},
+    "test_internvl.py": {"test_cli_internvl_hf_names"},
     "test_lochead_families.py": {"test_qwen_heads_auto_through_the_cli"},
     "test_paint.py": {"test_cli_chat_and_simple", "test_cli_on_shapeworld_tiny"},
     "test_pm_families.py": {"test_cli_qwen2_5_vl_pm"},

@@ -24,13 +24,15 @@ def test_every_adapter_answers_the_questions_techniques_ask():
 
 
 def test_unknown_family_is_named_with_the_supported_ones():
-    with pytest.raises(GeometryError, match="model_type 'paligemma'; supported: gemma3, llava, llava_next"):
+    with pytest.raises(GeometryError, match="model_type 'paligemma'; supported: gemma3, internvl, llava, llava_next"):
         families.adapter("paligemma")
 
 
 def test_what_is_derived_from_the_adapters():
-    # PAINT refuses exactly the towers without CLS
-    assert set(paint.REFUSED) == {t for t, f in families.ADAPTERS.items() if not f.vision_cls}
+    # PAINT refuses exactly the towers without CLS and the tokens that merge several patches
+    assert set(paint.REFUSED) == {
+        t for t, f in families.ADAPTERS.items() if not f.vision_cls or f.patches_per_token > 1
+    }
     assert "llava_onevision" in paint.REFUSED and "llava_next" not in paint.REFUSED
     # every family's layout inputs travel with a forward over the image
     for fam in families.ADAPTERS.values():

@@ -112,6 +112,6 @@ def test_unknown_family_is_named(tiny_ckpt):
     config.model_type = "paligemma"
     with pytest.raises(
         geometry.GeometryError,
-        match="no image geometry for model_type 'paligemma'; supported: gemma3, llava, llava_next",
+        match="no image geometry for model_type 'paligemma'; supported: gemma3, internvl, llava, llava_next",
     ):
         families.image_geometry(config, None, (10, 10), torch.tensor([[1, 2]]))

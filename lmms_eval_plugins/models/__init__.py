@@ -35,5 +35,13 @@ MODELS = {
     "qwen3_vl_knockout": ("qwen3_vl", "Qwen3VlKnockout", ()),
     "qwen3_vl_reprompt": ("qwen3_vl", "Qwen3VlReprompt", ()),
     "qwen3_vl_viral": ("qwen3_vl", "Qwen3VlViral", ()),
+    # InternVL, HF-native (lmms-eval's internvl_hf class; lmms_eval_plugins/internvl.py): one module for all seven
+    "internvl_hf_pai": ("internvl", "InternvlHfPai", ()),
+    "internvl_hf_pm": ("internvl", "InternvlHfPm", ()),
+    "internvl_hf_paint": ("internvl", "InternvlHfPaint", ()),
+    "internvl_hf_lochead": ("internvl", "InternvlHfLochead", ()),
+    "internvl_hf_knockout": ("internvl", "InternvlHfKnockout", ()),
+    "internvl_hf_reprompt": ("internvl", "InternvlHfReprompt", ()),
+    "internvl_hf_viral": ("internvl", "InternvlHfViral", ()),
 }
 SIMPLE_ONLY = ("gemma3",)  # modules whose names have no chat class

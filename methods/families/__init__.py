@@ -2,12 +2,11 @@
 
 ``adapter(config)`` returns the family's ``Family`` (methods/families/base.py says what it answers);
 ``image_geometry`` builds one image's blocks through it. Modules: ``llava`` (LLaVA-1.5),
-``anyres`` (LLaVA-NeXT, LLaVA-OneVision), ``qwen2_5_vl`` (Qwen2.5-VL), ``gemma3`` (Gemma 3). A new family is a new module
+``anyres`` (LLaVA-NeXT, LLaVA-OneVision), ``qwen2_5_vl`` (Qwen2.5-VL), ``gemma3`` (Gemma 3), ``internvl`` (InternVL, HF-native). A new family is a new module
 here, imported below, with its tests and a row of the README's support matrix.
 """
 
-from . import anyres, gemma3, llava, qwen2_5_vl  # noqa: F401  (registers the adapters)
-from . import qwen3_vl  # noqa: F401  (Qwen3-VL: DeepStack, interleaved M-RoPE)
+from . import anyres, gemma3, internvl, llava, qwen2_5_vl, qwen3_vl  # noqa: F401  (registers the adapters)
 from .base import ADAPTERS, Family, adapter, image_geometry, register, supported
 
 # Every per-image processor output a forward over an image needs, over all families: pixel_values,

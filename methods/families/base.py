@@ -42,10 +42,16 @@ class Family:
     # Image features are also added to the hidden states after the first LM layers, at the image positions
     # (Qwen3-VL's DeepStack): a pass of a technique's own over the LM must add them too (``lm_inputs``).
     deepstack = False
+    patches_per_token = 1  # tower patches behind each image token (InternVL's pixel shuffle: 4)
 
     def blocks(self, config, processor, image_size, start: int, inputs: dict):
         """The image's blocks in sequence order (or ``(blocks, others)``: image tokens of no cell)."""
         raise NotImplementedError
+
+    def process_image(self, processor, image, **options) -> dict:
+        """The image processor's outputs for one image, as the family's processor makes them in a prompt
+        (``options``: the ones the lmms-eval class called its processor with, e.g. qwen3_vl's do_resize)."""
+        return processor.image_processor(images=[image], return_tensors="pt", **options)
 
     def embed_image(self, model, input_ids: torch.Tensor, pixel_values: torch.Tensor, inputs: dict) -> torch.Tensor:
         """Input embeddings of ``input_ids`` with the image features put at the image tokens, as the
