@@ -2,8 +2,8 @@
 
 ``adapter(config)`` returns the family's ``Family`` (methods/families/base.py says what it answers);
 ``image_geometry`` builds one image's blocks through it. Modules: ``llava`` (LLaVA-1.5),
-``anyres`` (LLaVA-NeXT, LLaVA-OneVision), ``qwen2_5_vl`` (Qwen2.5-VL), ``gemma3`` (Gemma 3), ``internvl`` (InternVL, HF-native). A new family is a new module
-here, imported below, with its tests and a row of the README's support matrix.
+``anyres`` (LLaVA-NeXT, LLaVA-OneVision), ``qwen2_5_vl`` (Qwen2.5-VL), ``gemma3`` (Gemma 3), ``internvl`` (InternVL, HF-native),
+``qwen3_vl`` (Qwen3-VL, DeepStack). A new family is a new module here, imported below, with its tests and a row of the README's support matrix.
 """
 
 from . import anyres, gemma3, internvl, llava, qwen2_5_vl, qwen3_vl  # noqa: F401  (registers the adapters)
