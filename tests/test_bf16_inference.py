@@ -1,7 +1,7 @@
 """Every registered model name in dtype=bfloat16 through the real lmms-eval CLI (bf16 runs on CPU).
 
-Tiny random checkpoints of each family (LLaVA-1.5, Qwen2.5-VL, LLaVA-NeXT, LLaVA-OneVision, Gemma 3, Qwen3-VL) answer
-two docs of a ShapeWorld task; the viral names merge a LoRA adapter with non-zero B (so the merge
+Tiny random checkpoints of each family (LLaVA-1.5, Qwen2.5-VL, LLaVA-NeXT, LLaVA-OneVision, Gemma 3, Qwen3-VL,
+InternVL) answer two docs of a ShapeWorld task; the viral names merge a LoRA adapter with non-zero B (so the merge
 itself runs in bf16). One lmms-eval process evaluates the whole list (``--config``). A run passes
 when its results file has the task's metrics and generation ran for every doc; lmms-eval turns an
 exception inside generation into an empty answer and an "Error ... in generating" log line, which
@@ -19,6 +19,7 @@ POPE, REC = "shapeworld_pope_random", "shapeworld_rec"
 METRIC = {POPE: "pope_accuracy,none", REC: "refcoco_IoU,none"}
 QWEN_PIXELS = ",min_pixels=12544,max_pixels=20000"
 QWEN3_PIXELS = ",min_pixels=4096,max_pixels=25600"  # testing.build_tiny_qwen3_vl's defaults
+INTERNVL_TILES = ",max_patches=6"  # as tests/test_internvl.py's CLI test
 TECHNIQUES = ("pai", "pm", "paint", "knockout", "reprompt", "viral")
 
 # (run id, model name, checkpoint, extra model_args, task, refusal reason or None)
@@ -59,6 +60,18 @@ CASES = [
         for t in TECHNIQUES
     ],
     ("qwen3-lochead", "qwen3_vl_lochead", "qwen3", QWEN3_PIXELS + ",heads=all", REC, None),
+    *[
+        (
+            f"internvl-{t}",
+            f"internvl_hf_{t}",
+            "internvl",
+            INTERNVL_TILES,
+            POPE,
+            "merge 4 patches" if t == "paint" else None,
+        )
+        for t in TECHNIQUES
+    ],
+    ("internvl-lochead", "internvl_hf_lochead", "internvl", INTERNVL_TILES + ",heads=all", REC, None),
 ]
 
 
@@ -84,9 +97,10 @@ def checkpoints(tmp_path_factory):
         "onevision": testing.build_tiny_llava_onevision(root / "onevision"),
         "gemma3": testing.build_tiny_gemma3(root / "gemma3"),
         "qwen3": testing.build_tiny_qwen3_vl(root / "qwen3"),
+        "internvl": testing.build_tiny_internvl(root / "internvl"),
     }
     # random B: the merged adapter changes the weights
-    for family in ("llava", "qwen", "next", "onevision", "gemma3", "qwen3"):
+    for family in ("llava", "qwen", "next", "onevision", "gemma3", "qwen3", "internvl"):
         model = AutoModelForImageTextToText.from_pretrained(paths[family])
         lora = LoraConfig(r=4, lora_alpha=8, init_lora_weights=False, target_modules=LM_TARGETS)
         get_peft_model(model, lora).save_pretrained(root / f"{family}_adapter")
