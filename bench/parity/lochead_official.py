@@ -1,6 +1,8 @@
 """Golden fixtures from the official localization-heads code, both versions, run unmodified on CPU.
 
-Two stages, both in the official stack's venv (bench/parity/official_env.sh, plus scipy), never in CI:
+Two stages, never in CI: ``collect`` in the official stack's venv (bench/parity/official_env.sh),
+``analyze`` in one with the numpy and scipy 8ce33b0's dependency_pip.txt pins (numpy 2.2.6, scipy 1.15.3;
+regenerate.sh --lochead-numpy builds it), since numpy >= 2 makes HEAD's entropies float32 (NEP 50):
 
     python bench/parity/lochead_official.py collect --llava /work/official/PAI --model MODEL_DIR --scratch S
     python bench/parity/lochead_official.py analyze --head /work/official/lochead_head \\
@@ -133,8 +135,31 @@ def collect(args) -> None:
         )
     info = json.loads((Path(args.model) / "model_info.json").read_text())
     (scratch / "collect.json").write_text(
-        json.dumps({"samples": samples, "model": info, "llava": str(args.llava)}, indent=1)
+        json.dumps({"samples": samples, "model": info, "llava": str(args.llava), "stack": _versions()}, indent=1)
     )
+
+
+def _versions() -> dict:
+    """The versions that decide the arithmetic of this stage (the analysis: numpy's promotion rules)."""
+    import importlib.metadata as md
+
+    out = {"python": sys.version.split()[0], "numpy": np.__version__, "torch": torch.__version__}
+    for name in ("scipy", "transformers"):
+        try:
+            out[name] = md.version(name)
+        except md.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def _pins(checkout: Path) -> dict:
+    """numpy / scipy / torch as the checkout's dependency_pip.txt pins them (8ce33b0: 2.2.6, 1.15.3, 2.7.0)."""
+    pins = {}
+    for line in (checkout / "dependency_pip.txt").read_text().splitlines():
+        name, _, version = line.strip().partition("==")
+        if name in ("numpy", "scipy", "torch"):
+            pins[name] = version
+    return pins
 
 
 def _finite(x):
@@ -347,7 +372,8 @@ def provenance(args, collected, out: Path) -> None:
         "collection": "LLaVA-1.5 forward (original layout, eager, output_attentions=True) with the llava package of "
         f"{Path(collected['llava']).name}; slice of 9ffe219 collector.py:300; the LocalizationHeads checkouts' own llava "
         "package needs transformers 4.52.3 (dependency_pip.txt), not the LLaVA-1.5 stack of this venv",
-        "harness": "LOCHEAD_LLAVA=/work/official/PAI bash bench/parity/regenerate.sh --lochead /work/official/lochead_head:/work/official/lochead_v2",
+        "harness": "LOCHEAD_LLAVA=/work/official/PAI bash bench/parity/regenerate.sh --lochead /work/official/lochead_head:/work/official/lochead_v2 "
+        f"--lochead-numpy {np.__version__}",
         "model": {"builder": "bench/parity/tiny_llava15.py", **collected["model"]},
         "shim": {
             "cpu_shim_sha256": _sha(HERE / "cpu_shim.py"),
@@ -355,7 +381,10 @@ def provenance(args, collected, out: Path) -> None:
             "stubs_sha256": hashlib.sha256(STUBS.encode()).hexdigest(),
             "harness_sha256": _sha(Path(__file__)),
         },
-        "official_stack": {"python": sys.version.split()[0], "pip_freeze": freeze},
+        # the analysis ran here; numpy decides the entropies' dtype (float32 from 2.0 on, NEP 50)
+        "official_stack": {**_versions(), "pip_freeze": freeze},
+        "pinned_by_head": {"file": "dependency_pip.txt", **_pins(Path(args.head))},
+        "collect_stack": collected.get("stack"),
         "not_in_official_code": "neither version ranks heads by selection frequency over samples (the paper's step); "
         "HEAD returns one sample's heads sorted by entropy, 9ffe219 boxes each sample with its own top-5",
     }

@@ -14,6 +14,7 @@
 set -euo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
 REPO=$(cd "$HERE/../.." && pwd)
+LOCHEAD_NUMPY=${LOCHEAD_NUMPY:-2.2.6} LOCHEAD_SCIPY=${LOCHEAD_SCIPY:-1.15.3} LOCHEAD_VENV=${LOCHEAD_VENV:-}
 PAI="" PAINT="" PM="" LOCHEAD="" VLMINTERP="" VIRAL="" REGIMES="" OFFICIAL_VENV=/work/venvs/official OURS=${PYTHON:-python}
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -24,6 +25,8 @@ while [ $# -gt 0 ]; do
     --lochead) LOCHEAD=$2; shift 2 ;;  # HEAD_CHECKOUT:V2_CHECKOUT (8ce33b0 and 9ffe219); LLaVA-1.5's llava/ from LOCHEAD_LLAVA=DIR or --pai
     --viral) VIRAL=$2; shift 2 ;;  # VIRAL_CHECKOUT:DINOV2_CHECKOUT (cvlab-kaist/VIRAL @ adc0791, facebookresearch/dinov2; DINOV2_COMMIT=<hash> for an exported tree)
     --regimes) REGIMES=$2; shift 2 ;;  # PM_CHECKOUT:HEAD_CHECKOUT:V2_CHECKOUT (58c2c0f, 8ce33b0, 9ffe219): the official analyses on planted attention
+    --lochead-numpy) LOCHEAD_NUMPY=$2; shift 2 ;;  # numpy of the lochead analysis venv (default 2.2.6, 8ce33b0's pin; scipy: LOCHEAD_SCIPY)
+    --lochead-venv) LOCHEAD_VENV=$2; shift 2 ;;  # that venv (default OFFICIAL_VENV-numpyVER, built by official_env.sh if missing)
     --official-venv) OFFICIAL_VENV=$2; shift 2 ;;
     --python) OURS=$2; shift 2 ;;
     *) echo "unknown argument $1" >&2; exit 2 ;;
@@ -55,10 +58,19 @@ if [ -n "$PM" ]; then
 fi
 
 if [ -n "$LOCHEAD" ]; then
-  # localization heads: LLaVA-1.5's forward (PAI's bundled llava/), then both official analyses; scipy, pyyaml
-  "$OFFICIAL_VENV/bin/python" -c "import scipy, yaml" 2>/dev/null || "$OFFICIAL_VENV/bin/pip" install -q "scipy<1.14" pyyaml
+  # localization heads: LLaVA-1.5's forward (PAI's bundled llava/) in the official venv, then both official
+  # analyses in a venv with the numpy and scipy of 8ce33b0's dependency_pip.txt (2.2.6, 1.15.3): under
+  # numpy >= 2 (NEP 50) its entropies are float32, under 1.x float64 (docs/lochead.md)
+  LH_VENV=${LOCHEAD_VENV:-$OFFICIAL_VENV-numpy$LOCHEAD_NUMPY}
+  [ -x "$LH_VENV/bin/python" ] || NUMPY=$LOCHEAD_NUMPY SCIPY=$LOCHEAD_SCIPY bash "$HERE/official_env.sh" "$LH_VENV"
+  "$LH_VENV/bin/python" -c "import yaml" 2>/dev/null || "$LH_VENV/bin/pip" install -q pyyaml
+  LH_HAVE=$("$LH_VENV/bin/python" -c "import numpy, scipy; print(numpy.__version__, scipy.__version__)")
+  if [ "$LH_HAVE" != "$LOCHEAD_NUMPY $LOCHEAD_SCIPY" ]; then
+    echo "$LH_VENV has numpy/scipy $LH_HAVE, not $LOCHEAD_NUMPY $LOCHEAD_SCIPY (--lochead-numpy, LOCHEAD_SCIPY)" >&2
+    exit 1
+  fi
   "$OFFICIAL_VENV/bin/python" "$HERE/lochead_official.py" collect --llava "${LOCHEAD_LLAVA:-${PAI:?--lochead needs the LLaVA-1.5 llava package: --pai DIR or LOCHEAD_LLAVA=DIR}}" --model "$WORK/model" --scratch "$WORK/lochead"
-  "$OFFICIAL_VENV/bin/python" "$HERE/lochead_official.py" analyze --head "${LOCHEAD%%:*}" --v2 "${LOCHEAD##*:}" \
+  "$LH_VENV/bin/python" "$HERE/lochead_official.py" analyze --head "${LOCHEAD%%:*}" --v2 "${LOCHEAD##*:}" \
     --scratch "$WORK/lochead" --out "$REPO/tests/fixtures/official/lochead"
   "$OURS" "$HERE/lochead_compare.py" --scratch "$WORK/lochead" --model "$WORK/model" --fixtures "$REPO/tests/fixtures/official/lochead"
   "$OURS" -m pytest -q "$REPO/tests/test_parity_lochead.py"
