@@ -5,7 +5,8 @@ preset=official follows seilk/LocalizationHeads @ 8ce33b0 ("HEAD"), preset=offic
 rewrite 9ffe219 ("v2"); each function names the official file:line it mirrors, official bugs included
 where a preset keeps them. docs/lochead.md has the table of the steps and where we differ, and
 tests/test_parity_lochead.py compares each step with golden fixtures of the official code (fp32, a tiny
-random model; rankings outside near-ties of 2e-5 and up to 8 capture-noise flips, see its tests).
+random model, the analysis under the numpy 2.2.6 8ce33b0 pins; rankings outside near-ties of 2e-5 and up to
+8 capture-noise flips, exact ties in the official order, see its tests).
 """
 
 from __future__ import annotations
@@ -37,16 +38,30 @@ def official_spatial_entropy(
     share is its B mass over the total B mass (cells at or below the threshold included, so the
     shares need not sum to 1). Total B mass 0 gives +inf; B mass but no component gives 0, which
     ranks such a head first (an official quirk both presets keep).
+
+    The arithmetic is the official code's under the numpy 8ce33b0 pins (2.2.6, dependency_pip.txt), where
+    NEP 50 keeps it float32: a component's mass is numpy's float32 ``sum`` of its cells (HEAD :233), the
+    total torch's float32 sum (:222, exact as a Python float), and ``component_sum / total`` (:237) stays
+    float32 because a Python float no longer promotes a numpy float32 scalar; so do ``np.log``, the
+    products and the left-to-right ``sum`` (:240; v2 analyze.py:31-41 alike). Under numpy < 2 the share
+    was float64 (entropies within 1e-6 of these). In float32 two heads whose maps differ by a scale
+    factor can tie exactly; the callers' stable sorts then keep them in (layer, head) order, as HEAD's
+    ``results.sort`` (:422) and v2's ``kept.sort`` (analyze.py:118) do.
     """
     g = grid.detach().float().cpu()
     b = torch.relu(g - g.mean() * mean_factor)
     labels, n = connected_components(b > threshold, 8)
-    total = float(b.sum())
+    total = np.float32(b.sum().item())
     if total <= 0:
         return math.inf, labels, 0
-    mass = torch.zeros(n + 1, dtype=torch.float32).index_add_(0, labels.flatten(), b.flatten())[1:]
-    p = [float(m) / total for m in mass if m > 0]
-    return float(-sum(q * math.log(q) for q in p if q > 0)) if p else 0.0, labels, n
+    b_np, lab = b.numpy(), labels.numpy()
+    mass = [b_np[lab == i].sum() for i in range(1, n + 1)]
+    p = [m / total for m in mass if m > 0]
+    terms = [q * np.log(q) for q in p if q > 0]
+    entropy = np.float32(0.0)
+    for t in terms:
+        entropy = entropy + t
+    return (float(-entropy) if terms else 0.0), labels, n
 
 
 def _chord_argmax(y_sorted) -> int:

@@ -2,7 +2,8 @@
 
 The fixtures (tests/fixtures/official/lochead/) were written by bench/parity/lochead_official.py: the
 official analysis (seilk/LocalizationHeads @ 8ce33b0, "HEAD": analyze_attention_file; the authors'
-rewrite 9ffe219, "v2": analyze_heads and the box steps of pipeline.py) run unmodified on the
+rewrite 9ffe219, "v2": analyze_heads and the box steps of pipeline.py) run unmodified, under the numpy
+2.2.6 and scipy 1.15.3 that 8ce33b0 pins (its entropies are float32 there, float64 under numpy 1.x), on the
 attention of the LLaVA-1.5-shaped tiny model of bench/parity/tiny_llava15.py (original layout,
 LLaVA-1.5's forward in the official stack, the official prompt form as ids). Here the same weights are
 rebuilt from the seed in the llava-hf layout, our hook layer captures the last prompt token's attention,
@@ -244,6 +245,24 @@ def test_provenance_is_complete(fixtures):
     assert prov["repositories"]["v2"]["commit"].startswith("9ffe219")
     assert len(prov["shim"]["cpu_shim_sha256"]) == 64 and len(prov["shim"]["stubs_sha256"]) == 64
     assert prov["model"]["fingerprint"] and prov["official_stack"]["pip_freeze"]
+    # the analysis ran with the numpy and scipy 8ce33b0 pins (dependency_pip.txt): numpy decides the entropies' dtype
+    stack, pins = prov["official_stack"], prov["pinned_by_head"]
+    assert (stack["numpy"], stack["scipy"]) == (pins["numpy"], pins["scipy"]) == ("2.2.6", "1.15.3")
+    assert f"numpy=={stack['numpy']}" in stack["pip_freeze"] and f"scipy=={stack['scipy']}" in stack["pip_freeze"]
+
+
+def test_entropies_are_float32_as_under_the_pinned_numpy(fixtures):
+    """numpy 2.2.6 (NEP 50) keeps HEAD's ``component_sum / total`` float32 (a Python float no longer promotes a
+    numpy float32 scalar), so every official entropy is a float32 number, and so is ours."""
+    fx, arrays, _ = fixtures
+    stack = torch.from_numpy(arrays["stack_mixed"])
+    for values in [arrays[f"s{i}_head_entropy"] for i in range(len(fx["samples"]))] + [
+        [r["spatial_entropy"] for r in lochead_official.rank_heads_official(stack, GRID)],
+        [r["spatial_entropy"] for r in lochead_official.rank_heads_official_v2(stack, GRID)],
+    ]:
+        v = np.asarray(values, np.float64)
+        v = v[np.isfinite(v)]
+        assert v.size and np.array_equal(v.astype(np.float32).astype(np.float64), v)
 
 
 @pytest.mark.parametrize("name", ["v2_fallback", "mixed"])
@@ -264,3 +283,11 @@ def test_whole_analyses_on_synthetic_stacks(fixtures, name):
     assert [[r["layer"], r["head"]] for r in ranked] == [k[:2] for k in ref["head_ranking"]]
     for r, k in zip(ranked, ref["head_ranking"]):
         assert (fin(r["spatial_entropy"]) is None) == (k[2] is None)
+        if k[2] is not None:
+            assert r["spatial_entropy"] == pytest.approx(k[2], abs=ENTROPY_ATOL)
+    if name == "mixed":
+        # heads (1, 1) and (3, 0) hold one map up to a factor 1.1: equal float32 entropies under numpy 2.2.6
+        # (under 1.26 float64 told them apart by 2e-8), so HEAD's stable sort keeps them in (layer, head) order
+        se = {(r["layer"], r["head"]): r["spatial_entropy"] for r in ranked}
+        ref_se = {(k[0], k[1]): k[2] for k in ref["head_ranking"]}
+        assert se[(1, 1)] == se[(3, 0)] and ref_se[(1, 1)] == ref_se[(3, 0)]
