@@ -558,3 +558,26 @@ def test_viral_train_aligns_the_thumbnail_and_internvl_hf_viral_merges_the_adapt
     lm = _wrapper("viral", tiny_internvl, adapter=str(run))
     with torch.no_grad():
         assert not torch.equal(lm.model(**_lm_inputs(lm)).logits, stock[2])
+
+
+def test_knockout_sweep_runs_internvl_hf_knockout(tiny_internvl, monkeypatch):
+    """`lmms-plugins knockout-sweep` on an InternVL checkpoint, through lmms-eval's evaluator: internvl_hf_knockout's
+    chat class (not llava_knockout's), the empty window first, then the window swept, each with its layers."""
+    import lmms_eval.evaluator
+
+    from lmms_eval_plugins.commands import knockout_sweep
+    from lmms_eval_plugins.models.internvl import InternvlHfKnockoutChat
+
+    seen, evaluate = [], lmms_eval.evaluator.simple_evaluate
+
+    def recorded(model, tasks, **kwargs):
+        seen.append((type(model), list(model.technique.layers)))
+        return evaluate(model=model, tasks=tasks, **kwargs)
+
+    monkeypatch.setattr(lmms_eval.evaluator, "simple_evaluate", recorded)
+    monkeypatch.chdir(REPO)
+    rows = knockout_sweep.run_sweep(
+        f"pretrained={tiny_internvl},device=cpu", ["tiny_yesno"], [(0, 2)], ["both"], limit=2, include_path=str(TASKS)
+    )
+    assert seen == [(InternvlHfKnockoutChat, []), (InternvlHfKnockoutChat, [0, 1])]
+    assert rows and all(r["window"] == "0:2" and r["mode"] == "both" and r["baseline"] is not None for r in rows)
