@@ -220,3 +220,13 @@ def test_alignment_self_reference_is_refused_where_tokens_are_not_patches(family
     args = ["alignment", "--model", f"base={family_ckpts[family]}", "--images", str(family_ckpts["images"])]
     with pytest.raises(SystemExit, match="--reference self is LLaVA-1.5's .* pass a teacher backbone directory"):
         main([*args, "--reference", "self", "--output-dir", str(tmp_path)])
+
+
+def test_alignment_refuses_models_of_another_geometry(family_ckpts, tmp_path):
+    """Models are compared row for row with the first model's reference: another family's grids are refused."""
+    from lmms_eval_plugins.cli import main
+
+    args = ["alignment", "--model", f"a={family_ckpts['qwen3_vl']}", "--model", f"b={family_ckpts['internvl']}"]
+    args += ["--images", str(family_ckpts["images"]), "--reference", str(family_ckpts["teacher"])]
+    with pytest.raises(SystemExit, match="b's aligned grids .* differ from the first model's"):
+        main([*args, "--output-dir", str(tmp_path)])

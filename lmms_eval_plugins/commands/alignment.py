@@ -100,7 +100,7 @@ def run(args) -> int:
     images = load_images(args)
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    reference, states = None, {}
+    reference, states, first_grids = None, {}, None
     for spec in args.model:
         name, ckpt, adapter = parse_model(spec)
         ckpt = resolve_pretrained(ckpt)
@@ -120,6 +120,13 @@ def run(args) -> int:
             aligned_of.append(aligned)
             pixels.append(inputs["pixel_values"])
         states[name] = per_image
+        if first_grids is None:
+            first_grids = [a.grid for a in aligned_of]
+        elif [a.grid for a in aligned_of] != first_grids:  # compared row for row with the first model's reference
+            raise SystemExit(
+                f"alignment: {name}'s aligned grids {[a.grid for a in aligned_of][:3]}... differ from the first model's "
+                f"{first_grids[:3]}...; compare checkpoints of one geometry (a base model and its fine-tunes)"
+            )
         if reference is None:  # reference features on the first model's aligned grid of each image
             teacher = viral_teachers.load_teacher(resolve_teacher(args.reference), model, args.teacher_image_size)
             ip = processor.image_processor
