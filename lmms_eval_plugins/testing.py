@@ -860,3 +860,20 @@ def build_tiny_internvl(
     )
     processor.save_pretrained(out)
     return out
+
+
+def internvl_shaped(out_dir, text_layers: int = 4, text_hidden: int = 256, seed: int = 0) -> Path:
+    """InternVL's HF geometry (448 px tiles of 14 px patches, pixel-shuffled to 16x16 = 256 tokens per tile; up to
+    12 tiles plus the thumbnail, lmms-eval internvl_hf's max_patches: a 448x336 image becomes 4x3 tiles + the
+    thumbnail = 3328 image tokens) with a small 2-layer tower and a few small LM layers."""
+    return build_tiny_internvl(
+        out_dir,
+        image_size=448,
+        patch_size=14,
+        max_patches=12,
+        vision_hidden=64,
+        vision_layers=2,
+        text_hidden=text_hidden,
+        text_layers=text_layers,
+        seed=seed,
+    )

@@ -87,10 +87,13 @@ def mutual_knn(x: torch.Tensor, y: torch.Tensor, topk: int = 10, normalize: bool
 
 
 @torch.no_grad()
-def image_token_states(model, inputs: dict, image_token_id: int) -> list[torch.Tensor]:
-    """Per hidden_states entry: (n_image_tokens, d) for the one image of ``inputs``."""
+def image_token_states(
+    model, inputs: dict, image_token_id: int | None = None, positions: torch.Tensor | None = None
+) -> list[torch.Tensor]:
+    """Per hidden_states entry: (n, d) at ``positions`` of the one prompt of ``inputs`` (default: every
+    ``image_token_id`` token)."""
     out = model(**inputs, output_hidden_states=True)
-    pos = (inputs["input_ids"][0] == image_token_id).nonzero().flatten()
+    pos = (inputs["input_ids"][0] == image_token_id).nonzero().flatten() if positions is None else positions
     return [h[0, pos].float() for h in out.hidden_states]
 
 

@@ -265,8 +265,8 @@ def sample_grid(model, processor, image, inputs: dict, block: str = "base") -> t
         config=model.config,
         inputs={k: inputs[k] for k in families.adapter(model.config).request_inputs if inputs.get(k) is not None},
     )
-    b = req.geometry.block(block)
-    if b.rows * b.cols == 0:
+    b = next((b for b in req.geometry.blocks if b.name == block), None)  # InternVL: one tile, no highres block
+    if b is None or b.rows * b.cols == 0:
         raise RequestError(f"the {block} block of this {image.size} image is empty; use block=base")
     return b.positions.to(input_ids.device), b.grid_hw
 
@@ -289,8 +289,8 @@ def discover_heads(
 
     ``selection``: ours | official (HEAD) | official_v2 (9ffe219); ``prompt``: task | official.
     ``result``: a partial result to continue (its first ``n_samples`` samples are skipped).
-    ``block``: LLaVA-NeXT/OneVision, the geometry block the maps are read from (base | highres, as
-    lochead's ``block``); LLaVA-1.5 and Qwen2.5-VL have one block (Qwen: the rows x cols merged grid).
+    ``block``: LLaVA-NeXT/OneVision and InternVL, the geometry block the maps are read from (base | highres,
+    as lochead's ``block``); the other families have one block (Qwen: the rows x cols merged grid).
     """
     family = getattr(model.config, "model_type", "llava")
     if prompt != "task" and not families.adapter(family).square_grid:

@@ -173,14 +173,19 @@ class Request:
         return hooks.Rows.span(self.prompt_len - 1)
 
     def require_one_image(self, technique: str) -> None:
+        known = families.ADAPTERS.get(self.family)  # names in the messages; an unknown family is refused elsewhere
+        stock, shown = (known.lmms_eval_model, known.display_name) if known else ("lmms-eval's class", self.family)
         n_img = len(self.images)
         if n_img != 1:
             raise RequestError(
                 f"{technique} needs exactly one image per request, but this request has {n_img}; "
-                "use a single-image task (or llava_hf for text-only and multi-image tasks)"
+                f"use a single-image task (or stock {stock} for text-only and multi-image tasks)"
             )
         if self.image_pos.numel() == 0:
-            raise RequestError(f"{technique}: the prompt has no image token; is this an interleaved LLaVA checkpoint?")
+            raise RequestError(
+                f"{technique}: the prompt has no image token (id {self.image_token_id}) although the request has an "
+                f"image; does the checkpoint's processor insert {shown}'s image tokens?"
+            )
         pos = self.image_pos
         if int(pos[-1] - pos[0]) + 1 != pos.numel():
             raise RequestError(f"{technique}: the image tokens are not contiguous; one image per prompt is supported")

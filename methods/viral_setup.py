@@ -177,7 +177,7 @@ def make_projector(cfg, d_model: int, d_teacher: int):
 
 
 def load_base(cfg):
-    """(model, processor): ``pretrained`` (LLaVA-1.5, LLaVA-NeXT/OneVision or Qwen2.5-VL) or, with
+    """(model, processor): ``pretrained`` (a checkpoint of any family with an adapter) or, with
     ``base_llm``, assembled from a base LLM, a vision tower and a stage-1 projector (the official
     starting point: vicuna-7b-v1.5 + the pretrain projector)."""
     from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor

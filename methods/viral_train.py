@@ -1,7 +1,8 @@
-"""Fine-tuning a LLaVA or Qwen2.5-VL checkpoint with VIRAL's alignment loss, on peft LoRA and accelerate.
+"""Fine-tuning a VLM checkpoint with VIRAL's alignment loss, on peft LoRA and accelerate.
 
-Families (their adapters, methods/families/): LLaVA-1.5, LLaVA-NeXT / OneVision (the base block is
-aligned) and Qwen2.5-VL (the merged tokens, rows x cols). Batches are the checkpoint's own
+Families (their adapters, methods/families/, each naming its aligned tokens in ``aligned_block``):
+LLaVA-1.5, LLaVA-NeXT / OneVision (the base block is aligned), Qwen2.5-VL and Qwen3-VL (the merged
+tokens, rows x cols), Gemma 3 (the pooled grid) and InternVL (the thumbnail). Batches are the checkpoint's own
 processor's output (``image_sizes``, ``image_grid_thw``, ``mm_token_type_ids`` kept); on the
 families other than LLaVA-1.5 the teacher is a backbone directory seeing the original image
 (``teacher_input="image"``).

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import load_file
 
 from methods import alignment
@@ -129,3 +130,103 @@ def test_layerwise_alignment_rows():
     table = alignment.layerwise_alignment(states, ref, topk=5, max_rows=40)
     assert [row["layer"] for row in table] == [0, 1]
     assert table[0]["cka"] > table[1]["cka"] and table[0]["cknna"] > table[1]["cknna"]
+
+
+# `lmms-plugins alignment` beyond LLaVA-1.5 (LLaVA-1.5 itself: tests/test_viral_train.py)
+SIZES = ((100, 37), (37, 100), (48, 40), (64, 64))
+
+
+def _family_positions(name, config, processor, inputs, image):
+    """Written from the family's layout, not from VIRAL's aligned_block: Qwen3-VL every image token on the merged
+    grid of image_grid_thw; InternVL the thumbnail, the geometry's base block (the processor's tiling)."""
+    from methods.families import image_geometry
+
+    if name == "qwen3_vl":
+        thw = inputs["image_grid_thw"][0]
+        pos = (inputs["input_ids"][0] == config.image_token_id).nonzero().flatten()
+        return pos, (int(thw[1]) // 2, int(thw[2]) // 2)
+    base = image_geometry(config, processor, image.size, inputs["input_ids"]).base
+    return base.positions, base.grid_hw
+
+
+@pytest.fixture(scope="module")
+def family_ckpts(tmp_path_factory):
+    from test_viral import _save_tiny_dinov2
+
+    from lmms_eval_plugins import testing
+
+    root = tmp_path_factory.mktemp("alignment_families")
+    images = root / "img"
+    images.mkdir()
+    for i, size in enumerate(SIZES):
+        img = Image.new("RGB", size, (235, 235, 225))
+        img.paste((200, 30, 30), (size[0] // 4, size[1] // 4, size[0] // 2, size[1] // 2))
+        img.save(images / f"{i}.png")
+    return {
+        "qwen3_vl": testing.build_tiny_qwen3_vl(root / "qwen3_vl"),
+        "internvl": testing.build_tiny_internvl(root / "internvl"),
+        "teacher": _save_tiny_dinov2(root / "teacher"),
+        "images": images,
+    }
+
+
+@pytest.mark.parametrize("family", ["qwen3_vl", "internvl"])
+def test_alignment_command_reads_the_familys_aligned_tokens(family, family_ckpts, tmp_path):
+    """The command's table on Qwen3-VL (merged grids that differ per image) and InternVL (the thumbnail) equals
+    CKNNA/CKA computed here from the model's hidden states at the family's image tokens and the teacher
+    resampled to each image's grid."""
+    from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
+
+    from lmms_eval_plugins.cli import main
+    from methods import viral_teachers
+
+    ckpt, teacher = family_ckpts[family], family_ckpts["teacher"]
+    args = ["alignment", "--model", f"base={ckpt}", "--images", str(family_ckpts["images"]), "--topk", "3"]
+    assert main([*args, "--reference", str(teacher), "--output-dir", str(tmp_path)]) == 0
+    table = json.loads((tmp_path / "alignment.json").read_text())["tables"]["base"]
+
+    config = AutoConfig.from_pretrained(ckpt)
+    model = AutoModelForImageTextToText.from_pretrained(ckpt).eval()
+    processor = AutoProcessor.from_pretrained(ckpt)
+    backbone = viral_teachers.BackboneTeacher.from_pretrained(str(teacher))
+    msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "describe this image ."}]}]
+    prompt = processor.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
+    states, reference, grids = [], [], set()
+    for i in range(len(SIZES)):
+        image = Image.open(family_ckpts["images"] / f"{i}.png").convert("RGB")
+        inputs = processor(images=[image], text=prompt, return_tensors="pt")
+        pos, grid = _family_positions(family, config, processor, inputs, image)
+        with torch.no_grad():
+            hidden = model(**inputs, output_hidden_states=True).hidden_states
+        states.append([h[0, pos].float() for h in hidden])
+        reference.append(viral_teachers.teacher_targets_from_images(backbone, [image], grid, None)[0])
+        grids.add(grid)
+    if family == "qwen3_vl":
+        assert len(grids) > 1  # each image its own merged grid
+    else:
+        assert grids == {(4, 4)}  # the thumbnail: 64 px / 8 px patches, pixel-shuffled
+    expected = alignment.layerwise_alignment(states, reference, topk=3)
+    assert [r["layer"] for r in table] == list(range(config.text_config.num_hidden_layers + 1))
+    for ours, ref in zip(table, expected):
+        assert ours["cknna"] == pytest.approx(ref["cknna"], abs=1e-6) and ours["cka"] == pytest.approx(
+            ref["cka"], abs=1e-6
+        )
+
+
+@pytest.mark.parametrize("family", ["qwen3_vl", "internvl"])
+def test_alignment_self_reference_is_refused_where_tokens_are_not_patches(family, family_ckpts, tmp_path):
+    from lmms_eval_plugins.cli import main
+
+    args = ["alignment", "--model", f"base={family_ckpts[family]}", "--images", str(family_ckpts["images"])]
+    with pytest.raises(SystemExit, match="--reference self is LLaVA-1.5's .* pass a teacher backbone directory"):
+        main([*args, "--reference", "self", "--output-dir", str(tmp_path)])
+
+
+def test_alignment_refuses_models_of_another_geometry(family_ckpts, tmp_path):
+    """Models are compared row for row with the first model's reference: another family's grids are refused."""
+    from lmms_eval_plugins.cli import main
+
+    args = ["alignment", "--model", f"a={family_ckpts['qwen3_vl']}", "--model", f"b={family_ckpts['internvl']}"]
+    args += ["--images", str(family_ckpts["images"]), "--reference", str(family_ckpts["teacher"])]
+    with pytest.raises(SystemExit, match="b's aligned grids .* differ from the first model's"):
+        main([*args, "--output-dir", str(tmp_path)])

@@ -174,3 +174,29 @@ def test_shape_options_are_checked(tmp_path):
         bench.context_spec(bench_args(tmp_path, shape="llava-1.5-7b", family="qwen2_5_vl"))
     full = bench.context_spec(bench_args(tmp_path, shape="llava-1.5-7b", depth="full"))
     assert (full["layers"], full["shape"]["vision_layers"], full["hidden"]) == (32, 24, 4096)
+
+
+def test_bench_family_internvl_at_a_tiny_width(tmp_path, monkeypatch):
+    """`lmms-plugins bench --family internvl`: InternVL's HF geometry (448 px tiles, pixel shuffle: a 448x336 image
+    = 4x3 tiles + the thumbnail, 13 x 256 = 3328 image tokens), its own internvl_hf_* names benched but PAINT
+    (refused), idle hooks = the plain model, and the command's rows against the family's baseline."""
+    monkeypatch.setenv("LMMS_PLUGINS_CACHE", str(tmp_path))
+    ctx = bench.make_context(layers=2, new_tokens=2, hidden=64, family="internvl")
+    geo = ctx.request.geometry
+    assert [(b.name, b.rows, b.cols) for b in geo.blocks] == [("base", 16, 16), ("highres", 48, 64)]
+    assert ctx.request.image_pos.numel() == 13 * 256 and ctx.inputs["pixel_values"].shape[0] == 13
+    cases = bench.all_cases(ctx)
+    names = {k.split(":")[0].split(" ")[0] for k in cases if k.startswith("internvl_hf_")}
+    assert names == {f"internvl_hf_{t}" for t in ("pai", "pm", "lochead", "knockout", "reprompt")}
+    with torch.no_grad():
+        assert torch.equal(cases["hooks idle (generate)"][0](), bench.baselines(ctx)["generate"]())
+
+    args = bench_args(tmp_path, family="internvl", layers=2, hidden=64, only="hooks idle,internvl_hf_pai,prune")
+    rows, text = run_main(args)
+    assert [r["case"] for r in rows] == [
+        "hooks idle (generate)",
+        "internvl_hf_pai (no CFG)",
+        "internvl_hf_reprompt: prune 5%",
+    ]
+    assert all(r["latency_ratio"] > 0 and r["passes"] >= r["baseline_passes"] == 2 for r in rows)
+    assert "InternVL (HF)-shaped random model (2 LM layers of width 64; a 448x336 image = 3328 image tokens" in text

@@ -2,9 +2,11 @@
 the rule that no technique tests a family's name."""
 
 import ast
+import re
 from pathlib import Path
 
 import pytest
+import torch
 
 from methods import families, paint
 from methods.geometry import GeometryError
@@ -72,3 +74,28 @@ def test_the_name_scan_finds_a_family_branch(tmp_path):
         'def f(req):\n    if req.family == "qwen2_5_vl":\n        return 1\n    return req.family in ("llava_next",)\n'
     )
     assert _name_tests(p, tmp_path) == ["m.py:2", "m.py:4"]
+
+
+@pytest.mark.parametrize(
+    "config_class, stock, shown",
+    [
+        ("LlavaConfig", "llava_hf", "LLaVA-1.5"),
+        ("Qwen3VLConfig", "qwen3_vl", "Qwen3-VL"),
+        ("InternVLConfig", "internvl_hf", "InternVL (HF)"),
+    ],
+)
+def test_one_image_refusals_name_the_familys_own_class(config_class, stock, shown):
+    """A request without exactly one image, or without image tokens, names the family's stock lmms-eval class and its
+    display name, not LLaVA's on every family."""
+    import transformers
+    from PIL import Image
+
+    from methods.technique import Request, RequestError
+
+    config = getattr(transformers, config_class)()
+    req = Request(input_ids=torch.tensor([[1, 2, 3]]), image_token_id=7, prompt_len=3, config=config)
+    with pytest.raises(RequestError, match=f"has 0; use a single-image task \\(or stock {stock} for text-only"):
+        req.require_one_image("pai")
+    with_image = Request(torch.tensor([[1, 2, 3]]), 7, 3, images=[Image.new("RGB", (8, 8))], config=config)
+    with pytest.raises(RequestError, match=f"no image token \\(id 7\\).*insert {re.escape(shown)}'s image tokens"):
+        with_image.require_one_image("pai")

@@ -486,3 +486,98 @@ def test_cli_internvl_hf_names(tiny_internvl, tmp_path):
         res = testing.results_of(tmp_path / key)
         assert res is not None and len(samples[key]) == 4, (key, log[-3000:])
         assert 0.0 <= res["results"][pope]["pope_accuracy,none"] <= 1.0
+
+
+# ---------------------------------------------------------------------------------- commands
+
+
+def test_viral_train_aligns_the_thumbnail_and_internvl_hf_viral_merges_the_adapter(tiny_internvl, stock, tmp_path):
+    """`lmms-plugins viral-train` on InternVL: the aligned tokens are the thumbnail's (the geometry's base block, from
+    the processor's tiling), two steps train LoRA with the multi_modal_projector, and internvl_hf_viral merges the
+    adapter (a change from stock)."""
+    import json
+    import math
+
+    from test_viral import _save_tiny_dinov2
+    from transformers import AutoConfig
+
+    from lmms_eval_plugins.cli import main
+    from methods import viral
+    from methods.conversation_data import ConversationDataset, collate
+    from methods.families import image_geometry
+
+    sizes = ((100, 37), (37, 100), (48, 40), (64, 64))  # 1x3 and 3x1 tiles + thumbnail; one tile alone (twice)
+    (tmp_path / "img").mkdir()
+    records = []
+    for i, size in enumerate(sizes):
+        _image(size).save(tmp_path / "img" / f"{i}.png")
+        question = "<image>\nis there a red square in the image?"
+        records.append(
+            {
+                "image": f"{i}.png",
+                "conversations": [{"from": "human", "value": question}, {"from": "gpt", "value": "yes"}],
+            }
+        )
+    (tmp_path / "data.jsonl").write_text("\n".join(json.dumps(r) for r in records))
+
+    processor, config = _processor(tiny_internvl), AutoConfig.from_pretrained(tiny_internvl)
+    data = ConversationDataset([{**r, "image": Image.open(tmp_path / "img" / r["image"])} for r in records], processor)
+    for pair in ((0, 1), (2, 3)):
+        batch = collate([data[i] for i in pair], processor.tokenizer.pad_token_id)
+        for i, row, aligned in zip(pair, batch["input_ids"], viral.aligned_tokens(config, batch)):
+            base = image_geometry(config, processor, sizes[i], row[None]).base
+            assert torch.equal(aligned.positions, base.positions) and aligned.grid == (4, 4) and aligned.whole_image
+
+    run = tmp_path / "run"
+    code = main(
+        [
+            "viral-train",
+            "--pretrained", str(tiny_internvl),
+            "--data", str(tmp_path / "data.jsonl"),
+            "--image-folder", str(tmp_path / "img"),
+            "--teacher", str(_save_tiny_dinov2(tmp_path / "teacher")),
+            "--layer", "3",
+            "--proj-hidden", "16",
+            "--lora-r", "4",
+            "--lora-alpha", "8",
+            "--lora-dropout", "0",
+            "--lr", "5e-2",
+            "--batch-size", "2",
+            "--max-steps", "2",
+            "--warmup-ratio", "0",
+            "--log-every", "1",
+            "--no-progress",
+            "--output-dir", str(run),
+        ]
+    )  # fmt: skip
+    assert code in (0, None)
+    log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    assert len(log) == 2 and all(math.isfinite(row["vra_loss"]) and math.isfinite(row["lm_loss"]) for row in log)
+    saved = json.loads((run / "adapter" / "adapter_config.json").read_text())
+    assert saved["modules_to_save"] == ["multi_modal_projector"]
+    lm = _wrapper("viral", tiny_internvl, adapter=str(run))
+    with torch.no_grad():
+        assert not torch.equal(lm.model(**_lm_inputs(lm)).logits, stock[2])
+
+
+def test_knockout_sweep_runs_internvl_hf_knockout(tiny_internvl, monkeypatch):
+    """`lmms-plugins knockout-sweep` on an InternVL checkpoint, through lmms-eval's evaluator: internvl_hf_knockout's
+    chat class (not llava_knockout's), the empty window first, then the window swept, each with its layers."""
+    import lmms_eval.evaluator
+
+    from lmms_eval_plugins.commands import knockout_sweep
+    from lmms_eval_plugins.models.internvl import InternvlHfKnockoutChat
+
+    seen, evaluate = [], lmms_eval.evaluator.simple_evaluate
+
+    def recorded(model, tasks, **kwargs):
+        seen.append((type(model), list(model.technique.layers)))
+        return evaluate(model=model, tasks=tasks, **kwargs)
+
+    monkeypatch.setattr(lmms_eval.evaluator, "simple_evaluate", recorded)
+    monkeypatch.chdir(REPO)
+    rows = knockout_sweep.run_sweep(
+        f"pretrained={tiny_internvl},device=cpu", ["tiny_yesno"], [(0, 2)], ["both"], limit=2, include_path=str(TASKS)
+    )
+    assert seen == [(InternvlHfKnockoutChat, []), (InternvlHfKnockoutChat, [0, 1])]
+    assert rows and all(r["window"] == "0:2" and r["mode"] == "both" and r["baseline"] is not None for r in rows)

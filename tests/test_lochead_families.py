@@ -153,7 +153,7 @@ def test_qwen_heads_file_from_discovery_loads_into_the_wrapper(qwen_ckpt, tmp_pa
 @pytest.mark.parametrize(
     "extra, reason",
     [
-        (["--block", "highres"], "--block is for LLaVA-NeXT/OneVision"),
+        (["--block", "highres"], "--block highres is for InternVL (HF), LLaVA-NeXT, LLaVA-OneVision"),
         (["--prompt", "official"], "LLaVA-1.5 only"),
     ],
 )
@@ -218,3 +218,50 @@ def test_qwen_heads_auto_through_the_cli(qwen_ckpt, tmp_path, monkeypatch):
     assert len(samples) == 4 and all(L.parse_box(str(s["filtered_resps"])) for s in samples), samples
     files = list((env_cache / "heads").glob("*.json"))
     assert len(files) == 1 and json.loads(files[0].read_text())["n_samples"] == 3
+
+
+@pytest.fixture(scope="module")
+def internvl_ckpt(tmp_path_factory):
+    return testing.build_tiny_internvl(tmp_path_factory.mktemp("tiny_internvl_lochead"))
+
+
+def test_internvl_discovery_reads_the_named_block(internvl_ckpt, monkeypatch):
+    """InternVL (HF): discovery over the thumbnail (base) or the stitched tiles (highres) equals a stock eager
+    forward's attention and ranking; an image of one tile has no highres block: refused."""
+    from methods.technique import RequestError
+
+    ckpt = internvl_ckpt
+    base = _check_against_eager(ckpt, "base")
+    assert [g for _, g in base] == [(4, 4)] * 3  # the thumbnail, or the only tile of (48, 40)
+    monkeypatch.setitem(globals(), "SAMPLES", [(_image(s), TEXT) for s in [(100, 37), (37, 90), (200, 150)]])
+    high = _check_against_eager(ckpt, "highres")
+    assert [g for _, g in high] == [(4, 12), (12, 4), (8, 12)]  # 1x3, 3x1, 2x3 tiles of 4x4 tokens
+    model, processor = _load(ckpt)
+    monkeypatch.setitem(globals(), "SAMPLES", [(_image((48, 40)), TEXT)])
+    with pytest.raises(RequestError, match=r"the highres block of this \(48, 40\) image is empty; use block=base"):
+        _discover(model, processor, "highres")
+
+
+def test_internvl_discover_heads_command_records_the_tiling_and_loads_into_the_wrapper(
+    internvl_ckpt, qwen_ckpt, tmp_path, monkeypatch, capsys
+):
+    """`discover-heads --max-patches N` on InternVL: the tiling (which sets the positions, and the highres grid) is
+    part of the cache key and the heads file, and the file loads into internvl_hf_lochead; --max-patches elsewhere is
+    refused. (tiny_rec has a 40x40 image: one tile, no highres block, so the base block here.)"""
+    from lmms_eval_plugins.cli import main
+    from lmms_eval_plugins.models.internvl import InternvlHfLocheadChat
+
+    monkeypatch.setenv("LMMS_PLUGINS_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "heads.json"
+    args = ["discover-heads", "--task", "tiny_rec", "--include-path", str(TASKS), "--n", "3", "--repeats", "1"]
+    internvl = [*args, "--pretrained", str(internvl_ckpt)]
+    assert main([*internvl, "--max-patches", "12", "--output", str(out)]) == 0
+    assert "max_patches=12 (given)" in capsys.readouterr().out
+    doc = json.loads(out.read_text())
+    assert (doc["n_samples"], doc["block"], doc["min_patches"], doc["max_patches"]) == (3, "base", 1, 12)
+    lm = InternvlHfLocheadChat(pretrained=str(internvl_ckpt), device="cpu", heads=str(out), top_k=2)
+    assert lm.technique.heads == [(h["layer"], h["head"]) for h in doc["heads"][:2]]
+    assert main([*internvl, "--max-patches", "6"]) == 0
+    assert "heads file:" in capsys.readouterr().out  # not the cached result of max_patches=12
+    assert main([*args, "--pretrained", str(qwen_ckpt), "--max-patches", "6"]) == 2
+    assert "--max-patches is InternVL's" in capsys.readouterr().out

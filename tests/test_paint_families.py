@@ -111,3 +111,73 @@ def test_towers_without_cls_are_refused_with_the_measured_reason(tmp_path, famil
         Wrapper(pretrained=str(tmp_path), device="cpu")
     assert "no CLS token" in str(err.value) and NO_CLS_MEASURED in str(err.value)
     assert "Jaccard 0.09" in NO_CLS_MEASURED  # the numbers docs/paint.md reports
+
+
+# `lmms-plugins paint-selection` on each family: the tower crop llava_paint reads, or PAINT's refusal
+@pytest.fixture(scope="module")
+def selection_ckpts(tmp_path_factory):
+    from lmms_eval_plugins import testing
+
+    root = tmp_path_factory.mktemp("paint_selection")
+    return {
+        "llava": testing.build_tiny_llava(root / "llava"),
+        "llava_next": testing.build_tiny_llava_next(root / "llava_next"),
+        "qwen3_vl": testing.build_tiny_qwen3_vl(root / "qwen3_vl"),
+        "internvl": testing.build_tiny_internvl(root / "internvl"),
+    }
+
+
+@pytest.mark.parametrize("family", ["llava", "llava_next"])
+def test_paint_selection_reads_the_cls_of_the_crop_llava_paint_reads(family, selection_ckpts, tmp_path):
+    """The command's local and summary tokens = PAINT's rule computed here from an eager tower's CLS attention on the
+    crop that sees the whole image (LLaVA-1.5's only crop, LLaVA-NeXT's base crop 0): summary = values above
+    Q3 + 1.5 IQR in the penultimate layer, local = the top 25% in layer 0 minus summary."""
+    import json
+
+    from transformers import AutoImageProcessor, AutoModelForImageTextToText
+
+    from lmms_eval_plugins.cli import main
+    from lmms_eval_plugins.commands.paint_selection import object_patches
+    from lmms_eval_plugins.shapeworld import data
+
+    ckpt, limit = selection_ckpts[family], 3
+    out = tmp_path / "selection.json"
+    assert main(["paint-selection", "--pretrained", str(ckpt), "--limit", str(limit), "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())
+
+    model = AutoModelForImageTextToText.from_pretrained(ckpt, attn_implementation="eager").eval()
+    image_processor = AutoImageProcessor.from_pretrained(ckpt)
+    vc = model.config.vision_config
+    side = vc.image_size // vc.patch_size
+    counts = {"local": [0, 0], "summary": [0, 0]}  # (on an object, selected) over the scenes
+    for doc in data.chair_docs("test")[:limit]:
+        image, labels = data.sample_scene(int(doc["scene_seed"]), data.WORLDS[doc["world"]]).render(with_labels=True)
+        pixels = image_processor(images=[image.convert("RGB")], return_tensors="pt")["pixel_values"]
+        if family == "llava_next":
+            pixels = pixels[:, 0]  # the base crop: the whole image at the tower's resolution
+        with torch.no_grad():
+            att = model.model.vision_tower(pixels, output_attentions=True).attentions
+        cls = [a[0, :, 0, 1:].sum(0).double().numpy() for a in att]
+        q1, q3 = np.percentile(cls[-2], [25, 75])
+        summary = set(np.flatnonzero(cls[-2] > q3 + 1.5 * (q3 - q1)).tolist())
+        local = set(np.argsort(-cls[0])[: side * side // 4].tolist()) - summary
+        on_object = object_patches(labels, (side, side), 0.1)
+        for kind, chosen in (("local", local), ("summary", summary)):
+            counts[kind][0] += sum(bool(on_object[i]) for i in chosen)
+            counts[kind][1] += len(chosen)
+    for kind, (hit, n) in counts.items():
+        assert rows[kind]["tokens_per_image"] == pytest.approx(n / limit, abs=1e-9)
+        assert rows[kind]["on_object"] == pytest.approx(hit / max(n, 1), abs=1e-9)
+    assert counts["local"][1] > 0 and counts["summary"][1] > 0
+
+
+@pytest.mark.parametrize(
+    "family, reason",
+    [("qwen3_vl", "Qwen3-VL .*has no CLS token"), ("internvl", r"InternVL \(HF\) .*merge 4 patches")],
+)
+def test_paint_selection_refuses_the_families_paint_refuses(family, reason, selection_ckpts):
+    from lmms_eval_plugins.cli import main
+
+    with pytest.raises(SystemExit, match=f"paint-selection: PAINT does not run on {reason}") as err:
+        main(["paint-selection", "--pretrained", str(selection_ckpts[family]), "--limit", "1"])
+    assert "It runs on LLaVA-1.5, LLaVA-NeXT" in str(err.value)

@@ -7,7 +7,10 @@
 For every entry l of ``hidden_states`` (0 = the projected image features entering the LLM,
 l = after decoder layer l), the image-token states of N images are compared with the
 reference features on the same grid (a teacher backbone's, resampled; or ``self``, the
-first model's own vision tower at its feature layer). The metrics are the Platonic reference's
+first model's own vision tower at its feature layer: LLaVA-1.5 only). The image tokens are
+the ones ``viral-train`` aligns on the checkpoint's family (its adapter's ``aligned_block``):
+LLaVA-1.5 every image token, LLaVA-NeXT/OneVision the base block, Qwen2.5-VL / Qwen3-VL the
+merged grid, Gemma 3 the pooled grid, InternVL the thumbnail. The metrics are the Platonic reference's
 (methods/alignment.py); CKNNA's estimator is --estimator (default: the reference's unbiased one)
 and is named in every output. Writes alignment.json, alignment.md
 (one table: layer x model x {CKNNA, CKA}) and alignment.png (the CKNNA curves, one per model,
@@ -86,7 +89,7 @@ def load_images(args) -> list:
 
 
 def run(args) -> int:
-    from transformers import AutoProcessor, LlavaForConditionalGeneration
+    from transformers import AutoProcessor
 
     from methods import alignment, viral, viral_teachers
 
@@ -97,36 +100,52 @@ def run(args) -> int:
     images = load_images(args)
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    reference, states = None, {}
+    reference, states, first_grids = None, {}, None
     for spec in args.model:
         name, ckpt, adapter = parse_model(spec)
         ckpt = resolve_pretrained(ckpt)
-        model = LlavaForConditionalGeneration.from_pretrained(ckpt).eval()
+        model = load_model(ckpt, args.reference if reference is None else None)
         processor = AutoProcessor.from_pretrained(ckpt)
         if adapter:
             viral.merge_adapter(model, adapter)
         msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": args.prompt}]}]
         prompt = processor.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
-        per_image, pixels = [], []
-        for im in images:
+        per_image, aligned_of, pixels = [], [], []
+        for i, im in enumerate(images):
             inputs = processor(images=[im], text=prompt, return_tensors="pt")
-            per_image.append(alignment.image_token_states(model, inputs, model.config.image_token_id))
+            aligned = viral.aligned_tokens(model.config, inputs)[0]  # the tokens VIRAL aligns (the family's block)
+            if aligned is None:
+                raise SystemExit(f"alignment: image {i} of {ckpt}: no aligned image tokens in its prompt")
+            per_image.append(alignment.image_token_states(model, inputs, positions=aligned.positions))
+            aligned_of.append(aligned)
             pixels.append(inputs["pixel_values"])
         states[name] = per_image
-        if reference is None:  # reference features on the first model's grid
-            grid = viral.llm_grid(model)
+        if first_grids is None:
+            first_grids = [a.grid for a in aligned_of]
+        elif [a.grid for a in aligned_of] != first_grids:  # compared row for row with the first model's reference
+            raise SystemExit(
+                f"alignment: {name}'s aligned grids {[a.grid for a in aligned_of][:3]}... differ from the first model's "
+                f"{first_grids[:3]}...; compare checkpoints of one geometry (a base model and its fine-tunes)"
+            )
+        if reference is None:  # reference features on the first model's aligned grid of each image
             teacher = viral_teachers.load_teacher(resolve_teacher(args.reference), model, args.teacher_image_size)
             ip = processor.image_processor
             if isinstance(teacher, viral_teachers.BackboneTeacher):
                 reference = [
-                    viral_teachers.teacher_targets_from_images(teacher, [im], grid, viral_teachers.crop_fraction(ip))[0]
-                    for im in images
+                    viral_teachers.teacher_targets_from_images(
+                        teacher, [im], a.grid, None if a.whole_image else viral_teachers.crop_fraction(ip)
+                    )[0]
+                    for im, a in zip(images, aligned_of)
                 ]
             else:
                 reference = [
-                    viral_teachers.teacher_targets(teacher, px, ip.image_mean, ip.image_std, grid)[0] for px in pixels
+                    viral_teachers.teacher_targets(teacher, px, ip.image_mean, ip.image_std, a.grid)[0]
+                    for px, a in zip(pixels, aligned_of)
                 ]
-        print(f"alignment: {name}: {len(images)} images, {len(per_image[0])} hidden_states entries")
+        print(
+            f"alignment: {name}: {len(images)} images, {len(per_image[0])} hidden_states entries, "
+            f"{aligned_of[0].grid[0]}x{aligned_of[0].grid[1]} aligned image tokens ({viral.family(model.config).display_name})"
+        )
     unbiased = args.estimator == "unbiased"
     tables = {
         name: alignment.layerwise_alignment(
@@ -151,6 +170,27 @@ def run(args) -> int:
     print(markdown_table(tables))
     print(f"alignment: wrote {out / 'alignment.md'}, {out / 'alignment.png'}")
     return 0
+
+
+def load_model(ckpt: str, reference: str | None):
+    """The checkpoint with its family's class (any family with an adapter, methods/families/); refused with what is
+    supported for other model types, and for ``--reference self`` where the tower's own patches are not the LM's
+    image tokens one for one (merged or tiled: every family but LLaVA-1.5)."""
+    from transformers import AutoConfig, AutoModelForImageTextToText
+
+    from methods import viral
+
+    try:
+        fam = viral.family(AutoConfig.from_pretrained(ckpt))
+    except ValueError as e:
+        raise SystemExit(f"alignment: {e}") from e
+    if reference == "self" and not fam.square_grid:
+        raise SystemExit(
+            f"alignment: --reference self is LLaVA-1.5's (its tower's patch features at vision_feature_layer, one per "
+            f"image token); {ckpt} is {fam.display_name}, whose image tokens are not the tower's patches one for one: "
+            "pass a teacher backbone directory (--reference DIR, e.g. shapeworld-teacher)"
+        )
+    return AutoModelForImageTextToText.from_pretrained(ckpt).eval()
 
 
 def markdown_table(tables: dict) -> str:

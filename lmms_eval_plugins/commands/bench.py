@@ -3,8 +3,8 @@
 The model has LLaVA-1.5's geometry (336 px, 14 px patches, a 24x24 grid of 576 image tokens,
 a POPE-style prompt of ~40 text tokens) with a few small random layers, so the ratios measure
 the techniques' overheads, not a particular checkpoint; ``--family`` gives it LLaVA-NeXT's,
-LLaVA-OneVision's, Qwen2.5-VL's or Gemma 3's geometry instead (and benches that family's names:
-qwen2_5_vl_*, gemma3_*). For each case it reports:
+LLaVA-OneVision's, Qwen2.5-VL's, Gemma 3's, Qwen3-VL's or InternVL's geometry instead (and benches that
+family's names: qwen2_5_vl_*, gemma3_*, qwen3_vl_*, internvl_hf_*). For each case it reports:
 
 - latency: the median over --repeats rounds of (case / baseline), each round timing the baseline
   and the case back to back in CPU time on one torch thread (robust to other jobs on the machine;
@@ -220,6 +220,7 @@ FAMILIES = {
     "qwen2_5_vl": ("qwen2_5_vl", "qwen2_5_vl_shaped"),
     "gemma3": ("gemma3", "gemma3_shaped"),
     "qwen3_vl": ("qwen3_vl", "qwen3_vl_shaped"),
+    "internvl": ("internvl", "internvl_shaped"),
 }
 
 
@@ -649,7 +650,8 @@ def register(sub) -> None:
         "--family",
         default="llava",
         choices=sorted(FAMILIES),
-        help="image geometry of the random model: LLaVA-1.5, LLaVA-NeXT or LLaVA-OneVision (anyres), or Qwen2.5-VL",
+        help="image geometry of the random model: LLaVA-1.5, LLaVA-NeXT or LLaVA-OneVision (anyres), Qwen2.5-VL, Gemma 3, "
+        "Qwen3-VL or InternVL (HF); each family benches its own names",
     )
     p.add_argument(
         "--shape",

@@ -12,8 +12,8 @@ def register(subparsers) -> None:
         description=(
             "One prefill per sample: the last prompt token's attention over the image grid for every (layer, head); "
             "heads above the knee of the sorted S_img curve; the lowest-spatial-entropy ones per sample; ranked by "
-            "selection frequency. LLaVA-1.5 (square grid), LLaVA-NeXT/OneVision (--block), Qwen2.5-VL and Qwen3-VL (rows x cols merged grid, "
-            "--min-pixels/--max-pixels). Example: lmms-plugins discover-heads --pretrained shapeworld-tiny --task shapeworld_rec"
+            "selection frequency. LLaVA-1.5 (square grid), LLaVA-NeXT/OneVision and InternVL (HF) (--block base|highres), "
+            "Qwen2.5-VL and Qwen3-VL (rows x cols merged grid, --min-pixels/--max-pixels), Gemma 3 (pooled grid). Example: lmms-plugins discover-heads --pretrained shapeworld-tiny --task shapeworld_rec"
         ),
     )
     p.add_argument("--pretrained", required=True, help="checkpoint (hub id, local directory, or shapeworld-tiny)")
@@ -58,7 +58,8 @@ def register(subparsers) -> None:
         "--block",
         default="base",
         choices=("base", "highres"),
-        help="LLaVA-NeXT/OneVision: the block whose grid is searched (use the same block= as llava_lochead); base only elsewhere",
+        help="LLaVA-NeXT/OneVision, InternVL (HF): the block whose grid is searched (use the same block= as the "
+        "<family>_lochead name); base only elsewhere",
     )
     p.add_argument(
         "--min-pixels",
@@ -72,6 +73,13 @@ def register(subparsers) -> None:
         type=int,
         default=None,
         help="Qwen2.5-VL, Qwen3-VL: the processor's max_pixels (as --min-pixels; lmms-eval's default 1605632)",
+    )
+    p.add_argument(
+        "--max-patches",
+        type=int,
+        default=None,
+        help="InternVL (HF): the image processor's max_patches, which sets the tiling and so the highres grid "
+        "(default: the checkpoint's saved value). Pass your evaluation's: lmms-eval's internvl_hf uses 12",
     )
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"))
@@ -103,12 +111,27 @@ def load(pretrained: str, args):
     resizes = "image_grid_thw" in family.request_inputs  # Qwen's processors: min/max pixels set the grid
     if (args.min_pixels or args.max_pixels) and not resizes:
         raise ValueError(f"--min-pixels/--max-pixels are Qwen2.5-VL's and Qwen3-VL's; {pretrained} is {model_type!r}")
-    if args.block != "base" and not family.row_newlines:
+    if args.block != "base" and not family.highres_block:
+        tiled = ", ".join(
+            dict.fromkeys(f.display_name for _, f in sorted(families.ADAPTERS.items()) if f.highres_block)
+        )
         raise ValueError(
-            f"--block {args.block}: a {model_type} image has one grid; --block is for LLaVA-NeXT/OneVision"
+            f"--block {args.block}: a {family.display_name} image has one grid; --block highres is for {tiled}"
         )
     pixels = {k: v for k, v in (("min_pixels", args.min_pixels), ("max_pixels", args.max_pixels)) if v}
     processor = AutoProcessor.from_pretrained(pretrained, **pixels)
+    image_processor = getattr(processor, "image_processor", processor)
+    tiles = family.highres_block and hasattr(image_processor, "max_patches")  # InternVL: max_patches sets the tiling
+    if args.max_patches is not None and not tiles:
+        raise ValueError(f"--max-patches is InternVL's (its tiling); {pretrained} is {model_type!r}")
+    if args.max_patches is not None:
+        image_processor.max_patches = args.max_patches
+    if tiles:
+        print(
+            f"{family.display_name} images tiled with min_patches={image_processor.min_patches}, "
+            f"max_patches={image_processor.max_patches} ({'given' if args.max_patches else 'saved with the checkpoint'}); "
+            "evaluate with the same --model_args max_patches (lmms-eval's internvl_hf default: 12)"
+        )
     cls = Llava if model_type == "llava" else AutoModelForImageTextToText
     model = cls.from_pretrained(pretrained, dtype=getattr(torch, args.dtype), device_map=args.device).eval()
     if resizes:
@@ -121,7 +144,7 @@ def load(pretrained: str, args):
 
 
 def run(args) -> int:
-    from methods import hooks, lochead_heads
+    from methods import families, hooks, lochead_heads
     from methods.technique import RequestError
 
     from ..base import resolve_pretrained
@@ -138,8 +161,11 @@ def run(args) -> int:
     except (ValueError, ModelArgsError) as e:
         print(f"error: {e}")
         return 2
-    if args.prompt != "task" and model.config.model_type != "llava":
-        print(f"error: --prompt {args.prompt} is LLaVA-1.5 only; use --prompt task on {model.config.model_type}")
+    if args.prompt != "task" and not families.adapter(model.config).square_grid:
+        print(
+            f"error: --prompt {args.prompt} is LLaVA-1.5 only (the official prompt and its square grid); "
+            f"use --prompt task on {model.config.model_type}"
+        )
         return 2
     hooks.install(model)
     try:

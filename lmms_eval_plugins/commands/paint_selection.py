@@ -1,5 +1,9 @@
 """`lmms-plugins paint-selection`: do PAINT's selected tokens land on objects? (ShapeWorld)
 
+Runs on the families ``llava_paint`` runs on (LLaVA-1.5; LLaVA-NeXT from its base crop, as ``llava_paint``
+reads it); the families PAINT refuses (``methods.paint.REFUSED``: no CLS token, or tokens that merge several
+patches) are refused here with the same reason.
+
 For the first N ShapeWorld CHAIR scenes, runs the checkpoint's vision tower once with PAINT's
 vision-tower capture installed, selects local / summary / spatial tokens exactly as
 `llava_paint` does, and compares each set with the exact object mask of the scene: the
@@ -44,14 +48,40 @@ def chance_jaccard(n: int, ka: int, kb: int) -> float | None:
 
 
 def load(pretrained: str, image_processor: str | None):
-    """(model, image processor) of a LLaVA-1.5-layout checkpoint (a separate image processor dir if it has none)."""
-    from transformers import AutoImageProcessor, LlavaForConditionalGeneration
+    """(model, image processor, family adapter) of a checkpoint whose family PAINT runs on (a separate image
+    processor dir if it has none); SystemExit with the reason for the families PAINT refuses (``paint.REFUSED``:
+    towers without CLS, tokens that merge several patches) and for model types without an adapter."""
+    from transformers import AutoConfig, AutoImageProcessor, AutoModelForImageTextToText
+
+    from methods import families
+    from methods.geometry import GeometryError
+    from methods.paint import REFUSED
 
     from ..shapeworld import resolve_pretrained
 
     path = resolve_pretrained(pretrained)
-    model = LlavaForConditionalGeneration.from_pretrained(path, dtype=torch.float32).eval()
-    return model, AutoImageProcessor.from_pretrained(image_processor or path)
+    model_type = AutoConfig.from_pretrained(path).model_type
+    try:
+        family = families.adapter(model_type, "paint-selection")
+    except GeometryError as e:
+        raise SystemExit(str(e)) from e
+    if model_type in REFUSED:
+        runs_on = ", ".join(
+            dict.fromkeys(f.display_name for t, f in sorted(families.ADAPTERS.items()) if t not in REFUSED)
+        )
+        raise SystemExit(
+            f"paint-selection: PAINT does not run on {family.display_name} ({pretrained}): {REFUSED[model_type]}. "
+            f"It runs on {runs_on}"
+        )
+    model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32).eval()
+    return model, AutoImageProcessor.from_pretrained(image_processor or path), family
+
+
+def tower_pixels(family, image_processor, image) -> torch.Tensor:
+    """The pixels of the one tower crop whose CLS sees the whole image (the family's ``cls_crop``, as ``llava_paint``
+    reads it: LLaVA-NeXT's base crop; LLaVA-1.5's only one)."""
+    pixel_values = image_processor(images=[image.convert("RGB")], return_tensors="pt")["pixel_values"]
+    return pixel_values[:, family.cls_crop] if pixel_values.ndim == 5 else pixel_values
 
 
 def object_patches(label_map, grid: tuple[int, int], cover: float) -> np.ndarray:
@@ -72,7 +102,7 @@ def main(args) -> int:
 
     if args.compare:
         return compare(args)
-    model, image_processor = load(args.pretrained, args.image_processor)
+    model, image_processor, family = load(args.pretrained, args.image_processor)
     hooks.install(model)
     grid, _ = image_geometry(model)
     n_vision = hooks.num_layers(model, "vision")
@@ -81,7 +111,7 @@ def main(args) -> int:
     for doc in data.chair_docs("test")[: args.limit]:
         scene = data.sample_scene(int(doc["scene_seed"]), data.WORLDS[doc["world"]])
         image, labels = scene.render(with_labels=True)
-        pixel_values = image_processor(images=[image.convert("RGB")], return_tensors="pt")["pixel_values"]
+        pixel_values = tower_pixels(family, image_processor, image)
         selector = TokenSelector(*layers, grid, args.top_ratio, args.spatial_ratio, source=args.source)
         with torch.no_grad(), hooks.edited(model, selector.capture):
             model.model.vision_tower(pixel_values.to(model.dtype))
@@ -111,7 +141,7 @@ def compare(args) -> int:
     """CLS selection vs the received-attention selection, same scenes, same vision-tower pass."""
     from ..shapeworld import data
 
-    model, image_processor = load(args.pretrained, args.image_processor)
+    model, image_processor, family = load(args.pretrained, args.image_processor)
     hooks.install(model)
     grid, _ = image_geometry(model)
     n = grid[0] * grid[1]
@@ -121,7 +151,7 @@ def compare(args) -> int:
     for doc in data.chair_docs("test")[: args.limit]:
         scene = data.sample_scene(int(doc["scene_seed"]), data.WORLDS[doc["world"]])
         image, labels = scene.render(with_labels=True)
-        pixel_values = image_processor(images=[image.convert("RGB")], return_tensors="pt")["pixel_values"]
+        pixel_values = tower_pixels(family, image_processor, image)
         cls = TokenSelector(*layers, grid, args.top_ratio, 0.0)
         rec = TokenSelector(*layers, grid, args.top_ratio, 0.0, source="received")
         with torch.no_grad(), hooks.edited(model, cls.capture, rec.capture):

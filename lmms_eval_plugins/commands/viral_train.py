@@ -1,4 +1,4 @@
-"""`lmms-plugins viral-train`: fine-tune a LLaVA or Qwen2.5-VL checkpoint with VIRAL (LoRA + accelerate).
+"""`lmms-plugins viral-train`: fine-tune a checkpoint of any family with an adapter with VIRAL (LoRA + accelerate).
 
     lmms-plugins viral-train --pretrained llava-hf/llava-1.5-7b-hf --data llava_665k.json \\
         --image-folder data/ --teacher /models/dinov2-base --output-dir runs/viral
@@ -6,10 +6,12 @@
 
 then evaluate: lmms-eval --model llava_viral --model_args pretrained=BASE,adapter=runs/viral ...
 
-Families: LLaVA-1.5 (every image token, the square grid), LLaVA-NeXT/OneVision (the base block
-only), Qwen2.5-VL and Qwen3-VL (the merged tokens, rows x cols; evaluate with qwen2_5_vl_viral / qwen3_vl_viral and the
-min_pixels/max_pixels the processor was trained at). Beyond LLaVA-1.5 the teacher is a
-backbone directory seeing the original image (--teacher DIR --teacher-input image).
+Families (the aligned tokens are each adapter's ``aligned_block``): LLaVA-1.5 (every image token, the
+square grid), LLaVA-NeXT/OneVision (the base block only), Qwen2.5-VL and Qwen3-VL (the merged tokens,
+rows x cols; evaluate with qwen2_5_vl_viral / qwen3_vl_viral and the min_pixels/max_pixels the processor
+was trained at), Gemma 3 (the pooled grid), InternVL (HF) (the thumbnail's grid; tiles unaligned;
+evaluate with internvl_hf_viral). Beyond LLaVA-1.5 the teacher is a backbone directory seeing the
+original image (--teacher DIR --teacher-input image).
 """
 
 from __future__ import annotations
@@ -17,8 +19,11 @@ from __future__ import annotations
 import argparse
 import dataclasses
 
-from methods import viral
+from methods import families, viral
 from methods.viral_train import PRESETS
+
+# the families viral-train takes, as users name them (every family with an adapter)
+FAMILY_NAMES = ", ".join(dict.fromkeys(f.display_name for _, f in sorted(families.ADAPTERS.items())))
 
 
 def register(sub) -> None:
@@ -40,8 +45,7 @@ def register(sub) -> None:
     p.add_argument(
         "--pretrained",
         default=None,
-        help="base checkpoint: LLaVA-1.5, LLaVA-NeXT/OneVision Qwen2.5-VL or Qwen3-VL (directory, hub id, shapeworld-tiny, "
-        "shapeworld-tiny-qwen)",
+        help=f"base checkpoint of {FAMILY_NAMES} (directory, hub id, shapeworld-tiny, shapeworld-tiny-qwen)",
     )
     p.add_argument(
         "--base-llm",
@@ -244,7 +248,7 @@ def run(args) -> int:
     values["explicit"] = tuple(values)
     if not values.get("pretrained") and not values.get("base_llm"):
         raise SystemExit(
-            "viral-train: pass --pretrained (a LLaVA, Qwen2.5-VL or Qwen3-VL checkpoint) or --base-llm/--vision-tower/--mm-projector"
+            f"viral-train: pass --pretrained (a checkpoint of {FAMILY_NAMES}) or --base-llm/--vision-tower/--mm-projector"
         )
     values["pretrained"] = resolve_pretrained(values["pretrained"]) if values.get("pretrained") else ""
     if "teacher" in values:

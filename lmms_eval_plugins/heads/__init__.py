@@ -109,12 +109,15 @@ def _fingerprint(model) -> str:
 def image_settings(model, processor, block: str = "base") -> dict:
     """What decides the grid beyond the model (part of the cache key, recorded in the heads file): none for
     LLaVA-1.5; the block for the others (LLaVA-NeXT/OneVision, Gemma 3); also the processor's min/max pixels (its
-    ``size``) for Qwen2.5-VL, whose grid follows them."""
+    ``size``) for Qwen2.5-VL / Qwen3-VL, whose grid follows them, and InternVL's min/max_patches (its tiling)."""
     from methods import families
 
     family = families.adapter(getattr(model.config, "model_type", "llava"))
     if family.square_grid:
         return {}
+    image_processor = getattr(processor, "image_processor", processor)
+    if family.highres_block and hasattr(image_processor, "max_patches"):  # InternVL: the tiling sets the highres grid
+        return {"block": block, "min_patches": image_processor.min_patches, "max_patches": image_processor.max_patches}
     if "image_grid_thw" not in family.request_inputs:  # the grid does not depend on the processor's pixel bounds
         return {"block": block}
     size = getattr(getattr(processor, "image_processor", processor), "size", None)

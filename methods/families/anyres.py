@@ -49,6 +49,7 @@ def anyres_tiling(config, image_size) -> tuple[int, int]:
 class Anyres(Family):
     request_inputs = ("image_sizes",)
     row_newlines = True
+    highres_block = True
     cls_crop = 0  # the base crop: the whole image at the tower's resolution
 
     def blocks(self, config, processor, image_size, start, inputs):

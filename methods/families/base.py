@@ -30,6 +30,9 @@ class Family:
     # the layout the papers' official code is written for (lochead's official prompt, PM's square view).
     square_grid = False
     row_newlines = False  # a learned newline token, with the image token id, after each high-res row
+    highres_block = (
+        False  # a "highres" block (tiles) beside the "base" one: lochead's and discover-heads' block=highres
+    )
     vision_cls = True  # the vision tower has a CLS token (PAINT's selection reads its attention)
     cls_crop: int | None = None  # the tower crop whose CLS sees the whole image (None: the tower's only crop)
     vision_tower = "CLIP vision tower"  # as messages name it ("its SigLIP vision tower has no CLS token")

@@ -76,6 +76,7 @@ class InternVL(Family):
     vision_tower = "InternViT vision tower"
     # each image token is a 2x2 group of the tower's patches (pixel shuffle): a selection of patches is not one of tokens
     patches_per_token = 4
+    highres_block = True  # the stitched tiles (images of more than one tile)
 
     def blocks(self, config, processor, image_size, start, inputs):
         """Base (the thumbnail, or the only tile) first, then the stitched tiles when there are several."""
