@@ -1,0 +1,124 @@
+"""The registered lmms-eval wrappers against the official fixtures: what the wrapper adds between the
+technique and the model (model_args and presets, lmms-eval's prompt, tokenization and processor call, the
+recording processor, the request, ``TechniqueModel``) is in the path.
+
+tests/test_parity_pm.py and tests/test_parity_pai.py build ``PerceptionMagnifier`` / ``Pai`` directly;
+here ``llava_pm`` and ``llava_pai`` are built as lmms-eval builds them (tests/_parity_wrappers.py:
+``get_model(name, force_simple=True).create_from_arg_string("pretrained=<tiny checkpoint>,preset=official...")``)
+and answer lmms-eval ``generate_until`` Instances; the generated ids and every step's logits / scores
+are compared with the same fixtures at the same tolerances. The image processor is replaced where the
+fixtures need other pixels than transformers 5's default loads (``Wrappers.get``'s ``pixels``).
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import test_parity_pai as pai_parity
+import test_parity_pm as pm_parity
+from _parity_wrappers import Wrappers, generate
+from conftest import REPO
+from lmms_eval_plugins.testing import load_parity_script
+
+PAI_FIX = REPO / "tests" / "fixtures" / "official" / "pai"
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return load_parity_script("tiny_llava15")
+
+
+@pytest.fixture(scope="module")
+def pm_fixtures():
+    return pm_parity.load_fixtures()
+
+
+@pytest.fixture(scope="module")
+def wrappers(tiny, pm_fixtures, tmp_path_factory):
+    return Wrappers(tiny, pm_fixtures[2], tmp_path_factory.mktemp("parity_wrappers"))
+
+
+# ------------------------------------------------------------------------------------------- llava_pm
+
+PM_MODEL_ARGS = {"pope": "preset=official_pope", "mme": "preset=official_mme"}
+
+
+@pytest.mark.parametrize(
+    "name,refresh", [("wide_p0_pope", "once"), ("square_p1_mme", "once"), ("wide_p0_pope", "every_token")]
+)
+def test_llava_pm_generates_the_official_answer(wrappers, tiny, pm_fixtures, name, refresh):
+    """llava_pm preset=official_* (and refresh=every_token, the official --resample_during_sampling) through
+    lmms-eval's generate_until: the request is the fixture's prompt, the magnified image(s) are the official
+    ones, the answer is the official ids, and every answer step's logits are within the fixtures' tolerance."""
+    data, arrays, _ = pm_fixtures
+    case = data["cases"][name]
+    args = PM_MODEL_ARGS[case["settings"]] + (",refresh=every_token" if refresh == "every_token" else "")
+    lm = wrappers.get("llava_pm", args, case["prompt"]["before"], pixels="pil")
+    lm.technique.keep_steps, lm.technique.steps = True, []
+    image = Image.open(pm_parity.FIX / f"image_{case['image']}.png").convert("RGB")
+    question = tiny.words(case["prompt"]["after"][: -len(tiny.ASSISTANT_IDS)])
+    with pm_parity.logit_rows(lm._model) as rows:
+        text, calls = generate(lm, image, question, {"max_new_tokens": data["new_tokens"], "temperature": 0})
+    ref = case["once"] if refresh == "once" else case["every_token"]
+    ((req, out, _),) = calls
+    n = req.input_ids.shape[1]
+    assert req.input_ids[0].tolist() == tiny.hf_ids(case["prompt"]["before"], case["prompt"]["after"])[0].tolist()
+    assert out[0, n:].tolist() == ref["new_ids"] and text == tiny.words(ref["new_ids"])
+    steps = [ref] if refresh == "once" else ref["steps"]
+    prefixes = [f"{name}/once/"] if refresh == "once" else [f"{name}/every/{i}/" for i in range(len(steps))]
+    assert len(lm.technique.steps) == len(steps)
+    for ours, want, prefix in zip(lm.technique.steps, steps, prefixes):
+        assert len(ours.search.raw) == want["passes"], "map passes (exit decision)"
+        assert [np.flatnonzero(b).tolist() for b in ours.search.blocked] == want["blocked"]
+        np.testing.assert_array_equal(np.asarray(ours.image), arrays[f"{prefix}magnified"])
+    pm_parity._check_logits(rows, ref["answer_logits"] if refresh == "once" else ref["logits"], f"{name} {refresh}")
+
+
+# ------------------------------------------------------------------------------------------ llava_pai
+
+
+@pytest.fixture(scope="module")
+def pai_golden():
+    return json.loads((PAI_FIX / "pai_official.json").read_text())
+
+
+def _pai_runs():
+    """The prompt-0 runs that preset=official reaches by model_args: the preset itself (greedy and beams)
+    and the boost alone without guidance (use_cfg=false)."""
+    runs = json.loads((PAI_FIX / "pai_official.json").read_text())["runs"]
+    return [
+        i
+        for i, r in enumerate(runs)
+        if r["prompt"] == 0 and r["name"] in ("attn", "both") and r["alpha"] == 0.2 and r["gamma"] == 1.1
+    ]
+
+
+def _pai_model_args(run: dict) -> str:
+    assert run["use_attn"] and (run["start_layer"], run["end_layer"]) == (2, 32)
+    return "preset=official" + ("" if run["use_cfg"] else ",use_cfg=false")
+
+
+@pytest.mark.parametrize("i", _pai_runs())
+def test_llava_pai_generates_the_official_answer(wrappers, tiny, pai_golden, i):
+    """llava_pai preset=official through lmms-eval's generate_until (num_beams from the task's gen_kwargs):
+    the request is the fixture's prompt, the answer is the official ids and every step's scores (after
+    guidance) match at test_parity_pai's tolerance."""
+    run = pai_golden["runs"][i]
+    prompt = pai_golden["prompts"][run["prompt"]]
+    pixels = tiny.fixed_pixels(1)
+    assert tiny.matches(tiny.tensor_sha256(pixels), pai_golden["pixels_sha256"])
+    lm = wrappers.get("llava_pai", _pai_model_args(run), prompt["ids_before_image"], suffix=(), pixels=pixels)
+    gen_kwargs = {"max_new_tokens": len(run["steps"]), "temperature": 0, "num_beams": run["num_beams"]}
+    image = Image.new("RGB", (336, 336))  # its pixels are the fixture's (FixedPixels)
+    text, calls = generate(lm, image, tiny.words(prompt["ids_after_image"]), gen_kwargs, scores=True)
+    ((req, out, _),) = calls
+    n = req.input_ids.shape[1]
+    assert req.input_ids[0].tolist() == pai_parity.pai_ours.prompt_ids(prompt)[0].tolist()
+    assert out.sequences[:, n:].tolist() == run["new_ids"] and text == tiny.words(run["new_ids"][0])
+    assert len(out.scores) == len(run["steps"])
+    for got, want in zip(out.scores, run["steps"]):
+        pai_parity.assert_step_matches(got, want)
