@@ -27,9 +27,15 @@ class Wrappers:
         torch.set_num_threads(1)
         self.tiny, self.root = tiny, Path(root)
         self.model = tiny.model_of(provenance)  # fails unless it is the fixtures' model
+        self.model_seed, self.fingerprint = provenance["model"]["seed"], tiny.fingerprint(self.model)
         self.checkpoints: dict = {}
         self.built: dict = {}
         self.stock: dict = {}  # the image processor each built class loaded
+
+    def check(self, provenance: dict) -> None:
+        """Another fixture's provenance names the same model (same seed and fingerprint)."""
+        assert provenance["model"]["seed"] == self.model_seed
+        assert self.tiny.matches(self.fingerprint, provenance["model"]["fingerprint"]), "not the fixtures' model"
 
     def checkpoint(self, before, suffix) -> Path:
         key = (tuple(before), tuple(suffix))

@@ -16,6 +16,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 import test_parity_pai as pai_parity
@@ -122,3 +123,47 @@ def test_llava_pai_generates_the_official_answer(wrappers, tiny, pai_golden, i):
     assert len(out.scores) == len(run["steps"])
     for got, want in zip(out.scores, run["steps"]):
         pai_parity.assert_step_matches(got, want)
+
+
+# ------------------------------------------------------------------------------------- llava_knockout
+
+KNOCKOUT_FIX = REPO / "tests" / "fixtures" / "official" / "knockout"
+# preset=official (the run_on_coco.py default: decode rows, every layer) and a bidirectional block with a window
+KNOCKOUT_MODEL_ARGS = {
+    "generated_all_layers": "preset=official",
+    "block_query_from_16": "preset=official_block_query,window=after:15",
+}
+
+
+@pytest.fixture(scope="module")
+def knockout_golden(wrappers):
+    wrappers.check(json.loads((KNOCKOUT_FIX / "provenance.json").read_text()))
+    return json.loads((KNOCKOUT_FIX / "knockout_official.json").read_text())
+
+
+@pytest.mark.parametrize("name", list(KNOCKOUT_MODEL_ARGS))
+def test_llava_knockout_generates_the_official_answer(wrappers, tiny, knockout_golden, name):
+    """llava_knockout official presets through lmms-eval's generate_until: the model_args give the parameters
+    test_parity_knockout.py derives from the run's flags, the request is the fixture's prompt, and the first 6
+    greedy ids and their top-16 scores match (ATOL of test_parity_knockout.py)."""
+    import test_parity_knockout as knockout_parity
+
+    golden = knockout_golden
+    run = next(r for r in golden["runs"] if r["name"] == name)
+    pixels = tiny.fixed_pixels(1)
+    assert tiny.matches(tiny.tensor_sha256(pixels), golden["pixels_sha256"])
+    lm = wrappers.get("llava_knockout", KNOCKOUT_MODEL_ARGS[name], golden["ids_before_image"], suffix=(), pixels=pixels)
+    want = knockout_parity.vlminterp_ours.official_params(run["flags"])
+    assert {k: lm.technique_params[k] for k in want} == want
+    gen_kwargs = {"max_new_tokens": len(run["steps"]), "temperature": 0}
+    image = Image.new("RGB", (336, 336))  # its pixels are the fixture's (FixedPixels)
+    text, calls = generate(lm, image, tiny.words(golden["ids_after_image"]), gen_kwargs, scores=True)
+    ((req, out, _),) = calls
+    n = req.input_ids.shape[1]
+    assert req.input_ids[0].tolist() == tiny.hf_ids(golden["ids_before_image"], golden["ids_after_image"])[0].tolist()
+    assert out.sequences[0, n:].tolist() == run["new_ids"] and text == tiny.words(run["new_ids"])
+    for got, step in zip(out.scores, run["steps"]):
+        idx = torch.tensor(step["topk_indices"])
+        diff = (got.float().gather(-1, idx) - torch.tensor(step["topk_values"])).abs().max().item()
+        assert diff <= knockout_parity.ATOL, f"top-k scores differ by {diff}"
+        assert torch.equal(got.float().topk(idx.shape[-1], dim=-1).indices, idx)
