@@ -100,8 +100,9 @@ class FixedPixels:
 class Recorded:
     """Records each call of ``lm.technique.<method>`` (the request and the output) while in use.
 
-    ``generate_scores``: the technique's generate is asked for its scores too (``output_scores``,
-    ``return_dict_in_generate``) and lmms-eval still gets the sequences alone."""
+    ``generate_scores``: the technique's generate is asked for its scores and raw logits too
+    (``output_scores``, ``output_logits``, ``return_dict_in_generate``) and lmms-eval still gets the
+    sequences alone."""
 
     def __init__(self, lm, method: str, generate_scores: bool = False):
         self.technique, self.method, self.calls = lm.technique, method, []
@@ -112,7 +113,7 @@ class Recorded:
 
         def recording(model, req, **kwargs):
             if self.scores:
-                kwargs = {**kwargs, "output_scores": True, "return_dict_in_generate": True}
+                kwargs = {**kwargs, "output_scores": True, "output_logits": True, "return_dict_in_generate": True}
             out = real(model, req, **kwargs)
             self.calls.append((req, out, getattr(self.technique, "last_magnified", None)))
             return out.sequences if self.scores else out

@@ -167,3 +167,46 @@ def test_llava_knockout_generates_the_official_answer(wrappers, tiny, knockout_g
         diff = (got.float().gather(-1, idx) - torch.tensor(step["topk_values"])).abs().max().item()
         assert diff <= knockout_parity.ATOL, f"top-k scores differ by {diff}"
         assert torch.equal(got.float().topk(idx.shape[-1], dim=-1).indices, idx)
+
+
+# ---------------------------------------------------------------------------------------- llava_paint
+
+PAINT_FIX = REPO / "tests" / "fixtures" / "official" / "paint"
+
+
+def _paint_cases():
+    return json.loads((PAINT_FIX / "generation.json").read_text())
+
+
+@pytest.mark.parametrize(
+    "i", range(len(_paint_cases())), ids=[f"prompt{c['before'][0]}-cfg{c['use_cfg']}" for c in _paint_cases()]
+)
+def test_llava_paint_generates_the_official_answer(wrappers, tiny, i):
+    """llava_paint preset=official (boost + CFG gamma 1.1, as modpai_eval.sh) and preset=official,use_cfg=false
+    through lmms-eval's generate_until: the token selection runs on the vision tower inside the wrapper's
+    generate; the request is the fixture's prompt, the ids are the official ones, and every step's raw
+    logits at the official top ids and (with CFG) the guided scores match (test_parity_paint.py's ATOL)."""
+    import test_parity_paint as paint_parity
+
+    wrappers.check(paint_parity.PROVENANCE)
+    case = _paint_cases()[i]
+    assert (case["alpha"], case["beta"], case["gamma"] or 1.1) == (0.7, 0.3, 1.1)
+    n = len({c["image"] for c in paint_parity.SELECTION})
+    pixels = tiny.fixed_pixels(n, seed=paint_parity.PROVENANCE["model"]["seed"])[case["image"] : case["image"] + 1]
+    args = "preset=official" + ("" if case["use_cfg"] else ",use_cfg=false")
+    lm = wrappers.get("llava_paint", args, case["before"], suffix=(), pixels=pixels)
+    gen_kwargs = {"max_new_tokens": len(case["new_ids"]), "temperature": 0}
+    image = Image.new("RGB", (336, 336))  # its pixels are the fixture's (FixedPixels)
+    text, calls = generate(lm, image, tiny.words(case["after"]), gen_kwargs, scores=True)
+    ((req, out, _),) = calls
+    n_prompt = req.input_ids.shape[1]
+    assert req.input_ids[0].tolist() == tiny.hf_ids(case["before"], case["after"])[0].tolist()
+    assert out.sequences[0, n_prompt:].tolist() == case["new_ids"] and text == tiny.words(case["new_ids"])
+    for step, logits, scores in zip(case["steps"], out.logits, out.scores):
+        raw = logits[0, torch.tensor(step["raw_top"]["ids"])]
+        torch.testing.assert_close(raw, torch.tensor(step["raw_top"]["values"]), atol=paint_parity.ATOL, rtol=0)
+        if case["use_cfg"]:
+            finite = torch.isfinite(scores[0]).nonzero().flatten()
+            assert finite.tolist() == step["scores_finite_ids"]
+            want = torch.tensor(step["scores_finite_values"])
+            torch.testing.assert_close(scores[0, finite].float(), want, atol=paint_parity.ATOL, rtol=0)
