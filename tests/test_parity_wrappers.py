@@ -210,3 +210,39 @@ def test_llava_paint_generates_the_official_answer(wrappers, tiny, i):
             assert finite.tolist() == step["scores_finite_ids"]
             want = torch.tensor(step["scores_finite_values"])
             torch.testing.assert_close(scores[0, finite].float(), want, atol=paint_parity.ATOL, rtol=0)
+
+
+# -------------------------------------------------------------------------------------- llava_reprompt
+
+REPROMPT_FIX = REPO / "tests" / "fixtures" / "official" / "reprompt"
+
+
+def test_llava_reprompt_prunes_as_the_official_code(wrappers, tiny):
+    """llava_reprompt preset=official (run_on_coco.py -k 0.05 -k_selection_method attn_over_gen_percentage: a
+    300-step describe pass, per-layer top-k, the unkept image keys removed in decode steps) through lmms-eval's
+    generate_until; the describe text is given as model_args (the word-level stand-in of the fixture's describe
+    ids): the request is the fixture's question, and its first 6 greedy ids and their top-16 scores match the
+    official pruned run (test_parity_reprompt.py's ATOL)."""
+    import test_parity_reprompt as reprompt_parity
+
+    wrappers.check(json.loads((REPROMPT_FIX / "provenance.json").read_text()))
+    golden = json.loads((REPROMPT_FIX / "prune_official.json").read_text())
+    run = next(r for r in golden["runs"] if (r["selection"], r["name"]) == ("attn_over_gen_percentage", "decode_only"))
+    d, q = golden["describe"], golden["question"]
+    assert d["ids_before_image"] == q["ids_before_image"]  # the describe prompt shares the question's prefix
+    pixels = tiny.fixed_pixels(1)
+    args = f"preset=official,describe={tiny.words(d['ids_after_image'])},describe_tokens={len(d['new_ids'])}"
+    lm = wrappers.get("llava_reprompt", args, q["ids_before_image"], suffix=(), pixels=pixels)
+    assert lm.technique_params["keep_ratio"] == golden["k_fraction"]
+    gen_kwargs = {"max_new_tokens": len(run["steps"]), "temperature": 0}
+    image = Image.new("RGB", (336, 336))  # its pixels are the fixture's (FixedPixels)
+    text, calls = generate(lm, image, tiny.words(q["ids_after_image"]), gen_kwargs, scores=True)
+    ((req, out, _),) = calls
+    n = req.input_ids.shape[1]
+    assert req.input_ids[0].tolist() == tiny.hf_ids(q["ids_before_image"], q["ids_after_image"])[0].tolist()
+    assert out.sequences[0, n:].tolist() == run["new_ids"] and text == tiny.words(run["new_ids"])
+    for got, step in zip(out.scores, run["steps"]):
+        idx = torch.tensor(step["topk_indices"])
+        diff = (got.float().gather(-1, idx) - torch.tensor(step["topk_values"])).abs().max().item()
+        assert diff <= reprompt_parity.ATOL, f"top-k scores differ by {diff}"
+        assert torch.equal(got.float().topk(idx.shape[-1], dim=-1).indices, idx)
