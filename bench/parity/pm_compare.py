@@ -1,12 +1,15 @@
 """Measured differences between llava_pm preset=official and the official PM fixtures.
 
-    python bench/parity/pm_compare.py [--fixtures tests/fixtures/official/pm]
+    python bench/parity/pm_compare.py [--fixtures tests/fixtures/official/pm] [--first-token]
 
 Runs the same cases as tests/test_parity_pm.py (our venv, no official stack) and prints, per
 case and step, the max abs differences of the maps, H* and the enhanced map, how many cells of
 the 8-bit map differ, whether the magnified image and the ids are equal, and the max abs
 differences of the answer's logits at the official top-16 ids and of their vocabulary sums.
-docs/pm.md quotes it.
+``--first-token``: instead, the registered ``llava_pm`` (tests/_parity_wrappers.py) answers the loglikelihood
+requests of first_token.json's cases (" Yes" / " No", with resample_cd=0 and 1) and the script prints, per case,
+the largest difference of log P(answer) from the official first-step distribution's, the official p_y next
+to our probabilities, and both answers. docs/pm.md quotes it.
 """
 
 from __future__ import annotations
@@ -26,7 +29,10 @@ sys.path.insert(0, str(ROOT / "tests"))
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--fixtures", default=str(ROOT / "tests" / "fixtures" / "official" / "pm"))
+    ap.add_argument("--first-token", action="store_true", help="the loglikelihood path against first_token.json")
     args = ap.parse_args()
+    if args.first_token:
+        return first_token(Path(args.fixtures))
     import test_parity_pm as t
 
     from methods import pm_magnify
@@ -86,6 +92,41 @@ def main():
             rows.append(f"{name} {refresh}: ids equal {ids == want_ids} logits (top 16) {d_l:.1e} sums {d_s:.1e}")
     print("\n".join(rows))
     print("worst:", worst)
+
+
+def first_token(fixtures: Path) -> None:
+    import json
+    import tempfile
+
+    import test_parity_pm_first_token as ft
+    from _parity_wrappers import Wrappers
+
+    from lmms_eval_plugins.testing import load_parity_script
+
+    ft.FIX = fixtures
+    golden = json.loads((fixtures / "first_token.json").read_text())
+    tiny = load_parity_script("tiny_llava15")
+    wrappers = Wrappers(tiny, golden["provenance"], Path(tempfile.mkdtemp()))
+    utils = ft.load_task_utils()
+    worst = 0.0
+    for name, case in golden["cases"].items():
+        for label, extra in (("magnified", ""), ("resample_cd", f",resample_cd={case['resample_cd']['cd']}")):
+            record = case[label]
+            lm = wrappers.get(
+                "llava_pm", ft.MODEL_ARGS[case["settings"]] + extra, case["prompt"]["before"], pixels="pil"
+            )
+            results, _ = ft.ask(lm, tiny, case)
+            ids = [ft.answer_id(tiny, w) for w in ("Yes", "No")]
+            diff = max(abs(-loss - record["logprob"][str(i)]) for (loss, _), i in zip(results, ids))
+            worst = max(worst, diff)
+            ours = [float(np.exp(-loss)) for loss, _ in results]
+            print(
+                f"{name:22s} {label:11s} log P diff {diff:.1e}  P(Yes), P(No) ours {ours[0]:.6f} {ours[1]:.6f}  "
+                f"official p_y {record['p_y'][0]:.6f} {record['p_y'][1]:.6f}  answers ours "
+                f"{utils.first_token_answer(results)} official {record['answer']}",
+                flush=True,
+            )
+    print("worst log P diff:", worst)
 
 
 if __name__ == "__main__":

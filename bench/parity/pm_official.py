@@ -25,8 +25,11 @@ The two paths:
   the same map, 2-means, mask and exit code as the QA loop, which instead re-forwards through a
   sampled ``generate`` per pass and reads its first step's attentions), then the official
   ``generate`` on the magnified image's pixels gives the answer ids and logits
-  (model_generate.py:557-561). The QA path's P(yes)/P(no) scoring (model_generate.py:565-581) is
-  not recorded.
+  (model_generate.py:557-561). The QA path's first-token scoring is recorded too (``first_token.json``):
+  the official ``generate`` with the scripts' decoding (T=1, no top-k/top-p, so ``scores[0]`` are the
+  raw first-step logits) on the original and on the magnified image, scored by the official
+  ``calibrate_label_dict`` / ``get_prob_from_logits`` (utils/metrics.py, model_generate.py:301-314 and
+  562-581), with a word-level stand-in for Vicuna's tokenizer (``tiny_llava15.word``).
 - ``every_token`` (``--resample_during_sampling``): ``sample`` with ``max_new_tokens=NEW_TOKENS``.
 
 Observation only: the functions ``sample`` looks up in its module (``aggregate_layer_attention``,
@@ -54,6 +57,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -326,6 +330,70 @@ def step_arrays(prefix: str, step: dict, arrays: dict, vis_start: int) -> dict:
     }
 
 
+RESAMPLE_CD = 1.0  # a --resample_cd value for the contrast record (the scripts leave it at 0)
+
+
+def qa_kwargs() -> dict:
+    """model_generate.py:263-276 as the POPE / MME scripts run it: T=1 sampling with top_p and top_k None,
+    so transformers 4.37 adds no warper and ``scores[0]`` are the first step's raw logits; max_new_tokens 1
+    (the scripts' 10 leave ``scores[0]`` as it is, and only ``scores[0]`` is scored)."""
+    return dict(
+        do_sample=True,
+        temperature=1.0,
+        top_p=None,
+        top_k=None,
+        num_beams=1,
+        max_new_tokens=1,
+        use_cache=True,
+        output_scores=True,
+        return_dict_in_generate=True,
+        output_attentions=True,
+    )
+
+
+class WordTokenizer:
+    """Stands in for Vicuna's tokenizer where the official scoring decodes ids (utils/metrics.py:50):
+    the word-level vocabulary of ``tiny_llava15.word``."""
+
+    def decode(self, ids, **kwargs):
+        return tiny.words([ids] if isinstance(ids, int) else list(ids))
+
+
+def score_record(scores: torch.Tensor, metrics) -> dict:
+    """The official scoring of one first-step score row (model_generate.py:562-581): ``calibrate_label_dict``
+    (the softmax's top 10, decoded, lower-cased and stripped, each word's most probable id kept) and
+    ``get_prob_from_logits`` (p_y = [P(yes), P(no)], 0 for a word not in the top 10), and the answer the
+    evaluation reads from them (eval_pope_seeds.py:62-63; MME/convert_and_eval.py:74 the same from ``naive``).
+    ``logprob`` (the harness's, not official): the whole distribution's log-probability of each answer word's id."""
+    naive, logits_raw = metrics.calibrate_label_dict(scores, WordTokenizer(), return_logits=True)
+    p_y = metrics.get_prob_from_logits(naive)
+    logp = torch.log_softmax(scores[0].double(), dim=-1)
+    return {
+        "naive": naive,
+        "logits_raw": logits_raw,
+        "p_y": p_y,
+        "answer": "yes" if p_y[0] > p_y[1] else "no",
+        "top10": torch.softmax(scores, dim=-1)[0].topk(10).indices.tolist(),
+        "logprob": {str(i): float(logp[i]) for i in tiny.ANSWER_WORDS},
+    }
+
+
+def first_token_scores(model, input_ids, images, magnified_pixels, raw_first_row, metrics) -> dict:
+    """The QA path's scores: the first generate on the original image (``original_p_y``, model_generate.py:
+    301-314), the generate on the magnified image (model_generate.py:557-566, 581) and their contrast
+    ``scores + cd * (scores - original_scores)`` at cd = RESAMPLE_CD (model_generate.py:572-579)."""
+    with torch.inference_mode():
+        original = model.generate(input_ids=input_ids, images=images, **qa_kwargs())["scores"][0]
+        scores = model.generate(input_ids=input_ids, images=magnified_pixels, **qa_kwargs())["scores"][0]
+    assert torch.equal(scores.float(), raw_first_row), "scores[0] are not the raw first-step logits"
+    contrast = scores + RESAMPLE_CD * (scores - original)
+    return {
+        "original": score_record(original, metrics),
+        "magnified": score_record(scores, metrics),
+        "resample_cd": {"cd": RESAMPLE_CD, **score_record(contrast, metrics)},
+    }
+
+
 def run_case(
     model, image_processor, pm_sample, trace, image, prompt, settings, out_dir, name, arrays, every: bool
 ) -> dict:
@@ -364,6 +432,11 @@ def run_case(
     trace.steps()  # the plain generate calls process_images only above (discard)
     case["once"]["new_ids"] = gen["sequences"][0, input_ids.shape[1] :].tolist()
     case["once"]["answer_logits"] = logits_record(rec.rows)
+    from utils import metrics  # as model_generate.py:24 imports it
+
+    case["first_token"] = first_token_scores(model, input_ids, images, pix, rec.rows[0], metrics)
+    case["first_token"]["magnified_sha256"] = hashlib.sha256(np.asarray(mag).tobytes()).hexdigest()
+    case["first_token"]["passes"] = case["once"]["passes"]
     # the unmagnified first-step logits (model_generate.py:305-313; resample_cd's original_scores)
     rec = LogitsRecorder()
     with torch.inference_mode():
@@ -436,6 +509,41 @@ def pure_functions(pm_sample, arrays) -> dict:
     return out
 
 
+def write_first_token(out: Path, cases: dict, common: dict) -> None:
+    """first_token.json: per case its inputs and the official first-token scores, with their own provenance
+    (the file can be regenerated alone, ``--first-token``, on the current tiny model)."""
+    record = {
+        name: {
+            "image": c["image"],
+            "settings": c["settings"],
+            "prompt": c["prompt"],
+            "pixels_sha256": c["pixels_sha256"],
+            **c["first_token"],
+        }
+        for name, c in cases.items()
+    }
+    provenance = {
+        **common,
+        "files": [
+            "experiments/eval/model_generate.py",
+            "experiments/utils/metrics.py",
+            "experiments/utils/pm_sample.py",
+        ],
+        "harness": "/work/venvs/official/bin/python bench/parity/pm_official.py --official /work/official/PM "
+        "--model MODEL_DIR --out tests/fixtures/official/pm [--first-token]",
+        "decoding": "model_generate.py:263-276 with the scripts' values: do_sample=True, temperature=1.0, top_k=None, "
+        "top_p=None (no warper: scores[0] = raw logits, checked against the logits processor's row), max_new_tokens=1",
+        "scoring": "utils/metrics.py calibrate_label_dict(scores, tokenizer, return_logits=True) (top_k=10) and "
+        "get_prob_from_logits, unmodified; answer = 'yes' if p_y[0] > p_y[1] else 'no' (eval_pope_seeds.py:62-63)",
+        "tokenizer": "WordTokenizer: ids decode to tiny_llava15.word (no Vicuna tokenizer here); answer words "
+        + json.dumps(tiny.ANSWER_WORDS),
+        "map": "the magnified image of step 0 of pm_sample.sample (as pm_official.json's once path)",
+    }
+    (out / "first_token.json").write_text(
+        json.dumps({"cases": record, "settings": SETTINGS, "provenance": provenance}, indent=1)
+    )
+
+
 def pip_freeze() -> list[str]:
     out = subprocess.run([sys.executable, "-m", "pip", "freeze"], capture_output=True, text=True)
     return out.stdout.split()
@@ -447,17 +555,25 @@ def main():
     ap.add_argument("--model", required=True, type=Path, help="tiny_llava15.build() output directory")
     ap.add_argument("--out", required=True, type=Path)
     ap.add_argument("--quick", action="store_true", help="one image, one prompt, pope settings")
+    ap.add_argument(
+        "--first-token",
+        action="store_true",
+        help="write only first_token.json (the QA path's first-token scoring, once per case; no every_token runs), "
+        "leaving the other fixture files as they are",
+    )
     args = ap.parse_args()
     torch.manual_seed(0)
     import transformers
 
     transformers.logging.set_verbosity_error()  # the CLIP prefix warning (ensure_clip_weights loads strictly)
     args.out.mkdir(parents=True, exist_ok=True)
+    # --first-token: the other fixtures' images go to a scratch directory
+    pngs = Path(tempfile.mkdtemp()) if args.first_token else args.out
     model, image_processor, pm_sample = load_official(args.official, args.model)
     trace = Trace(pm_sample)
     images = fixed_images()
     for k, im in images.items():
-        im.save(args.out / f"image_{k}.png")
+        im.save(pngs / f"image_{k}.png")
     arrays, cases = {}, {}
     plan = [
         ("wide", 0, "pope", True),
@@ -482,10 +598,10 @@ def main():
                 images[img],
                 PROMPTS[p],
                 SETTINGS[setting],
-                args.out,
+                pngs,
                 name,
                 arrays,
-                every,
+                every and not args.first_token,
             ),
         }
         c = cases[name]
@@ -498,10 +614,10 @@ def main():
             "every",
             c.get("every_token", {}).get("new_ids"),
             [s["passes"] for s in c.get("every_token", {}).get("steps", [])],
+            "first token p_y",
+            c["first_token"]["magnified"]["p_y"],
             flush=True,
         )
-    pure = pure_functions(pm_sample, arrays)
-    np.savez_compressed(args.out / "arrays.npz", **arrays)
     info = json.loads((args.model / "model_info.json").read_text())
     commit = os.environ.get("PM_COMMIT") or next(
         (
@@ -516,15 +632,33 @@ def main():
         ),
         "",
     )
+    shim_src = (HERE / "cpu_shim.py").read_text()
+    common = {
+        "repository": "https://github.com/ShunqiM/PM",
+        "commit": commit or OFFICIAL_COMMIT,
+        "model": {"builder": "bench/parity/tiny_llava15.py", **info},
+        "shim": {
+            "cpu_shim_sha256": hashlib.sha256(shim_src.encode()).hexdigest(),
+            "stubs": STUBS,
+            "stubs_sha256": hashlib.sha256(STUBS.encode()).hexdigest(),
+        },
+        "harness_sha256": hashlib.sha256(Path(__file__).read_bytes()).hexdigest(),
+        "official_stack": {"python": sys.version.split()[0], "pip_freeze": pip_freeze()},
+    }
+    write_first_token(args.out, cases, common)
+    if args.first_token:
+        print("wrote", args.out / "first_token.json", flush=True)
+        return
+    pure = pure_functions(pm_sample, arrays)
+    np.savez_compressed(args.out / "arrays.npz", **arrays)
     (args.out / "pm_official.json").write_text(
         json.dumps(
             {"cases": cases, "pure": pure, "settings": SETTINGS, "new_tokens": NEW_TOKENS}, separators=(",", ":")
         )
     )
-    shim_src = (HERE / "cpu_shim.py").read_text()
     provenance = {
-        "repository": "https://github.com/ShunqiM/PM",
-        "commit": commit or OFFICIAL_COMMIT,
+        "repository": common["repository"],
+        "commit": common["commit"],
         "files": [
             "experiments/utils/pm_sample.py",
             "experiments/utils/attention_resampler.py",
@@ -534,13 +668,9 @@ def main():
             "experiments/llava/",
         ],
         "harness": "/work/venvs/official/bin/python bench/parity/pm_official.py --official /work/official/PM --model MODEL_DIR --out tests/fixtures/official/pm",
-        "model": {"builder": "bench/parity/tiny_llava15.py", **info},
-        "shim": {
-            "cpu_shim_sha256": hashlib.sha256(shim_src.encode()).hexdigest(),
-            "stubs": STUBS,
-            "stubs_sha256": hashlib.sha256(STUBS.encode()).hexdigest(),
-        },
-        "harness_sha256": hashlib.sha256(Path(__file__).read_bytes()).hexdigest(),
+        "model": common["model"],
+        "shim": common["shim"],
+        "harness_sha256": common["harness_sha256"],
         "decoding": "do_sample=True, temperature=1.0 (model_generate.py:698) with top_k=1 (deterministic)",
         "changes_to_official_behaviour": [
             "accept_resample_args: transformers' _validate_model_kwargs skipped for the generate calls that pass "
@@ -548,7 +678,7 @@ def main():
             "cpu_shim: cuda -> cpu, half() keeps float32; stubs: cv2, matplotlib, experiments.API.DatasetManager (never called)",
         ],
         "once_path": "model_generate.py:319-418's map = step 0 of pm_sample.sample (same calls), then model_generate.py:557-561",
-        "official_stack": {"python": sys.version.split()[0], "pip_freeze": pip_freeze()},
+        "official_stack": common["official_stack"],
     }
     (args.out / "provenance.json").write_text(json.dumps(provenance, indent=1))
     print("wrote", args.out, flush=True)

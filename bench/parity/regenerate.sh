@@ -54,7 +54,7 @@ if [ -n "$PM" ]; then
   # PM: attention_resampler.py imports scipy (not in official_env.sh); PM_COMMIT=<full hash> for an exported tree
   "$OFFICIAL_VENV/bin/python" -c "import scipy" 2>/dev/null || "$OFFICIAL_VENV/bin/pip" install -q "scipy<1.14"
   "$OFFICIAL_VENV/bin/python" "$HERE/pm_official.py" --official "$PM" --model "$WORK/model" --out "$REPO/tests/fixtures/official/pm"
-  "$OURS" -m pytest -q "$REPO/tests/test_parity_pm.py"
+  "$OURS" -m pytest -q "$REPO/tests/test_parity_pm.py" "$REPO/tests/test_parity_pm_first_token.py"
 fi
 
 if [ -n "$LOCHEAD" ]; then

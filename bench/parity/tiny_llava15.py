@@ -356,6 +356,89 @@ def hf_ids(before: list[int], after: list[int], bos: int = LLAMA_COMMON["bos_tok
     return torch.tensor([[bos, *before, *[IMAGE_TOKEN_ID] * N_IMAGE_TOKENS, *after]])
 
 
+# ---------------------------------------------------------------------------------------
+# A word-level stand-in vocabulary, and the llava-hf checkpoint lmms-eval loads (the wrappers' parity tests)
+# ---------------------------------------------------------------------------------------
+
+# Vicuna's tokenizer is not available here, so every id is a word of its own: "t<id>", except the
+# specials and three answer words. The answer words sit at ids this random model ranks first at the
+# first answer step of the PM fixture cases (chosen by looking at the fixtures' top 16), so that the
+# official first-token scoring (which reads only the top 10) scores both answers; with Vicuna's own
+# ids ("Yes" 3869, "No" 1939) neither is ever in this model's top 10 and every official score is 0.
+# "yes" is a case variant of "Yes": the official scoring keeps the most probable variant of each.
+SPECIAL_WORDS = {0: "<unk>", 1: "<s>", 2: "</s>", IMAGE_TOKEN_ID: "<image>"}
+ANSWER_WORDS = {9721: "Yes", 29161: "No", 27600: "yes"}
+ASSISTANT_IDS = [319, 1799, 29901]  # the fixed prompts' stand-in for "ASSISTANT:" (they all end with it)
+
+
+def word(i: int) -> str:
+    """The stand-in vocabulary's word for id ``i``."""
+    return SPECIAL_WORDS.get(i) or ANSWER_WORDS.get(i) or f"t{i}"
+
+
+def words(ids) -> str:
+    return " ".join(word(int(i)) for i in ids)
+
+
+def save_lmms_checkpoint(out_dir, before: list[int], suffix=tuple(ASSISTANT_IDS), seed: int = SEED, model=None) -> Path:
+    """A llava-hf checkpoint directory of the tiny model that lmms-eval's ``llava_hf`` (and every wrapper on
+    it) loads with ``pretrained=out_dir``: the weights, and a processor whose prompts tokenize to the fixed
+    ids of the parity harnesses.
+
+    - tokenizer: word level over the whole vocabulary (``word``), no BOS of its own;
+    - chat template: ``<s>`` + ``before`` (system words and the "USER:" stand-in) + the user turn (lmms-eval
+      puts ``<image>`` first, which the processor expands to the 576 image ids) + ``suffix`` (default
+      ``ASSISTANT_IDS``), then the assistant turn's words, if any. A prompt is thus BOS + before + image +
+      question + suffix, the harnesses' order (``hf_ids``), and a loglikelihood continuation is its own words;
+    - image processor: transformers' PIL backend of ``CLIPImageProcessor`` (PIL bicubic on 8 bits, then
+      rescale and normalise), which gives transformers 4.37's pixels bit for bit on the fixture images
+      (the default torchvision backend differs by up to 0.03).
+    ``before`` is part of the template, so each fixed prompt gets a directory of its own (22 MB of weights each).
+    ``model``: the HF-layout model to save (default: ``build_hf_model(seed)``)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import LlavaProcessor, PreTrainedTokenizerFast
+    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (model if model is not None else build_hf_model(seed)).save_pretrained(out)
+    vocab = {word(i): i for i in range(VOCAB)}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        unk_token="<unk>",
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token=word(LLAMA_COMMON["pad_token_id"]),
+        extra_special_tokens={"image_token": "<image>"},
+    )
+    template = (
+        "{% for message in messages %}{% if message['role'] == 'user' %}<s> "
+        + words(before)
+        + " {{ message['content'] }} "
+        + words(suffix)
+        + "{% else %} {{ message['content'] }}{% endif %}{% endfor %}"
+    )
+    size = VISION["image_size"]
+    image_processor = CLIPImageProcessorPil(
+        size={"shortest_edge": size},
+        crop_size={"height": size, "width": size},
+        image_mean=CLIP_MEAN,
+        image_std=CLIP_STD,
+        resample=3,
+    )
+    LlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=fast,
+        patch_size=VISION["patch_size"],
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+        chat_template=template,
+    ).save_pretrained(out)
+    return out
+
+
 def compare_legacy(seed: int = SEED) -> dict:
     """The torch.randn draw the first fixtures used (its last bits depend on the CPU's kernel set)
     next to ``normal``'s: fingerprints and largest differences of the weights and pixels."""
