@@ -190,16 +190,17 @@ def load_base(cfg):
     return model, AutoProcessor.from_pretrained(cfg.pretrained)
 
 
-# LLaVA-1.5's conversation template "v1" (llava/conversation.py conv_vicuna_v1: system, " USER: ", " ASSISTANT: ",
-# answers closed by </s>), images first in the user turn as "<image>\n".
+# LLaVA-1.5's conversation template "v1" = conv_vicuna_v1 (llava/conversation.py:253-263; SeparatorStyle.TWO:
+# system + " ", then "USER: ... " and "ASSISTANT: ...</s>", so turns join as "... ASSISTANT: a</s>USER: ..."),
+# the image first in its user turn as "<image>\n"; tests/test_viral_data.py renders it against the official prompts.
 VICUNA_V1_TEMPLATE = (
-    "{{ bos_token }}A chat between a curious human and an artificial intelligence assistant. The assistant gives helpful, "
-    "detailed, and polite answers to the human's questions."
-    "{% for message in messages %}{% if message['role'] == 'user' %} USER: "
+    "{{ bos_token }}A chat between a curious user and an artificial intelligence assistant. The assistant gives helpful, "
+    "detailed, and polite answers to the user's questions. "
+    "{% for message in messages %}{% if message['role'] == 'user' %}USER: "
     "{% for c in message['content'] %}{% if c['type'] == 'image' %}<image>\n{% endif %}{% endfor %}"
-    "{% for c in message['content'] %}{% if c['type'] == 'text' %}{{ c['text'] }}{% endif %}{% endfor %}"
-    "{% else %} ASSISTANT: {% for c in message['content'] %}{% if c['type'] == 'text' %}{{ c['text'] }}{% endif %}{% endfor %}"
-    "{{ eos_token }}{% endif %}{% endfor %}{% if add_generation_prompt %} ASSISTANT:{% endif %}"
+    "{% for c in message['content'] %}{% if c['type'] == 'text' %}{{ c['text'] }}{% endif %}{% endfor %} "
+    "{% else %}ASSISTANT: {% for c in message['content'] %}{% if c['type'] == 'text' %}{{ c['text'] }}{% endif %}{% endfor %}"
+    "{{ eos_token }}{% endif %}{% endfor %}{% if add_generation_prompt %}ASSISTANT:{% endif %}"
 )
 OFFICIAL_PARTS = {
     "base_llm": "lmsys/vicuna-7b-v1.5",

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import time
 import warnings
 from pathlib import Path
@@ -80,6 +81,9 @@ class TrainConfig:
     grad_accum: int = 1
     effective_batch: int | None = None  # sets grad_accum = effective_batch / (batch_size * processes)
     pad_to_square: bool = False  # LLaVA-1.5's image_aspect_ratio=pad (expand2square with the mean colour)
+    conversation: str = (
+        "processor"  # "processor": its chat template; "v1": LLaVA's official --version v1 ids and labels
+    )
     base_llm: str | None = None  # start from a base LLM + vision tower + stage-1 projector instead of `pretrained`
     vision_tower: str | None = None
     mm_projector: str | None = None
@@ -124,6 +128,7 @@ PRESETS = {
         "max_length": 2048,
         "dtype": "auto",
         "pad_to_square": True,
+        "conversation": "v1",  # --version v1: conv_vicuna_v1, tokenizer_image_token, preprocess_v1's masking
         # two behaviours of the official code reproduced (docs/viral.md, "official bugs"):
         "train_vra_projector": False,  # peft freezes it (train.py:1107) and nothing re-enables it
         "projector_init": "official",
@@ -182,6 +187,7 @@ def recipe(cfg) -> dict:
         "batch": {"per_device": cfg.batch_size, "grad_accum": cfg.grad_accum, "effective": cfg.effective_batch},
         "dtype": str(resolve_dtype(cfg.dtype)).removeprefix("torch."),
         "pad_to_square": cfg.pad_to_square,
+        "conversation": cfg.conversation,
         "start": (
             {"base_llm": cfg.base_llm, "vision_tower": cfg.vision_tower, "mm_projector": cfg.mm_projector}
             if cfg.base_llm
@@ -290,14 +296,21 @@ def train(cfg: TrainConfig, records: list[dict] | None = None) -> dict:
                 p.data = p.data.float()
     accelerator.print("viral-train recipe: " + json.dumps(recipe(cfg), indent=2))
     records = (read_records(cfg.data) if records is None else records)[: cfg.limit]
-    data = ConversationDataset(records, processor, cfg.image_folder, cfg.max_length, cfg.pad_to_square)
+    if cfg.conversation == "v1" and model.config.model_type != "llava":
+        raise ValueError(
+            f"conversation='v1' is LLaVA-1.5's official data path; {model.config.model_type} uses 'processor'"
+        )
+    data = ConversationDataset(
+        records, processor, cfg.image_folder, cfg.max_length, cfg.pad_to_square, conversation=cfg.conversation
+    )
     sampler = EpochSampler(len(data), cfg.seed)
     pad_id = processor.tokenizer.pad_token_id
     loader = torch.utils.data.DataLoader(
         data, batch_size=cfg.batch_size, sampler=sampler, collate_fn=lambda b: collate(b, pad_id)
     )
     steps_per_epoch = max(1, len(loader) // cfg.grad_accum)
-    total = cfg.max_steps or max(1, int(round(cfg.epochs * steps_per_epoch)))
+    # as transformers' Trainer counts them: ceil(epochs x optimizer steps per epoch)
+    total = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
     groups = param_groups(model, projector, cfg)
     group_names = [g.pop("name") for g in groups]
     optimizer = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)

@@ -6,9 +6,10 @@ official torch.hub model with its position table resampled by timm), peft LoRA a
 optimiser groups on the LLaVA-1.5-shaped tiny model (original layout) with a tiny random DINOv2
 (bench/parity/viral_tiny.py). Here the same weights are rebuilt from their seeds in the llava-hf
 layout and a transformers Dinov2Model, and the test drives our pieces through the same single step
-(viral_step, param_groups, clipping and an AdamW built here). Not compared: our training loop
-(viral_train.train: accumulation, scheduler stepping, several steps), the data path (ids and labels are
-built by hand on both sides) and the preset's projector width (forced to 48). No official stack needed.
+(viral_step, param_groups, clipping and an AdamW built here). Not compared here: the training loop
+(viral_train.train against LLaVATrainer.train() over 4 steps: tests/test_parity_viral_loop.py), the data
+path and the preset's projector width (forced to 48 here; tests/test_parity_viral_data.py). No official
+stack needed.
 
 Tolerances: fp32 on CPU; the teacher goes through a different attention implementation (dinov2's
 SDPA vs transformers' eager), the language model through 32 layers of transformers 4.37 vs 5, so

@@ -1,6 +1,7 @@
 """VIRAL training end to end on a tiny random LLaVA (CPU), resuming, merging, and the real lmms-eval CLI."""
 
 import json
+import math
 import shutil
 
 import pytest
@@ -314,6 +315,7 @@ def test_preset_official_end_to_end_from_base_llm_and_stage1_projector(parts, di
         and r["lora"]["lr"] == PRESETS["official"]["lr"]
     )
     assert r["batch"] == {"per_device": 2, "grad_accum": 2, "effective": 4} and r["pad_to_square"] is True
+    assert r["conversation"] == "v1" and math.isfinite(result["lm_loss"])  # official v1 ids, labels not all masked
     assert "frozen" in r["projector"] and len(r["reproduced_official_bugs"]) == 2
     assert (tmp_path / "run" / "adapter" / "adapter_config.json").exists()
     assert "viral-train recipe" in capsys.readouterr().out

@@ -92,7 +92,13 @@ if [ -n "$VIRAL" ]; then
   "$OFFICIAL_VENV/bin/python" -c "import timm, peft" 2>/dev/null || { "$OFFICIAL_VENV/bin/pip" install -q timm; "$OFFICIAL_VENV/bin/pip" install -q --no-deps "peft==0.10.0"; }
   "$OFFICIAL_VENV/bin/python" "$HERE/viral_official.py" --viral "${VIRAL%%:*}" --dinov2 "${VIRAL##*:}" --model "$WORK/model" \
     --out "$REPO/tests/fixtures/official/viral" --scratch "$WORK/viral"
-  "$OURS" -m pytest -q "$REPO/tests/test_parity_viral.py"
+  # the data path (--version v1 ids and labels on a tiny Llama-style tokenizer) and the preset's official values
+  "$OFFICIAL_VENV/bin/python" "$HERE/viral_data_official.py" --viral "${VIRAL%%:*}" --dinov2 "${VIRAL##*:}" \
+    --out "$REPO/tests/fixtures/official/viral" --scratch "$WORK/viral_data"
+  # the training loop: LLaVATrainer.train() for 4 optimizer steps (about 1 CPU-minute)
+  "$OFFICIAL_VENV/bin/python" "$HERE/viral_loop_official.py" --viral "${VIRAL%%:*}" --dinov2 "${VIRAL##*:}" --model "$WORK/model" \
+    --out "$REPO/tests/fixtures/official/viral" --scratch "$WORK/viral_loop"
+  "$OURS" -m pytest -q "$REPO/tests/test_parity_viral.py" "$REPO/tests/test_parity_viral_data.py" "$REPO/tests/test_parity_viral_loop.py"
 fi
 
 if [ -n "$REGIMES" ]; then

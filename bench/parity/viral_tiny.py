@@ -253,3 +253,20 @@ def batch_ids(seed: int = 0):
         ids = torch.randint(3, 31000, (n_before + n_after,), generator=gen).tolist()
         samples.append((ids[:n_before], ids[n_before:], n_answer))
     return samples
+
+
+LOOP_PIXEL_SEED = 7
+
+
+def loop_samples(n: int, seed: int = 1):
+    """``n`` samples for the training-loop fixture, as ``batch_ids``: lengths drawn (prompt 2-9 words
+    before the image, 3-9 after it, 1 to all but one of those the answer), ids drawn."""
+    gen = torch.Generator().manual_seed(30_000 + seed)
+    samples = []
+    for _ in range(n):
+        n_before = int(torch.randint(2, 10, (1,), generator=gen))
+        n_after = int(torch.randint(3, 10, (1,), generator=gen))
+        n_answer = int(torch.randint(1, n_after, (1,), generator=gen))
+        ids = torch.randint(3, 31000, (n_before + n_after,), generator=gen).tolist()
+        samples.append((ids[:n_before], ids[n_before:], n_answer))
+    return samples

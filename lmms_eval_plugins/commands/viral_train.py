@@ -170,6 +170,14 @@ def register(sub) -> None:
     p.add_argument(
         "--pad-to-square", action="store_true", help="LLaVA-1.5's image_aspect_ratio=pad (the official data path)"
     )
+    p.add_argument(
+        "--conversation",
+        choices=("processor", "v1"),
+        default="processor",
+        help="how records become ids and labels: 'processor' (the checkpoint's chat template, labels on the "
+        "assistant turns) or 'v1' (LLaVA-1.5's official --version v1: conv_vicuna_v1, tokenizer_image_token, "
+        "preprocess_v1's masking; LLaVA-1.5 only; --preset official sets it)",
+    )
     p.add_argument("--weight-decay", type=float, default=0.0)
     p.add_argument("--warmup-ratio", type=float, default=0.03)
     p.add_argument("--batch-size", type=int, default=4, help="per device")
