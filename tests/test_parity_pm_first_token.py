@@ -66,7 +66,9 @@ def golden():
 
 def load_task_utils():
     """The pm_official tasks' utils.py (lmms-eval loads it by path, as here), for their answer rule."""
-    path = ROOT / "lmms_eval_plugins" / "task_configs" / "pm_official" / "utils.py"
+    from lmms_eval_plugins.paths import tasks_dir
+
+    path = tasks_dir() / "pm_official" / "utils.py"
     spec = importlib.util.spec_from_file_location("pm_official_utils", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
