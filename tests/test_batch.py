@@ -276,3 +276,50 @@ def test_qwen_batch_equals_batch_one(qwen, name):
 def family_request_batch(model, processor, prompts):
     inputs = processor(images=IMAGES, text=prompts, return_tensors="pt", padding=True, padding_side="left")
     return family_request(model, processor, dict(inputs)).requests
+
+
+# ------------------------------------------------------------------------------------ localization heads
+
+
+def _lochead_alone_and_batched(model, processor, technique, prompts, answers=True):
+    """answers: also compare the generated box text (a tokenizer that can write boxes: not the word-level one)."""
+    alone = []
+    for p, im in zip(prompts, IMAGES):
+        inputs = processor(images=[im], text=[p], return_tensors="pt")
+        req = family_request(model, processor, dict(inputs))
+        ids = technique.generate(model, req, **inputs)[0] if answers else None
+        alone.append((technique.locate(model, req, **inputs), ids))
+    inputs = processor(images=IMAGES, text=prompts, return_tensors="pt", padding=True, padding_side="left")
+    batch = family_request(model, processor, dict(inputs))
+    located = technique.locate_batch(model, batch, **inputs)
+    out = technique.generate(model, batch, **inputs, pad_token_id=0) if answers else None
+    n = batch.input_ids.shape[1]
+    for i, ((loc, ids), got) in enumerate(zip(alone, located)):
+        torch.testing.assert_close(got.combined, loc.combined, atol=TOL, rtol=TOL)
+        assert got.box == loc.box and got.heads == loc.heads
+        if answers:
+            tail = ids[batch.requests[i].input_ids.shape[1] :]
+            assert out[i, n : n + len(tail)].tolist() == tail.tolist()
+    assert len({tuple(loc.box) for loc, _ in alone}) > 1  # the requests' boxes differ: a mix-up would show
+    return alone, located
+
+
+@pytest.mark.parametrize("heads", ([(1, 0), (2, 1), (3, 3)], "all", "self"))
+def test_lochead_batch_equals_batch_one(llava, heads):
+    from methods.lochead import LocHead
+
+    model, processor, prompts = llava
+    _lochead_alone_and_batched(model, processor, LocHead(heads, top_k=3), prompts, answers=False)
+
+
+def test_lochead_batch_on_qwen(qwen):
+    from methods.lochead import LocHead
+
+    model, processor, prompts = qwen
+    _lochead_alone_and_batched(model, processor, LocHead([(1, 0), (3, 2)], top_k=2), prompts)
+
+
+def test_lochead_official_prompt_refuses_batches():
+    from methods.lochead import LocHead
+
+    assert "builds its own prompt per request" in LocHead("all", prompt="official").batch_refusal()

@@ -17,7 +17,10 @@ LLAVA_RUNS = {
     "paint": ("llava_paint", "alpha=2.0,beta=1.0,start_layer=0", False),
     "pai_idle_simple": ("llava_pai", "alpha=0,use_cfg=false", True),
 }
-QWEN_RUNS = {"qwen_pai_cfg": ("qwen2_5_vl_pai", "alpha=2.0,start_layer=0,use_cfg=true,gamma=1.5", False)}
+QWEN_RUNS = {
+    "qwen_pai_cfg": ("qwen2_5_vl_pai", "alpha=2.0,start_layer=0,use_cfg=true,gamma=1.5", False),
+    "qwen_lochead": ("qwen2_5_vl_lochead", "heads=all", False),  # its tokenizer writes boxes (the tiny LLaVA's cannot)
+}
 QWEN_ARGS = "dtype=float32,min_pixels=12544,max_pixels=20000"
 
 
