@@ -323,3 +323,75 @@ def test_lochead_official_prompt_refuses_batches():
     from methods.lochead import LocHead
 
     assert "builds its own prompt per request" in LocHead("all", prompt="official").batch_refusal()
+
+
+# ------------------------------------------------------------------------------------ pruning and FastV
+
+
+def _reprompt_techniques(n):
+    from methods.reprompt import Reprompt
+
+    return {
+        "prune_pooled": lambda: Reprompt(n, mode="prune", keep_ratio=0.25),
+        "prune_per_layer_last": lambda: Reprompt(
+            n, mode="prune", keep_ratio=0.25, selection="per_layer", score_rows="last"
+        ),
+        "prune_decode_rows": lambda: Reprompt(n, mode="prune", keep_ratio=0.1, prune_rows="decode"),
+        "fastv": lambda: Reprompt(n, mode="fastv", fastv_layer=2, fastv_ratio=0.75),
+    }
+
+
+@pytest.mark.parametrize("name", ("prune_per_layer_last", "prune_decode_rows", "fastv"))
+def test_pruning_batch_equals_batch_one(llava, name):
+    model, processor, prompts = llava
+    n = hooks.num_layers(model)
+    technique = _reprompt_techniques(n)[name]()
+    alone, rows = _alone_and_batched(model, processor, technique, prompts)
+    _assert_equal_per_request(alone, rows)
+    plain = [_run(model, processor, Pai(n, alpha=0, use_cfg=False), [p], [im])[1][0] for p, im in zip(prompts, IMAGES)]
+    assert _effect(alone, plain) > 100 * TOL or name == "prune_decode_rows"  # decode rows: the first token is stock's
+    assert not any(hooks.EDITS_ATTR in m.__dict__ for m in model.modules())
+
+
+def _pooled_prune_alone_and_batched(model, processor, prompts):
+    """Pooled pruning alone generates from its cut cache (no per-step logits); a batch masks the same keys. So:
+    the batch's tokens against the cut-cache answers, its first-step logits against the masked forward alone."""
+    n = hooks.num_layers(model)
+    technique = _reprompt_techniques(n)["prune_pooled"]()
+    alone = []
+    for p, im in zip(prompts, IMAGES):
+        inputs = processor(images=[im], text=[p], return_tensors="pt")
+        req = family_request(model, processor, dict(inputs))
+        with torch.no_grad():
+            ids = technique.generate(model, req, **inputs, max_new_tokens=5, do_sample=False)[0, req.prompt_len :]
+            first = technique.forward(model, req, **inputs).logits[0, -1]
+            plain = model(**inputs).logits[0, -1]
+        alone.append((ids, first, plain))
+    _, rows = _run(model, processor, technique, prompts, IMAGES, padding=True, padding_side="left")
+    return alone, rows
+
+
+def test_pooled_pruning_batch_equals_batch_one(llava, qwen):
+    for fixture, tol in ((llava, TOL), (qwen, 3 * TOL)):
+        alone, rows = _pooled_prune_alone_and_batched(*fixture)
+        for (ids, first, _), (b_ids, b_logits, _) in zip(alone, rows):
+            assert torch.equal(ids, b_ids[: len(ids)])
+            torch.testing.assert_close(b_logits[0], first, atol=tol, rtol=tol)
+        assert max(float((first - plain).abs().max()) for _, first, plain in alone) > 100 * TOL  # pruning acts
+
+
+@pytest.mark.parametrize("name", ("prune_per_layer_last", "fastv"))
+def test_pruning_batch_on_qwen(qwen, name):
+    model, processor, prompts = qwen
+    technique = _reprompt_techniques(hooks.num_layers(model))[name]()
+    alone, rows = _alone_and_batched(model, processor, technique, prompts)
+    _assert_equal_per_request(alone, rows, tol=3 * TOL)
+
+
+def test_compressed_and_describe_refuse_batches(llava):
+    from methods.reprompt import Reprompt
+
+    model, _, _ = llava
+    n = hooks.num_layers(model)
+    assert "runs its own passes per request" in Reprompt(n, mode="compressed").batch_refusal()
+    assert "describe pass per image" in Reprompt(n, mode="prune", selection="describe").batch_refusal()

@@ -15,6 +15,8 @@ LLAVA_RUNS = {
     "knockout": ("llava_knockout", "mode=query", False),
     "knockout_simple": ("llava_knockout", "mode=both,from_layer=1", True),
     "paint": ("llava_paint", "alpha=2.0,beta=1.0,start_layer=0", False),
+    "prune": ("llava_reprompt", "mode=prune,keep_ratio=0.25", False),  # alone: its cut cache; batched: masks
+    "fastv": ("llava_reprompt", "mode=fastv,fastv_layer=2,fastv_ratio=0.75", False),
     "pai_idle_simple": ("llava_pai", "alpha=0,use_cfg=false", True),
 }
 QWEN_RUNS = {
