@@ -425,12 +425,7 @@ class TechniqueMixin:
     default_pretrained = "llava-hf/llava-1.5-7b-hf"
     processor_attr = "_image_processor"  # where that class keeps the processor it calls on every request
     # model_type -> None (batch_size > 1 tested equal to batch size 1 per request) or why a batch is refused there
-    batch_families: dict = {
-        "llava": None,
-        "llava_next": "batched anyres prompts (tiles padded to the batch's largest image) are not yet tested equal to "
-        "batch size 1 on LLaVA-NeXT",
-        "llava_onevision": "batched anyres prompts are not yet tested equal to batch size 1 on LLaVA-OneVision",
-    }
+    batch_families: dict = {"llava": None, "llava_next": None, "llava_onevision": None}
     class_batches = False  # whether the lmms-eval class batches generation itself (llava_hf does not: batching.py)
 
     def __init__(self, pretrained: str | None = None, **kwargs):
@@ -457,7 +452,9 @@ class TechniqueMixin:
         self.technique_params = params
         self.technique = spec.build(params, self._model)
         if batch_size > 1:  # the technique's reason (``Technique.batch_refusal``: its parameters may decide)
-            self.check_batching(batch_size, pretrained, self.technique.batch_refusal())
+            self.check_batching(
+                batch_size, pretrained, self.technique.batch_refusal(families.adapter(self._model.config))
+            )
         processor = getattr(self, self.processor_attr)
         setattr(self, self.processor_attr, RecordingProcessor(processor, pad_to_square=params["pad_to_square"]))
         logger.info(f"{spec.name} recipe: {json.dumps(self.technique.describe(), default=str)}")

@@ -183,7 +183,7 @@ class LocHead(Technique):
             heads = "auto: discovered at the first request, with the evaluation's processor"
         return {**super().describe(), "heads_used": heads}
 
-    def batch_refusal(self) -> str | None:
+    def batch_refusal(self, family=None) -> str | None:
         if self.params["prompt"] != "task":
             return f"prompt={self.params['prompt']} builds its own prompt per request (not the batch's padded one)"
         return None  # one prefill: each request's capture placed in its row, its box from its own maps

@@ -277,9 +277,14 @@ class Paint(GuidedTechnique):
             hooks.num_layers(model, "lm"), hooks.num_layers(model, "vision"), grid, offset, vision_dtype, **params
         )
 
-    def batch_refusal(self) -> str | None:
+    def batch_refusal(self, family=None) -> str | None:
         if self.save_dir:
             return "save_visuals draws one request's selection at a time; drop save_visuals or use batch_size=1"
+        if family is not None and not family.one_crop_per_image:
+            return (
+                f"its selection reads the CLS attention of the image's crop in the vision tower's batch, and "
+                f"{family.display_name}'s tower runs several crops per image (a request's rows there are not placed yet)"
+            )
         return None  # each request's selection comes from its own tower row (LLaVA-1.5: one crop per image)
 
     def recipe(self, model, req: Request):

@@ -373,7 +373,7 @@ class Prune(Reprompt, mode="prune"):
             return self.describe_selection(model, req, kwargs)
         return self.kept_image_tokens(model, req, kwargs)
 
-    def batch_refusal(self) -> str | None:
+    def batch_refusal(self, family=None) -> str | None:
         if self.params["selection"] == "describe":
             return "selection=describe runs a describe pass per image (not yet written for a batch)"
         return None  # one batched scoring prefill, then each request's masks placed in its row

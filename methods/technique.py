@@ -275,8 +275,9 @@ class Technique:
         "out with accelerate launch --num_processes N"
     )
 
-    def batch_refusal(self) -> str | None:
-        """None when batches give every request its batch-size-1 result; else why not (ModelArgsError text)."""
+    def batch_refusal(self, family=None) -> str | None:
+        """None when batches give every request its batch-size-1 result; else why not (ModelArgsError text).
+        ``family``: the checkpoint's family adapter, when the answer depends on it (None: any family)."""
         return self.batch_refused
 
     def __init__(self, **params):
@@ -297,7 +298,7 @@ class Technique:
         return self.recipe(model, req)
 
     def check_batch(self, batch: Batch) -> None:
-        why = self.batch_refusal()
+        why = self.batch_refusal(batch.adapter)
         if why:
             raise RequestError(f"{self.name} cannot run a batch of {len(batch.requests)} requests: {why}")
 

@@ -222,12 +222,63 @@ def test_wrappers_accept_batches_where_exact_and_refuse_with_the_reason(tiny_ckp
         _pai_wrapper(pretrained=str(tiny_ckpt), batch_size=0)
 
 
-def test_llava_next_batches_are_refused(tmp_path):
-    from lmms_eval_plugins.testing import build_tiny_llava_next
+def test_paint_refuses_batches_where_the_tower_runs_several_crops(anyres):
+    from lmms_eval_plugins.models.paint import LlavaPaintChat
 
-    ckpt = build_tiny_llava_next(tmp_path / "next")
-    with pytest.raises(ModelArgsError, match="not yet tested equal to batch size 1 on LLaVA-NeXT"):
-        _pai_wrapper(pretrained=str(ckpt), batch_size=2)
+    _, _, _, ckpt = anyres["llava_next"]
+    with pytest.raises(ModelArgsError, match="LLaVA-NeXT's tower runs several crops per image"):
+        LlavaPaintChat(pretrained=str(ckpt), device="cpu", batch_size=2)
+    assert _pai_wrapper(pretrained=str(ckpt), batch_size=2).batch_size == 2
+
+
+def test_unverified_families_refuse_batches(tmp_path):
+    from lmms_eval_plugins.base import TechniqueMixin
+
+    assert "not yet tested" in TechniqueMixin.batch_families.get("gemma3", "not yet tested")
+    assert set(TechniqueMixin.batch_families) == {"llava", "llava_next", "llava_onevision"}
+
+
+# ------------------------------------------------------------------------------------ LLaVA-NeXT and OneVision
+
+
+@pytest.fixture(scope="module")
+def anyres(tmp_path_factory):
+    """Tiny NeXT and OneVision checkpoints: images of different sizes get different tilings and token counts."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from lmms_eval_plugins.testing import build_tiny_llava_next, build_tiny_llava_onevision
+
+    out = {}
+    for name, builder in (("llava_next", build_tiny_llava_next), ("llava_onevision", build_tiny_llava_onevision)):
+        ckpt = builder(tmp_path_factory.mktemp(name))
+        model = AutoModelForImageTextToText.from_pretrained(ckpt, attn_implementation="sdpa").eval()
+        processor = AutoProcessor.from_pretrained(ckpt)
+        processor.tokenizer.padding_side = "left"
+
+        def prompt(q, processor=processor):
+            msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": q}]}]
+            return processor.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
+
+        out[name] = (model, RecordingProcessor(processor), [prompt(q) for q in QUESTIONS], ckpt)
+    return out
+
+
+@pytest.mark.parametrize("family", ("llava_next", "llava_onevision"))
+@pytest.mark.parametrize("name", ("pai_cfg", "knockout_query", "prune"))
+def test_anyres_batch_equals_batch_one(anyres, family, name):
+    from methods.reprompt import Reprompt
+
+    model, processor, prompts, _ = anyres[family]
+    n = hooks.num_layers(model)
+    technique = {
+        "pai_cfg": lambda: Pai(n, alpha=2.0, start_layer=0, use_cfg=True, gamma=1.5),
+        "knockout_query": lambda: Knockout(n, mode="query"),
+        "prune": lambda: Reprompt(n, mode="prune", keep_ratio=0.25, selection="per_layer"),
+    }[name]()
+    alone, rows = _alone_and_batched(model, processor, technique, prompts)
+    counts = {int((r.input_ids == r.image_token_id).sum()) for r in family_request_batch(model, processor, prompts)}
+    assert len(counts) > 1  # different tilings in one batch
+    _assert_equal_per_request(alone, rows)
 
 
 # ------------------------------------------------------------------------------------ Qwen2.5-VL
@@ -395,3 +446,11 @@ def test_compressed_and_describe_refuse_batches(llava):
     n = hooks.num_layers(model)
     assert "runs its own passes per request" in Reprompt(n, mode="compressed").batch_refusal()
     assert "describe pass per image" in Reprompt(n, mode="prune", selection="describe").batch_refusal()
+
+
+@pytest.mark.parametrize("family", ("llava_next", "llava_onevision"))
+def test_anyres_lochead_batch_equals_batch_one(anyres, family):
+    from methods.lochead import LocHead
+
+    model, processor, prompts, _ = anyres[family]
+    _lochead_alone_and_batched(model, processor, LocHead([(1, 0), (3, 1)], top_k=2), prompts, answers=False)
