@@ -7,7 +7,10 @@ subclass lmms-eval's own ``llava_hf`` classes and change only this:
   (plus llava_hf's own), with presets; bad values fail at construction;
 - ``device_map`` defaults to the device (llava_hf's empty default fails on transformers 5),
   and under ``accelerate launch`` each process takes its own device and its share of requests;
-- the checkpoint must be an interleaved LLaVA model and ``batch_size`` must be 1;
+- the checkpoint must be an interleaved LLaVA model; ``batch_size`` > 1 runs a left-padded batch per
+  generate call where the technique and family can (each request's answer equals batch size 1; llava_hf
+  itself generates one request at a time, so ``lmms_eval_plugins/batching.py`` batches for it) and is refused
+  with the reason where they cannot;
 - the model is switched to the hooked attention implementation (bit-identical while idle),
   and ``self.model`` hands lmms-eval a thin view whose ``generate`` and ``__call__`` run the
   technique; everything else is the real model;
@@ -30,7 +33,7 @@ import torch
 from loguru import logger
 
 from methods import families, hooks
-from methods.technique import Request, Technique, mean_colour, pad_to_square
+from methods.technique import Batch, Request, RequestError, Technique, left_offsets, mean_colour, pad_to_square
 
 from methods.params import ModelArgsError, Param, parse_params
 
@@ -184,6 +187,7 @@ class RecordingProcessor:
         self.__dict__["last_images"] = []
         self.__dict__["last_pads"] = []
         self.__dict__["last_text"] = None
+        self.__dict__["last_texts"] = []  # every prompt of the last call (a batch: one per request)
         self.__dict__["last_image_kwargs"] = {}
         self.__dict__["_pad_fill"] = mean_colour(processor) if pad_to_square else None
 
@@ -210,6 +214,7 @@ class RecordingProcessor:
             self.__dict__["last_image_kwargs"] = {k: kwargs[k] for k in IMAGE_CALL_KEYS if k in kwargs}
             text = kwargs.get("text")
             self.__dict__["last_text"] = text[0] if isinstance(text, list) else text
+            self.__dict__["last_texts"] = list(text) if isinstance(text, list) else [text]
             if not images:  # transformers 5 fails on images=[]; the technique reports "no image" itself
                 kwargs["images"] = None
         elif self.last_images and _mentions_image(kwargs.get("text"), self._processor):
@@ -248,6 +253,7 @@ class RecordingProcessor:
             copied, add_generation_prompt=kwargs.get("add_generation_prompt", False), tokenize=False
         )
         self.__dict__["last_text"] = text[0] if isinstance(text, list) else text
+        self.__dict__["last_texts"] = list(text) if isinstance(text, list) else [text]
         return self._processor.apply_chat_template(copied if batched else copied[0], *args, **kwargs)
 
     def __getattr__(self, name):
@@ -271,11 +277,14 @@ def prompt_length(input_ids, labels=None) -> int:
     return input_ids.shape[1]
 
 
-def family_request(model, processor: RecordingProcessor, model_kwargs: dict) -> Request:
+def family_request(model, processor: RecordingProcessor, model_kwargs: dict) -> Request | Batch:
     """The ``Request`` of one generate/forward call, with the processor outputs the family's adapter
-    names (``request_inputs``: ``image_sizes`` for anyres LLaVA, ``image_grid_thw`` for Qwen2.5-VL)."""
+    names (``request_inputs``: ``image_sizes`` for anyres LLaVA, ``image_grid_thw`` for Qwen2.5-VL);
+    a ``Batch`` of them for a call with several prompts (``family_batch``)."""
     geometry_inputs = families.adapter(model.config).request_inputs
     input_ids = model_kwargs["input_ids"]
+    if input_ids.shape[0] > 1:
+        return family_batch(model, processor, model_kwargs)
     return Request(
         input_ids=input_ids,
         image_token_id=model.config.image_token_id,
@@ -288,6 +297,37 @@ def family_request(model, processor: RecordingProcessor, model_kwargs: dict) -> 
         inputs={k: model_kwargs[k] for k in geometry_inputs if model_kwargs.get(k) is not None},
         image_kwargs=dict(processor.last_image_kwargs),
     )
+
+
+def family_batch(model, processor: RecordingProcessor, model_kwargs: dict) -> Batch:
+    """A left-padded batch of prompts as a ``Batch``: each request exactly as ``family_request`` would build it for
+    its prompt alone (its row without the padding, its image, its rows of the processor outputs); one image per
+    prompt, in prompt order (how lmms-eval's classes hand them to the processor)."""
+    ids, labels, mask = model_kwargs["input_ids"], model_kwargs.get("labels"), model_kwargs.get("attention_mask")
+    n = ids.shape[0]
+    offsets = left_offsets(mask) if mask is not None else [0] * n
+    images, pads, texts = list(processor.last_images), list(processor.last_pads), list(processor.last_texts)
+    if len(images) != n:
+        raise RequestError(f"a batch of {n} prompts came with {len(images)} images; batches need one image per prompt")
+    geometry_inputs = families.adapter(model.config).request_inputs
+    requests = []
+    for i, off in enumerate(offsets):
+        row = ids[i : i + 1, off:]
+        requests.append(
+            Request(
+                input_ids=row,
+                image_token_id=model.config.image_token_id,
+                prompt_len=prompt_length(row, None if labels is None else labels[i : i + 1, off:]),
+                images=[images[i]],
+                text=texts[i] if len(texts) == n else None,
+                processor=processor._processor,
+                pads=[pads[i]] if len(pads) == n else [],
+                config=model.config,
+                inputs={k: model_kwargs[k][i : i + 1] for k in geometry_inputs if model_kwargs.get(k) is not None},
+                image_kwargs=dict(processor.last_image_kwargs),
+            )
+        )
+    return Batch(requests, offsets, ids, mask)
 
 
 class TechniqueModel:
@@ -375,8 +415,8 @@ class TechniqueMixin:
     Everything family-independent lives here (parameters, presets, recipe logging,
     TechniqueError, cache/resume, accelerate sharding). A second model family (e.g. a
     ``qwen2_5_vl`` wrapper base) subclasses this mixin and overrides only the family seams:
-    ``family``, ``family_args``, ``default_pretrained``, ``processor_attr``, ``max_batch_size``,
-    ``check_checkpoint``, ``device_args`` and ``build_request``.
+    ``family``, ``family_args``, ``default_pretrained``, ``processor_attr``, ``batch_families``,
+    ``class_batches``, ``check_checkpoint``, ``device_args`` and ``build_request``.
     """
 
     spec: TechniqueSpec
@@ -384,7 +424,9 @@ class TechniqueMixin:
     family_args: tuple = LLAVA_HF_ARGS  # that class's own constructor arguments, passed through
     default_pretrained = "llava-hf/llava-1.5-7b-hf"
     processor_attr = "_image_processor"  # where that class keeps the processor it calls on every request
-    max_batch_size = 1  # techniques edit one request's attention at a time
+    # model_type -> None (batch_size > 1 tested equal to batch size 1 per request) or why a batch is refused there
+    batch_families: dict = {"llava": None, "llava_next": None, "llava_onevision": None}
+    class_batches = False  # whether the lmms-eval class batches generation itself (llava_hf does not: batching.py)
 
     def __init__(self, pretrained: str | None = None, **kwargs):
         spec = self.spec
@@ -394,9 +436,14 @@ class TechniqueMixin:
             params = parse_params(all_params, kwargs, spec.presets, owner=spec.name)
         except ModelArgsError as e:
             raise ModelArgsError(f"{e}; {self.family} arguments also accepted: {', '.join(self.family_args)}") from None
-        self.check_batch_size(base.get("batch_size", 1))
+        batch_size = self.check_batch_size(base.get("batch_size", 1))
         pretrained = resolve_pretrained(str(pretrained or self.default_pretrained))
-        self.check_checkpoint(pretrained, base.get("revision"), bool(base.get("trust_remote_code", False)))
+        trust = bool(base.get("trust_remote_code", False))
+        self.check_checkpoint(pretrained, base.get("revision"), trust)
+        if batch_size > 1:  # the family's reason, before the class loads anything
+            self.check_batching(
+                batch_size, pretrained, self.family_batch_refusal(pretrained, base.get("revision"), trust)
+            )
         base.update(self.device_args(base))
         super().__init__(pretrained=pretrained, **base)
         _shard_requests(self)
@@ -404,20 +451,37 @@ class TechniqueMixin:
         check_layers_routed(spec.name, self._model, pretrained)
         self.technique_params = params
         self.technique = spec.build(params, self._model)
+        if batch_size > 1:  # the technique's reason (``Technique.batch_refusal``: its parameters may decide)
+            self.check_batching(
+                batch_size, pretrained, self.technique.batch_refusal(families.adapter(self._model.config))
+            )
         processor = getattr(self, self.processor_attr)
         setattr(self, self.processor_attr, RecordingProcessor(processor, pad_to_square=params["pad_to_square"]))
         logger.info(f"{spec.name} recipe: {json.dumps(self.technique.describe(), default=str)}")
 
     # -- family seams ------------------------------------------------------------------
 
-    def check_batch_size(self, batch_size) -> None:
-        """Refuse batch sizes the techniques cannot serve (ModelArgsError)."""
-        if not 1 <= int(float(batch_size)) <= self.max_batch_size:
+    def check_batch_size(self, batch_size) -> int:
+        """The batch size as an int (ModelArgsError below 1); whether the technique can batch is ``check_batching``'s."""
+        n = int(float(batch_size))
+        if n < 1:
+            raise ModelArgsError(f"{self.spec.name}: batch_size={batch_size} is not supported: use 1 or more")
+        return n
+
+    def check_batching(self, batch_size: int, pretrained: str, why: str | None) -> None:
+        if why:
             raise ModelArgsError(
-                f"{self.spec.name}: batch_size={batch_size} is not supported: techniques edit one request's attention at a "
-                f"time. Use --batch_size {self.max_batch_size} and scale out with "
-                "`accelerate launch --num_processes N -m lmms_eval ...`"
+                f"{self.spec.name}: batch_size={batch_size} is not supported on pretrained={pretrained}: {why}. Use "
+                "--batch_size 1 and scale out with `accelerate launch --num_processes N -m lmms_eval ...`"
             )
+
+    def family_batch_refusal(self, pretrained: str, revision: str | None, trust_remote_code: bool) -> str | None:
+        """Why the checkpoint's family cannot batch (``batch_families``), or None; read before the class loads it
+        (some lmms-eval classes assert batch size 1 in their constructor)."""
+        model_type = getattr(read_config(pretrained, revision, trust_remote_code), "model_type", None)
+        return self.batch_families.get(
+            model_type, f"batched generation is not yet tested equal to batch size 1 on {model_type}"
+        )
 
     def check_checkpoint(self, pretrained: str, revision: str | None, trust_remote_code: bool) -> None:
         """Refuse, with a ModelArgsError naming why, checkpoints of another family (or of a family
@@ -464,7 +528,12 @@ class TechniqueMixin:
         def run(reqs):
             # llava_hf adds image_sizes and defaults to each request's gen_kwargs in place, which
             # changes the response cache's key between lookup and store (no hit, ever): give it copies.
-            return super(TechniqueMixin, self).generate_until([_with_copied_kwargs(r) for r in reqs])
+            reqs = [_with_copied_kwargs(r) for r in reqs]
+            if self.batch_size_per_gpu > 1 and not self.class_batches:
+                from .batching import generate_batched
+
+                return generate_batched(self, reqs, super(TechniqueMixin, self).generate_until)
+            return super(TechniqueMixin, self).generate_until(reqs)
 
         if cache is None or len(requests) <= chunk:
             return run(requests)

@@ -63,6 +63,11 @@ def check_gemma3(pretrained: str, revision=None, trust_remote_code: bool = False
 class Gemma3TechniqueMixin(Bfloat16ClassMixin):
     """TechniqueMixin in front of lmms-eval's gemma3; only the family seams differ."""
 
+    batch_families = {
+        "gemma3": "lmms-eval's gemma3 class pads its batches to a multiple of 8 on the tokenizer's side, and a batch of "
+        "Gemma 3 prompts (bidirectional image blocks, sliding windows) is not yet tested equal to batch size 1"
+    }
+
     family = FAMILY
     family_args = GEMMA3_ARGS
     default_pretrained = "google/gemma-3-27b-it"  # lmms-eval's own default

@@ -82,6 +82,11 @@ def _flat(visuals) -> list:
 class InternVLTechniqueMixin(Bfloat16ClassMixin):
     """TechniqueMixin in front of lmms-eval's internvl_hf (chat, or its simple twin); only the family seams differ."""
 
+    batch_families = {
+        "internvl": "a batch of InternVL prompts (a different number of tiles per image) is not yet tested equal to "
+        "batch size 1"
+    }
+
     family = FAMILY
     family_args = INTERNVL_ARGS
     default_pretrained = "OpenGVLab/InternVL3_5-8B-HF"  # lmms-eval's own default

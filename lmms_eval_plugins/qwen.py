@@ -90,6 +90,9 @@ class QwenTechniqueMixin(Bfloat16ClassMixin):
     family_args = QWEN_ARGS
     default_pretrained = "Qwen/Qwen2.5-VL-3B-Instruct"  # lmms-eval's own default
     processor_attr = "processor"
+    # lmms-eval's qwen2_5_vl batches itself (left padding when batch_size > 1; one image per request here)
+    batch_families = {"qwen2_5_vl": None}
+    class_batches = True
     loads = ("lmms_eval.models.simple.qwen2_5_vl", "Qwen2_5_VLForConditionalGeneration")
     # how the class's generation calls qwen_vl_utils.process_vision_info and the processor (loglikelihood builds
     # its prompts alike; Qwen3-VL's class passes image_patch_size=16 and do_resize=False)

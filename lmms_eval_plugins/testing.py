@@ -365,7 +365,16 @@ def llava15_shaped(out_dir, text_layers: int = 4, text_hidden: int = 256, seed: 
 
 
 def run_lmms_eval(
-    model: str, model_args: str, tasks: str, output_path, *, include_path=None, extra=(), cwd=None, timeout=900
+    model: str,
+    model_args: str,
+    tasks: str,
+    output_path,
+    *,
+    include_path=None,
+    extra=(),
+    cwd=None,
+    timeout=900,
+    batch_size: int = 1,
 ):
     """Run the real lmms-eval CLI offline and return (results dict or None, combined output).
 
@@ -378,7 +387,7 @@ def run_lmms_eval(
     import sys
 
     cmd = [sys.executable, "-m", "lmms_eval", "--model", model, "--model_args", model_args, "--tasks", tasks]
-    cmd += ["--batch_size", "1", "--output_path", str(output_path), "--log_samples", *extra]
+    cmd += ["--batch_size", str(batch_size), "--output_path", str(output_path), "--log_samples", *extra]
     if include_path:
         cmd += ["--include_path", str(include_path)]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
@@ -390,7 +399,8 @@ def run_lmms_eval(
 
 def run_lmms_eval_many(runs: list[dict], config_path, *, cwd=None, timeout=900) -> str:
     """Run the real lmms-eval CLI once on a ``--config`` YAML listing several runs (each a dict of
-    CLI options: model, model_args, tasks, output_path, ...) and return its combined output.
+    CLI options: model, model_args, tasks, output_path, ...; batch_size 1 unless a run says otherwise) and return
+    its combined output.
 
     lmms-eval evaluates the list in one process, one run after the other, and goes on after a run
     that fails; read each run's results from its own output_path (``results_of``). One process

@@ -52,6 +52,19 @@ def drop_image_tokens(input_ids: torch.Tensor, image_token_id: int) -> torch.Ten
     return input_ids[:, input_ids[0] != image_token_id]
 
 
+def image_free_batch(prompts: list[torch.Tensor], image_token_id: int, pad_id: int = 0):
+    """The image-free prompts of a batch's requests ((1, n_i) each), left-padded as the batch is:
+    ((B, n) ids, (B, n) attention mask)."""
+    rows = [drop_image_tokens(p, image_token_id)[0] for p in prompts]
+    n = max(len(r) for r in rows)
+    ids = torch.full((len(rows), n), pad_id, dtype=rows[0].dtype, device=rows[0].device)
+    mask = torch.zeros((len(rows), n), dtype=torch.long, device=rows[0].device)
+    for i, r in enumerate(rows):
+        ids[i, n - len(r) :] = r
+        mask[i, n - len(r) :] = 1
+    return ids, mask
+
+
 def parent_rows(previous: torch.Tensor, current: torch.Tensor) -> torch.Tensor | None:
     """For each row of ``current`` (sequences one token longer), the row of ``previous`` it extends.
 
@@ -76,9 +89,20 @@ class ImageFreeGuidance(LogitsProcessor):
     it, CFG.py:32-33; our edits' positions refer to the sequence with the image anyway).
     """
 
-    def __init__(self, model, text_ids: torch.Tensor, gamma: float, cutoff: float, follow_beams: bool = True):
+    def __init__(
+        self,
+        model,
+        text_ids: torch.Tensor,
+        gamma: float,
+        cutoff: float,
+        follow_beams: bool = True,
+        text_mask: torch.Tensor | None = None,
+    ):
+        """text_mask: a batch's left-padded image-free prompts (``image_free_batch``): one row per request, the
+        attention mask travels with every pass and positions count each row's own tokens."""
         self.model, self.text_ids, self.gamma, self.cutoff = model, text_ids, gamma, cutoff
         self.follow_beams = follow_beams
+        self.mask = text_mask
         self.cache = None
         self.previous = None  # the sequences seen by the last call (to follow beam reordering)
         self.next_position = 0  # the image-free sequence's next position (its own, not the image prompt's)
@@ -87,7 +111,9 @@ class ImageFreeGuidance(LogitsProcessor):
         if self.gamma == 1:
             return guide(scores, scores, 1, self.cutoff)  # CFG.py:30-31: the image-free pass never runs
         with hooks.without_edits(self.model), torch.no_grad():
-            if self.cache is None:
+            if self.mask is not None:
+                out = self._padded_pass(input_ids)
+            elif self.cache is None:
                 text = self.text_ids.to(input_ids.device).repeat(input_ids.shape[0], 1)  # model_loader.py:291
                 out = self.model(input_ids=text, use_cache=True, **positions.explicit(self.model, text))
                 self.next_position = text.shape[1]
@@ -108,6 +134,22 @@ class ImageFreeGuidance(LogitsProcessor):
         self.previous = input_ids
         return guide(scores, out.logits[:, -1], self.gamma, self.cutoff)
 
+    def _padded_pass(self, input_ids: torch.Tensor):
+        """One step of a batch's image-free pass: the padded prompts first, then each row's newest token."""
+        if self.cache is None:
+            new, cache = self.text_ids.to(input_ids.device), {}
+            self.mask = self.mask.to(input_ids.device)
+        else:
+            new, cache = input_ids[:, -1:], with_cache(self.cache)
+            self.mask = torch.cat([self.mask, self.mask.new_ones((self.mask.shape[0], 1))], dim=1)
+        return self.model(
+            input_ids=new,
+            attention_mask=self.mask,
+            use_cache=True,
+            **cache,
+            **positions.padded(self.model, self.mask, new.shape[1]),
+        )
+
 
 def guided_forward(
     model, input_ids, out, prompt_len: int, image_token_id: int, gamma: float, cutoff: float, labels=None
@@ -121,6 +163,8 @@ def guided_forward(
     log-likelihood) is the cross-entropy of those scores, i.e. renormalised over the tokens that
     pass the plausibility cutoff (a masked continuation token scores -inf).
     """
+    if input_ids.shape[0] != 1:
+        raise ValueError("guided_forward scores one request at a time")
     text_ids = drop_image_tokens(input_ids, image_token_id)
     n_img = input_ids.shape[1] - text_ids.shape[1]
     start = prompt_len - 1

@@ -67,6 +67,12 @@ class Rows:
     def all() -> "Rows":
         return Rows(start=0)
 
+    def shifted(self, offset: int) -> "Rows":
+        """The same rows ``offset`` positions later (a left-padded batch row); the last row stays the last."""
+        if self.last_only:
+            return self
+        return Rows(start=(self.start or 0) + offset, stop=None if self.stop is None else self.stop + offset)
+
     def local(self, q_len: int, k_len: int) -> torch.Tensor:
         """Indices (into this forward's query block) of the selected rows."""
         if self.last_only:
@@ -78,6 +84,16 @@ class Rows:
 
 
 KeySpec = slice | Sequence[int] | torch.Tensor
+
+
+def shift_keys(keys: KeySpec, offset: int) -> KeySpec:
+    """Key positions ``offset`` later (a left-padded batch row); ``slice(None)`` (every key) starts at ``offset``,
+    so the padding stays out of the site as it is out of the request alone."""
+    if isinstance(keys, slice):
+        if (keys.start or 0) < 0 or (keys.stop or 0) < 0 or keys.step not in (None, 1):
+            raise ValueError(f"cannot place keys {keys} in a batch row: negative or strided slice")
+        return slice((keys.start or 0) + offset, None if keys.stop is None else keys.stop + offset)
+    return torch.as_tensor(keys, dtype=torch.long) + offset
 
 
 def key_index(keys: KeySpec, k_len: int, device) -> torch.Tensor:
@@ -95,7 +111,8 @@ class AttnEdit:
     tower: "lm" (the language model) or "vision" (the vision tower);
     layers: 0-based layer indices of that tower;
     rows: query rows (``Rows``); keys: key positions (slice, list or tensor);
-    heads: query-head indices, or None for all heads.
+    heads: query-head indices, or None for all heads;
+    batch: the batch rows it acts on, or None for every row (``place``: one request of a batch).
     """
 
     layers: Sequence[int]
@@ -103,8 +120,19 @@ class AttnEdit:
     keys: KeySpec = dataclasses.field(default_factory=lambda: slice(None))
     heads: Sequence[int] | None = None
     tower: str = "lm"
+    batch: Sequence[int] | None = None
 
     changes_scores = False  # True for edits whose edit_scores is not the identity
+
+    def place(self, batch: Sequence[int], offset: int) -> None:
+        """Move this edit, built for one request alone, to its rows of a batch: batch rows ``batch``, and
+        every position ``offset`` later (the request's left padding). In place, so that objects holding the
+        edit (PAINT's selector holds its capture) keep seeing it. Subclasses with positions of their own
+        shift them too (``shift_positions``)."""
+        self.batch = list(batch)
+        if offset:
+            self.rows = self.rows.shifted(offset)
+            self.keys = shift_keys(self.keys, offset)
 
     def edit_scores(self, scores: torch.Tensor, layer: int) -> torch.Tensor:
         """scores: (batch, heads, rows, keys) pre-softmax, restricted to this edit's site."""
@@ -117,7 +145,7 @@ class AttnEdit:
         """A printable recipe entry (logged with results)."""
         out = {"edit": type(self).__name__, "tower": self.tower, "layers": _compact(self.layers)}
         for f in dataclasses.fields(self):
-            if f.name in ("layers", "tower"):
+            if f.name in ("layers", "tower") or (f.name == "batch" and self.batch is None):
                 continue
             v = getattr(self, f.name)
             if isinstance(v, torch.Tensor):
@@ -221,7 +249,7 @@ def _edited_attention(module, query, key, value, attention_mask, scaling, edits,
     """Recompute the rows that the edits touch; return the (possibly) edited output."""
     q_len, k_len = query.shape[2], key.shape[2]
     dev = query.device
-    # Rows and keys per edit, in this forward's coordinates.
+    # Rows, keys, heads and batch rows per edit, in this forward's coordinates.
     sites = []
     for e in edits:
         rows = e.rows.local(q_len, k_len).to(dev)
@@ -229,13 +257,14 @@ def _edited_attention(module, query, key, value, attention_mask, scaling, edits,
             continue
         keys = key_index(e.keys, k_len, dev)
         heads = None if e.heads is None else torch.as_tensor(e.heads, device=dev)
-        sites.append((e, rows, keys, heads))
+        batch = None if e.batch is None else torch.as_tensor(e.batch, device=dev)
+        sites.append((e, rows, keys, heads, batch))
     if not sites:
         return base_out
     if len(sites) == 1:
         rows = sites[0][1]
     else:
-        rows = torch.unique(torch.cat([r for _, r, _, _ in sites]))  # sorted union
+        rows = torch.unique(torch.cat([site[1] for site in sites]))  # sorted union
     pos_in_rows = torch.full((q_len,), -1, dtype=torch.long, device=dev)
     pos_in_rows[rows] = torch.arange(rows.numel(), device=dev)
 
@@ -245,35 +274,41 @@ def _edited_attention(module, query, key, value, attention_mask, scaling, edits,
     mask = _additive_mask(attention_mask, module, rows, q_len, k_len, scores.dtype, scores.device)
     if mask is not None:
         scores = scores + mask
-    changed = torch.zeros(rows.numel(), dtype=torch.bool, device=dev)
-    any_change = False
-    for e, r, keys, heads in sites:
+    changed = torch.zeros(b, rows.numel(), dtype=torch.bool, device=dev)  # (batch row, row) pairs an edit changed
+    for e, r, keys, heads, batch in sites:
         if not e.changes_scores:
             continue
         ri = pos_in_rows[r]
-        sub = scores[:, :, ri][:, :, :, keys]
-        if heads is not None:
-            sub = sub[:, heads]
-        new = e.edit_scores(sub, layer)
-        if heads is None:
+        if heads is None and batch is None:
+            new = e.edit_scores(scores[:, :, ri][:, :, :, keys], layer)
             scores[:, :, ri[:, None], keys[None, :]] = new
-        else:
-            scores[:, heads[:, None, None], ri[None, :, None], keys[None, None, :]] = new
-        changed[ri] = True
-        any_change = True
+            changed[:, ri] = True
+            continue
+        bi = torch.arange(b, device=dev) if batch is None else batch
+        hi = torch.arange(h, device=dev) if heads is None else heads
+        site = (bi[:, None, None, None], hi[None, :, None, None], ri[None, None, :, None], keys[None, None, None, :])
+        scores[site] = e.edit_scores(scores[site], layer)
+        changed[bi[:, None], ri[None, :]] = True
     probs = torch.softmax(scores, dim=-1, dtype=torch.float32)
-    for e, r, keys, heads in sites:
+    for e, r, keys, heads, batch in sites:
         if type(e).observe is AttnEdit.observe:
             continue
         sub = probs[:, :, pos_in_rows[r]][:, :, :, keys]
-        e.observe(sub if heads is None else sub[:, heads], layer)
-    if not any_change:
+        sub = sub if heads is None else sub[:, heads]
+        e.observe(sub if batch is None else sub[batch], layer)
+    touched = changed.any(0)
+    if not bool(touched.any()):
         return base_out  # observation only: the output stays the base implementation's
     out, weights = base_out
-    p = probs[:, :, changed].to(value.dtype)
-    new_rows = (_grouped(p, kv) @ value).view(b, h, p.shape[2], value.shape[-1])
+    p = probs[:, :, touched].to(value.dtype)
+    new_rows = (_grouped(p, kv) @ value).view(b, h, p.shape[2], value.shape[-1]).transpose(1, 2).to(out.dtype)
     out = out.clone()
-    out[:, rows[changed]] = new_rows.transpose(1, 2).to(out.dtype)
+    target = rows[touched]
+    which = changed[:, touched]
+    if bool(which.all()):
+        out[:, target] = new_rows
+    else:  # a batch: each request's rows change only where its own edits act (its padding rows stay as they were)
+        out[:, target] = torch.where(which[:, :, None, None], new_rows, out[:, target])
     return out, weights
 
 

@@ -133,6 +133,7 @@ class Knockout(Technique):
     """Block image keys for one query set in a layer window."""
 
     name = "knockout"
+    batch_refused = None  # one pass; each request's blocked rows and keys placed in its batch row
 
     def __init__(self, n_layers: int, injection: str | None = None, **params):
         """injection: None (a family without per-layer image features) or one of INJECTION."""

@@ -48,9 +48,9 @@ import torch
 
 from . import hooks
 from .geometry import ProcessorGeometry, processor_geometry
-from .lochead_maps import BOX_MODES, box_from_grid, capture_image_maps, combine_head_maps, image_grid
+from .lochead_maps import BOX_MODES, box_from_grid, capture_batch_maps, combine_head_maps, image_grid
 from .lochead_official import SELECTIONS, official_box_grid, official_prompt_ids, official_query, select_heads
-from .technique import Request, RequestError, Technique
+from .technique import Batch, Request, RequestError, Technique
 
 DEFAULTS = {
     "top_k": 3,
@@ -183,30 +183,54 @@ class LocHead(Technique):
             heads = "auto: discovered at the first request, with the evaluation's processor"
         return {**super().describe(), "heads_used": heads}
 
+    def batch_refusal(self, family=None) -> str | None:
+        if self.params["prompt"] != "task":
+            return f"prompt={self.params['prompt']} builds its own prompt per request (not the batch's padded one)"
+        return None  # one prefill: each request's capture placed in its row, its box from its own maps
+
     def locate(self, model, req: Request, **kwargs) -> Located:
         req.require_one_image(self.name)
         self._resolve_pending(req)
         inputs = self.prompt_inputs(req, kwargs)
+        pos, grid, block = self.image_block(model, req, inputs["input_ids"])
+        maps = capture_batch_maps(model, inputs, [pos], self.capture_layers())[0]
+        return self.locate_from(req, maps, grid, block)
+
+    def locate_batch(self, model, batch: Batch, **kwargs) -> list[Located]:
+        """``locate`` for every request of a left-padded batch, from one prefill (each request's capture placed in
+        its row; its box from its own maps, as alone)."""
+        self.check_batch(batch)
+        batch.require_one_image(self.name)
+        self._resolve_pending(batch.requests[0])
+        blocks = [self.image_block(model, r, r.input_ids) for r in batch.requests]
+        inputs = {**kwargs, "input_ids": batch.input_ids}
+        maps = capture_batch_maps(model, inputs, [b[0] for b in blocks], self.capture_layers(), batch.offsets)
+        return [self.locate_from(r, m, b[1], b[2]) for r, m, b in zip(batch.requests, maps, blocks)]
+
+    def image_block(self, model, req: Request, input_ids: torch.Tensor):
+        """(image positions in ``input_ids``, their (rows, cols) grid, the geometry block or None for LLaVA-1.5)."""
         block = self.anyres_block(req)
         if block is None:  # LLaVA-1.5: the single square grid
-            pos = hooks.image_positions(inputs["input_ids"], req.image_token_id)
-            grid = image_grid(model, pos.numel())
-        else:
-            pos, grid = block.positions.to(inputs["input_ids"].device), block.grid_hw
+            pos = hooks.image_positions(input_ids, req.image_token_id)
+            return pos, image_grid(model, pos.numel()), None
+        return block.positions.to(input_ids.device), block.grid_hw, block
+
+    def capture_layers(self):
+        """The LM layers whose maps are read: every layer for heads=all/self, else those of the chosen heads."""
+        return None if self.heads in ("all", "self") else sorted({l for l, _ in self.heads})
+
+    def locate_from(self, req: Request, maps: torch.Tensor, grid, block) -> Located:
+        """The box of one request from its captured maps ((layers, heads, image tokens); ``capture_layers``)."""
         if self.heads == "all":
-            maps = capture_image_maps(model, inputs, pos)  # (L, H, N)
             heads = "all"
             flat = maps.flatten(0, 1)
         elif self.heads == "self":  # this request's own best heads (9ffe219 pipeline.py:57-70)
-            maps = capture_image_maps(model, inputs, pos)
             heads = select_heads(
                 maps, grid, self.params["selection"], self.params["top_k"], self.params["connectivity"]
             )
             flat = torch.stack([maps[l, h] for l, h in heads])
         else:
-            layers = sorted({l for l, _ in self.heads})
-            maps = capture_image_maps(model, inputs, pos, layers)
-            row = {l: i for i, l in enumerate(layers)}
+            row = {l: i for i, l in enumerate(self.capture_layers())}
             flat = torch.stack([maps[row[l], h] for l, h in self.heads])
             heads = list(self.heads)
         gh, gw = grid
@@ -272,15 +296,23 @@ class LocHead(Technique):
     def answer_text(self, located: Located) -> str:
         return format_box(located.box, self.params["decimals"])
 
-    def generate(self, model, req: Request, **kwargs):
-        """Prompt ids + the ids of the box text (what llava_hf decodes after the prompt)."""
-        located = self.locate(model, req, **kwargs)
-        tokenizer = getattr(req.processor, "tokenizer", req.processor)
-        ids = answer_ids(tokenizer, self.answer_text(located))
-        eos = getattr(tokenizer, "eos_token_id", None)
-        tail = torch.tensor(
-            [ids + ([eos] if eos is not None else [])], dtype=req.input_ids.dtype, device=req.input_ids.device
+    def generate(self, model, req: Request | Batch, **kwargs):
+        """Prompt ids + the ids of the box text (what llava_hf decodes after the prompt); for a batch, each row's
+        box text after the padded prompts, the shorter ones followed by end-of-sequence tokens (skipped when
+        decoded, as generate pads a finished row)."""
+        requests = req.requests if isinstance(req, Batch) else [req]
+        located = (
+            self.locate_batch(model, req, **kwargs) if isinstance(req, Batch) else [self.locate(model, req, **kwargs)]
         )
+        tokenizer = getattr(requests[0].processor, "tokenizer", requests[0].processor)
+        eos = getattr(tokenizer, "eos_token_id", None)
+        tails = [answer_ids(tokenizer, self.answer_text(loc)) + ([eos] if eos is not None else []) for loc in located]
+        width = max(len(t) for t in tails)
+        fill = kwargs.get("pad_token_id", eos)
+        if len(tails) > 1 and fill is None:
+            raise RequestError("lochead: a batch's shorter answers need an end-of-sequence or pad token")
+        rows = [t + [fill] * (width - len(t)) for t in tails]
+        tail = torch.tensor(rows, dtype=req.input_ids.dtype, device=req.input_ids.device)
         return torch.cat([req.input_ids, tail], dim=1)
 
     def forward(self, model, req: Request, **kwargs):

@@ -206,16 +206,31 @@ def capture_image_maps(
     Returns (len(layers), heads, image tokens) float32, layers in ascending order (all LM
     layers when ``layers`` is None). The forward stops after the deepest requested layer.
     """
+    return capture_batch_maps(model, inputs, [image_pos], layers)[0]
+
+
+@torch.no_grad()
+def capture_batch_maps(
+    model, inputs: dict, image_pos: Sequence[torch.Tensor], layers: Sequence[int] | None = None, offsets=None
+) -> list[torch.Tensor]:
+    """``capture_image_maps`` for each row of a left-padded batch in one prefill: ``image_pos[i]`` are row i's
+    image positions as for its prompt alone, ``offsets[i]`` its left padding (None: a batch of one, unpadded).
+    One (len(layers), heads, image tokens) map per row."""
     n_layers = hooks.num_layers(model, "lm")
     layers = sorted(set(range(n_layers) if layers is None else layers))
-    capture = hooks.Capture(layers=layers, rows=hooks.Rows.last(), keys=image_pos)
-    edits = [capture]
+    captures = []
+    for i, pos in enumerate(image_pos):
+        capture = hooks.Capture(layers=layers, rows=hooks.Rows.last(), keys=pos)
+        if offsets is not None:
+            capture.place([i], offsets[i])
+        captures.append(capture)
+    edits = list(captures)
     if layers[-1] < n_layers - 1:
-        edits.append(StopAfter(layers=[layers[-1]], rows=hooks.Rows.last(), keys=image_pos[:1]))
+        edits.append(StopAfter(layers=[layers[-1]], rows=hooks.Rows.last(), keys=[0]))
     fwd = {k: v for k, v in inputs.items() if k in FORWARD_KEYS and v is not None}
     with hooks.edited(model, *edits):
         try:
             model(**fwd, use_cache=False, logits_to_keep=1)
         except _PrefillDone:
             pass
-    return capture.stacked(0)[:, 0, :, 0, :]  # (layers, heads, keys)
+    return [c.stacked(0)[:, 0, :, 0, :] for c in captures]  # (layers, heads, keys) each

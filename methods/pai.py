@@ -19,7 +19,7 @@ from __future__ import annotations
 from transformers import LogitsProcessorList
 
 from . import guidance, hooks
-from .technique import Request, Technique, layer_range
+from .technique import Batch, Request, RequestError, Technique, layer_range
 
 DEFAULTS = {
     "alpha": 0.2,
@@ -44,6 +44,8 @@ class GuidedTechnique(Technique):
     turns on (CFG.py:30-31 returns before CFG.py:48-49).
     """
 
+    batch_refused = None  # one pass with each request's own edits; the image-free pass is padded like the batch
+
     def boost_rows(self, req: Request) -> hooks.Rows | None:
         """The query rows that get the attention edit, or None for no edit."""
         p = self.params
@@ -59,15 +61,23 @@ class GuidedTechnique(Technique):
         req.require_one_image(self.name)
         p = self.params
         if p.get("use_cfg"):
-            text_ids = guidance.drop_image_tokens(req.input_ids, req.image_token_id)
-            cfg = guidance.ImageFreeGuidance(
-                model, text_ids, p["gamma"], p["cutoff"], follow_beams=not p.get("official_quirks", False)
-            )
+            follow = not p.get("official_quirks", False)
+            if isinstance(req, Batch):
+                pad = int(req.input_ids[req.offsets.index(max(req.offsets)), 0])
+                ids, mask = guidance.image_free_batch([r.input_ids for r in req.requests], req.image_token_id, pad)
+                cfg = guidance.ImageFreeGuidance(model, ids, p["gamma"], p["cutoff"], follow, text_mask=mask)
+            else:
+                text_ids = guidance.drop_image_tokens(req.input_ids, req.image_token_id)
+                cfg = guidance.ImageFreeGuidance(model, text_ids, p["gamma"], p["cutoff"], follow_beams=follow)
             kwargs["logits_processor"] = LogitsProcessorList([*(kwargs.get("logits_processor") or []), cfg])
-        with hooks.edited(model, *self.recipe(model, req)):
+        if isinstance(req, Batch) and int(kwargs.get("num_beams") or 1) > 1:
+            raise RequestError(f"{self.name}: beam search in a batch is not supported; use batch_size=1")
+        with hooks.edited(model, *self.edits(model, req)):
             return model.generate(**kwargs)
 
     def forward(self, model, req: Request, **kwargs):
+        if isinstance(req, Batch) and self.params.get("use_cfg"):
+            raise RequestError(f"{self.name}: a guided forward scores one request at a time; use batch_size=1")
         out = super().forward(model, req, **kwargs)
         if self.params.get("use_cfg"):
             p = self.params

@@ -163,6 +163,9 @@ class PaintBoost(hooks.AttnEdit):
     max_head_scale: float = 2.0
     changes_scores = True
 
+    # In a batch (``place``) the keys shift by the request's padding; ``image_keys`` index the edited site's
+    # columns, which start at the request's first token either way, so they stay as built.
+
     def margins(self) -> torch.Tensor:
         """(batch, image tokens) margins of the current selection (computed once per selection)."""
         sel = self.selector.current()
@@ -273,6 +276,16 @@ class Paint(GuidedTechnique):
         return cls(
             hooks.num_layers(model, "lm"), hooks.num_layers(model, "vision"), grid, offset, vision_dtype, **params
         )
+
+    def batch_refusal(self, family=None) -> str | None:
+        if self.save_dir:
+            return "save_visuals draws one request's selection at a time; drop save_visuals or use batch_size=1"
+        if family is not None and not family.one_crop_per_image:
+            return (
+                f"its selection reads the CLS attention of the image's crop in the vision tower's batch, and "
+                f"{family.display_name}'s tower runs several crops per image (a request's rows there are not placed yet)"
+            )
+        return None  # each request's selection comes from its own tower row (LLaVA-1.5: one crop per image)
 
     def recipe(self, model, req: Request):
         p = self.params

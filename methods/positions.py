@@ -72,3 +72,10 @@ def explicit(model, input_ids: torch.Tensor, image_grid_thw: torch.Tensor | None
     else:
         pos = prompt_positions(model, input_ids, image_grid_thw)
     return {"position_ids": position_ids(pos, batch)}
+
+
+def padded(model, attention_mask: torch.Tensor, n: int) -> dict:
+    """``{"position_ids": ...}`` for the last ``n`` tokens of left-padded rows of text (a batch's image-free
+    prompts): each row counts its own tokens from 0, as it would alone; padding gets position 0 (masked)."""
+    pos = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)[:, -n:]
+    return {"position_ids": pos[None].expand(3, -1, -1) if is_mrope(model) else pos}

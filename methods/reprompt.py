@@ -55,7 +55,7 @@ from . import hooks, positions
 from . import reprompt_scoring as scoring
 from .kv_cache import cache_of, full_cache, with_cache
 from .reprompt_context import IMAGE_KEYS, TOKEN_KEYS, CompressedContext, compress, generate_from, official_context
-from .technique import Request, RequestError, Technique, layer_range
+from .technique import Batch, Request, RequestError, Technique, layer_range
 
 SELECTIONS = ("pooled", "per_layer", "describe")
 SCORE_ROWS = ("query", "last")
@@ -224,6 +224,21 @@ class Reprompt(Technique):
             model(**prefill, use_cache=False)
         return scoring.select(cap.latest(), self.params["keep_ratio"], self.params["selection"])
 
+    def batch_captures(self, model, batch: Batch, inputs: dict, capture_of) -> list[hooks.Capture]:
+        """One scoring prefill of a left-padded batch: ``capture_of(request)`` (as for the request alone) placed in
+        each request's row. The model infers positions from the attention mask, as its generate's prefill does."""
+        self.check_batch(batch)
+        batch.require_one_image(self.name)
+        caps = []
+        for i, req in enumerate(batch.requests):
+            cap = capture_of(req)
+            cap.place([i], batch.offsets[i])
+            caps.append(cap)
+        fwd = {k: inputs[k] for k in (*TOKEN_KEYS, *IMAGE_KEYS) if inputs.get(k) is not None}
+        with torch.no_grad(), hooks.edited(model, *caps):
+            model(**fwd, use_cache=False)
+        return caps
+
     # --- the official selection: a describe pass per image, reused for every question on it ---
 
     def describe_ids(self, req: Request) -> torch.Tensor:
@@ -358,17 +373,42 @@ class Prune(Reprompt, mode="prune"):
             return self.describe_selection(model, req, kwargs)
         return self.kept_image_tokens(model, req, kwargs)
 
+    def batch_refusal(self, family=None) -> str | None:
+        if self.params["selection"] == "describe":
+            return "selection=describe runs a describe pass per image (not yet written for a batch)"
+        return None  # one batched scoring prefill, then each request's masks placed in its row
+
+    def batch_edits(self, model, batch: Batch, kwargs) -> list[hooks.AttnEdit]:
+        """Each request's masks from its own scores (one batched scoring prefill), placed in its row. A batch
+        always masks the dropped keys: the cache cut of ``generate`` is per request (it equals the masks, tested)."""
+        caps = self.batch_captures(model, batch, kwargs, lambda r: self._capture(r, r.prompt_len))
+        keep, selection = self.params["keep_ratio"], self.params["selection"]
+        kept = [scoring.select(cap.latest(), keep, selection) for cap in caps]
+        for req, k in zip(batch.requests, kept):
+            n_kept = int(next(iter(k.values())).numel())
+            record = {"image": "", "compressed": False, "query": _query_text(req), "kv_entries": req.prompt_len}
+            self._log({**record, "kv_full": req.prompt_len, "image_kept": n_kept, "ttft_s": None, "batched": True})
+        by_request = {id(r): k for r, k in zip(batch.requests, kept)}
+        return batch.place_each(lambda r: self.prune_edits(r, by_request[id(r)]))
+
     def forward(self, model, req: Request, **kwargs):
         req.require_one_image(self.name)
-        kept = self._kept(model, req, kwargs)
-        with hooks.edited(model, *self.prune_edits(req, kept)):
+        edits = (
+            self.batch_edits(model, req, kwargs)
+            if isinstance(req, Batch)
+            else self.prune_edits(req, self._kept(model, req, kwargs))
+        )
+        with hooks.edited(model, *edits):
             return model(**kwargs)
 
     def generate(self, model, req: Request, **kwargs):
         """Pooled selection: the scoring prefill's cache cut to [prefix, kept image tokens], and the query
         re-prefilled after it, which equals masking the dropped keys (tested) but decodes over the kept
-        entries only. Per-layer selection: the key masks."""
+        entries only. Per-layer selection: the key masks. A batch: the key masks (``batch_edits``)."""
         req.require_one_image(self.name)
+        if isinstance(req, Batch):
+            with hooks.edited(model, *self.batch_edits(model, req, kwargs)):
+                return model.generate(**kwargs)
         if self.params["selection"] in ("per_layer", "describe") or self.params["prune_rows"] != "after_image":
             kept = self._kept(model, req, kwargs)
             with hooks.edited(model, *self.prune_edits(req, kept)):
@@ -555,17 +595,31 @@ class Compressed(Reprompt, mode="compressed"):
 class FastV(Reprompt, mode="fastv"):
     """mode=fastv: the FastV baseline (``fastv_layer`` K, ``fastv_ratio`` R; see ``fastv_edits``)."""
 
-    def fastv_edits(self, model, req: Request, kwargs) -> list[hooks.AttnEdit]:
-        """One scoring prefill (layer K-1, last prompt row), then the dropped image tokens removed from
-        layer K on for every row from the image on: their keys are gone, so their own rows are never read,
-        which equals cutting them out of the sequence with the kept tokens' positions unchanged."""
-        K, pos, p = self.params["fastv_layer"], req.image_pos, req.prompt_len
+    batch_refused = None  # one batched scoring prefill, then each request's blocks placed in its row
+
+    def _fastv_capture(self, req: Request) -> hooks.Capture:
+        K, p = self.params["fastv_layer"], req.prompt_len
         if not 1 <= K < self.n_layers:
             raise ValueError(f"reprompt: fastv_layer={K} must be in [1, {self.n_layers - 1}]")
-        cap = hooks.Capture(layers=[K - 1], rows=hooks.Rows.span(p - 1, p), keys=pos)
-        prefill = prefill_inputs(model, kwargs, p)
+        return hooks.Capture(layers=[K - 1], rows=hooks.Rows.span(p - 1, p), keys=req.image_pos)
+
+    def fastv_edits(self, model, req: Request | Batch, kwargs) -> list[hooks.AttnEdit]:
+        """One scoring prefill (layer K-1, last prompt row), then the dropped image tokens removed from
+        layer K on for every row from the image on: their keys are gone, so their own rows are never read,
+        which equals cutting them out of the sequence with the kept tokens' positions unchanged. A batch: one
+        scoring prefill, each request's blocks from its own row's scores, placed in its row."""
+        if isinstance(req, Batch):
+            caps = self.batch_captures(model, req, kwargs, self._fastv_capture)
+            edits = {id(r): self._fastv_blocks(r, cap) for r, cap in zip(req.requests, caps)}
+            return req.place_each(lambda r: edits[id(r)])
+        cap = self._fastv_capture(req)
+        prefill = prefill_inputs(model, kwargs, req.prompt_len)
         with torch.no_grad(), hooks.edited(model, cap):
             model(**prefill, use_cache=False)
+        return self._fastv_blocks(req, cap)
+
+    def _fastv_blocks(self, req: Request, cap: hooks.Capture) -> list[hooks.AttnEdit]:
+        K, pos = self.params["fastv_layer"], req.image_pos
         kept = scoring.fastv_kept(cap.latest()[K - 1][0, :, -1], self.params["fastv_ratio"])
         dropped = torch.ones(pos.numel(), dtype=torch.bool)
         dropped[kept] = False

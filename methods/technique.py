@@ -191,10 +191,99 @@ class Request:
             raise RequestError(f"{technique}: the image tokens are not contiguous; one image per prompt is supported")
 
 
+@dataclasses.dataclass
+class Batch:
+    """Several requests in one left-padded batch (lmms-eval's ``--batch_size N``), as a technique sees them.
+
+    Each request is the one it would be alone (``requests[i]``: its own unpadded ids, image, geometry), and
+    ``offsets[i]`` is its row's left padding: a technique builds each request's edits exactly as at batch size
+    1 and ``place_each`` moves them to their batch row and shifts their positions by the padding. Padding keys
+    are masked by the model's own attention mask, so every request's attention is what it is alone.
+    input_ids / attention_mask: the padded (B, L) batch; prompts end together at L (left padding).
+    """
+
+    requests: list[Request]
+    offsets: list[int]
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor | None = None
+
+    @property
+    def image_token_id(self) -> int:
+        return self.requests[0].image_token_id
+
+    @property
+    def prompt_len(self) -> int:
+        return self.input_ids.shape[1]
+
+    @property
+    def config(self):
+        return self.requests[0].config
+
+    @property
+    def family(self) -> str:
+        return self.requests[0].family
+
+    @property
+    def adapter(self) -> "families.Family":
+        return self.requests[0].adapter
+
+    def require_one_image(self, technique: str) -> None:
+        for req in self.requests:
+            req.require_one_image(technique)
+
+    def vision_rows(self, i: int) -> list[int]:
+        """The vision tower's batch rows of request i: its image's single crop (LLaVA-1.5: row i)."""
+        if not self.adapter.one_crop_per_image:
+            raise RequestError(
+                f"{self.family}: an edit of the vision tower cannot be placed in a batch (its tower does not run one "
+                "crop per image in batch order); use batch_size=1"
+            )
+        return [i]
+
+    def place_each(self, recipe) -> list[hooks.AttnEdit]:
+        """Every request's edits (``recipe(request)``, built as for the request alone), placed in its batch row."""
+        placed, seen = [], set()
+        for i, (req, offset) in enumerate(zip(self.requests, self.offsets)):
+            for edit in recipe(req):
+                if id(edit) in seen:
+                    continue
+                seen.add(id(edit))
+                if edit.tower == "vision":
+                    edit.place(self.vision_rows(i), 0)  # the tower sees each image unpadded
+                else:
+                    edit.place([i], offset)
+                placed.append(edit)
+        return placed
+
+
+def left_offsets(attention_mask: torch.Tensor) -> list[int]:
+    """Each row's left padding; a RequestError for a right-padded or gapped row (positions would not line up)."""
+    offsets = []
+    for row in attention_mask.bool():
+        n = int((~row).sum())
+        if n and bool(row[:n].any()):
+            raise RequestError("a batch must be left-padded (the padding tokens first); got right or inner padding")
+        offsets.append(n)
+    return offsets
+
+
 class Technique:
-    """Base: install ``recipe`` for one generate/forward call. Override for multi-pass methods."""
+    """Base: install ``recipe`` for one generate/forward call. Override for multi-pass methods.
+
+    A ``Batch`` (batch_size > 1) runs through the same code when ``batch_refusal()`` is None: each request's
+    ``recipe`` is placed in its batch row (``Batch.place_each``). A technique whose result would not equal
+    batch size 1 per request returns the reason instead, and the wrappers refuse batch_size > 1 with it."""
 
     name = "technique"
+    batch_refused = (
+        "it runs its own passes per request (not yet written for a left-padded batch); use batch_size=1 and scale "
+        "out with accelerate launch --num_processes N"
+    )
+
+    def batch_refusal(self, family=None) -> str | None:
+        """None when batches give every request its batch-size-1 result; else why not (ModelArgsError text).
+        ``family``: the checkpoint's family adapter, when the answer depends on it (None: any family)."""
+        return self.batch_refused
 
     def __init__(self, **params):
         self.params = params
@@ -206,14 +295,28 @@ class Technique:
         """The full recipe configuration, logged with results."""
         return {"technique": self.name, **self.params}
 
-    def generate(self, model, req: Request, **kwargs):
+    def edits(self, model, req: Request | Batch) -> list[hooks.AttnEdit]:
+        """``recipe`` for one request; for a batch, every request's recipe placed in its row."""
+        if isinstance(req, Batch):
+            self.check_batch(req)
+            return req.place_each(lambda r: self.recipe(model, r))
+        return self.recipe(model, req)
+
+    def check_batch(self, batch: Batch) -> None:
+        why = self.batch_refusal(batch.adapter)
+        if why:
+            raise RequestError(f"{self.name} cannot run a batch of {len(batch.requests)} requests: {why}")
+
+    def generate(self, model, req: Request | Batch, **kwargs):
         req.require_one_image(self.name)
-        with hooks.edited(model, *self.recipe(model, req)):
+        if isinstance(req, Batch) and int(kwargs.get("num_beams") or 1) > 1:
+            raise RequestError(f"{self.name}: beam search in a batch is not supported; use batch_size=1")
+        with hooks.edited(model, *self.edits(model, req)):
             return model.generate(**kwargs)
 
-    def forward(self, model, req: Request, **kwargs):
+    def forward(self, model, req: Request | Batch, **kwargs):
         req.require_one_image(self.name)
-        with hooks.edited(model, *self.recipe(model, req)):
+        with hooks.edited(model, *self.edits(model, req)):
             return model(**kwargs)
 
 

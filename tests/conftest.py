@@ -64,6 +64,7 @@ def tiny(tiny_ckpt):
 # in-process evaluator on a real task, or a training run launched as a command).
 CLI_FILES = {
     "test_bf16_inference.py",
+    "test_cli_batch.py",
     "test_cli_knockout_reprompt.py",
     "test_cli_pai.py",
     "test_cli_pm.py",

@@ -27,6 +27,7 @@ def bench_args(tmp_path, **kw):
         repeats=1,
         only="",
         memory=False,
+        batch=0,
         markdown=str(tmp_path / "t.md"),
         json=str(tmp_path / "t.json"),
     )
@@ -200,3 +201,25 @@ def test_bench_family_internvl_at_a_tiny_width(tmp_path, monkeypatch):
     ]
     assert all(r["latency_ratio"] > 0 and r["passes"] >= r["baseline_passes"] == 2 for r in rows)
     assert "InternVL (HF)-shaped random model (2 LM layers of width 64; a 448x336 image = 3328 image tokens" in text
+
+
+def test_batch_throughput_table_at_a_tiny_width(tmp_path):
+    """`bench --shape llava-1.5-7b --batch N` at a tiny width: stock, PAI (with and without CFG), PAINT and
+    knockout generate N different requests one at a time and as one left-padded batch; the table reports both
+    per request, the gain, and each against stock at the same batch size. Behaviour only, no timed assertion."""
+    args = bench_args(tmp_path, shape="llava-1.5-7b", layers=2, vision_layers=1, set=TINY, batch=3)
+    rows, text = run_main(args)
+    assert [r["case"] for r in rows] == [
+        "stock (plain generate)",
+        "pai (no CFG)",
+        "pai (CFG)",
+        "paint (no CFG)",
+        "knockout (query, middle layers)",
+    ]
+    for r in rows:
+        assert r["batch"] == 3 and r["s_per_request_1"] > 0 and r["s_per_request_n"] > 0
+        assert r["gain"] == pytest.approx(r["s_per_request_1"] / r["s_per_request_n"])
+    assert rows[0]["vs_stock_n"] == 1.0 and "| throughput gain |" in text and "batch 3 against batch 1" in text
+    ctx = bench.context_of(bench.context_spec(args))
+    pairs = bench.batch_requests(ctx, 3)
+    assert len({im.size for im, _ in pairs}) == 3 and len({len(t) for _, t in pairs}) == 3  # a padded batch

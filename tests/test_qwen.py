@@ -214,7 +214,7 @@ def test_float32_loading(tiny_qwen, stock):
     [
         ("paint", {}, "no CLS token"),
         ("viral", {}, "qwen2_5_vl_viral needs adapter=DIR"),
-        ("pai", {"batch_size": 2}, "batch_size=2 is not supported"),
+        ("pm", {"batch_size": 2}, "batch_size=2 is not supported .*runs its own passes per request"),
     ],
 )
 def test_refusals_name_their_reason(tiny_qwen, name, kw, reason):

@@ -32,7 +32,7 @@ def test_wrapper_loads_hooks_and_defaults_device_map(tiny_ckpt):
         ({"alpha": -1}, "alpha=-1.0 is out of range"),
         ({"start_layer": 10}, r"layer range \[10, 4\) is outside the model's 4 language-model layers"),
         ({"end_layer": 9}, r"layer range \[2, 9\) is outside"),
-        ({"batch_size": 2}, "batch_size=2 is not supported"),
+        ({"batch_size": 0}, "batch_size=0 is not supported"),
     ],
 )
 def test_bad_model_args_fail_at_construction(tiny_ckpt, kwargs, message):

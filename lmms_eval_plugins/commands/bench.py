@@ -520,6 +520,8 @@ def main(args) -> int:
         print(f"lmms-plugins bench: {err}", file=sys.stderr)
         return 2
     ctx = context_of(spec)
+    if getattr(args, "batch", 0):
+        return main_batch(args, spec, ctx)
     cases = all_cases(ctx)
     if args.only:
         cases = {k: v for k, v in cases.items() if any(s in k for s in args.only.split(","))}
@@ -560,6 +562,20 @@ def main(args) -> int:
             row["peak_mib"] = None if mem is None else mem / 1024
             row["memory_ratio"] = None if not (mem is not None and ref) else mem / ref
     text = render(rows, spec, args.repeats, base, ctx)
+    print(text)
+    if args.markdown:
+        Path(args.markdown).write_text(text + "\n")
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=1))
+    return 0
+
+
+def main_batch(args, spec: dict, ctx: BenchContext) -> int:
+    """``--batch N``: the throughput table only (``batch_throughput``)."""
+    rows = batch_throughput(ctx, args.batch, args.repeats, clock_for(spec["device"]), args.only)
+    where = "CPU time, 1 thread" if ctx.plain.device.type != "cuda" else "wall time, CUDA synchronised"
+    text = f"{describe_model(spec, ctx)}, {spec['dtype']} on {ctx.plain.device.type}, median of {args.repeats} rounds, {where}\n\n"
+    text += render_batch(rows, spec["new_tokens"])
     print(text)
     if args.markdown:
         Path(args.markdown).write_text(text + "\n")
@@ -644,6 +660,140 @@ def render(rows, spec: dict, repeats: int, base, ctx) -> str:
     return head + "\n".join(lines)
 
 
+# ---------------------------------------------------------------------------------------
+# --batch N: throughput of a left-padded batch against the same requests one at a time
+# ---------------------------------------------------------------------------------------
+
+# Words appended to the bench prompt so the requests of a batch differ in length (and the batch is padded).
+EXTRA_WORDS = "please answer with one word using the image".split()
+
+
+def batch_requests(ctx: BenchContext, n: int) -> list[tuple[Image.Image, str]]:
+    """``n`` POPE-style requests that differ: images of different sizes and colours, prompts of different lengths."""
+    out = []
+    for i in range(n):
+        image = bench_image().resize((ctx.image.size[0] - 16 * i, ctx.image.size[1] + 8 * i))
+        image.paste((30 * i % 255, 90, 200), (10 * i, 10, 10 * i + 40, 50))
+        question = f"{PROMPT} {' '.join(EXTRA_WORDS[: i % (len(EXTRA_WORDS) + 1)])}".strip()
+        msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+        out.append((image, ctx.processor.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)))
+    return out
+
+
+def batch_cases(ctx: BenchContext) -> dict:
+    """name -> technique (None: stock, the plain model) for the batch table: the techniques issue 31 targets."""
+    from methods.knockout import Knockout
+    from methods.paint import DEFAULTS as paint_defaults
+    from methods.paint import Paint
+
+    n = hooks.num_layers(ctx.model)
+    return {
+        "stock (plain generate)": None,
+        "pai (no CFG)": Pai(n, use_cfg=False, **ctx.fit_layers("pai", pai_defaults)),
+        "pai (CFG)": Pai(n, use_cfg=True, **ctx.fit_layers("pai", pai_defaults)),
+        "paint (no CFG)": Paint.for_model(ctx.model, **ctx.fit_layers("paint", paint_defaults)),
+        "knockout (query, middle layers)": Knockout(
+            n, mode="query", from_layer=n // 4, to_layer=max(n // 4 + 1, 3 * n // 4)
+        ),
+    }
+
+
+def _calls(ctx: BenchContext, technique, pairs):
+    """A callable generating ``pairs`` in one call (left-padded when several), through the wrappers' request path."""
+    from ..base import RecordingProcessor, family_request
+
+    processor = RecordingProcessor(ctx.processor)
+    texts, images = [t for _, t in pairs], [im for im, _ in pairs]
+    pad = {"padding": True, "padding_side": "left"} if len(pairs) > 1 else {}
+    inputs = processor(images=images, text=texts if len(pairs) > 1 else texts[0], return_tensors="pt", **pad)
+    dtype = ctx.plain.dtype
+    inputs = {k: v.to(ctx.plain.device, dtype=dtype if v.is_floating_point() else None) for k, v in inputs.items()}
+    req = family_request(ctx.model, processor, inputs)
+    if technique is None:
+        return lambda: ctx.plain.generate(**inputs, **ctx.gen_kwargs)
+    return lambda: technique.generate(ctx.model, req, **inputs, **ctx.gen_kwargs)
+
+
+def batch_throughput(ctx: BenchContext, n: int, repeats: int, clock, only: str = "") -> list[dict]:
+    """Per case: CPU (or CUDA wall) seconds per request generating the ``n`` requests one at a time and as one
+    batch of ``n``, their ratio (throughput gain), and the batch's cost against stock's batch of ``n``. Also the
+    prefill's share of one request at batch 1 (a plain forward over its prompt), which bounds the gain where
+    the prefill is compute-bound (a CPU)."""
+    pairs = batch_requests(ctx, n)
+    rows = []
+    cases = batch_cases(ctx)
+    keep = [s for s in only.split(",") if s]
+    cases = {k: v for k, v in cases.items() if k.startswith("stock") or not keep or any(s in k for s in keep)}
+    for name, technique in cases.items():
+        one = [_calls(ctx, technique, [p]) for p in pairs]
+        many = _calls(ctx, technique, pairs)
+        with torch.no_grad():
+            one[0]()  # warm-up (one request: a batch's first call has no extra cost worth a whole batch here)
+            t_one, t_many = [], []
+            for _ in range(repeats):
+                t0 = clock()
+                for fn in one:
+                    fn()
+                t1 = clock()
+                many()
+                t2 = clock()
+                t_one.append((t1 - t0) / n)
+                t_many.append((t2 - t1) / n)
+        rows.append({"case": name, "batch": n, "s_per_request_1": statistics.median(t_one)})
+        rows[-1]["s_per_request_n"] = statistics.median(t_many)
+        rows[-1]["gain"] = rows[-1]["s_per_request_1"] / rows[-1]["s_per_request_n"]
+        print(f"batch {n} {name}: {rows[-1]['gain']:.2f}x throughput", flush=True)
+    stock = rows[0]
+    for r in rows:
+        r["vs_stock_1"] = r["s_per_request_1"] / stock["s_per_request_1"]
+        r["vs_stock_n"] = r["s_per_request_n"] / stock["s_per_request_n"]
+    with torch.no_grad():
+        prefill = _prefill_seconds(ctx, pairs[:1], repeats, clock)
+        prefill_n = _prefill_seconds(ctx, pairs, repeats, clock) / n
+    for r in rows:
+        r["stock_prefill_s"], r["stock_prefill_s_batched"] = prefill, prefill_n
+    return rows
+
+
+def _prefill_seconds(ctx: BenchContext, pairs, repeats: int, clock) -> float:
+    """Seconds of stock's prefill (one plain forward, logits for the last row only) over ``pairs`` as one batch."""
+    pad = {"padding": True, "padding_side": "left"} if len(pairs) > 1 else {}
+    text = [t for _, t in pairs] if len(pairs) > 1 else pairs[0][1]
+    inputs = ctx.processor(images=[im for im, _ in pairs], text=text, return_tensors="pt", **pad)
+    dtype = ctx.plain.dtype
+    inputs = {k: v.to(ctx.plain.device, dtype=dtype if v.is_floating_point() else None) for k, v in inputs.items()}
+    ctx.plain(**inputs, logits_to_keep=1)  # as generate's prefill: the vocabulary only for the last row
+    times = []
+    for _ in range(repeats):
+        t0 = clock()
+        ctx.plain(**inputs, logits_to_keep=1)
+        times.append(clock() - t0)
+    return statistics.median(times)
+
+
+def render_batch(rows: list[dict], new_tokens: int) -> str:
+    n = rows[0]["batch"]
+    stock = rows[0]
+    share = stock["stock_prefill_s"] / stock["s_per_request_1"]
+    bound = 1 / (share + (1 - share) / n)
+    lines = [
+        f"batch {n} against batch 1: the same {n} requests (images of different sizes, prompts of different lengths, "
+        f"left-padded), {new_tokens} new tokens each, generated one at a time and as one batch; seconds per request. "
+        f"Stock's prefill (one plain forward over a prompt) is {share:.0%} of its batch-1 request "
+        f"({stock['stock_prefill_s']:.3g} s; batched, {stock['stock_prefill_s_batched']:.3g} s per request): if "
+        f"batching sped up only the decoding, the gain would be at most {bound:.2f}x.",
+        "",
+        f"| case | batch 1: s / request | batch {n}: s / request | throughput gain | vs stock at batch 1 | vs stock at batch {n} |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['case']} | {r['s_per_request_1']:.3g} | {r['s_per_request_n']:.3g} | {r['gain']:.2f}x | "
+            f"{r['vs_stock_1']:.2f}x | {r['vs_stock_n']:.2f}x |"
+        )
+    return "\n".join(lines)
+
+
 def register(sub) -> None:
     p = sub.add_parser("bench", help="latency / forward passes / peak memory of each technique vs greedy llava_hf")
     p.add_argument(
@@ -697,6 +847,13 @@ def register(sub) -> None:
         "--memory",
         action="store_true",
         help="CPU: also measure peak memory (one fresh process per case); CUDA measures it always",
+    )
+    p.add_argument(
+        "--batch",
+        type=int,
+        default=0,
+        help="N > 1: instead of the cases, the throughput of stock, PAI (with and without CFG), PAINT and knockout "
+        "generating N different requests as one left-padded batch against one at a time (--only filters them)",
     )
     p.add_argument("--markdown", default=None)
     p.add_argument("--json", default=None)

@@ -19,6 +19,7 @@ class MergedAdapter(Technique):
     """Nothing at inference time: the adapter was merged into the weights when the model was built."""
 
     name = "viral"
+    batch_refused = None  # no edits: the model's own batched generation
 
     def generate(self, model, req, **kwargs):
         return model.generate(**kwargs)

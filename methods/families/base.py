@@ -46,6 +46,9 @@ class Family:
     # (Qwen3-VL's DeepStack): a pass of a technique's own over the LM must add them too (``lm_inputs``).
     deepstack = False
     patches_per_token = 1  # tower patches behind each image token (InternVL's pixel shuffle: 4)
+    # The vision tower runs one crop per image, the images in batch order (LLaVA-1.5): a vision-tower edit of
+    # request i of a batch acts on tower batch row i (methods/technique.py Batch.vision_rows).
+    one_crop_per_image = False
 
     def blocks(self, config, processor, image_size, start: int, inputs: dict):
         """The image's blocks in sequence order (or ``(blocks, others)``: image tokens of no cell)."""

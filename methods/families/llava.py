@@ -16,6 +16,7 @@ class Llava(Family):
     display_name = "LLaVA-1.5"
     request_inputs = ("image_sizes",)  # none for LLaVA-1.5 itself; the HF class shares llava_hf with anyres
     square_grid = True
+    one_crop_per_image = True
 
     def blocks(self, config, processor, image_size, start, inputs):
         """One square grid (vision image_size / patch_size), CLS dropped under the 'default' strategy;

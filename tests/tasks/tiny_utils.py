@@ -27,3 +27,15 @@ def doc_to_target_index(doc):
 
 def process_results(doc, results):
     return {"exact": float(results[0].strip().lower().startswith(doc["answer"]))}
+
+
+def sized_visual(doc):
+    """An image of the document's own size, with a lighter square, so images differ in size and content."""
+    w, h = doc["size"]
+    image = Image.new("RGB", (w, h), tuple(doc["rgb"]))
+    image.paste((230, 230, 230), (w // 4, h // 4, w // 2, h // 2))
+    return [image]
+
+
+def own_question(doc, lmms_eval_specific_kwargs=None):
+    return doc["question"]

@@ -1,0 +1,456 @@
+"""batch_size > 1: a left-padded batch of requests gives every request its batch-size-1 answer and logits.
+
+In process, on tiny random LLaVA-1.5 and Qwen2.5-VL checkpoints: three requests with images of different sizes
+and prompts of different lengths go through the wrappers' request path (``family_request`` -> ``Batch``) and one
+``generate`` call; each row's greedy tokens equal the request generated alone, and its logits (and, under
+image-free guidance, its guided scores) agree to 1e-5, for every technique that batches. Each technique's
+logits differ from the idle model's by far more than that, so the comparison can fail; placing edits without
+the padding offset does fail it. Refusals name their reason; hooks are gone after a failing batch.
+"""
+
+import pytest
+import torch
+from conftest import load
+from PIL import Image
+
+from lmms_eval_plugins.base import RecordingProcessor, TechniqueModel, family_request
+from methods import hooks
+from methods.knockout import Knockout
+from methods.pai import Pai
+from methods.paint import Paint
+from methods.params import ModelArgsError
+from methods.technique import Batch, RequestError
+
+TOL = 1e-5  # absolute and relative: batched matmuls round differently (never bit-exact across CPUs)
+GEN = dict(max_new_tokens=5, do_sample=False, output_logits=True, output_scores=True, return_dict_in_generate=True)
+QUESTIONS = (
+    "is there a red circle in the image?",
+    "what",
+    "is there a blue square on the left of the green circle in the picture? answer using a single word",
+)
+SIZES = ((40, 30), (25, 60), (64, 64))
+
+
+def _image(size, rgb):
+    image = Image.new("RGB", size, rgb)
+    image.paste((230, 230, 230), (size[0] // 4, size[1] // 4, size[0] // 2, size[1] // 2))
+    return image
+
+
+IMAGES = [_image(s, c) for s, c in zip(SIZES, ((200, 30, 30), (20, 30, 200), (20, 200, 20)))]
+
+
+def _run(model, processor, technique, prompts, images, **call):
+    """(new tokens, raw logits, processed scores) per row of one generate call through the wrappers' request path."""
+    inputs = processor(images=images, text=prompts, return_tensors="pt", **call)
+    req = family_request(model, processor, dict(inputs))
+    with torch.no_grad():
+        out = technique.generate(model, req, **inputs, **GEN)
+    n = inputs["input_ids"].shape[1]
+    logits, scores = torch.stack(out.logits, 1), torch.stack(out.scores, 1)
+    return req, [(out.sequences[i, n:], logits[i], scores[i]) for i in range(len(prompts))]
+
+
+def _alone_and_batched(model, processor, technique, prompts, **call):
+    alone = [_run(model, processor, technique, [p], [im])[1][0] for p, im in zip(prompts, IMAGES)]
+    batch, rows = _run(model, processor, technique, prompts, IMAGES, padding=True, padding_side="left", **call)
+    assert isinstance(batch, Batch) and len(set(batch.offsets)) == len(prompts)  # three different paddings
+    return alone, rows
+
+
+def _effect(alone, plain) -> float:
+    """How far the technique moves the first answer token's log-probabilities (scores: guided ones under CFG)
+    from the idle model's, over the tokens both keep."""
+    worst = 0.0
+    for a, p in zip(alone, plain):
+        ours, base = torch.log_softmax(a[2][0], -1), torch.log_softmax(p[2][0], -1)
+        keep = torch.isfinite(ours) & torch.isfinite(base)
+        worst = max(worst, float((ours[keep] - base[keep]).abs().max()))
+    return worst
+
+
+def _assert_equal_per_request(alone, rows, tol=TOL):
+    for (ids, logits, scores), (b_ids, b_logits, b_scores) in zip(alone, rows):
+        k = len(ids)  # a row that ended earlier alone continues with padding in the batch
+        assert torch.equal(ids, b_ids[:k])
+        torch.testing.assert_close(b_logits[:k], logits, atol=tol, rtol=tol)
+        torch.testing.assert_close(b_scores[:k], scores, atol=tol, rtol=tol)
+
+
+# ------------------------------------------------------------------------------------ LLaVA-1.5
+
+
+@pytest.fixture(scope="module")
+def llava(tiny_ckpt):
+    model, processor = load(tiny_ckpt)
+    processor.tokenizer.padding_side = "left"  # what llava_hf sets
+
+    def prompt(q):
+        msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": q}]}]
+        return processor.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
+
+    return model, RecordingProcessor(processor), [prompt(q) for q in QUESTIONS]
+
+
+def _llava_techniques(model):
+    n = hooks.num_layers(model)
+    return {
+        "pai": lambda: Pai(n, alpha=2.0, start_layer=0, use_cfg=False),
+        "pai_cfg": lambda: Pai(n, alpha=2.0, start_layer=0, use_cfg=True, gamma=1.5),
+        "knockout_query": lambda: Knockout(n, mode="query"),
+        "knockout_generated": lambda: Knockout(n, mode="generated", from_layer=1),
+        "knockout_block_query": lambda: Knockout(n, mode="block_query"),
+        "knockout_all": lambda: Knockout(n, mode="all"),
+        "paint": lambda: Paint.for_model(model, alpha=2.0, beta=1.0, start_layer=0),
+        "paint_heads_cfg": lambda: Paint.for_model(
+            model, alpha=2.0, beta=1.0, start_layer=0, head_modulation="sensitivity", use_cfg=True
+        ),
+    }
+
+
+LLAVA_TECHNIQUES = (
+    "pai",
+    "pai_cfg",
+    "knockout_query",
+    "knockout_generated",
+    "knockout_block_query",
+    "knockout_all",
+    "paint",
+    "paint_heads_cfg",
+)
+
+
+@pytest.mark.parametrize("name", LLAVA_TECHNIQUES)
+def test_llava_batch_equals_batch_one(llava, name):
+    model, processor, prompts = llava
+    technique = _llava_techniques(model)[name]()
+    alone, rows = _alone_and_batched(model, processor, technique, prompts)
+    _assert_equal_per_request(alone, rows)
+    idle = Pai(hooks.num_layers(model), alpha=0, use_cfg=False)
+    plain = [_run(model, processor, idle, [p], [im])[1][0] for p, im in zip(prompts, IMAGES)]
+    assert _effect(alone, plain) > 100 * TOL  # the technique changes the answer's scores: the equality can fail
+    assert not any(hooks.EDITS_ATTR in m.__dict__ for m in model.modules())
+
+
+def test_idle_batch_equals_batch_one(llava):
+    model, processor, prompts = llava
+    alone, rows = _alone_and_batched(model, processor, Pai(hooks.num_layers(model), alpha=0, use_cfg=False), prompts)
+    _assert_equal_per_request(alone, rows)
+
+
+def test_edits_placed_without_the_padding_offset_fail(llava, monkeypatch):
+    """The equality above depends on shifting each request's positions by its padding."""
+    model, processor, prompts = llava
+    place = hooks.AttnEdit.place
+    monkeypatch.setattr(hooks.AttnEdit, "place", lambda self, batch, offset: place(self, batch, 0))
+    alone, rows = _alone_and_batched(model, processor, Pai(hooks.num_layers(model), alpha=2.0, start_layer=0), prompts)
+    with pytest.raises(AssertionError):
+        _assert_equal_per_request(alone, rows)
+
+
+def test_a_failing_batch_leaves_no_hooks(llava):
+    model, processor, prompts = llava
+    inputs = processor(images=IMAGES, text=prompts, return_tensors="pt", padding=True, padding_side="left")
+    req = family_request(model, processor, dict(inputs))
+    bad = {**inputs, "pixel_values": inputs["pixel_values"][:1]}  # one image for three prompts: the model raises
+    with pytest.raises(ValueError, match="[Ii]mage features and image tokens do not match"):
+        Knockout(hooks.num_layers(model), mode="both").generate(model, req, **bad, max_new_tokens=2)
+    assert not any(hooks.EDITS_ATTR in m.__dict__ for m in model.modules())
+
+
+def test_batch_requests_are_the_requests_alone(llava):
+    """Each request of a batch is what family_request builds for its prompt alone: ids, image, geometry."""
+    model, processor, prompts = llava
+    inputs = processor(images=IMAGES, text=prompts, return_tensors="pt", padding=True, padding_side="left")
+    batch = family_request(model, processor, dict(inputs))
+    for i, (p, im) in enumerate(zip(prompts, IMAGES)):
+        alone = family_request(model, processor, dict(processor(images=[im], text=p, return_tensors="pt")))
+        got = batch.requests[i]
+        assert torch.equal(got.input_ids, alone.input_ids) and got.prompt_len == alone.prompt_len
+        assert got.images[0] is im and torch.equal(got.image_pos + batch.offsets[i], batch_image_pos(batch, i))
+
+
+def batch_image_pos(batch, i):
+    return (batch.input_ids[i] == batch.image_token_id).nonzero().flatten()
+
+
+def test_right_padding_and_image_counts_are_refused(llava):
+    model, processor, prompts = llava
+    inputs = processor(images=IMAGES, text=prompts, return_tensors="pt", padding=True, padding_side="right")
+    with pytest.raises(RequestError, match="left-padded"):
+        family_request(model, processor, dict(inputs))
+    inputs = processor(images=IMAGES[:2], text=prompts[:2], return_tensors="pt", padding=True, padding_side="left")
+    processor.__dict__["last_images"] = IMAGES  # three images recorded for two prompts
+    with pytest.raises(RequestError, match="one image per prompt"):
+        family_request(model, processor, dict(inputs))
+
+
+def test_beam_search_in_a_batch_is_refused(llava):
+    model, processor, prompts = llava
+    inputs = processor(images=IMAGES, text=prompts, return_tensors="pt", padding=True, padding_side="left")
+    req = family_request(model, processor, dict(inputs))
+    with pytest.raises(RequestError, match="beam search in a batch"):
+        Pai(hooks.num_layers(model)).generate(model, req, **inputs, num_beams=2, max_new_tokens=2)
+
+
+def test_vision_edits_need_one_crop_per_image(llava):
+    model, processor, prompts = llava
+    inputs = processor(images=IMAGES, text=prompts, return_tensors="pt", padding=True, padding_side="left")
+    batch = family_request(model, processor, dict(inputs))
+    batch.requests[0].config = type(model.config)(**{**model.config.to_dict(), "model_type": "llava_next"})
+    with pytest.raises(RequestError, match="vision tower cannot be placed in a batch"):
+        batch.vision_rows(0)
+
+
+# ------------------------------------------------------------------------------------ wrappers
+
+
+def _pai_wrapper(**kw):
+    from lmms_eval_plugins.models.pai import LlavaPaiChat
+
+    return LlavaPaiChat(device="cpu", **kw)
+
+
+def test_wrappers_accept_batches_where_exact_and_refuse_with_the_reason(tiny_ckpt):
+    from lmms_eval_plugins.models.pm import LlavaPmChat
+
+    lm = _pai_wrapper(pretrained=str(tiny_ckpt), batch_size=4)
+    assert lm.batch_size == 4 and isinstance(lm.model, TechniqueModel)
+    with pytest.raises(ModelArgsError, match=r"llava_pm: batch_size=2 is not supported .*runs its own passes"):
+        LlavaPmChat(pretrained=str(tiny_ckpt), device="cpu", batch_size=2)
+    with pytest.raises(ModelArgsError, match="batch_size=0 is not supported"):
+        _pai_wrapper(pretrained=str(tiny_ckpt), batch_size=0)
+
+
+def test_paint_refuses_batches_where_the_tower_runs_several_crops(anyres):
+    from lmms_eval_plugins.models.paint import LlavaPaintChat
+
+    _, _, _, ckpt = anyres["llava_next"]
+    with pytest.raises(ModelArgsError, match="LLaVA-NeXT's tower runs several crops per image"):
+        LlavaPaintChat(pretrained=str(ckpt), device="cpu", batch_size=2)
+    assert _pai_wrapper(pretrained=str(ckpt), batch_size=2).batch_size == 2
+
+
+def test_unverified_families_refuse_batches(tmp_path):
+    from lmms_eval_plugins.base import TechniqueMixin
+
+    assert "not yet tested" in TechniqueMixin.batch_families.get("gemma3", "not yet tested")
+    assert set(TechniqueMixin.batch_families) == {"llava", "llava_next", "llava_onevision"}
+
+
+# ------------------------------------------------------------------------------------ LLaVA-NeXT and OneVision
+
+
+@pytest.fixture(scope="module")
+def anyres(tmp_path_factory):
+    """Tiny NeXT and OneVision checkpoints: images of different sizes get different tilings and token counts."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from lmms_eval_plugins.testing import build_tiny_llava_next, build_tiny_llava_onevision
+
+    out = {}
+    for name, builder in (("llava_next", build_tiny_llava_next), ("llava_onevision", build_tiny_llava_onevision)):
+        ckpt = builder(tmp_path_factory.mktemp(name))
+        model = AutoModelForImageTextToText.from_pretrained(ckpt, attn_implementation="sdpa").eval()
+        processor = AutoProcessor.from_pretrained(ckpt)
+        processor.tokenizer.padding_side = "left"
+
+        def prompt(q, processor=processor):
+            msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": q}]}]
+            return processor.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
+
+        out[name] = (model, RecordingProcessor(processor), [prompt(q) for q in QUESTIONS], ckpt)
+    return out
+
+
+@pytest.mark.parametrize("family", ("llava_next", "llava_onevision"))
+@pytest.mark.parametrize("name", ("pai_cfg", "knockout_query", "prune"))
+def test_anyres_batch_equals_batch_one(anyres, family, name):
+    from methods.reprompt import Reprompt
+
+    model, processor, prompts, _ = anyres[family]
+    n = hooks.num_layers(model)
+    technique = {
+        "pai_cfg": lambda: Pai(n, alpha=2.0, start_layer=0, use_cfg=True, gamma=1.5),
+        "knockout_query": lambda: Knockout(n, mode="query"),
+        "prune": lambda: Reprompt(n, mode="prune", keep_ratio=0.25, selection="per_layer"),
+    }[name]()
+    alone, rows = _alone_and_batched(model, processor, technique, prompts)
+    counts = {int((r.input_ids == r.image_token_id).sum()) for r in family_request_batch(model, processor, prompts)}
+    assert len(counts) > 1  # different tilings in one batch
+    _assert_equal_per_request(alone, rows)
+
+
+# ------------------------------------------------------------------------------------ Qwen2.5-VL
+
+
+@pytest.fixture(scope="module")
+def qwen(tmp_path_factory):
+    from test_qwen import PIXELS, build_tiny_qwen
+    from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
+
+    path = build_tiny_qwen(tmp_path_factory.mktemp("tiny_qwen_batch"))
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(path, attn_implementation="sdpa").eval()
+    processor = AutoProcessor.from_pretrained(path)
+    processor.image_processor.size = {"shortest_edge": PIXELS["min_pixels"], "longest_edge": PIXELS["max_pixels"]}
+
+    def prompt(q):
+        messages = [
+            {"role": "system", "content": "You are a helpful assistant."},
+            {"role": "user", "content": [{"type": "image", "image": "x"}, {"type": "text", "text": q}]},
+        ]
+        return processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+    return model, RecordingProcessor(processor), [prompt(q) for q in QUESTIONS]
+
+
+@pytest.mark.parametrize("name", ("pai", "pai_cfg", "knockout_query", "knockout_both"))
+def test_qwen_batch_equals_batch_one(qwen, name):
+    model, processor, prompts = qwen
+    n = hooks.num_layers(model)
+    technique = {
+        "pai": lambda: Pai(n, alpha=2.0, start_layer=0, use_cfg=False),
+        "pai_cfg": lambda: Pai(n, alpha=2.0, start_layer=0, use_cfg=True, gamma=1.5),
+        "knockout_query": lambda: Knockout(n, mode="query"),
+        "knockout_both": lambda: Knockout(n, mode="both", from_layer=1),
+    }[name]()
+    alone, rows = _alone_and_batched(model, processor, technique, prompts)
+    counts = {int((r.input_ids == r.image_token_id).sum()) for r in family_request_batch(model, processor, prompts)}
+    assert len(counts) > 1  # images of different sizes: different numbers of image tokens in one batch
+    # this checkpoint's weights are spread wider (larger logits), and its vision tower runs every image's patches
+    # as one sequence: measured up to 0.84 of the 1e-5 bound, so 3e-5 leaves room for other CPUs
+    _assert_equal_per_request(alone, rows, tol=3 * TOL)
+    plain = [_run(model, processor, Pai(n, alpha=0, use_cfg=False), [p], [im])[1][0] for p, im in zip(prompts, IMAGES)]
+    assert _effect(alone, plain) > 100 * TOL
+
+
+def family_request_batch(model, processor, prompts):
+    inputs = processor(images=IMAGES, text=prompts, return_tensors="pt", padding=True, padding_side="left")
+    return family_request(model, processor, dict(inputs)).requests
+
+
+# ------------------------------------------------------------------------------------ localization heads
+
+
+def _lochead_alone_and_batched(model, processor, technique, prompts, answers=True):
+    """answers: also compare the generated box text (a tokenizer that can write boxes: not the word-level one)."""
+    alone = []
+    for p, im in zip(prompts, IMAGES):
+        inputs = processor(images=[im], text=[p], return_tensors="pt")
+        req = family_request(model, processor, dict(inputs))
+        ids = technique.generate(model, req, **inputs)[0] if answers else None
+        alone.append((technique.locate(model, req, **inputs), ids))
+    inputs = processor(images=IMAGES, text=prompts, return_tensors="pt", padding=True, padding_side="left")
+    batch = family_request(model, processor, dict(inputs))
+    located = technique.locate_batch(model, batch, **inputs)
+    out = technique.generate(model, batch, **inputs, pad_token_id=0) if answers else None
+    n = batch.input_ids.shape[1]
+    for i, ((loc, ids), got) in enumerate(zip(alone, located)):
+        torch.testing.assert_close(got.combined, loc.combined, atol=TOL, rtol=TOL)
+        assert got.box == loc.box and got.heads == loc.heads
+        if answers:
+            tail = ids[batch.requests[i].input_ids.shape[1] :]
+            assert out[i, n : n + len(tail)].tolist() == tail.tolist()
+    assert len({tuple(loc.box) for loc, _ in alone}) > 1  # the requests' boxes differ: a mix-up would show
+    return alone, located
+
+
+@pytest.mark.parametrize("heads", ([(1, 0), (2, 1), (3, 3)], "all", "self"))
+def test_lochead_batch_equals_batch_one(llava, heads):
+    from methods.lochead import LocHead
+
+    model, processor, prompts = llava
+    _lochead_alone_and_batched(model, processor, LocHead(heads, top_k=3), prompts, answers=False)
+
+
+def test_lochead_batch_on_qwen(qwen):
+    from methods.lochead import LocHead
+
+    model, processor, prompts = qwen
+    _lochead_alone_and_batched(model, processor, LocHead([(1, 0), (3, 2)], top_k=2), prompts)
+
+
+def test_lochead_official_prompt_refuses_batches():
+    from methods.lochead import LocHead
+
+    assert "builds its own prompt per request" in LocHead("all", prompt="official").batch_refusal()
+
+
+# ------------------------------------------------------------------------------------ pruning and FastV
+
+
+def _reprompt_techniques(n):
+    from methods.reprompt import Reprompt
+
+    return {
+        "prune_pooled": lambda: Reprompt(n, mode="prune", keep_ratio=0.25),
+        "prune_per_layer_last": lambda: Reprompt(
+            n, mode="prune", keep_ratio=0.25, selection="per_layer", score_rows="last"
+        ),
+        "prune_decode_rows": lambda: Reprompt(n, mode="prune", keep_ratio=0.1, prune_rows="decode"),
+        "fastv": lambda: Reprompt(n, mode="fastv", fastv_layer=2, fastv_ratio=0.75),
+    }
+
+
+@pytest.mark.parametrize("name", ("prune_per_layer_last", "prune_decode_rows", "fastv"))
+def test_pruning_batch_equals_batch_one(llava, name):
+    model, processor, prompts = llava
+    n = hooks.num_layers(model)
+    technique = _reprompt_techniques(n)[name]()
+    alone, rows = _alone_and_batched(model, processor, technique, prompts)
+    _assert_equal_per_request(alone, rows)
+    plain = [_run(model, processor, Pai(n, alpha=0, use_cfg=False), [p], [im])[1][0] for p, im in zip(prompts, IMAGES)]
+    assert _effect(alone, plain) > 100 * TOL or name == "prune_decode_rows"  # decode rows: the first token is stock's
+    assert not any(hooks.EDITS_ATTR in m.__dict__ for m in model.modules())
+
+
+def _pooled_prune_alone_and_batched(model, processor, prompts):
+    """Pooled pruning alone generates from its cut cache (no per-step logits); a batch masks the same keys. So:
+    the batch's tokens against the cut-cache answers, its first-step logits against the masked forward alone."""
+    n = hooks.num_layers(model)
+    technique = _reprompt_techniques(n)["prune_pooled"]()
+    alone = []
+    for p, im in zip(prompts, IMAGES):
+        inputs = processor(images=[im], text=[p], return_tensors="pt")
+        req = family_request(model, processor, dict(inputs))
+        with torch.no_grad():
+            ids = technique.generate(model, req, **inputs, max_new_tokens=5, do_sample=False)[0, req.prompt_len :]
+            first = technique.forward(model, req, **inputs).logits[0, -1]
+            plain = model(**inputs).logits[0, -1]
+        alone.append((ids, first, plain))
+    _, rows = _run(model, processor, technique, prompts, IMAGES, padding=True, padding_side="left")
+    return alone, rows
+
+
+def test_pooled_pruning_batch_equals_batch_one(llava, qwen):
+    for fixture, tol in ((llava, TOL), (qwen, 3 * TOL)):
+        alone, rows = _pooled_prune_alone_and_batched(*fixture)
+        for (ids, first, _), (b_ids, b_logits, _) in zip(alone, rows):
+            assert torch.equal(ids, b_ids[: len(ids)])
+            torch.testing.assert_close(b_logits[0], first, atol=tol, rtol=tol)
+        assert max(float((first - plain).abs().max()) for _, first, plain in alone) > 100 * TOL  # pruning acts
+
+
+@pytest.mark.parametrize("name", ("prune_per_layer_last", "fastv"))
+def test_pruning_batch_on_qwen(qwen, name):
+    model, processor, prompts = qwen
+    technique = _reprompt_techniques(hooks.num_layers(model))[name]()
+    alone, rows = _alone_and_batched(model, processor, technique, prompts)
+    _assert_equal_per_request(alone, rows, tol=3 * TOL)
+
+
+def test_compressed_and_describe_refuse_batches(llava):
+    from methods.reprompt import Reprompt
+
+    model, _, _ = llava
+    n = hooks.num_layers(model)
+    assert "runs its own passes per request" in Reprompt(n, mode="compressed").batch_refusal()
+    assert "describe pass per image" in Reprompt(n, mode="prune", selection="describe").batch_refusal()
+
+
+@pytest.mark.parametrize("family", ("llava_next", "llava_onevision"))
+def test_anyres_lochead_batch_equals_batch_one(anyres, family):
+    from methods.lochead import LocHead
+
+    model, processor, prompts, _ = anyres[family]
+    _lochead_alone_and_batched(model, processor, LocHead([(1, 0), (3, 1)], top_k=2), prompts, answers=False)

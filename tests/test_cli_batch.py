@@ -1,0 +1,73 @@
+"""--batch_size 3 through the real lmms-eval CLI answers every document exactly as --batch_size 1 does.
+
+tiny_batch: seven questions of different lengths on images of different sizes (tests/tasks/tiny_batch.yaml), so
+every batch is left-padded differently; on Qwen2.5-VL the images also give different numbers of image tokens.
+One lmms-eval process runs every configuration (``run_lmms_eval_many``); each run's per-sample answers are read
+from its own output path. A technique that cannot batch exactly fails with its reason and writes no results."""
+
+import pytest
+from conftest import REPO, TASKS
+
+from lmms_eval_plugins.testing import read_samples, results_of, run_lmms_eval_many
+
+LLAVA_RUNS = {
+    "pai_cfg": ("llava_pai", "alpha=2.0,start_layer=0,use_cfg=true,gamma=1.5", False),
+    "knockout": ("llava_knockout", "mode=query", False),
+    "knockout_simple": ("llava_knockout", "mode=both,from_layer=1", True),
+    "paint": ("llava_paint", "alpha=2.0,beta=1.0,start_layer=0", False),
+    "prune": ("llava_reprompt", "mode=prune,keep_ratio=0.25", False),  # alone: its cut cache; batched: masks
+    "fastv": ("llava_reprompt", "mode=fastv,fastv_layer=2,fastv_ratio=0.75", False),
+    "pai_idle_simple": ("llava_pai", "alpha=0,use_cfg=false", True),
+}
+QWEN_RUNS = {
+    "qwen_pai_cfg": ("qwen2_5_vl_pai", "alpha=2.0,start_layer=0,use_cfg=true,gamma=1.5", False),
+    "qwen_lochead": ("qwen2_5_vl_lochead", "heads=all", False),  # its tokenizer writes boxes (the tiny LLaVA's cannot)
+}
+QWEN_ARGS = "dtype=float32,min_pixels=12544,max_pixels=20000"
+
+
+@pytest.fixture(scope="module")
+def runs(tiny_ckpt, tmp_path_factory):
+    from test_qwen import build_tiny_qwen
+
+    root = tmp_path_factory.mktemp("cli_batch")
+    qwen = build_tiny_qwen(root / "tiny_qwen")
+    configs = []
+    for key, (model, args, simple) in {**LLAVA_RUNS, **QWEN_RUNS}.items():
+        ckpt = f"pretrained={qwen},{QWEN_ARGS}" if key in QWEN_RUNS else f"pretrained={tiny_ckpt}"
+        for bs in (1, 3):
+            run = {"model": model, "model_args": f"{ckpt},{args}", "tasks": "tiny_batch", "batch_size": bs}
+            run.update(include_path=str(TASKS), output_path=str(root / f"{key}_bs{bs}"))
+            if simple:
+                run["force_simple"] = True
+            configs.append(run)
+    configs.append(
+        {
+            "model": "llava_pm",
+            "model_args": f"pretrained={tiny_ckpt}",
+            "tasks": "tiny_batch",
+            "batch_size": 2,
+            "include_path": str(TASKS),
+            "output_path": str(root / "pm_bs2"),
+        }
+    )
+    log = run_lmms_eval_many(configs, root / "runs.yaml", cwd=REPO, timeout=1500)
+    return root, log
+
+
+@pytest.mark.parametrize("key", [*LLAVA_RUNS, *QWEN_RUNS])
+def test_batch_of_three_answers_like_batch_one(runs, key):
+    root, log = runs
+    answers = {}
+    for bs in (1, 3):
+        assert results_of(root / f"{key}_bs{bs}") is not None, log[-3000:]
+        answers[bs] = [s["filtered_resps"] for s in read_samples(root / f"{key}_bs{bs}", "tiny_batch")]
+    assert len(answers[1]) == 7 and all(a[0] for a in answers[1])
+    assert answers[3] == answers[1]
+
+
+def test_batched_runs_really_batched_and_pm_refuses(runs):
+    root, log = runs
+    assert "Model Responding (batched)" in log  # the llava_* names went through batching.py
+    assert results_of(root / "pm_bs2") is None
+    assert "llava_pm: batch_size=2 is not supported" in log and "runs its own passes per request" in log
