@@ -30,6 +30,7 @@ DEFAULTS = {
     "cutoff": 0.1,
     "boost_first_step": False,
     "official_quirks": False,
+    "precision": "fp32",  # fp32 | official: the guidance arithmetic in fp16, as the official fp16 runs
     "newlines": False,  # anyres models (LLaVA-NeXT/OneVision): boost the row-newline tokens too
 }
 
@@ -41,7 +42,8 @@ class GuidedTechnique(Technique):
     boost_first_step [False]: boost the first answer token under CFG too (official: no);
     official_quirks [False]: reproduce two official behaviours we consider bugs: the image-free
     KV cache does not follow beam reordering (CFG.py:43-47), and at gamma == 1 the boost never
-    turns on (CFG.py:30-31 returns before CFG.py:48-49).
+    turns on (CFG.py:30-31 returns before CFG.py:48-49); precision ["fp32"]: "official" does the
+    guidance (CFG.py) in fp16 as the official fp16 runs do (methods/guidance.py ``fp16_guide``).
     """
 
     def boost_rows(self, req: Request) -> hooks.Rows | None:
@@ -61,7 +63,12 @@ class GuidedTechnique(Technique):
         if p.get("use_cfg"):
             text_ids = guidance.drop_image_tokens(req.input_ids, req.image_token_id)
             cfg = guidance.ImageFreeGuidance(
-                model, text_ids, p["gamma"], p["cutoff"], follow_beams=not p.get("official_quirks", False)
+                model,
+                text_ids,
+                p["gamma"],
+                p["cutoff"],
+                follow_beams=not p.get("official_quirks", False),
+                fp16=p.get("precision") == "official",
             )
             kwargs["logits_processor"] = LogitsProcessorList([*(kwargs.get("logits_processor") or []), cfg])
         with hooks.edited(model, *self.recipe(model, req)):
@@ -80,6 +87,7 @@ class GuidedTechnique(Technique):
                 p["gamma"],
                 p["cutoff"],
                 kwargs.get("labels"),
+                fp16=p.get("precision") == "official",
             )
         return out
 

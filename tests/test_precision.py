@@ -1,0 +1,150 @@
+"""precision=official: the steps the official code does in fp16, checked against independent fp16 arithmetic.
+
+The official implementations run LLaVA-1.5 in fp16 (issue 27 item 3, bench/precision.py measures how
+often that changes outcomes). ``precision=official`` does only those steps in fp16; these tests compare
+each with a calculation written independently here (numpy float16 / float64, one rounding per official
+op), on small inputs, and show that each differs from the fp32 arithmetic on inputs made to show it.
+No test depends on last-bit float results of a particular CPU: the fp16 results are correctly rounded
+sums and products (exact in float32/float64 before the one rounding), compared exactly only there.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from methods import guidance, pm
+from methods.pm_search import official_layer_sum, refine
+
+F16_EPS = 2.0**-10  # fp16's relative spacing (11-bit significand)
+
+
+def _softmax_rows(gen: np.random.Generator, n_layers: int, n: int, scale: float = 3.0) -> list[np.ndarray]:
+    x = gen.normal(size=(n_layers, n)) * scale
+    e = np.exp(x - x.max(-1, keepdims=True))
+    return [(r / r.sum()).astype(np.float32) for r in e]
+
+
+# ---------------------------------------------------------------------------------------
+# PM: attention_resampler.py:186-246 sums the fp16 per-layer maps with numpy in float16
+# ---------------------------------------------------------------------------------------
+
+
+def _fp16_layer_sum(per_layer: list[np.ndarray]) -> np.ndarray:
+    """Independent: each layer rounded to fp16, then added one layer at a time, each add exact in float64
+    and rounded once to fp16 (a sum of two fp16 values needs < 64 bits, so this is the correctly rounded
+    fp16 add numpy's float16 reduction over the layer axis does)."""
+    acc = np.zeros(per_layer[0].shape, dtype=np.float64)
+    for i, m in enumerate(per_layer):
+        term = np.float64(np.float16(m))
+        acc = term if i == 0 else np.float64(np.float16(acc + term))
+    return np.float16(acc)
+
+
+def test_pm_layer_sum_fp16_matches_independent_fp16_adds():
+    gen = np.random.default_rng(0)
+    maps = _softmax_rows(gen, 20, 576)
+    ours = official_layer_sum(maps, np.float16)
+    assert ours.dtype == np.float16
+    np.testing.assert_array_equal(ours, _fp16_layer_sum(maps))
+    # and it is not the float32 sum rounded once: the per-add rounding changes cells
+    once = np.float16(official_layer_sum(maps, np.float32))
+    assert (ours != once).sum() > 10
+
+
+def test_pm_precision_official_rounds_the_technique_maps():
+    t32 = pm.PerceptionMagnifier(32, 24, **{**pm.PRESETS["official_pope"], "precision": "fp32"})
+    t16 = pm.PerceptionMagnifier(32, 24, **pm.PRESETS["official_pope"])
+    assert t16.params["precision"] == "official" and pm.DEFAULTS["precision"] == "fp32"
+    gen = torch.Generator().manual_seed(1)
+    probs = torch.softmax(torch.randn(21, 4, 576, generator=gen) * 3, dim=-1)  # (deep layers, heads, tokens)
+    per_layer = [p.amax(0).numpy() for p in probs]
+    m16, m32 = t16.layer_map(probs), t32.layer_map(probs)
+    assert m16.dtype == np.float16 and m32.dtype == np.float32
+    np.testing.assert_array_equal(m16, _fp16_layer_sum(per_layer))
+    np.testing.assert_allclose(m32, np.sum(per_layer, axis=0), rtol=1e-6)
+    assert not np.array_equal(m16.astype(np.float32), m32)
+    with pytest.raises(ValueError, match="layer_map=official"):
+        pm.PerceptionMagnifier(32, 24, precision="official")
+
+
+def test_pm_refine_keeps_fp16_through_the_search():
+    """model_generate.py:351-385: the map / (32 - 12), 2-means and the exit sum stay in fp16; H* accumulates in
+    float64 (np.zeros)."""
+    gen = np.random.default_rng(2)
+    first = np.float16(np.abs(gen.normal(size=576)) * 0.05)
+    seen = []
+
+    def forward_blocked(blocked):
+        seen.append(blocked.copy())
+        return np.where(blocked, np.float16(0), first).astype(np.float16)
+
+    s = refine(first, forward_blocked, 20, beta=0.1, max_iter=3, official=True)
+    assert all(m.dtype == np.float16 for m in s.maps) and s.h_star.dtype == np.float64
+    assert s.exit_sums[0] == float(np.float16(np.where(seen[0], 0, first)).sum()) / 20
+
+
+# ---------------------------------------------------------------------------------------
+# PAI (and PAINT's CFG): CFG.py on fp16 logits
+# ---------------------------------------------------------------------------------------
+
+
+def _independent_fp16_guide(cond: np.ndarray, uncond: np.ndarray, gamma: float, cutoff: float) -> np.ndarray:
+    """CFG.py:28-58 in numpy: fp16 logits, log-softmax in float64 rounded to fp16, then each op computed
+    exactly in float64 from fp16 operands (gamma as a float32 scalar) and rounded once to fp16."""
+
+    def log_softmax16(x):
+        x = np.float64(np.float16(x))
+        m = x.max(-1, keepdims=True)
+        return np.float16(x - m - np.log(np.exp(x - m).sum(-1, keepdims=True)))
+
+    c, u = log_softmax16(cond), log_softmax16(uncond)
+    diff = np.float16(np.float64(c) - np.float64(u))
+    out = np.float16(np.float64(np.float16(np.float64(np.float32(gamma)) * np.float64(diff))) + np.float64(u))
+    threshold = np.float16(np.float64(np.float32(np.log(np.float32(cutoff)))) + np.float64(c.max(-1, keepdims=True)))
+    return np.where(c < threshold, -np.inf, np.float64(out))
+
+
+def test_pai_fp16_guide_matches_independent_fp16():
+    gen = torch.Generator().manual_seed(3)
+    cond = torch.randn(4, 200, generator=gen) * 4
+    uncond = cond + torch.randn(4, 200, generator=gen)
+    ours = guidance.guide(cond, uncond, 1.1, 0.1, fp16=True)
+    ref = _independent_fp16_guide(cond.numpy(), uncond.numpy(), 1.1, 0.1)
+    assert ours.dtype == torch.float32
+    assert torch.equal(torch.isinf(ours), torch.from_numpy(np.isinf(ref)))
+    finite = ~np.isinf(ref)
+    # the log-softmax's last float32 bit may round either way: at most one fp16 step of each input to the sum
+    np.testing.assert_allclose(ours.numpy()[finite], ref[finite], rtol=4 * F16_EPS, atol=4 * F16_EPS)
+    frac_exact = float((ours.numpy()[finite] == ref[finite]).mean())
+    assert frac_exact > 0.95
+    # every value is an fp16 value
+    assert torch.equal(ours[~torch.isinf(ours)], ours[~torch.isinf(ours)].half().float())
+
+
+def test_pai_fp16_guide_ties_pick_the_first_token():
+    """Two tokens 1e-4 apart in fp32 logits are one fp16 value: greedy (argmax, first index on ties) takes
+    the first under precision=official, the larger under fp32."""
+    cond = torch.full((1, 16), -5.0)
+    cond[0, 3], cond[0, 7] = 4.0, 4.0001
+    uncond = torch.zeros(1, 16)
+    g32 = guidance.guide(cond, uncond, 1.1, 0.1)
+    g16 = guidance.guide(cond, uncond, 1.1, 0.1, fp16=True)
+    assert int(g32.argmax()) == 7
+    assert int(g16.argmax()) == 3 and g16[0, 3] == g16[0, 7]
+
+
+def test_pai_gamma_one_is_fp16_log_softmax():
+    x = torch.randn(2, 50, generator=torch.Generator().manual_seed(4)) * 5
+    ours = guidance.guide(x, x, 1, 0.1, fp16=True)
+    ref = np.float16(np.float64(torch.log_softmax(x.half().double(), -1).numpy()))
+    np.testing.assert_allclose(ours.numpy(), np.float64(ref), rtol=F16_EPS, atol=F16_EPS)
+
+
+def test_pai_preset_official_sets_precision():
+    from lmms_eval_plugins.models.pai import OFFICIAL, SPEC
+
+    assert OFFICIAL["precision"] == "official"
+    assert SPEC.presets["paper"]["precision"] == "official"
+    assert {p.name: p.default for p in SPEC.params}["precision"] == "fp32"
