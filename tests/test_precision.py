@@ -148,3 +148,67 @@ def test_pai_preset_official_sets_precision():
     assert OFFICIAL["precision"] == "official"
     assert SPEC.presets["paper"]["precision"] == "official"
     assert {p.name: p.default for p in SPEC.params}["precision"] == "fp32"
+
+
+# ---------------------------------------------------------------------------------------
+# Localization heads: fp16 maps, sums and entropies (localization_heads_finder.py:195-293, analyze.py:20-63)
+# ---------------------------------------------------------------------------------------
+
+
+def _exact_fp16_maps(gen: np.random.Generator, shape) -> torch.Tensor:
+    """Maps whose cells are multiples of 2**-14 below 2**-3: exact in fp16, and every sum of them exact in
+    float32, so the one fp16 rounding of a sum is the same however it is accumulated."""
+    return torch.from_numpy(gen.integers(0, 2**11, size=shape) * 2.0**-14).float()
+
+
+def _independent_fp16_entropy(grid: np.ndarray, mean_factor: float, threshold: float = 0.001) -> float:
+    from scipy.ndimage import label
+
+    s = np.float64(np.float16(grid))
+    mean = np.float64(np.float16(s.mean()))
+    b = np.maximum(np.float64(np.float16(s - np.float64(np.float16(mean * mean_factor)))), 0.0)
+    labels, n = label(b > threshold, structure=np.ones((3, 3)))
+    total = float(np.float16(b.sum()))
+    if total <= 0:
+        return float("inf")
+    p = [b[labels == i].sum() / total for i in range(1, n + 1)]
+    return float(-sum(q * np.log(q) for q in p if q > 0))
+
+
+@pytest.mark.parametrize("mean_factor", [1.0, 2.0])
+def test_lochead_fp16_entropy_matches_independent_fp16(mean_factor):
+    from methods.lochead_official import official_spatial_entropy
+
+    gen = np.random.default_rng(5)
+    differ = 0
+    for _ in range(12):
+        grid = _exact_fp16_maps(gen, (24, 24)) * torch.from_numpy(gen.random((24, 24)) < 0.2).float()
+        grid = grid + 2.0**-14  # no all-zero map
+        e16 = official_spatial_entropy(grid, mean_factor, fp16=True)[0]
+        ref = _independent_fp16_entropy(grid.numpy(), mean_factor)
+        assert e16 == pytest.approx(ref, rel=1e-6, abs=1e-9)
+        differ += e16 != official_spatial_entropy(grid, mean_factor)[0]
+    assert differ > 0  # the fp16 mean and relu change entropies
+
+
+def test_lochead_fp16_sums_tie_and_the_elbow_is_one_of_the_tied_heads():
+    from methods.lochead_official import _chord_argmax, _head_sums, official_elbow_head_index
+
+    gen = np.random.default_rng(6)
+    maps = _exact_fp16_maps(gen, (4, 8, 576)) + torch.from_numpy(gen.random((4, 8, 576)) * 2.0**-15).float()
+    s16 = _head_sums(maps, fp16=True)
+    ref = np.float16(np.float64(np.float16(maps.numpy())).sum(-1)).ravel()
+    np.testing.assert_allclose(s16, np.float64(ref), rtol=F16_EPS, atol=0)  # one fp16 step at most
+    assert len(set(s16)) < len(s16)  # fp16 sums tie
+    elbow = official_elbow_head_index(s16)
+    ys = np.sort(np.asarray(s16))
+    assert s16[elbow] == ys[_chord_argmax(ys)]  # the elbow head is one of the heads of the elbow's value
+    assert len(set(_head_sums(maps))) == len(s16)  # in fp32 they do not tie
+
+
+def test_lochead_presets_set_precision():
+    from lmms_eval_plugins.models.lochead import SPEC
+
+    for name in ("official", "official_v2"):
+        assert SPEC.presets[name]["precision"] == "official"
+    assert {p.name: p.default for p in SPEC.params}["precision"] == "fp32"
