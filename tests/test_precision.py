@@ -10,6 +10,9 @@ sums and products (exact in float32/float64 before the one rounding), compared e
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -212,3 +215,90 @@ def test_lochead_presets_set_precision():
     for name in ("official", "official_v2"):
         assert SPEC.presets[name]["precision"] == "official"
     assert {p.name: p.default for p in SPEC.params}["precision"] == "fp32"
+
+
+# ---------------------------------------------------------------------------------------
+# PM against the official code run on fp16 attention (tests/fixtures/official/regimes_fp16)
+# ---------------------------------------------------------------------------------------
+
+FP16_FIX = Path(__file__).resolve().parent / "fixtures" / "official" / "regimes_fp16"
+
+
+@pytest.fixture(scope="module")
+def fp16_regimes():
+    from lmms_eval_plugins.testing import load_parity_script
+
+    if not (FP16_FIX / "regimes_official.json").exists():
+        pytest.skip("fp16 regime fixtures not generated")
+    return (
+        load_parity_script("regimes"),
+        json.loads((FP16_FIX / "regimes_official.json").read_text())["pm"],
+        np.load(FP16_FIX / "arrays.npz"),
+    )
+
+
+def test_fp16_fixture_came_from_fp16_attention(fp16_regimes):
+    _, fx, arrays = fp16_regimes
+    assert all(arrays[f"pm/{name}/map0"].dtype == np.float16 for name in fx["cases"])
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "ladder5_pope",
+        "one_strong_pope",
+        "two_objects_pope",
+        "many_small_mme",
+        "diffuse_mme",
+        "ladder9_mme_cap",
+        "ladder9_exit06",
+        "halving_pope",
+        "steep_pope",
+    ],
+)
+def test_pm_precision_official_matches_the_official_fp16_search(fp16_regimes, name):
+    """pm_sample.sample (58c2c0f) on the planted regimes with fp16 attention, against our precision=official
+    end to end (our fp16 layer map of the scripted model's attention): every pass's fp16 deep map within
+    one fp16 step (the planted fp32 attention agrees to ~1e-7 before rounding), the blocked sets, the
+    stopping pass, the exit statistics, H*, the 8-bit map and the magnified image."""
+    from methods import pm_magnify
+    from PIL import Image
+
+    R, fx, arrays = fp16_regimes
+    c = fx["cases"][name]
+    spec = next(x for x in R.PM_SPECS if x["name"] == name)
+    settings = fx["settings"][spec["settings"]]
+    model = R.PMModel(spec)
+    assert R.sha256(model.weights) == c["weights_sha256"]
+    t = pm.PerceptionMagnifier(
+        R.N_LAYERS,
+        R.GRID,
+        **{
+            **pm.OFFICIAL,
+            "alpha": float(settings["enhance_coe"]),
+            "kernel": settings["kernel_size"],
+            "beta": settings["exit_threshold"],
+            "max_iter": settings["max_iteration"],
+        },
+    )
+    assert t.params["precision"] == "official"
+
+    def layer_map(blocked=None):
+        return t.layer_map(torch.from_numpy(model.image_attention(blocked))[t.layers.start : t.layers.stop])
+
+    s = refine(layer_map(), layer_map, t.divisor, t.params["beta"], t.params["max_iter"], official=True)
+    p = f"pm/{name}/"
+    assert s.iterations == c["passes"]
+    for i, raw in enumerate(s.raw):
+        ref = arrays[f"{p}map{i}"].ravel()
+        assert raw.dtype == np.float16
+        np.testing.assert_allclose(raw.ravel().astype(np.float64), ref, rtol=2 * F16_EPS, atol=2.0**-24)
+    assert [np.flatnonzero(b).tolist() for b in s.blocked] == c["blocked"]
+    np.testing.assert_allclose(s.exit_sums, c["exit_stats"], rtol=1e-3, atol=1e-6)
+    np.testing.assert_allclose(s.h_star.ravel(), arrays[f"{p}h_star"].ravel(), rtol=2 * F16_EPS, atol=1e-7)
+    view = Image.fromarray(R.pm_image(), "RGB")
+    grid_map, density, image = t.perceive(s, view, (R.GRID, R.GRID))
+    q = pm_magnify.official_quantise(torch.from_numpy(np.asarray(grid_map, dtype=np.float32)))
+    assert int((q.astype(int) != arrays[f"{p}grid_uint8"].astype(int)).sum()) <= 3  # one level at a boundary
+    if np.array_equal(q, arrays[f"{p}grid_uint8"]):
+        np.testing.assert_array_equal(np.asarray(image), arrays[f"{p}magnified"])
