@@ -302,3 +302,27 @@ def test_pm_precision_official_matches_the_official_fp16_search(fp16_regimes, na
     assert int((q.astype(int) != arrays[f"{p}grid_uint8"].astype(int)).sum()) <= 3  # one level at a boundary
     if np.array_equal(q, arrays[f"{p}grid_uint8"]):
         np.testing.assert_array_equal(np.asarray(image), arrays[f"{p}magnified"])
+
+
+# ---------------------------------------------------------------------------------------
+# PAINT: the selection's CLS attention summed over heads in fp16 (clip_encoder.py:38-39 on an fp16 tower)
+# ---------------------------------------------------------------------------------------
+
+
+def test_paint_float16_selection_sums_in_fp16_on_an_fp32_model():
+    from lmms_eval_plugins.models.paint import OFFICIAL
+    from methods.paint import Paint
+    from methods.paint_selection import cls_attention
+
+    assert OFFICIAL["selection_precision"] == "float16"
+    t = Paint(32, 24, (24, 24), 1, torch.float32, **{**OFFICIAL, "end_layer": 32})
+    assert t.selection_dtype == torch.float16
+    assert Paint(32, 24, (24, 24), 1, torch.float32, selection_precision="model").selection_dtype == torch.float32
+    gen = torch.Generator().manual_seed(7)
+    probs = torch.softmax(torch.randn(1, 16, 1, 576, generator=gen) * 2, dim=-1)
+    s16 = cls_attention(probs, torch.float16)
+    ref = np.float16(np.float64(probs[:, :, 0].to(torch.float16).numpy()).sum(1))
+    assert s16.dtype == torch.float16
+    np.testing.assert_allclose(s16.double().numpy(), np.float64(ref), rtol=F16_EPS, atol=0)
+    s32 = cls_attention(probs, torch.float32)
+    assert (s16.float() != s32).any() and len(set(s16[0].tolist())) < len(set(s32[0].tolist()))  # fp16 ties
