@@ -30,7 +30,6 @@ DEFAULTS = {
     "cutoff": 0.1,
     "boost_first_step": False,
     "official_quirks": False,
-    "precision": "fp32",  # fp32 | official: the guidance arithmetic in fp16, as the official fp16 runs
     "newlines": False,  # anyres models (LLaVA-NeXT/OneVision): boost the row-newline tokens too
 }
 
@@ -42,8 +41,9 @@ class GuidedTechnique(Technique):
     boost_first_step [False]: boost the first answer token under CFG too (official: no);
     official_quirks [False]: reproduce two official behaviours we consider bugs: the image-free
     KV cache does not follow beam reordering (CFG.py:43-47), and at gamma == 1 the boost never
-    turns on (CFG.py:30-31 returns before CFG.py:48-49); precision ["fp32"]: "official" does the
-    guidance (CFG.py) in fp16 as the official fp16 runs do (methods/guidance.py ``fp16_guide``).
+    turns on (CFG.py:30-31 returns before CFG.py:48-49); precision [unset]: "official" does the
+    guidance (CFG.py) in fp16 as the official fp16 runs do (methods/guidance.py ``fp16_guide``): the
+    instrument of bench/precision.py, not a model_arg (it changed no greedy id there, docs/pai.md).
     """
 
     def boost_rows(self, req: Request) -> hooks.Rows | None:

@@ -93,7 +93,6 @@ DEFAULTS = {
     "cutoff": 0.1,
     "boost_first_step": False,
     "official_quirks": False,
-    "precision": "fp32",  # guidance arithmetic: fp32 | official (fp16, methods/guidance.py fp16_guide)
 }
 HEAD_MODULATIONS = ("none", "sensitivity")
 SPATIAL_VARIANTS = ("grid", "official")

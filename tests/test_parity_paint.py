@@ -31,7 +31,7 @@ import tiny_llava15 as tiny  # noqa: E402
 
 from lmms_eval_plugins.models.paint import OFFICIAL  # noqa: E402
 
-FP32 = {"selection_precision": "model", "precision": "fp32"}  # the fixtures' precision: the official code in fp32
+FP32 = {"selection_precision": "model"}  # the fixtures' precision: the official code in fp32
 
 PROVENANCE = json.loads((FIXTURES / "provenance.json").read_text())
 SELECTION = json.loads((FIXTURES / "selection.json").read_text())

@@ -30,7 +30,6 @@ def official_params(run: dict) -> dict:
         "end_layer": run["end_layer"],
         "use_cfg": run["use_cfg"],
         "gamma": run["gamma"],
-        "precision": "fp32",  # the fixtures ran the official code in fp32 (fp16: tests/test_precision.py)
     }
 
 

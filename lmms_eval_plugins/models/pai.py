@@ -40,14 +40,6 @@ WINDOW_AND_CFG_PARAMS = (
         DEFAULTS["official_quirks"],
         "reproduce the official code's beam/gamma=1 behaviours (image-free cache not following beams; no boost at gamma 1)",
     ),
-    Param(
-        "precision",
-        str,
-        "fp32",
-        "guidance arithmetic: fp32, or official (fp16 logits, log-softmax and guidance steps, as the official fp16 "
-        "runs; the model keeps its dtype); docs/pai.md 'Precision'",
-        choices=("fp32", "official"),
-    ),
 )
 
 PARAMS = (
@@ -72,7 +64,6 @@ OFFICIAL = {
     "cutoff": 0.1,  # CFG.py:53
     "boost_first_step": False,  # attention.py:90,125: llama_modify(use_cfg=True) turns the boost off for the prefill
     "official_quirks": True,  # CFG.py:43-47 (beam cache) and CFG.py:30-31 (gamma 1)
-    "precision": "official",  # the official runs are fp16: CFG.py's arithmetic on fp16 logits (docs/pai.md "Precision")
 }
 
 SPEC = TechniqueSpec(
