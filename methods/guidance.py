@@ -37,8 +37,8 @@ from .kv_cache import cache_of, with_cache
 def guide(cond: torch.Tensor, uncond: torch.Tensor, gamma: float, cutoff: float, fp16: bool = False) -> torch.Tensor:
     """Official CFG.py:28-58 on logits of any leading shape (last dim = vocabulary); float32 out.
 
-    fp16=True (``precision=official``): every step in fp16 as the official fp16 runs do it on a GPU
-    (``fp16_guide``); the result is returned as float32 holding fp16 values, so argmax ties stay ties."""
+    fp16=True (bench/precision.py; no model_arg, docs/pai.md "Precision"): every step in fp16 as the
+    official fp16 runs do it on a GPU (``fp16_guide``); the result is returned as float32 holding fp16 values, so argmax ties stay ties."""
     if fp16:
         return fp16_guide(cond, uncond, gamma, cutoff).float()
     c = torch.log_softmax(cond.float(), dim=-1)  # CFG.py:29
