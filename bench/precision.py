@@ -11,15 +11,16 @@ the techniques that have no such option), and counts how often the outcome chang
 - ``pm``: ``llava_pm preset=official_pope`` with ``precision=fp32`` vs ``official`` (the per-layer maps
   rounded to fp16 and summed in numpy float16, attention_resampler.py:186-246): search passes,
   blocked sets, the 8-bit 24x24 map, the magnified image, the answer's greedy ids.
-- ``pai``: ``llava_pai preset=official`` with ``precision=fp32`` vs ``official`` (CFG.py on fp16
-  logits): greedy ids (any change, and the first step that changes).
+- ``pai_pope``, ``pai_chair``: ``llava_pai preset=official`` in fp32 vs with CFG.py on fp16 logits
+  (``Pai(precision="official")``, methods-level only: no model_arg, it changed nothing measurable):
+  greedy ids (any change, and the first step that changes).
 - ``lochead``: the last prompt row's attention maps, ranked by HEAD (8ce33b0) and v2 (9ffe219) from
   fp32 maps and from the maps stored in fp16 with fp16 sums and entropies: HEAD's elbow head, the
   top-10 heads, v2's kept heads, v2's box.
 - ``topk``: FastV's and vlm-interp's pruning selection (top-k of mean attention) from fp32 and from
   fp16 scores: how many selected tokens change.
-- ``paint``: PAINT's local/summary token selection (CLS attention of the vision tower) summed in
-  float32 vs fp16.
+- ``paint``: PAINT's local/summary/spatial token selection (CLS attention of the vision tower) summed
+  in float32 vs fp16 (``selection_precision=float16``).
 
 Models: ``tiny`` is the parity fixtures' random LLaVA-1.5-shaped model (32 x 32 heads, hidden 64) on
 ShapeWorld images with random word ids as prompts; ``shapeworld-llava`` is the project's trained

@@ -1,7 +1,9 @@
 """precision=official: the steps the official code does in fp16, checked against independent fp16 arithmetic.
 
 The official implementations run LLaVA-1.5 in fp16 (issue 27 item 3, bench/precision.py measures how
-often that changes outcomes). ``precision=official`` does only those steps in fp16; these tests compare
+often that changes outcomes). ``precision=official`` (PM, localization heads) and PAINT's
+``selection_precision=float16`` do only those steps in fp16; PAI's fp16 guidance is the measurement's
+instrument only (it changed nothing measurable, docs/pai.md). These tests compare
 each with a calculation written independently here (numpy float16 / float64, one rounding per official
 op), on small inputs, and show that each differs from the fp32 arithmetic on inputs made to show it.
 No test depends on last-bit float results of a particular CPU: the fp16 results are correctly rounded
@@ -128,7 +130,7 @@ def test_pai_fp16_guide_matches_independent_fp16():
 
 def test_pai_fp16_guide_ties_pick_the_first_token():
     """Two tokens 1e-4 apart in fp32 logits are one fp16 value: greedy (argmax, first index on ties) takes
-    the first under precision=official, the larger under fp32."""
+    the first with the fp16 steps (bench/precision.py's PAI measurement), the larger in fp32."""
     cond = torch.full((1, 16), -5.0)
     cond[0, 3], cond[0, 7] = 4.0, 4.0001
     uncond = torch.zeros(1, 16)
