@@ -34,8 +34,13 @@ from . import hooks, positions
 from .kv_cache import cache_of, with_cache
 
 
-def guide(cond: torch.Tensor, uncond: torch.Tensor, gamma: float, cutoff: float) -> torch.Tensor:
-    """Official CFG.py:28-58 on logits of any leading shape (last dim = vocabulary); float32 out."""
+def guide(cond: torch.Tensor, uncond: torch.Tensor, gamma: float, cutoff: float, fp16: bool = False) -> torch.Tensor:
+    """Official CFG.py:28-58 on logits of any leading shape (last dim = vocabulary); float32 out.
+
+    fp16=True (bench/precision.py; no model_arg, docs/pai.md "Precision"): every step in fp16 as the
+    official fp16 runs do it on a GPU (``fp16_guide``); the result is returned as float32 holding fp16 values, so argmax ties stay ties."""
+    if fp16:
+        return fp16_guide(cond, uncond, gamma, cutoff).float()
     c = torch.log_softmax(cond.float(), dim=-1)  # CFG.py:29
     if gamma == 1:
         return c  # CFG.py:30-31: no guidance, no plausibility mask
@@ -44,6 +49,30 @@ def guide(cond: torch.Tensor, uncond: torch.Tensor, gamma: float, cutoff: float)
     out = gamma * (c - u) + u  # CFG.py:54-56
     if threshold is None:
         return out
+    return out.masked_fill(c < threshold, float("-inf"))  # CFG.py:57
+
+
+def _half(x: torch.Tensor) -> torch.Tensor:
+    return x.to(torch.float16)
+
+
+def fp16_guide(cond: torch.Tensor, uncond: torch.Tensor, gamma: float, cutoff: float) -> torch.Tensor:
+    """CFG.py:28-58 as the official fp16 model runs it: the logits are fp16 (LLaVA's ``lm_head`` output,
+    not upcast by PAI's llava_llama.py:90), ``log_softmax`` of fp16 accumulates in float32 and writes fp16,
+    and each elementwise op (c - u, x gamma, + u, the cutoff's max + log 0.1) is one fp16 kernel: computed in
+    float32, rounded to fp16. Written as explicit float32 ops with one rounding each, so that it gives the
+    GPU's result on any device (CPU fp16 kernels round differently: the scalar gamma to fp16, for one)."""
+    c = _half(torch.log_softmax(_half(cond).float(), dim=-1))  # CFG.py:29 on fp16 scores
+    if gamma == 1:
+        return c  # CFG.py:30-31
+    u = _half(torch.log_softmax(_half(uncond).float(), dim=-1))  # CFG.py:51
+    diff = _half(c.float() - u.float())  # CFG.py:55: scores - unconditional_logits
+    out = _half(_half(torch.tensor(gamma, dtype=torch.float32) * diff.float()).float() + u.float())  # CFG.py:54-56
+    if not cutoff > 0:
+        return out
+    # CFG.py:53: log(tensor(0.1)) (float32, 0-dim) + max (fp16) -> fp16
+    log_cut = torch.log(torch.tensor(cutoff, dtype=torch.float32))
+    threshold = _half(log_cut + c.max(dim=-1, keepdim=True).values.float())
     return out.masked_fill(c < threshold, float("-inf"))  # CFG.py:57
 
 
@@ -97,10 +126,12 @@ class ImageFreeGuidance(LogitsProcessor):
         cutoff: float,
         follow_beams: bool = True,
         text_mask: torch.Tensor | None = None,
+        fp16: bool = False,
     ):
         """text_mask: a batch's left-padded image-free prompts (``image_free_batch``): one row per request, the
-        attention mask travels with every pass and positions count each row's own tokens."""
-        self.model, self.text_ids, self.gamma, self.cutoff = model, text_ids, gamma, cutoff
+        attention mask travels with every pass and positions count each row's own tokens. fp16: the guidance
+        in fp16 as the official fp16 runs (``fp16_guide``)."""
+        self.model, self.text_ids, self.gamma, self.cutoff, self.fp16 = model, text_ids, gamma, cutoff, fp16
         self.follow_beams = follow_beams
         self.mask = text_mask
         self.cache = None
@@ -109,7 +140,7 @@ class ImageFreeGuidance(LogitsProcessor):
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         if self.gamma == 1:
-            return guide(scores, scores, 1, self.cutoff)  # CFG.py:30-31: the image-free pass never runs
+            return guide(scores, scores, 1, self.cutoff, self.fp16)  # CFG.py:30-31: the image-free pass never runs
         with hooks.without_edits(self.model), torch.no_grad():
             if self.mask is not None:
                 out = self._padded_pass(input_ids)
@@ -132,7 +163,7 @@ class ImageFreeGuidance(LogitsProcessor):
                 self.next_position += 1
         self.cache = cache_of(out)
         self.previous = input_ids
-        return guide(scores, out.logits[:, -1], self.gamma, self.cutoff)
+        return guide(scores, out.logits[:, -1], self.gamma, self.cutoff, self.fp16)
 
     def _padded_pass(self, input_ids: torch.Tensor):
         """One step of a batch's image-free pass: the padded prompts first, then each row's newest token."""
@@ -152,7 +183,15 @@ class ImageFreeGuidance(LogitsProcessor):
 
 
 def guided_forward(
-    model, input_ids, out, prompt_len: int, image_token_id: int, gamma: float, cutoff: float, labels=None
+    model,
+    input_ids,
+    out,
+    prompt_len: int,
+    image_token_id: int,
+    gamma: float,
+    cutoff: float,
+    labels=None,
+    fp16: bool = False,
 ):
     """CFG for a full forward (loglikelihood), the teacher-forced form of generation under CFG.
 
@@ -172,7 +211,7 @@ def guided_forward(
         uncond = model(input_ids=text_ids, **positions.explicit(model, text_ids)).logits if gamma != 1 else None
     logits = out.logits.float().clone()
     rows = logits[:, start:]
-    logits[:, start:] = guide(rows, rows if uncond is None else uncond[:, start - n_img :], gamma, cutoff)
+    logits[:, start:] = guide(rows, rows if uncond is None else uncond[:, start - n_img :], gamma, cutoff, fp16)
     out.logits = logits
     if labels is not None:
         shift = logits[:, :-1].flatten(0, 1)

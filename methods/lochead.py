@@ -62,7 +62,9 @@ DEFAULTS = {
     "box_scaling": "geometry",
     "prompt": "task",
     "block": "base",
+    "precision": "fp32",  # fp32 | official: selection=official/official_v2 in fp16, as the official runs
 }
+PRECISIONS = ("fp32", "official")
 BLOCKS = ("base", "highres")  # anyres (LLaVA-NeXT/OneVision): which block's grid the maps and box come from
 # undo the processor's pad/resize/crop | 9ffe219's stretch of the grid onto W x H
 BOX_SCALINGS = ("geometry", "stretch")
@@ -156,6 +158,7 @@ class LocHead(Technique):
             ("selection", SELECTIONS),
             ("box_scaling", BOX_SCALINGS),
             ("prompt", PROMPTS),
+            ("precision", PRECISIONS),
         ):
             if p[key] not in allowed:
                 raise ValueError(f"{key} must be one of {allowed}, not {p[key]!r}")
@@ -226,7 +229,12 @@ class LocHead(Technique):
             flat = maps.flatten(0, 1)
         elif self.heads == "self":  # this request's own best heads (9ffe219 pipeline.py:57-70)
             heads = select_heads(
-                maps, grid, self.params["selection"], self.params["top_k"], self.params["connectivity"]
+                maps,
+                grid,
+                self.params["selection"],
+                self.params["top_k"],
+                self.params["connectivity"],
+                self.params["precision"] == "official",
             )
             flat = torch.stack([maps[l, h] for l, h in heads])
         else:

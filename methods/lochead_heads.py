@@ -284,6 +284,7 @@ def discover_heads(
     on_sample=None,
     result: "DiscoveryResult | None" = None,
     block: str = "base",
+    precision: str = "fp32",
 ) -> DiscoveryResult:
     """Run the selection over ``samples`` ((PIL image, prompt text) pairs), one prefill each.
 
@@ -291,6 +292,8 @@ def discover_heads(
     ``result``: a partial result to continue (its first ``n_samples`` samples are skipped).
     ``block``: LLaVA-NeXT/OneVision and InternVL, the geometry block the maps are read from (base | highres,
     as lochead's ``block``); the other families have one block (Qwen: the rows x cols merged grid).
+    ``precision``: fp32 | official (the official selections' maps, sums and entropies in fp16, as the
+    official fp16 runs; lochead_official.rank_heads_official).
     """
     family = getattr(model.config, "model_type", "llava")
     if prompt != "task" and not families.adapter(family).square_grid:
@@ -311,10 +314,15 @@ def discover_heads(
         if selection == "ours":
             selected, s_img, candidates, entropy = select_sample_heads(maps, grid, per_sample, connectivity)
         else:
-            ranked = rank_heads_official(maps, grid) if selection == "official" else rank_heads_official_v2(maps, grid)
+            fp16 = precision == "official"
+            ranked = (
+                rank_heads_official(maps, grid, fp16)
+                if selection == "official"
+                else rank_heads_official_v2(maps, grid, fp16=fp16)
+            )
             entropy = {(r["layer"], r["head"]): r["spatial_entropy"] for r in ranked}
             candidates = [lh for lh, e in entropy.items() if math.isfinite(e)]
-            selected = select_heads(maps, grid, selection, per_sample, connectivity)
+            selected = select_heads(maps, grid, selection, per_sample, connectivity, fp16)
         result.add(selected, s_img, entropy, len(candidates))
         if on_sample is not None:
             on_sample(result.n_samples - 1, image, maps, s_img, candidates, selected, grid)

@@ -29,7 +29,7 @@ V2_MIN_KEEP = 1  # v2 selection_v1.yaml threshold.min_keep
 
 
 def official_spatial_entropy(
-    grid: torch.Tensor, mean_factor: float = 1.0, threshold: float = OFFICIAL_BINARIZE
+    grid: torch.Tensor, mean_factor: float = 1.0, threshold: float = OFFICIAL_BINARIZE, fp16: bool = False
 ) -> tuple[float, torch.Tensor, int]:
     """(entropy, labels, n components): HEAD localization_heads_finder.py:195-247 (mean_factor 1),
     v2 analyze.py:20-42 (mean_factor 2).
@@ -47,11 +47,21 @@ def official_spatial_entropy(
     was float64 (entropies within 1e-6 of these). In float32 two heads whose maps differ by a scale
     factor can tie exactly; the callers' stable sorts then keep them in (layer, head) order, as HEAD's
     ``results.sort`` (:422) and v2's ``kept.sort`` (analyze.py:118) do.
+
+    fp16=True (``precision=official``): S is the stored fp16 map, and mean(S), S - mean, relu and the
+    total B mass are fp16 tensors as in the official fp16 runs (each reduction accumulated in float32
+    and rounded once to fp16, as CUDA's); the component masses stay float32 numpy (``.to(float32)``).
     """
-    g = grid.detach().float().cpu()
-    b = torch.relu(g - g.mean() * mean_factor)
+    if fp16:
+        s = _fp16(grid.detach().float().cpu())
+        mean = _fp16(s.float().mean())  # torch.mean of an fp16 tensor
+        b = torch.relu(_fp16(s.float() - _fp16(mean.float() * mean_factor).float())).float()
+        total = np.float32(float(_fp16(b.sum())))  # torch.sum(B_h).item() of an fp16 tensor
+    else:
+        g = grid.detach().float().cpu()
+        b = torch.relu(g - g.mean() * mean_factor)
+        total = np.float32(b.sum().item())  # torch.sum(B_h).item(); a float32 scalar divides as float32 (NEP 50)
     labels, n = connected_components(b > threshold, 8)
-    total = np.float32(b.sum().item())
     if total <= 0:
         return math.inf, labels, 0
     b_np, lab = b.numpy(), labels.numpy()
@@ -62,6 +72,10 @@ def official_spatial_entropy(
     for t in terms:
         entropy = entropy + t
     return (float(-entropy) if terms else 0.0), labels, n
+
+
+def _fp16(x: torch.Tensor) -> torch.Tensor:
+    return x.to(torch.float16)
 
 
 def _chord_argmax(y_sorted) -> int:
@@ -93,30 +107,40 @@ def official_elbow_value(sums: Sequence[float]) -> float:
     return float(y[_chord_argmax(y)])
 
 
-def _head_sums(maps: torch.Tensor) -> list[float]:
-    """Per-head image-attention sums in flattened (layer, head) order, float32 as the official `.sum().item()`."""
+def _head_sums(maps: torch.Tensor, fp16: bool = False) -> list[float]:
+    """Per-head image-attention sums in flattened (layer, head) order, as the official `.sum().item()`: of a
+    float32 map, or (fp16) of the stored fp16 map, accumulated in float32 and rounded to fp16."""
+    if fp16:
+        return [float(v) for v in _fp16(_fp16(maps.float()).float().sum(-1)).flatten()]
     return [float(v) for v in maps.float().sum(-1).flatten()]
 
 
-def rank_heads_official(maps: torch.Tensor, grid_hw: tuple[int, int]) -> list[dict]:
+def rank_heads_official(maps: torch.Tensor, grid_hw: tuple[int, int], fp16: bool = False) -> list[dict]:
     """HEAD analyze_attention_file (localization_heads_finder.py:311-430): every head, entropy computed for
-    flattened index >= the elbow head's index (+inf otherwise), stably sorted by entropy (:422)."""
+    flattened index >= the elbow head's index (+inf otherwise), stably sorted by entropy (:422).
+    fp16: the maps, sums and entropies as the official fp16 runs store and compute them; the sums then
+    tie often, and ``np.argsort``'s unstable order of the ties picks the elbow head (:264)."""
     n_layers, n_heads = maps.shape[:2]
-    threshold = official_elbow_head_index(_head_sums(maps))
+    threshold = official_elbow_head_index(_head_sums(maps, fp16))
     rows = []
     for l in range(n_layers):
         for h in range(n_heads):
             idx = l * n_heads + h
-            se = official_spatial_entropy(maps[l, h].reshape(grid_hw))[0] if idx >= threshold else math.inf
+            se = official_spatial_entropy(maps[l, h].reshape(grid_hw), fp16=fp16)[0] if idx >= threshold else math.inf
             rows.append({"layer": l, "head": h, "spatial_entropy": se})
     return sorted(rows, key=lambda r: r["spatial_entropy"])
 
 
-def rank_heads_official_v2(maps: torch.Tensor, grid_hw: tuple[int, int], min_keep: int = V2_MIN_KEEP) -> list[dict]:
+def rank_heads_official_v2(
+    maps: torch.Tensor, grid_hw: tuple[int, int], min_keep: int = V2_MIN_KEEP, fp16: bool = False
+) -> list[dict]:
     """v2 analyze_heads (analyze.py:66-119): sums >= the elbow value, entropy at 2x the mean, drop layers
-    0-1 and heads with a bottom-row cell > 0.05; fewer than ``min_keep`` left: the top sums instead."""
+    0-1 and heads with a bottom-row cell > 0.05; fewer than ``min_keep`` left: the top sums instead.
+    fp16: maps, sums and entropies in fp16 as the official runs (collector.py:155 runs the model in fp16)."""
     n_heads = maps.shape[1]
-    sums = _head_sums(maps)
+    sums = _head_sums(maps, fp16)
+    if fp16:
+        maps = _fp16(maps.float())
     thr = official_elbow_value(sums)
     rows = []
     for i, s in enumerate(sums):
@@ -125,7 +149,7 @@ def rank_heads_official_v2(maps: torch.Tensor, grid_hw: tuple[int, int], min_kee
             rows.append({"layer": l, "head": h, "attn_sum": s, "spatial_entropy": math.inf, "bottom_row_focus": False})
             continue
         grid = maps[l, h].reshape(grid_hw)
-        se = official_spatial_entropy(grid, mean_factor=2.0)[0]
+        se = official_spatial_entropy(grid, mean_factor=2.0, fp16=fp16)[0]
         rows.append(
             {
                 "layer": l,
@@ -166,15 +190,21 @@ def official_box_pixels(box_grid: Sequence[int], image_size: tuple[int, int], si
 
 
 def select_heads(
-    maps: torch.Tensor, grid_hw: tuple[int, int], selection: str = "ours", per_sample: int = 10, connectivity: int = 8
+    maps: torch.Tensor,
+    grid_hw: tuple[int, int],
+    selection: str = "ours",
+    per_sample: int = 10,
+    connectivity: int = 8,
+    fp16: bool = False,
 ) -> list[tuple[int, int]]:
-    """One sample's best heads under ``selection`` (ours | official | official_v2), best first."""
+    """One sample's best heads under ``selection`` (ours | official | official_v2), best first; fp16: the
+    official selections in the official runs' fp16 (``rank_heads_official``)."""
     if selection == "ours":
         return select_sample_heads(maps, grid_hw, per_sample, connectivity)[0]
     if selection == "official":
-        ranked = rank_heads_official(maps, grid_hw)
+        ranked = rank_heads_official(maps, grid_hw, fp16)
     elif selection == "official_v2":  # its fallback heads may have no entropy: pipeline.py:70 uses them all the same
-        return [(r["layer"], r["head"]) for r in rank_heads_official_v2(maps, grid_hw)][:per_sample]
+        return [(r["layer"], r["head"]) for r in rank_heads_official_v2(maps, grid_hw, fp16=fp16)][:per_sample]
     else:
         raise ValueError(f"selection must be one of {SELECTIONS}, not {selection!r}")
     return [(r["layer"], r["head"]) for r in ranked if math.isfinite(r["spatial_entropy"])][:per_sample]

@@ -41,7 +41,9 @@ class GuidedTechnique(Technique):
     boost_first_step [False]: boost the first answer token under CFG too (official: no);
     official_quirks [False]: reproduce two official behaviours we consider bugs: the image-free
     KV cache does not follow beam reordering (CFG.py:43-47), and at gamma == 1 the boost never
-    turns on (CFG.py:30-31 returns before CFG.py:48-49).
+    turns on (CFG.py:30-31 returns before CFG.py:48-49); precision [unset]: "official" does the
+    guidance (CFG.py) in fp16 as the official fp16 runs do (methods/guidance.py ``fp16_guide``): the
+    instrument of bench/precision.py, not a model_arg (it changed no greedy id there, docs/pai.md).
     """
 
     batch_refused = None  # one pass with each request's own edits; the image-free pass is padded like the batch
@@ -61,14 +63,16 @@ class GuidedTechnique(Technique):
         req.require_one_image(self.name)
         p = self.params
         if p.get("use_cfg"):
-            follow = not p.get("official_quirks", False)
+            follow, fp16 = not p.get("official_quirks", False), p.get("precision") == "official"
             if isinstance(req, Batch):
                 pad = int(req.input_ids[req.offsets.index(max(req.offsets)), 0])
                 ids, mask = guidance.image_free_batch([r.input_ids for r in req.requests], req.image_token_id, pad)
-                cfg = guidance.ImageFreeGuidance(model, ids, p["gamma"], p["cutoff"], follow, text_mask=mask)
+                cfg = guidance.ImageFreeGuidance(model, ids, p["gamma"], p["cutoff"], follow, text_mask=mask, fp16=fp16)
             else:
                 text_ids = guidance.drop_image_tokens(req.input_ids, req.image_token_id)
-                cfg = guidance.ImageFreeGuidance(model, text_ids, p["gamma"], p["cutoff"], follow_beams=follow)
+                cfg = guidance.ImageFreeGuidance(
+                    model, text_ids, p["gamma"], p["cutoff"], follow_beams=follow, fp16=fp16
+                )
             kwargs["logits_processor"] = LogitsProcessorList([*(kwargs.get("logits_processor") or []), cfg])
         if isinstance(req, Batch) and int(kwargs.get("num_beams") or 1) > 1:
             raise RequestError(f"{self.name}: beam search in a batch is not supported; use batch_size=1")
@@ -90,6 +94,7 @@ class GuidedTechnique(Technique):
                 p["gamma"],
                 p["cutoff"],
                 kwargs.get("labels"),
+                fp16=p.get("precision") == "official",
             )
         return out
 

@@ -97,8 +97,9 @@ DEFAULTS = {
 HEAD_MODULATIONS = ("none", "sensitivity")
 SPATIAL_VARIANTS = ("grid", "official")
 # "float32": select from float32 attention; "model": round it to the vision tower's dtype
-# first and sum in that dtype, as the official code does (fp16 in its scripts).
-SELECTION_PRECISIONS = ("float32", "model")
+# first and sum in that dtype, as the official code does (fp16 in its scripts); "float16": round to
+# fp16 and sum in fp16 whatever the model's dtype (the official fp16 runs' selection on any model).
+SELECTION_PRECISIONS = ("float32", "model", "float16")
 
 
 # ---------------------------------------------------------------------------------------
@@ -251,7 +252,9 @@ class Paint(GuidedTechnique):
             )
         if not 0 < p["top_ratio"] <= 1 or not 0 <= p["spatial_ratio"] <= 1:
             raise ValueError("paint: top_ratio must be in (0, 1] and spatial_ratio in [0, 1]")
-        self.selection_dtype = vision_dtype if p["selection_precision"] == "model" else torch.float32
+        self.selection_dtype = {"model": vision_dtype, "float16": torch.float16}.get(
+            p["selection_precision"], torch.float32
+        )
         self.layers = layer_range(p["start_layer"], p["end_layer"], n_layers, default_start=2, name=self.name)
         self.vision_layers = tuple(
             self._vision_layer(p[k], n_vision_layers, k) for k in ("local_layer", "summary_layer")

@@ -85,6 +85,7 @@ OFFICIAL = {
     "sampler": "official",
     "block_rows": "first_all",
     "max_iter": 8,
+    "precision": "official",
 }
 PRESETS["official_pope"] = {**PRESETS["pope"], **OFFICIAL}  # scripts/pope/run_llava_pm.sh
 PRESETS["official_mme"] = {**PRESETS["mme"], **OFFICIAL}  # scripts/mme/run_llava_pm.sh
@@ -104,6 +105,7 @@ DEFAULTS = {
     "single_layer": False,  # the official --single_layer: the map of layer L alone
     "resample_cd": 0.0,  # the official --resample_cd: logits + cd * (logits - original-image logits)
     "temperature": None,  # None: the task's decoding; a value: sample at it, top_k 50 (official: T=1, no top-k)
+    "precision": "fp32",  # fp32 | official (layer_map=official's sums in numpy float16, as the fp16 reference)
 }
 REFRESH = ("once", "every_token", "every_n")
 BLOCK_ROWS = ("auto", "all", "text", "last", "first_all")
@@ -112,6 +114,7 @@ LAYER_MAPS = ("mean", "official")
 TWO_MEANS = ("stable", "official")
 MAP_QUANT = ("float", "uint8")
 SAMPLERS = ("centres", "official")
+PRECISIONS = ("fp32", "official")
 
 
 def contrast(magnified: torch.Tensor, original: torch.Tensor, cd: float) -> torch.Tensor:
@@ -192,9 +195,12 @@ class PerceptionMagnifier(Technique):
             ("two_means", TWO_MEANS),
             ("map_quant", MAP_QUANT),
             ("sampler", SAMPLERS),
+            ("precision", PRECISIONS),
         ):
             if p[key] not in choices:
                 raise ValueError(f"{key}={p[key]!r}: use one of {', '.join(choices)}")
+        if p["precision"] == "official" and p["layer_map"] != "official":
+            raise ValueError("precision=official is the fp16 arithmetic of layer_map=official; set layer_map=official")
         if p["kernel"] < 1 or p["kernel"] % 2 == 0:
             raise ValueError(f"kernel={p['kernel']} must be a positive odd number (a centred k x k box filter)")
         self.layers = deep_layers(n_layers, p["deep_layer"])
@@ -239,7 +245,8 @@ class PerceptionMagnifier(Technique):
     def layer_map(self, probs: torch.Tensor) -> np.ndarray:
         """(layers, heads, tokens) attention of the last query -> the layer-summed token map."""
         if self.params["layer_map"] == "official":
-            return official_layer_sum([p.amax(dim=0).float().cpu().numpy() for p in probs])
+            dtype = np.float16 if self.params["precision"] == "official" else np.float32
+            return official_layer_sum([p.amax(dim=0).float().cpu().numpy() for p in probs], dtype)
         return token_map(probs)
 
     def perceive(self, search: Search, view: Image.Image, grid_hw: tuple[int, int]):

@@ -78,11 +78,13 @@ def official_two_means(values: np.ndarray) -> np.ndarray:
     return (assign == np.argmax(centers)).reshape(np.shape(values))
 
 
-def official_layer_sum(per_layer: list[np.ndarray]) -> np.ndarray:
+def official_layer_sum(per_layer: list[np.ndarray], dtype=np.float32) -> np.ndarray:
     """The reference's deep map (attention_resampler.py:186-246, map_constructor='original'):
-    each layer's max over heads as float32 (the attention dtype; fp16 on the authors' GPUs),
-    stacked and summed over layers by numpy in that dtype."""
-    return np.sum(np.stack([np.asarray(m, dtype=np.float32) for m in per_layer], axis=0), axis=0)
+    each layer's max over heads in the attention dtype, stacked and summed over layers by numpy in
+    that dtype. float32 is what the fixtures ran; float16 is what the authors' runs did (fp16 model:
+    the attention probabilities are fp16 and ``np.stack`` of fp16 tensors sums in numpy float16,
+    each layer's add rounded to fp16; ``precision=official``, docs/pm.md "Precision")."""
+    return np.sum(np.stack([np.asarray(m, dtype=np.float32).astype(dtype) for m in per_layer], axis=0), axis=0)
 
 
 @dataclasses.dataclass

@@ -31,6 +31,8 @@ import tiny_llava15 as tiny  # noqa: E402
 
 from lmms_eval_plugins.models.paint import OFFICIAL  # noqa: E402
 
+FP32 = {"selection_precision": "model"}  # the fixtures' precision: the official code in fp32
+
 PROVENANCE = json.loads((FIXTURES / "provenance.json").read_text())
 SELECTION = json.loads((FIXTURES / "selection.json").read_text())
 GENERATION = json.loads((FIXTURES / "generation.json").read_text())
@@ -107,7 +109,8 @@ def test_selection_from_pixels_matches_official(model, pixels, case):
     also the official spatial rows, which end up in the official local set (clip_encoder.py:46)."""
     g = GENERATION[0]
     ids = tiny.hf_ids(g["before"], g["after"])
-    t = Paint.for_model(model, **{**OFFICIAL, "use_cfg": False, "spatial_ratio": case["spatial_ratio"]})
+    # the fixtures ran the official code in fp32 (fp16: tests/test_precision.py)
+    t = Paint.for_model(model, **{**OFFICIAL, **FP32, "use_cfg": False, "spatial_ratio": case["spatial_ratio"]})
     with torch.no_grad():
         t.forward(model, _request(ids), input_ids=ids, pixel_values=pixels[case["image"] : case["image"] + 1])
     selector = t.last_selector
@@ -144,7 +147,7 @@ def test_selection_from_pixels_matches_official(model, pixels, case):
 def _generate(model, pixels, case):
     ids = tiny.hf_ids(case["before"], case["after"])
     assert int((ids[0] == tiny.IMAGE_TOKEN_ID).nonzero()[0]) == case["img_start_idx"]
-    params = {**OFFICIAL, "alpha": case["alpha"], "beta": case["beta"], "use_cfg": case["use_cfg"]}
+    params = {**OFFICIAL, **FP32, "alpha": case["alpha"], "beta": case["beta"], "use_cfg": case["use_cfg"]}
     t = Paint.for_model(model, **params)
     with torch.no_grad():
         out = t.generate(
@@ -230,5 +233,5 @@ def test_iqr_rule_runs_in_the_maps_dtype():
     row = 1 + units / 1024  # every value exact in float16
     assert iqr_outliers(row.to(torch.float16)[None])[0].nonzero().flatten().tolist() == []
     assert iqr_outliers(row.to(torch.float32)[None])[0].nonzero().flatten().tolist() == [7]
-    # the official presets select in the model's precision (fp16 there)
-    assert OFFICIAL["selection_precision"] == "model"
+    # the official presets select in fp16, as the official fp16 runs (on any model)
+    assert OFFICIAL["selection_precision"] == "float16"

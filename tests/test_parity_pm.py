@@ -204,6 +204,7 @@ def _params(settings: dict) -> dict:
     """Our parameters for the official arguments a fixture ran with (run_llava_pm.sh flags)."""
     return {
         **pm.OFFICIAL,
+        "precision": "fp32",  # the fixtures ran the official code in fp32 (fp16: tests/test_precision.py)
         "alpha": float(settings["enhance_coe"]),
         "kernel": settings["kernel_size"],
         "beta": settings["exit_threshold"],
@@ -213,7 +214,7 @@ def _params(settings: dict) -> dict:
 
 def test_presets_are_the_official_scripts(fixtures):
     for name in ("pope", "mme"):
-        assert pm.PRESETS[f"official_{name}"] == _params(fixtures[0]["settings"][name])
+        assert pm.PRESETS[f"official_{name}"] == {**_params(fixtures[0]["settings"][name]), "precision": "official"}
 
 
 CASES = ["wide_p0_pope", "square_p1_mme", "tall_p0_mme", "wide_p1_pope", "square_p0_pope_iter1", "wide_p0_pope_exit"]

@@ -187,6 +187,7 @@ def _technique(settings: dict) -> pm.PerceptionMagnifier:
         R.GRID,
         **{
             **pm.OFFICIAL,
+            "precision": "fp32",  # the official side ran in fp32 here
             "alpha": float(settings["enhance_coe"]),
             "kernel": settings["kernel_size"],
             "beta": settings["exit_threshold"],

@@ -148,8 +148,9 @@ def lochead(args, arrays: dict) -> dict:
 class ScriptedModel:
     """``self`` for pm_sample.sample: a forward that returns the planted attention for the mask it is given."""
 
-    def __init__(self, model: regimes.PMModel):
+    def __init__(self, model: regimes.PMModel, dtype=torch.float32):
         self.m = model
+        self.dtype = dtype  # float16: the attention an fp16 model returns (fp32 softmax rounded to fp16)
         self.config = types.SimpleNamespace(is_encoder_decoder=False, image_aspect_ratio="pad")
         self.generation_config = types.SimpleNamespace(
             pad_token_id=0,
@@ -185,7 +186,7 @@ class ScriptedModel:
         self.visible.append(visible)
         att = self.m.attention(visible)  # [L, H, T] float32
         attentions = tuple(
-            torch.from_numpy(np.ascontiguousarray(att[l]))[None, :, None, :] for l in range(att.shape[0])
+            torch.from_numpy(np.ascontiguousarray(att[l]))[None, :, None, :].to(self.dtype) for l in range(att.shape[0])
         )
         logits = torch.zeros(1, input_ids.shape[1], 32)
         logits[..., 3] = 10.0
@@ -224,7 +225,7 @@ def pm(args, arrays: dict, out_dir: Path) -> dict:
     out = {"settings": regimes.PM_SETTINGS, "before": regimes.PM_BEFORE, "after": regimes.PM_AFTER, "cases": {}}
     for spec in regimes.PM_SPECS:
         model = regimes.PMModel(spec)
-        stub = ScriptedModel(model)
+        stub = ScriptedModel(model, torch.float16 if getattr(args, "fp16", False) else torch.float32)
         input_ids = torch.tensor([[1, *regimes.PM_BEFORE, pm_official.tiny.IMAGE_TOKEN_INDEX, *regimes.PM_AFTER]])
         vis_start = len(regimes.PM_BEFORE) + 1  # model_generate.py:260
         assert vis_start == model.vis_start and input_ids.shape[1] + 575 == model.length
@@ -249,7 +250,7 @@ def pm(args, arrays: dict, out_dir: Path) -> dict:
         p = f"pm/{name}/"
         n_div = regimes.N_LAYERS - ra.deep_layer  # pm_sample.py:167 and :203 divide by len(attentions[0]) - deep_layer
         for i, m in enumerate(step["maps"]):
-            arrays[f"{p}map{i}"] = m.astype(np.float32)
+            arrays[f"{p}map{i}"] = np.asarray(m) if getattr(args, "fp16", False) else m.astype(np.float32)
         arrays[f"{p}h_star"] = step["h_star"].astype(np.float32)
         arrays[f"{p}enhanced"] = step["enhanced"].astype(np.float32)
         arrays[f"{p}grid_uint8"] = step["grid_uint8"]
@@ -302,9 +303,17 @@ def main():
     ap.add_argument("--v2", required=True, help="LocalizationHeads @ 9ffe219")
     ap.add_argument("--out", required=True, type=Path)
     ap.add_argument("--scratch", default="/tmp/regimes_scratch")
+    ap.add_argument(
+        "--fp16",
+        action="store_true",
+        help="PM only: the scripted model returns fp16 attention, as an fp16 model does (the official runs); "
+        "writes the PM fixture of tests/fixtures/official/regimes_fp16",
+    )
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     arrays: dict = {}
+    if args.fp16:
+        return write_fp16(args, arrays)
     pm_fixture = pm(args, arrays, args.out)  # first: lochead_official's stubs replace the `llava` package PM imports
     fixture = {"lochead": lochead(args, arrays), "pm": pm_fixture}
     np.savez_compressed(args.out / "arrays.npz", **arrays)
@@ -351,6 +360,36 @@ def main():
             "sample's own code, and every function it calls, is unmodified",
             "cpu_shim: cuda -> cpu; stubs for modules imported but never called (lochead_official.stubs, pm_official.stubs)",
         ],
+        "official_stack": {"python": sys.version.split()[0], "pip_freeze": freeze},
+    }
+    (args.out / "provenance.json").write_text(json.dumps(provenance, indent=1) + "\n")
+    print("wrote", args.out, sum(f.stat().st_size for f in args.out.iterdir()), "bytes", flush=True)
+
+
+def write_fp16(args, arrays: dict) -> None:
+    """The PM regimes with fp16 attention: pm_sample.sample's own numpy float16 sums, 2-means and exit sums."""
+    fixture = {"pm": pm(args, arrays, args.out), "attention_dtype": "float16"}
+    for key, value in list(arrays.items()):
+        if key.endswith("map0") or "/map" in key:
+            assert value.dtype == np.float16, (key, value.dtype)  # the official deep maps came out fp16
+    np.savez_compressed(args.out / "arrays.npz", **arrays)
+    (args.out / "regimes_official.json").write_text(json.dumps(fixture, separators=(",", ":")) + "\n")
+    sha = lambda p: hashlib.sha256(Path(p).read_bytes()).hexdigest()  # noqa: E731
+    freeze = subprocess.run([sys.executable, "-m", "pip", "freeze"], capture_output=True, text=True).stdout.split()
+    provenance = {
+        "repository": "https://github.com/ShunqiM/PM",
+        "commit": PM_COMMIT,
+        "harness": "python bench/parity/regimes_official.py --fp16 --pm /tmp/official_PM --head X --v2 X "
+        "--out tests/fixtures/official/regimes_fp16 (in the official venv; PM only, --head/--v2 unused)",
+        "what": "PM's pm_sample.sample on the planted regimes (regimes.py) with the scripted model's attention in "
+        "float16, as an fp16 model returns it; everything after is the official code's own arithmetic",
+        "shim": {
+            "cpu_shim_sha256": sha(HERE / "cpu_shim.py"),
+            "pm_stubs_sha256": hashlib.sha256(pm_official.STUBS.encode()).hexdigest(),
+            "scripted_model": inspect.getsource(ScriptedModel),
+            "harness_sha256": sha(Path(__file__)),
+            "regimes_sha256": sha(HERE / "regimes.py"),
+        },
         "official_stack": {"python": sys.version.split()[0], "pip_freeze": freeze},
     }
     (args.out / "provenance.json").write_text(json.dumps(provenance, indent=1) + "\n")

@@ -35,6 +35,12 @@ def register(subparsers) -> None:
         help="per-sample head selection (docs/lochead.md)",
     )
     p.add_argument(
+        "--precision",
+        default="fp32",
+        choices=("fp32", "official"),
+        help="official: the official selections in fp16, as the official runs (docs/lochead.md 'Precision')",
+    )
+    p.add_argument(
         "--prompt",
         default="task",
         choices=("task", "official"),
@@ -189,6 +195,7 @@ def run(args) -> int:
             max_visuals=args.max_visuals,
             model_name=args.pretrained,  # "shapeworld-tiny", not the directory it resolves to
             block=args.block,
+            precision=args.precision,
         )
     except (DiscoveryError, lochead_heads.HeadsFileError, RequestError) as e:
         print(f"error: {e}")

@@ -139,9 +139,12 @@ def cache_path(
     selection: str = "ours",
     prompt: str = "task",
     image: dict | None = None,
+    precision: str = "fp32",
 ) -> Path:
     settings = [_fingerprint(model), task, split, n, seed, repeats, per_sample, connectivity]
     key = json.dumps(settings if (selection, prompt) == ("ours", "task") else [*settings, selection, prompt])
+    if precision != "fp32":  # fp32 keys stay as they were
+        key = json.dumps([json.loads(key), precision])
     if image:  # non-LLaVA-1.5 families only: LLaVA-1.5's keys stay as they were
         key = json.dumps([json.loads(key), image], sort_keys=True)
     digest = hashlib.sha256(key.encode()).hexdigest()[:12]
@@ -171,6 +174,7 @@ def discover_for_task(
     progress: bool = True,
     model_name: str | None = None,
     block: str = "base",
+    precision: str = "fp32",
 ) -> tuple[Path, dict, lochead_heads.DiscoveryResult | None]:
     """Discover the localization heads of ``model`` on ``task``; returns (heads file, its contents, result).
 
@@ -181,6 +185,7 @@ def discover_for_task(
     cache entry (``*.partial.json``) and a rerun with the same settings resumes from them.
     ``selection``/``prompt``: ours | official | official_v2, task | official (docs/lochead.md).
     ``block``: LLaVA-NeXT/OneVision, the block discovered on (base | highres, as lochead's ``block``).
+    ``precision``: fp32 | official (the official selections in fp16, docs/lochead.md "Precision").
     ``processor``: the one evaluation uses (Qwen2.5-VL: at the same min/max pixels, which are part of the key).
     """
     include_path = list(include_path or []) or default_include_path()
@@ -190,7 +195,9 @@ def discover_for_task(
     if n >= n_docs:  # every repeat would draw the whole split: one pass over it
         n, repeats = n_docs, 1
     image = image_settings(model, processor, block)
-    cached = cache_path(model, task, split, n, seed, repeats, per_sample, connectivity, selection, prompt, image)
+    cached = cache_path(
+        model, task, split, n, seed, repeats, per_sample, connectivity, selection, prompt, image, precision
+    )
     partial = cached.with_name(cached.stem + ".partial.json")
     result = None
     if use_cache and cached.is_file():
@@ -232,6 +239,7 @@ def discover_for_task(
                 on_sample=on_sample,
                 result=state_of["result"],
                 block=block,
+                precision=precision,
             )
         finally:
             if bar is not None:

@@ -44,6 +44,14 @@ PARAMS = (
         choices=lochead_official.SELECTIONS,
     ),
     Param(
+        "precision",
+        str,
+        DEFAULTS["precision"],
+        "official selections' arithmetic: fp32, or official (maps, head sums and entropies in fp16 as the official "
+        "fp16 runs; fp16 sums tie and numpy's unstable argsort picks HEAD's elbow among them); docs/lochead.md 'Precision'",
+        choices=lochead.PRECISIONS,
+    ),
+    Param(
         "box_scaling",
         str,
         DEFAULTS["box_scaling"],
@@ -100,6 +108,7 @@ def discover(p: dict, model, processor) -> list[tuple[int, int]]:
         save_visuals=Path(p["save_visuals"]) / "discovery" if p["save_visuals"] else None,
         max_visuals=p["max_visuals"],
         block=p["block"],
+        precision=p["precision"],
     )
     return lochead_heads.load_heads(path, model)
 
@@ -189,10 +198,12 @@ SPEC = TechniqueSpec(
             "sigma": 1.0,
             "box_mode": "minmax",
             "pad_to_square": True,
+            "precision": "official",  # the official runs are fp16 (docs/lochead.md "Precision")
         },
         # 9ffe219: each request's own top-5 heads, its selection, its min/max box stretched onto the image
         "official_v2": {
             "pad_to_square": True,
+            "precision": "official",  # the official runs are fp16 (docs/lochead.md "Precision")
             "prompt": "official",
             "selection": "official_v2",
             "heads": "self",

@@ -46,7 +46,8 @@ PARAMS = (
         "selection_precision",
         str,
         DEFAULTS["selection_precision"],
-        "selection arithmetic: float32, or model (the vision tower's dtype, as the official code)",
+        "selection arithmetic: float32, model (the vision tower's dtype), or float16 (as the official fp16 runs, "
+        "on any model; docs/paint.md 'Precision')",
         choices=SELECTION_PRECISIONS,
     ),
     Param(
@@ -96,7 +97,7 @@ OFFICIAL = {
     "official_quirks": True,  # CFG.py:43-47 (image-free cache ignores beam reordering), CFG.py:30-31 (gamma 1: no boost)
     "spatial": "official",  # clip_encoder.py:31-34
     "spatial_ratio": 0.0,  # clip_encoder.py:41 passes no ratio: 0
-    "selection_precision": "model",  # the fp16 model's attentions, summed in fp16 (clip_encoder.py:38-39)
+    "selection_precision": "float16",  # the fp16 model's attentions, summed in fp16 (clip_encoder.py:38-39)
     "head_modulation": "none",  # not in the official code
 }
 

@@ -9,6 +9,7 @@ from methods.pm import (
     DEFAULTS,
     LAYER_MAPS,
     MAP_QUANT,
+    PRECISIONS,
     PRESETS,
     REFINE,
     REFRESH,
@@ -111,6 +112,14 @@ PARAMS = (
         low=1e-3,
         high=10.0,
         optional=True,
+    ),
+    Param(
+        "precision",
+        str,
+        DEFAULTS["precision"],
+        "fp32, or official: with layer_map=official, each layer's map rounded to fp16 and summed in numpy float16 "
+        "(the reference's fp16 runs; the model keeps its dtype); docs/pm.md 'Precision'",
+        choices=PRECISIONS,
     ),
     Param(
         "resample_cd",
