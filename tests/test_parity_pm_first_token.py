@@ -43,12 +43,13 @@ CASES = ["wide_p0_pope", "square_p1_mme", "tall_p0_mme", "wide_p1_pope", "square
 # in CI the cases of distinct regimes (magnification flips the official answer; "No" outside the top 10; a case
 # variant scored; the max_iter=1 exit); the other two (a second prompt, the threshold exit) with PARITY_FULL=1
 CI_CASES = ["wide_p0_pope", "square_p1_mme", "tall_p0_mme", "square_p0_pope_iter1"]
-# the fixture settings as llava_pm model_args (run_llava_pm.sh flags; the other two exits as in test_parity_pm.py)
+# the fixture settings as llava_pm model_args (run_llava_pm.sh flags; the other two exits as in test_parity_pm.py);
+# precision=fp32: the fixtures are the official code run in fp32, so the presets' fp16 steps are off
 MODEL_ARGS = {
-    "pope": "preset=official_pope",
-    "mme": "preset=official_mme",
-    "pope_iter1": "preset=official_pope,max_iter=1",
-    "pope_exit": "preset=official_pope,beta=4.9",
+    "pope": "preset=official_pope,precision=fp32",
+    "mme": "preset=official_mme,precision=fp32",
+    "pope_iter1": "preset=official_pope,precision=fp32,max_iter=1",
+    "pope_exit": "preset=official_pope,precision=fp32,beta=4.9",
 }
 
 pytestmark = pytest.mark.skipif(not (FIX / "first_token.json").exists(), reason="first-token fixtures not generated")

@@ -45,7 +45,8 @@ def wrappers(tiny, pm_fixtures, tmp_path_factory):
 
 # ------------------------------------------------------------------------------------------- llava_pm
 
-PM_MODEL_ARGS = {"pope": "preset=official_pope", "mme": "preset=official_mme"}
+# the fixtures are the official code run in fp32 (cpu_shim keeps .half() fp32): the presets' fp16 steps off
+PM_MODEL_ARGS = {"pope": "preset=official_pope,precision=fp32", "mme": "preset=official_mme,precision=fp32"}
 
 
 @pytest.mark.parametrize(
@@ -193,7 +194,8 @@ def test_llava_paint_generates_the_official_answer(wrappers, tiny, i):
     assert (case["alpha"], case["beta"], case["gamma"] or 1.1) == (0.7, 0.3, 1.1)
     n = len({c["image"] for c in paint_parity.SELECTION})
     pixels = tiny.fixed_pixels(n, seed=paint_parity.PROVENANCE["model"]["seed"])[case["image"] : case["image"] + 1]
-    args = "preset=official" + ("" if case["use_cfg"] else ",use_cfg=false")
+    # fp32 fixtures: the preset's fp16 selection off
+    args = "preset=official,selection_precision=model" + ("" if case["use_cfg"] else ",use_cfg=false")
     lm = wrappers.get("llava_paint", args, case["before"], suffix=(), pixels=pixels)
     gen_kwargs = {"max_new_tokens": len(case["new_ids"]), "temperature": 0}
     image = Image.new("RGB", (336, 336))  # its pixels are the fixture's (FixedPixels)
