@@ -41,7 +41,7 @@ import torch
 
 from .params import Param, parse_params
 
-from . import viral, viral_teachers
+from . import families, viral, viral_teachers
 from .conversation_data import ConversationDataset, EpochSampler, collate, read_records
 from .viral_setup import build, layers_of, lr_lambda, official_lr_lambda, param_groups, resolve_dtype
 
@@ -296,10 +296,9 @@ def train(cfg: TrainConfig, records: list[dict] | None = None) -> dict:
                 p.data = p.data.float()
     accelerator.print("viral-train recipe: " + json.dumps(recipe(cfg), indent=2))
     records = (read_records(cfg.data) if records is None else records)[: cfg.limit]
-    if cfg.conversation == "v1" and model.config.model_type != "llava":
-        raise ValueError(
-            f"conversation='v1' is LLaVA-1.5's official data path; {model.config.model_type} uses 'processor'"
-        )
+    family = families.adapter(model.config.model_type)
+    if cfg.conversation == "v1" and not family.square_grid:  # the official code's single square-grid layout
+        raise ValueError(f"conversation='v1' is LLaVA-1.5's official data path; {family.display_name} uses 'processor'")
     data = ConversationDataset(
         records, processor, cfg.image_folder, cfg.max_length, cfg.pad_to_square, conversation=cfg.conversation
     )
