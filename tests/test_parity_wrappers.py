@@ -156,18 +156,7 @@ def test_llava_knockout_generates_the_official_answer(wrappers, tiny, knockout_g
     lm = wrappers.get("llava_knockout", KNOCKOUT_MODEL_ARGS[name], golden["ids_before_image"], suffix=(), pixels=pixels)
     want = knockout_parity.vlminterp_ours.official_params(run["flags"])
     assert {k: lm.technique_params[k] for k in want} == want
-    gen_kwargs = {"max_new_tokens": len(run["steps"]), "temperature": 0}
-    image = Image.new("RGB", (336, 336))  # its pixels are the fixture's (FixedPixels)
-    text, calls = generate(lm, image, tiny.words(golden["ids_after_image"]), gen_kwargs, scores=True)
-    ((req, out, _),) = calls
-    n = req.input_ids.shape[1]
-    assert req.input_ids[0].tolist() == tiny.hf_ids(golden["ids_before_image"], golden["ids_after_image"])[0].tolist()
-    assert out.sequences[0, n:].tolist() == run["new_ids"] and text == tiny.words(run["new_ids"])
-    for got, step in zip(out.scores, run["steps"]):
-        idx = torch.tensor(step["topk_indices"])
-        diff = (got.float().gather(-1, idx) - torch.tensor(step["topk_values"])).abs().max().item()
-        assert diff <= knockout_parity.ATOL, f"top-k scores differ by {diff}"
-        assert torch.equal(got.float().topk(idx.shape[-1], dim=-1).indices, idx)
+    assert_vlminterp_run(tiny, lm, golden, run, knockout_parity.ATOL)
 
 
 # ---------------------------------------------------------------------------------------- llava_paint
@@ -236,15 +225,22 @@ def test_llava_reprompt_prunes_as_the_official_code(wrappers, tiny):
     args = f"preset=official,describe={tiny.words(d['ids_after_image'])},describe_tokens={len(d['new_ids'])}"
     lm = wrappers.get("llava_reprompt", args, q["ids_before_image"], suffix=(), pixels=pixels)
     assert lm.technique_params["keep_ratio"] == golden["k_fraction"]
+    assert_vlminterp_run(tiny, lm, q, run, reprompt_parity.ATOL)
+
+
+def assert_vlminterp_run(tiny, lm, prompt: dict, run: dict, atol: float) -> None:
+    """One vlm-interp answer run through the wrapper's generate_until: the request's ids are the fixture prompt's,
+    the greedy ids and text the run's, and each step's top-16 scores the official ones (indices exact, values
+    within ``atol``)."""
     gen_kwargs = {"max_new_tokens": len(run["steps"]), "temperature": 0}
     image = Image.new("RGB", (336, 336))  # its pixels are the fixture's (FixedPixels)
-    text, calls = generate(lm, image, tiny.words(q["ids_after_image"]), gen_kwargs, scores=True)
+    text, calls = generate(lm, image, tiny.words(prompt["ids_after_image"]), gen_kwargs, scores=True)
     ((req, out, _),) = calls
     n = req.input_ids.shape[1]
-    assert req.input_ids[0].tolist() == tiny.hf_ids(q["ids_before_image"], q["ids_after_image"])[0].tolist()
+    assert req.input_ids[0].tolist() == tiny.hf_ids(prompt["ids_before_image"], prompt["ids_after_image"])[0].tolist()
     assert out.sequences[0, n:].tolist() == run["new_ids"] and text == tiny.words(run["new_ids"])
     for got, step in zip(out.scores, run["steps"]):
         idx = torch.tensor(step["topk_indices"])
         diff = (got.float().gather(-1, idx) - torch.tensor(step["topk_values"])).abs().max().item()
-        assert diff <= reprompt_parity.ATOL, f"top-k scores differ by {diff}"
+        assert diff <= atol, f"top-k scores differ by {diff}"
         assert torch.equal(got.float().topk(idx.shape[-1], dim=-1).indices, idx)
