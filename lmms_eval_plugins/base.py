@@ -134,6 +134,25 @@ def other_families(lmms_eval_model: str) -> str:
     return ", ".join(f"{' / '.join(shown)} checkpoints go to the {prefix}_* names" for prefix, shown in names.items())
 
 
+def read_family_config(
+    pretrained: str,
+    model_type: str,
+    lmms_eval_model: str,
+    need: str,
+    revision: str | None = None,
+    trust_remote_code: bool = False,
+):
+    """The checkpoint's config; a ModelArgsError unless its model_type is ``model_type`` (a family's
+    checkpoint check): "the <lmms_eval_model>_* wrappers need <need>", then where other families go."""
+    config = read_config(pretrained, revision, trust_remote_code)
+    if getattr(config, "model_type", None) != model_type:
+        raise ModelArgsError(
+            f"pretrained={pretrained} is a {getattr(config, 'model_type', 'unknown')!r} checkpoint; the "
+            f"{lmms_eval_model}_* wrappers need {need}; {other_families(lmms_eval_model)}"
+        )
+    return config
+
+
 @contextlib.contextmanager
 def loading_dtype(module_name: str, class_name: str, dtype: str):
     """lmms-eval classes that hard-code ``torch_dtype=torch.bfloat16`` (qwen2_5_vl, gemma3) load in ``dtype``

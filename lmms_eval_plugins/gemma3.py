@@ -17,14 +17,12 @@ its facts) is its adapter, methods/families/gemma3.py. This module fills in the 
 
 from __future__ import annotations
 
-from methods.params import ModelArgsError
 
 from .base import (
     Bfloat16ClassMixin,
     TechniqueSpec,
     chat_loglikelihood,
-    other_families,
-    read_config,
+    read_family_config,
     refuse_family,
     wrapper_classes,
 )
@@ -50,14 +48,8 @@ GEMMA3_ARGS = (
 
 def check_gemma3(pretrained: str, revision=None, trust_remote_code: bool = False):
     """The checkpoint's config; a ModelArgsError for anything but a Gemma 3 (image-text) checkpoint."""
-    config = read_config(pretrained, revision, trust_remote_code)
-    if getattr(config, "model_type", None) != FAMILY:
-        raise ModelArgsError(
-            f"pretrained={pretrained} is a {getattr(config, 'model_type', 'unknown')!r} checkpoint; the gemma3_* "
-            "wrappers need a Gemma 3 image-text checkpoint (model_type gemma3), e.g. google/gemma-3-4b-it; "
-            + other_families("gemma3")
-        )
-    return config
+    need = "a Gemma 3 image-text checkpoint (model_type gemma3), e.g. google/gemma-3-4b-it"
+    return read_family_config(pretrained, FAMILY, FAMILY, need, revision, trust_remote_code)
 
 
 class Gemma3TechniqueMixin(Bfloat16ClassMixin):

@@ -25,14 +25,12 @@ from __future__ import annotations
 import dataclasses
 import functools
 
-from methods.params import ModelArgsError
 
 from .base import (
     Bfloat16ClassMixin,
     TechniqueSpec,
     chat_loglikelihood,
-    other_families,
-    read_config,
+    read_family_config,
     refuse_family,
     wrapper_classes,
 )
@@ -59,14 +57,11 @@ INTERNVL_ARGS = (
 
 def check_internvl(pretrained: str, revision=None, trust_remote_code: bool = False):
     """The checkpoint's config; a ModelArgsError for anything but an HF-native InternVL checkpoint."""
-    config = read_config(pretrained, revision, trust_remote_code)
-    if getattr(config, "model_type", None) != MODEL_TYPE:
-        raise ModelArgsError(
-            f"pretrained={pretrained} is a {getattr(config, 'model_type', 'unknown')!r} checkpoint; the internvl_hf_* "
-            "wrappers need an HF-native InternVL checkpoint (model_type internvl), e.g. OpenGVLab/InternVL3_5-8B-HF "
-            f"(remote-code InternVL checkpoints are not supported); {other_families(FAMILY)}"
-        )
-    return config
+    need = (
+        "an HF-native InternVL checkpoint (model_type internvl), e.g. OpenGVLab/InternVL3_5-8B-HF "
+        "(remote-code InternVL checkpoints are not supported)"
+    )
+    return read_family_config(pretrained, MODEL_TYPE, FAMILY, need, revision, trust_remote_code)
 
 
 def user_turn(context: str, visuals: list) -> list[dict]:

@@ -31,12 +31,10 @@ from .base import (
     Bfloat16ClassMixin,
     TechniqueSpec,
     chat_loglikelihood,
-    other_families,
-    read_config,
+    read_family_config,
     refuse_family,
     wrapper_classes,
 )
-from methods.params import ModelArgsError
 
 FAMILY = "qwen2_5_vl"
 
@@ -59,14 +57,8 @@ QWEN_ARGS = (
 
 def check_qwen(pretrained: str):
     """The checkpoint's config; a ModelArgsError for anything but a Qwen2.5-VL checkpoint."""
-    config = read_config(pretrained)
-    if getattr(config, "model_type", None) != FAMILY:
-        raise ModelArgsError(
-            f"pretrained={pretrained} is a {getattr(config, 'model_type', 'unknown')!r} checkpoint; the qwen2_5_vl_* "
-            "wrappers need a Qwen2.5-VL checkpoint (model_type qwen2_5_vl), e.g. Qwen/Qwen2.5-VL-7B-Instruct or "
-            f"shapeworld-tiny-qwen; {other_families(FAMILY)}"
-        )
-    return config
+    need = "a Qwen2.5-VL checkpoint (model_type qwen2_5_vl), e.g. Qwen/Qwen2.5-VL-7B-Instruct or shapeworld-tiny-qwen"
+    return read_family_config(pretrained, FAMILY, FAMILY, need)
 
 
 def saved_pixels(pretrained: str) -> tuple[int, int] | None:

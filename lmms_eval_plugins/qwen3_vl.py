@@ -25,9 +25,8 @@ from __future__ import annotations
 import contextlib
 import sys
 
-from methods.params import ModelArgsError
 
-from .base import TechniqueSpec, other_families, read_config, refuse_family, wrapper_classes
+from .base import TechniqueSpec, read_family_config, refuse_family, wrapper_classes
 from .qwen import QwenTechniqueMixin
 
 FAMILY = "qwen3_vl"
@@ -54,14 +53,8 @@ QWEN3_ARGS = (
 
 def check_qwen3_vl(pretrained: str):
     """The checkpoint's config (read without remote code); a ModelArgsError for anything but a Qwen3-VL checkpoint."""
-    config = read_config(pretrained)
-    if getattr(config, "model_type", None) != FAMILY:
-        raise ModelArgsError(
-            f"pretrained={pretrained} is a {getattr(config, 'model_type', 'unknown')!r} checkpoint; the qwen3_vl_* "
-            "wrappers need a dense Qwen3-VL checkpoint (model_type qwen3_vl), e.g. Qwen/Qwen3-VL-4B-Instruct; "
-            + other_families(FAMILY)
-        )
-    return config
+    need = "a dense Qwen3-VL checkpoint (model_type qwen3_vl), e.g. Qwen/Qwen3-VL-4B-Instruct"
+    return read_family_config(pretrained, FAMILY, FAMILY, need)
 
 
 @contextlib.contextmanager
