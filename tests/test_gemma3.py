@@ -302,14 +302,12 @@ def test_compressed_context_equals_the_blocked_full_forward(hooked, tiny_gemma3)
 def test_viral_aligns_the_grid_and_gemma3_viral_merges_the_adapter(tiny_gemma3, stock, tmp_path):
     """viral-train on Gemma 3: the aligned tokens are the 16 soft tokens on their 4x4 grid (the whole image),
     the projector trained next to LoRA is multi_modal_projector, and gemma3_viral merges the adapter."""
-    import json
-    import math
 
-    from test_viral import _save_tiny_dinov2
+    from test_viral import _save_tiny_dinov2, assert_two_finite_steps, two_step_config
 
     from methods import viral
     from methods.conversation_data import ConversationDataset, collate
-    from methods.viral_train import TrainConfig, train
+    from methods.viral_train import train
 
     records = [
         {
@@ -331,29 +329,9 @@ def test_viral_aligns_the_grid_and_gemma3_viral_merges_the_adapter(tiny_gemma3, 
     for row, aligned in zip(batch["input_ids"], viral.aligned_tokens(config, batch)):
         soft = (row == config.image_token_id).nonzero().flatten()
         assert torch.equal(aligned.positions, soft) and aligned.grid == (4, 4) and aligned.whole_image
-    cfg = TrainConfig(
-        pretrained=str(tiny_gemma3),
-        data="",
-        output_dir=str(tmp_path / "run"),
-        teacher=str(_save_tiny_dinov2(tmp_path / "teacher")),
-        layer=2,
-        weight=0.5,
-        proj_hidden=16,
-        lora_r=4,
-        lora_alpha=8,
-        lora_dropout=0.0,
-        lr=5e-2,
-        batch_size=2,
-        max_steps=2,
-        log_every=1,
-        progress=False,
-        warmup_ratio=0.0,
-    )
+    cfg = two_step_config(tiny_gemma3, tmp_path / "run", _save_tiny_dinov2(tmp_path / "teacher"), 2)
     train(cfg, records)
-    log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
-    assert len(log) == 2 and all(math.isfinite(row["vra_loss"]) for row in log)
-    saved = json.loads((tmp_path / "run" / "adapter" / "adapter_config.json").read_text())
-    assert saved["modules_to_save"] == ["multi_modal_projector"]
+    assert_two_finite_steps(tmp_path / "run", "multi_modal_projector")
     lm = _wrapper("viral", tiny_gemma3, adapter=str(tmp_path / "run"))
     with torch.no_grad():
         assert not torch.equal(lm.model(**_inputs(lm.processor)).logits, stock[2])

@@ -543,15 +543,13 @@ def test_bench_context_qwen3_vl(tmp_path, monkeypatch):
 def test_viral_aligns_the_merged_grid_and_qwen3_vl_viral_merges_the_adapter(tiny_qwen3, stock, tmp_path):
     """viral-train on Qwen3-VL: the aligned tokens are the merged image tokens on their rows x cols grid, the merger
     is trained next to LoRA, and qwen3_vl_viral merges the adapter (a change from stock)."""
-    import json
-    import math
 
-    from test_viral import _save_tiny_dinov2
+    from test_viral import _save_tiny_dinov2, assert_two_finite_steps, two_step_config
     from transformers import AutoConfig
 
     from methods import viral
     from methods.conversation_data import ConversationDataset, collate
-    from methods.viral_train import TrainConfig, train
+    from methods.viral_train import train
 
     records = [
         {
@@ -570,29 +568,9 @@ def test_viral_aligns_the_merged_grid_and_qwen3_vl_viral_merges_the_adapter(tiny
     for row, thw, aligned in zip(batch["input_ids"], batch["image_grid_thw"], viral.aligned_tokens(config, batch)):
         pads = (row == config.image_token_id).nonzero().flatten()
         assert torch.equal(aligned.positions, pads) and aligned.grid == (int(thw[1]) // 2, int(thw[2]) // 2)
-    cfg = TrainConfig(
-        pretrained=str(tiny_qwen3),
-        data="",
-        output_dir=str(tmp_path / "run"),
-        teacher=str(_save_tiny_dinov2(tmp_path / "teacher")),
-        layer=3,
-        weight=0.5,
-        proj_hidden=16,
-        lora_r=4,
-        lora_alpha=8,
-        lora_dropout=0.0,
-        lr=5e-2,
-        batch_size=2,
-        max_steps=2,
-        log_every=1,
-        progress=False,
-        warmup_ratio=0.0,
-    )
+    cfg = two_step_config(tiny_qwen3, tmp_path / "run", _save_tiny_dinov2(tmp_path / "teacher"), 3)
     train(cfg, records)
-    log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
-    assert len(log) == 2 and all(math.isfinite(row["vra_loss"]) for row in log)
-    saved = json.loads((tmp_path / "run" / "adapter" / "adapter_config.json").read_text())
-    assert saved["modules_to_save"] == ["merger"]
+    assert_two_finite_steps(tmp_path / "run", "merger")
     lm = _wrapper("viral", tiny_qwen3, adapter=str(tmp_path / "run"))
     with torch.no_grad():
         assert not torch.equal(lm.model(**_inputs(lm.processor)).logits, stock[2])

@@ -293,3 +293,38 @@ def test_other_local_teachers_load_and_give_patch_features(kind, tmp_path):
     assert torch.isfinite(feats).all()
     targets = viral_teachers.teacher_targets_from_images(teacher, [Image.new("RGB", (50, 40))], (3, 3))
     assert targets.shape == (1, 9, want_dim)
+
+
+def two_step_config(pretrained, output_dir, teacher, layer: int):
+    """The viral-train settings of the families' two-step tests: a small LoRA, a 16-wide VRA projector, lr 5e-2."""
+    from methods.viral_train import TrainConfig
+
+    return TrainConfig(
+        pretrained=str(pretrained),
+        data="",
+        output_dir=str(output_dir),
+        teacher=str(teacher),
+        layer=layer,
+        weight=0.5,
+        proj_hidden=16,
+        lora_r=4,
+        lora_alpha=8,
+        lora_dropout=0.0,
+        lr=5e-2,
+        batch_size=2,
+        max_steps=2,
+        log_every=1,
+        progress=False,
+        warmup_ratio=0.0,
+    )
+
+
+def assert_two_finite_steps(run, projector: str) -> None:
+    """Two logged steps with a finite VRA loss, and the adapter saved with the family's projector trained fully."""
+    import json
+    import math
+
+    log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    assert len(log) == 2 and all(row["vra_loss"] is not None and math.isfinite(row["vra_loss"]) for row in log)
+    saved = json.loads((run / "adapter" / "adapter_config.json").read_text())
+    assert saved["modules_to_save"] == [projector]

@@ -6,13 +6,12 @@ teacher map resampled by hand-written bilinear interpolation); a short viral-tra
 adapter qwen2_5_vl_viral merges (it changes the logits; a zero-B adapter leaves stock outputs);
 NeXT aligns exactly the base block's positions; qwen2_5_vl_viral through the real lmms-eval CLI."""
 
-import json
 import math
 
 import pytest
 import torch
 from test_qwen import PIXELS, _cli, _image, _inputs, _wrapper, stock, tiny_qwen  # noqa: F401 (fixtures)
-from test_viral import _save_tiny_dinov2
+from test_viral import _save_tiny_dinov2, assert_two_finite_steps, two_step_config
 
 from methods import viral
 from methods.conversation_data import ConversationDataset, collate
@@ -98,35 +97,14 @@ def test_vra_loss_on_qwen_merged_tokens_equals_an_independent_calculation(tiny_q
 @pytest.fixture(scope="module")
 def qwen_run(tiny_qwen, tmp_path_factory):
     root = tmp_path_factory.mktemp("qwen_viral")
-    teacher = _save_tiny_dinov2(root / "teacher")
-    cfg = TrainConfig(
-        pretrained=str(tiny_qwen),
-        data="",
-        output_dir=str(root / "run"),
-        teacher=str(teacher),
-        layer=2,
-        weight=0.5,
-        proj_hidden=16,
-        lora_r=4,
-        lora_alpha=8,
-        lora_dropout=0.0,
-        lr=5e-2,
-        batch_size=2,
-        max_steps=2,
-        log_every=1,
-        progress=False,
-        warmup_ratio=0.0,
-    )
+    cfg = two_step_config(tiny_qwen, root / "run", _save_tiny_dinov2(root / "teacher"), 2)
     result = train(cfg, _records(SIZES + ((48, 40), (64, 64))))
     return root / "run", result
 
 
 def test_viral_train_on_qwen_gives_an_adapter_that_qwen2_5_vl_viral_merges(qwen_run, tiny_qwen, stock, tmp_path):
     run, result = qwen_run
-    log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
-    assert len(log) == 2 and all(row["vra_loss"] is not None and math.isfinite(row["vra_loss"]) for row in log)
-    saved = json.loads((run / "adapter" / "adapter_config.json").read_text())
-    assert saved["modules_to_save"] == ["merger"]  # Qwen's multimodal projector: the vision merger
+    assert_two_finite_steps(run, "merger")  # Qwen's multimodal projector: the vision merger
     lm = _wrapper("viral", tiny_qwen, adapter=str(run))
     inputs = _inputs(lm.processor)
     with torch.no_grad():
