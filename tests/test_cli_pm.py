@@ -162,7 +162,7 @@ def test_paper_evaluation_tasks_on_shapeworld_twins(tmp_path):
 def test_first_token_pope_twin_runs_on_the_other_wrappers(model, tmp_path):
     """The paper's first-token scoring is a task, not a PM feature: every wrapper with a
     loglikelihood path runs it (llava_lochead answers with boxes and refuses, llava_viral needs
-    an adapter; stock llava_hf's loglikelihood is broken on transformers 5, see the README)."""
+    an adapter; stock llava_hf's loglikelihood is broken on transformers 5, see docs/architecture.md's quirks)."""
     task = "shapeworld_pope_adversarial_first_token"
     results, log = _run(
         model,
