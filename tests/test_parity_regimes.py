@@ -290,6 +290,9 @@ def test_provenance_is_complete():
     assert prov["repositories"]["pm"]["commit"] == "58c2c0fdc7199ecca92d3ef7ca0aa36a078296b6"
     assert prov["repositories"]["head"]["commit"].startswith("8ce33b0")
     assert prov["repositories"]["v2"]["commit"].startswith("9ffe219")
-    assert prov["shim"]["regimes_sha256"] and prov["shim"]["harness_sha256"] and prov["official_stack"]["pip_freeze"]
+    assert prov["shim"]["regimes_sha256"] and prov["shim"]["harness_sha256"]
+    stacks = {part: set(stack["pip_freeze"]) for part, stack in prov["official_stacks"].items()}
+    assert {"numpy==2.2.6", "scipy==1.15.3"} <= stacks["lochead"], "the lochead half runs with 8ce33b0's pins"
+    assert any(line.startswith("numpy==1.") for line in stacks["pm"]), "PM's half runs with numpy 1.x (torch 2.1.2)"
     size = sum(f.stat().st_size for f in FIX.iterdir())
     assert size < 2_000_000, f"fixture dir is {size} bytes"

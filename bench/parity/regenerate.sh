@@ -105,7 +105,13 @@ if [ -n "$REGIMES" ]; then
   # non-degenerate regimes (planted attention, regimes.py): the official lochead analyses and PM's search loop
   "$OFFICIAL_VENV/bin/python" -c "import scipy, yaml" 2>/dev/null || "$OFFICIAL_VENV/bin/pip" install -q "scipy<1.14" pyyaml
   IFS=: read -r R_PM R_HEAD R_V2 <<< "$REGIMES"
-  "$OFFICIAL_VENV/bin/python" "$HERE/regimes_official.py" --pm "$R_PM" --head "$R_HEAD" --v2 "$R_V2" \
+  # PM's half in the official venv (numpy 1.x), the lochead half with 8ce33b0's numpy/scipy (as --lochead)
+  "$OFFICIAL_VENV/bin/python" "$HERE/regimes_official.py" --part pm --pm "$R_PM" \
+    --out "$REPO/tests/fixtures/official/regimes" --scratch "$WORK/regimes"
+  RLH_VENV=${LOCHEAD_VENV:-$OFFICIAL_VENV-numpy$LOCHEAD_NUMPY}
+  [ -x "$RLH_VENV/bin/python" ] || NUMPY=$LOCHEAD_NUMPY SCIPY=$LOCHEAD_SCIPY bash "$HERE/official_env.sh" "$RLH_VENV"
+  "$RLH_VENV/bin/python" -c "import yaml" 2>/dev/null || "$RLH_VENV/bin/pip" install -q pyyaml
+  "$RLH_VENV/bin/python" "$HERE/regimes_official.py" --part lochead --head "$R_HEAD" --v2 "$R_V2" \
     --out "$REPO/tests/fixtures/official/regimes" --scratch "$WORK/regimes"
   "$OURS" -m pytest -q "$REPO/tests/test_parity_regimes.py"
 fi

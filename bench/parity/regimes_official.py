@@ -1,10 +1,13 @@
 """Golden fixtures of the official analyses on planted attention (regimes.py): the non-degenerate regimes.
 
-Runs in the official stack's venv (bench/parity/official_env.sh, plus scipy<1.14 and pyyaml), never in CI:
+Runs in the official stacks' venvs (bench/parity/official_env.sh, plus scipy and pyyaml), never in CI: PM's
+half with numpy 1.x (its torch 2.1.2 pin), the lochead half with 8ce33b0's numpy 2.2.6 / scipy 1.15.3:
 
     bash bench/parity/regenerate.sh --regimes /work/official/PM:/work/official/lochead_head:/work/official/lochead_v2 \
         --python /work/venv/bin/python                                   # the one command, or by hand:
-    /work/venvs/official/bin/python bench/parity/regimes_official.py --pm /work/official/PM \\
+    /work/venvs/official/bin/python bench/parity/regimes_official.py --part pm --pm /work/official/PM \\
+        --out tests/fixtures/official/regimes
+    /work/venvs/official_np2/bin/python bench/parity/regimes_official.py --part lochead \\
         --head /work/official/lochead_head --v2 /work/official/lochead_v2 --out tests/fixtures/official/regimes
 
 What runs is the official code, from the checkouts, on inputs built by ``regimes.py`` (numpy only, the
@@ -298,9 +301,9 @@ def pm(args, arrays: dict, out_dir: Path) -> dict:
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--pm", required=True, help="ShunqiM/PM @ 58c2c0f")
-    ap.add_argument("--head", required=True, help="LocalizationHeads @ 8ce33b0")
-    ap.add_argument("--v2", required=True, help="LocalizationHeads @ 9ffe219")
+    ap.add_argument("--pm", help="ShunqiM/PM @ 58c2c0f (the pm half)")
+    ap.add_argument("--head", help="LocalizationHeads @ 8ce33b0 (the lochead half)")
+    ap.add_argument("--v2", help="LocalizationHeads @ 9ffe219 (the lochead half)")
     ap.add_argument("--out", required=True, type=Path)
     ap.add_argument("--scratch", default="/tmp/regimes_scratch")
     ap.add_argument(
@@ -309,13 +312,38 @@ def main():
         help="PM only: the scripted model returns fp16 attention, as an fp16 model does (the official runs); "
         "writes the PM fixture of tests/fixtures/official/regimes_fp16",
     )
+    ap.add_argument(
+        "--part",
+        choices=("both", "lochead", "pm"),
+        default="both",
+        help="regenerate one half into the existing fixture (the other half, its arrays and its stack kept): the "
+        "lochead half in a venv with 8ce33b0's numpy 2.2.6, PM's in the official venv (numpy 1.x; torch 2.1.2, "
+        "which PM's requirements pin, does not run with numpy 2)",
+    )
     args = ap.parse_args()
+    needs = {"pm": ("pm",), "lochead": ("head", "v2"), "both": ("pm", "head", "v2")}["pm" if args.fp16 else args.part]
+    missing = [f"--{n}" for n in needs if not getattr(args, n)]
+    if missing:
+        ap.error(f"--part {args.part} needs {' '.join(missing)} (the official checkouts)")
     args.out.mkdir(parents=True, exist_ok=True)
     arrays: dict = {}
     if args.fp16:
         return write_fp16(args, arrays)
-    pm_fixture = pm(args, arrays, args.out)  # first: lochead_official's stubs replace the `llava` package PM imports
-    fixture = {"lochead": lochead(args, arrays), "pm": pm_fixture}
+    fixture, stacks = {}, {}
+    if args.part != "both":  # keep the other half as it was made
+        fixture = json.loads((args.out / "regimes_official.json").read_text())
+        kept_prefix = "pm/" if args.part == "lochead" else "lh/"
+        with np.load(args.out / "arrays.npz") as old:
+            arrays.update({k: old[k] for k in old.files if k.startswith(kept_prefix)})
+        old_prov = json.loads((args.out / "provenance.json").read_text())
+        stacks = old_prov.get("official_stacks") or {
+            "lochead": old_prov["official_stack"],
+            "pm": old_prov["official_stack"],
+        }
+    if args.part in ("both", "pm"):  # first: lochead_official's stubs replace the `llava` package PM imports
+        fixture["pm"] = pm(args, arrays, args.out)
+    if args.part in ("both", "lochead"):
+        fixture["lochead"] = lochead(args, arrays)
     np.savez_compressed(args.out / "arrays.npz", **arrays)
     (args.out / "regimes_official.json").write_text(json.dumps(fixture, separators=(",", ":")) + "\n")
     sha = lambda p: hashlib.sha256(Path(p).read_bytes()).hexdigest()  # noqa: E731
@@ -345,7 +373,8 @@ def main():
             },
         },
         "harness": "bash bench/parity/regenerate.sh --regimes /work/official/PM:/work/official/lochead_head:/work/official/lochead_v2 "
-        "--python /work/venv/bin/python (runs regimes_official.py --out tests/fixtures/official/regimes in the official venv)",
+        "--python /work/venv/bin/python (runs regimes_official.py --part pm in the official venv, then --part lochead "
+        "in the lochead venv with numpy 2.2.6 / scipy 1.15.3; --out tests/fixtures/official/regimes)",
         "inputs": "bench/parity/regimes.py (planted attention; rebuilt by the tests, checked by sha256)",
         "shim": {
             "cpu_shim_sha256": sha(HERE / "cpu_shim.py"),
@@ -360,8 +389,12 @@ def main():
             "sample's own code, and every function it calls, is unmodified",
             "cpu_shim: cuda -> cpu; stubs for modules imported but never called (lochead_official.stubs, pm_official.stubs)",
         ],
-        "official_stack": {"python": sys.version.split()[0], "pip_freeze": freeze},
     }
+    stack = {"python": sys.version.split()[0], "pip_freeze": freeze}
+    for part in ("lochead", "pm"):
+        if args.part in ("both", part):
+            stacks[part] = stack
+    provenance["official_stacks"] = stacks  # the stack each half was made with (--part)
     (args.out / "provenance.json").write_text(json.dumps(provenance, indent=1) + "\n")
     print("wrote", args.out, sum(f.stat().st_size for f in args.out.iterdir()), "bytes", flush=True)
 
