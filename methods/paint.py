@@ -283,12 +283,14 @@ class Paint(GuidedTechnique):
     def batch_refusal(self, family=None) -> str | None:
         if self.save_dir:
             return "save_visuals draws one request's selection at a time; drop save_visuals or use batch_size=1"
-        if family is not None and not family.one_crop_per_image:
+        if family is not None and not family.crops_as_tower_rows:
             return (
                 f"its selection reads the CLS attention of the image's crop in the vision tower's batch, and "
-                f"{family.display_name}'s tower runs several crops per image (a request's rows there are not placed yet)"
+                f"{family.display_name}'s tower does not run each image as rows of its batch"
             )
-        return None  # each request's selection comes from its own tower row (LLaVA-1.5: one crop per image)
+        # each request's captures sit on its own image's tower rows (Batch.vision_rows), as alone: its selection
+        # reads the same crop (LLaVA-1.5: the only one; NeXT: the base crop, ``cls_crop``)
+        return None
 
     def recipe(self, model, req: Request):
         p = self.params

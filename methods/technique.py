@@ -232,13 +232,17 @@ class Batch:
             req.require_one_image(technique)
 
     def vision_rows(self, i: int) -> list[int]:
-        """The vision tower's batch rows of request i: its image's single crop (LLaVA-1.5: row i)."""
-        if not self.adapter.one_crop_per_image:
+        """The vision tower's batch rows of request i: its image's crops, after the earlier requests' crops (the
+        family adapter's ``tower_crops``: LLaVA-1.5 row i; NeXT/OneVision the base crop and tiles of image i)."""
+        family = self.adapter
+        if not family.crops_as_tower_rows:
             raise RequestError(
-                f"{self.family}: an edit of the vision tower cannot be placed in a batch (its tower does not run one "
-                "crop per image in batch order); use batch_size=1"
+                f"{self.family}: an edit of the vision tower cannot be placed in a batch ({family.display_name}'s "
+                "tower does not run each image as rows of its batch); use batch_size=1"
             )
-        return [i]
+        crops = [family.tower_crops(r.config, r.inputs) for r in self.requests[: i + 1]]
+        start = sum(crops[:i])
+        return list(range(start, start + crops[i]))
 
     def place_each(self, recipe) -> list[hooks.AttnEdit]:
         """Every request's edits (``recipe(request)``, built as for the request alone), placed in its batch row."""

@@ -193,11 +193,12 @@ def test_beam_search_in_a_batch_is_refused(llava):
         Pai(hooks.num_layers(model)).generate(model, req, **inputs, num_beams=2, max_new_tokens=2)
 
 
-def test_vision_edits_need_one_crop_per_image(llava):
+def test_vision_edits_need_a_tower_that_runs_images_as_rows(llava):
     model, processor, prompts = llava
     inputs = processor(images=IMAGES, text=prompts, return_tensors="pt", padding=True, padding_side="left")
     batch = family_request(model, processor, dict(inputs))
-    batch.requests[0].config = type(model.config)(**{**model.config.to_dict(), "model_type": "llava_next"})
+    assert [batch.vision_rows(i) for i in range(3)] == [[0], [1], [2]]  # LLaVA-1.5: one crop per image
+    batch.requests[0].config = type(model.config)(**{**model.config.to_dict(), "model_type": "qwen2_5_vl"})
     with pytest.raises(RequestError, match="vision tower cannot be placed in a batch"):
         batch.vision_rows(0)
 
@@ -222,13 +223,16 @@ def test_wrappers_accept_batches_where_exact_and_refuse_with_the_reason(tiny_ckp
         _pai_wrapper(pretrained=str(tiny_ckpt), batch_size=0)
 
 
-def test_paint_refuses_batches_where_the_tower_runs_several_crops(anyres):
+def test_paint_batches_on_next_and_refuses_what_cannot_be_exact(anyres, tmp_path):
     from lmms_eval_plugins.models.paint import LlavaPaintChat
+    from methods import families
 
     _, _, _, ckpt = anyres["llava_next"]
-    with pytest.raises(ModelArgsError, match="LLaVA-NeXT's tower runs several crops per image"):
-        LlavaPaintChat(pretrained=str(ckpt), device="cpu", batch_size=2)
-    assert _pai_wrapper(pretrained=str(ckpt), batch_size=2).batch_size == 2
+    assert LlavaPaintChat(pretrained=str(ckpt), device="cpu", batch_size=2).batch_size == 2
+    paint = Paint(4, 4, (4, 4), save_visuals=str(tmp_path))
+    assert "save_visuals draws one request's selection" in paint.batch_refusal(families.adapter("llava_next"))
+    why = Paint(4, 4, (4, 4)).batch_refusal(families.adapter("qwen2_5_vl"))
+    assert "Qwen2.5-VL's tower does not run each image as rows of its batch" in why
 
 
 def test_unverified_families_refuse_batches(tmp_path):
@@ -263,9 +267,25 @@ def anyres(tmp_path_factory):
     return out
 
 
-@pytest.mark.parametrize("family", ("llava_next", "llava_onevision"))
-@pytest.mark.parametrize("name", ("pai_cfg", "knockout_query", "prune"))
+ANYRES_CASES = [
+    *(
+        (family, name)
+        for family in ("llava_next", "llava_onevision")
+        for name in ("pai_cfg", "knockout_query", "prune")
+    ),
+    ("llava_next", "paint"),  # PAINT refuses OneVision's SigLIP tower (no CLS)
+    ("llava_next", "paint_heads_cfg"),
+]
+
+
+def _anyres_paint(model, **params):
+    return Paint.for_model(model, alpha=10.0, beta=5.0, start_layer=0, **params)
+
+
+@pytest.mark.parametrize("family,name", ANYRES_CASES)
 def test_anyres_batch_equals_batch_one(anyres, family, name):
+    """Images of different sizes: different tilings, so different numbers of tower crops per request (PAINT's
+    captures sit on each request's crops and select from its base crop, as alone)."""
     from methods.reprompt import Reprompt
 
     model, processor, prompts, _ = anyres[family]
@@ -274,11 +294,28 @@ def test_anyres_batch_equals_batch_one(anyres, family, name):
         "pai_cfg": lambda: Pai(n, alpha=2.0, start_layer=0, use_cfg=True, gamma=1.5),
         "knockout_query": lambda: Knockout(n, mode="query"),
         "prune": lambda: Reprompt(n, mode="prune", keep_ratio=0.25, selection="per_layer"),
+        # PAINT edits only the base block's tokens here (a fifth of the image tokens): larger margins than LLaVA's
+        "paint": lambda: _anyres_paint(model),
+        "paint_heads_cfg": lambda: _anyres_paint(model, head_modulation="sensitivity", use_cfg=True),
     }[name]()
     alone, rows = _alone_and_batched(model, processor, technique, prompts)
-    counts = {int((r.input_ids == r.image_token_id).sum()) for r in family_request_batch(model, processor, prompts)}
-    assert len(counts) > 1  # different tilings in one batch
+    batch = family_request_batch(model, processor, prompts)
+    assert len({int((r.input_ids == r.image_token_id).sum()) for r in batch}) > 1  # different tilings in one batch
     _assert_equal_per_request(alone, rows)
+    if name.startswith("paint"):
+        plain = [
+            _run(model, processor, Pai(n, alpha=0, use_cfg=False), [p], [im])[1][0] for p, im in zip(prompts, IMAGES)
+        ]
+        assert _effect(alone, plain) > 100 * TOL  # PAINT changes the answer's scores: the equality can fail
+
+
+def test_paint_captures_on_tower_row_i_fail_on_next(anyres, monkeypatch):
+    """The NeXT equality above depends on placing request i's captures on its own crops, not on tower row i."""
+    model, processor, prompts, _ = anyres["llava_next"]
+    monkeypatch.setattr(Batch, "vision_rows", lambda self, i: [i])
+    alone, rows = _alone_and_batched(model, processor, _anyres_paint(model), prompts)
+    with pytest.raises(AssertionError):
+        _assert_equal_per_request(alone, rows)
 
 
 # ------------------------------------------------------------------------------------ Qwen2.5-VL

@@ -1,14 +1,15 @@
 """--batch_size 3 through the real lmms-eval CLI answers every document exactly as --batch_size 1 does.
 
 tiny_batch: seven questions of different lengths on images of different sizes (tests/tasks/tiny_batch.yaml), so
-every batch is left-padded differently; on Qwen2.5-VL the images also give different numbers of image tokens.
+every batch is left-padded differently; on Qwen2.5-VL and LLaVA-NeXT the images also give different numbers of image
+tokens (on NeXT, of vision-tower crops: PAINT's captures sit on each request's own crops).
 One lmms-eval process runs every configuration (``run_lmms_eval_many``); each run's per-sample answers are read
 from its own output path. A technique that cannot batch exactly fails with its reason and writes no results."""
 
 import pytest
 from conftest import REPO, TASKS
 
-from lmms_eval_plugins.testing import read_samples, results_of, run_lmms_eval_many
+from lmms_eval_plugins.testing import build_tiny_llava_next, read_samples, results_of, run_lmms_eval_many
 
 LLAVA_RUNS = {
     "pai_cfg": ("llava_pai", "alpha=2.0,start_layer=0,use_cfg=true,gamma=1.5", False),
@@ -24,6 +25,8 @@ QWEN_RUNS = {
     "qwen_lochead": ("qwen2_5_vl_lochead", "heads=all", False),  # its tokenizer writes boxes (the tiny LLaVA's cannot)
 }
 QWEN_ARGS = "dtype=float32,min_pixels=12544,max_pixels=20000"
+# a tiny LLaVA-NeXT: the documents' images get different tilings, so different numbers of vision-tower crops
+NEXT_RUNS = {"next_paint": ("llava_paint", "alpha=10.0,beta=5.0,start_layer=0", False)}
 
 
 @pytest.fixture(scope="module")
@@ -32,9 +35,13 @@ def runs(tiny_ckpt, tmp_path_factory):
 
     root = tmp_path_factory.mktemp("cli_batch")
     qwen = build_tiny_qwen(root / "tiny_qwen")
+    pretrained = {
+        **dict.fromkeys(QWEN_RUNS, f"{qwen},{QWEN_ARGS}"),
+        **dict.fromkeys(NEXT_RUNS, build_tiny_llava_next(root / "next")),
+    }
     configs = []
-    for key, (model, args, simple) in {**LLAVA_RUNS, **QWEN_RUNS}.items():
-        ckpt = f"pretrained={qwen},{QWEN_ARGS}" if key in QWEN_RUNS else f"pretrained={tiny_ckpt}"
+    for key, (model, args, simple) in {**LLAVA_RUNS, **QWEN_RUNS, **NEXT_RUNS}.items():
+        ckpt = f"pretrained={pretrained.get(key, tiny_ckpt)}"
         for bs in (1, 3):
             run = {"model": model, "model_args": f"{ckpt},{args}", "tasks": "tiny_batch", "batch_size": bs}
             run.update(include_path=str(TASKS), output_path=str(root / f"{key}_bs{bs}"))
@@ -55,7 +62,7 @@ def runs(tiny_ckpt, tmp_path_factory):
     return root, log
 
 
-@pytest.mark.parametrize("key", [*LLAVA_RUNS, *QWEN_RUNS])
+@pytest.mark.parametrize("key", [*LLAVA_RUNS, *QWEN_RUNS, *NEXT_RUNS])
 def test_batch_of_three_answers_like_batch_one(runs, key):
     root, log = runs
     answers = {}

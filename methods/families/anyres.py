@@ -51,6 +51,7 @@ class Anyres(Family):
     row_newlines = True
     highres_block = True
     cls_crop = 0  # the base crop: the whole image at the tower's resolution
+    crops_as_tower_rows = True
 
     def blocks(self, config, processor, image_size, start, inputs):
         """Base block, then the un-padded high-res block with one newline per row."""
@@ -66,6 +67,17 @@ class Anyres(Family):
 
     def check_strategy(self, config) -> None:
         pass
+
+    def tower_crops(self, config, inputs):
+        """The base crop and the anyres tiles: the model's ``image_size_to_num_patches`` of the processor's image
+        size (get_image_features keeps that many crops of each image, then concatenates the images')."""
+        from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
+
+        return image_size_to_num_patches(
+            image_size=inputs["image_sizes"][0],
+            grid_pinpoints=config.image_grid_pinpoints,
+            patch_size=config.vision_config.image_size,
+        )
 
     def shrink(self, config, side: int, rows: int, cols: int) -> tuple[int, int]:
         """The high-res grid the model keeps (NeXT: all of it)."""

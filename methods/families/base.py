@@ -46,13 +46,19 @@ class Family:
     # (Qwen3-VL's DeepStack): a pass of a technique's own over the LM must add them too (``lm_inputs``).
     deepstack = False
     patches_per_token = 1  # tower patches behind each image token (InternVL's pixel shuffle: 4)
-    # The vision tower runs one crop per image, the images in batch order (LLaVA-1.5): a vision-tower edit of
-    # request i of a batch acts on tower batch row i (methods/technique.py Batch.vision_rows).
-    one_crop_per_image = False
+    # The vision tower runs each image as consecutive rows of its batch (its crops; ``tower_crops`` counts them),
+    # the images in batch order: a vision-tower edit of request i of a batch acts on its image's rows
+    # (methods/technique.py Batch.vision_rows). False: the tower packs images otherwise (Qwen: one patch sequence).
+    crops_as_tower_rows = False
 
     def blocks(self, config, processor, image_size, start: int, inputs: dict):
         """The image's blocks in sequence order (or ``(blocks, others)``: image tokens of no cell)."""
         raise NotImplementedError
+
+    def tower_crops(self, config, inputs: dict) -> int:
+        """How many rows of the vision tower's batch one request's image takes, as the model's forward lays them
+        out (``crops_as_tower_rows`` families); ``inputs``: the request's ``request_inputs``."""
+        raise NotImplementedError(f"{self.display_name}'s vision tower does not run an image as rows of its batch")
 
     def process_image(self, processor, image, **options) -> dict:
         """The image processor's outputs for one image, as the family's processor makes them in a prompt

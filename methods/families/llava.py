@@ -16,7 +16,7 @@ class Llava(Family):
     display_name = "LLaVA-1.5"
     request_inputs = ("image_sizes",)  # none for LLaVA-1.5 itself; the HF class shares llava_hf with anyres
     square_grid = True
-    one_crop_per_image = True
+    crops_as_tower_rows = True
 
     def blocks(self, config, processor, image_size, start, inputs):
         """One square grid (vision image_size / patch_size), CLS dropped under the 'default' strategy;
@@ -27,6 +27,10 @@ class Llava(Family):
         region = processed_region(getattr(processor, "image_processor", processor), image_size)
         block, _ = grid_block("image", side, side, start + extra, region)
         return [block], torch.arange(start, start + extra)
+
+    def tower_crops(self, config, inputs):
+        """One crop per image: the tower's batch is the images'."""
+        return 1
 
     def embed_image(self, model, input_ids, pixel_values, inputs):
         """As LlavaModel.forward: the tower's features at the vision_feature_layer, projected."""
