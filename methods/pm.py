@@ -69,7 +69,7 @@ from .pm_magnify import (
     to_rgb,
 )
 from .pm_search import Search, deep_layers, official_layer_sum, refine, token_map
-from .technique import Request, RequestError, Technique
+from .technique import Batch, Request, RequestError, Technique
 
 # Paper settings (Sec. 4 and the reference scripts): POPE alpha 15, k 5, beta 0.4; MME alpha 10, k 3, beta 0.3.
 PRESETS = {
@@ -348,27 +348,68 @@ class PerceptionMagnifier(Technique):
             return kwargs
         return {**kwargs, "do_sample": True, "temperature": float(t), "top_k": 50, "top_p": 1.0}
 
+    def batch_refusal(self, family=None) -> str | None:
+        p = self.params
+        if p["refresh"] != "once":
+            return (
+                f"refresh={p['refresh']} decodes token by token with its own passes per request (not written for a "
+                "batch); use refresh=once"
+            )
+        if p["temperature"] is not None:
+            return f"temperature={p['temperature']} samples, and a batch draws its random numbers in another order"
+        if family is not None and not family.batch_pixels:
+            return f"its magnified images are not yet put into a batch of {family.display_name} pixel_values"
+        return None  # each request's search alone, then one batched generate on the magnified images
+
     @torch.no_grad()
-    def generate(self, model, req: Request, **kwargs):
+    def generate(self, model, req: Request | Batch, **kwargs):
         kwargs = self.decoding(kwargs)
+        if isinstance(req, Batch):
+            return self._generate_batch(model, req, kwargs)
         if not req.images and req.image_pos.numel() == 0:
             self.image_free += 1  # nothing to magnify: the base model's answer
             return model.generate(**kwargs)
         self._check(req)
+        if self.params["refresh"] == "once":
+            pv = self._magnified_pixels(model, req, kwargs["pixel_values"])
+            out = model.generate(**{**kwargs, "pixel_values": pv})
+            self.last["generated"] = _new_positions(out, req.input_ids.shape[1])
+            return out
         self.samples += 1
         view = self._view(req)
-        pv_view = self._view_pixels(req, view, kwargs["pixel_values"])
-        if self.params["refresh"] == "once":
-            mag = self._magnify_prompt(model, req, view, pv_view, req.input_ids)
-            out = model.generate(**{**kwargs, "pixel_values": mag.pixel_values.to(pv_view.device, pv_view.dtype)})
-            self.last["generated"] = out.shape[1] - req.input_ids.shape[1]
-            return out
-        return self._generate_refreshing(model, req, view, pv_view, kwargs)
+        return self._generate_refreshing(model, req, view, self._view_pixels(req, view, kwargs["pixel_values"]), kwargs)
+
+    def _magnified_pixels(self, model, req: Request, given: torch.Tensor) -> torch.Tensor:
+        """``refresh=once``: the search on the request's prompt (``given``: its pixel_values), recorded; the
+        magnified image's pixel_values."""
+        self.samples += 1
+        view = self._view(req)
+        pv_view = self._view_pixels(req, view, given)
+        mag = self._magnify_prompt(model, req, view, pv_view, req.input_ids)
+        return mag.pixel_values.to(pv_view.device, pv_view.dtype)
+
+    def _generate_batch(self, model, batch: Batch, kwargs):
+        """``refresh=once`` on a left-padded batch: each request's search on that request alone (its own ids and
+        pixel values, as at batch size 1), then one batched ``generate`` on the requests' magnified images."""
+        self.check_batch(batch)
+        if int(kwargs.get("num_beams") or 1) > 1:
+            raise RequestError(f"{self.name}: beam search in a batch is not supported; use batch_size=1")
+        for req in batch.requests:
+            self._check(req)
+        family, given = batch.adapter, kwargs["pixel_values"]
+        own = family.split_pixels(given, {k: kwargs[k] for k in family.request_inputs if kwargs.get(k) is not None})
+        magnified = [self._magnified_pixels(model, req, pv) for req, pv in zip(batch.requests, own)]
+        out = model.generate(**{**kwargs, "pixel_values": family.join_pixels(magnified, given)})
+        self.last["generated"] = _new_positions(out, batch.prompt_len)  # the batch's: rows that end early are padded
+        return out
 
     @torch.no_grad()
     def forward(self, model, req: Request, **kwargs):
         """Loglikelihood: the map at the first answer position (the last prompt token), then a
-        teacher-forced forward on the magnified image."""
+        teacher-forced forward on the magnified image. One request at a time (lmms-eval's loglikelihood
+        calls the model per request)."""
+        if isinstance(req, Batch):
+            raise RequestError(f"{self.name}: a loglikelihood forward takes one request at a time; use batch_size=1")
         if not req.images and req.image_pos.numel() == 0:
             self.image_free += 1
             return model(**kwargs)
@@ -544,6 +585,11 @@ class _LanguageModel:
                 inputs_embeds=embeds, **with_cache(cache), use_cache=True, attention_mask=attention_mask, **kw
             )
         return out.last_hidden_state
+
+
+def _new_positions(out, prompt_len: int) -> int:
+    """Tokens ``generate`` added after the prompt (its output: the ids, or a dict with ``sequences``)."""
+    return getattr(out, "sequences", out).shape[1] - prompt_len
 
 
 def _token_picker(kwargs):

@@ -8,6 +8,7 @@ logits differ from the idle model's by far more than that, so the comparison can
 the padding offset does fail it. Refusals name their reason; hooks are gone after a failing batch.
 """
 
+import numpy as np
 import pytest
 import torch
 from conftest import load
@@ -217,8 +218,8 @@ def test_wrappers_accept_batches_where_exact_and_refuse_with_the_reason(tiny_ckp
 
     lm = _pai_wrapper(pretrained=str(tiny_ckpt), batch_size=4)
     assert lm.batch_size == 4 and isinstance(lm.model, TechniqueModel)
-    with pytest.raises(ModelArgsError, match=r"llava_pm: batch_size=2 is not supported .*runs its own passes"):
-        LlavaPmChat(pretrained=str(tiny_ckpt), device="cpu", batch_size=2)
+    with pytest.raises(ModelArgsError, match=r"llava_pm: batch_size=2 is not supported .*refresh=every_token"):
+        LlavaPmChat(pretrained=str(tiny_ckpt), device="cpu", batch_size=2, refresh="every_token")
     with pytest.raises(ModelArgsError, match="batch_size=0 is not supported"):
         _pai_wrapper(pretrained=str(tiny_ckpt), batch_size=0)
 
@@ -483,6 +484,53 @@ def test_compressed_and_describe_refuse_batches(llava):
     n = hooks.num_layers(model)
     assert "runs its own passes per request" in Reprompt(n, mode="compressed").batch_refusal()
     assert "describe pass per image" in Reprompt(n, mode="prune", selection="describe").batch_refusal()
+
+
+# ------------------------------------------------------------------------------------ Perception Magnifier
+
+
+@pytest.mark.parametrize("fixture", ("llava", "llava_next", "llava_onevision", "qwen"))
+def test_pm_batch_equals_batch_one(request, fixture):
+    """refresh=once: each request's search runs on it alone, then one batched generate on the magnified images."""
+    from methods.pm import PerceptionMagnifier
+    from methods.pm_view import image_grid
+
+    anyres = fixture.startswith("llava_")
+    model, processor, prompts = (
+        request.getfixturevalue("anyres")[fixture][:3] if anyres else request.getfixturevalue(fixture)
+    )
+    n = hooks.num_layers(model)
+    pm = PerceptionMagnifier(n, image_grid(model), max_iter=2)
+    pm.keep_steps = True
+    alone, rows = _alone_and_batched(model, processor, pm, prompts)
+    _assert_equal_per_request(alone, rows, tol=TOL if fixture != "qwen" else 3 * TOL)
+    one, batched = pm.steps[:3], pm.steps[3:]
+    assert pm.samples == 6 and len(batched) == 3
+    for a, b in zip(one, batched):  # the same search, alone or in the batch: the same magnified image
+        assert a.search.iterations == b.search.iterations
+        assert np.array_equal(np.asarray(a.image), np.asarray(b.image))
+    plain = [_run(model, processor, Pai(n, alpha=0, use_cfg=False), [p], [im])[1][0] for p, im in zip(prompts, IMAGES)]
+    assert _effect(alone, plain) > 100 * TOL  # the magnified images change the answers' scores
+
+
+def test_pm_refuses_batches_it_cannot_serve_exactly(llava):
+    from methods import families
+    from methods.pm import PerceptionMagnifier
+
+    model, processor, prompts = llava
+    n = hooks.num_layers(model)
+    every = PerceptionMagnifier(n, refresh="every_token")
+    assert "refresh=every_token decodes token by token" in every.batch_refusal()
+    assert "refresh=every_n" in PerceptionMagnifier(n, refresh="every_n").batch_refusal()
+    assert "samples" in PerceptionMagnifier(n, temperature=1.0).batch_refusal()
+    assert "InternVL" in PerceptionMagnifier(n).batch_refusal(families.adapter("internvl"))
+    inputs = processor(images=IMAGES, text=prompts, return_tensors="pt", padding=True, padding_side="left")
+    batch = family_request(model, processor, dict(inputs))
+    with pytest.raises(RequestError, match="pm cannot run a batch of 3 requests: refresh=every_token"):
+        every.generate(model, batch, **inputs, max_new_tokens=2)
+    with pytest.raises(RequestError, match="loglikelihood forward takes one request at a time"):
+        PerceptionMagnifier(n).forward(model, batch, **inputs)
+    assert every.samples == 0 and not any(hooks.EDITS_ATTR in m.__dict__ for m in model.modules())
 
 
 @pytest.mark.parametrize("family", ("llava_next", "llava_onevision"))

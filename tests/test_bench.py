@@ -204,8 +204,8 @@ def test_bench_family_internvl_at_a_tiny_width(tmp_path, monkeypatch):
 
 
 def test_batch_throughput_table_at_a_tiny_width(tmp_path):
-    """`bench --shape llava-1.5-7b --batch N` at a tiny width: stock, PAI (with and without CFG), PAINT and
-    knockout generate N different requests one at a time and as one left-padded batch; the table reports both
+    """`bench --shape llava-1.5-7b --batch N` at a tiny width: stock, PAI (with and without CFG), PAINT,
+    knockout and PM generate N different requests one at a time and as one left-padded batch; the table reports both
     per request, the gain, and each against stock at the same batch size. Behaviour only, no timed assertion."""
     args = bench_args(tmp_path, shape="llava-1.5-7b", layers=2, vision_layers=1, set=TINY, batch=3)
     rows, text = run_main(args)
@@ -215,6 +215,7 @@ def test_batch_throughput_table_at_a_tiny_width(tmp_path):
         "pai (CFG)",
         "paint (no CFG)",
         "knockout (query, middle layers)",
+        "pm (once: each request's search alone, one batched generate)",
     ]
     for r in rows:
         assert r["batch"] == 3 and r["s_per_request_1"] > 0 and r["s_per_request_n"] > 0

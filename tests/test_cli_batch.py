@@ -19,6 +19,7 @@ LLAVA_RUNS = {
     "prune": ("llava_reprompt", "mode=prune,keep_ratio=0.25", False),  # alone: its cut cache; batched: masks
     "fastv": ("llava_reprompt", "mode=fastv,fastv_layer=2,fastv_ratio=0.75", False),
     "pai_idle_simple": ("llava_pai", "alpha=0,use_cfg=false", True),
+    "pm": ("llava_pm", "max_iter=2", False),  # each request's search alone, then one batched generate
 }
 QWEN_RUNS = {
     "qwen_pai_cfg": ("qwen2_5_vl_pai", "alpha=2.0,start_layer=0,use_cfg=true,gamma=1.5", False),
@@ -51,7 +52,7 @@ def runs(tiny_ckpt, tmp_path_factory):
     configs.append(
         {
             "model": "llava_pm",
-            "model_args": f"pretrained={tiny_ckpt}",
+            "model_args": f"pretrained={tiny_ckpt},refresh=every_token",
             "tasks": "tiny_batch",
             "batch_size": 2,
             "include_path": str(TASKS),
@@ -77,4 +78,4 @@ def test_batched_runs_really_batched_and_pm_refuses(runs):
     root, log = runs
     assert "Model Responding (batched)" in log  # the llava_* names went through batching.py
     assert results_of(root / "pm_bs2") is None
-    assert "llava_pm: batch_size=2 is not supported" in log and "runs its own passes per request" in log
+    assert "llava_pm: batch_size=2 is not supported" in log and "refresh=every_token decodes token by token" in log

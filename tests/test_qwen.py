@@ -214,7 +214,7 @@ def test_float32_loading(tiny_qwen, stock):
     [
         ("paint", {}, "no CLS token"),
         ("viral", {}, "qwen2_5_vl_viral needs adapter=DIR"),
-        ("pm", {"batch_size": 2}, "batch_size=2 is not supported .*runs its own passes per request"),
+        ("pm", {"batch_size": 2, "refresh": "every_token"}, "batch_size=2 is not supported .*refresh=every_token"),
     ],
 )
 def test_refusals_name_their_reason(tiny_qwen, name, kw, reason):

@@ -681,10 +681,12 @@ def batch_requests(ctx: BenchContext, n: int) -> list[tuple[Image.Image, str]]:
 
 
 def batch_cases(ctx: BenchContext) -> dict:
-    """name -> technique (None: stock, the plain model) for the batch table: the techniques issue 31 targets."""
+    """name -> technique (None: stock, the plain model) for the batch table: the techniques issue 31 targets, and PM."""
     from methods.knockout import Knockout
     from methods.paint import DEFAULTS as paint_defaults
     from methods.paint import Paint
+    from methods.pm import PerceptionMagnifier
+    from methods.pm_view import image_grid
 
     n = hooks.num_layers(ctx.model)
     return {
@@ -695,6 +697,7 @@ def batch_cases(ctx: BenchContext) -> dict:
         "knockout (query, middle layers)": Knockout(
             n, mode="query", from_layer=n // 4, to_layer=max(n // 4 + 1, 3 * n // 4)
         ),
+        "pm (once: each request's search alone, one batched generate)": PerceptionMagnifier(n, image_grid(ctx.model)),
     }
 
 

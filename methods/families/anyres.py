@@ -52,6 +52,17 @@ class Anyres(Family):
     highres_block = True
     cls_crop = 0  # the base crop: the whole image at the tower's resolution
     crops_as_tower_rows = True
+    batch_pixels = True
+
+    def split_pixels(self, pixel_values, inputs):
+        """(B, most crops, 3, H, W): one row per image, padded with crops the model drops (it counts each image's
+        crops from its ``image_sizes``)."""
+        return list(pixel_values.split(1))
+
+    def join_pixels(self, parts, like):
+        """Each image's crops padded with zero crops to the batch's most, as the processor pads a batch."""
+        pad = lambda p: torch.nn.functional.pad(p, (0, 0) * (p.dim() - 2) + (0, like.shape[1] - p.shape[1]))  # noqa: E731
+        return torch.cat([pad(p) for p in parts])
 
     def blocks(self, config, processor, image_size, start, inputs):
         """Base block, then the un-padded high-res block with one newline per row."""

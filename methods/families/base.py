@@ -50,6 +50,9 @@ class Family:
     # the images in batch order: a vision-tower edit of request i of a batch acts on its image's rows
     # (methods/technique.py Batch.vision_rows). False: the tower packs images otherwise (Qwen: one patch sequence).
     crops_as_tower_rows = False
+    # ``split_pixels`` / ``join_pixels`` know how the processor lays a batch's images out in ``pixel_values``
+    # (a technique that swaps one request's image in a batch, PM, needs them); False: not written for the family.
+    batch_pixels = False
 
     def blocks(self, config, processor, image_size, start: int, inputs: dict):
         """The image's blocks in sequence order (or ``(blocks, others)``: image tokens of no cell)."""
@@ -64,6 +67,15 @@ class Family:
         """The image processor's outputs for one image, as the family's processor makes them in a prompt
         (``options``: the ones the lmms-eval class called its processor with, e.g. qwen3_vl's do_resize)."""
         return processor.image_processor(images=[image], return_tensors="pt", **options)
+
+    def split_pixels(self, pixel_values: torch.Tensor, inputs: dict) -> list[torch.Tensor]:
+        """Each image's part of a batch's ``pixel_values`` (one image per prompt, in prompt order; ``inputs``: the
+        batch's ``request_inputs``), which the model reads as it reads that image's own ``pixel_values``."""
+        raise NotImplementedError(f"{self.display_name}: a batch's pixel_values are not yet split per image")
+
+    def join_pixels(self, parts: list[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
+        """A batch's ``pixel_values`` made of each image's own (``like``: the batch's, for its layout): concatenated."""
+        return torch.cat(parts)
 
     def embed_image(self, model, input_ids: torch.Tensor, pixel_values: torch.Tensor, inputs: dict) -> torch.Tensor:
         """Input embeddings of ``input_ids`` with the image features put at the image tokens, as the

@@ -17,6 +17,11 @@ class Llava(Family):
     request_inputs = ("image_sizes",)  # none for LLaVA-1.5 itself; the HF class shares llava_hf with anyres
     square_grid = True
     crops_as_tower_rows = True
+    batch_pixels = True
+
+    def split_pixels(self, pixel_values, inputs):
+        """(B, 3, H, W): one row per image."""
+        return list(pixel_values.split(1))
 
     def blocks(self, config, processor, image_size, start, inputs):
         """One square grid (vision image_size / patch_size), CLS dropped under the 'default' strategy;

@@ -21,6 +21,11 @@ class Qwen25VL(Family):
     mrope = True
     mm_projector = "merger"
     system_prompt = "You are a helpful assistant."  # lmms-eval 0.7.3 qwen2_5_vl's default system_prompt
+    batch_pixels = True
+
+    def split_pixels(self, pixel_values, inputs):
+        """(patches, C): every image's patches one after the other, t x h x w of them (``image_grid_thw``)."""
+        return list(pixel_values.split([int(thw.prod()) for thw in inputs["image_grid_thw"]]))
 
     def blocks(self, config, processor, image_size, start, inputs):
         """One contiguous non-square block: the merged grid ``image_grid_thw[1:] / spatial_merge_size``,
