@@ -250,8 +250,8 @@ def assert_vlminterp_run(tiny, lm, prompt: dict, run: dict, atol: float) -> None
 
 LOCHEAD_FIX = REPO / "tests" / "fixtures" / "official" / "lochead"
 # 9ffe219's preset on the fp32 fixtures (its fp16 steps off); prompt=task: the checkpoint's chat template writes the
-# fixture's official-form prompt (BOS + system ids + image + "\n" + expression), whose system ids are only the first
-# 18 of the referseg system prompt's, so prompt=official's own tokenization of that prompt cannot be compared here
+# fixture's official-form prompt (BOS + system ids + image + "\n" + expression), whose system ids stop at "the visual
+# content" (17 ids + "\n") of the referseg system prompt, so prompt=official's tokenization of it is not compared here
 LOCHEAD_ARGS = "preset=official_v2,prompt=task,precision=fp32"
 
 
@@ -290,7 +290,8 @@ def test_llava_lochead_answers_the_official_box(wrappers, tiny, lochead_golden, 
         path = tmp_path / "heads.json"
         model_id = str(wrappers.checkpoint(s["before"], ()))
         rows = [{"layer": l, "head": h} for l, h in s["v2"]["top"]]
-        lochead_heads.write_heads_file(path, rows, model_id=model_id, num_layers=32, num_heads=32, source="fixture")
+        geometry = {"num_layers": tiny.TEXT["num_hidden_layers"], "num_heads": tiny.TEXT["num_attention_heads"]}
+        lochead_heads.write_heads_file(path, rows, model_id=model_id, source="the official top-5", **geometry)
         args += f",heads={path}"
     pixels = tiny.fixed_pixels(len(fx["samples"]))[i : i + 1]
     lm = wrappers.get("llava_lochead", args, s["before"], suffix=(), pixels=pixels)
