@@ -244,3 +244,93 @@ def assert_vlminterp_run(tiny, lm, prompt: dict, run: dict, atol: float) -> None
         diff = (got.float().gather(-1, idx) - torch.tensor(step["topk_values"])).abs().max().item()
         assert diff <= atol, f"top-k scores differ by {diff}"
         assert torch.equal(got.float().topk(idx.shape[-1], dim=-1).indices, idx)
+
+
+# -------------------------------------------------------------------------------------- llava_lochead
+
+LOCHEAD_FIX = REPO / "tests" / "fixtures" / "official" / "lochead"
+# 9ffe219's preset on the fp32 fixtures (its fp16 steps off); prompt=task: the checkpoint's chat template writes the
+# fixture's official-form prompt (BOS + system ids + image + "\n" + expression), whose system ids stop at "the visual
+# content" (17 ids + "\n") of the referseg system prompt, so prompt=official's tokenization of it is not compared here
+LOCHEAD_ARGS = "preset=official_v2,prompt=task,precision=fp32"
+
+
+@pytest.fixture(scope="module")
+def lochead_golden(wrappers):
+    wrappers.check(json.loads((LOCHEAD_FIX / "provenance.json").read_text()))
+    return json.loads((LOCHEAD_FIX / "lochead_official.json").read_text()), np.load(LOCHEAD_FIX / "arrays.npz")
+
+
+def locate(lm, image: Image.Image, question: str) -> tuple[str, object, object]:
+    """One REC request through the wrapper's generate_until: lmms-eval's answer text, and the technique's
+    ``Request`` and ``Located`` (through its ``on_located`` callback)."""
+    seen = []
+    lm.technique.on_located = lambda req, located: seen.append((req, located))
+    try:
+        text, _ = generate(lm, image, question, {"max_new_tokens": 64, "temperature": 0})
+    finally:
+        lm.technique.on_located = None
+    ((req, located),) = seen
+    return text, req, located
+
+
+@pytest.mark.parametrize("i,heads", [(0, "self"), (7, "self"), (3, "file")])
+def test_llava_lochead_answers_the_official_box(wrappers, tiny, lochead_golden, tmp_path, i, heads):
+    """llava_lochead preset=official_v2 through lmms-eval's generate_until on the fixture's pixels (the request's
+    image has the sample's W x H): the request is the fixture's prompt, the image was padded to a square, the top-5
+    heads are 9ffe219's (heads=self: the request's own selection; heads=<file>: the official top-5 written as a
+    heads file, loaded and captured by layer), and the combined map (1e-6), mask, grid box and the answer's box
+    text are the official ones."""
+    from methods import lochead, lochead_heads, lochead_official
+
+    fx, arrays = lochead_golden
+    s = fx["samples"][i]
+    args = LOCHEAD_ARGS
+    if heads == "file":
+        path = tmp_path / "heads.json"
+        model_id = str(wrappers.checkpoint(s["before"], ()))
+        rows = [{"layer": l, "head": h} for l, h in s["v2"]["top"]]
+        geometry = {"num_layers": tiny.TEXT["num_hidden_layers"], "num_heads": tiny.TEXT["num_attention_heads"]}
+        lochead_heads.write_heads_file(path, rows, model_id=model_id, source="the official top-5", **geometry)
+        args += f",heads={path}"
+    pixels = tiny.fixed_pixels(len(fx["samples"]))[i : i + 1]
+    lm = wrappers.get("llava_lochead", args, s["before"], suffix=(), pixels=pixels)
+    image = Image.new("RGB", tuple(s["image_size"]))  # its pixels are the fixture's (FixedPixels)
+    text, req, located = locate(lm, image, tiny.words(s["after"]))
+    assert req.input_ids[0].tolist() == tiny.hf_ids(s["before"], s["after"])[0].tolist()
+    w, h = s["image_size"]
+    assert req.images[0].size == (max(w, h),) * 2 and located.image.size == (w, h), "pad_to_square"
+    assert [list(lh) for lh in located.heads] == s["v2"]["top"]
+    # measured 1.9e-9 (2 ulps; ATEN_CPU_CAPABILITY=default alike); pixels x 1.01 move it by 3.5e-6 to 6.3e-6
+    assert np.abs(located.combined.numpy() - arrays[f"s{i}_v2_combined"]).max() < 1e-6
+    mask = ["".join("1" if v else "0" for v in row) for row in (located.combined > located.combined.mean()).tolist()]
+    assert mask == s["v2"]["mask"]
+    x0, y0, x1, y1 = lochead_official.official_box_grid(located.combined)
+    assert [x0, y0, x1, y1] == s["v2"]["bbox_grid"]
+    assert lochead.parse_box(text) == lochead.parse_box(
+        lochead.format_box([x0 / 24, y0 / 24, (x1 + 1) / 24, (y1 + 1) / 24])
+    )
+
+
+@pytest.mark.parametrize("name", ["wide_p0_pope", "tall_p0_mme"])
+def test_llava_lochead_preprocesses_as_the_official_llava(wrappers, tiny, lochead_golden, pm_fixtures, name):
+    """preset=official_v2's pad_to_square through the wrapper: the pixels the vision tower receives for a PM fixture
+    image are bit for bit the official LLaVA-1.5 preprocessing's (expand2square with the mean colour, then the
+    processor: PM's process_images_return_pad, the same steps as process_images with image_aspect_ratio=pad)."""
+    fx, _ = lochead_golden
+    s = fx["samples"][0]
+    case = pm_fixtures[0]["cases"][name]
+    image = Image.open(pm_parity.FIX / f"image_{case['image']}.png").convert("RGB")
+    assert image.size[0] != image.size[1]
+    lm = wrappers.get("llava_lochead", LOCHEAD_ARGS, s["before"], suffix=(), pixels="pil")
+    seen = []
+    tower = lm._model.model.vision_tower
+    handle = tower.register_forward_pre_hook(
+        lambda m, args, kwargs: seen.append(kwargs.get("pixel_values", *args[:1])), with_kwargs=True
+    )
+    try:
+        locate(lm, image, tiny.words(s["after"]))
+    finally:
+        handle.remove()
+    (pixels,) = seen
+    assert tiny.tensor_sha256(pixels) == case["pixels_sha256"], "the official padded pixels"

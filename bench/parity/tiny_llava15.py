@@ -369,10 +369,16 @@ def hf_ids(before: list[int], after: list[int], bos: int = LLAMA_COMMON["bos_tok
 SPECIAL_WORDS = {0: "<unk>", 1: "<s>", 2: "</s>", IMAGE_TOKEN_ID: "<image>"}
 ANSWER_WORDS = {9721: "Yes", 29161: "No", 27600: "yes"}
 ASSISTANT_IDS = [319, 1799, 29901]  # the fixed prompts' stand-in for "ASSISTANT:" (they all end with it)
+# llava_lochead answers with a box "[0.12, 0.34, 0.56, 0.78]" written by the tokenizer (methods/lochead.py
+# answer_ids); these words, after the model's vocabulary (the model never reads them), let the stand-in write it
+# at 2 decimals: it decodes as "[ 0.12, 0.34, 0.56, 0.78 ]", which lmms-eval's REC parser reads as the same box
+BOX_WORDS = ["[", "]"] + [f"{v / 100:.2f}{comma}" for comma in ("", ",") for v in range(101)]
 
 
 def word(i: int) -> str:
     """The stand-in vocabulary's word for id ``i``."""
+    if i >= VOCAB:
+        return BOX_WORDS[i - VOCAB]
     return SPECIAL_WORDS.get(i) or ANSWER_WORDS.get(i) or f"t{i}"
 
 
@@ -385,7 +391,7 @@ def save_lmms_checkpoint(out_dir, before: list[int], suffix=tuple(ASSISTANT_IDS)
     it) loads with ``pretrained=out_dir``: the weights, and a processor whose prompts tokenize to the fixed
     ids of the parity harnesses.
 
-    - tokenizer: word level over the whole vocabulary (``word``), no BOS of its own;
+    - tokenizer: word level over the whole vocabulary (``word``) and ``BOX_WORDS``, no BOS of its own;
     - chat template: ``<s>`` + ``before`` (system words and the "USER:" stand-in) + the user turn (lmms-eval
       puts ``<image>`` first, which the processor expands to the 576 image ids) + ``suffix`` (default
       ``ASSISTANT_IDS``), then the assistant turn's words, if any. A prompt is thus BOS + before + image +
@@ -395,16 +401,17 @@ def save_lmms_checkpoint(out_dir, before: list[int], suffix=tuple(ASSISTANT_IDS)
       (the default torchvision backend differs by up to 0.03).
     ``before`` is part of the template, so each fixed prompt gets a directory of its own (22 MB of weights each).
     ``model``: the HF-layout model to save (default: ``build_hf_model(seed)``)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
     from transformers import LlavaProcessor, PreTrainedTokenizerFast
     from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (model if model is not None else build_hf_model(seed)).save_pretrained(out)
-    vocab = {word(i): i for i in range(VOCAB)}
+    vocab = {word(i): i for i in range(VOCAB + len(BOX_WORDS))}
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    brackets = pre_tokenizers.Split(Regex(r"[\[\]]"), behavior="isolated")  # "[0.12," -> "[", "0.12,"
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), brackets])
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok,
         unk_token="<unk>",

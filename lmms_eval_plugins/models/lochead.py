@@ -5,7 +5,8 @@ computed from one prefill; ``generate`` returns prompt ids + the box's token ids
 llava_hf decodes like any generated answer (see docs/lochead.md for why this path).
 Presets ``official`` (seilk/LocalizationHeads @ 8ce33b0: its prompt and selection) and
 ``official_v2`` (the 9ffe219 rewrite: each request's own top-5 heads and its box) reproduce the
-official code on golden fixtures (tests/test_parity_lochead.py).
+official code on golden fixtures (tests/test_parity_lochead.py; through this wrapper:
+tests/test_parity_wrappers.py).
 """
 
 from __future__ import annotations
