@@ -1,8 +1,8 @@
 """batch_size > 1: a left-padded batch of requests gives every request its batch-size-1 answer and logits.
 
-In process, on tiny random LLaVA-1.5 and Qwen2.5-VL checkpoints: three requests with images of different sizes
-and prompts of different lengths go through the wrappers' request path (``family_request`` -> ``Batch``) and one
-``generate`` call; each row's greedy tokens equal the request generated alone, and its logits (and, under
+In process, on tiny random LLaVA-1.5, LLaVA-NeXT, OneVision, Qwen2.5-VL and Qwen3-VL checkpoints: three requests
+with images of different sizes and prompts of different lengths go through the wrappers' request path
+(``family_request`` -> ``Batch``) and one ``generate`` call; each row's greedy tokens equal the request generated alone, and its logits (and, under
 image-free guidance, its guided scores) agree to 1e-5, for every technique that batches. Each technique's
 logits differ from the idle model's by far more than that, so the comparison can fail; placing edits without
 the padding offset does fail it. Refusals name their reason; hooks are gone after a failing batch.
@@ -41,7 +41,10 @@ IMAGES = [_image(s, c) for s, c in zip(SIZES, ((200, 30, 30), (20, 30, 200), (20
 
 
 def _run(model, processor, technique, prompts, images, **call):
-    """(new tokens, raw logits, processed scores) per row of one generate call through the wrappers' request path."""
+    """(new tokens, raw logits, processed scores) per row of one generate call through the wrappers' request path.
+    A processor that wants each prompt's images as a list (Gemma 3's) gets them so."""
+    if getattr(processor, "per_prompt_images", False):
+        images = [[im] for im in images]
     inputs = processor(images=images, text=prompts, return_tensors="pt", **call)
     req = family_request(model, processor, dict(inputs))
     with torch.no_grad():
@@ -233,9 +236,11 @@ def test_paint_refuses_batches_where_the_tower_runs_several_crops(anyres):
 
 def test_unverified_families_refuse_batches(tmp_path):
     from lmms_eval_plugins.base import TechniqueMixin
+    from lmms_eval_plugins.qwen3_vl import Qwen3TechniqueMixin
 
     assert "not yet tested" in TechniqueMixin.batch_families.get("gemma3", "not yet tested")
     assert set(TechniqueMixin.batch_families) == {"llava", "llava_next", "llava_onevision"}
+    assert Qwen3TechniqueMixin.batch_families == {"qwen3_vl": None} and Qwen3TechniqueMixin.class_batches
 
 
 # ------------------------------------------------------------------------------------ LLaVA-NeXT and OneVision
@@ -284,15 +289,12 @@ def test_anyres_batch_equals_batch_one(anyres, family, name):
 # ------------------------------------------------------------------------------------ Qwen2.5-VL
 
 
-@pytest.fixture(scope="module")
-def qwen(tmp_path_factory):
-    from test_qwen import PIXELS, build_tiny_qwen
-    from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
+def _qwen_family(model_cls, path):
+    """(model, recording processor, prompts) of a Qwen checkpoint, prompts as lmms-eval's classes build them."""
+    from transformers import AutoProcessor
 
-    path = build_tiny_qwen(tmp_path_factory.mktemp("tiny_qwen_batch"))
-    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(path, attn_implementation="sdpa").eval()
+    model = model_cls.from_pretrained(path, attn_implementation="sdpa", dtype=torch.float32).eval()
     processor = AutoProcessor.from_pretrained(path)
-    processor.image_processor.size = {"shortest_edge": PIXELS["min_pixels"], "longest_edge": PIXELS["max_pixels"]}
 
     def prompt(q):
         messages = [
@@ -304,9 +306,32 @@ def qwen(tmp_path_factory):
     return model, RecordingProcessor(processor), [prompt(q) for q in QUESTIONS]
 
 
+@pytest.fixture(scope="module")
+def qwen(tmp_path_factory):
+    from test_qwen import PIXELS, build_tiny_qwen
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    path = build_tiny_qwen(tmp_path_factory.mktemp("tiny_qwen_batch"))
+    model, processor, prompts = _qwen_family(Qwen2_5_VLForConditionalGeneration, path)
+    processor.image_processor.size = {"shortest_edge": PIXELS["min_pixels"], "longest_edge": PIXELS["max_pixels"]}
+    return model, processor, prompts
+
+
+@pytest.fixture(scope="module")
+def qwen3(tmp_path_factory):
+    """Tiny Qwen3-VL: 16 px patches merged 2x2, interleaved M-RoPE, DeepStack after LM layers 0 and 1."""
+    from transformers import Qwen3VLForConditionalGeneration
+
+    from lmms_eval_plugins.testing import build_tiny_qwen3_vl
+
+    return _qwen_family(Qwen3VLForConditionalGeneration, build_tiny_qwen3_vl(tmp_path_factory.mktemp("qwen3_batch")))
+
+
+@pytest.mark.parametrize("family", ("qwen", "qwen3"))
 @pytest.mark.parametrize("name", ("pai", "pai_cfg", "knockout_query", "knockout_both"))
-def test_qwen_batch_equals_batch_one(qwen, name):
-    model, processor, prompts = qwen
+def test_qwen_batch_equals_batch_one(request, family, name):
+    """Qwen2.5-VL and Qwen3-VL (whose forward also adds DeepStack features at each row's image tokens)."""
+    model, processor, prompts = request.getfixturevalue(family)
     n = hooks.num_layers(model)
     technique = {
         "pai": lambda: Pai(n, alpha=2.0, start_layer=0, use_cfg=False),
@@ -363,10 +388,11 @@ def test_lochead_batch_equals_batch_one(llava, heads):
     _lochead_alone_and_batched(model, processor, LocHead(heads, top_k=3), prompts, answers=False)
 
 
-def test_lochead_batch_on_qwen(qwen):
+@pytest.mark.parametrize("family", ("qwen", "qwen3"))
+def test_lochead_batch_on_qwen(request, family):
     from methods.lochead import LocHead
 
-    model, processor, prompts = qwen
+    model, processor, prompts = request.getfixturevalue(family)
     _lochead_alone_and_batched(model, processor, LocHead([(1, 0), (3, 2)], top_k=2), prompts)
 
 
@@ -422,8 +448,8 @@ def _pooled_prune_alone_and_batched(model, processor, prompts):
     return alone, rows
 
 
-def test_pooled_pruning_batch_equals_batch_one(llava, qwen):
-    for fixture, tol in ((llava, TOL), (qwen, 3 * TOL)):
+def test_pooled_pruning_batch_equals_batch_one(llava, qwen, qwen3):
+    for fixture, tol in ((llava, TOL), (qwen, 3 * TOL), (qwen3, 3 * TOL)):
         alone, rows = _pooled_prune_alone_and_batched(*fixture)
         for (ids, first, _), (b_ids, b_logits, _) in zip(alone, rows):
             assert torch.equal(ids, b_ids[: len(ids)])
@@ -431,9 +457,10 @@ def test_pooled_pruning_batch_equals_batch_one(llava, qwen):
         assert max(float((first - plain).abs().max()) for _, first, plain in alone) > 100 * TOL  # pruning acts
 
 
+@pytest.mark.parametrize("family", ("qwen", "qwen3"))
 @pytest.mark.parametrize("name", ("prune_per_layer_last", "fastv"))
-def test_pruning_batch_on_qwen(qwen, name):
-    model, processor, prompts = qwen
+def test_pruning_batch_on_qwen(request, family, name):
+    model, processor, prompts = request.getfixturevalue(family)
     technique = _reprompt_techniques(hooks.num_layers(model))[name]()
     alone, rows = _alone_and_batched(model, processor, technique, prompts)
     _assert_equal_per_request(alone, rows, tol=3 * TOL)
