@@ -40,12 +40,16 @@ def _image(size, rgb):
 IMAGES = [_image(s, c) for s, c in zip(SIZES, ((200, 30, 30), (20, 30, 200), (20, 200, 20)))]
 
 
-def _run(model, processor, technique, prompts, images, **call):
-    """(new tokens, raw logits, processed scores) per row of one generate call through the wrappers' request path.
-    A processor that wants each prompt's images as a list (Gemma 3's) gets them so."""
+def _inputs(processor, prompts, images, **call):
+    """The processor's outputs; a processor that wants each prompt's images as a list (Gemma 3's) gets them so."""
     if getattr(processor, "per_prompt_images", False):
         images = [[im] for im in images]
-    inputs = processor(images=images, text=prompts, return_tensors="pt", **call)
+    return processor(images=images, text=prompts, return_tensors="pt", **call)
+
+
+def _run(model, processor, technique, prompts, images, **call):
+    """(new tokens, raw logits, processed scores) per row of one generate call through the wrappers' request path."""
+    inputs = _inputs(processor, prompts, images, **call)
     req = family_request(model, processor, dict(inputs))
     with torch.no_grad():
         out = technique.generate(model, req, **inputs, **GEN)
@@ -236,11 +240,13 @@ def test_paint_refuses_batches_where_the_tower_runs_several_crops(anyres):
 
 def test_unverified_families_refuse_batches(tmp_path):
     from lmms_eval_plugins.base import TechniqueMixin
+    from lmms_eval_plugins.gemma3 import Gemma3TechniqueMixin
     from lmms_eval_plugins.qwen3_vl import Qwen3TechniqueMixin
 
     assert "not yet tested" in TechniqueMixin.batch_families.get("gemma3", "not yet tested")
     assert set(TechniqueMixin.batch_families) == {"llava", "llava_next", "llava_onevision"}
     assert Qwen3TechniqueMixin.batch_families == {"qwen3_vl": None} and Qwen3TechniqueMixin.class_batches
+    assert Gemma3TechniqueMixin.batch_families == {"gemma3": None} and Gemma3TechniqueMixin.class_batches
 
 
 # ------------------------------------------------------------------------------------ LLaVA-NeXT and OneVision
@@ -361,11 +367,11 @@ def _lochead_alone_and_batched(model, processor, technique, prompts, answers=Tru
     """answers: also compare the generated box text (a tokenizer that can write boxes: not the word-level one)."""
     alone = []
     for p, im in zip(prompts, IMAGES):
-        inputs = processor(images=[im], text=[p], return_tensors="pt")
+        inputs = _inputs(processor, [p], [im])
         req = family_request(model, processor, dict(inputs))
         ids = technique.generate(model, req, **inputs)[0] if answers else None
         alone.append((technique.locate(model, req, **inputs), ids))
-    inputs = processor(images=IMAGES, text=prompts, return_tensors="pt", padding=True, padding_side="left")
+    inputs = _inputs(processor, prompts, IMAGES, padding=True, padding_side="left")
     batch = family_request(model, processor, dict(inputs))
     located = technique.locate_batch(model, batch, **inputs)
     out = technique.generate(model, batch, **inputs, pad_token_id=0) if answers else None
@@ -481,3 +487,108 @@ def test_anyres_lochead_batch_equals_batch_one(anyres, family):
 
     model, processor, prompts, _ = anyres[family]
     _lochead_alone_and_batched(model, processor, LocHead([(1, 0), (3, 1)], top_k=2), prompts, answers=False)
+
+
+# ------------------------------------------------------------------------------------ Gemma 3
+
+
+@pytest.fixture(scope="module")
+def gemma3(tmp_path_factory):
+    """Tiny Gemma 3: sliding-window (24 keys) and global layers, bidirectional attention among the image tokens (its
+    tokenizer pads right: the wrappers make a batch's padding left); the images all give 16 tokens, the prompts'
+    lengths differ."""
+    from transformers import AutoProcessor, Gemma3ForConditionalGeneration
+
+    from lmms_eval_plugins.testing import build_tiny_gemma3
+
+    path = build_tiny_gemma3(tmp_path_factory.mktemp("gemma3_batch"))
+    model = Gemma3ForConditionalGeneration.from_pretrained(path, attn_implementation="sdpa").eval()
+    processor = AutoProcessor.from_pretrained(path)
+
+    def prompt(q):
+        messages = [
+            {"role": "system", "content": [{"type": "text", "text": "You are a helpful assistant."}]},
+            {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": q}]},
+        ]
+        return processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+    recording = RecordingProcessor(processor)
+    recording.__dict__["per_prompt_images"] = True
+    return model, recording, [prompt(q) for q in QUESTIONS], path
+
+
+@pytest.mark.parametrize("name", ("pai", "pai_cfg", "knockout_query", "knockout_both", "prune", "fastv"))
+def test_gemma3_batch_equals_batch_one(gemma3, name):
+    """Left-padded to a multiple of 8, as lmms-eval's gemma3 pads its batches."""
+    model, processor, prompts, _ = gemma3
+    n = hooks.num_layers(model)
+    technique = {
+        "pai": lambda: Pai(n, alpha=2.0, start_layer=0, use_cfg=False),
+        "pai_cfg": lambda: Pai(n, alpha=2.0, start_layer=0, use_cfg=True, gamma=1.5),
+        "knockout_query": lambda: Knockout(n, mode="query"),
+        "knockout_both": lambda: Knockout(n, mode="both", from_layer=1),
+        "prune": lambda: _reprompt_techniques(n)["prune_per_layer_last"](),
+        "fastv": lambda: _reprompt_techniques(n)["fastv"](),
+    }[name]()
+    alone, rows = _alone_and_batched(model, processor, technique, prompts, pad_to_multiple_of=8)
+    _assert_equal_per_request(alone, rows)
+    plain = [_run(model, processor, Pai(n, alpha=0, use_cfg=False), [p], [im])[1][0] for p, im in zip(prompts, IMAGES)]
+    assert _effect(alone, plain) > 100 * TOL
+
+
+def test_gemma3_wrapper_pads_batches_left(gemma3):
+    """lmms-eval's gemma3 pads on the tokenizer's side; a right-padding tokenizer is made to pad a batch left."""
+    from lmms_eval_plugins.models.gemma3 import Gemma3Pai
+
+    _, processor, _, path = gemma3
+    assert processor.tokenizer.padding_side == "right"
+    lm = Gemma3Pai(pretrained=str(path), device="cpu", batch_size=2, dtype="float32")
+    assert lm.batch_size == 2 and lm.processor.tokenizer.padding_side == "left"
+
+
+def test_gemma3_lochead_batch_equals_batch_one(gemma3):
+    from methods.lochead import LocHead
+
+    model, processor, prompts, _ = gemma3
+    _lochead_alone_and_batched(model, processor, LocHead([(1, 0), (3, 1)], top_k=2), prompts, answers=False)
+
+
+# ------------------------------------------------------------------------------------ InternVL
+
+
+@pytest.fixture(scope="module")
+def internvl(tmp_path_factory):
+    """Tiny HF-native InternVL: the three images are cut into different numbers of tiles (plus a thumbnail)."""
+    from transformers import AutoProcessor, InternVLForConditionalGeneration
+
+    from lmms_eval_plugins.testing import build_tiny_internvl
+
+    path = build_tiny_internvl(tmp_path_factory.mktemp("internvl_batch"))
+    model = InternVLForConditionalGeneration.from_pretrained(path, attn_implementation="sdpa").eval()
+    processor = AutoProcessor.from_pretrained(path)
+
+    def prompt(q):
+        messages = [{"role": "user", "content": [{"type": "image", "url": "x"}, {"type": "text", "text": q}]}]
+        return processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+    return model, RecordingProcessor(processor), [prompt(q) for q in QUESTIONS]
+
+
+@pytest.mark.parametrize("name", ("pai", "pai_cfg", "knockout_query", "knockout_both", "prune", "fastv"))
+def test_internvl_batch_equals_batch_one(internvl, name):
+    model, processor, prompts = internvl
+    n = hooks.num_layers(model)
+    technique = {
+        "pai": lambda: Pai(n, alpha=2.0, start_layer=0, use_cfg=False),
+        "pai_cfg": lambda: Pai(n, alpha=2.0, start_layer=0, use_cfg=True, gamma=1.5),
+        "knockout_query": lambda: Knockout(n, mode="query"),
+        "knockout_both": lambda: Knockout(n, mode="both", from_layer=1),
+        "prune": lambda: _reprompt_techniques(n)["prune_per_layer_last"](),
+        "fastv": lambda: _reprompt_techniques(n)["fastv"](),
+    }[name]()
+    alone, rows = _alone_and_batched(model, processor, technique, prompts)
+    counts = {int((r.input_ids == r.image_token_id).sum()) for r in family_request_batch(model, processor, prompts)}
+    assert len(counts) > 1, counts
+    _assert_equal_per_request(alone, rows)
+    plain = [_run(model, processor, Pai(n, alpha=0, use_cfg=False), [p], [im])[1][0] for p, im in zip(prompts, IMAGES)]
+    assert _effect(alone, plain) > 100 * TOL
