@@ -238,15 +238,29 @@ def test_paint_refuses_batches_where_the_tower_runs_several_crops(anyres):
     assert _pai_wrapper(pretrained=str(ckpt), batch_size=2).batch_size == 2
 
 
-def test_unverified_families_refuse_batches(tmp_path):
-    from lmms_eval_plugins.base import TechniqueMixin
+def test_every_family_batches_and_unknown_ones_refuse(monkeypatch):
+    """Each family's wrappers accept batches of their own model type; a model type no test covers is refused."""
+    from types import SimpleNamespace
+
+    from lmms_eval_plugins import base
     from lmms_eval_plugins.gemma3 import Gemma3TechniqueMixin
+    from lmms_eval_plugins.internvl import InternVLTechniqueMixin
+    from lmms_eval_plugins.qwen import QwenTechniqueMixin
     from lmms_eval_plugins.qwen3_vl import Qwen3TechniqueMixin
 
-    assert "not yet tested" in TechniqueMixin.batch_families.get("gemma3", "not yet tested")
-    assert set(TechniqueMixin.batch_families) == {"llava", "llava_next", "llava_onevision"}
-    assert Qwen3TechniqueMixin.batch_families == {"qwen3_vl": None} and Qwen3TechniqueMixin.class_batches
-    assert Gemma3TechniqueMixin.batch_families == {"gemma3": None} and Gemma3TechniqueMixin.class_batches
+    def refusal(mixin, model_type):
+        monkeypatch.setattr(base, "read_config", lambda *a: SimpleNamespace(model_type=model_type))
+        return mixin.family_batch_refusal(mixin, "ckpt", None, False)
+
+    for mixin, model_types in (
+        (base.TechniqueMixin, ("llava", "llava_next", "llava_onevision")),
+        (QwenTechniqueMixin, ("qwen2_5_vl",)),
+        (Qwen3TechniqueMixin, ("qwen3_vl",)),
+        (Gemma3TechniqueMixin, ("gemma3",)),
+        (InternVLTechniqueMixin, ("internvl",)),
+    ):
+        assert all(refusal(mixin, t) is None for t in model_types)
+    assert "not yet tested equal to batch size 1 on mllama" in refusal(base.TechniqueMixin, "mllama")
 
 
 # ------------------------------------------------------------------------------------ LLaVA-NeXT and OneVision
@@ -546,10 +560,11 @@ def test_gemma3_wrapper_pads_batches_left(gemma3):
     assert lm.batch_size == 2 and lm.processor.tokenizer.padding_side == "left"
 
 
-def test_gemma3_lochead_batch_equals_batch_one(gemma3):
+@pytest.mark.parametrize("family", ("gemma3", "internvl"))
+def test_lochead_batch_on_gemma3_and_internvl(request, family):
     from methods.lochead import LocHead
 
-    model, processor, prompts, _ = gemma3
+    model, processor, prompts = request.getfixturevalue(family)[:3]
     _lochead_alone_and_batched(model, processor, LocHead([(1, 0), (3, 1)], top_k=2), prompts, answers=False)
 
 
