@@ -58,8 +58,9 @@ def _run(model, processor, technique, prompts, images, **call):
     return req, [(out.sequences[i, n:], logits[i], scores[i]) for i in range(len(prompts))]
 
 
-def _alone_and_batched(model, processor, technique, prompts, **call):
-    alone = [_run(model, processor, technique, [p], [im])[1][0] for p, im in zip(prompts, IMAGES)]
+def _alone_and_batched(model, processor, technique, prompts, alone_call=None, **call):
+    """alone_call: how the family's class calls its processor for one prompt (Gemma 3's pads it)."""
+    alone = [_run(model, processor, technique, [p], [im], **(alone_call or {}))[1][0] for p, im in zip(prompts, IMAGES)]
     batch, rows = _run(model, processor, technique, prompts, IMAGES, padding=True, padding_side="left", **call)
     assert isinstance(batch, Batch) and len(set(batch.offsets)) == len(prompts)  # three different paddings
     return alone, rows
@@ -508,9 +509,8 @@ def test_anyres_lochead_batch_equals_batch_one(anyres, family):
 
 @pytest.fixture(scope="module")
 def gemma3(tmp_path_factory):
-    """Tiny Gemma 3: sliding-window (24 keys) and global layers, bidirectional attention among the image tokens (its
-    tokenizer pads right: the wrappers make a batch's padding left); the images all give 16 tokens, the prompts'
-    lengths differ."""
+    """Tiny Gemma 3: sliding-window (24 keys) and global layers, bidirectional attention among the image tokens; its
+    tokenizer pads left, as Gemma's do; the images all give 16 tokens, the prompts' lengths differ."""
     from transformers import AutoProcessor, Gemma3ForConditionalGeneration
 
     from lmms_eval_plugins.testing import build_tiny_gemma3
@@ -518,6 +518,7 @@ def gemma3(tmp_path_factory):
     path = build_tiny_gemma3(tmp_path_factory.mktemp("gemma3_batch"))
     model = Gemma3ForConditionalGeneration.from_pretrained(path, attn_implementation="sdpa").eval()
     processor = AutoProcessor.from_pretrained(path)
+    processor.tokenizer.padding_side = "left"
 
     def prompt(q):
         messages = [
@@ -533,7 +534,8 @@ def gemma3(tmp_path_factory):
 
 @pytest.mark.parametrize("name", ("pai", "pai_cfg", "knockout_query", "knockout_both", "prune", "fastv"))
 def test_gemma3_batch_equals_batch_one(gemma3, name):
-    """Left-padded to a multiple of 8, as lmms-eval's gemma3 pads its batches."""
+    """Padded to a multiple of 8 on the left, as lmms-eval's gemma3 pads every prompt (batch size 1 too): at batch
+    size 1 the image-free prompt of guidance leaves the padding out, as a batch does."""
     model, processor, prompts, _ = gemma3
     n = hooks.num_layers(model)
     technique = {
@@ -544,7 +546,8 @@ def test_gemma3_batch_equals_batch_one(gemma3, name):
         "prune": lambda: _reprompt_techniques(n)["prune_per_layer_last"](),
         "fastv": lambda: _reprompt_techniques(n)["fastv"](),
     }[name]()
-    alone, rows = _alone_and_batched(model, processor, technique, prompts, pad_to_multiple_of=8)
+    alone_call = dict(padding=True, pad_to_multiple_of=8)
+    alone, rows = _alone_and_batched(model, processor, technique, prompts, alone_call, pad_to_multiple_of=8)
     _assert_equal_per_request(alone, rows)
     plain = [_run(model, processor, Pai(n, alpha=0, use_cfg=False), [p], [im])[1][0] for p, im in zip(prompts, IMAGES)]
     assert _effect(alone, plain) > 100 * TOL
@@ -554,8 +557,10 @@ def test_gemma3_wrapper_pads_batches_left(gemma3):
     """lmms-eval's gemma3 pads on the tokenizer's side; a right-padding tokenizer is made to pad a batch left."""
     from lmms_eval_plugins.models.gemma3 import Gemma3Pai
 
-    _, processor, _, path = gemma3
-    assert processor.tokenizer.padding_side == "right"
+    from transformers import AutoTokenizer
+
+    path = gemma3[3]
+    assert AutoTokenizer.from_pretrained(path).padding_side == "right"
     lm = Gemma3Pai(pretrained=str(path), device="cpu", batch_size=2, dtype="float32")
     assert lm.batch_size == 2 and lm.processor.tokenizer.padding_side == "left"
 
