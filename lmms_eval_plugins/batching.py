@@ -2,13 +2,14 @@
 at a time (its ``generate_until`` asserts ``batch_size_per_gpu == 1``), and so does its ``internvl_hf`` (its
 constructor asserts ``batch_size == 1``), so our wrappers batch for them.
 
-Each request's prompt is built as ``llava_hf`` builds it alone (``lm.batch_prompt``; llava_hf simple: ``<image>`` prepended when
-the context has none, one user turn through the tokenizer's chat template, Vicuna's when it has none; chat: the
-document's messages through the processor's chat template), then up to N requests with the same generation arguments go
-through the processor together, left-padded (the side ``llava_hf`` sets), and through one ``generate`` call,
-where the technique places each request's edits in its own batch row (``methods.technique.Batch``). The
-answers are decoded per row as ``llava_hf`` decodes its one row. Requests this cannot batch exactly go through
-``llava_hf``'s own path one at a time, unchanged: sampling (a batch draws its random numbers in another order),
+Each request's prompt is built as the class builds it alone (``lm.batch_prompt``; llava_hf simple: ``<image>``
+prepended when the context has none, one user turn through the tokenizer's chat template, Vicuna's when it has
+none; chat: the document's messages through the processor's chat template; internvl_hf's simple twin: the chat
+turn it becomes), then up to N requests with the same generation arguments go through the processor together,
+left-padded (the side ``llava_hf`` sets), and through one ``generate`` call, where the technique places each
+request's edits in its own batch row (``methods.technique.Batch``). The answers are decoded per row as
+``llava_hf`` decodes its one row. Requests this cannot batch exactly go through the class's own path one at a
+time, unchanged: sampling (a batch draws its random numbers in another order),
 beam search, and requests without exactly one image.
 """
 
