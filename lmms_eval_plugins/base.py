@@ -512,6 +512,13 @@ class TechniqueMixin:
         """The device arguments handed to the family's constructor (defaults and accelerate)."""
         return _device_args(base)
 
+    def batch_prompt(self, args) -> tuple[str, list]:
+        """(prompt text, visuals) of one request, as the class builds it alone, for ``batching.py``'s batches
+        (classes that do not batch themselves: llava_hf's simple and chat prompts by default)."""
+        from .batching import prompt_chat, prompt_simple
+
+        return (prompt_simple if self.is_simple else prompt_chat)(self, args)
+
     def build_request(self, model, processor: RecordingProcessor, model_kwargs: dict) -> Request:
         """The ``Request`` a technique sees for one generate/forward call of the family's class
         (``model_kwargs``: what the class passed to ``model.generate`` / ``model(...)``)."""

@@ -1,13 +1,15 @@
-"""``--batch_size N`` for the llava_* names: lmms-eval 0.7.3's ``llava_hf`` generates one request at a time
-(its ``generate_until`` asserts ``batch_size_per_gpu == 1``), so our wrappers batch for it.
+"""``--batch_size N`` for the llava_* and internvl_hf_* names: lmms-eval 0.7.3's ``llava_hf`` generates one request
+at a time (its ``generate_until`` asserts ``batch_size_per_gpu == 1``), and so does its ``internvl_hf`` (its
+constructor asserts ``batch_size == 1``), so our wrappers batch for them.
 
-Each request's prompt is built as ``llava_hf`` builds it alone (simple: ``<image>`` prepended when the context has
-none, one user turn through the tokenizer's chat template, Vicuna's when it has none; chat: the document's
-messages through the processor's chat template), then up to N requests with the same generation arguments go
-through the processor together, left-padded (the side ``llava_hf`` sets), and through one ``generate`` call,
-where the technique places each request's edits in its own batch row (``methods.technique.Batch``). The
-answers are decoded per row as ``llava_hf`` decodes its one row. Requests this cannot batch exactly go through
-``llava_hf``'s own path one at a time, unchanged: sampling (a batch draws its random numbers in another order),
+Each request's prompt is built as the class builds it alone (``lm.batch_prompt``; llava_hf simple: ``<image>``
+prepended when the context has none, one user turn through the tokenizer's chat template, Vicuna's when it has
+none; chat: the document's messages through the processor's chat template; internvl_hf's simple twin: the chat
+turn it becomes), then up to N requests with the same generation arguments go through the processor together,
+left-padded (the side ``llava_hf`` sets), and through one ``generate`` call, where the technique places each
+request's edits in its own batch row (``methods.technique.Batch``). The answers are decoded per row as
+``llava_hf`` decodes its one row. Requests this cannot batch exactly go through the class's own path one at a
+time, unchanged: sampling (a batch draws its random numbers in another order),
 beam search, and requests without exactly one image.
 """
 
@@ -23,7 +25,7 @@ from tqdm import tqdm
 DEFAULT_GEN = {"max_new_tokens": 1024, "temperature": 0, "top_p": None, "num_beams": 1}
 
 
-def _prompt_simple(lm, args) -> tuple[str, list]:
+def prompt_simple(lm, args) -> tuple[str, list]:
     """(prompt text, visuals) of one simple-class request, as llava_hf's simple generate_until builds them."""
     from lmms_eval.models.simple.llava_hf import DEFAULT_IMAGE_TOKEN, VICUNA_CHAT_TEMPLATE
 
@@ -39,8 +41,9 @@ def _prompt_simple(lm, args) -> tuple[str, list]:
     return lm.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True), visuals
 
 
-def _prompt_chat(lm, args) -> tuple[str, list]:
-    """(prompt text, visuals) of one chat-class request, as llava_hf's chat generate_until builds them."""
+def prompt_chat(lm, args) -> tuple[str, list]:
+    """(prompt text, visuals) of one chat-class request, as llava_hf's (and internvl_hf's) chat generate_until
+    builds them."""
     from lmms_eval.protocol import ChatMessages
 
     _, doc_to_messages, _, doc_id, task, split = args
@@ -48,7 +51,7 @@ def _prompt_chat(lm, args) -> tuple[str, list]:
     visuals, videos, _ = messages.extract_media()
     if videos:
         return "", []  # not an image request: llava_hf's own path
-    text = lm._image_processor.apply_chat_template(
+    text = getattr(lm, lm.processor_attr).apply_chat_template(
         messages.model_dump()["messages"], tokenize=False, add_generation_prompt=True
     )
     return text, list(visuals)
@@ -74,12 +77,11 @@ def generate_batched(lm, requests, one_at_a_time: Callable) -> list[str]:
         gen.pop("until", None)  # llava_hf drops it without using it
         groups.setdefault(json.dumps(gen, sort_keys=True, default=str), []).append(i)
     plan = []  # (request indices, prompts) per batch; a batch of one index goes through llava_hf itself
-    build = _prompt_simple if lm.is_simple else _prompt_chat
     for key, idx in groups.items():
         if not _batchable(json.loads(key)):
             plan += [([i], None) for i in idx]
             continue
-        prompts = {i: build(lm, requests[i].args) for i in idx}
+        prompts = {i: lm.batch_prompt(requests[i].args) for i in idx}
         single = [i for i in idx if not _one_image(prompts[i][1])]
         plan += [([i], None) for i in single]
         rest = sorted((i for i in idx if i not in single), key=lambda i: -len(prompts[i][0]))  # similar lengths
@@ -116,7 +118,7 @@ def _alone(lm, request, one_at_a_time):
 def _generate(lm, prompts: list[tuple[str, list]], gen: dict) -> list:
     """One left-padded generate call over several (prompt, [image]) pairs; each row decoded as llava_hf decodes
     (the chat class: a GenerationResult counting the row's tokens up to its end of sequence, as at batch size 1)."""
-    inputs = lm._image_processor(
+    inputs = getattr(lm, lm.processor_attr)(
         images=[visuals[0] for _, visuals in prompts],
         text=[text for text, _ in prompts],
         padding=True,

@@ -12,7 +12,9 @@ its facts) is its adapter, methods/families/gemma3.py. This module fills in the 
   unless asked (``trust_remote_code=true``);
 - ``dtype``: the class always loads bfloat16; ``dtype=float32`` (or ``float16``, ``auto``) loads the
   weights in that dtype instead (the class still casts pixel_values to bfloat16; SigLIP casts them back
-  to its own dtype). The default stays bfloat16, so an idle wrapper equals stock ``gemma3``.
+  to its own dtype). The default stays bfloat16, so an idle wrapper equals stock ``gemma3``;
+- batches: the class pads every prompt (batch size 1 too) to a multiple of 8 on the tokenizer's side; Gemma's
+  own tokenizers pad left, and with ``batch_size`` > 1 these names make any other tokenizer pad left too.
 """
 
 from __future__ import annotations
@@ -55,10 +57,11 @@ def check_gemma3(pretrained: str, revision=None, trust_remote_code: bool = False
 class Gemma3TechniqueMixin(Bfloat16ClassMixin):
     """TechniqueMixin in front of lmms-eval's gemma3; only the family seams differ."""
 
-    batch_families = {
-        "gemma3": "lmms-eval's gemma3 class pads its batches to a multiple of 8 on the tokenizer's side, and a batch of "
-        "Gemma 3 prompts (bidirectional image blocks, sliding windows) is not yet tested equal to batch size 1"
-    }
+    # lmms-eval's gemma3 batches itself: one apply_chat_template call per batch, padded to a multiple of 8 on the
+    # tokenizer's side (Gemma's own tokenizers pad left; ``__init__`` makes any other pad left in a batch). The
+    # model's forward builds each row's sliding windows and bidirectional image block under the padding.
+    batch_families = {"gemma3": None}
+    class_batches = True
 
     family = FAMILY
     family_args = GEMMA3_ARGS
@@ -69,6 +72,8 @@ class Gemma3TechniqueMixin(Bfloat16ClassMixin):
     def __init__(self, pretrained: str | None = None, **kwargs):
         kwargs.setdefault("trust_remote_code", False)  # lmms-eval's class would default it to true
         super().__init__(pretrained=pretrained, **kwargs)
+        if self.batch_size_per_gpu > 1:  # a batch is left-padded (right padding would sit between prompt and answer)
+            self.processor.tokenizer.padding_side = "left"
 
     def check_checkpoint(self, pretrained: str, revision, trust_remote_code: bool) -> None:
         config = check_gemma3(pretrained, revision, trust_remote_code)

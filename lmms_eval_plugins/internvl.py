@@ -15,6 +15,8 @@ shuffle, embeddings) is its adapter, methods/families/internvl.py. This module f
   the remote-code ones go to lmms-eval's internvl/internvl2/internvl3 classes, which our hooks cannot see);
 - the tiling: the class's ``min_patches``/``max_patches`` are copied onto the image processor, so the geometry
   (and PM's magnified image) tile the image exactly as the class's processor calls do;
+- batches: the class asserts ``batch_size == 1`` in its constructor, so it is given 1 and ``batching.py`` batches
+  for it (as for llava_hf), each request's prompt built as the class builds it alone (``batch_prompt``);
 - ``trust_remote_code`` stays off (the class's own default); ``dtype``: the class always loads bfloat16,
   ``dtype=float32`` (or ``float16``, ``auto``) loads the weights in that dtype instead (the default stays
   bfloat16, so an idle wrapper equals stock ``internvl_hf``).
@@ -77,10 +79,9 @@ def _flat(visuals) -> list:
 class InternVLTechniqueMixin(Bfloat16ClassMixin):
     """TechniqueMixin in front of lmms-eval's internvl_hf (chat, or its simple twin); only the family seams differ."""
 
-    batch_families = {
-        "internvl": "a batch of InternVL prompts (a different number of tiles per image) is not yet tested equal to "
-        "batch size 1"
-    }
+    # lmms-eval's internvl_hf asserts batch_size == 1: it gets 1, and batching.py batches for it (left padding;
+    # each image's tiles and thumbnail in the tower's batch, each row's tokens where its prompt puts them)
+    batch_families = {"internvl": None}
 
     family = FAMILY
     family_args = INTERNVL_ARGS
@@ -90,8 +91,21 @@ class InternVLTechniqueMixin(Bfloat16ClassMixin):
 
     def __init__(self, pretrained: str | None = None, **kwargs):
         super().__init__(pretrained=pretrained, **kwargs)
+        self.batch_size_per_gpu = self.check_batch_size(kwargs.get("batch_size", 1))  # the class was given 1
         image_processor = self.processor.image_processor
         image_processor.min_patches, image_processor.max_patches = int(self.min_patches), int(self.max_patches)
+
+    def device_args(self, base: dict) -> dict:
+        return {**super().device_args(base), "batch_size": 1}  # the class asserts it; our batches are batching.py's
+
+    def batch_prompt(self, args) -> tuple[str, list]:
+        """The simple twin's request as the chat request it becomes (``simple_internvl_hf``)."""
+        if not self.is_simple:
+            return super().batch_prompt(args)
+        ctx, _, doc_to_visual, doc_id, task, split = args
+        visuals = _flat(doc_to_visual(self.task_dict[task][split][doc_id]))
+        text = self.processor.apply_chat_template(user_turn(ctx, visuals), tokenize=False, add_generation_prompt=True)
+        return text, visuals
 
     def check_checkpoint(self, pretrained: str, revision, trust_remote_code: bool) -> None:
         config = check_internvl(pretrained, revision, trust_remote_code)

@@ -115,11 +115,9 @@ def one_request_at_a_time():
 class Qwen3TechniqueMixin(QwenTechniqueMixin):
     """TechniqueMixin in front of lmms-eval's qwen3_vl (simple or chat); only the family seams differ."""
 
-    batch_families = {
-        "qwen3_vl": "a batch of Qwen3-VL prompts (DeepStack features and M-RoPE positions per request, left padding) is "
-        "not yet tested equal to batch size 1"
-    }
-
+    # lmms-eval's qwen3_vl batches itself like qwen2_5_vl (left padding; the model's forward places each row's
+    # M-RoPE positions and DeepStack features), one image per request here
+    batch_families = {"qwen3_vl": None}
     family = FAMILY
     family_args = QWEN3_ARGS
     default_pretrained = "Qwen/Qwen3-VL-4B-Instruct"  # lmms-eval's own default

@@ -613,10 +613,12 @@ def build_tiny_gemma3(
     layer_types: list | None = None,
     seed: int = 0,
     dtype: torch.dtype = torch.float32,
+    padding_side: str = "right",
 ) -> Path:
     """A random Gemma 3 checkpoint: SigLIP tower, the projector's average pool to ``tokens_per_image``
     tokens, a Gemma 3 language model alternating sliding-window (``sliding_window`` keys) and global
-    layers, and the real Gemma3Processor (squash resize, image soft tokens between boi and eoi)."""
+    layers, and the real Gemma3Processor (squash resize, image soft tokens between boi and eoi).
+    ``padding_side``: the tokenizer's (the real Gemma tokenizers pad left)."""
     from transformers import (
         Gemma3Config,
         Gemma3ForConditionalGeneration,
@@ -632,6 +634,7 @@ def build_tiny_gemma3(
         GEMMA3_SPECIALS,
         named={"image_token": "<image_soft_token>", "boi_token": "<start_of_image>", "eoi_token": "<end_of_image>"},
     )
+    tok.padding_side = tok.init_kwargs["padding_side"] = padding_side  # init_kwargs: what is saved
     heads = 4
     text = Gemma3TextConfig(
         vocab_size=len(tok),

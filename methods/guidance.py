@@ -76,8 +76,11 @@ def fp16_guide(cond: torch.Tensor, uncond: torch.Tensor, gamma: float, cutoff: f
     return out.masked_fill(c < threshold, float("-inf"))  # CFG.py:57
 
 
-def drop_image_tokens(input_ids: torch.Tensor, image_token_id: int) -> torch.Tensor:
-    """The image-free prompt: the same tokens without the image (model_loader.py:270-290)."""
+def drop_image_tokens(input_ids: torch.Tensor, image_token_id: int, attention_mask=None) -> torch.Tensor:
+    """The image-free prompt: the same tokens without the image (model_loader.py:270-290), and without the left
+    padding ``attention_mask`` marks (lmms-eval's gemma3 pads even a single prompt to a multiple of 8)."""
+    if attention_mask is not None:
+        input_ids = input_ids[:, int((attention_mask[0].cumsum(0) == 0).sum()) :]
     return input_ids[:, input_ids[0] != image_token_id]
 
 

@@ -69,7 +69,7 @@ class GuidedTechnique(Technique):
                 ids, mask = guidance.image_free_batch([r.input_ids for r in req.requests], req.image_token_id, pad)
                 cfg = guidance.ImageFreeGuidance(model, ids, p["gamma"], p["cutoff"], follow, text_mask=mask, fp16=fp16)
             else:
-                text_ids = guidance.drop_image_tokens(req.input_ids, req.image_token_id)
+                text_ids = guidance.drop_image_tokens(req.input_ids, req.image_token_id, kwargs.get("attention_mask"))
                 cfg = guidance.ImageFreeGuidance(
                     model, text_ids, p["gamma"], p["cutoff"], follow_beams=follow, fp16=fp16
                 )

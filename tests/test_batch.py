@@ -1,8 +1,8 @@
 """batch_size > 1: a left-padded batch of requests gives every request its batch-size-1 answer and logits.
 
-In process, on tiny random LLaVA-1.5 and Qwen2.5-VL checkpoints: three requests with images of different sizes
-and prompts of different lengths go through the wrappers' request path (``family_request`` -> ``Batch``) and one
-``generate`` call; each row's greedy tokens equal the request generated alone, and its logits (and, under
+In process, on tiny random LLaVA-1.5, LLaVA-NeXT, OneVision, Qwen2.5-VL and Qwen3-VL checkpoints: three requests
+with images of different sizes and prompts of different lengths go through the wrappers' request path
+(``family_request`` -> ``Batch``) and one ``generate`` call; each row's greedy tokens equal the request generated alone, and its logits (and, under
 image-free guidance, its guided scores) agree to 1e-5, for every technique that batches. Each technique's
 logits differ from the idle model's by far more than that, so the comparison can fail; placing edits without
 the padding offset does fail it. Refusals name their reason; hooks are gone after a failing batch.
@@ -41,9 +41,16 @@ def _image(size, rgb):
 IMAGES = [_image(s, c) for s, c in zip(SIZES, ((200, 30, 30), (20, 30, 200), (20, 200, 20)))]
 
 
+def _inputs(processor, prompts, images, **call):
+    """The processor's outputs; a processor that wants each prompt's images as a list (Gemma 3's) gets them so."""
+    if getattr(processor, "per_prompt_images", False):
+        images = [[im] for im in images]
+    return processor(images=images, text=prompts, return_tensors="pt", **call)
+
+
 def _run(model, processor, technique, prompts, images, **call):
     """(new tokens, raw logits, processed scores) per row of one generate call through the wrappers' request path."""
-    inputs = processor(images=images, text=prompts, return_tensors="pt", **call)
+    inputs = _inputs(processor, prompts, images, **call)
     req = family_request(model, processor, dict(inputs))
     with torch.no_grad():
         out = technique.generate(model, req, **inputs, **GEN)
@@ -52,8 +59,9 @@ def _run(model, processor, technique, prompts, images, **call):
     return req, [(out.sequences[i, n:], logits[i], scores[i]) for i in range(len(prompts))]
 
 
-def _alone_and_batched(model, processor, technique, prompts, **call):
-    alone = [_run(model, processor, technique, [p], [im])[1][0] for p, im in zip(prompts, IMAGES)]
+def _alone_and_batched(model, processor, technique, prompts, alone_call=None, **call):
+    """alone_call: how the family's class calls its processor for one prompt (Gemma 3's pads it)."""
+    alone = [_run(model, processor, technique, [p], [im], **(alone_call or {}))[1][0] for p, im in zip(prompts, IMAGES)]
     batch, rows = _run(model, processor, technique, prompts, IMAGES, padding=True, padding_side="left", **call)
     assert isinstance(batch, Batch) and len(set(batch.offsets)) == len(prompts)  # three different paddings
     return alone, rows
@@ -236,11 +244,29 @@ def test_paint_batches_on_next_and_refuses_what_cannot_be_exact(anyres, tmp_path
     assert "Qwen2.5-VL's tower does not run each image as rows of its batch" in why
 
 
-def test_unverified_families_refuse_batches(tmp_path):
-    from lmms_eval_plugins.base import TechniqueMixin
+def test_every_family_batches_and_unknown_ones_refuse(monkeypatch):
+    """Each family's wrappers accept batches of their own model type; a model type no test covers is refused."""
+    from types import SimpleNamespace
 
-    assert "not yet tested" in TechniqueMixin.batch_families.get("gemma3", "not yet tested")
-    assert set(TechniqueMixin.batch_families) == {"llava", "llava_next", "llava_onevision"}
+    from lmms_eval_plugins import base
+    from lmms_eval_plugins.gemma3 import Gemma3TechniqueMixin
+    from lmms_eval_plugins.internvl import InternVLTechniqueMixin
+    from lmms_eval_plugins.qwen import QwenTechniqueMixin
+    from lmms_eval_plugins.qwen3_vl import Qwen3TechniqueMixin
+
+    def refusal(mixin, model_type):
+        monkeypatch.setattr(base, "read_config", lambda *a: SimpleNamespace(model_type=model_type))
+        return mixin.family_batch_refusal(mixin, "ckpt", None, False)
+
+    for mixin, model_types in (
+        (base.TechniqueMixin, ("llava", "llava_next", "llava_onevision")),
+        (QwenTechniqueMixin, ("qwen2_5_vl",)),
+        (Qwen3TechniqueMixin, ("qwen3_vl",)),
+        (Gemma3TechniqueMixin, ("gemma3",)),
+        (InternVLTechniqueMixin, ("internvl",)),
+    ):
+        assert all(refusal(mixin, t) is None for t in model_types)
+    assert "not yet tested equal to batch size 1 on mllama" in refusal(base.TechniqueMixin, "mllama")
 
 
 # ------------------------------------------------------------------------------------ LLaVA-NeXT and OneVision
@@ -322,15 +348,12 @@ def test_paint_captures_on_tower_row_i_fail_on_next(anyres, monkeypatch):
 # ------------------------------------------------------------------------------------ Qwen2.5-VL
 
 
-@pytest.fixture(scope="module")
-def qwen(tmp_path_factory):
-    from test_qwen import PIXELS, build_tiny_qwen
-    from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
+def _qwen_family(model_cls, path):
+    """(model, recording processor, prompts) of a Qwen checkpoint, prompts as lmms-eval's classes build them."""
+    from transformers import AutoProcessor
 
-    path = build_tiny_qwen(tmp_path_factory.mktemp("tiny_qwen_batch"))
-    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(path, attn_implementation="sdpa").eval()
+    model = model_cls.from_pretrained(path, attn_implementation="sdpa", dtype=torch.float32).eval()
     processor = AutoProcessor.from_pretrained(path)
-    processor.image_processor.size = {"shortest_edge": PIXELS["min_pixels"], "longest_edge": PIXELS["max_pixels"]}
 
     def prompt(q):
         messages = [
@@ -342,9 +365,32 @@ def qwen(tmp_path_factory):
     return model, RecordingProcessor(processor), [prompt(q) for q in QUESTIONS]
 
 
+@pytest.fixture(scope="module")
+def qwen(tmp_path_factory):
+    from test_qwen import PIXELS, build_tiny_qwen
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    path = build_tiny_qwen(tmp_path_factory.mktemp("tiny_qwen_batch"))
+    model, processor, prompts = _qwen_family(Qwen2_5_VLForConditionalGeneration, path)
+    processor.image_processor.size = {"shortest_edge": PIXELS["min_pixels"], "longest_edge": PIXELS["max_pixels"]}
+    return model, processor, prompts
+
+
+@pytest.fixture(scope="module")
+def qwen3(tmp_path_factory):
+    """Tiny Qwen3-VL: 16 px patches merged 2x2, interleaved M-RoPE, DeepStack after LM layers 0 and 1."""
+    from transformers import Qwen3VLForConditionalGeneration
+
+    from lmms_eval_plugins.testing import build_tiny_qwen3_vl
+
+    return _qwen_family(Qwen3VLForConditionalGeneration, build_tiny_qwen3_vl(tmp_path_factory.mktemp("qwen3_batch")))
+
+
+@pytest.mark.parametrize("family", ("qwen", "qwen3"))
 @pytest.mark.parametrize("name", ("pai", "pai_cfg", "knockout_query", "knockout_both"))
-def test_qwen_batch_equals_batch_one(qwen, name):
-    model, processor, prompts = qwen
+def test_qwen_batch_equals_batch_one(request, family, name):
+    """Qwen2.5-VL and Qwen3-VL (whose forward also adds DeepStack features at each row's image tokens)."""
+    model, processor, prompts = request.getfixturevalue(family)
     n = hooks.num_layers(model)
     technique = {
         "pai": lambda: Pai(n, alpha=2.0, start_layer=0, use_cfg=False),
@@ -374,11 +420,11 @@ def _lochead_alone_and_batched(model, processor, technique, prompts, answers=Tru
     """answers: also compare the generated box text (a tokenizer that can write boxes: not the word-level one)."""
     alone = []
     for p, im in zip(prompts, IMAGES):
-        inputs = processor(images=[im], text=[p], return_tensors="pt")
+        inputs = _inputs(processor, [p], [im])
         req = family_request(model, processor, dict(inputs))
         ids = technique.generate(model, req, **inputs)[0] if answers else None
         alone.append((technique.locate(model, req, **inputs), ids))
-    inputs = processor(images=IMAGES, text=prompts, return_tensors="pt", padding=True, padding_side="left")
+    inputs = _inputs(processor, prompts, IMAGES, padding=True, padding_side="left")
     batch = family_request(model, processor, dict(inputs))
     located = technique.locate_batch(model, batch, **inputs)
     out = technique.generate(model, batch, **inputs, pad_token_id=0) if answers else None
@@ -401,10 +447,11 @@ def test_lochead_batch_equals_batch_one(llava, heads):
     _lochead_alone_and_batched(model, processor, LocHead(heads, top_k=3), prompts, answers=False)
 
 
-def test_lochead_batch_on_qwen(qwen):
+@pytest.mark.parametrize("family", ("qwen", "qwen3"))
+def test_lochead_batch_on_qwen(request, family):
     from methods.lochead import LocHead
 
-    model, processor, prompts = qwen
+    model, processor, prompts = request.getfixturevalue(family)
     _lochead_alone_and_batched(model, processor, LocHead([(1, 0), (3, 2)], top_k=2), prompts)
 
 
@@ -460,8 +507,8 @@ def _pooled_prune_alone_and_batched(model, processor, prompts):
     return alone, rows
 
 
-def test_pooled_pruning_batch_equals_batch_one(llava, qwen):
-    for fixture, tol in ((llava, TOL), (qwen, 3 * TOL)):
+def test_pooled_pruning_batch_equals_batch_one(llava, qwen, qwen3):
+    for fixture, tol in ((llava, TOL), (qwen, 3 * TOL), (qwen3, 3 * TOL)):
         alone, rows = _pooled_prune_alone_and_batched(*fixture)
         for (ids, first, _), (b_ids, b_logits, _) in zip(alone, rows):
             assert torch.equal(ids, b_ids[: len(ids)])
@@ -469,9 +516,10 @@ def test_pooled_pruning_batch_equals_batch_one(llava, qwen):
         assert max(float((first - plain).abs().max()) for _, first, plain in alone) > 100 * TOL  # pruning acts
 
 
+@pytest.mark.parametrize("family", ("qwen", "qwen3"))
 @pytest.mark.parametrize("name", ("prune_per_layer_last", "fastv"))
-def test_pruning_batch_on_qwen(qwen, name):
-    model, processor, prompts = qwen
+def test_pruning_batch_on_qwen(request, family, name):
+    model, processor, prompts = request.getfixturevalue(family)
     technique = _reprompt_techniques(hooks.num_layers(model))[name]()
     alone, rows = _alone_and_batched(model, processor, technique, prompts)
     _assert_equal_per_request(alone, rows, tol=3 * TOL)
@@ -539,3 +587,113 @@ def test_anyres_lochead_batch_equals_batch_one(anyres, family):
 
     model, processor, prompts, _ = anyres[family]
     _lochead_alone_and_batched(model, processor, LocHead([(1, 0), (3, 1)], top_k=2), prompts, answers=False)
+
+
+# ------------------------------------------------------------------------------------ Gemma 3
+
+
+@pytest.fixture(scope="module")
+def gemma3(tmp_path_factory):
+    """Tiny Gemma 3: sliding-window (24 keys) and global layers, bidirectional attention among the image tokens; its
+    tokenizer pads left, as Gemma's do; the images all give 16 tokens, the prompts' lengths differ."""
+    from transformers import AutoProcessor, Gemma3ForConditionalGeneration
+
+    from lmms_eval_plugins.testing import build_tiny_gemma3
+
+    path = build_tiny_gemma3(tmp_path_factory.mktemp("gemma3_batch"))
+    model = Gemma3ForConditionalGeneration.from_pretrained(path, attn_implementation="sdpa").eval()
+    processor = AutoProcessor.from_pretrained(path)
+    processor.tokenizer.padding_side = "left"
+
+    def prompt(q):
+        messages = [
+            {"role": "system", "content": [{"type": "text", "text": "You are a helpful assistant."}]},
+            {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": q}]},
+        ]
+        return processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+    recording = RecordingProcessor(processor)
+    recording.__dict__["per_prompt_images"] = True
+    return model, recording, [prompt(q) for q in QUESTIONS], path
+
+
+@pytest.mark.parametrize("name", ("pai", "pai_cfg", "knockout_query", "knockout_both", "prune", "fastv"))
+def test_gemma3_batch_equals_batch_one(gemma3, name):
+    """Padded to a multiple of 8 on the left, as lmms-eval's gemma3 pads every prompt (batch size 1 too): at batch
+    size 1 the image-free prompt of guidance leaves the padding out, as a batch does."""
+    model, processor, prompts, _ = gemma3
+    n = hooks.num_layers(model)
+    technique = {
+        "pai": lambda: Pai(n, alpha=2.0, start_layer=0, use_cfg=False),
+        "pai_cfg": lambda: Pai(n, alpha=2.0, start_layer=0, use_cfg=True, gamma=1.5),
+        "knockout_query": lambda: Knockout(n, mode="query"),
+        "knockout_both": lambda: Knockout(n, mode="both", from_layer=1),
+        "prune": lambda: _reprompt_techniques(n)["prune_per_layer_last"](),
+        "fastv": lambda: _reprompt_techniques(n)["fastv"](),
+    }[name]()
+    alone_call = dict(padding=True, pad_to_multiple_of=8)
+    alone, rows = _alone_and_batched(model, processor, technique, prompts, alone_call, pad_to_multiple_of=8)
+    _assert_equal_per_request(alone, rows)
+    plain = [_run(model, processor, Pai(n, alpha=0, use_cfg=False), [p], [im])[1][0] for p, im in zip(prompts, IMAGES)]
+    assert _effect(alone, plain) > 100 * TOL
+
+
+def test_gemma3_wrapper_pads_batches_left(gemma3):
+    """lmms-eval's gemma3 pads on the tokenizer's side; a right-padding tokenizer is made to pad a batch left."""
+    from lmms_eval_plugins.models.gemma3 import Gemma3Pai
+
+    from transformers import AutoTokenizer
+
+    path = gemma3[3]
+    assert AutoTokenizer.from_pretrained(path).padding_side == "right"
+    lm = Gemma3Pai(pretrained=str(path), device="cpu", batch_size=2, dtype="float32")
+    assert lm.batch_size == 2 and lm.processor.tokenizer.padding_side == "left"
+
+
+@pytest.mark.parametrize("family", ("gemma3", "internvl"))
+def test_lochead_batch_on_gemma3_and_internvl(request, family):
+    from methods.lochead import LocHead
+
+    model, processor, prompts = request.getfixturevalue(family)[:3]
+    _lochead_alone_and_batched(model, processor, LocHead([(1, 0), (3, 1)], top_k=2), prompts, answers=False)
+
+
+# ------------------------------------------------------------------------------------ InternVL
+
+
+@pytest.fixture(scope="module")
+def internvl(tmp_path_factory):
+    """Tiny HF-native InternVL: the three images are cut into different numbers of tiles (plus a thumbnail)."""
+    from transformers import AutoProcessor, InternVLForConditionalGeneration
+
+    from lmms_eval_plugins.testing import build_tiny_internvl
+
+    path = build_tiny_internvl(tmp_path_factory.mktemp("internvl_batch"))
+    model = InternVLForConditionalGeneration.from_pretrained(path, attn_implementation="sdpa").eval()
+    processor = AutoProcessor.from_pretrained(path)
+
+    def prompt(q):
+        messages = [{"role": "user", "content": [{"type": "image", "url": "x"}, {"type": "text", "text": q}]}]
+        return processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+    return model, RecordingProcessor(processor), [prompt(q) for q in QUESTIONS]
+
+
+@pytest.mark.parametrize("name", ("pai", "pai_cfg", "knockout_query", "knockout_both", "prune", "fastv"))
+def test_internvl_batch_equals_batch_one(internvl, name):
+    model, processor, prompts = internvl
+    n = hooks.num_layers(model)
+    technique = {
+        "pai": lambda: Pai(n, alpha=2.0, start_layer=0, use_cfg=False),
+        "pai_cfg": lambda: Pai(n, alpha=2.0, start_layer=0, use_cfg=True, gamma=1.5),
+        "knockout_query": lambda: Knockout(n, mode="query"),
+        "knockout_both": lambda: Knockout(n, mode="both", from_layer=1),
+        "prune": lambda: _reprompt_techniques(n)["prune_per_layer_last"](),
+        "fastv": lambda: _reprompt_techniques(n)["fastv"](),
+    }[name]()
+    alone, rows = _alone_and_batched(model, processor, technique, prompts)
+    counts = {int((r.input_ids == r.image_token_id).sum()) for r in family_request_batch(model, processor, prompts)}
+    assert len(counts) > 1, counts
+    _assert_equal_per_request(alone, rows)
+    plain = [_run(model, processor, Pai(n, alpha=0, use_cfg=False), [p], [im])[1][0] for p, im in zip(prompts, IMAGES)]
+    assert _effect(alone, plain) > 100 * TOL

@@ -1,8 +1,9 @@
 """--batch_size 3 through the real lmms-eval CLI answers every document exactly as --batch_size 1 does.
 
 tiny_batch: seven questions of different lengths on images of different sizes (tests/tasks/tiny_batch.yaml), so
-every batch is left-padded differently; on Qwen2.5-VL and LLaVA-NeXT the images also give different numbers of image
-tokens (on NeXT, of vision-tower crops: PAINT's captures sit on each request's own crops).
+every batch is left-padded differently (on Gemma 3 to a multiple of 8); on Qwen2.5-VL and Qwen3-VL the images also
+give different numbers of image tokens, on InternVL different numbers of tiles, on LLaVA-NeXT different numbers of
+vision-tower crops (PAINT's captures sit on each request's own crops).
 One lmms-eval process runs every configuration (``run_lmms_eval_many``); each run's per-sample answers are read
 from its own output path. A technique that cannot batch exactly fails with its reason and writes no results."""
 
@@ -28,21 +29,39 @@ QWEN_RUNS = {
 QWEN_ARGS = "dtype=float32,min_pixels=12544,max_pixels=20000"
 # a tiny LLaVA-NeXT: the documents' images get different tilings, so different numbers of vision-tower crops
 NEXT_RUNS = {"next_paint": ("llava_paint", "alpha=10.0,beta=5.0,start_layer=0", False)}
+QWEN3_RUNS = {  # the simple class, which prepares each batch (one processor call) while the last one generates
+    "qwen3_pai_cfg_simple": ("qwen3_vl_pai", "alpha=2.0,start_layer=0,use_cfg=true,gamma=1.5", True),
+}
+QWEN3_ARGS = "dtype=float32,min_pixels=4096,max_pixels=25600"
+INTERNVL_RUNS = {  # lmms-eval's internvl_hf asserts batch size 1: batching.py batches (chat, and the simple twin)
+    "internvl_pai_cfg": ("internvl_hf_pai", "alpha=2.0,start_layer=0,use_cfg=true,gamma=1.5", False),
+    "internvl_knockout_simple": ("internvl_hf_knockout", "mode=both,from_layer=1", True),
+}
+GEMMA3_RUNS = {  # the class pads every prompt to a multiple of 8 on the tokenizer's side: left, as Gemma's own
+    "gemma3_pai_cfg": ("gemma3_pai", "alpha=2.0,start_layer=0,use_cfg=true,gamma=1.5", False),
+}
+ALL_RUNS = {**LLAVA_RUNS, **QWEN_RUNS, **NEXT_RUNS, **QWEN3_RUNS, **GEMMA3_RUNS, **INTERNVL_RUNS}
 
 
 @pytest.fixture(scope="module")
 def runs(tiny_ckpt, tmp_path_factory):
     from test_qwen import build_tiny_qwen
 
+    from lmms_eval_plugins.testing import build_tiny_gemma3, build_tiny_internvl, build_tiny_qwen3_vl
+
     root = tmp_path_factory.mktemp("cli_batch")
     qwen = build_tiny_qwen(root / "tiny_qwen")
-    pretrained = {
-        **dict.fromkeys(QWEN_RUNS, f"{qwen},{QWEN_ARGS}"),
-        **dict.fromkeys(NEXT_RUNS, build_tiny_llava_next(root / "next")),
-    }
+    qwen3 = build_tiny_qwen3_vl(root / "tiny_qwen3", min_pixels=4096, max_pixels=25600)
+    gemma3 = build_tiny_gemma3(root / "tiny_gemma3", padding_side="left")
+    internvl = build_tiny_internvl(root / "tiny_internvl")
+    ckpts = {k: f"pretrained={qwen},{QWEN_ARGS}" for k in QWEN_RUNS}
+    ckpts.update({k: f"pretrained={build_tiny_llava_next(root / 'next')}" for k in NEXT_RUNS})
+    ckpts.update({k: f"pretrained={qwen3},{QWEN3_ARGS}" for k in QWEN3_RUNS})
+    ckpts.update({k: f"pretrained={gemma3},dtype=float32" for k in GEMMA3_RUNS})
+    ckpts.update({k: f"pretrained={internvl},dtype=float32,max_patches=6" for k in INTERNVL_RUNS})
     configs = []
-    for key, (model, args, simple) in {**LLAVA_RUNS, **QWEN_RUNS, **NEXT_RUNS}.items():
-        ckpt = f"pretrained={pretrained.get(key, tiny_ckpt)}"
+    for key, (model, args, simple) in ALL_RUNS.items():
+        ckpt = ckpts.get(key, f"pretrained={tiny_ckpt}")
         for bs in (1, 3):
             run = {"model": model, "model_args": f"{ckpt},{args}", "tasks": "tiny_batch", "batch_size": bs}
             run.update(include_path=str(TASKS), output_path=str(root / f"{key}_bs{bs}"))
@@ -63,7 +82,7 @@ def runs(tiny_ckpt, tmp_path_factory):
     return root, log
 
 
-@pytest.mark.parametrize("key", [*LLAVA_RUNS, *QWEN_RUNS, *NEXT_RUNS])
+@pytest.mark.parametrize("key", list(ALL_RUNS))
 def test_batch_of_three_answers_like_batch_one(runs, key):
     root, log = runs
     answers = {}
@@ -76,6 +95,6 @@ def test_batch_of_three_answers_like_batch_one(runs, key):
 
 def test_batched_runs_really_batched_and_pm_refuses(runs):
     root, log = runs
-    assert "Model Responding (batched)" in log  # the llava_* names went through batching.py
+    assert "Model Responding (batched)" in log  # the llava_* and internvl_hf_* names went through batching.py
     assert results_of(root / "pm_bs2") is None
     assert "llava_pm: batch_size=2 is not supported" in log and "refresh=every_token decodes token by token" in log

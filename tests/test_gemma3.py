@@ -226,7 +226,6 @@ def test_float32_loading_and_remote_code_off(tiny_gemma3):
         ("paint", {}, "gemma3_paint does not support gemma3 checkpoints.*SigLIP vision tower has no CLS token"),
         ("pm", {}, "gemma3_pm does not support gemma3 checkpoints.*both directions.*0.107"),
         ("viral", {}, "gemma3_viral needs adapter=DIR"),
-        ("pai", {"batch_size": 2}, "batch_size=2 is not supported"),
     ],
 )
 def test_refusals_name_their_reason(tiny_gemma3, name, kw, reason):

@@ -369,7 +369,7 @@ def test_float32_loading_and_remote_code_off(tiny_internvl):
     [
         ("paint", {}, "internvl_hf_paint does not support internvl checkpoints.*each merge 4 patches.*InternViT"),
         ("viral", {}, "internvl_hf_viral needs adapter=DIR"),
-        ("pai", {"batch_size": 2}, "batch_size=2 is not supported"),
+        ("pm", {"batch_size": 2}, "batch_size=2 is not supported .*runs its own passes per request"),
     ],
 )
 def test_refusals_name_their_reason(tiny_internvl, name, kw, reason):
