@@ -14,6 +14,9 @@ subclass lmms-eval's own ``llava_hf`` classes and change only this:
 - the model is switched to the hooked attention implementation (bit-identical while idle),
   and ``self.model`` hands lmms-eval a thin view whose ``generate`` and ``__call__`` run the
   technique; everything else is the real model;
+- the preprocessing model_args (``pad_to_square``, ``image_backend``) apply in one place, the processor the
+  class calls (``RecordingProcessor``, ``use_image_backend``); ``baseline=true`` keeps them and builds no
+  technique: the family's own class on the same pixels (``lmms-plugins compare --run``'s baseline);
 - an error inside the technique is raised as ``TechniqueError``, which lmms-eval's blanket
   ``except Exception`` around generation cannot turn into a silent empty answer.
 """
@@ -61,7 +64,25 @@ COMMON_PARAMS = (
         False,
         "pad each image to a centred square of the processor's mean colour before the processor (original LLaVA-1.5's expand2square; llava-hf's processor alone centre-crops)",
     ),
+    Param(
+        "image_backend",
+        str,
+        "default",
+        "the image processor's backend: default (the checkpoint's processor as the family's lmms-eval class loads it: "
+        "transformers 5's torchvision backend) | pil (the same processor and settings on transformers' PIL backend: "
+        "PIL resampling on 8-bit images, as transformers 4.x's processors that the official code runs)",
+        choices=("default", "pil"),
+    ),
+    Param(
+        "baseline",
+        bool,
+        False,
+        "run as the family's own class: the technique is neither built nor applied (the hook layer stays idle); "
+        "pad_to_square and image_backend still apply (compare --run's baseline for a technique that preprocesses)",
+    ),
 )
+# The common args that change the pixels the model sees; a baseline must share them (commands/compare.py).
+PREPROCESSING = {p.name: p.default for p in COMMON_PARAMS if p.name in ("pad_to_square", "image_backend")}
 
 
 class TechniqueError(BaseException):
@@ -195,6 +216,39 @@ def check_layers_routed(name: str, model, pretrained: str) -> None:
 # The image options a class may call its processor with (lmms-eval's qwen3_vl: do_resize=False), recorded so
 # that a technique re-processes an image as the prompt's was.
 IMAGE_CALL_KEYS = ("do_resize", "size", "min_pixels", "max_pixels")
+
+
+def pil_image_processor(image_processor):
+    """``image_processor`` with its settings on transformers' PIL backend (``image_backend=pil``): the class that
+    transformers' image-processor mapping pairs with it, built from its ``to_dict()``; ModelArgsError when there is
+    none. An image processor already on the PIL backend is returned as it is."""
+    import transformers
+    from transformers.image_processing_backends import PilBackend
+    from transformers.models.auto import image_processing_auto as auto
+
+    if isinstance(image_processor, PilBackend):
+        return image_processor
+    name = type(image_processor).__name__
+    pil = next((m.get("pil") for m in auto.IMAGE_PROCESSOR_MAPPING_NAMES.values() if name in m.values()), None)
+    cls = auto.get_image_processor_class_from_name(pil) if pil else None
+    if cls is None:
+        raise ModelArgsError(
+            f"image_backend=pil: the checkpoint's image processor {name} has no PIL backend in transformers "
+            f"{transformers.__version__}; use image_backend=default"
+        )
+    return cls.from_dict(image_processor.to_dict())
+
+
+def use_image_backend(processor, backend: str) -> None:
+    """Put the processor's image processor on ``backend`` (the ``image_backend`` model_arg), in place."""
+    if backend == "default":
+        return
+    if not hasattr(processor, "image_processor"):
+        raise ModelArgsError(
+            f"image_backend={backend}: the class's processor {type(processor).__name__} has no image_processor; "
+            "use image_backend=default"
+        )
+    processor.image_processor = pil_image_processor(processor.image_processor)
 
 
 class RecordingProcessor:
@@ -469,13 +523,18 @@ class TechniqueMixin:
         hooks.install(self._model)
         check_layers_routed(spec.name, self._model, pretrained)
         self.technique_params = params
+        processor = getattr(self, self.processor_attr)
+        use_image_backend(processor, params["image_backend"])
+        setattr(self, self.processor_attr, RecordingProcessor(processor, pad_to_square=params["pad_to_square"]))
+        if params["baseline"]:  # the family's class with this preprocessing: no technique (``model`` is the model)
+            self.technique = None
+            logger.info(f"{spec.name} baseline: no technique; " + ", ".join(f"{k}={params[k]}" for k in PREPROCESSING))
+            return
         self.technique = spec.build(params, self._model)
         if batch_size > 1:  # the technique's reason (``Technique.batch_refusal``: its parameters may decide)
             self.check_batching(
                 batch_size, pretrained, self.technique.batch_refusal(families.adapter(self._model.config))
             )
-        processor = getattr(self, self.processor_attr)
-        setattr(self, self.processor_attr, RecordingProcessor(processor, pad_to_square=params["pad_to_square"]))
         logger.info(f"{spec.name} recipe: {json.dumps(self.technique.describe(), default=str)}")
 
     # -- family seams ------------------------------------------------------------------
@@ -574,7 +633,7 @@ class TechniqueMixin:
     def model(self):
         model = super().model
         technique = self.__dict__.get("technique")
-        if technique is None:  # still inside llava_hf's constructor
+        if technique is None:  # still inside llava_hf's constructor, or baseline=true
             return model
         return TechniqueModel(model, technique, getattr(self, self.processor_attr), self.spec.name, self.build_request)
 

@@ -47,12 +47,10 @@ class Wrappers:
     def get(self, name: str, model_args: str, before, suffix=None, pixels=None):
         """The ``name`` class (simple, as ``--force_simple``) with ``pretrained=`` the prompt's checkpoint.
 
-        ``pixels``: the image processor the class calls, replaced after construction (lmms-eval's llava_hf
-        loads ``AutoProcessor`` with no backend choice, and nothing in a checkpoint directory selects one):
-        "pil" for transformers' PIL backend of the checkpoint's CLIP processor, which gives the official
-        stack's pixels bit for bit (the torchvision backend that transformers 5 loads by default resizes
-        differently: on the PM fixture cases the answer logits then differ by up to 2.6e-2); a tensor for
-        fixed pixels whatever the image (the PAI fixtures were made on pixel tensors, not images)."""
+        ``pixels``: a tensor for fixed pixels whatever the image, replacing the image processor the class calls
+        after construction (the PAI fixtures were made on pixel tensors, not images); None: the image processor
+        the wrapper set up (the official presets' ``image_backend=pil``: transformers' PIL backend of the
+        checkpoint's CLIP processor, which gives the official stack's pixels bit for bit)."""
         suffix = self.tiny.ASSISTANT_IDS if suffix is None else suffix
         key = (name, model_args, tuple(before), tuple(suffix))
         if key not in self.built:
@@ -65,15 +63,13 @@ class Wrappers:
             self.stock[key] = self.built[key]._image_processor.image_processor
         lm, stock = self.built[key], self.stock[key]
         recording = lm._image_processor  # the wrapper's RecordingProcessor around the checkpoint's processor
-        if isinstance(pixels, torch.Tensor):
-            recording.image_processor = FixedPixels(stock, pixels)
-        else:
-            recording.image_processor = pil_backend(stock) if pixels == "pil" else stock
+        recording.image_processor = stock if pixels is None else FixedPixels(stock, pixels)
         return lm
 
 
 def pil_backend(image_processor):
-    """The same CLIP image processor on transformers' PIL backend (PIL bicubic on 8 bits, as 4.37)."""
+    """The same CLIP image processor on transformers' PIL backend (PIL bicubic on 8 bits, as 4.37), built by hand:
+    the reference for the wrappers' ``image_backend=pil`` (tests/test_wrapper.py)."""
     from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
     keys = ("size", "crop_size", "image_mean", "image_std", "resample", "do_resize", "do_center_crop")

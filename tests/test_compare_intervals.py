@@ -256,3 +256,37 @@ def test_compare_on_real_lmms_eval_output(capsys):
     deltas = [chair_s([other[i] for i in d]) - chair_s([base[i] for i in d]) for d in draws]
     low, high = np.quantile(deltas, [0.025, 0.975])
     assert next(r for r in rows if r[1] == "coco_cap_chair_s")[6] == f"[{low:+.4f}, {high:+.4f}]"
+
+
+@pytest.mark.parametrize(
+    "model,model_args,baseline",
+    [
+        # the technique preprocesses as the class does: stock llava_hf, the class's own args carried over
+        ("llava_pai", "alpha=0.5,dtype=float32", ("llava_hf", "device_map=cpu,dtype=float32")),
+        ("llava_pai", "preset=official,image_backend=default", ("llava_hf", "device_map=cpu")),
+        # preprocessing through a preset or given directly: the wrapper itself with baseline=true and that alone
+        ("llava_pm", "preset=official_pope,precision=fp32", ("llava_pm", "baseline=true,image_backend=pil")),
+        ("llava_fia", "preset=official", ("llava_fia", "baseline=true,image_backend=pil")),
+        (
+            "llava_knockout",
+            "preset=official,device=cpu",
+            ("llava_knockout", "baseline=true,pad_to_square=true,image_backend=pil"),
+        ),
+        (
+            "llava_lochead",
+            "preset=official_v2,image_backend=default",
+            ("llava_lochead", "baseline=true,pad_to_square=true"),
+        ),
+        ("llava_pai", "alpha=0.5,pad_to_square=true", ("llava_pai", "baseline=true,pad_to_square=true")),
+    ],
+)
+def test_compare_run_picks_a_baseline_with_the_techniques_preprocessing(model, model_args, baseline):
+    """compare --run's baseline sees the technique's pixels: stock llava_hf when the technique's resolved
+    pad_to_square / image_backend are the class's own, else the wrapper with baseline=true and them."""
+    from lmms_eval_plugins.commands.compare import baseline_run, model_label
+
+    assert baseline_run(model, model_args, "cpu") == baseline
+    label = model_label({"config": {"model": baseline[0], "model_args": f"pretrained=/x,device=cpu,{baseline[1]}"}})
+    assert ("baseline (no technique" in label) is (baseline[0] != "llava_hf")
+    with pytest.raises(ValueError, match="unknown model_args alhpa"):
+        baseline_run(model, model_args + ",alhpa=1", "cpu")

@@ -107,11 +107,19 @@ OFFICIAL_PRESETS = {
 }
 
 
-@pytest.mark.parametrize("name", sorted(OFFICIAL_PRESETS))
-def test_official_presets_pad_to_square_as_the_official_llava(name):
-    """The official code preprocesses with LLaVA-1.5's process_images (image_aspect_ratio=pad: expand2square), so
-    every official preset pads (and every official_* preset is listed here); an explicit pad_to_square=false after
-    the preset wins; the other presets keep the checkpoint's processor alone."""
+# the presets that mirror a run of the official code, whose LLaVA-1.5 CLIPImageProcessor (transformers 4.3x-4.5x,
+# the slow class) resizes with PIL: every preset that pads, and PM's, PAI's and PAINT's official scripts' presets
+PIL_PRESETS = {
+    **OFFICIAL_PRESETS,
+    "llava_pm": ("official_pope", "official_mme"),
+    "llava_pai": ("official", "paper"),
+    "llava_paint": ("official", "script", "paper", "paper_spatial"),
+}
+
+
+def _check_presets(name: str, listed: dict, arg: str, on, off) -> None:
+    """``arg`` resolves to ``on`` under exactly the presets ``listed[name]`` (which hold every official_* preset),
+    to ``off`` under the others, and to ``off`` when given after a listed preset."""
     import importlib
 
     from lmms_eval_plugins.base import COMMON_PARAMS
@@ -120,11 +128,27 @@ def test_official_presets_pad_to_square_as_the_official_llava(name):
     spec = importlib.import_module(f"lmms_eval_plugins.models.{name.removeprefix('llava_')}").SPEC
     assert spec.name == name
     params = (*spec.params, *COMMON_PARAMS)
-    official = OFFICIAL_PRESETS[name]
+    official = listed[name]
     assert {p for p in spec.presets if p.startswith("official")} <= set(official)
     for preset in spec.presets:
-        got = parse_params(params, {"preset": preset}, spec.presets, owner=name)["pad_to_square"]
-        assert got is (preset in official), f"{name} preset={preset}: pad_to_square={got}"
+        got = parse_params(params, {"preset": preset}, spec.presets, owner=name)[arg]
+        assert got == (on if preset in official else off), f"{name} preset={preset}: {arg}={got}"
     for preset in official:
-        off = parse_params(params, {"preset": preset, "pad_to_square": "false"}, spec.presets, owner=name)
-        assert off["pad_to_square"] is False
+        given = parse_params(params, {"preset": preset, arg: str(off).lower()}, spec.presets, owner=name)
+        assert given[arg] == off
+
+
+@pytest.mark.parametrize("name", sorted(OFFICIAL_PRESETS))
+def test_official_presets_pad_to_square_as_the_official_llava(name):
+    """The official code preprocesses with LLaVA-1.5's process_images (image_aspect_ratio=pad: expand2square), so
+    every official preset pads (and every official_* preset is listed here); an explicit pad_to_square=false after
+    the preset wins; the other presets keep the checkpoint's processor alone."""
+    _check_presets(name, OFFICIAL_PRESETS, "pad_to_square", True, False)
+
+
+@pytest.mark.parametrize("name", sorted(PIL_PRESETS))
+def test_official_presets_resize_with_pil_as_the_official_stack(name):
+    """The official stacks run LLaVA-1.5's CLIPImageProcessor from transformers 4.x, which resamples with PIL, so
+    every preset that mirrors an official run sets image_backend=pil; image_backend=default after it wins; the
+    other presets keep the processor as the class loads it."""
+    _check_presets(name, PIL_PRESETS, "image_backend", "pil", "default")

@@ -146,7 +146,7 @@ def test_loglikelihood_matches_the_official_first_token_scores(wrappers, tiny, g
     scores another id (tall_p0_mme: the variant "yes" ranks above "Yes") or 0 ("No" outside the top 10 in
     square_p1_mme and square_p0_pope_iter1)."""
     case = golden["cases"][name]
-    lm = wrappers.get("llava_pm", MODEL_ARGS[case["settings"]], case["prompt"]["before"], pixels="pil")
+    lm = wrappers.get("llava_pm", MODEL_ARGS[case["settings"]], case["prompt"]["before"])
     results, seen = ask(lm, tiny, case)
     check_requests(tiny, case, seen)
     check_scores(tiny, results, case["magnified"], name)
@@ -160,7 +160,7 @@ def test_resample_cd_matches_the_official_contrast(wrappers, tiny, golden, task_
     case = golden["cases"][name]
     record = case["resample_cd"]
     args = f"{MODEL_ARGS[case['settings']]},resample_cd={record['cd']}"
-    lm = wrappers.get("llava_pm", args, case["prompt"]["before"], pixels="pil")
+    lm = wrappers.get("llava_pm", args, case["prompt"]["before"])
     results, seen = ask(lm, tiny, case)
     check_requests(tiny, case, seen)
     check_scores(tiny, results, record, f"{name} resample_cd")

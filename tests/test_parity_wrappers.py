@@ -6,8 +6,9 @@ tests/test_parity_pm.py and tests/test_parity_pai.py build ``PerceptionMagnifier
 here ``llava_pm`` and ``llava_pai`` are built as lmms-eval builds them (tests/_parity_wrappers.py:
 ``get_model(name, force_simple=True).create_from_arg_string("pretrained=<tiny checkpoint>,preset=official...")``)
 and answer lmms-eval ``generate_until`` Instances; the generated ids and every step's logits / scores
-are compared with the same fixtures at the same tolerances. The image processor is replaced where the
-fixtures need other pixels than transformers 5's default loads (``Wrappers.get``'s ``pixels``).
+are compared with the same fixtures at the same tolerances. The image processor is the one the preset sets
+up (``image_backend=pil``: the official pixels), except where the fixtures were made on pixel tensors, not
+images (``Wrappers.get``'s ``pixels``).
 """
 
 from __future__ import annotations
@@ -54,12 +55,14 @@ PM_MODEL_ARGS = {"pope": "preset=official_pope,precision=fp32", "mme": "preset=o
 )
 def test_llava_pm_generates_the_official_answer(wrappers, tiny, pm_fixtures, name, refresh):
     """llava_pm preset=official_* (and refresh=every_token, the official --resample_during_sampling) through
-    lmms-eval's generate_until: the request is the fixture's prompt, the magnified image(s) are the official
-    ones, the answer is the official ids, and every answer step's logits are within the fixtures' tolerance."""
+    lmms-eval's generate_until, nothing replaced: the request is the fixture's prompt, the magnified image(s) are
+    the official ones, the answer is the official ids, and every answer step's logits are within the fixtures'
+    tolerance. The preset's image_backend=pil is what gives the official pixels: the magnified image's pixels are
+    the official ones bit for bit, and with image_backend=default (transformers 5's torchvision backend) they differ."""
     data, arrays, _ = pm_fixtures
     case = data["cases"][name]
     args = PM_MODEL_ARGS[case["settings"]] + (",refresh=every_token" if refresh == "every_token" else "")
-    lm = wrappers.get("llava_pm", args, case["prompt"]["before"], pixels="pil")
+    lm = wrappers.get("llava_pm", args, case["prompt"]["before"])
     lm.technique.keep_steps, lm.technique.steps = True, []
     image = Image.open(pm_parity.FIX / f"image_{case['image']}.png").convert("RGB")
     question = tiny.words(case["prompt"]["after"][: -len(tiny.ASSISTANT_IDS)])
@@ -78,6 +81,15 @@ def test_llava_pm_generates_the_official_answer(wrappers, tiny, pm_fixtures, nam
         assert [np.flatnonzero(b).tolist() for b in ours.search.blocked] == want["blocked"]
         np.testing.assert_array_equal(np.asarray(ours.image), arrays[f"{prefix}magnified"])
     pm_parity._check_logits(rows, ref["answer_logits"] if refresh == "once" else ref["logits"], f"{name} {refresh}")
+    if refresh == "once":
+        magnified = [lm.technique.steps[0].image]
+        assert (
+            tiny.tensor_sha256(req.processor.image_processor(images=magnified, return_tensors="pt")["pixel_values"])
+            == (ref["magnified_pixels_sha256"])
+        )
+        default = wrappers.get("llava_pm", args + ",image_backend=default", case["prompt"]["before"])
+        pixels = default._image_processor.image_processor(images=magnified, return_tensors="pt")["pixel_values"]
+        assert tiny.tensor_sha256(pixels) != ref["magnified_pixels_sha256"]
 
 
 # ------------------------------------------------------------------------------------------ llava_pai
@@ -322,7 +334,7 @@ def test_llava_lochead_preprocesses_as_the_official_llava(wrappers, tiny, lochea
     case = pm_fixtures[0]["cases"][name]
     image = Image.open(pm_parity.FIX / f"image_{case['image']}.png").convert("RGB")
     assert image.size[0] != image.size[1]
-    lm = wrappers.get("llava_lochead", LOCHEAD_ARGS, s["before"], suffix=(), pixels="pil")
+    lm = wrappers.get("llava_lochead", LOCHEAD_ARGS, s["before"], suffix=())
     seen = []
     tower = lm._model.model.vision_tower
     handle = tower.register_forward_pre_hook(

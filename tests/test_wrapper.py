@@ -81,3 +81,66 @@ def test_recipe_is_logged_in_full(tiny_ckpt):
     recipe = lm.technique.describe()
     assert recipe["use_cfg"] is True and recipe["gamma"] == 1.1 and recipe["alpha"] == 0.2
     json.dumps(recipe)
+
+
+def test_baseline_is_the_stock_class_on_the_same_pixels(tiny_ckpt):
+    """baseline=true with pad_to_square and image_backend=pil (what compare --run runs beside such a technique):
+    no technique is built and the preprocessing applies, so pixels, answer and logits equal, bit for bit, stock
+    llava_hf's on the image padded by hand through the CLIP processor put on PIL by hand; the same model_args
+    without baseline=true run PAI (a strong boost) and change the logits."""
+    from _parity_wrappers import pil_backend
+    from lmms_eval.models.simple.llava_hf import LlavaHf
+
+    from methods.technique import mean_colour, pad_to_square
+
+    stock = LlavaHf(pretrained=str(tiny_ckpt), device="cpu", device_map="cpu")
+    stock._image_processor.image_processor = pil_backend(stock._image_processor.image_processor)
+    _, image, prompt = make_inputs(stock._image_processor)  # 40 x 30: the pad matters
+    square, _ = pad_to_square(image, mean_colour(stock._image_processor.image_processor))
+    args = dict(pretrained=str(tiny_ckpt), alpha=5.0, start_layer=0, use_cfg=False, pad_to_square=True)
+    outputs = []
+    for lm, seen in (
+        (stock, square),
+        (_pai(**args, image_backend="pil", baseline=True), image),
+        (_pai(**args, image_backend="pil"), image),
+    ):
+        inputs = lm._image_processor(images=[seen], text=prompt, return_tensors="pt")
+        with torch.no_grad():
+            outputs.append((inputs, lm.model.generate(**inputs, max_new_tokens=4, do_sample=False), lm.model(**inputs)))
+    (want, answer, logits), (got, base_answer, base_logits), (_, _, pai_logits) = outputs
+    assert torch.equal(got["pixel_values"], want["pixel_values"]) and torch.equal(got["input_ids"], want["input_ids"])
+    assert torch.equal(base_answer, answer) and torch.equal(base_logits.logits, logits.logits)
+    assert not torch.allclose(pai_logits.logits, logits.logits, atol=1e-3)
+
+
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        ({"image_backend": "torchvision"}, "image_backend='torchvision' is not one of default, pil"),
+        ({"baseline": "maybe"}, "baseline='maybe' is not a valid bool"),
+    ],
+)
+def test_bad_preprocessing_args_fail_at_construction(tiny_ckpt, kwargs, message):
+    with pytest.raises(ModelArgsError, match=message):
+        _pai(pretrained=str(tiny_ckpt), **kwargs)
+
+
+def test_image_backend_pil_names_a_processor_without_a_pil_backend():
+    from transformers import CLIPImageProcessor
+    from transformers.image_processing_backends import TorchvisionBackend
+
+    from lmms_eval_plugins.base import pil_image_processor, use_image_backend
+
+    clip = CLIPImageProcessor(size={"shortest_edge": 24}, crop_size={"height": 24, "width": 24})
+    pil = pil_image_processor(clip)
+    assert type(pil).__name__ == "CLIPImageProcessorPil" and pil.to_dict() | {"image_processor_type": None} == (
+        clip.to_dict() | {"image_processor_type": None}
+    )
+
+    class Custom(TorchvisionBackend):  # e.g. a trust_remote_code processor with no PIL sibling
+        pass
+
+    with pytest.raises(ModelArgsError, match="image processor Custom has no PIL backend .* use image_backend=default"):
+        pil_image_processor(Custom())
+    with pytest.raises(ModelArgsError, match="processor object has no image_processor; use image_backend=default"):
+        use_image_backend(object(), "pil")

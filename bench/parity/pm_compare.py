@@ -112,9 +112,7 @@ def first_token(fixtures: Path) -> None:
     for name, case in golden["cases"].items():
         for label, extra in (("magnified", ""), ("resample_cd", f",resample_cd={case['resample_cd']['cd']}")):
             record = case[label]
-            lm = wrappers.get(
-                "llava_pm", ft.MODEL_ARGS[case["settings"]] + extra, case["prompt"]["before"], pixels="pil"
-            )
+            lm = wrappers.get("llava_pm", ft.MODEL_ARGS[case["settings"]] + extra, case["prompt"]["before"])
             results, _ = ft.ask(lm, tiny, case)
             ids = [ft.answer_id(tiny, w) for w in ("Yes", "No")]
             diff = max(abs(-loss - record["logprob"][str(i)]) for (loss, _), i in zip(results, ids))

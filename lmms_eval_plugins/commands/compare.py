@@ -5,7 +5,10 @@
     lmms-plugins compare --baseline published:llava-1.5-7b results/llava_pm       # published, not re-run
 
 With --run, both models go through the real lmms-eval CLI on the same checkpoint
-(default: the bundled shapeworld-tiny), one after the other, then the table is printed.
+(default: the bundled shapeworld-tiny), one after the other, then the table is printed. The baseline
+is stock llava_hf, or, when MODEL's model_args (or preset) preprocess images otherwise than the class
+does (pad_to_square, image_backend), MODEL itself with baseline=true and that preprocessing
+(``baseline_run``): the technique is then the one difference between the two runs.
 Each delta gets a paired 95% interval from the runs' per-sample logs (lmms-eval --log_samples;
 --run always writes them), accuracies also an exact McNemar p-value: docs/compare.md.
 """
@@ -92,8 +95,11 @@ def metric_rows(results: dict) -> dict[tuple[str, str], float]:
 def model_label(results: dict) -> str:
     cfg = results.get("config", {})
     args = cfg.get("model_args", "")
-    extra = ",".join(a for a in args.split(",") if a and not a.startswith(("pretrained=", "device")))
-    return cfg.get("model", "?") + (f"({extra})" if extra else "")
+    extra = [a for a in args.split(",") if a and not a.startswith(("pretrained=", "device"))]
+    if "baseline=true" in (a.lower() for a in extra):  # compare --run's baseline: the wrapper without its technique
+        rest = "; ".join(a for a in extra if a.lower() != "baseline=true")
+        return f"{cfg.get('model', '?')} baseline (no technique{'; ' + rest if rest else ''})"
+    return cfg.get("model", "?") + (f"({','.join(extra)})" if extra else "")
 
 
 @functools.cache
@@ -291,6 +297,35 @@ def first_error(log: str) -> str:
     return "(no error line in the log)"
 
 
+def baseline_run(model: str, model_args: str, device: str) -> tuple[str, str]:
+    """The baseline's (model name, model_args) for ``compare --run model --model_args model_args``: stock llava_hf,
+    unless ``model_args`` (directly or through its preset) preprocess images otherwise than the class does; then
+    ``model`` itself with ``baseline=true`` (no technique) and the resolved preprocessing, so that both runs see the
+    same pixels. The family's own arguments in ``model_args`` (dtype, ...) go to the baseline too."""
+    import importlib
+
+    from lmms_eval.utils import simple_parse_args_string
+
+    from ..base import COMMON_PARAMS, PREPROCESSING
+    from ..models import MODELS
+    from methods.params import parse_params
+
+    given = simple_parse_args_string(model_args or "")
+    module, cls, _ = next((v for k, v in MODELS.items() if model in (k, *v[2])), (None, None, None))
+    if module is None:
+        raise SystemExit(f"--run {model}: not a model of this package; models: {', '.join(MODELS)}")
+    lm = getattr(importlib.import_module(f"lmms_eval_plugins.models.{module}"), cls)
+    class_args = {*lm.family_args, "dtype"}  # the class's arguments (dtype: Bfloat16ClassMixin's)
+    family = {k: v for k, v in given.items() if k in class_args and k != "device"}  # run_pair passes device
+    technique = {k: v for k, v in given.items() if k not in class_args and k != "pretrained"}
+    params = parse_params((*lm.spec.params, *COMMON_PARAMS), technique, lm.spec.presets, owner=model)
+    own = {k: params[k] for k in PREPROCESSING if params[k] != PREPROCESSING[k]}
+    if not own:  # llava_hf's empty device_map default fails on transformers 5; the wrappers default it to the device
+        return "llava_hf", ",".join(f"{k}={v}" for k, v in {"device_map": device, **family}.items())
+    args = {"baseline": "true", **{k: str(v).lower() if isinstance(v, bool) else v for k, v in own.items()}, **family}
+    return model, ",".join(f"{k}={v}" for k, v in args.items())
+
+
 def run_pair(model, model_args, tasks, pretrained, output, limit=None, include_path=None, device=None):
     import torch
 
@@ -303,8 +338,12 @@ def run_pair(model, model_args, tasks, pretrained, output, limit=None, include_p
     include_path = include_path or str(tasks_dir())
     extra = ["--limit", str(limit)] if limit else []
     runs = []
-    for name, args in (("llava_hf", f"device_map={device}"), (model, model_args)):
-        out = Path(output) / name
+    base, base_args = baseline_run(model, model_args, device)
+    for name, args, folder in (
+        (base, base_args, "llava_hf" if base == "llava_hf" else "baseline"),
+        (model, model_args, model),
+    ):
+        out = Path(output) / folder
         full_args = ",".join(a for a in (f"pretrained={ckpt}", f"device={device}", args) if a)
         print(f"running {name} ({full_args}) on {tasks} ...", flush=True)
         # run_lmms_eval passes --log_samples: the per-sample logs give the deltas their intervals

@@ -52,8 +52,10 @@ PARAMS = (
 
 # preset=official and the other run_on_coco.py flags (methods/knockout.py OFFICIAL_FLAGS); the official
 # wrapper's process_images pads to a square (llava-v1.5-7b's image_aspect_ratio=pad: expand2square)
+# and resizes with PIL (its CLIPImageProcessor, transformers 4.37: image_backend=pil)
 OFFICIAL_PRESETS = {
-    name: {"mode": m, "last_row": r, "window": w, "pad_to_square": True} for name, (m, r, w) in OFFICIAL_FLAGS.items()
+    name: {"mode": m, "last_row": r, "window": w, "pad_to_square": True, "image_backend": "pil"}
+    for name, (m, r, w) in OFFICIAL_FLAGS.items()
 }
 
 SPEC = TechniqueSpec(

@@ -199,11 +199,13 @@ SPEC = TechniqueSpec(
             "sigma": 1.0,
             "box_mode": "minmax",
             "pad_to_square": True,
+            "image_backend": "pil",  # LLaVA-1.5's CLIPImageProcessor from transformers 4.x: PIL resampling
             "precision": "official",  # the official runs are fp16 (docs/lochead.md "Precision")
         },
         # 9ffe219: each request's own top-5 heads, its selection, its min/max box stretched onto the image
         "official_v2": {
             "pad_to_square": True,
+            "image_backend": "pil",  # LLaVA-1.5's CLIPImageProcessor from transformers 4.x: PIL resampling
             "precision": "official",  # the official runs are fp16 (docs/lochead.md "Precision")
             "prompt": "official",
             "selection": "official_v2",

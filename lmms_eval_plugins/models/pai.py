@@ -71,9 +71,10 @@ SPEC = TechniqueSpec(
     params=PARAMS,
     build=lambda p, model: Pai(num_layers(model), **{k: p[k] for k in DEFAULTS}),
     presets={
-        "official": OFFICIAL,
+        # pope_eval.py:69 / chair_eval.py:69 call LLaVA-1.5's CLIPImageProcessor (transformers 4.37: PIL) on the image
+        "official": {**OFFICIAL, "image_backend": "pil"},
         # the paper's settings are the official scripts' (README.md:65,82); without the two quirks (docs/pai.md)
-        "paper": {**OFFICIAL, "official_quirks": False},
+        "paper": {**OFFICIAL, "official_quirks": False, "image_backend": "pil"},
     },
     doc="PAI: boost attention to all image tokens on the answer rows (optionally with image-free CFG).",
 )

@@ -108,13 +108,14 @@ SPEC = TechniqueSpec(
         model, **{k: p[k] for k in DEFAULTS}, save_visuals=p["save_visuals"], max_visuals=p["max_visuals"]
     ),
     presets={
-        "official": OFFICIAL,
+        # modPAI/chair_eval.py:72, pope_eval.py:69 call LLaVA-1.5's CLIPImageProcessor (transformers 4.37: PIL) on the image
+        "official": {**OFFICIAL, "image_backend": "pil"},
         # modpai_eval.sh:17 verbatim (its captions in the repository's results average 6 words)
-        "script": {**OFFICIAL, "alpha": 0.9},
+        "script": {**OFFICIAL, "image_backend": "pil", "alpha": 0.9},
         # paper, spatial-token ablation: alpha 0.7, beta 0.4 (results/chair/llava-1.5/*_alpha_0.7_beta_0.4_cfg_1.1.jsonl)
-        "paper": {**OFFICIAL, "beta": 0.4},
+        "paper": {**OFFICIAL, "image_backend": "pil", "beta": 0.4},
         # paper, "PAINT with spatial tokens" (*_alpha_0.7_beta_0.4_cfg_1.1_spatial_0.05.jsonl; the only spatial code is clip_encoder.py:31)
-        "paper_spatial": {**OFFICIAL, "beta": 0.4, "spatial_ratio": 0.05},
+        "paper_spatial": {**OFFICIAL, "image_backend": "pil", "beta": 0.4, "spatial_ratio": 0.05},
         # ours: the paper's margins with our evenly spread spatial tokens and per-head modulation, no CFG
         "full": {"alpha": 0.7, "beta": 0.4, "spatial": "grid", "spatial_ratio": 0.05, "head_modulation": "sensitivity"},
     },

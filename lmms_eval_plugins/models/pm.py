@@ -147,7 +147,11 @@ SPEC = TechniqueSpec(
     name="llava_pm",
     params=PARAMS,
     build=build,
-    presets={name: dict(values) for name, values in PRESETS.items()},
+    # the official presets see the official pixels: mm_utils.py:166-184 runs transformers 4.37's CLIPImageProcessor (PIL)
+    presets={
+        name: {**values, "image_backend": "pil"} if name.startswith("official") else dict(values)
+        for name, values in PRESETS.items()
+    },
     doc="Perception Magnifier: magnify the attended image regions (iteratively refined attention map) and answer again.",
     refused=REFUSED,
 )

@@ -152,9 +152,11 @@ SPEC = TechniqueSpec(
     presets={
         "prune_5pct": {"mode": "prune", "keep_ratio": 0.05},
         # OmriKaduri/vlm-interp run_on_coco.py -k 0.05 -k_selection_method attn_over_gen_percentage (default flags);
-        # every official preset pads to a square, as the official wrapper's process_images (image_aspect_ratio=pad)
+        # every official preset pads to a square, as the official wrapper's process_images (image_aspect_ratio=pad),
+        # and resizes with PIL, as its CLIPImageProcessor (transformers 4.37)
         "official": {
             "pad_to_square": True,
+            "image_backend": "pil",
             "mode": "prune",
             "keep_ratio": 0.05,
             "selection": "describe",
@@ -163,6 +165,7 @@ SPEC = TechniqueSpec(
         },
         "fastv": {
             "pad_to_square": True,
+            "image_backend": "pil",
             "mode": "fastv",
             "fastv_layer": 2,
             "fastv_ratio": 0.5,
@@ -170,6 +173,7 @@ SPEC = TechniqueSpec(
         # run_on_coco.py -k 0.05 then run_on_coco_from_cache.py -cache_strategy qs (its default)
         "official_reprompt": {
             "pad_to_square": True,
+            "image_backend": "pil",
             "mode": "compressed",
             "keep_ratio": 0.05,
             "cache_strategy": "qs",
@@ -177,6 +181,7 @@ SPEC = TechniqueSpec(
         },
         "official_no_encoding": {
             "pad_to_square": True,
+            "image_backend": "pil",
             "mode": "prune",
             "keep_ratio": 0.05,
             "selection": "describe",
