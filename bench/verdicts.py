@@ -42,6 +42,7 @@ from __future__ import annotations
 import argparse
 import ast
 import dataclasses
+import importlib
 import functools
 import json
 import shlex
@@ -214,6 +215,46 @@ CLAIMS: list[Claim] = [
           "same, count accuracy"),
 ]
 # fmt: on
+
+
+def preprocessing(run: EvalRun) -> dict:
+    """How ``run`` preprocesses images beyond its class's own (``pad_to_square``, ``image_backend``), directly or
+    through its preset: {} for stock llava_hf and for a run that keeps the class's own."""
+    from lmms_eval_plugins.base import PREPROCESSING
+    from lmms_eval_plugins.models import MODELS
+
+    if run.model == "llava_hf":
+        return {}
+    module, cls, _ = MODELS[run.model]
+    spec = getattr(importlib.import_module(f"lmms_eval_plugins.models.{module}"), cls).spec
+    given = dict(a.split("=", 1) for a in run.model_args.split(",") if "=" in a)
+    values = {k: given[k] for k in PREPROCESSING if k in given}
+    preset = spec.presets.get(given.get("preset"), {}) if "preset" in given else {}
+    values = {**{k: preset[k] for k in PREPROCESSING if k in preset}, **values}
+    return {k: str(v).lower() for k, v in values.items() if str(v).lower() != str(PREPROCESSING[k]).lower()}
+
+
+def same_pixels(claim: Claim) -> Claim:
+    """``claim`` with a baseline that sees the technique run's pixels: an ``official*`` preset pads to a square or
+    resizes on the PIL backend as the official code does, and comparing it with a baseline that does neither
+    would measure the preprocessing too. The baseline run then gets those arguments (stock llava_hf becomes a
+    wrapper with ``baseline=true``: no technique, bit-identical to llava_hf on the same pixels)."""
+    want, have = preprocessing(RUNS[claim.other]), preprocessing(RUNS[claim.base])
+    if want == have:
+        return claim
+    base = RUNS[claim.base]
+    extra = ",".join(f"{k}={v}" for k, v in sorted(want.items()))
+    if base.model == "llava_hf":
+        run = EvalRun("llava_pai", f"baseline=true,{extra}", simple=base.simple)
+    else:
+        kept = ",".join(a for a in base.model_args.split(",") if a.split("=", 1)[0] not in want)
+        run = EvalRun(base.model, ",".join(a for a in (kept, extra) if a), simple=base.simple, needs=base.needs)
+    name = f"{claim.base}+{extra.replace(',', '+')}"
+    RUNS.setdefault(name, run)
+    return dataclasses.replace(claim, base=name)
+
+
+CLAIMS = [same_pixels(c) for c in CLAIMS]
 
 # viral-train variants: --preset official scaled to the testbed (bench/viral_shapeworld.py's official variants)
 VIRAL_VARIANTS = {

@@ -145,3 +145,16 @@ def test_commands_log_samples_and_fill_heads_adapters_and_the_middle_window(tmp_
     assert "--force_simple" in V.eval_command(ctx, "pm_official_first_token")
     steps = {s for s, _, _ in V.prep_steps(ctx, ["lochead_official", "viral_official"])}
     assert steps == {"heads:official", "heads:paper", "viral:official"}
+
+
+def test_every_claims_two_runs_see_the_same_pixels():
+    """An official preset pads to a square or resizes on the PIL backend; its claim's baseline must do the same,
+    else the delta measures the preprocessing too (stock llava_hf becomes a ``baseline=true`` run)."""
+    for claim in V.CLAIMS:
+        assert V.preprocessing(V.RUNS[claim.base]) == V.preprocessing(V.RUNS[claim.other]), claim.name
+    by_name = {c.name: c for c in V.CLAIMS}
+    base = V.RUNS[by_name["pai_chair_i"].base]
+    assert (base.model, base.model_args) == ("llava_pai", "baseline=true,image_backend=pil")
+    assert by_name["pm_pope_paper"].base == "llava_hf"  # the paper's settings keep the class's own pixels
+    first_token = V.RUNS[by_name["pm_first_token_official"].base]
+    assert first_token.simple and first_token.model_args == "alpha=0,max_iter=0,image_backend=pil"
