@@ -217,21 +217,30 @@ CLAIMS: list[Claim] = [
 # fmt: on
 
 
+def _given(run: EvalRun) -> dict:
+    return dict(a.split("=", 1) for a in run.model_args.split(",") if "=" in a)
+
+
+def preset_values(run: EvalRun) -> dict:
+    """What ``preset=`` in ``run`` sets today ({} without one): a run made before a preset changed is stale."""
+    from lmms_eval_plugins.models import MODELS
+
+    given = _given(run)
+    if run.model == "llava_hf" or "preset" not in given:
+        return {}
+    module, cls, _ = MODELS[run.model]
+    spec = getattr(importlib.import_module(f"lmms_eval_plugins.models.{module}"), cls).spec
+    return {k: str(v) for k, v in spec.presets[given["preset"]].items()}
+
+
 def preprocessing(run: EvalRun) -> dict:
     """How ``run`` preprocesses images beyond its class's own (``pad_to_square``, ``image_backend``), directly or
     through its preset: {} for stock llava_hf and for a run that keeps the class's own."""
     from lmms_eval_plugins.base import PREPROCESSING
-    from lmms_eval_plugins.models import MODELS
 
-    if run.model == "llava_hf":
-        return {}
-    module, cls, _ = MODELS[run.model]
-    spec = getattr(importlib.import_module(f"lmms_eval_plugins.models.{module}"), cls).spec
-    given = dict(a.split("=", 1) for a in run.model_args.split(",") if "=" in a)
-    values = {k: given[k] for k in PREPROCESSING if k in given}
-    preset = spec.presets.get(given.get("preset"), {}) if "preset" in given else {}
-    values = {**{k: preset[k] for k in PREPROCESSING if k in preset}, **values}
-    return {k: str(v).lower() for k, v in values.items() if str(v).lower() != str(PREPROCESSING[k]).lower()}
+    values = {**preset_values(run), **_given(run)}
+    values = {k: str(values[k]).lower() for k in PREPROCESSING if k in values}
+    return {k: v for k, v in values.items() if v != str(PREPROCESSING[k]).lower()}
 
 
 def same_pixels(claim: Claim) -> Claim:
@@ -498,13 +507,16 @@ def eval_command(ctx: Context, name: str) -> list[str]:
 
 
 def finished(ctx: Context, name: str) -> Run | None:
-    """The run's results when they hold every task it needs, at these model_args and this limit."""
+    """The run's results when they hold every task it needs, at these model_args, this limit and what its preset
+    sets today (``preset.json``, written beside the results)."""
     try:
         run = load_run(run_dir(ctx, name))
-    except SystemExit:
+        preset = json.loads((run_dir(ctx, name) / "preset.json").read_text())
+    except (SystemExit, OSError, ValueError):
         return None
     cfg = run.results.get("config", {})
     same = cfg.get("model_args") == ctx.model_args(RUNS[name]) and cfg.get("limit") == ctx.limit
+    same = same and preset == preset_values(RUNS[name])
     return run if same and set(run_tasks(name)) <= set(run.results.get("results", {})) else None
 
 
@@ -580,6 +592,7 @@ def execute(ctx: Context, names, timings: dict) -> None:
         print(f"[{time.strftime('%H:%M:%S')}] run {k}/{len(pending)} {name}: {ctx.shown(cmd)}", flush=True)
         t0 = time.time()
         proc = subprocess.run(_executable(cmd), capture_output=True, text=True, env=env, cwd=REPO)
+        (run_dir(ctx, name) / "preset.json").write_text(json.dumps(preset_values(RUNS[name]), sort_keys=True))
         (logs / f"{name}.log").write_text(proc.stdout + proc.stderr)
         timings[name] = {
             "seconds": round(time.time() - t0, 1),
