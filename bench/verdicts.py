@@ -42,7 +42,6 @@ from __future__ import annotations
 import argparse
 import ast
 import dataclasses
-import importlib
 import functools
 import json
 import shlex
@@ -54,6 +53,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from lmms_eval_plugins import models  # noqa: E402
 from lmms_eval_plugins.commands.compare import (  # noqa: E402
     Run,
     first_error,
@@ -217,49 +217,28 @@ CLAIMS: list[Claim] = [
 # fmt: on
 
 
-def _given(run: EvalRun) -> dict:
-    return dict(a.split("=", 1) for a in run.model_args.split(",") if "=" in a)
-
-
 def preset_values(run: EvalRun) -> dict:
     """What ``preset=`` in ``run`` sets today ({} without one): a run made before a preset changed is stale."""
-    from lmms_eval_plugins.models import MODELS
-
-    given = _given(run)
-    if run.model == "llava_hf" or "preset" not in given:
-        return {}
-    module, cls, _ = MODELS[run.model]
-    spec = getattr(importlib.import_module(f"lmms_eval_plugins.models.{module}"), cls).spec
-    return {k: str(v) for k, v in spec.presets[given["preset"]].items()}
+    lm, preset = models.plugin_class(run.model), models.arg_pairs(run.model_args).get("preset")
+    return {k: str(v) for k, v in lm.spec.presets[preset].items()} if lm and preset else {}
 
 
 def preprocessing(run: EvalRun) -> dict:
-    """How ``run`` preprocesses images beyond its class's own (``pad_to_square``, ``image_backend``), directly or
-    through its preset: {} for stock llava_hf and for a run that keeps the class's own."""
-    from lmms_eval_plugins.base import PREPROCESSING
-
-    values = {**preset_values(run), **_given(run)}
-    values = {k: str(values[k]).lower() for k in PREPROCESSING if k in values}
-    return {k: v for k, v in values.items() if v != str(PREPROCESSING[k]).lower()}
+    """How ``run`` preprocesses images beyond its class's own (models.preprocessing)."""
+    return models.preprocessing(run.model, run.model_args)
 
 
 def same_pixels(claim: Claim) -> Claim:
     """``claim`` with a baseline that sees the technique run's pixels: an ``official*`` preset pads to a square or
     resizes on the PIL backend as the official code does, and comparing it with a baseline that does neither
-    would measure the preprocessing too. The baseline run then gets those arguments (stock llava_hf becomes a
-    wrapper with ``baseline=true``: no technique, bit-identical to llava_hf on the same pixels)."""
-    want, have = preprocessing(RUNS[claim.other]), preprocessing(RUNS[claim.base])
-    if want == have:
+    would measure the preprocessing too. The baseline run then gets those arguments (stock llava_hf becomes
+    ``llava_pai baseline=true``: no technique, bit-identical to llava_hf on the same pixels)."""
+    want, base = preprocessing(RUNS[claim.other]), RUNS[claim.base]
+    if want == preprocessing(base):
         return claim
-    base = RUNS[claim.base]
-    extra = ",".join(f"{k}={v}" for k, v in sorted(want.items()))
-    if base.model == "llava_hf":
-        run = EvalRun("llava_pai", f"baseline=true,{extra}", simple=base.simple)
-    else:
-        kept = ",".join(a for a in base.model_args.split(",") if a.split("=", 1)[0] not in want)
-        run = EvalRun(base.model, ",".join(a for a in (kept, extra) if a), simple=base.simple, needs=base.needs)
-    name = f"{claim.base}+{extra.replace(',', '+')}"
-    RUNS.setdefault(name, run)
+    model, args = models.on_same_pixels(base.model, base.model_args, want, "llava_pai")
+    name = f"{claim.base}+{'+'.join(f'{k}={v}' for k, v in sorted(want.items()))}"
+    RUNS.setdefault(name, EvalRun(model, args, simple=base.simple, needs=base.needs))
     return dataclasses.replace(claim, base=name)
 
 

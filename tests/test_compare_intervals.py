@@ -270,7 +270,7 @@ def test_compare_on_real_lmms_eval_output(capsys):
         (
             "llava_knockout",
             "preset=official,device=cpu",
-            ("llava_knockout", "baseline=true,pad_to_square=true,image_backend=pil"),
+            ("llava_knockout", "baseline=true,image_backend=pil,pad_to_square=true"),
         ),
         (
             "llava_lochead",

@@ -149,9 +149,10 @@ def test_the_table_means_sums_scales_and_judges_precision_on_hand_written_result
         None,
         {t: {"pope_accuracy": ours[s]} for t, s in pope.items()},
     )
+    greedy = jobs[recipe.row("pope_avg").baseline]  # greedy on the official preset's pixels
     _results(
-        jobs["greedy"].output,
-        jobs["greedy"].model_args,
+        greedy.output,
+        greedy.model_args,
         None,
         {
             **{t: {"pope_accuracy": base[s]} for t, s in pope.items()},
@@ -189,7 +190,8 @@ def test_relative_rows_and_the_published_baseline(tmp_path):
     rows = knockout.select(["compressed_pope_adv"])
     jobs = {j.run.name: j for j in reproduce.plan(knockout, rows, output=tmp_path)}
     _results(jobs["compressed"].output, jobs["compressed"].model_args, None, {"pope_adv": {"pope_accuracy": 0.81}})
-    _results(jobs["greedy"].output, jobs["greedy"].model_args, None, {"pope_adv": {"pope_accuracy": 0.84}})
+    greedy = jobs[knockout.row("compressed_pope_adv").baseline]  # on the official preset's pixels
+    _results(greedy.output, greedy.model_args, None, {"pope_adv": {"pope_accuracy": 0.84}})
     cells = reproduce.measure(
         knockout, rows, jobs, testbed=False, limit=None, pretrained_id="x", published_baseline=False
     )
@@ -240,7 +242,7 @@ def test_dry_run_prints_one_command_per_run_with_the_rows_tasks_and_runs_nothing
         got[opts["--model_args"].split("device=cpu,")[1]] = set(opts["--tasks"].split(","))
     pope = {"pope_random_first_token", "pope_pop_first_token", "pope_adv_first_token"}
     assert got == {
-        "alpha=0,max_iter=0": pope | {"mme_official8_first_token"},
+        "alpha=0,max_iter=0,image_backend=pil": pope | {"mme_official8_first_token"},  # on the presets' pixels
         "preset=official_pope": pope,
         "preset=official_mme": {"mme_official8_first_token"},
     }
@@ -298,3 +300,18 @@ def test_recipe_files_are_plain_yaml_for_other_tools():
     for paper in recipes.papers():
         data = yaml.safe_load((recipes.RECIPES_DIR / f"{paper}.yaml").read_text())
         assert data["paper"] == paper and data["rows"]
+
+
+def test_every_rows_baseline_sees_its_runs_pixels():
+    """An official preset pads or resizes as the paper's code does; its row's baseline does the same (a derived
+    run: the baseline's arguments plus those, stock llava_hf as the row's wrapper with baseline=true)."""
+    from lmms_eval_plugins.models import preprocessing
+
+    for recipe in recipes.all_recipes():
+        for row in recipe.rows:
+            if row.baseline:
+                run, base = recipe.runs[row.run], recipe.runs[row.baseline]
+                assert preprocessing(run.model, run.model_args) == preprocessing(base.model, base.model_args), row
+    paint = next(r for r in recipes.load("pai_paint").rows if r.name == "paint_chair_i")
+    base = recipes.load("pai_paint").runs[paint.baseline]
+    assert (base.model, base.model_args) == ("llava_paint", "baseline=true,image_backend=pil")

@@ -302,28 +302,23 @@ def baseline_run(model: str, model_args: str, device: str) -> tuple[str, str]:
     unless ``model_args`` (directly or through its preset) preprocess images otherwise than the class does; then
     ``model`` itself with ``baseline=true`` (no technique) and the resolved preprocessing, so that both runs see the
     same pixels. The family's own arguments in ``model_args`` (dtype, ...) go to the baseline too."""
-    import importlib
-
-    from lmms_eval.utils import simple_parse_args_string
-
-    from ..base import COMMON_PARAMS, PREPROCESSING
-    from ..models import MODELS
+    from ..base import COMMON_PARAMS
+    from ..models import MODELS, arg_pairs, on_same_pixels, plugin_class, preprocessing
     from methods.params import parse_params
 
-    given = simple_parse_args_string(model_args or "")
-    module, cls, _ = next((v for k, v in MODELS.items() if model in (k, *v[2])), (None, None, None))
-    if module is None:
+    lm = plugin_class(model)
+    if lm is None:
         raise SystemExit(f"--run {model}: not a model of this package; models: {', '.join(MODELS)}")
-    lm = getattr(importlib.import_module(f"lmms_eval_plugins.models.{module}"), cls)
+    given = arg_pairs(model_args)
     class_args = {*lm.family_args, "dtype"}  # the class's arguments (dtype: Bfloat16ClassMixin's)
     family = {k: v for k, v in given.items() if k in class_args and k != "device"}  # run_pair passes device
     technique = {k: v for k, v in given.items() if k not in class_args and k != "pretrained"}
-    params = parse_params((*lm.spec.params, *COMMON_PARAMS), technique, lm.spec.presets, owner=model)
-    own = {k: params[k] for k in PREPROCESSING if params[k] != PREPROCESSING[k]}
+    parse_params((*lm.spec.params, *COMMON_PARAMS), technique, lm.spec.presets, owner=model)  # bad args fail here
+    own = preprocessing(model, model_args)
     if not own:  # llava_hf's empty device_map default fails on transformers 5; the wrappers default it to the device
         return "llava_hf", ",".join(f"{k}={v}" for k, v in {"device_map": device, **family}.items())
-    args = {"baseline": "true", **{k: str(v).lower() if isinstance(v, bool) else v for k, v in own.items()}, **family}
-    return model, ",".join(f"{k}={v}" for k, v in args.items())
+    base_model, base_args = on_same_pixels("llava_hf", "", own, model)
+    return base_model, ",".join([base_args, *(f"{k}={v}" for k, v in family.items())])
 
 
 def run_pair(model, model_args, tasks, pretrained, output, limit=None, include_path=None, device=None):

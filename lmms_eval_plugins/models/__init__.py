@@ -45,3 +45,40 @@ MODELS = {
     "internvl_hf_viral": ("internvl", "InternvlHfViral", ()),
 }
 SIMPLE_ONLY = ("gemma3",)  # modules whose names have no chat class
+
+
+def plugin_class(model: str):
+    """The plugin's class registered as ``model`` (or one of its aliases); None for any other name (stock classes)."""
+    import importlib
+
+    module, cls, _ = next((v for k, v in MODELS.items() if model in (k, *v[2])), (None, None, None))
+    return getattr(importlib.import_module(f"lmms_eval_plugins.models.{module}"), cls) if module else None
+
+
+def arg_pairs(model_args: str) -> dict:
+    return dict(a.split("=", 1) for a in (model_args or "").split(",") if "=" in a)
+
+
+def preprocessing(model: str, model_args: str) -> dict:
+    """How a run preprocesses images beyond its class's own (``PREPROCESSING``: pad_to_square, image_backend),
+    given directly or through its preset, as lower-case strings; {} for a stock class."""
+    from ..base import PREPROCESSING
+
+    lm = plugin_class(model)
+    if lm is None:
+        return {}
+    given = arg_pairs(model_args)
+    values = {**lm.spec.presets.get(given.get("preset"), {}), **given}
+    values = {k: str(values[k]).lower() for k in PREPROCESSING if k in values}
+    return {k: v for k, v in values.items() if v != str(PREPROCESSING[k]).lower()}
+
+
+def on_same_pixels(base_model: str, base_args: str, want: dict, wrapper: str) -> tuple[str, str]:
+    """(model, model_args) of the baseline ``base_model base_args`` made to preprocess as ``want`` (a
+    ``preprocessing`` result): a wrapper keeps its arguments and takes ``want``'s; a stock class becomes
+    ``wrapper`` with ``baseline=true`` (no technique: the family's class on those pixels)."""
+    extra = ",".join(f"{k}={v}" for k, v in sorted(want.items()))
+    if plugin_class(base_model) is None:
+        return wrapper, f"baseline=true,{extra}"
+    kept = ",".join(a for a in (base_args or "").split(",") if a and a.split("=", 1)[0] not in want)
+    return base_model, ",".join(a for a in (kept, extra) if a)

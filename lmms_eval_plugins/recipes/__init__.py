@@ -264,6 +264,7 @@ def parse(data: dict, file: Path | None = None) -> Recipe:
         if row.paper is None and not row.claim and row.baseline is None:
             _fail(row_where, "a row with neither a paper value, a claim nor a baseline compares nothing")
         rows.append(row)
+    rows = [_on_same_pixels(row, runs) for row in rows]
     return Recipe(
         paper=data["paper"],
         title=data["title"],
@@ -352,6 +353,26 @@ def _float(loader, node):
 
 
 _Loader.add_constructor("tag:yaml.org,2002:float", _float)
+
+
+def _on_same_pixels(row: Row, runs: dict) -> Row:
+    """``row`` with a baseline that preprocesses images as its run does: an ``official*`` preset pads to a square
+    or resizes on the PIL backend as the paper's code does, and a baseline that does neither would put the
+    preprocessing into the delta. The derived baseline run (added to ``runs``) is the baseline with those
+    arguments; stock llava_hf becomes the row's wrapper with ``baseline=true`` (no technique)."""
+    from ..models import on_same_pixels, preprocessing
+
+    if row.baseline is None or row.run is None:
+        return row
+    run, base = runs[row.run], runs[row.baseline]
+    want = preprocessing(run.model, run.model_args)
+    if want == preprocessing(base.model, base.model_args):
+        return row
+    model, args = on_same_pixels(base.model, base.model_args, want, run.model)
+    name = f"{row.baseline}+{'+'.join(f'{k}={v}' for k, v in sorted(want.items()))}"
+    note = f"{row.baseline} on the pixels of {row.run} ({', '.join(f'{k}={v}' for k, v in sorted(want.items()))})"
+    runs.setdefault(name, dataclasses.replace(base, name=name, model=model, model_args=args, note=note))
+    return dataclasses.replace(row, baseline=name)
 
 
 @cache
