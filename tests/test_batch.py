@@ -101,12 +101,15 @@ def llava(tiny_ckpt):
     return model, RecordingProcessor(processor), [prompt(q) for q in QUESTIONS]
 
 
-def _llava_techniques(model):
+def _techniques(model):
+    """Name -> a technique for ``model`` (PAINT's need a CLS tower: LLaVA-1.5 / NeXT)."""
     n = hooks.num_layers(model)
+    reprompt = _reprompt_techniques(n)
     return {
         "pai": lambda: Pai(n, alpha=2.0, start_layer=0, use_cfg=False),
         "pai_cfg": lambda: Pai(n, alpha=2.0, start_layer=0, use_cfg=True, gamma=1.5),
         "knockout_query": lambda: Knockout(n, mode="query"),
+        "knockout_both": lambda: Knockout(n, mode="both", from_layer=1),
         "knockout_generated": lambda: Knockout(n, mode="generated", from_layer=1),
         "knockout_block_query": lambda: Knockout(n, mode="block_query"),
         "knockout_all": lambda: Knockout(n, mode="all"),
@@ -114,7 +117,15 @@ def _llava_techniques(model):
         "paint_heads_cfg": lambda: Paint.for_model(
             model, alpha=2.0, beta=1.0, start_layer=0, head_modulation="sensitivity", use_cfg=True
         ),
+        "prune": reprompt["prune_per_layer_last"],
+        "fastv": reprompt["fastv"],
     }
+
+
+def _plain(model, processor, prompts):
+    """Each prompt's scores alone with idle hooks: what a technique must move for an equality test to be able to fail."""
+    idle = Pai(hooks.num_layers(model), alpha=0, use_cfg=False)
+    return [_run(model, processor, idle, [p], [im])[1][0] for p, im in zip(prompts, IMAGES)]
 
 
 LLAVA_TECHNIQUES = (
@@ -132,12 +143,12 @@ LLAVA_TECHNIQUES = (
 @pytest.mark.parametrize("name", LLAVA_TECHNIQUES)
 def test_llava_batch_equals_batch_one(llava, name):
     model, processor, prompts = llava
-    technique = _llava_techniques(model)[name]()
+    technique = _techniques(model)[name]()
     alone, rows = _alone_and_batched(model, processor, technique, prompts)
     _assert_equal_per_request(alone, rows)
-    idle = Pai(hooks.num_layers(model), alpha=0, use_cfg=False)
-    plain = [_run(model, processor, idle, [p], [im])[1][0] for p, im in zip(prompts, IMAGES)]
-    assert _effect(alone, plain) > 100 * TOL  # the technique changes the answer's scores: the equality can fail
+    assert (
+        _effect(alone, _plain(model, processor, prompts)) > 100 * TOL
+    )  # the technique changes the answer's scores: the equality can fail
     assert not any(hooks.EDITS_ATTR in m.__dict__ for m in model.modules())
 
 
@@ -329,11 +340,8 @@ def test_anyres_batch_equals_batch_one(anyres, family, name):
     batch = family_request_batch(model, processor, prompts)
     assert len({int((r.input_ids == r.image_token_id).sum()) for r in batch}) > 1  # different tilings in one batch
     _assert_equal_per_request(alone, rows)
-    if name.startswith("paint"):
-        plain = [
-            _run(model, processor, Pai(n, alpha=0, use_cfg=False), [p], [im])[1][0] for p, im in zip(prompts, IMAGES)
-        ]
-        assert _effect(alone, plain) > 100 * TOL  # PAINT changes the answer's scores: the equality can fail
+    if name.startswith("paint"):  # PAINT changes the answer's scores: the equality can fail
+        assert _effect(alone, _plain(model, processor, prompts)) > 100 * TOL
 
 
 def test_paint_captures_on_tower_row_i_fail_on_next(anyres, monkeypatch):
@@ -391,21 +399,14 @@ def qwen3(tmp_path_factory):
 def test_qwen_batch_equals_batch_one(request, family, name):
     """Qwen2.5-VL and Qwen3-VL (whose forward also adds DeepStack features at each row's image tokens)."""
     model, processor, prompts = request.getfixturevalue(family)
-    n = hooks.num_layers(model)
-    technique = {
-        "pai": lambda: Pai(n, alpha=2.0, start_layer=0, use_cfg=False),
-        "pai_cfg": lambda: Pai(n, alpha=2.0, start_layer=0, use_cfg=True, gamma=1.5),
-        "knockout_query": lambda: Knockout(n, mode="query"),
-        "knockout_both": lambda: Knockout(n, mode="both", from_layer=1),
-    }[name]()
+    technique = _techniques(model)[name]()
     alone, rows = _alone_and_batched(model, processor, technique, prompts)
     counts = {int((r.input_ids == r.image_token_id).sum()) for r in family_request_batch(model, processor, prompts)}
     assert len(counts) > 1  # images of different sizes: different numbers of image tokens in one batch
     # this checkpoint's weights are spread wider (larger logits), and its vision tower runs every image's patches
     # as one sequence: measured up to 0.84 of the 1e-5 bound, so 3e-5 leaves room for other CPUs
     _assert_equal_per_request(alone, rows, tol=3 * TOL)
-    plain = [_run(model, processor, Pai(n, alpha=0, use_cfg=False), [p], [im])[1][0] for p, im in zip(prompts, IMAGES)]
-    assert _effect(alone, plain) > 100 * TOL
+    assert _effect(alone, _plain(model, processor, prompts)) > 100 * TOL
 
 
 def family_request_batch(model, processor, prompts):
@@ -484,8 +485,9 @@ def test_pruning_batch_equals_batch_one(llava, name):
     technique = _reprompt_techniques(n)[name]()
     alone, rows = _alone_and_batched(model, processor, technique, prompts)
     _assert_equal_per_request(alone, rows)
-    plain = [_run(model, processor, Pai(n, alpha=0, use_cfg=False), [p], [im])[1][0] for p, im in zip(prompts, IMAGES)]
-    assert _effect(alone, plain) > 100 * TOL or name == "prune_decode_rows"  # decode rows: the first token is stock's
+    assert (
+        _effect(alone, _plain(model, processor, prompts)) > 100 * TOL or name == "prune_decode_rows"
+    )  # decode rows: the first token is stock's
     assert not any(hooks.EDITS_ATTR in m.__dict__ for m in model.modules())
 
 
@@ -557,8 +559,9 @@ def test_pm_batch_equals_batch_one(request, fixture):
     for a, b in zip(one, batched):  # the same search, alone or in the batch: the same magnified image
         assert a.search.iterations == b.search.iterations
         assert np.array_equal(np.asarray(a.image), np.asarray(b.image))
-    plain = [_run(model, processor, Pai(n, alpha=0, use_cfg=False), [p], [im])[1][0] for p, im in zip(prompts, IMAGES)]
-    assert _effect(alone, plain) > 100 * TOL  # the magnified images change the answers' scores
+    assert (
+        _effect(alone, _plain(model, processor, prompts)) > 100 * TOL
+    )  # the magnified images change the answers' scores
 
 
 def test_pm_refuses_batches_it_cannot_serve_exactly(llava):
@@ -622,20 +625,11 @@ def test_gemma3_batch_equals_batch_one(gemma3, name):
     """Padded to a multiple of 8 on the left, as lmms-eval's gemma3 pads every prompt (batch size 1 too): at batch
     size 1 the image-free prompt of guidance leaves the padding out, as a batch does."""
     model, processor, prompts, _ = gemma3
-    n = hooks.num_layers(model)
-    technique = {
-        "pai": lambda: Pai(n, alpha=2.0, start_layer=0, use_cfg=False),
-        "pai_cfg": lambda: Pai(n, alpha=2.0, start_layer=0, use_cfg=True, gamma=1.5),
-        "knockout_query": lambda: Knockout(n, mode="query"),
-        "knockout_both": lambda: Knockout(n, mode="both", from_layer=1),
-        "prune": lambda: _reprompt_techniques(n)["prune_per_layer_last"](),
-        "fastv": lambda: _reprompt_techniques(n)["fastv"](),
-    }[name]()
+    technique = _techniques(model)[name]()
     alone_call = dict(padding=True, pad_to_multiple_of=8)
     alone, rows = _alone_and_batched(model, processor, technique, prompts, alone_call, pad_to_multiple_of=8)
     _assert_equal_per_request(alone, rows)
-    plain = [_run(model, processor, Pai(n, alpha=0, use_cfg=False), [p], [im])[1][0] for p, im in zip(prompts, IMAGES)]
-    assert _effect(alone, plain) > 100 * TOL
+    assert _effect(alone, _plain(model, processor, prompts)) > 100 * TOL
 
 
 def test_gemma3_wrapper_pads_batches_left(gemma3):
@@ -682,18 +676,9 @@ def internvl(tmp_path_factory):
 @pytest.mark.parametrize("name", ("pai", "pai_cfg", "knockout_query", "knockout_both", "prune", "fastv"))
 def test_internvl_batch_equals_batch_one(internvl, name):
     model, processor, prompts = internvl
-    n = hooks.num_layers(model)
-    technique = {
-        "pai": lambda: Pai(n, alpha=2.0, start_layer=0, use_cfg=False),
-        "pai_cfg": lambda: Pai(n, alpha=2.0, start_layer=0, use_cfg=True, gamma=1.5),
-        "knockout_query": lambda: Knockout(n, mode="query"),
-        "knockout_both": lambda: Knockout(n, mode="both", from_layer=1),
-        "prune": lambda: _reprompt_techniques(n)["prune_per_layer_last"](),
-        "fastv": lambda: _reprompt_techniques(n)["fastv"](),
-    }[name]()
+    technique = _techniques(model)[name]()
     alone, rows = _alone_and_batched(model, processor, technique, prompts)
     counts = {int((r.input_ids == r.image_token_id).sum()) for r in family_request_batch(model, processor, prompts)}
     assert len(counts) > 1, counts
     _assert_equal_per_request(alone, rows)
-    plain = [_run(model, processor, Pai(n, alpha=0, use_cfg=False), [p], [im])[1][0] for p, im in zip(prompts, IMAGES)]
-    assert _effect(alone, plain) > 100 * TOL
+    assert _effect(alone, _plain(model, processor, prompts)) > 100 * TOL
