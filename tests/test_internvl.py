@@ -369,7 +369,11 @@ def test_float32_loading_and_remote_code_off(tiny_internvl):
     [
         ("paint", {}, "internvl_hf_paint does not support internvl checkpoints.*each merge 4 patches.*InternViT"),
         ("viral", {}, "internvl_hf_viral needs adapter=DIR"),
-        ("pm", {"batch_size": 2}, "batch_size=2 is not supported .*runs its own passes per request"),
+        (
+            "pm",
+            {"batch_size": 2},
+            "batch_size=2 is not supported .*not yet put into a batch of InternVL \\(HF\\) pixel_values",
+        ),
     ],
 )
 def test_refusals_name_their_reason(tiny_internvl, name, kw, reason):

@@ -396,7 +396,7 @@ def test_float32_loading_without_remote_code(tiny_qwen3, monkeypatch):
     [
         ("paint", {}, "qwen3_vl_paint does not support qwen3_vl checkpoints.*Qwen3-VL vision tower.*has no CLS token"),
         ("viral", {}, "qwen3_vl_viral needs adapter=DIR"),
-        ("pm", {"batch_size": 2}, "batch_size=2 is not supported .*runs its own passes per request"),
+        ("pm", {"batch_size": 2, "refresh": "every_token"}, "batch_size=2 is not supported .*decodes token by token"),
     ],
 )
 def test_refusals_name_their_reason(tiny_qwen3, name, kw, reason):
