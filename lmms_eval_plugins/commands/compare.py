@@ -298,8 +298,9 @@ def first_error(log: str) -> str:
 
 
 def baseline_run(model: str, model_args: str, device: str) -> tuple[str, str]:
-    """The baseline's (model name, model_args) for ``compare --run model --model_args model_args``: stock llava_hf,
-    unless ``model_args`` (directly or through its preset) preprocess images otherwise than the class does; then
+    """The baseline's (model name, model_args) for ``compare --run model --model_args model_args``: the family's stock
+    lmms-eval class (llava_hf, qwen2_5_vl, ...), unless ``model_args`` (directly or through its preset) preprocess
+    images otherwise than the class does, or give it an argument it lacks (dtype on a bf16-only class); then
     ``model`` itself with ``baseline=true`` (no technique) and the resolved preprocessing, so that both runs see the
     same pixels. The family's own arguments in ``model_args`` (dtype, ...) go to the baseline too."""
     from ..base import COMMON_PARAMS
@@ -315,10 +316,11 @@ def baseline_run(model: str, model_args: str, device: str) -> tuple[str, str]:
     technique = {k: v for k, v in given.items() if k not in class_args and k != "pretrained"}
     parse_params((*lm.spec.params, *COMMON_PARAMS), technique, lm.spec.presets, owner=model)  # bad args fail here
     own = preprocessing(model, model_args)
-    if not own:  # llava_hf's empty device_map default fails on transformers 5; the wrappers default it to the device
-        return "llava_hf", ",".join(f"{k}={v}" for k, v in {"device_map": device, **family}.items())
-    base_model, base_args = on_same_pixels("llava_hf", "", own, model)
-    return base_model, ",".join([base_args, *(f"{k}={v}" for k, v in family.items())])
+    if not own and set(family) <= set(lm.family_args):  # the family's own class takes every argument given
+        # (llava_hf's empty device_map default fails on transformers 5; the wrappers default it to the device)
+        return lm.family, ",".join(f"{k}={v}" for k, v in {"device_map": device, **family}.items())
+    base_model, base_args = on_same_pixels(lm.family, "", own, model)  # dtype on a bf16-only class: the wrapper
+    return base_model, ",".join(a for a in [base_args, *(f"{k}={v}" for k, v in family.items())] if a)
 
 
 def run_pair(model, model_args, tasks, pretrained, output, limit=None, include_path=None, device=None):
@@ -335,7 +337,7 @@ def run_pair(model, model_args, tasks, pretrained, output, limit=None, include_p
     runs = []
     base, base_args = baseline_run(model, model_args, device)
     for name, args, folder in (
-        (base, base_args, "llava_hf" if base == "llava_hf" else "baseline"),
+        (base, base_args, "baseline" if base == model else base),
         (model, model_args, model),
     ):
         out = Path(output) / folder

@@ -79,6 +79,6 @@ def on_same_pixels(base_model: str, base_args: str, want: dict, wrapper: str) ->
     ``wrapper`` with ``baseline=true`` (no technique: the family's class on those pixels)."""
     extra = ",".join(f"{k}={v}" for k, v in sorted(want.items()))
     if plugin_class(base_model) is None:
-        return wrapper, f"baseline=true,{extra}"
+        return wrapper, ",".join(a for a in ("baseline=true", extra) if a)
     kept = ",".join(a for a in (base_args or "").split(",") if a and a.split("=", 1)[0] not in want)
     return base_model, ",".join(a for a in (kept, extra) if a)
