@@ -233,11 +233,11 @@ def same_pixels(claim: Claim) -> Claim:
     resizes on the PIL backend as the official code does, and comparing it with a baseline that does neither
     would measure the preprocessing too. The baseline run then gets those arguments (stock llava_hf becomes
     ``llava_pai baseline=true``: no technique, bit-identical to llava_hf on the same pixels)."""
-    want, base = preprocessing(RUNS[claim.other]), RUNS[claim.base]
-    if want == preprocessing(base):
+    base, other = RUNS[claim.base], RUNS[claim.other]
+    like = models.baseline_like(claim.base, base.model, base.model_args, other.model, other.model_args, "llava_pai")
+    if like is None:
         return claim
-    model, args = models.on_same_pixels(base.model, base.model_args, want, "llava_pai")
-    name = f"{claim.base}+{'+'.join(f'{k}={v}' for k, v in sorted(want.items()))}"
+    name, model, args = like
     RUNS.setdefault(name, EvalRun(model, args, simple=base.simple, needs=base.needs))
     return dataclasses.replace(claim, base=name)
 

@@ -82,3 +82,14 @@ def on_same_pixels(base_model: str, base_args: str, want: dict, wrapper: str) ->
         return wrapper, ",".join(a for a in ("baseline=true", extra) if a)
     kept = ",".join(a for a in (base_args or "").split(",") if a and a.split("=", 1)[0] not in want)
     return base_model, ",".join(a for a in (kept, extra) if a)
+
+
+def baseline_like(name: str, base_model: str, base_args: str, model: str, model_args: str, wrapper: str = ""):
+    """None when the baseline run ``name`` (``base_model base_args``) preprocesses images as ``model model_args``
+    does; else (name, model, model_args) of the baseline made to (``on_same_pixels``; a stock class becomes
+    ``wrapper``, default ``model``), named ``NAME+key=value...``: the one rule of compare, verdicts and recipes."""
+    want = preprocessing(model, model_args)
+    if want == preprocessing(base_model, base_args):
+        return None
+    derived = on_same_pixels(base_model, base_args, want, wrapper or model)
+    return (f"{name}+{'+'.join(f'{k}={v}' for k, v in sorted(want.items()))}", *derived)

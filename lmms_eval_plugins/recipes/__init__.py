@@ -360,17 +360,16 @@ def _on_same_pixels(row: Row, runs: dict) -> Row:
     or resizes on the PIL backend as the paper's code does, and a baseline that does neither would put the
     preprocessing into the delta. The derived baseline run (added to ``runs``) is the baseline with those
     arguments; stock llava_hf becomes the row's wrapper with ``baseline=true`` (no technique)."""
-    from ..models import on_same_pixels, preprocessing
+    from ..models import baseline_like
 
     if row.baseline is None or row.run is None:
         return row
     run, base = runs[row.run], runs[row.baseline]
-    want = preprocessing(run.model, run.model_args)
-    if want == preprocessing(base.model, base.model_args):
+    like = baseline_like(row.baseline, base.model, base.model_args, run.model, run.model_args)
+    if like is None:
         return row
-    model, args = on_same_pixels(base.model, base.model_args, want, run.model)
-    name = f"{row.baseline}+{'+'.join(f'{k}={v}' for k, v in sorted(want.items()))}"
-    note = f"{row.baseline} on the pixels of {row.run} ({', '.join(f'{k}={v}' for k, v in sorted(want.items()))})"
+    name, model, args = like
+    note = f"{row.baseline} on the pixels of {row.run} ({name.split('+', 1)[1].replace('+', ', ')})"
     runs.setdefault(name, dataclasses.replace(base, name=name, model=model, model_args=args, note=note))
     return dataclasses.replace(row, baseline=name)
 
